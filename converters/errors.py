@@ -1,0 +1,44 @@
+"""Errors raised while reading, transforming and lowering models."""
+
+from __future__ import annotations
+
+from edgeopt.runtime.errors import EdgeoptError
+
+__all__ = [
+    "ModelLoadError",
+    "UnsupportedOpsError",
+    "CalibrationDataError",
+    "LoweringError",
+    "QualityBudgetError",
+]
+
+
+class ModelLoadError(EdgeoptError):
+    """The model file is missing, not ONNX, truncated, or fails the ONNX checker."""
+
+
+class UnsupportedOpsError(EdgeoptError):
+    """Nodes the target (or a lowering) cannot run; lists every one of them at once."""
+
+    def __init__(self, target: str, nodes: list[tuple[str, str, str]], *, hint: str | None = None) -> None:
+        self.target = target
+        self.nodes = nodes
+        lines = "\n".join(f"  - {name or '<unnamed>'} ({op}): {why}" for name, op, why in nodes)
+        super().__init__(
+            f"{len(nodes)} node(s) cannot run on {target}:\n{lines}",
+            hint=hint or "replace or remove these ops before export, or choose another --target",
+        )
+
+
+class CalibrationDataError(EdgeoptError):
+    """Calibration or evaluation data does not match the model's inputs."""
+
+
+class LoweringError(EdgeoptError):
+    """A lowering to a device format failed or is not available for this target yet."""
+
+
+class QualityBudgetError(EdgeoptError):
+    """The optimized model misses the user's quality budget."""
+
+    exit_code = 3

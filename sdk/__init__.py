@@ -1,0 +1,31 @@
+"""edgeopt: take a trained model to an edge device, quantized, lowered, verified and measured.
+
+The public API is imported lazily so that `edgeopt.runtime` stays light on a device that has
+nothing but numpy and one backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "build": "edgeopt.pipeline",
+    "BuildOptions": "edgeopt.pipeline",
+    "BuildResult": "edgeopt.pipeline",
+    "inspect_model": "edgeopt.inspect",
+    "verify_bundle": "edgeopt.bundle",
+    "EdgeoptError": "edgeopt.errors",
+    "get_target": "edgeopt.targets",
+    "all_targets": "edgeopt.targets",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'edgeopt' has no attribute {name!r}")

@@ -1,0 +1,200 @@
+"""Typed, frozen device profiles loaded from the TOML files beside this module.
+
+Nothing reads a profile from a global: callers get a `Target` from `get_target` and pass it down.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import sys
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+from edgeopt.runtime.errors import EdgeoptError
+
+__all__ = [
+    "ArtifactFormat",
+    "Fact",
+    "OpRule",
+    "QuantScheme",
+    "Target",
+    "UnknownTargetError",
+    "all_targets",
+    "get_target",
+]
+
+_PROFILE_DIR = Path(__file__).parent
+
+
+class UnknownTargetError(EdgeoptError):
+    """No profile has this name or alias."""
+
+
+class ArtifactFormat(str, enum.Enum):
+    """What a lowering writes; each member has exactly one lowering module."""
+
+    ONNX = "onnx"
+    TENSORRT_ONNX = "tensorrt-onnx"
+    OPENVINO_IR = "openvino-ir"
+    TFLITE = "tflite"
+    MLPACKAGE = "mlpackage"
+
+    @property
+    def extension(self) -> str:
+        match self:
+            case ArtifactFormat.ONNX | ArtifactFormat.TENSORRT_ONNX:
+                return ".onnx"
+            case ArtifactFormat.OPENVINO_IR:
+                return ".xml"
+            case ArtifactFormat.TFLITE:
+                return ".tflite"
+            case ArtifactFormat.MLPACKAGE:
+                return ".mlpackage"
+
+
+@dataclass(frozen=True)
+class Fact:
+    """A hardware figure with where it comes from."""
+
+    name: str
+    value: float | int | str
+    unit: str
+    source: str
+
+
+@dataclass(frozen=True)
+class OpRule:
+    """A fixed quantization rule a target imposes on an op's output (e.g. TFLite softmax 1/256, -128)."""
+
+    op: str
+    output_scale: float | None = None
+    output_zero_point: int | None = None
+    same_scale_as_input: bool = False
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How a target runs int8; the quantizer emits QDQ that follows it exactly."""
+
+    weight_dtype: str = "int8"
+    weight_symmetric: bool = True
+    weight_per_channel: bool = True
+    activation_dtype: str = "int8"
+    activation_symmetric: bool = False
+    quantized_ops: tuple[str, ...] = ()
+    op_rules: tuple[OpRule, ...] = ()
+    bias_int32: bool = True
+    notes: str = ""
+
+    def rule_for(self, op_type: str) -> OpRule | None:
+        return next((r for r in self.op_rules if r.op == op_type), None)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One device family: what it runs, in which format, and how to quantize for it."""
+
+    name: str
+    aliases: tuple[str, ...]
+    description: str
+    backend: str
+    artifact_format: ArtifactFormat
+    layout: str
+    precisions: tuple[str, ...]
+    default_precision: str
+    channel_multiple: int
+    default_threads: int
+    supported_ops: frozenset[str]
+    quant_scheme: QuantScheme
+    facts: tuple[Fact, ...]
+    runtime_install: str
+    options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    def supports(self, op_type: str) -> bool:
+        """Whether the target runs this ONNX op; "*" in the profile means every standard op."""
+        return "*" in self.supported_ops or op_type in self.supported_ops
+
+    def fact(self, name: str) -> Fact | None:
+        return next((f for f in self.facts if f.name == name), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "aliases": list(self.aliases),
+            "description": self.description,
+            "backend": self.backend,
+            "artifact_format": self.artifact_format.value,
+            "layout": self.layout,
+            "precisions": list(self.precisions),
+            "default_precision": self.default_precision,
+            "channel_multiple": self.channel_multiple,
+            "default_threads": self.default_threads,
+            "supported_ops": sorted(self.supported_ops),
+            "quant_scheme": {
+                "weight_dtype": self.quant_scheme.weight_dtype,
+                "weight_symmetric": self.quant_scheme.weight_symmetric,
+                "weight_per_channel": self.quant_scheme.weight_per_channel,
+                "activation_dtype": self.quant_scheme.activation_dtype,
+                "activation_symmetric": self.quant_scheme.activation_symmetric,
+                "quantized_ops": list(self.quant_scheme.quantized_ops),
+                "op_rules": [vars(r) for r in self.quant_scheme.op_rules],
+                "bias_int32": self.quant_scheme.bias_int32,
+                "notes": self.quant_scheme.notes,
+            },
+            "facts": [vars(f) for f in self.facts],
+            "runtime_install": self.runtime_install,
+            "options": self.options,
+        }
+
+
+def _parse(path: Path) -> Target:
+    raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    scheme = dict(raw.get("quant_scheme", {}))
+    scheme["quantized_ops"] = tuple(scheme.get("quantized_ops", ()))
+    scheme["op_rules"] = tuple(OpRule(**r) for r in scheme.get("op_rules", ()))
+    return Target(
+        name=raw["name"],
+        aliases=tuple(raw.get("aliases", ())),
+        description=raw["description"],
+        backend=raw["backend"],
+        artifact_format=ArtifactFormat(raw["artifact_format"]),
+        layout=raw["layout"],
+        precisions=tuple(raw["precisions"]),
+        default_precision=raw["default_precision"],
+        channel_multiple=int(raw["channel_multiple"]),
+        default_threads=int(raw["default_threads"]),
+        supported_ops=frozenset(raw["supported_ops"]),
+        quant_scheme=QuantScheme(**scheme),
+        facts=tuple(Fact(**f) for f in raw.get("facts", ())),
+        runtime_install=raw["runtime_install"],
+        options=dict(raw.get("options", {})),
+    )
+
+
+@cache
+def all_targets() -> tuple[Target, ...]:
+    """Every profile shipped with edgeopt, sorted by name."""
+    return tuple(sorted((_parse(p) for p in _PROFILE_DIR.glob("*.toml")), key=lambda t: t.name))
+
+
+def get_target(name: str) -> Target:
+    """The profile called `name` or having it as an alias (case-insensitive)."""
+    key = name.strip().lower()
+    names: dict[str, Target] = {}
+    for target in all_targets():
+        for alias in (target.name, *target.aliases):
+            names[alias.lower()] = target
+    if key in names:
+        return names[key]
+    close = difflib.get_close_matches(key, list(names), n=1, cutoff=0.5)
+    hint = f"did you mean '{names[close[0]].name}'?" if close else None
+    known = ", ".join(t.name for t in all_targets())
+    raise UnknownTargetError(f"unknown target '{name}' (known: {known})", hint=hint or "run `edgeopt targets` to list them")
