@@ -16,7 +16,7 @@ _LAZY = {
     "BuildOptions": "edgeopt.pipeline",
     "BuildResult": "edgeopt.pipeline",
     "inspect_model": "edgeopt.inspect",
-    "verify_bundle": "edgeopt.bundle",
+    "verify_bundle": "edgeopt.verify",
     "EdgeoptError": "edgeopt.errors",
     "get_target": "edgeopt.targets",
     "all_targets": "edgeopt.targets",

@@ -1,0 +1,59 @@
+"""onnxruntime-cpu: portable, pre-optimized ONNX that ONNX Runtime loads without further work."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from edgeopt.converters.errors import LoweringError
+from edgeopt.converters.lower.base import LoweredArtifact, LoweringOptions, LoweringResult
+from edgeopt.converters.lower.onnx_io import graph_io_specs, save_onnx, store_weights_fp16
+from edgeopt.targets import Target
+
+__all__ = ["lower"]
+
+
+def _optimize_offline(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ORT's basic (hardware-independent) graph optimizations, saved so the device skips them.
+
+    Extended and layout optimizations are left to load time on the device: they produce
+    CPU-specific contrib ops that ONNX Runtime advises against saving across machines.
+    """
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source, optimized = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+        save_onnx(model, source)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = str(optimized)
+        try:
+            ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own untyped errors
+            raise LoweringError(f"ONNX Runtime could not load the model: {exc}") from exc
+        return onnx.load(optimized)
+
+
+def lower(
+    model: onnx.ModelProto, target: Target, precision: str, out_dir: Path, options: LoweringOptions
+) -> LoweringResult:
+    optimized = _optimize_offline(model)
+    summary: dict[str, object] = {"ort_offline_optimization": "basic"}
+    if precision == "fp16":
+        optimized, count = store_weights_fp16(optimized)
+        summary["fp16_weights"] = count
+        summary["note"] = "fp16 storage, fp32 compute (ONNX Runtime's CPU provider has few fp16 kernels)"
+    save_onnx(optimized, out_dir / "model.onnx")
+    inputs, outputs = graph_io_specs(optimized, target.layout)
+    return LoweringResult(
+        artifacts=[LoweredArtifact("model.onnx", "onnx")],
+        model_file="model.onnx",
+        runtime_backend="onnxruntime",
+        verify_backend="onnxruntime",
+        inputs=inputs,
+        outputs=outputs,
+        summary=summary,
+        verified_with="onnxruntime (CPUExecutionProvider)",
+    )

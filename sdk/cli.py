@@ -1,0 +1,206 @@
+"""The `edgeopt` command: a thin layer where every command is one call of the public API."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from edgeopt.errors import EdgeoptError
+
+__all__ = ["main"]
+
+EXIT_CODES = """\b
+Exit codes:
+  0  success
+  1  unexpected error (a bug: please report it with the traceback)
+  2  bad usage or input (missing/corrupt model, unknown target, bad data,
+     unsupported ops, existing output, unreachable host, missing backend)
+  3  quality budget missed or verification failed"""
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _expected_errors(func: F) -> F:
+    """Expected failures print one clear message and exit with their code; no traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except EdgeoptError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper  # type: ignore[return-value]
+
+
+class _StageProgress:
+    """Stage lines and a calibration bar on stderr; silent when quiet."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self._bar: Any = None
+        self._shown = 0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        if total == 0:
+            self._close_bar()
+            click.echo(f"· {stage}", err=True)
+            return
+        if self._bar is None:
+            self._bar = click.progressbar(length=total, label=f"  {stage}", file=sys.stderr)
+            self._bar.__enter__()
+            self._shown = 0
+        self._bar.update(done - self._shown)
+        self._shown = done
+        if done >= total:
+            self._close_bar()
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+            self._bar = None
+
+
+@click.group(epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edgeopt")
+def cli() -> None:
+    """Take a trained ONNX model to an edge device: quantize, lower, verify, profile."""
+
+
+@cli.command(epilog=EXIT_CODES)
+@click.option("--json", "as_json", is_flag=True, help="Print the profiles as JSON.")
+def targets(as_json: bool) -> None:
+    """List the device targets and what each runs."""
+    from edgeopt.targets import all_targets
+
+    profiles = all_targets()
+    if as_json:
+        _echo_json([t.to_dict() for t in profiles])
+        return
+    rows = [(t.name, t.artifact_format.value, t.backend, ",".join(t.precisions), ", ".join(t.aliases)) for t in profiles]
+    headers = ("target", "format", "backend", "precisions", "aliases")
+    widths = [max(len(str(r[i])) for r in (*rows, headers)) for i in range(len(headers))]
+    for row in (headers, *rows):
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+@cli.command(epilog=EXIT_CODES)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--target", "-t", help="Check the model against this target's ops and Q/DQ rules.")
+@click.option("--quant-debug", "quant_debug", type=click.Path(path_type=Path), help="Data (.npz) for a per-layer SQNR report of int8 quantization.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_expected_errors
+def inspect(model: Path, target: str | None, quant_debug: Path | None, as_json: bool) -> None:
+    """Show a model's inputs, size, compute and op mix, and what a target cannot run."""
+    from edgeopt.inspect import inspect_model
+    from edgeopt.targets import get_target
+
+    report = inspect_model(model, get_target(target) if target else None, quant_debug_data=quant_debug)
+    if as_json:
+        _echo_json(report.to_dict())
+    else:
+        click.echo(report.format_text())
+
+
+def _parse_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]] | None:
+    shapes = {}
+    for value in values:
+        name, sep, dims = value.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            shapes[name] = tuple(int(d) for d in dims.split(","))
+        except ValueError:
+            raise click.BadParameter(f"'{value}' is not NAME=D0,D1,... (e.g. image=1,3,224,224)", param_hint="--input-shape") from None
+    return shapes or None
+
+
+@cli.command(epilog=EXIT_CODES)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--target", "-t", required=True, help="Device target or alias (see `edgeopt targets`).")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Bundle folder [default: dist/<model>-<target>].")
+@click.option("--precision", "-p", help="fp32, fp16, int8, ... (the target's default when omitted; int8 for QAT models).")
+@click.option("--calibration", type=click.Path(path_type=Path), help="Calibration data for int8: .npz/.npy or an image folder.")
+@click.option("--calibration-method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="minmax", show_default=True)
+@click.option("--eval", "evaluation", type=click.Path(path_type=Path), help="Evaluation data (.npz with optional 'labels') to measure quality.")
+@click.option("--max-accuracy-drop", type=float, help="Quality budget in accuracy points; sensitive layers stay in float to meet it.")
+@click.option("--io-layout", type=click.Choice(["nchw", "nhwc"]), help="Input/output layout of NHWC formats (TFLite).")
+@click.option("--input-shape", "input_shapes", multiple=True, help="Fix a dynamic input: NAME=D0,D1,... (repeatable).")
+@click.option("--archive", is_flag=True, help="Also pack the bundle as <bundle>.tar.gz.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of a summary.")
+@_expected_errors
+def build(
+    model: Path,
+    target: str,
+    output: Path | None,
+    precision: str | None,
+    calibration: Path | None,
+    calibration_method: str,
+    evaluation: Path | None,
+    max_accuracy_drop: float | None,
+    io_layout: str | None,
+    input_shapes: tuple[str, ...],
+    archive: bool,
+    force: bool,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    """Build a verified bundle of MODEL (ONNX) for a device target."""
+    from edgeopt.pipeline import build as run_build
+
+    result = run_build(
+        model,
+        target,
+        output=output,
+        precision=precision,
+        calibration=calibration,
+        calibration_method=calibration_method,
+        evaluation=evaluation,
+        max_accuracy_drop=max_accuracy_drop,
+        io_layout=io_layout,
+        input_shapes=_parse_shapes(input_shapes),
+        archive=archive,
+        force=force,
+        progress=_StageProgress(quiet or as_json),
+    )
+    if as_json:
+        _echo_json(result.manifest)
+    elif not quiet:
+        click.echo(result.summary_text())
+
+
+@cli.command(epilog=EXIT_CODES)
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--backend", help="Run the reference check on this backend (e.g. onnxruntime for a jetson-orin bundle).")
+@click.option("--json", "as_json", is_flag=True)
+@_expected_errors
+def verify(bundle: Path, backend: str | None, as_json: bool) -> None:
+    """Check a bundle's checksums and schema, and re-run its reference inputs here."""
+    from edgeopt.verify import verify_bundle
+
+    result = verify_bundle(bundle, backend=backend)
+    if as_json:
+        _echo_json(result)
+    else:
+        click.echo(result["text"])
+    if not result["passed"]:
+        sys.exit(3)
+
+
+def main() -> None:
+    cli(prog_name="edgeopt")

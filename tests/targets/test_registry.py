@@ -1,0 +1,73 @@
+"""Target profiles: every required device is there, typed, sourced, and reachable by alias."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from edgeopt.targets import ArtifactFormat, Target, UnknownTargetError, all_targets, get_target
+
+REQUIRED = {
+    "jetson-orin": ArtifactFormat.TENSORRT_ONNX,
+    "apple-ane": ArtifactFormat.MLPACKAGE,
+    "intel-openvino": ArtifactFormat.OPENVINO_IR,
+    "raspberry-pi": ArtifactFormat.TFLITE,
+    "onnxruntime-cpu": ArtifactFormat.ONNX,
+}
+
+
+def test_every_required_target_has_its_format() -> None:
+    assert {t.name: t.artifact_format for t in all_targets()} == REQUIRED
+
+
+@pytest.mark.parametrize("alias,name", [("orin", "jetson-orin"), ("RPI", "raspberry-pi"), ("pi5", "raspberry-pi"),
+                                        ("coreml", "apple-ane"), ("openvino", "intel-openvino"), ("ort", "onnxruntime-cpu")])
+def test_aliases_resolve(alias: str, name: str) -> None:
+    assert get_target(alias).name == name
+
+
+def test_aliases_are_unique_across_targets() -> None:
+    names = [a.lower() for t in all_targets() for a in (t.name, *t.aliases)]
+    assert len(names) == len(set(names))
+
+
+def test_unknown_target_suggests_the_nearest_name() -> None:
+    with pytest.raises(UnknownTargetError) as info:
+        get_target("jetson-orn")
+    assert info.value.exit_code == 2
+    assert "did you mean 'jetson-orin'" in str(info.value)
+
+
+@pytest.mark.parametrize("target", all_targets(), ids=lambda t: t.name)
+def test_profiles_are_frozen_consistent_and_sourced(target: Target) -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        target.name = "x"  # type: ignore[misc]
+    assert target.default_precision in target.precisions
+    assert target.channel_multiple >= 1
+    assert target.runtime_install
+    assert target.facts, "hardware facts are required"
+    assert all(f.source for f in target.facts), "every fact says where it comes from"
+    assert target.supported_ops
+
+
+def test_tensorrt_scheme_is_symmetric_int8() -> None:
+    scheme = get_target("jetson-orin").quant_scheme
+    assert scheme.activation_symmetric and scheme.weight_symmetric and scheme.weight_per_channel
+    assert scheme.activation_dtype == "int8"
+
+
+def test_tflite_fixed_output_rules() -> None:
+    scheme = get_target("raspberry-pi").quant_scheme
+    softmax = scheme.rule_for("Softmax")
+    assert softmax is not None and softmax.output_scale == 1 / 256 and softmax.output_zero_point == -128
+    tanh = scheme.rule_for("Tanh")
+    assert tanh is not None and tanh.output_scale == 1 / 128 and tanh.output_zero_point == 0
+    assert scheme.rule_for("MaxPool").same_scale_as_input  # type: ignore[union-attr]
+
+
+def test_to_dict_round_trips_through_json() -> None:
+    import json
+
+    data = json.loads(json.dumps([t.to_dict() for t in all_targets()]))
+    assert {d["name"] for d in data} == set(REQUIRED)
