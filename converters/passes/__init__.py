@@ -1,0 +1,97 @@
+"""ONNX→ONNX graph passes, and ``simplify``: the pipeline's simplify stage.
+
+Each pass is an ``onnx_ir.passes.InPlacePass`` in its own module. ``simplify`` composes them with
+passes from ``onnx_ir.passes.common`` (shape inference, Constant lifting, dead-node and unused
+initializer removal) and reports what each step removed.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FoldBatchNormPass",
+    "FoldConstantsPass",
+    "PassSummary",
+    "RemoveIdentityPass",
+    "SimplifyReport",
+    "simplify",
+]
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes import common as ir_common
+
+from edgeopt.converters.passes.fold_batchnorm import FoldBatchNormPass
+from edgeopt.converters.passes.fold_constants import FoldConstantsPass
+from edgeopt.converters.passes.remove_identity import RemoveIdentityPass
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PassSummary:
+    """What one step of ``simplify`` did."""
+
+    name: str
+    modified: bool
+    nodes_removed: int
+
+
+@dataclass
+class SimplifyReport:
+    """Node counts before and after ``simplify``, and per step."""
+
+    nodes_before: int
+    nodes_after: int
+    per_pass: list[PassSummary] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "nodes_before": self.nodes_before,
+            "nodes_after": self.nodes_after,
+            "per_pass": [asdict(summary) for summary in self.per_pass],
+        }
+
+
+def _simplify_passes() -> list[tuple[str, ir.passes.PassBase]]:
+    return [
+        ("infer_shapes", ir_common.ShapeInferencePass(strict_mode=False)),
+        ("lift_constants", ir_common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)),
+        ("fold_constants", FoldConstantsPass()),
+        ("remove_identity", RemoveIdentityPass()),
+        ("fold_batchnorm", FoldBatchNormPass()),
+        ("remove_unused", ir_common.RemoveUnusedNodesPass()),
+        ("infer_shapes", ir_common.ShapeInferencePass(strict_mode=False)),
+    ]
+
+
+def simplify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, SimplifyReport]:
+    """Constant folding, BatchNorm folding and removal of pass-through and dead nodes.
+
+    Returns a new model (the argument is not changed) with the same graph input and output names,
+    and a report of node counts. Shape inference runs first, so ``Shape`` of static tensors folds,
+    and last, so the result carries value_info for later stages.
+    """
+    # onnx_ir wraps the proto's tensors without copying, and some passes rename them in place.
+    working_copy = onnx.ModelProto()
+    working_copy.CopyFrom(model)
+    ir_model = ir.from_proto(working_copy)
+    nodes_before = _count_nodes(ir_model)
+    report = SimplifyReport(nodes_before=nodes_before, nodes_after=nodes_before)
+    for name, step in _simplify_passes():
+        count_before = _count_nodes(ir_model)
+        result = step(ir_model)
+        ir_model = result.model
+        removed = count_before - _count_nodes(ir_model)
+        report.per_pass.append(PassSummary(name=name, modified=result.modified, nodes_removed=removed))
+        logger.debug("simplify step %s: modified=%s, %d node(s) removed", name, result.modified, removed)
+    report.nodes_after = _count_nodes(ir_model)
+    logger.info("simplify: %d -> %d nodes", report.nodes_before, report.nodes_after)
+    return ir.to_proto(ir_model), report
+
+
+def _count_nodes(model: ir.Model) -> int:
+    return len(model.graph)

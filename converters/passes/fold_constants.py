@@ -1,0 +1,125 @@
+"""Constant folding: nodes whose inputs are all known at build time become initializers."""
+
+from __future__ import annotations
+
+__all__ = ["FoldConstantsPass"]
+
+import logging
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx.reference import ReferenceEvaluator
+
+from edgeopt.converters.passes._rewrite import NameScope, add_initializer, constant_array, rename
+
+logger = logging.getLogger(__name__)
+
+# Ops whose result must not be computed once at build time.
+_NON_DETERMINISTIC_OPS = frozenset(
+    {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
+)
+
+
+class FoldConstantsPass(ir.passes.InPlacePass):
+    """Replace each node whose inputs are all constants by initializers holding its outputs.
+
+    Also folds ``Shape`` and ``Size`` of tensors whose shape is fully static (run shape inference
+    first), which removes the shape arithmetic exporters emit around Reshape and Flatten.
+    Nodes are evaluated one at a time with ``onnx.reference.ReferenceEvaluator``; a node whose
+    result would have more than ``max_output_elements`` elements is left in place so that
+    generated tensors (``ConstantOfShape``, ``Expand``, ``Tile``) do not bloat the file.
+    """
+
+    def __init__(self, max_output_elements: int = 1 << 22) -> None:
+        super().__init__()
+        self.max_output_elements = max_output_elements
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        names = NameScope(graph)
+        opsets = dict(model.opset_imports)
+        folded = 0
+        for node in list(graph):
+            outputs = self._evaluate(node, opsets)
+            if outputs is None:
+                continue
+            replacements = []
+            for value, array in zip(node.outputs, outputs):
+                if not value.name:
+                    continue
+                if value.dtype is not None:
+                    array = array.astype(value.dtype.numpy(), copy=False)
+                replacement = add_initializer(graph, names, f"{value.name}__folded", array)
+                ir.convenience.replace_all_uses_with(value, replacement, replace_graph_outputs=True)
+                replacements.append((replacement, value.name))
+            graph.remove(node, safe=True)
+            for replacement, name in replacements:
+                rename(replacement, name)
+            folded += 1
+        if folded:
+            logger.info("folded %d constant node(s)", folded)
+        return ir.passes.PassResult(model, modified=bool(folded))
+
+    def _evaluate(self, node: ir.Node, opsets: dict[str, int]) -> list[np.ndarray] | None:
+        """The node's outputs if it can and may be folded, else None."""
+        if node.domain not in ("", "ai.onnx") or node.op_type in _NON_DETERMINISTIC_OPS:
+            return None
+        if node.op_type in ("Shape", "Size"):
+            return self._static_shape(node)
+        inputs = [value for value in node.inputs if value is not None]
+        if not inputs or any(value is not None and constant_array(value) is None for value in node.inputs):
+            return None
+        if any(attr.is_ref() or attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for attr in node.attributes.values()):
+            return None
+        if not self._small_enough(node):
+            return None
+        try:
+            arrays = _run_single_node(node, opsets)
+        except Exception as error:  # the reference evaluator lacks a kernel or rejects the node
+            logger.debug("not folding %s (%s): %s", node.name, node.op_type, error)
+            return None
+        if any(array.size > self.max_output_elements for array in arrays):
+            return None
+        return arrays
+
+    def _static_shape(self, node: ir.Node) -> list[np.ndarray] | None:
+        source = node.inputs[0]
+        if source is None or source.shape is None or not source.shape.is_static():
+            return None
+        dims = [int(d) for d in source.shape]
+        if node.op_type == "Size":
+            return [np.array(int(np.prod(dims, dtype=np.int64)), dtype=np.int64)]
+        start = node.attributes.get_int("start", 0)
+        end = node.attributes.get_int("end", len(dims))
+        return [np.array(dims[start:end], dtype=np.int64)]
+
+    def _small_enough(self, node: ir.Node) -> bool:
+        """Check inferred output sizes (and ConstantOfShape's target) before materialising anything."""
+        if node.op_type == "ConstantOfShape":
+            shape = constant_array(node.inputs[0])
+            if shape is not None and int(np.prod(shape, dtype=np.int64)) > self.max_output_elements:
+                return False
+        for value in node.outputs:
+            if value.shape is not None and value.shape.is_static():
+                if int(np.prod([int(d) for d in value.shape], dtype=np.int64)) > self.max_output_elements:
+                    return False
+        return True
+
+
+def _run_single_node(node: ir.Node, opsets: dict[str, int]) -> list[np.ndarray]:
+    feeds = {value.name: constant_array(value) for value in node.inputs if value is not None}
+    node_proto = ir.serde.serialize_node(node)
+    graph = onnx.helper.make_graph(
+        [node_proto],
+        "fold",
+        [onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(array.dtype), array.shape) for name, array in feeds.items()],
+        [onnx.helper.make_empty_tensor_value_info(value.name) for value in node.outputs if value.name],
+    )
+    opset_imports = [onnx.helper.make_opsetid(domain, version) for domain, version in opsets.items()]
+    evaluator = ReferenceEvaluator(onnx.helper.make_model(graph, opset_imports=opset_imports))
+    results = evaluator.run(None, feeds)
+    arrays = [np.asarray(result) for result in results]
+    # Absent optional outputs keep their (empty) slot so results line up with node.outputs.
+    named = iter(arrays)
+    return [next(named) if value.name else np.empty(0) for value in node.outputs]
