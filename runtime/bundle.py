@@ -1,0 +1,321 @@
+"""Read a bundle (folder or .tar.gz) and check it before anything runs: schema, sizes, checksums.
+
+The contract is docs/bundle.md. `sha256_path` is the one hashing rule for files and folders; the
+SDK's bundle writer imports it so both sides agree byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from edgeopt.runtime.errors import BundleError
+from edgeopt.runtime.spec import TensorSpec
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Bundle",
+    "cache_root",
+    "extract_bundle",
+    "is_bundle",
+    "open_bundle",
+    "sha256_path",
+]
+
+SCHEMA_VERSION = "1.0"
+SCHEMA_MAJOR = int(SCHEMA_VERSION.split(".")[0])
+MANIFEST = "manifest.json"
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
+_BLOCK = 1 << 20
+
+
+def sha256_path(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file's bytes; for a folder, of the lines "<relpath>\\0<sha256>\\n" over its sorted files."""
+    path = Path(path)
+    if path.is_dir():
+        lines = hashlib.sha256()
+        files = sorted(
+            (p.relative_to(path).as_posix(), p) for p in path.rglob("*") if p.is_file()
+        )
+        for relative, file in files:
+            lines.update(f"{relative}\0{_sha256_file(file)}\n".encode())
+        return lines.hexdigest()
+    return _sha256_file(path)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def cache_root() -> Path:
+    """Where the runtime keeps extracted bundles and built engines: $EDGEOPT_CACHE, else the user cache."""
+    explicit = os.environ.get("EDGEOPT_CACHE")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "edgeopt"
+
+
+def is_bundle(path: str | os.PathLike[str]) -> bool:
+    """A folder with a manifest.json, or a .tar.gz / .tgz file."""
+    path = Path(path)
+    if path.is_dir():
+        return (path / MANIFEST).is_file()
+    return path.name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """An opened, checked bundle: its folder and manifest, with the fields the runtime reads."""
+
+    root: Path
+    manifest: dict[str, Any]
+    source: Path
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest.get("name") or self.root.name)
+
+    @property
+    def runtime(self) -> dict[str, Any]:
+        return self.manifest["runtime"]
+
+    @property
+    def backend(self) -> str:
+        return str(self.runtime["backend"])
+
+    @property
+    def model_path(self) -> Path:
+        return self.root / self.runtime["model"]
+
+    @property
+    def install_hint(self) -> str | None:
+        return self.runtime.get("install")
+
+    @property
+    def threads(self) -> int | None:
+        return self.runtime.get("threads") or None
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.runtime.get("options") or {})
+
+    @property
+    def precision(self) -> str | None:
+        return self.manifest.get("precision")
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return [TensorSpec.from_dict(raw) for raw in self.manifest["inputs"]]
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return [TensorSpec.from_dict(raw) for raw in self.manifest["outputs"]]
+
+    @property
+    def reference(self) -> dict[str, Any] | None:
+        return self.manifest.get("reference") or None
+
+    @property
+    def model_sha256(self) -> str | None:
+        for artifact in self.manifest["artifacts"]:
+            if artifact["path"] == self.runtime["model"]:
+                return str(artifact["sha256"])
+        return None
+
+    def summary(self) -> dict[str, Any]:
+        """The manifest's identity in a few keys (for `info` and benchmark results)."""
+        target = self.manifest.get("target") or {}
+        return {
+            "path": str(self.source),
+            "name": self.name,
+            "schema_version": self.manifest.get("schema_version"),
+            "edgeopt_version": self.manifest.get("edgeopt_version"),
+            "created_at": self.manifest.get("created_at"),
+            "target": target.get("name"),
+            "precision": self.precision,
+            "backend": self.backend,
+            "model": self.runtime["model"],
+            "model_sha256": self.model_sha256,
+            "install": self.install_hint,
+            "inputs": self.manifest["inputs"],
+            "outputs": self.manifest["outputs"],
+            "artifacts": [
+                {"path": a["path"], "bytes": a.get("bytes"), "sha256": a.get("sha256")}
+                for a in self.manifest["artifacts"]
+            ],
+        }
+
+
+def open_bundle(path: str | os.PathLike[str], *, check_artifacts: bool = True) -> Bundle:
+    """Open a bundle folder or archive, check the schema major and every artifact's size and sha256."""
+    source = Path(path)
+    if not source.exists():
+        raise BundleError(f"{source}: no such bundle", hint="pass the folder (or .tar.gz) `edgeopt build` wrote")
+    root = extract_bundle(source) if source.is_file() else source
+    manifest = read_manifest(root)
+    bundle = Bundle(root=root, manifest=manifest, source=source)
+    if check_artifacts:
+        check_artifact_files(bundle)
+    if not bundle.model_path.exists():
+        raise BundleError(
+            f"{root}: runtime.model '{bundle.runtime['model']}' is not in the bundle",
+            hint="rebuild the bundle with `edgeopt build`",
+        )
+    return bundle
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    """manifest.json, parsed, with a supported schema major and the keys the runtime needs."""
+    path = root / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{root}: no {MANIFEST}; this is not an edgeopt bundle", hint="pass the folder `edgeopt build` wrote")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc})", hint="the bundle is damaged; copy or rebuild it") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{path}: expected a JSON object", hint="the bundle is damaged; copy or rebuild it")
+    version = str(manifest.get("schema_version", ""))
+    major = version.split(".")[0]
+    if not major.isdigit():
+        raise BundleError(f"{path}: schema_version {version!r} is not 'major.minor'", hint="rebuild the bundle with `edgeopt build`")
+    if int(major) != SCHEMA_MAJOR:
+        raise BundleError(
+            f"{path}: bundle schema {version}, this runtime reads schema {SCHEMA_MAJOR}.x",
+            hint="use the edgeopt release that wrote the bundle (its runtime zipapp), or rebuild the bundle with this one",
+        )
+    runtime = manifest.get("runtime")
+    missing = [key for key in ("artifacts", "inputs", "outputs") if not isinstance(manifest.get(key), list)]
+    if not isinstance(runtime, dict):
+        missing.append("runtime")
+    else:
+        missing += [f"runtime.{key}" for key in ("backend", "model") if not runtime.get(key)]
+    if missing:
+        raise BundleError(f"{path}: missing or malformed {', '.join(missing)}", hint="rebuild the bundle with `edgeopt build`")
+    return manifest
+
+
+def _inside(root: Path, relative: str, what: str) -> Path:
+    """root/relative, refusing absolute paths and '..' so a manifest cannot point outside its bundle."""
+    pure = PurePosixPath(relative)
+    if pure.is_absolute() or ".." in pure.parts or not relative or "\\" in relative:
+        raise BundleError(f"{root / MANIFEST}: {what} path {relative!r} leaves the bundle", hint="rebuild the bundle with `edgeopt build`")
+    return root / pure
+
+
+def check_artifact_files(bundle: Bundle) -> None:
+    """Every listed artifact exists with the recorded byte count and sha256."""
+    hint = "the bundle was changed or damaged in transfer; copy it again or rebuild it with `edgeopt build`"
+    for artifact in bundle.manifest["artifacts"]:
+        relative = str(artifact.get("path", ""))
+        path = _inside(bundle.root, relative, "artifact")
+        if not path.exists():
+            raise BundleError(f"{path}: listed in {MANIFEST} but missing", hint=hint)
+        expected_bytes = artifact.get("bytes")
+        if expected_bytes is not None and _size(path) != int(expected_bytes):
+            raise BundleError(f"{path}: {_size(path)} bytes, {MANIFEST} says {expected_bytes}", hint=hint)
+        expected_sha = artifact.get("sha256")
+        if not expected_sha:
+            raise BundleError(f"{path}: {MANIFEST} records no sha256 for it", hint="rebuild the bundle with `edgeopt build`")
+        actual_sha = sha256_path(path)
+        if actual_sha != expected_sha:
+            raise BundleError(
+                f"{path}: sha256 {actual_sha[:16]}… does not match {MANIFEST} ({str(expected_sha)[:16]}…)", hint=hint
+            )
+
+
+# -- archives --------------------------------------------------------------------------------
+
+
+def extract_bundle(archive: Path, cache: Path | None = None) -> Path:
+    """Unpack a .tar.gz bundle into the cache (once per archive checksum) and return its folder.
+
+    Members are checked first: no absolute paths, no '..', links only to places inside the
+    bundle, no devices. Extraction goes to a temporary folder renamed into place, so a
+    half-extracted bundle is never reused.
+    """
+    if not archive.name.lower().endswith(ARCHIVE_SUFFIXES):
+        raise BundleError(f"{archive}: not a bundle folder or .tar.gz", hint="pass the folder or .tar.gz `edgeopt build` wrote")
+    folder = (cache or cache_root() / "bundles") / _sha256_file(archive)[:20]
+    if not folder.is_dir():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=folder.parent))
+        try:
+            _safe_extract(archive, staging)
+            try:
+                os.replace(staging, folder)
+            except OSError:
+                if not folder.is_dir():  # another process won the race only if the folder now exists
+                    raise
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+    return _bundle_root(folder, archive)
+
+
+def _safe_extract(archive: Path, destination: Path) -> None:
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = tar.getmembers()
+            for member in members:
+                _check_member(member, archive)
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(destination, members=members, filter="data")
+            else:  # Python < 3.10.12: members were checked above
+                tar.extractall(destination, members=members)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise BundleError(f"{archive}: cannot unpack ({exc})", hint="the archive is damaged; copy it again") from None
+
+
+def _check_member(member: tarfile.TarInfo, archive: Path) -> None:
+    name = PurePosixPath(member.name)
+    hint = "refusing to unpack it; only open bundles from `edgeopt build`"
+    first = name.parts[0] if name.parts else ""
+    if name.is_absolute() or member.name.startswith(("/", "\\")) or first.endswith(":"):
+        raise BundleError(f"{archive}: member {member.name!r} has an absolute path", hint=hint)
+    if ".." in name.parts:
+        raise BundleError(f"{archive}: member {member.name!r} points outside the bundle ('..')", hint=hint)
+    if member.issym() or member.islnk():
+        link = PurePosixPath(member.linkname)
+        target = (name.parent / link) if member.issym() else link
+        if link.is_absolute() or _escapes(target):
+            raise BundleError(f"{archive}: link {member.name!r} -> {member.linkname!r} points outside the bundle", hint=hint)
+    elif not (member.isfile() or member.isdir()):
+        raise BundleError(f"{archive}: member {member.name!r} is a device or fifo", hint=hint)
+
+
+def _escapes(path: PurePosixPath) -> bool:
+    depth = 0
+    for part in path.parts:
+        depth += -1 if part == ".." else (0 if part == "." else 1)
+        if depth < 0:
+            return True
+    return False
+
+
+def _bundle_root(folder: Path, archive: Path) -> Path:
+    """The folder holding manifest.json: the archive's root or its single top-level folder."""
+    if (folder / MANIFEST).is_file():
+        return folder
+    children = [c for c in folder.iterdir() if c.is_dir()]
+    if len(children) == 1 and (children[0] / MANIFEST).is_file():
+        return children[0]
+    raise BundleError(f"{archive}: no {MANIFEST} at its root or in one top-level folder", hint="pack the bundle folder itself: tar czf NAME.tar.gz NAME/")
