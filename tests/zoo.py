@@ -20,16 +20,22 @@ import os
 import tempfile
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import onnx
 import onnx.version_converter
 from onnx import numpy_helper
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = [
     "LIGHT_MODELS",
     "OPSET",
+    "TRANSFORMER_TOKENS",
+    "TRANSFORMER_VOCAB",
+    "VOCAB_SIZE_KEY",
     "REPO_ROOT",
     "DIGITS_DIR",
     "light_model",
@@ -202,7 +208,7 @@ def _cached_export(key: str, export: Callable[[], bytes]) -> onnx.ModelProto:
     return onnx.load(path)
 
 
-def _export(module: "torch.nn.Module", example: tuple, input_names: list[str], output_names: list[str]) -> bytes:  # noqa: F821
+def _export(module: torch.nn.Module, example: tuple, input_names: list[str], output_names: list[str]) -> bytes:
     """TorchScript export at opset 17 without constant folding, so BatchNorm stays a separate node."""
     import warnings
 
@@ -227,7 +233,7 @@ def _export(module: "torch.nn.Module", example: tuple, input_names: list[str], o
     return model.SerializeToString()
 
 
-def _randomize_batchnorm(module: "torch.nn.Module", generator: "torch.Generator") -> None:  # noqa: F821
+def _randomize_batchnorm(module: torch.nn.Module, generator: torch.Generator) -> None:
     """Give every BatchNorm non-trivial statistics so folding it changes the weights measurably."""
     import torch
 

@@ -29,11 +29,18 @@ class FoldConstantsPass(ir.passes.InPlacePass):
     Nodes are evaluated one at a time with ``onnx.reference.ReferenceEvaluator``; a node whose
     result would have more than ``max_output_elements`` elements is left in place so that
     generated tensors (``ConstantOfShape``, ``Expand``, ``Tile``) do not bloat the file.
+    Ops in ``keep_ops`` are never folded: by default the quantize/dequantize pairs on weights of a
+    QAT-exported model, whose scales are part of the model and must reach the quantizer intact.
     """
 
-    def __init__(self, max_output_elements: int = 1 << 22) -> None:
+    def __init__(
+        self,
+        max_output_elements: int = 1 << 22,
+        keep_ops: frozenset[str] = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}),
+    ) -> None:
         super().__init__()
         self.max_output_elements = max_output_elements
+        self.keep_ops = keep_ops
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -63,7 +70,7 @@ class FoldConstantsPass(ir.passes.InPlacePass):
 
     def _evaluate(self, node: ir.Node, opsets: dict[str, int]) -> list[np.ndarray] | None:
         """The node's outputs if it can and may be folded, else None."""
-        if node.domain not in ("", "ai.onnx") or node.op_type in _NON_DETERMINISTIC_OPS:
+        if node.domain not in ("", "ai.onnx") or node.op_type in _NON_DETERMINISTIC_OPS or node.op_type in self.keep_ops:
             return None
         if node.op_type in ("Shape", "Size"):
             return self._static_shape(node)

@@ -191,6 +191,25 @@ def test_fold_constants_keeps_random_ops_and_overridable_initializers() -> None:
     assert op_types(kept) == ["RandomUniformLike", "Mul", "Add"]
 
 
+def test_fold_constants_keeps_quantize_dequantize_pairs_of_qat_weights() -> None:
+    model = make_model(
+        [
+            helper.make_node("DequantizeLinear", ["w_int8", "w_scale", "w_zero"], ["w"], axis=0),
+            helper.make_node("Conv", ["x", "w"], ["y"]),
+        ],
+        [("x", [1, 3, 4, 4])],
+        ["y"],
+        {
+            "w_int8": np.arange(-12, 12, dtype=np.int8).reshape(2, 3, 2, 2),
+            "w_scale": np.array([0.1, 0.2], np.float32),
+            "w_zero": np.zeros(2, np.int8),
+        },
+    )
+    kept, modified = apply(FoldConstantsPass(), model)
+    assert not modified
+    assert op_types(kept) == ["DequantizeLinear", "Conv"]
+
+
 def test_fold_constants_keeps_the_name_of_a_folded_graph_output() -> None:
     model = make_model(
         [helper.make_node("Add", ["a", "b"], ["sum"]), helper.make_node("Relu", ["x"], ["y"])],
