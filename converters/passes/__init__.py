@@ -8,6 +8,7 @@ initializer removal) and reports what each step removed.
 from __future__ import annotations
 
 __all__ = [
+    "FoldAffineIntoBatchNormPass",
     "FoldBatchNormPass",
     "FoldConstantsPass",
     "PassSummary",
@@ -24,6 +25,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
+from edgeopt.converters.passes.fold_affine_into_batchnorm import FoldAffineIntoBatchNormPass
 from edgeopt.converters.passes.fold_batchnorm import FoldBatchNormPass
 from edgeopt.converters.passes.fold_constants import FoldConstantsPass
 from edgeopt.converters.passes.remove_identity import RemoveIdentityPass
@@ -62,6 +64,7 @@ def _simplify_passes() -> list[tuple[str, ir.passes.PassBase]]:
         ("lift_constants", ir_common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)),
         ("fold_constants", FoldConstantsPass()),
         ("remove_identity", RemoveIdentityPass()),
+        ("fold_affine_into_batchnorm", FoldAffineIntoBatchNormPass()),
         ("fold_batchnorm", FoldBatchNormPass()),
         ("remove_unused", ir_common.RemoveUnusedNodesPass()),
         ("infer_shapes", ir_common.ShapeInferencePass(strict_mode=False)),

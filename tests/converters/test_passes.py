@@ -18,6 +18,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeopt.converters.passes import (
+    FoldAffineIntoBatchNormPass,
     FoldBatchNormPass,
     FoldConstantsPass,
     RemoveIdentityPass,
@@ -339,6 +340,64 @@ def test_fold_batchnorm_leaves_batchnorm_whose_input_is_needed_elsewhere_or_not_
     kept, modified = apply(FoldBatchNormPass(), model)
     assert not modified
     assert op_types(kept).count("BatchNormalization") == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# FoldAffineIntoBatchNormPass
+# ------------------------------------------------------------------------------------------------
+
+
+def test_fold_affine_merges_per_channel_scale_layer_into_batchnorm() -> None:
+    model = make_model(
+        [
+            helper.make_node("Relu", ["x"], ["r"]),
+            batchnorm("bn", "r", "normalised"),
+            helper.make_node("Mul", ["normalised", "scale"], ["scaled"]),
+            helper.make_node("Add", ["shift", "scaled"], ["y"]),
+        ],
+        [("x", [1, 4, 3, 3])],
+        ["y"],
+        {"scale": rng_array((4, 1, 1), 90), "shift": rng_array((1, 4, 1, 1), 91)} | batchnorm_params("bn", 4, 92),
+    )
+    folded, modified = apply(FoldAffineIntoBatchNormPass(), model)
+    assert modified
+    assert op_types(folded) == ["Relu", "BatchNormalization"]
+    assert [output.name for output in folded.graph.output] == ["y"]
+    assert_same_outputs(model, folded, {"x": rng_array((1, 4, 3, 3), 9)}, PASS_TOLERANCE)
+
+
+def test_fold_affine_leaves_constants_that_vary_along_other_axes() -> None:
+    model = make_model(
+        [
+            batchnorm("bn", "x", "normalised"),
+            helper.make_node("Mul", ["normalised", "per_pixel"], ["y"]),
+        ],
+        [("x", [1, 4, 3, 3])],
+        ["y"],
+        {"per_pixel": rng_array((1, 1, 3, 3), 93)} | batchnorm_params("bn", 4, 94),
+    )
+    kept, modified = apply(FoldAffineIntoBatchNormPass(), model)
+    assert not modified
+    assert op_types(kept) == ["BatchNormalization", "Mul"]
+
+
+def test_simplify_folds_conv_batchnorm_and_scale_layer_into_one_conv() -> None:
+    model = make_model(
+        [
+            helper.make_node("Conv", ["x", "w"], ["conv"]),
+            batchnorm("bn", "conv", "normalised"),
+            helper.make_node("Mul", ["normalised", "scale"], ["scaled"]),
+            helper.make_node("Add", ["scaled", "shift"], ["y"]),
+        ],
+        [("x", [1, 3, 5, 5])],
+        ["y"],
+        {"w": rng_array((4, 3, 3, 3)), "scale": rng_array((4, 1, 1), 95), "shift": rng_array((4, 1, 1), 96)}
+        | batchnorm_params("bn", 4, 97),
+    )
+    simplified, report = simplify(model)
+    assert op_types(simplified) == ["Conv"]
+    assert (report.nodes_before, report.nodes_after) == (4, 1)
+    assert_same_outputs(model, simplified, {"x": rng_array((1, 3, 5, 5), 10)}, PASS_TOLERANCE)
 
 
 # ------------------------------------------------------------------------------------------------
