@@ -93,9 +93,32 @@ class QuantScheme:
     op_rules: tuple[OpRule, ...] = ()
     bias_int32: bool = True
     notes: str = ""
+    # "inputs": Q/DQ on the activation inputs of quantized ops (TensorRT, OpenVINO fuse them);
+    # "inputs_and_outputs": on every tensor between quantized ops (TFLite full-integer, ONNX Runtime QDQ).
+    activation_placement: str = "inputs"
+    # Activations after a quantized op that its output quantization replaces (exact with zero point at the bottom).
+    fused_activations: tuple[str, ...] = ("Relu", "Clip")
+    # Quantized ops whose output stays float under "inputs_and_outputs" (e.g. ONNX Runtime's MatMulIntegerToFloat).
+    float_output_ops: tuple[str, ...] = ()
 
     def rule_for(self, op_type: str) -> OpRule | None:
         return next((r for r in self.op_rules if r.op == op_type), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "weight_dtype": self.weight_dtype,
+            "weight_symmetric": self.weight_symmetric,
+            "weight_per_channel": self.weight_per_channel,
+            "activation_dtype": self.activation_dtype,
+            "activation_symmetric": self.activation_symmetric,
+            "quantized_ops": list(self.quantized_ops),
+            "op_rules": [vars(r) for r in self.op_rules],
+            "bias_int32": self.bias_int32,
+            "notes": self.notes,
+            "activation_placement": self.activation_placement,
+            "fused_activations": list(self.fused_activations),
+            "float_output_ops": list(self.float_output_ops),
+        }
 
 
 @dataclass(frozen=True)
@@ -138,17 +161,7 @@ class Target:
             "channel_multiple": self.channel_multiple,
             "default_threads": self.default_threads,
             "supported_ops": sorted(self.supported_ops),
-            "quant_scheme": {
-                "weight_dtype": self.quant_scheme.weight_dtype,
-                "weight_symmetric": self.quant_scheme.weight_symmetric,
-                "weight_per_channel": self.quant_scheme.weight_per_channel,
-                "activation_dtype": self.quant_scheme.activation_dtype,
-                "activation_symmetric": self.quant_scheme.activation_symmetric,
-                "quantized_ops": list(self.quant_scheme.quantized_ops),
-                "op_rules": [vars(r) for r in self.quant_scheme.op_rules],
-                "bias_int32": self.quant_scheme.bias_int32,
-                "notes": self.quant_scheme.notes,
-            },
+            "quant_scheme": self.quant_scheme.to_dict(),
             "facts": [vars(f) for f in self.facts],
             "runtime_install": self.runtime_install,
             "options": self.options,
@@ -159,6 +172,9 @@ def _parse(path: Path) -> Target:
     raw = tomllib.loads(path.read_text(encoding="utf-8"))
     scheme = dict(raw.get("quant_scheme", {}))
     scheme["quantized_ops"] = tuple(scheme.get("quantized_ops", ()))
+    for key in ("fused_activations", "float_output_ops"):
+        if key in scheme:
+            scheme[key] = tuple(scheme[key])
     scheme["op_rules"] = tuple(OpRule(**r) for r in scheme.get("op_rules", ()))
     return Target(
         name=raw["name"],

@@ -1,0 +1,258 @@
+"""Post-training int8 quantization to QDQ ONNX in a target's scheme, and import of QAT models.
+
+`quantize` takes the simplified fp32 ONNX model (BatchNorm folded) and returns the QDQ graph every
+lowering reads. A model that already carries Q/DQ (quantization-aware training) keeps its scales;
+they are changed only where the target's scheme forbids them, and each change is listed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import numpy_helper
+
+from edgeopt.converters.data import Dataset
+from edgeopt.converters.errors import CalibrationDataError
+from edgeopt.converters.quantize.bias_correction import correct_bias
+from edgeopt.converters.quantize.calibration import calibrate
+from edgeopt.converters.quantize.debug import layer_sqnr
+from edgeopt.converters.quantize.graph import fold_constant_nodes, with_min_opset
+from edgeopt.converters.quantize.observers import METHODS, Observer
+from edgeopt.converters.quantize.placement import QuantPlan, plan_quantization
+from edgeopt.converters.quantize.qat import import_qdq
+from edgeopt.converters.quantize.qdq import group_params, insert_qdq
+from edgeopt.converters.quantize.sensitivity import meet_budget
+from edgeopt.targets import QuantScheme
+
+__all__ = [
+    "QuantizeOptions",
+    "QuantizeResult",
+    "describe_adaptations",
+    "is_qdq_model",
+    "layer_sqnr",
+    "quantize",
+    "quantized_op_share",
+]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+NON_COMPUTE_OPS = frozenset({"Constant", "Identity", "QuantizeLinear", "DequantizeLinear", "Shape"})
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """How to calibrate and what quality to hold.
+
+    `method`: activation range estimator ("minmax", "percentile", "entropy", "mse").
+    `max_accuracy_drop`: budget in percentage points (accuracy with labels, else top-1
+    disagreement, else (1 - cosine) x 100) measured on `evaluation`; layers fall back to float
+    until it holds. `exclude_nodes`: nodes that stay float. `weights_only`: int8 weights, float
+    activations (no calibration needed).
+    """
+
+    method: str = "minmax"
+    percentile: float = 99.99
+    bias_correction: bool = True
+    max_accuracy_drop: float | None = None
+    evaluation: Dataset | None = None
+    exclude_nodes: tuple[str, ...] = ()
+    weights_only: bool = False
+    bias_correction_samples: int = 32
+    debug_samples: int = 16
+    threads: int = 0
+
+
+@dataclass
+class QuantizeResult:
+    model: onnx.ModelProto
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def is_qdq_model(model: onnx.ModelProto) -> bool:
+    """Whether the graph already carries QuantizeLinear/DequantizeLinear (e.g. exported from QAT)."""
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+
+
+def quantized_op_share(model: onnx.ModelProto) -> float:
+    """Share of compute nodes that read at least one dequantized tensor."""
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    compute = [n for n in model.graph.node if n.op_type not in NON_COMPUTE_OPS]
+    if not compute:
+        return 0.0
+    quantized = [n for n in compute if any(producers.get(i) == "DequantizeLinear" for i in n.input)]
+    return len(quantized) / len(compute)
+
+
+def _named(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every node gets a unique name: reports, exclusions and fallbacks refer to nodes by name."""
+    seen: set[str] = set()
+    for index, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{index}"
+        seen.add(node.name)
+    return model
+
+
+def _with_biases(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Zero biases on Conv/Gemm without one, so bias correction (and int32 bias) has a slot to fill."""
+    initializers = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2 or node.input[1] not in initializers:
+            continue
+        if len(node.input) > 2 and node.input[2]:
+            continue
+        weight = initializers[node.input[1]]
+        if node.op_type == "Conv":
+            channels = weight.dims[0]
+        else:
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            channels = weight.dims[0] if trans_b else weight.dims[1]
+        name = f"{node.name}_bias"
+        model.graph.initializer.append(numpy_helper.from_array(np.zeros(channels, np.float32), name))
+        if len(node.input) == 2:
+            node.input.append(name)
+        else:
+            node.input[2] = name
+    return model
+
+
+def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
+    prepared = onnx.ModelProto()
+    prepared.CopyFrom(model)
+    return _named(with_min_opset(fold_constant_nodes(prepared)))
+
+
+class _Quantizer:
+    """Holds the fp32 model and its observed ranges; builds QDQ models for any set of float nodes."""
+
+    def __init__(self, model: onnx.ModelProto, scheme: QuantScheme, calibration: Dataset | None, options: QuantizeOptions, progress: Progress | None) -> None:
+        self.model = model
+        self.scheme = scheme
+        self.calibration = calibration
+        self.options = options
+        self.progress = progress
+        self.observers: dict[str, Observer] = {}
+        self.last_plan: QuantPlan | None = None
+        self.bias_report: dict[str, Any] | None = None
+
+    def plan(self, exclude: Iterable[str]) -> QuantPlan:
+        plan = plan_quantization(ir.from_proto(self.model), self.scheme, exclude)
+        if self.options.weights_only:
+            plan.sites.clear()
+            plan.biases.clear()
+            plan.absorbed.clear()
+        return plan
+
+    def ranges(self, plan: QuantPlan) -> dict[str, tuple[float, float]]:
+        missing = [name for name in plan.sites if name not in self.observers]
+        if missing:
+            if self.calibration is None:
+                raise CalibrationDataError(
+                    "int8 quantization needs calibration data and none was given",
+                    hint="pass --calibration data.npz (a few hundred representative inputs), or use weight-only int8",
+                )
+            self.observers.update(
+                calibrate(
+                    self.model,
+                    self.calibration,
+                    missing,
+                    method=self.options.method,
+                    percentile=self.options.percentile,
+                    activation_dtype=self.scheme.activation_dtype,
+                    progress=self.progress,
+                    threads=self.options.threads,
+                )
+            )
+        symmetric = self.scheme.activation_symmetric
+        return {name: self.observers[name].range(symmetric) for name in plan.sites}
+
+    def build(self, exclude: Iterable[str]) -> onnx.ModelProto:
+        plan = self.plan(exclude)
+        params = group_params(plan, self.ranges(plan), self.scheme)
+        qdq = insert_qdq(self.model, plan, params, self.scheme)
+        if self.options.bias_correction and self.calibration is not None:
+            qdq, self.bias_report = correct_bias(
+                self.model, qdq, plan.quantized_nodes, self.calibration.take(self.options.bias_correction_samples)
+            )
+        self.last_plan = plan
+        return qdq
+
+
+def quantize(
+    model: onnx.ModelProto,
+    scheme: QuantScheme,
+    calibration: Dataset | None,
+    options: QuantizeOptions = QuantizeOptions(),
+    progress: Progress | None = None,
+) -> QuantizeResult:
+    """The int8 QDQ model for this scheme, and a JSON-able report for the manifest."""
+    if options.method not in METHODS:
+        raise ValueError(f"unknown calibration method '{options.method}' (choose from {', '.join(METHODS)})")
+    model = _prepared(model)
+    if is_qdq_model(model):
+        qdq, imported = import_qdq(model, scheme)
+        report = _report(qdq, scheme, options, calibration=None)
+        report.update(imported)
+        if calibration is not None:
+            report["per_layer_sqnr"] = layer_sqnr(imported["float_model"], qdq, calibration.take(options.debug_samples))
+        del report["float_model"]
+        return QuantizeResult(qdq, report)
+    if options.bias_correction:
+        model = _with_biases(model)
+    quantizer = _Quantizer(model, scheme, calibration, options, progress)
+    fallback: list[str] = []
+    budget: dict[str, Any] | None = None
+    if options.max_accuracy_drop is not None:
+        if options.evaluation is None:
+            raise CalibrationDataError(
+                "an accuracy budget (--max-accuracy-drop) needs evaluation data",
+                hint="pass --eval data.npz (inputs, optionally with labels)",
+            )
+        qdq, fallback, budget = meet_budget(model, quantizer.build, options.exclude_nodes, options.evaluation, options.max_accuracy_drop, quantizer.plan)
+    else:
+        qdq = quantizer.build(options.exclude_nodes)
+    report = _report(qdq, scheme, options, calibration)
+    plan = quantizer.last_plan
+    report.update(
+        {
+            "float_fallback": fallback,
+            "excluded": list(options.exclude_nodes),
+            "quantized_nodes": len(plan.quantized_nodes) if plan else 0,
+            "absorbed_activations": sorted(plan.absorbed) if plan else [],
+            "not_quantized": plan.skipped if plan else [],
+            "bias_correction": quantizer.bias_report,
+            "budget": budget,
+        }
+    )
+    if calibration is not None and options.debug_samples:
+        report["per_layer_sqnr"] = layer_sqnr(model, qdq, calibration.take(options.debug_samples))
+    return QuantizeResult(qdq, report)
+
+
+def _report(qdq: onnx.ModelProto, scheme: QuantScheme, options: QuantizeOptions, calibration: Dataset | None) -> dict[str, Any]:
+    return {
+        "method": None if calibration is None else options.method,
+        "percentile": options.percentile if options.method == "percentile" and calibration is not None else None,
+        "samples": 0 if calibration is None else len(calibration),
+        "scheme": scheme.to_dict(),
+        "weights_only": options.weights_only,
+        "qat_imported": False,
+        "adaptations": [],
+        "float_fallback": [],
+        "per_layer_sqnr": [],
+        "quantized_op_share": quantized_op_share(qdq),
+    }
+
+
+def describe_adaptations(adaptations: Iterable[Mapping[str, Any]]) -> list[str]:
+    """One line per adaptation, for the CLI to print."""
+    return [f"{a['tensor']}: {a['change']} ({a['why']})" for a in adaptations]
+

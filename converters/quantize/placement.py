@@ -1,0 +1,255 @@
+"""Where Q/DQ go for a target's scheme: which activation tensors, weights and biases are quantized.
+
+Two placements:
+- "inputs" (TensorRT, OpenVINO): Q/DQ on the activation inputs of quantized ops only; the
+  backend fuses them into the following op. Outputs stay float unless the next op asks for them.
+- "inputs_and_outputs" (TFLite full-integer, ONNX Runtime QDQ): every tensor between quantized ops
+  carries a Q/DQ pair; data-movement ops (reshape, transpose, max-pool, concat, ...) are quantized
+  when their input already is, and a ReLU/ReLU6 right after a quantized op is absorbed into that
+  op's output quantization (exact when the zero point sits at the lowest integer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from edgeopt.targets import QuantScheme
+
+__all__ = ["ActivationSite", "QuantPlan", "WeightSite", "plan_quantization", "weight_axis"]
+
+#: Ops whose output values are a subset of their input values: quantized only where the input already is.
+DATA_MOVEMENT_OPS = frozenset(
+    {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "MaxPool", "Concat", "Resize", "Pad", "Slice", "Split", "GlobalMaxPool"}
+)
+#: Ops with a weight operand at input 1 quantized per channel.
+WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+#: Elementwise ops quantized only when every operand is an activation.
+BINARY_OPS = frozenset({"Add", "Sub", "Mul"})
+
+
+@dataclass
+class ActivationSite:
+    """One activation tensor that gets a Q/DQ pair.
+
+    `tensor` is the value whose consumers read the dequantized copy; `source` is what the Q node
+    reads (the producer's output when an activation was absorbed). `consumers` is None for "every
+    consumer" (output placement), else the names of the quantized nodes that read the DQ output.
+    """
+
+    tensor: str
+    source: str
+    consumers: set[str] | None = field(default_factory=set)
+    clip: tuple[float, float] | None = None
+    fixed: tuple[float, int] | None = None
+
+
+@dataclass(frozen=True)
+class WeightSite:
+    node: str
+    input_index: int
+    initializer: str
+    axis: int | None  # None: per-tensor
+
+
+@dataclass
+class QuantPlan:
+    sites: dict[str, ActivationSite] = field(default_factory=dict)
+    weights: list[WeightSite] = field(default_factory=list)
+    biases: dict[str, tuple[int, str, str]] = field(default_factory=dict)  # node -> (input index, activation tensor, weight initializer)
+    absorbed: dict[str, str] = field(default_factory=dict)  # activation node -> producer node
+    quantized_nodes: list[str] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    shared: list[tuple[str, str]] = field(default_factory=list)  # pairs of tensors that must share scale and zero point
+
+    def site(self, tensor: str, source: str | None = None) -> ActivationSite:
+        if tensor not in self.sites:
+            self.sites[tensor] = ActivationSite(tensor, source or tensor)
+        return self.sites[tensor]
+
+    def groups(self) -> dict[str, list[str]]:
+        """Tensors that must share one scale and zero point, keyed by the group's root tensor."""
+        parent = {name: name for name in self.sites}
+
+        def root(name: str) -> str:
+            while parent[name] != name:
+                parent[name] = parent[parent[name]]
+                name = parent[name]
+            return name
+
+        for a, b in self.shared:
+            if a in parent and b in parent:
+                parent[root(a)] = root(b)
+        groups: dict[str, list[str]] = {}
+        for name in self.sites:
+            groups.setdefault(root(name), []).append(name)
+        return groups
+
+
+def weight_axis(node: ir.Node, rank: int) -> int | None:
+    """The output-channel axis of a weight: Conv 0, ConvTranspose 1, Gemm 0 (transB=1) or 1, MatMul last."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        trans_b = node.attributes.get_int("transB", 0)
+        return 0 if trans_b else 1
+    if node.op_type == "MatMul":
+        return rank - 1 if rank == 2 else None
+    return None
+
+
+def _is_constant(value: ir.Value | None) -> bool:
+    if value is None:
+        return True
+    if value.const_value is not None:
+        return True
+    producer = value.producer()
+    return producer is not None and producer.op_type == "Constant"
+
+
+def _is_float(value: ir.Value) -> bool:
+    return value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, None)
+
+
+def _initializer_name(value: ir.Value | None) -> str | None:
+    if value is not None and value.const_value is not None and value.name:
+        return value.name
+    return None
+
+
+def _activation_inputs(node: ir.Node) -> list[int] | None:
+    """Indices of the inputs to quantize as activations; None when the node is not quantizable."""
+    inputs = list(node.inputs)
+    if not inputs or inputs[0] is None:
+        return None
+    op = node.op_type
+    if op in ("Conv", "ConvTranspose"):
+        return [0] if _initializer_name(inputs[1]) else None
+    if op == "Gemm":
+        if _initializer_name(inputs[1]) is None:
+            return [0, 1]
+        return [0]
+    if op == "MatMul":
+        indices = [i for i in (0, 1) if not _is_constant(inputs[i])]
+        if 1 not in indices and _initializer_name(inputs[1]) is None:
+            return None
+        return indices or None
+    if op in BINARY_OPS:
+        if any(_is_constant(v) for v in inputs):
+            return None
+        return list(range(len(inputs)))
+    if op == "Concat":
+        return [i for i, v in enumerate(inputs) if not _is_constant(v)] or None
+    return [0] if _is_float(inputs[0]) else None
+
+
+def _clip_bounds(node: ir.Node) -> tuple[float, float] | None:
+    """(low, high) of a Clip whose bounds are constants; None otherwise."""
+    bounds = []
+    for index, default in ((1, -np.inf), (2, np.inf)):
+        value = node.inputs[index] if len(node.inputs) > index else None
+        if value is None:
+            attr = node.attributes.get("min" if index == 1 else "max")
+            bounds.append(float(attr.value) if attr is not None else default)
+            continue
+        tensor = value.const_value
+        if tensor is None:
+            producer = value.producer()
+            attr = producer.attributes.get("value") if producer is not None and producer.op_type == "Constant" else None
+            tensor = attr.value if attr is not None else None
+        if tensor is None:
+            return None
+        bounds.append(float(np.asarray(tensor.numpy()).reshape(-1)[0]))
+    return bounds[0], bounds[1]
+
+
+def _absorbable(producer: ir.Node, output: ir.Value, scheme: QuantScheme) -> tuple[ir.Node, tuple[float, float] | None] | None:
+    """The single ReLU/Clip(0, x) consumer that output quantization can replace exactly, if any."""
+    if scheme.activation_symmetric or output.is_graph_output():
+        return None
+    consumers = list(output.consumers())
+    if len(consumers) != 1:
+        return None
+    follower = consumers[0]
+    if follower.op_type not in scheme.fused_activations:
+        return None
+    if follower.op_type == "Relu":
+        return follower, None
+    if follower.op_type == "Clip":
+        bounds = _clip_bounds(follower)
+        if bounds is not None and bounds[0] == 0.0:
+            return follower, bounds
+    return None
+
+
+def plan_quantization(model: ir.Model, scheme: QuantScheme, exclude: Iterable[str] = ()) -> QuantPlan:
+    """Decide every Q/DQ site for the scheme; nodes in `exclude` stay float."""
+    excluded = set(exclude)
+    plan = QuantPlan()
+    outputs_too = scheme.activation_placement == "inputs_and_outputs"
+    quantized_ops = set(scheme.quantized_ops)
+    for node in model.graph:
+        name = node.name or ""
+        if node.op_type not in quantized_ops or node.domain not in ("", "ai.onnx"):
+            continue
+        if name in excluded or name in plan.absorbed:
+            continue
+        indices = _activation_inputs(node)
+        if indices is None:
+            plan.skipped.append({"node": name, "op": node.op_type, "why": "constant or non-float operand"})
+            continue
+        inputs = [node.inputs[i] for i in indices]
+        if outputs_too and node.op_type in DATA_MOVEMENT_OPS and not any(v is not None and v.name in plan.sites for v in inputs):
+            continue  # keep float data movement between float ops
+        for value in inputs:
+            if value is None or not _is_float(value):
+                continue
+            site = plan.site(value.name)
+            if site.consumers is not None:
+                site.consumers.add(name)
+        plan.quantized_nodes.append(name)
+        _plan_weight(node, plan, scheme)
+        if not outputs_too or node.op_type in scheme.float_output_ops:
+            continue
+        output = node.outputs[0]
+        if not _is_float(output):
+            continue
+        absorbed = _absorbable(node, output, scheme) if node.op_type not in DATA_MOVEMENT_OPS else None
+        if absorbed is not None:
+            follower, bounds = absorbed
+            plan.absorbed[follower.name] = name
+            site = plan.site(follower.outputs[0].name, source=output.name)
+            site.clip = (0.0, bounds[1]) if bounds else (0.0, float("inf"))
+        else:
+            site = plan.site(output.name)
+        site.consumers = None
+        rule = scheme.rule_for(node.op_type)
+        if rule is not None and rule.output_scale is not None:
+            site.fixed = (float(rule.output_scale), int(rule.output_zero_point or 0))
+        elif (rule is not None and rule.same_scale_as_input) or (node.op_type in DATA_MOVEMENT_OPS and node.op_type != "Concat"):
+            plan.shared.append((site.tensor, inputs[0].name))
+        if node.op_type == "Concat" and rule is not None and rule.same_scale_as_input:
+            plan.shared.extend((value.name, site.tensor) for value in inputs if value is not None and value.name in plan.sites)
+    return plan
+
+
+def _plan_weight(node: ir.Node, plan: QuantPlan, scheme: QuantScheme) -> None:
+    if node.op_type not in WEIGHTED_OPS:
+        return
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    initializer = _initializer_name(weight)
+    if initializer is None:
+        return
+    rank = len(weight.const_value.shape)
+    axis = weight_axis(node, rank) if scheme.weight_per_channel else None
+    plan.weights.append(WeightSite(node.name, 1, initializer, axis))
+    if scheme.bias_int32 and node.op_type in ("Conv", "ConvTranspose", "Gemm") and len(node.inputs) > 2:
+        bias = node.inputs[2]
+        bias_name = _initializer_name(bias)
+        if bias_name is not None and len(bias.const_value.shape) == 1 and axis in (0, 1):
+            plan.biases[node.name] = (2, node.inputs[0].name, initializer)

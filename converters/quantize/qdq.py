@@ -1,0 +1,238 @@
+"""Scale/zero-point arithmetic and Q/DQ insertion for a `QuantPlan`.
+
+The emitted graph is explicit, the form every lowering reads: activations as QuantizeLinear ->
+DequantizeLinear pairs with scalar scale and zero point; weights as an int8 initializer ->
+DequantizeLinear (axis set when per channel); int32 biases as an initializer -> DequantizeLinear
+with scale = input scale x weight scale and zero point 0.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from edgeopt.converters.quantize.placement import QuantPlan
+from edgeopt.targets import QuantScheme
+
+__all__ = ["TENSOR_TAG", "QParams", "activation_params", "group_params", "insert_qdq", "quantize_weight", "qrange"]
+
+log = logging.getLogger(__name__)
+
+INT32_MAX = 2**31 - 1
+#: Written into the doc_string of each QuantizeLinear the quantizer adds: the fp32 tensor it stands for.
+TENSOR_TAG = "edgeopt:tensor="
+
+
+@dataclass(frozen=True)
+class QParams:
+    scale: float
+    zero_point: int
+    dtype: str
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        return {"scale": self.scale, "zero_point": self.zero_point, "dtype": self.dtype}
+
+
+def qrange(dtype: str) -> tuple[int, int]:
+    info = np.iinfo(np.dtype(dtype))
+    return int(info.min), int(info.max)
+
+
+def activation_params(low: float, high: float, dtype: str, symmetric: bool) -> QParams:
+    """Scale and zero point covering [low, high] (always including 0, so zero is exact)."""
+    qmin, qmax = qrange(dtype)
+    low, high = min(low, 0.0), max(high, 0.0)
+    if symmetric:
+        amax = max(abs(low), abs(high))
+        levels = (qmax - qmin) // 2  # 127: the grid [-127, 127] (+ -128) around zero point 0 / 128
+        scale = amax / levels if amax > 0 else 1.0
+        zero_point = 0 if qmin < 0 else (qmax + 1) // 2
+        return QParams(float(np.float32(scale)), zero_point, dtype)
+    scale = (high - low) / (qmax - qmin) if high > low else 1.0
+    scale = float(np.float32(scale))
+    zero_point = int(np.clip(round(qmin - low / scale), qmin, qmax))
+    return QParams(scale, zero_point, dtype)
+
+
+def group_params(
+    plan: QuantPlan, ranges: Mapping[str, tuple[float, float]], scheme: QuantScheme
+) -> dict[str, QParams]:
+    """One QParams per activation site; sites that must share a scale get the union of their ranges."""
+    dtype = scheme.activation_dtype
+    params: dict[str, QParams] = {}
+    for members in plan.groups().values():
+        fixed = next((plan.sites[m].fixed for m in members if plan.sites[m].fixed is not None), None)
+        if fixed is not None:
+            scale, zero_point = fixed
+            if dtype == "uint8":  # fixed rules are written for int8 (TFLite); shift to the uint8 grid
+                zero_point += 128
+            group = QParams(float(scale), int(zero_point), dtype)
+        else:
+            low = min(ranges[m][0] for m in members)
+            high = max(ranges[m][1] for m in members)
+            clips = [plan.sites[m].clip for m in members if plan.sites[m].clip is not None]
+            if clips:
+                low = 0.0
+                high = min(high, min(c[1] for c in clips))
+            group = activation_params(low, high, dtype, scheme.activation_symmetric)
+        for member in members:
+            params[member] = group
+    return params
+
+
+def quantize_weight(
+    weight: np.ndarray, axis: int | None, dtype: str, symmetric: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(quantized, scale, zero_point): per channel on `axis` (scale/zero point 1-D) or per tensor (scalars)."""
+    qmin, qmax = qrange(dtype)
+    weight = weight.astype(np.float32)
+    if axis is None:
+        reduce_axes = tuple(range(weight.ndim))
+    else:
+        reduce_axes = tuple(i for i in range(weight.ndim) if i != axis)
+    low = np.minimum(weight.min(axis=reduce_axes), 0.0) if weight.size else np.zeros(())
+    high = np.maximum(weight.max(axis=reduce_axes), 0.0) if weight.size else np.zeros(())
+    if symmetric:
+        amax = np.maximum(np.abs(low), np.abs(high))
+        half = (qmax - qmin) // 2
+        scale = np.where(amax > 0, amax / half, 1.0).astype(np.float32)
+        zero_point = np.full(scale.shape, 0 if qmin < 0 else (qmax + 1) // 2)
+    else:
+        span = high - low
+        scale = np.where(span > 0, span / (qmax - qmin), 1.0).astype(np.float32)
+        zero_point = np.clip(np.round(qmin - low / scale), qmin, qmax)
+    shape = [1] * weight.ndim
+    if axis is not None:
+        shape[axis] = -1
+    quantized = np.clip(np.round(weight / scale.reshape(shape)) + zero_point.reshape(shape), qmin, qmax)
+    return quantized.astype(dtype), scale, zero_point.astype(dtype)
+
+
+class _Builder:
+    """Adds initializers and nodes to an onnx_ir graph under unique names."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self.graph = graph
+        self.names = {v.name for v in graph.initializers.values()} | {v.name for v in graph.inputs}
+        for node in graph:
+            self.names.update(v.name for v in node.outputs if v.name)
+
+    def unique(self, name: str) -> str:
+        candidate, index = name, 1
+        while candidate in self.names:
+            candidate = f"{name}_{index}"
+            index += 1
+        self.names.add(candidate)
+        return candidate
+
+    def constant(self, name: str, array: np.ndarray) -> ir.Value:
+        tensor = ir.tensor(array, name=self.unique(name))
+        value = ir.val(tensor.name, tensor.dtype, tensor.shape, const_value=tensor)
+        self.graph.register_initializer(value)
+        return value
+
+    def node(self, op: str, inputs: list[ir.Value], output: str, name: str, attributes: dict | None = None) -> ir.Node:
+        out = ir.val(self.unique(output))
+        node = ir.node(op, inputs, attributes or {}, outputs=[out], name=self.unique(name))
+        self.graph.append(node)
+        return node
+
+
+def insert_qdq(model: onnx.ModelProto, plan: QuantPlan, params: Mapping[str, QParams], scheme: QuantScheme) -> onnx.ModelProto:
+    """The QDQ model for this plan and these activation parameters."""
+    ir_model = ir.from_proto(model)
+    graph = ir_model.graph
+    build = _Builder(graph)
+    nodes = {node.name: node for node in graph}
+    values: dict[str, ir.Value] = {v.name: v for v in graph.inputs}
+    values.update({v.name: v for v in graph.initializers.values()})
+    for node in graph:
+        values.update({v.name: v for v in node.outputs})
+
+    weight_scales: dict[str, np.ndarray] = {}
+    dequantized: dict[str, ir.Value] = {}
+    for site in plan.weights:
+        node = nodes[site.node]
+        if site.initializer not in dequantized:
+            weight = values[site.initializer].const_value.numpy()
+            quantized, scale, zero_point = quantize_weight(weight, site.axis, scheme.weight_dtype, scheme.weight_symmetric)
+            weight_scales[site.initializer] = scale
+            inputs = [
+                build.constant(f"{site.initializer}_quantized", quantized),
+                build.constant(f"{site.initializer}_scale", scale),
+                build.constant(f"{site.initializer}_zero_point", zero_point),
+            ]
+            attributes = {"axis": site.axis} if site.axis is not None else {}
+            dq = build.node("DequantizeLinear", inputs, f"{site.initializer}_dequantized", f"{site.initializer}_DequantizeLinear", attributes)
+            dequantized[site.initializer] = dq.outputs[0]
+        node.replace_input_with(site.input_index, dequantized[site.initializer])
+
+    for node_name, (index, activation, weight_name) in plan.biases.items():
+        if activation not in params or weight_name not in weight_scales:
+            continue
+        node = nodes[node_name]
+        bias_value = node.inputs[index]
+        bias = bias_value.const_value.numpy().astype(np.float64)
+        scale = (params[activation].scale * weight_scales[weight_name].astype(np.float64)).reshape(-1)
+        if scale.size == 1:
+            scale = np.full(bias.shape, scale[0])
+        if scale.shape != bias.shape:
+            continue
+        quantized = np.round(bias / scale)
+        if np.any(np.abs(quantized) > INT32_MAX):
+            log.warning("bias of %s exceeds int32 at its scale; clipped", node_name)
+        quantized = np.clip(quantized, -INT32_MAX, INT32_MAX).astype(np.int32)
+        inputs = [
+            build.constant(f"{bias_value.name}_quantized", quantized),
+            build.constant(f"{bias_value.name}_scale", scale.astype(np.float32)),
+            build.constant(f"{bias_value.name}_zero_point", np.zeros(bias.shape, np.int32)),
+        ]
+        dq = build.node("DequantizeLinear", inputs, f"{bias_value.name}_dequantized", f"{bias_value.name}_DequantizeLinear", {"axis": 0})
+        node.replace_input_with(index, dq.outputs[0])
+
+    for site in plan.sites.values():
+        if site.tensor not in params or site.tensor not in values:
+            continue
+        qp = params[site.tensor]
+        tensor, source = values[site.tensor], values[site.source]
+        scale = build.constant(f"{site.tensor}_scale", np.array(qp.scale, np.float32))
+        zero_point = build.constant(f"{site.tensor}_zero_point", np.array(qp.zero_point, np.dtype(qp.dtype)))
+        q = build.node("QuantizeLinear", [source, scale, zero_point], f"{site.tensor}_quantized", f"{site.tensor}_QuantizeLinear")
+        q.doc_string = TENSOR_TAG + site.tensor
+        dq = build.node("DequantizeLinear", [q.outputs[0], scale, zero_point], f"{site.tensor}_dequantized", f"{site.tensor}_DequantizeLinear")
+        dequantized_value = dq.outputs[0]
+        dequantized_value.type, dequantized_value.shape = tensor.type, tensor.shape
+        q.outputs[0].dtype, q.outputs[0].shape = ir.DataType.from_numpy(np.dtype(qp.dtype)), tensor.shape
+        if site.consumers is None:
+            is_output = tensor.is_graph_output()
+            for user, index in list(tensor.uses()):
+                if user is not q:
+                    user.replace_input_with(index, dequantized_value)
+            if is_output:
+                graph.outputs[:] = [dequantized_value if v is tensor else v for v in graph.outputs]
+                original = tensor.name
+                tensor.name = build.unique(f"{original}_float")
+                dequantized_value.name = original
+            if site.source != site.tensor:  # an absorbed ReLU/Clip: the Q node now does its clamping
+                graph.remove(tensor.producer(), safe=True)
+        else:
+            for consumer in site.consumers:
+                user = nodes[consumer]
+                for index, value in enumerate(user.inputs):
+                    if value is tensor:
+                        user.replace_input_with(index, dequantized_value)
+    graph.sort()
+    proto = ir.to_proto(ir_model)
+    _ensure_opset(proto)
+    return proto
+
+
+def _ensure_opset(model: onnx.ModelProto) -> None:
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version < 13:
+            opset.version = 13
