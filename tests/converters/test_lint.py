@@ -10,8 +10,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from edgeopt.converters.analysis import io_specs
+from edgeopt.converters.data import open_dataset
 from edgeopt.converters.lint import Finding, lint_qdq
+from edgeopt.converters.passes import simplify
+from edgeopt.converters.quantize import QuantizeOptions, quantize
 from edgeopt.targets import get_target
+from tests import zoo
 
 ALL_TARGETS = ("jetson-orin", "raspberry-pi", "onnxruntime-cpu", "intel-openvino", "apple-ane")
 TRT = get_target("jetson-orin")
@@ -357,3 +362,20 @@ def test_onnxruntime_default_static_quantization_is_flagged_for_tensorrt(tmp_pat
     symmetric = lint_qdq(onnx.load(qdq_path), TRT)
     assert [(f.severity, f.rule) for f in symmetric] == [("error", "trt-int8-only")]
     assert "bias" in symmetric[0].message
+
+
+# ------------------------------------------------------------------------------------ edgeopt's own quantizer
+
+
+@pytest.mark.parametrize("target", ALL_TARGETS)
+def test_edgeopt_quantizer_output_follows_every_rule_of_its_target(target: str):
+    """The quantizer and the lint read the same profile; a model quantized for a target lints clean."""
+    model = zoo.mobilenet_v2_style()
+    inputs, _ = io_specs(model)
+    simplified, _ = simplify(model)
+    calibration = open_dataset(zoo.random_inputs(model, n=2), inputs)
+    profile = get_target(target)
+    options = QuantizeOptions(bias_correction=False, debug_samples=0)
+    qdq = quantize(simplified, profile.quant_scheme, calibration, options).model
+    assert sum(n.op_type == "QuantizeLinear" for n in qdq.graph.node) > 10
+    assert lint_qdq(qdq, profile) == []
