@@ -194,13 +194,92 @@ def verify(bundle: Path, backend: str | None, as_json: bool) -> None:
     from edgeopt.verify import verify_bundle
 
     result = verify_bundle(bundle, backend=backend)
-    if as_json:
-        _echo_json(result)
-    else:
-        click.echo(result["text"])
-    if not result["passed"]:
-        sys.exit(3)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.format_text())
+    result.raise_for_failure()
+
+
+@cli.command(epilog=EXIT_CODES)
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--backend", help="Backend to run on [default: the bundle's, or the file type's].")
+@click.option("--warmup", type=int, default=10, show_default=True)
+@click.option("--runs", type=int, default=100, show_default=True)
+@click.option("--duration", type=float, help="Run for this many seconds instead of --runs.")
+@click.option("--threads", type=int, help="Intra-op threads [default: the bundle's].")
+@click.option("--json", "as_json", is_flag=True)
+@_expected_errors
+def bench(bundle: Path, backend: str | None, warmup: int, runs: int, duration: float | None, threads: int | None, as_json: bool) -> None:
+    """Measure a bundle or artifact on this machine (the runtime's own benchmark)."""
+    from edgeopt.benchmark import benchmark_here
+
+    result = benchmark_here(bundle, backend=backend, warmup=warmup, runs=runs, duration=duration, threads=threads)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.format_text())
+
+
+@cli.command(epilog=EXIT_CODES)
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--input", "-i", "input_path", type=click.Path(path_type=Path), required=True, help=".npy (one input) or .npz named by input.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Write the outputs to this .npz [default: print a summary].")
+@click.option("--backend", help="Backend to run on [default: the bundle's, or the file type's].")
+@click.option("--json", "as_json", is_flag=True)
+def predict(bundle: Path, input_path: Path, output: Path | None, backend: str | None, as_json: bool) -> None:
+    """Run a bundle or artifact on inputs from a file, float in and float out.
+
+    This is the device runtime's own `predict` command, run here.
+    """
+    from edgeopt.runtime.__main__ import main as runtime_main
+
+    argv = ["predict", str(bundle), "--input", str(input_path)]
+    argv += ["--output", str(output)] if output else []
+    argv += ["--backend", backend] if backend else []
+    argv += ["--json"] if as_json else []
+    sys.exit(runtime_main(argv))
+
+
+@cli.command(epilog=EXIT_CODES)
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--host", "hosts", multiple=True, required=True, help="[user@]host of the device (repeatable: hosts run concurrently).")
+@click.option("--port", type=int, help="SSH port.")
+@click.option("--identity", "-i", type=click.Path(path_type=Path), help="SSH private key.")
+@click.option("--jump", "-J", help="ProxyJump host.")
+@click.option("--python", "python", default="python3", show_default=True, help="Python interpreter on the device.")
+@click.option("--runs", type=int, default=100, show_default=True)
+@click.option("--warmup", type=int, default=10, show_default=True)
+@click.option("--threads", type=int, help="Intra-op threads on the device [default: the bundle's].")
+@click.option("--keep", is_flag=True, help="Keep the pushed runtime and bundle in the device's cache.")
+@click.option("--accept-new-host-key", is_flag=True, help="Accept an unknown host key (StrictHostKeyChecking=accept-new).")
+@click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds allowed for each remote command.")
+@click.option("--json", "as_json", is_flag=True)
+@_expected_errors
+def profile(
+    bundle: Path,
+    hosts: tuple[str, ...],
+    port: int | None,
+    identity: Path | None,
+    jump: str | None,
+    python: str,
+    runs: int,
+    warmup: int,
+    threads: int | None,
+    keep: bool,
+    accept_new_host_key: bool,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Run a bundle's parity check and benchmark on devices over SSH."""
+    from edgeopt.remote import ProfileOptions, format_profile_table
+    from edgeopt.remote import profile as run_profile
+
+    options = ProfileOptions(
+        port=port, identity=identity, jump=jump, python=python, runs=runs, warmup=warmup, threads=threads,
+        keep=keep, accept_new_host_key=accept_new_host_key, command_timeout=timeout,
+    )
+    results = run_profile(bundle, list(hosts), options, progress=None if as_json else (lambda m: click.echo(f"· {m}", err=True)))
+    click.echo(json.dumps([r.to_dict() for r in results], indent=2, default=str) if as_json else format_profile_table(results))
 
 
 def main() -> None:
     cli(prog_name="edgeopt")
+
+
+if __name__ == "__main__":
+    main()

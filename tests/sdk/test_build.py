@@ -1,0 +1,99 @@
+"""`edgeopt build` end to end: real ONNX Runtime, real bundles, validated manifests."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import edgeopt
+from edgeopt.verify import validate_manifest, verify_bundle
+from tests import zoo
+
+DIGITS = Path(__file__).resolve().parents[2] / "examples" / "digits"
+SCHEMA = json.loads((Path(edgeopt.__file__).parent / "schemas" / "manifest.schema.json").read_text())
+
+
+def _ort(model_path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+@pytest.mark.parametrize("target", ["onnxruntime-cpu", "jetson-orin"])
+def test_digits_builds_verifies_and_matches_the_schema(tmp_path: Path, target: str) -> None:
+    result = edgeopt.build(DIGITS / "model.onnx", target, output=tmp_path / "b", evaluation=DIGITS / "eval.npz")
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    jsonschema.validate(manifest, SCHEMA)
+    assert manifest == json.loads(json.dumps(result.manifest, default=str))
+    assert manifest["reference"]["measured"]["max_abs"] < 1e-4
+    accuracy = next(m for m in manifest["quality"]["metrics"] if m["name"] == "accuracy")
+    assert accuracy["fp32"] > 0.9 and accuracy["delta"] == 0.0
+    assert manifest["compression"]["nodes_after"] < manifest["compression"]["nodes_before"]
+    assert [s["name"] for s in manifest["stages"]] == ["load", "validate", "simplify", "lower", "verify", "evaluate", "package"]
+    assert verify_bundle(tmp_path / "b").passed
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no staging folder left behind"
+
+
+def test_jetson_bundle_carries_engine_recipe_and_triton_repository(tmp_path: Path) -> None:
+    edgeopt.build(DIGITS / "model.onnx", "orin", output=tmp_path / "b", precision="fp16")
+    bundle = tmp_path / "b"
+    script = (bundle / "build_engine.sh").read_text()
+    assert "--onnx=model.onnx" in script and "--saveEngine=model.plan" in script and "--fp16" in script
+    assert "--memPoolSize=workspace:4096M" in script and "--timingCacheFile=timing.cache" in script
+    assert os.access(bundle / "build_engine.sh", os.X_OK)
+    config = (bundle / "triton" / "model" / "config.pbtxt").read_text()
+    assert 'platform: "tensorrt_plan"' in config and 'name: "image"' in config
+    assert "dims: [ 1, 1, 8, 8 ]" in config and "TYPE_FP32" in config and 'name: "logits"' in config
+    assert (bundle / "triton" / "model" / "1").is_dir()
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["runtime"]["backend"] == "tensorrt"
+    assert manifest["precision"] == "fp16"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet50", "squeezenet", "shufflenet", "densenet121"])
+@pytest.mark.parametrize("target", ["onnxruntime-cpu", "jetson-orin"])
+def test_light_models_build_and_match_ort(tmp_path: Path, name: str, target: str) -> None:
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(zoo.light_model(name), path)
+    result = edgeopt.build(path, target, output=tmp_path / "b", precision="fp32")
+    measured = result.manifest["reference"]["measured"]
+    assert measured["max_rel"] <= 1e-4
+    jsonschema.validate(result.manifest, SCHEMA)
+    feeds = zoo.random_inputs(zoo.light_model(name), n=1, seed=3)[0]
+    ours = _ort(tmp_path / "b" / "model.onnx", feeds)
+    reference = _ort(path, feeds)
+    for a, b in zip(ours, reference):
+        assert np.max(np.abs(a - b)) <= 1e-4 * max(np.max(np.abs(b)), 1e-6)
+
+
+def test_onnxruntime_fp16_halves_the_weights(tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    onnx.save(zoo.light_model("squeezenet"), path)
+    fp32 = edgeopt.build(path, "onnxruntime-cpu", output=tmp_path / "a", precision="fp32")
+    fp16 = edgeopt.build(path, "onnxruntime-cpu", output=tmp_path / "b", precision="fp16")
+    ratio = fp16.manifest["compression"]["bytes_after"] / fp32.manifest["compression"]["bytes_after"]
+    assert 0.45 < ratio < 0.6
+    assert fp16.manifest["reference"]["measured"]["max_rel"] <= 2e-2
+
+
+def test_archive_and_tampering_are_detected(tmp_path: Path) -> None:
+    result = edgeopt.build(DIGITS / "model.onnx", "ort", output=tmp_path / "b", archive=True)
+    assert result.archive is not None and result.archive.is_file()
+    assert verify_bundle(result.archive).passed
+    model = tmp_path / "b" / "model.onnx"
+    model.write_bytes(model.read_bytes()[:-1] + b"\0")
+    with pytest.raises(edgeopt.errors.BundleError, match="model.onnx"):
+        verify_bundle(tmp_path / "b")
+
+
+def test_schema_rejects_a_broken_manifest(tmp_path: Path) -> None:
+    result = edgeopt.build(DIGITS / "model.onnx", "ort", output=tmp_path / "b")
+    broken = dict(result.manifest, artifacts=[dict(result.manifest["artifacts"][0], sha256="nothex")])
+    with pytest.raises(edgeopt.errors.BundleError, match="artifacts/0/sha256"):
+        validate_manifest(json.loads(json.dumps(broken, default=str)))
