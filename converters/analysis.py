@@ -88,11 +88,19 @@ def load_model(path: str | Path) -> onnx.ModelProto:
         hint = f"pass the .onnx file itself, e.g. {path / candidates[0]}" if candidates else "pass an .onnx file"
         raise ModelLoadError(f"{path} is a directory, not an ONNX model file", hint=hint)
 
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"{path} is empty", hint="re-export the model, or re-copy the file")
+    other_format = None if path.suffix in _TEXT_ONNX_SUFFIXES else _sniff_format(path)
+    if other_format is not None:
+        raise ModelLoadError(
+            f"{path} is not an ONNX model: it looks like {other_format}",
+            hint="export the model to ONNX first (e.g. torch.onnx.export) and pass the .onnx file",
+        )
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as exc:
         raise ModelLoadError(
-            f"{path} is not a readable ONNX model (the protobuf is truncated or corrupt, or it is another format): {exc}",
+            f"{path} is not a readable ONNX model (the protobuf is truncated or corrupt): {exc}",
             hint="re-export the model to ONNX, or re-copy the file if it was cut short",
         ) from exc
     if not model.HasField("graph") or model.ir_version <= 0 or not model.opset_import:
@@ -107,6 +115,35 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     if opset is not None and opset < MIN_OPSET:
         model = _upgrade_opset(model, opset, path)
     return model
+
+
+# Suffixes onnx.load reads as the text forms of ONNX.
+_TEXT_ONNX_SUFFIXES = frozenset({".textproto", ".prototxt", ".txtpb", ".onnxtxt", ".json"})
+# Leading bytes of files users mistake for models: (offset, magic, what it is).
+_OTHER_FORMATS: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"PK\x03\x04", "a zip archive (a PyTorch .pt checkpoint, an .npz or a Keras file)"),
+    (4, b"TFL3", "a TFLite flatbuffer"),
+    (0, b"\x89HDF", "an HDF5 file (a Keras .h5 model)"),
+    (0, b"\x80", "a Python pickle (a PyTorch checkpoint?)"),
+    (0, b"\x93NUMPY", "a NumPy .npy array"),
+)
+
+
+def _sniff_format(path: Path) -> str | None:
+    """What a non-ONNX file looks like, from its first bytes; None when it could be ONNX."""
+    with path.open("rb") as file:
+        head = file.read(512)
+    for offset, magic, what in _OTHER_FORMATS:
+        if head[offset : offset + len(magic)] == magic:
+            return what
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    # A serialized ModelProto starts with field 1 (ir_version, varint): byte 0x08.
+    if not head.startswith(b"\x08") and all(c.isprintable() or c.isspace() for c in text):
+        return "a text file"
+    return None
 
 
 def _load_external_data(model: onnx.ModelProto, path: Path) -> None:

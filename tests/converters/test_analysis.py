@@ -196,9 +196,27 @@ def test_directory_is_a_model_load_error_that_points_at_the_onnx_inside(tmp_path
 def test_text_file_is_not_onnx(tmp_path: Path):
     path = tmp_path / "notes.onnx"
     path.write_text("this is a README, not a model\n" * 20)
-    with pytest.raises(ModelLoadError, match="not") as info:
+    with pytest.raises(ModelLoadError, match="looks like a text file") as info:
         load_model(path)
     assert str(path) in info.value.message
+
+
+def test_other_formats_are_named(tmp_path: Path):
+    path = tmp_path / "weights.onnx"
+    np.savez(tmp_path / "weights.npz", w=np.ones(3))
+    (tmp_path / "weights.npz").rename(path)
+    with pytest.raises(ModelLoadError, match="zip archive"):
+        load_model(path)
+    empty = tmp_path / "empty.onnx"
+    empty.touch()
+    with pytest.raises(ModelLoadError, match="is empty"):
+        load_model(empty)
+
+
+def test_onnx_text_format_is_read(tmp_path: Path):
+    path = tmp_path / "model.textproto"
+    onnx.save(conv_gemm_model(), path, format="textproto")
+    assert model_stats(load_model(path)).macs == 6912 + 2304 + 2560
 
 
 def test_truncated_protobuf_is_a_model_load_error(tmp_path: Path):
