@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from edgeopt.runtime.backends import BACKENDS, backends_summary
-from edgeopt.runtime.bundle import SCHEMA_VERSION, is_bundle, open_bundle
+from edgeopt.runtime.bundle import SCHEMA_VERSION, open_bundle
 from edgeopt.runtime.device import device_facts
 from edgeopt.runtime.errors import EdgeoptError, InputSpecError
 from edgeopt.runtime.model import load

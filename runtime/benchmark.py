@@ -52,6 +52,7 @@ class BenchmarkResult:
     device: dict[str, Any]
     thermal_after: dict[str, Any]
     input_source: str
+    warnings: list[str]
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     schema_version: str = BENCHMARK_SCHEMA_VERSION
 
@@ -204,4 +205,5 @@ def run_benchmark(
         device=device,
         thermal_after=thermal_facts(),
         input_source=source,
+        warnings=list(model.warnings),
     )

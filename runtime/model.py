@@ -7,6 +7,7 @@ constants — is decided in `Model.__init__`, and `predict` only compares and co
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Mapping
@@ -18,7 +19,7 @@ import numpy as np
 
 from edgeopt.runtime.backends import Backend, BackendConfig, backend_class, backend_for_file
 from edgeopt.runtime.bundle import Bundle, is_bundle, open_bundle
-from edgeopt.runtime.errors import BundleError, InputSpecError
+from edgeopt.runtime.errors import BundleError, EdgeoptError, InputSpecError
 from edgeopt.runtime.memory import current_rss_bytes
 from edgeopt.runtime.spec import TensorSpec
 
@@ -26,7 +27,9 @@ if TYPE_CHECKING:
     from edgeopt.runtime.benchmark import BenchmarkResult
     from edgeopt.runtime.verify import VerifyResult
 
-__all__ = ["Model", "load"]
+__all__ = ["Model", "load", "toolchain_warnings"]
+
+log = logging.getLogger(__name__)
 
 
 def load(
@@ -68,7 +71,15 @@ def load(
         config = BackendConfig(threads=threads, device=device, options=options)
     checked = time.perf_counter()
     runner = backend_class(name)(model_path, config)
-    runner.__enter__()
+    try:
+        runner.__enter__()
+    except EdgeoptError:
+        raise
+    except Exception as error:  # the library refused the artifact: say which file and which library
+        raise BundleError(
+            f"{model_path}: {name} could not load it ({type(error).__name__}: {' '.join(str(error).split())[:400]})",
+            hint="check that the file is a complete model for this backend, or rebuild the bundle",
+        ) from error
     loaded = time.perf_counter()
     try:
         return Model(
@@ -164,6 +175,31 @@ class _InputPlan:
         )
 
 
+def _major_minor(version: str) -> tuple[str, ...]:
+    return tuple(version.split("+")[0].split(".")[:2])
+
+
+def toolchain_warnings(bundle: Bundle, backend: Backend) -> list[str]:
+    """Differences between the library that verified the bundle and the one running it here.
+
+    Not errors: a device rarely has the build host's exact version. They are reported (logged,
+    and carried in benchmark results) so a parity failure can be traced to its cause.
+    """
+    toolchain = bundle.manifest.get("toolchain") or {}
+    installed = backend.library_distribution()
+    if installed is None:
+        return []
+    name, version = installed
+    key = name.replace("-", "_")
+    recorded = toolchain.get(key)
+    if recorded is None:
+        others = [f"{d.replace('-', '_')} {toolchain[d.replace('-', '_')]}" for d in backend.distributions if d.replace("-", "_") in toolchain]
+        return [f"the bundle was verified with {', '.join(others)}; this machine runs {name} {version}"] if others else []
+    if _major_minor(str(recorded)) != _major_minor(version):
+        return [f"the bundle was built with {key} {recorded}; this machine runs {version} (run verify to check parity)"]
+    return []
+
+
 def _pair(declared: list[TensorSpec], actual: list[TensorSpec], kind: str, where: Path) -> list[tuple[TensorSpec, TensorSpec]]:
     """Match the manifest's specs with the backend's: by name, else by position."""
     by_name = {spec.name: spec for spec in actual}
@@ -208,6 +244,9 @@ class Model:
         self.rss_before_load = rss_before_load
         self.rss_after_load = rss_after_load
         self.first_inference_seconds: float | None = None
+        self.warnings = toolchain_warnings(bundle, backend) if bundle is not None else []
+        for warning in self.warnings:
+            log.warning("%s: %s", source, warning)
         backend_inputs, backend_outputs = backend.input_metadata(), backend.output_metadata()
         if bundle is not None:
             input_pairs = _pair(bundle.inputs, backend_inputs, "inputs", bundle.root)
@@ -260,6 +299,11 @@ class Model:
     @property
     def manifest(self) -> dict[str, Any] | None:
         return self.bundle.manifest if self.bundle is not None else None
+
+    @property
+    def runner(self) -> Backend:
+        """The backend object (session, compiled model, interpreter) behind this model."""
+        return self._backend
 
     def backend_facts(self) -> dict[str, Any]:
         return self._backend.facts()

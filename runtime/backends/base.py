@@ -20,7 +20,7 @@ import numpy as np
 from edgeopt.runtime.errors import BackendUnavailableError
 from edgeopt.runtime.spec import TensorSpec
 
-__all__ = ["Backend", "BackendConfig", "import_first", "distribution_version"]
+__all__ = ["Backend", "BackendConfig", "distribution_version", "import_first", "installed_distribution"]
 
 
 class BackendConfig:
@@ -46,14 +46,20 @@ class BackendConfig:
         self.install_hint = install_hint
 
 
-def distribution_version(*distributions: str) -> str | None:
-    """Installed version of the first distribution found, without importing it."""
+def installed_distribution(*distributions: str) -> tuple[str, str] | None:
+    """(name, version) of the first installed distribution, without importing it."""
     for name in distributions:
         try:
-            return importlib.metadata.version(name)
+            return name, importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             continue
     return None
+
+
+def distribution_version(*distributions: str) -> str | None:
+    """Installed version of the first distribution found, without importing it."""
+    found = installed_distribution(*distributions)
+    return found[1] if found else None
 
 
 def import_first(modules: tuple[str, ...], *, backend: str, hint: str) -> ModuleType:
@@ -107,6 +113,11 @@ class Backend:
     @classmethod
     def library_version(cls) -> str | None:
         return distribution_version(*cls.distributions)
+
+    @classmethod
+    def library_distribution(cls) -> tuple[str, str] | None:
+        """(pip distribution, version) this backend would use here."""
+        return installed_distribution(*cls.distributions)
 
     def import_library(self) -> ModuleType:
         hint = self.config.install_hint or self.default_install_hint
@@ -163,7 +174,3 @@ class Backend:
             self.is_active = False
             self.deactivate()
 
-
-def numpy_dtype_name(dtype: Any) -> str:
-    """A numpy dtype name for anything numpy understands as a dtype."""
-    return np.dtype(dtype).name

@@ -267,3 +267,60 @@ def float_bundle(root: Path, samples: int = 3, tolerance: dict[str, float] | Non
         reference_outputs={"y": y},
         tolerance=tolerance,
     )
+
+
+def conv_tflite(channels: int = 32, size: int = 56, layers: int = 4, seed: int = 0) -> bytes:
+    """The TFLite twin of `conv_model` (same weights): 3x3 CONV_2D + fused ReLU on [1, size, size, channels] (NHWC)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    rng = np.random.default_rng(seed)
+
+    def buffer(data: bytes | None) -> Any:
+        b = schema.BufferT()
+        if data is not None:
+            b.data = list(data)
+        return b
+
+    def tensor(name: str, shape: list[int], index: int) -> Any:
+        t = schema.TensorT()
+        t.name, t.shape, t.type, t.buffer = name, shape, schema.TensorType.FLOAT32, index
+        return t
+
+    activation_shape = [1, size, size, channels]
+    buffers = [buffer(None), buffer(None)]
+    tensors = [tensor("x", activation_shape, 1)]
+    operators = []
+    current = 0
+    for i in range(layers):
+        oihw = (rng.standard_normal((channels, channels, 3, 3)) * 0.05).astype(np.float32)
+        weight = np.ascontiguousarray(oihw.transpose(0, 2, 3, 1))  # TFLite filters are OHWI
+        bias = np.zeros(channels, np.float32)
+        buffers += [buffer(weight.tobytes()), buffer(bias.tobytes()), buffer(None)]
+        base = len(buffers) - 3
+        tensors += [
+            tensor(f"w{i}", list(weight.shape), base),
+            tensor(f"b{i}", [channels], base + 1),
+            tensor("y" if i == layers - 1 else f"r{i}", activation_shape, base + 2),
+        ]
+        options = schema.Conv2DOptionsT()
+        options.padding, options.strideW, options.strideH = schema.Padding.SAME, 1, 1
+        options.fusedActivationFunction = schema.ActivationFunctionType.RELU
+        options.dilationWFactor = options.dilationHFactor = 1
+        op = schema.OperatorT()
+        first = len(tensors) - 3
+        op.opcodeIndex, op.inputs, op.outputs = 0, [current, first, first + 1], [first + 2]
+        op.builtinOptionsType, op.builtinOptions = schema.BuiltinOptions.Conv2DOptions, options
+        operators.append(op)
+        current = first + 2
+    code = schema.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.CONV_2D
+    code.version = 1
+    subgraph = schema.SubGraphT()
+    subgraph.tensors, subgraph.inputs, subgraph.outputs = tensors, [0], [current]
+    subgraph.operators, subgraph.name = operators, "main"
+    model = schema.ModelT()
+    model.version, model.description = 3, "edgeopt conv stack"
+    model.operatorCodes, model.subgraphs, model.buffers = [code], [subgraph], buffers
+    builder = flatbuffers.Builder(1 << 20)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())

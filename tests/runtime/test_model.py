@@ -15,6 +15,8 @@ from tests.runtime.factory import (
     INPUT_ZERO_POINT,
     OUTPUT_SCALE,
     OUTPUT_ZERO_POINT,
+    conv_model,
+    conv_tflite,
     float_bundle,
     tiny_float_model,
     tiny_float_reference,
@@ -221,3 +223,30 @@ def test_close_frees_the_backend_and_the_first_inference_is_timed(onnx_file: Pat
     assert model.first_inference_seconds is not None
     model.close()
     model.close()  # idempotent
+
+
+def test_a_tflite_conv_stack_matches_its_onnx_twin_on_onnxruntime(tmp_path: Path) -> None:
+    (tmp_path / "conv.tflite").write_bytes(conv_tflite(channels=8, size=12, layers=2))
+    (tmp_path / "conv.onnx").write_bytes(conv_model(channels=8, size=12, layers=2).SerializeToString())
+    x = np.random.default_rng(0).standard_normal((1, 8, 12, 12)).astype(np.float32)
+    with load(tmp_path / "conv.tflite") as litert, load(tmp_path / "conv.onnx") as ort:
+        nhwc = litert(np.ascontiguousarray(x.transpose(0, 2, 3, 1)))
+        np.testing.assert_allclose(nhwc.transpose(0, 3, 1, 2), ort(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_different_backend_version_than_the_bundle_was_built_with_is_a_warning(tmp_path: Path) -> None:
+    bundle = float_bundle(tmp_path / "b")
+    manifest = (bundle / "manifest.json").read_text().replace('"toolchain": {', '"toolchain": {"onnxruntime": "0.9.0", ')
+    (bundle / "manifest.json").write_text(manifest)
+    with load(bundle) as model:
+        assert model.warnings == [
+            f"the bundle was built with onnxruntime 0.9.0; this machine runs {model.backend_version} (run verify to check parity)"
+        ]
+        assert model.benchmark(warmup=0, runs=2).warnings == model.warnings
+
+
+def test_a_file_the_library_cannot_parse_is_a_bundle_error_naming_it(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"this is not a protobuf")
+    with pytest.raises(BundleError, match=r"broken\.onnx: onnxruntime could not load it"):
+        load(broken)
