@@ -147,9 +147,12 @@ def _sniff_format(path: Path) -> str | None:
 
 
 def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    external = list(_external_tensors(model))
+    if not external:
+        return
     base = path.parent.resolve()
-    missing: list[str] = []
-    for tensor in _external_tensors(model):
+    missing: set[str] = set()
+    for tensor in external:
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
         file = (base / location).resolve()
         if not file.is_relative_to(base):
@@ -158,18 +161,16 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
                 hint="external data must live next to the model file; re-save it with onnx.save(..., location=...)",
             )
         if not file.is_file():
-            missing.append(f"{location} (for '{tensor.name}')")
+            missing.add(f"{location} (for '{tensor.name}')")
     if missing:
-        listed = ", ".join(sorted(set(missing)))
         raise ModelLoadError(
-            f"{path}: external weight file(s) not found in {base}: {listed}",
+            f"{path}: external weight file(s) not found in {base}: {', '.join(sorted(missing))}",
             hint="copy the external data file(s) next to the .onnx file, keeping their names",
         )
-    if any(True for _ in _external_tensors(model)):
-        try:
-            onnx.load_external_data_for_model(model, str(base))
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"{path}: cannot read external weights: {exc}", hint="re-save the model's external data") from exc
+    try:
+        onnx.load_external_data_for_model(model, str(base))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: cannot read external weights: {exc}", hint="re-save the model's external data") from exc
 
 
 def _external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
