@@ -151,7 +151,7 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
     if not external:
         return
     base = path.parent.resolve()
-    missing: set[str] = set()
+    missing: Counter[str] = Counter()
     for tensor in external:
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
         file = (base / location).resolve()
@@ -161,10 +161,11 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
                 hint="external data must live next to the model file; re-save it with onnx.save(..., location=...)",
             )
         if not file.is_file():
-            missing.add(f"{location} (for '{tensor.name}')")
+            missing[location] += 1
     if missing:
+        listed = ", ".join(f"{location} ({count} tensor(s))" for location, count in sorted(missing.items()))
         raise ModelLoadError(
-            f"{path}: external weight file(s) not found in {base}: {', '.join(sorted(missing))}",
+            f"{path}: external weight file(s) not found in {base}: {listed}",
             hint="copy the external data file(s) next to the .onnx file, keeping their names",
         )
     try:
