@@ -170,10 +170,18 @@ def open_bundle(path: str | os.PathLike[str], *, check_artifacts: bool = True) -
     if not source.exists():
         raise BundleError(f"{source}: no such bundle", hint="pass the folder (or .tar.gz) `edgeopt build` wrote")
     root = extract_bundle(source) if source.is_file() else source
-    manifest = read_manifest(root)
-    bundle = Bundle(root=root, manifest=manifest, source=source)
+    bundle = Bundle(root=root, manifest=read_manifest(root), source=source)
     if check_artifacts:
-        check_artifact_files(bundle)
+        try:
+            check_artifact_files(bundle)
+        except BundleError:
+            if not source.is_file():
+                raise
+            # the cached copy of an archive was changed after extraction: unpack it afresh, check again
+            shutil.rmtree(extract_folder(source))
+            root = extract_bundle(source)
+            bundle = Bundle(root=root, manifest=read_manifest(root), source=source)
+            check_artifact_files(bundle)
     if not bundle.model_path.exists():
         raise BundleError(
             f"{root}: runtime.model '{bundle.runtime['model']}' is not in the bundle",
@@ -245,6 +253,11 @@ def check_artifact_files(bundle: Bundle) -> None:
 # -- archives --------------------------------------------------------------------------------
 
 
+def extract_folder(archive: Path, cache: Path | None = None) -> Path:
+    """Where an archive is unpacked: one folder per archive checksum under the cache."""
+    return (cache or cache_root() / "bundles") / _sha256_file(archive)[:20]
+
+
 def extract_bundle(archive: Path, cache: Path | None = None) -> Path:
     """Unpack a .tar.gz bundle into the cache (once per archive checksum) and return its folder.
 
@@ -254,7 +267,7 @@ def extract_bundle(archive: Path, cache: Path | None = None) -> Path:
     """
     if not archive.name.lower().endswith(ARCHIVE_SUFFIXES):
         raise BundleError(f"{archive}: not a bundle folder or .tar.gz", hint="pass the folder or .tar.gz `edgeopt build` wrote")
-    folder = (cache or cache_root() / "bundles") / _sha256_file(archive)[:20]
+    folder = extract_folder(archive, cache)
     if not folder.is_dir():
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=folder.parent))

@@ -165,3 +165,12 @@ def test_a_device_node_is_rejected(tmp_path: Path) -> None:
     device.type = tarfile.CHRTYPE
     with pytest.raises(BundleError, match="device or fifo"):
         extract_bundle(_archive_with(tmp_path, device), cache=tmp_path / "cache")
+
+
+def test_a_changed_cached_extraction_is_unpacked_afresh(tmp_path: Path) -> None:
+    archive = _pack(float_bundle(tmp_path / "tiny"), tmp_path / "tiny.tar.gz")
+    extracted = open_bundle(archive).root
+    (extracted / "model.onnx").write_bytes(b"changed on the device")
+    with load(archive) as model:
+        assert model.predict(np.zeros((1, 4), np.float32))["y"].shape == (1, 3)
+    assert (extracted / "model.onnx").read_bytes() != b"changed on the device"

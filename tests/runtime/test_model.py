@@ -250,3 +250,23 @@ def test_a_file_the_library_cannot_parse_is_a_bundle_error_naming_it(tmp_path: P
     broken.write_bytes(b"this is not a protobuf")
     with pytest.raises(BundleError, match=r"broken\.onnx: onnxruntime could not load it"):
         load(broken)
+
+
+def test_asking_onnxruntime_for_cuda_on_a_cpu_build_falls_back_to_cpu(onnx_file: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this ONNX Runtime has CUDA; the fallback is checked on CPU-only builds")
+    with load(onnx_file, device="cuda") as model:
+        assert model.backend_facts()["providers"] == ["CPUExecutionProvider"]
+    assert "no CUDAExecutionProvider" in caplog.text
+
+
+def test_openvino_auto_device_and_threads(onnx_file: Path, tmp_path: Path) -> None:
+    import openvino
+
+    xml = tmp_path / "tiny.xml"
+    openvino.save_model(openvino.convert_model(str(onnx_file)), str(xml), compress_to_fp16=False)
+    with load(xml, device="AUTO", threads=1) as model:
+        assert model.backend_facts()["device"] == "AUTO"
+        assert model(X).shape == (1, 3)
