@@ -27,7 +27,19 @@ _PACKAGE_INIT = '''"""edgeopt runtime, packed as a zipapp: only edgeopt.runtime 
 
 __version__ = {version!r}
 '''
-_MAIN = '''import sys
+_MAIN = '''import json
+import sys
+
+try:
+    import numpy  # noqa: F401  (the one dependency the runtime has besides the backend)
+except ImportError:
+    MESSAGE = f"the edgeopt runtime needs numpy, which {sys.executable} cannot import"
+    HINT = f"{sys.executable} -m pip install numpy"
+    print(f"error: {MESSAGE} (hint: {HINT})", file=sys.stderr)
+    if "--json" in sys.argv:
+        error = {"type": "BackendUnavailableError", "message": MESSAGE, "hint": HINT, "exit_code": 2}
+        print(json.dumps({"error": error}))
+    sys.exit(2)
 
 from edgeopt.runtime.__main__ import main
 

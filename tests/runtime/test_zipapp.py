@@ -61,3 +61,14 @@ def test_the_zipapp_benches_and_verifies_a_bundle_with_nothing_installed(pyz: Pa
     assert check.returncode == 0 and json.loads(check.stdout)["passed"] is True
     info = _device_python(pyz, "info", "--json", cwd=tmp_path)
     assert json.loads(info.stdout)["runtime"]["version"]
+
+
+def test_a_device_without_numpy_gets_a_one_line_error_with_the_install_command(pyz: Path, tmp_path: Path) -> None:
+    """A fresh venv (no system site packages, no pip) is a Python with nothing installed."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")], check=True, timeout=120)
+    python = tmp_path / "bare" / ("Scripts" if os.name == "nt" else "bin") / "python"
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)}
+    done = subprocess.run([str(python), str(pyz), "info", "--json"], capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: the edgeopt runtime needs numpy") and done.stderr.count("\n") == 1
+    assert json.loads(done.stdout)["error"]["hint"] == f"{python} -m pip install numpy"
