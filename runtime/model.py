@@ -99,7 +99,7 @@ def load(
 class _Quantization:
     """float <-> integer with a scale and zero point (per tensor, or per channel along `axis`)."""
 
-    __slots__ = ("scale", "zero_point", "dtype", "low", "high", "spec")
+    __slots__ = ("scale", "zero_point", "dtype", "low", "high")
 
     def __init__(self, spec: TensorSpec, dtype: np.dtype, rank: int) -> None:
         raw = spec.quantization or {}
@@ -116,7 +116,6 @@ class _Quantization:
         self.dtype = dtype
         info = np.iinfo(dtype)
         self.low, self.high = float(info.min), float(info.max)
-        self.spec = spec
 
     def quantize(self, value: np.ndarray) -> np.ndarray:
         """q = clip(round(x / scale) + zero_point), rounding half to even as ONNX QuantizeLinear does."""

@@ -270,3 +270,37 @@ def test_openvino_auto_device_and_threads(onnx_file: Path, tmp_path: Path) -> No
     with load(xml, device="AUTO", threads=1) as model:
         assert model.backend_facts()["device"] == "AUTO"
         assert model(X).shape == (1, 3)
+
+
+def test_manifest_names_map_to_the_artifacts_tensors_by_position(tmp_path: Path) -> None:
+    """TFLite renames tensors (e.g. serving_default_x:0); the manifest's names are what users use."""
+    bundle = write_bundle(
+        tmp_path / "pi",
+        model_file="model.tflite",
+        model_bytes=tiny_tflite(),
+        backend="tflite",
+        target="raspberry-pi",
+        inputs=[TensorSpec("image", (1, 4), "float32", "NC")],
+        outputs=[TensorSpec("scores", (1, 4), "float32")],
+    )
+    with load(bundle) as model:
+        assert [s.name for s in model.inputs] == ["image"] and model.inputs[0].layout == "NC"
+        outputs = model.predict({"image": X})
+        assert list(outputs) == ["scores"]
+        np.testing.assert_allclose(outputs["scores"], X + np.array([[1.0, -2.0, 0.5, 3.0]], np.float32), rtol=1e-6)
+
+
+def test_per_channel_output_scales_dequantize_along_their_axis(tmp_path: Path) -> None:
+    scales = [0.1, 0.2, 0.4]
+    bundle = write_bundle(
+        tmp_path / "pc",
+        model_file="model.onnx",
+        model_bytes=tiny_int8_io_model().SerializeToString(),
+        backend="onnxruntime",
+        inputs=[TensorSpec("xq", (1, 4), "int8", None, {"scale": INPUT_SCALE, "zero_point": INPUT_ZERO_POINT})],
+        outputs=[TensorSpec("yq", (1, 3), "int8", None, {"scale": scales, "zero_point": [0, 0, 0], "axis": 1})],
+    )
+    with load(bundle) as model:
+        raw = model.predict({"xq": np.full((1, 4), 10, np.int8)}, raw=True)["yq"]
+        y = model.predict({"xq": np.full((1, 4), (10 - INPUT_ZERO_POINT) * INPUT_SCALE, np.float32)})["yq"]
+        np.testing.assert_allclose(y, raw.astype(np.float32) * np.array(scales, np.float32), rtol=1e-6)
