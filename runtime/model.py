@@ -60,6 +60,7 @@ def load(
             precision=bundle.precision,
             model_sha256=bundle.model_sha256,
             install_hint=bundle.install_hint if name == bundle.backend else None,
+            recipe=(bundle.manifest.get("lowering") or {}).get("engine_recipe"),
         )
     else:
         if not source.exists():

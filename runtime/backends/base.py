@@ -24,9 +24,9 @@ __all__ = ["Backend", "BackendConfig", "distribution_version", "import_first", "
 
 
 class BackendConfig:
-    """What `load` passes to a backend: threads, device and the manifest's backend options."""
+    """What `load` passes to a backend: threads, device, the manifest's backend options and recipe."""
 
-    __slots__ = ("threads", "device", "options", "precision", "model_sha256", "install_hint")
+    __slots__ = ("threads", "device", "options", "precision", "model_sha256", "install_hint", "recipe")
 
     def __init__(
         self,
@@ -37,6 +37,7 @@ class BackendConfig:
         precision: str | None = None,
         model_sha256: str | None = None,
         install_hint: str | None = None,
+        recipe: Mapping[str, Any] | None = None,
     ) -> None:
         self.threads = threads
         self.device = device
@@ -44,6 +45,8 @@ class BackendConfig:
         self.precision = precision
         self.model_sha256 = model_sha256
         self.install_hint = install_hint
+        #: the manifest's lowering.engine_recipe (TensorRT), empty for other formats
+        self.recipe: dict[str, Any] = dict(recipe or {})
 
 
 def installed_distribution(*distributions: str) -> tuple[str, str] | None:

@@ -6,12 +6,13 @@ IExecutionContext.execute_async_v3) and the CUDA runtime/driver C APIs through c
 device needs nothing beyond JetPack's TensorRT Python bindings and numpy. It cannot run on this
 build host (no GPU): its tests skip naming what they need.
 
-Engine-build options come from the manifest's `runtime.options` (written by the TensorRT
-lowering next to build_engine.sh):
-  workspace_mib (int), dla_core (int or null), gpu_fallback (bool, default true),
-  input_shapes ({input: {min, opt, max}} for dynamic dims), builder_optimization_level (0-5),
-  strongly_typed (bool).
-The manifest's `precision` turns on FP16 ("fp16") or FP16 + INT8 ("int8", explicit Q/DQ).
+Engine-build options come from the manifest's `lowering.engine_recipe` (written by the TensorRT
+lowering with build_engine.sh), then `runtime.options`:
+  precision ("fp16" -> FP16, "int8" -> INT8 + FP16 for explicit Q/DQ; else the manifest's
+  precision), mem_pool_workspace_mib / workspace_mib, dla_core (or dla_default -> core 0) with
+  GPU fallback, input_shapes ({input: {min, opt, max}}; dynamic dims default to 1/1/max_batch),
+  max_batch / triton_max_batch_size, builder_optimization_level, strongly_typed, timing_cache
+  (kept in the runtime cache next to the engines, per TensorRT version and GPU).
 """
 
 from __future__ import annotations
@@ -164,15 +165,29 @@ class TensorRTBackend(Backend):
 
     # -- engine build and cache ------------------------------------------------------------
     def build_options(self) -> dict[str, Any]:
-        options = self.config.options
+        """The engine recipe: the manifest's lowering.engine_recipe, then runtime.options, then defaults."""
+        recipe, options = self.config.recipe, self.config.options
+
+        def pick(*keys: str, default: Any = None) -> Any:
+            for source in (recipe, options):
+                for key in keys:
+                    if source.get(key) is not None:
+                        return source[key]
+            return default
+
+        dla_core = pick("dla_core")
+        if dla_core is None and pick("dla_default", default=False):
+            dla_core = 0
         return {
-            "precision": self.config.precision or "fp32",
-            "workspace_mib": int(options.get("workspace_mib") or options.get("mem_pool_workspace_mib") or 1024),
-            "dla_core": options.get("dla_core"),
-            "gpu_fallback": bool(options.get("gpu_fallback", True)),
-            "input_shapes": options.get("input_shapes") or {},
-            "builder_optimization_level": options.get("builder_optimization_level"),
-            "strongly_typed": bool(options.get("strongly_typed", False)),
+            "precision": pick("precision", default=self.config.precision or "fp32"),
+            "workspace_mib": int(pick("workspace_mib", "mem_pool_workspace_mib", default=1024)),
+            "dla_core": dla_core,
+            "gpu_fallback": bool(pick("gpu_fallback", default=True)),
+            "input_shapes": pick("input_shapes", default={}),
+            "max_batch": max(int(pick("max_batch", "triton_max_batch_size", default=1) or 1), 1),
+            "builder_optimization_level": pick("builder_optimization_level"),
+            "strongly_typed": bool(pick("strongly_typed", default=False)),
+            "timing_cache": bool(pick("timing_cache", default=True)),
         }
 
     def _engine_file(self) -> tuple[Path, bool]:
@@ -215,11 +230,16 @@ class TensorRTBackend(Backend):
                 config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
         if options["builder_optimization_level"] is not None:
             config.builder_optimization_level = int(options["builder_optimization_level"])
-        if options["input_shapes"]:
+        profile_shapes = self._profile_shapes(network, options)
+        if profile_shapes:
             profile = builder.create_optimization_profile()
-            for name, shapes in options["input_shapes"].items():
-                profile.set_shape(name, tuple(shapes["min"]), tuple(shapes["opt"]), tuple(shapes["max"]))
+            for name, (low, optimum, high) in profile_shapes.items():
+                profile.set_shape(name, low, optimum, high)
             config.add_optimization_profile(profile)
+        timing_file = engine_cache_dir() / f"timing-{engine_cache_key(trt.__version__, self.gpu, '', {})}.cache"
+        if options["timing_cache"]:
+            cache = config.create_timing_cache(timing_file.read_bytes() if timing_file.is_file() else b"")
+            config.set_timing_cache(cache, ignore_mismatch=False)
         log.info("building a TensorRT engine for %s on %s (one-time, cached)", self.model_path.name, self.gpu)
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
@@ -227,7 +247,25 @@ class TensorRTBackend(Backend):
                 f"{self.model_path}: TensorRT could not build an engine (see TensorRT's log above)",
                 hint="try a larger workspace_mib or precision fp16 in the bundle's runtime options",
             )
+        if options["timing_cache"]:
+            timing_file.parent.mkdir(parents=True, exist_ok=True)
+            timing_file.write_bytes(bytes(config.get_timing_cache().serialize()))
         return bytes(serialized)
+
+    @staticmethod
+    def _profile_shapes(network: Any, options: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], ...]]:
+        """min/opt/max per dynamic input: from input_shapes, else 1 / 1 / max_batch for each dynamic dim."""
+        shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
+        for index in range(network.num_inputs):
+            tensor = network.get_input(index)
+            dims = tuple(tensor.shape)
+            given = options["input_shapes"].get(tensor.name)
+            if given is not None:
+                shapes[tensor.name] = (tuple(given["min"]), tuple(given["opt"]), tuple(given["max"]))
+            elif any(d < 0 for d in dims):
+                one = tuple(1 if d < 0 else d for d in dims)
+                shapes[tensor.name] = (one, one, tuple(options["max_batch"] if d < 0 else d for d in dims))
+        return shapes
 
     # -- metadata and inference ------------------------------------------------------------
     def _specs(self, names: list[str]) -> list[TensorSpec]:
