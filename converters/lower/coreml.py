@@ -1,0 +1,204 @@
+"""ONNX (float or QDQ) → Core ML ML Program (`model.mlpackage`) for the Apple Neural Engine.
+
+coremltools no longer converts ONNX, so the graph is rebuilt op by op with its MIL builder
+(`coreml_ops`), converted with `ct.convert` at the profile's deployment target and fp16 compute
+precision, optionally compressed with `coremltools.optimize.coreml`, and saved. Saving works on any
+OS; running needs macOS, so off macOS the build verifies with `coreml_reference`, a numpy evaluator
+that reads the saved package and nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from edgeopt.converters.errors import LoweringError
+from edgeopt.converters.lower.base import LoweredArtifact, LoweringOptions, LoweringResult
+from edgeopt.runtime.spec import TensorSpec
+from edgeopt.targets import Target
+
+__all__ = ["COMPUTE_PRECISION", "PACKAGE_NAME", "lower", "parse_deployment_target"]
+
+log = logging.getLogger(__name__)
+
+PACKAGE_NAME = "model.mlpackage"
+COMPUTE_PRECISION = {"fp32": "fp32"}  # every other precision computes in fp16
+_DEPLOYMENT_TARGETS = ("iOS16", "iOS17", "iOS18", "macOS13", "macOS14", "macOS15")
+_W8A8_MINIMUM = {"iOS": 17, "macOS": 14}
+
+
+def parse_deployment_target(name: str) -> Any:
+    """`ct.target` member for a profile option such as "iOS17" or "macOS14"."""
+    import coremltools as ct
+
+    match = next((t for t in _DEPLOYMENT_TARGETS if t.lower() == name.strip().lower()), None)
+    if match is None:
+        raise LoweringError(
+            f"unknown Core ML deployment target '{name}'",
+            hint=f"use one of {', '.join(_DEPLOYMENT_TARGETS)} (option deployment_target)",
+        )
+    return getattr(ct.target, match)
+
+
+def _static_inputs(model: onnx.ModelProto, overrides: Mapping[str, tuple[int, ...]] | None) -> list[Any]:
+    from edgeopt.converters.lower.coreml_ops import GraphInput
+
+    initializers = {t.name for t in model.graph.initializer}
+    overrides = dict(overrides or {})
+    inputs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        if value.name in overrides:
+            shape = tuple(int(d) for d in overrides.pop(value.name))
+        else:
+            dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?") for d in tensor_type.shape.dim]
+            if any(not isinstance(d, int) for d in dims):
+                example = ",".join(str(d) if isinstance(d, int) else "1" for d in dims)
+                raise LoweringError(
+                    f"input '{value.name}' has dynamic shape {dims}; the Neural Engine needs static shapes",
+                    hint=f"fix it with --input-shape {value.name}={example} (options.input_shapes)",
+                )
+            shape = tuple(dims)
+        inputs.append(GraphInput(value.name, shape, np.dtype(dtype)))
+    if overrides:
+        raise LoweringError(
+            f"--input-shape names {sorted(overrides)}, which are not inputs of the model",
+            hint=f"model inputs: {[i.name for i in inputs]}",
+        )
+    return inputs
+
+
+def _compression_config(precision: str, settings: Mapping[str, Any]) -> tuple[str, Any] | None:
+    """The coremltools.optimize call for a weight-compressed precision (None for the others)."""
+    import coremltools.optimize.coreml as cto
+
+    threshold = int(settings.get("weight_threshold", 2048))
+    if precision == "int8-weights":
+        config = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=threshold)
+        return "linear_quantize_weights", cto.OptimizationConfig(global_config=config)
+    if precision.startswith("palettized-"):
+        bits = int(precision.removeprefix("palettized-"))
+        mode = str(settings.get("palettization_mode", "kmeans"))
+        config = cto.OpPalettizerConfig(mode=mode, nbits=bits, granularity="per_tensor", weight_threshold=threshold)
+        return "palettize_weights", cto.OptimizationConfig(global_config=config)
+    return None
+
+
+def _check_precision(model: onnx.ModelProto, target: Target, precision: str, deployment: str) -> None:
+    if precision not in target.precisions:
+        raise LoweringError(
+            f"precision '{precision}' is not offered by {target.name}",
+            hint=f"choose one of {', '.join(target.precisions)}",
+        )
+    has_qdq = any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    if precision == "int8":
+        if not has_qdq:
+            raise LoweringError(
+                "precision int8 needs a QDQ model (QuantizeLinear/DequantizeLinear pairs with calibrated scales)",
+                hint="run the quantize stage first (edgeopt build … --precision int8 --calibration data.npz)",
+            )
+        family = "macOS" if deployment.startswith("macOS") else "iOS"
+        if int(deployment.removeprefix(family)) < _W8A8_MINIMUM[family]:
+            raise LoweringError(
+                f"W8A8 (quantize/dequantize ops) needs iOS17/macOS14 or later; the deployment target is {deployment}",
+                hint="set the option deployment_target=iOS17 (or later), or use --precision int8-weights",
+            )
+
+
+def _tensor_spec(name: str, feature: Any) -> TensorSpec:
+    from coremltools.proto import FeatureTypes_pb2
+
+    kinds = FeatureTypes_pb2.ArrayFeatureType
+    array = feature.type.multiArrayType
+    dtype = {kinds.FLOAT32: "float32", kinds.FLOAT16: "float16", kinds.INT32: "int32", kinds.DOUBLE: "float64"}[array.dataType]
+    shape = tuple(int(d) for d in array.shape)
+    return TensorSpec(name=name, shape=shape, dtype=dtype, layout="NCHW" if len(shape) == 4 else None)
+
+
+def lower(
+    model: onnx.ModelProto, target: Target, precision: str, out_dir: Path, options: LoweringOptions
+) -> LoweringResult:
+    """Write `out_dir/model.mlpackage` and return how to run and verify it."""
+    import coremltools as ct
+    import coremltools.optimize.coreml as cto
+
+    from edgeopt.converters.lower.coreml_ane import ane_fit_report
+    from edgeopt.converters.lower.coreml_ops import build_program, check_supported, mil_name
+    from edgeopt.converters.lower.coreml_reference import MilReferenceEvaluator
+
+    settings = {**target.options, **options.extra}
+    deployment = str(settings.get("deployment_target", "iOS17"))
+    opset = parse_deployment_target(deployment)
+    _check_precision(model, target, precision, deployment)
+    check_supported(model, target.name)
+    inputs = _static_inputs(model, options.input_shapes)
+
+    program, output_names = build_program(model, inputs, opset, target.name)
+    compute = ct.precision.FLOAT32 if COMPUTE_PRECISION.get(precision) == "fp32" else ct.precision.FLOAT16
+    log.info("converting MIL program to an ML Program (%s, compute %s)", deployment, compute.value)
+    mlmodel = ct.convert(
+        program,
+        convert_to="mlprogram",
+        minimum_deployment_target=opset,
+        compute_precision=compute,
+        compute_units=getattr(ct.ComputeUnit, str(settings.get("compute_units", "ALL"))),
+        skip_model_load=platform.system() != "Darwin",
+    )
+    compression = _compression_config(precision, settings)
+    if compression is not None:
+        method, config = compression
+        log.info("compressing weights: %s", method)
+        mlmodel = getattr(cto, method)(mlmodel, config)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    package = out_dir / PACKAGE_NAME
+    mlmodel.short_description = f"{options.model_name} for {target.name} ({precision}), written by edgeopt"
+    mlmodel.save(str(package))
+
+    spec = mlmodel.get_spec()
+    feature_names = {i.name: mil_name(i.name) for i in inputs} | output_names
+    described = {f.name: f for f in (*spec.description.input, *spec.description.output)}
+    input_specs = [_tensor_spec(feature_names[i.name], described[feature_names[i.name]]) for i in inputs]
+    output_specs = [_tensor_spec(output_names[o.name], described[output_names[o.name]]) for o in model.graph.output]
+    mil_ops = Counter(op.op_type for op in mlmodel._mil_program.functions["main"].operations if op.op_type != "const")
+    compressed = sum(count for op, count in mil_ops.items() if op.startswith("constexpr"))
+
+    on_mac = platform.system() == "Darwin"
+    evaluator = MilReferenceEvaluator(package)
+
+    def run_reference(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        renamed = {feature_names.get(name, name): value for name, value in feeds.items()}
+        results = evaluator(renamed)
+        return {onnx_name: results[feature] for onnx_name, feature in output_names.items()}
+
+    summary: dict[str, Any] = {
+        "deployment_target": deployment,
+        "compute_precision": "fp32" if compute == ct.precision.FLOAT32 else "fp16",
+        "compression": compression[0] if compression else ("qdq-w8a8" if precision == "int8" else None),
+        "compressed_weights": compressed,
+        "package_bytes": sum(f.stat().st_size for f in package.rglob("*") if f.is_file()),
+        "feature_names": {k: v for k, v in feature_names.items() if k != v},
+        "mil_ops": dict(sorted(mil_ops.items())),
+        "ane_fit": ane_fit_report(mlmodel._mil_program, precision, deployment),
+    }
+    return LoweringResult(
+        artifacts=[LoweredArtifact(path=PACKAGE_NAME, format="mlpackage", role="model")],
+        model_file=PACKAGE_NAME,
+        runtime_backend="coreml",
+        verify_backend="coreml" if on_mac else None,
+        inputs=input_specs,
+        outputs=output_specs,
+        summary=summary,
+        runner=None if on_mac else run_reference,
+        verified_with="coreml" if on_mac else "mil-reference-evaluator (numpy), not Core ML",
+    )
