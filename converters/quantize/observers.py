@@ -166,7 +166,7 @@ class HistogramObserver(MinMaxObserver):
         centers, counts = self._centers(), self.counts
         levels = self.levels - 1
         best = (math.inf, (self.low, self.high))
-        for fraction in np.linspace(0.3, 1.0, 141):
+        for fraction in np.geomspace(1e-3, 1.0, 161):
             if symmetric:
                 amax = max(abs(self.low), abs(self.high)) * fraction
                 low, high = -amax, amax

@@ -80,14 +80,13 @@ def import_qdq(model: onnx.ModelProto, scheme: QuantScheme) -> tuple[onnx.ModelP
     graph = _Graph(adapted)
     scales: list[dict[str, Any]] = []
     adaptations: list[dict[str, Any]] = []
+    stored_weights = [n for n in adapted.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in graph.arrays]
     for q in [n for n in adapted.graph.node if n.op_type == "QuantizeLinear"]:
         if q.input[0] in graph.arrays:
             _import_weight(graph, q, scheme, scales, adaptations)
         else:
             _import_activation(graph, q, scheme, scales, adaptations)
-    for dq in [n for n in adapted.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in graph.arrays]:
-        if any(s["tensor"] == dq.input[0] for s in scales):
-            continue
+    for dq in stored_weights:
         _check_stored_weight(graph, dq, scheme, scales, adaptations)
     _quantize_through_data_movement(graph, scheme, adaptations)
     if scheme.bias_int32:

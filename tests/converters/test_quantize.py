@@ -1,0 +1,266 @@
+"""Post-training quantization: the QDQ graph follows each target's scheme and stays close to fp32 on ONNX Runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeopt.converters.data import Dataset, model_input_specs, open_dataset
+from edgeopt.converters.errors import CalibrationDataError
+from edgeopt.converters.metrics import fidelity
+from edgeopt.converters.quantize import QuantizeOptions, is_qdq_model, layer_sqnr, quantize
+from edgeopt.converters.quantize.graph import run_model, session
+from edgeopt.targets import get_target
+from tests import zoo
+
+RNG = np.random.default_rng(0)
+
+
+def _weight(name: str, *shape: int) -> onnx.TensorProto:
+    return numpy_helper.from_array((RNG.normal(size=shape) * 0.2).astype(np.float32), name)
+
+
+def residual_net() -> onnx.ModelProto:
+    """Conv-ReLU -> Conv-Clip(0,6) -> depthwise Conv, residual Add, ConvTranspose, MaxPool,
+    Reshape, Gemm(transB=1) -> MatMul -> Gemm(transB=0) -> Softmax: every weighted op and axis."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Clip", ["c2", "zero", "six"], ["r2"], name="relu6"),
+        helper.make_node("Conv", ["r2", "w3"], ["c3"], name="depthwise", pads=[1, 1, 1, 1], group=8),
+        helper.make_node("Add", ["c3", "r1"], ["sum"], name="residual"),
+        helper.make_node("ConvTranspose", ["sum", "wt", "bt"], ["up"], name="deconv", strides=[2, 2]),
+        helper.make_node("MaxPool", ["up"], ["pooled"], name="pool", kernel_shape=[4, 4], strides=[4, 4]),
+        helper.make_node("Reshape", ["pooled", "flat_shape"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "wg", "bg"], ["g1"], name="fc1", transB=1),
+        helper.make_node("Relu", ["g1"], ["h1"], name="relu_fc"),
+        helper.make_node("MatMul", ["h1", "wm"], ["m1"], name="matmul"),
+        helper.make_node("Gemm", ["m1", "wg2", "bg2"], ["logits"], name="fc2"),
+        helper.make_node("Softmax", ["logits"], ["probs"], name="softmax", axis=1),
+    ]
+    initializers = [
+        _weight("w1", 8, 3, 3, 3), _weight("b1", 8), _weight("w2", 8, 8, 3, 3), _weight("b2", 8),
+        _weight("w3", 8, 1, 3, 3), _weight("wt", 8, 4, 2, 2), _weight("bt", 4),
+        _weight("wg", 16, 4 * 4 * 4), _weight("bg", 16), _weight("wm", 16, 12), _weight("wg2", 12, 10), _weight("bg2", 10),
+        numpy_helper.from_array(np.array(0.0, np.float32), "zero"), numpy_helper.from_array(np.array(6.0, np.float32), "six"),
+        numpy_helper.from_array(np.array([1, -1], np.int64), "flat_shape"),
+    ]
+    graph = helper.make_graph(
+        nodes, "residual_net",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [1, 10])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model() -> onnx.ModelProto:
+    return residual_net()
+
+
+@pytest.fixture(scope="module")
+def calibration(model: onnx.ModelProto) -> Dataset:
+    data = np.random.default_rng(1).normal(size=(48, 3, 8, 8)).astype(np.float32)
+    return open_dataset(data, model_input_specs(model))
+
+
+def _nodes(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def _array(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == name))
+
+
+def _dq_feeding(model: onnx.ModelProto, node_name: str, index: int) -> onnx.NodeProto | None:
+    node = next(n for n in model.graph.node if n.name == node_name)
+    producer = _nodes(model).get(node.input[index])
+    return producer if producer is not None and producer.op_type == "DequantizeLinear" else None
+
+
+def _axis(node: onnx.NodeProto) -> int:
+    return next((a.i for a in node.attribute if a.name == "axis"), 1)
+
+
+def _close_to_fp32(fp32: onnx.ModelProto, qdq: onnx.ModelProto, dataset: Dataset) -> dict:
+    return fidelity(list(run_model(fp32, dataset)), list(run_model(qdq, dataset)))
+
+
+def test_jetson_orin_output_follows_tensorrt_rules(model: onnx.ModelProto, calibration: Dataset) -> None:
+    from edgeopt.converters.lint import lint_qdq
+
+    target = get_target("jetson-orin")
+    result = quantize(model, target.quant_scheme, calibration)
+    qdq = result.model
+    assert [f for f in lint_qdq(qdq, target) if f.severity == "error"] == []
+    zero_points = [_array(qdq, n.input[2]) for n in qdq.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert zero_points and all(np.all(z == 0) and z.dtype == np.int8 for z in zero_points)
+    expected_axes = {"conv1": 0, "depthwise": 0, "deconv": 1, "fc1": 0, "matmul": 1, "fc2": 1}
+    for node, axis in expected_axes.items():
+        weight_dq = _dq_feeding(qdq, node, 1)
+        assert weight_dq is not None and _axis(weight_dq) == axis, node
+        assert _array(qdq, weight_dq.input[1]).size > 1, f"{node} weights are per channel"
+    assert _dq_feeding(qdq, "residual", 0) is not None and _dq_feeding(qdq, "residual", 1) is not None
+    assert _dq_feeding(qdq, "softmax", 0) is None, "TensorRT placement quantizes op inputs, not every output"
+    assert _close_to_fp32(model, qdq, calibration)["min_cosine"] > 0.999
+    assert result.report["adaptations"] == [] and result.report["qat_imported"] is False
+
+
+def test_raspberry_pi_output_is_explicit_full_integer(model: onnx.ModelProto, calibration: Dataset) -> None:
+    from edgeopt.converters.lint import lint_qdq
+
+    target = get_target("raspberry-pi")
+    qdq = quantize(model, target.quant_scheme, calibration).model
+    assert [f for f in lint_qdq(qdq, target) if f.severity == "error"] == []
+    producers = _nodes(qdq)
+    # every tensor between quantized ops is an int8 Q -> DQ pair; absorbed ReLU/ReLU6 are gone
+    ops = [n.op_type for n in qdq.graph.node]
+    assert "Relu" not in ops and "Clip" not in ops
+    for node in qdq.graph.node:
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "MaxPool", "Reshape", "Softmax"):
+            assert producers[node.input[0]].op_type == "DequantizeLinear", node.name
+            consumer_ops = [n.op_type for n in qdq.graph.node if node.output[0] in n.input]
+            assert consumer_ops == ["QuantizeLinear"], node.name
+    # int32 bias with scale = input scale x weight scale
+    conv2 = next(n for n in qdq.graph.node if n.name == "conv2")
+    bias_dq, input_dq, weight_dq = producers[conv2.input[2]], producers[conv2.input[0]], producers[conv2.input[1]]
+    assert _array(qdq, bias_dq.input[0]).dtype == np.int32
+    np.testing.assert_allclose(_array(qdq, bias_dq.input[1]), _array(qdq, input_dq.input[1]) * _array(qdq, weight_dq.input[1]), rtol=1e-6)
+    # activations asymmetric int8; fixed softmax output; shared max-pool and reshape scales
+    softmax = next(n for n in qdq.graph.node if n.name == "softmax")
+    softmax_q = next(n for n in qdq.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == softmax.output[0])
+    assert float(_array(qdq, softmax_q.input[1])) == pytest.approx(1 / 256) and int(_array(qdq, softmax_q.input[2])) == -128
+    pool = next(n for n in qdq.graph.node if n.name == "pool")
+    pool_in, pool_out = producers[pool.input[0]], next(n for n in qdq.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == pool.output[0])
+    assert float(_array(qdq, pool_in.input[1])) == float(_array(qdq, pool_out.input[1]))
+    assert _close_to_fp32(model, qdq, calibration)["min_cosine"] > 0.995
+    assert [o.name for o in qdq.graph.output] == ["probs"]
+
+
+def test_onnxruntime_cpu_output_fuses_into_integer_kernels(model: onnx.ModelProto, calibration: Dataset, tmp_path) -> None:
+    import onnxruntime as ort
+
+    qdq = quantize(model, get_target("onnxruntime-cpu").quant_scheme, calibration).model
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(qdq.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    optimized_ops = {n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node}
+    assert "QLinearConv" in optimized_ops
+    assert _close_to_fp32(model, qdq, calibration)["min_cosine"] > 0.995
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
+def test_every_calibration_method_gives_a_close_model(model: onnx.ModelProto, calibration: Dataset, method: str) -> None:
+    result = quantize(model, get_target("onnxruntime-cpu").quant_scheme, calibration, QuantizeOptions(method=method, debug_samples=0))
+    assert result.report["method"] == method and result.report["samples"] == len(calibration)
+    assert _close_to_fp32(model, result.model, calibration)["min_cosine"] > 0.99
+
+
+def _matmul_model() -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "mm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+        [_weight("w", 64, 8)],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _input_scales(data: np.ndarray, methods: tuple[str, ...]) -> dict[str, float]:
+    model = _matmul_model()
+    dataset = open_dataset(data, model_input_specs(model))
+    scales = {}
+    for method in methods:
+        options = QuantizeOptions(method=method, bias_correction=False, debug_samples=0)
+        qdq = quantize(model, get_target("jetson-orin").quant_scheme, dataset, options).model
+        q = next(n for n in qdq.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "x")
+        scales[method] = float(_array(qdq, q.input[1]))
+    return scales
+
+
+def test_percentile_and_entropy_ignore_a_rare_outlier_that_minmax_keeps() -> None:
+    data = np.random.default_rng(2).normal(size=(200, 64)).astype(np.float32)
+    data[7, 3] = 500.0
+    scales = _input_scales(data, ("minmax", "percentile", "entropy"))
+    assert scales["minmax"] == pytest.approx(500.0 / 127, rel=1e-3)
+    assert scales["percentile"] < scales["minmax"] / 10 and scales["entropy"] < scales["minmax"] / 10, scales
+
+
+def test_mse_range_has_lower_quantization_error_than_minmax() -> None:
+    data = np.random.default_rng(3).laplace(size=(200, 64)).astype(np.float32)
+    scales = _input_scales(data, ("minmax", "mse"))
+
+    def error(scale: float) -> float:
+        return float(np.mean((np.clip(np.round(data / scale), -128, 127) * scale - data) ** 2))
+
+    assert scales["mse"] < scales["minmax"] and error(scales["mse"]) < error(scales["minmax"]), scales
+
+
+def test_bias_correction_never_makes_outputs_worse(model: onnx.ModelProto, calibration: Dataset) -> None:
+    scheme = get_target("raspberry-pi").quant_scheme
+    plain = quantize(model, scheme, calibration, QuantizeOptions(bias_correction=False, debug_samples=0)).model
+    corrected = quantize(model, scheme, calibration, QuantizeOptions(bias_correction=True, debug_samples=0))
+    report = corrected.report["bias_correction"]
+    assert report["output_noise_after" if report["applied"] else "output_noise_before"] <= report["output_noise_before"]
+    assert _close_to_fp32(model, corrected.model, calibration)["min_sqnr_db"] >= _close_to_fp32(model, plain, calibration)["min_sqnr_db"] - 1e-6
+
+
+def test_report_is_json_and_lists_per_layer_sqnr(model: onnx.ModelProto, calibration: Dataset) -> None:
+    import json
+
+    result = quantize(model, get_target("raspberry-pi").quant_scheme, calibration)
+    report = json.loads(json.dumps(result.report))
+    assert {"method", "samples", "scheme", "qat_imported", "adaptations", "float_fallback", "per_layer_sqnr", "quantized_op_share"} <= set(report)
+    assert report["quantized_op_share"] == 1.0
+    activations = [e for e in report["per_layer_sqnr"] if e["kind"] == "activation"]
+    layers = {e["node"] for e in report["per_layer_sqnr"] if e["kind"] == "layer"}
+    assert {"conv1", "conv2", "depthwise", "residual", "fc1", "matmul", "fc2"} <= layers
+    assert all(e["sqnr_db"] > 15 and e["quantization_sqnr_db"] >= e["sqnr_db"] - 1e-6 for e in activations if e["tensor"] == "x")
+    assert sorted(report["absorbed_activations"]) == ["relu1", "relu6", "relu_fc"]
+
+
+def test_layer_sqnr_of_an_exact_model_is_capped_and_of_a_quantized_one_finite(model: onnx.ModelProto, calibration: Dataset) -> None:
+    qdq = quantize(model, get_target("jetson-orin").quant_scheme, calibration, QuantizeOptions(debug_samples=0)).model
+    entries = layer_sqnr(model, qdq, calibration.take(4))
+    assert entries and all(10 < e["sqnr_db"] < 200 for e in entries)
+
+
+def test_excluded_nodes_stay_float(model: onnx.ModelProto, calibration: Dataset) -> None:
+    qdq = quantize(model, get_target("jetson-orin").quant_scheme, calibration, QuantizeOptions(exclude_nodes=("fc1",), debug_samples=0)).model
+    assert _dq_feeding(qdq, "fc1", 0) is None and _dq_feeding(qdq, "fc1", 1) is None
+    assert _dq_feeding(qdq, "fc2", 1) is not None
+
+
+def test_weights_only_needs_no_calibration(model: onnx.ModelProto) -> None:
+    result = quantize(model, get_target("apple-ane").quant_scheme, None, QuantizeOptions(weights_only=True))
+    assert not any(n.op_type == "QuantizeLinear" for n in result.model.graph.node)
+    assert _dq_feeding(result.model, "conv1", 1) is not None
+    session(result.model)
+
+
+def test_missing_calibration_is_a_clear_error(model: onnx.ModelProto) -> None:
+    with pytest.raises(CalibrationDataError, match="calibration"):
+        quantize(model, get_target("raspberry-pi").quant_scheme, None)
+
+
+def test_is_qdq_model(model: onnx.ModelProto, calibration: Dataset) -> None:
+    assert not is_qdq_model(model)
+    assert is_qdq_model(quantize(model, get_target("jetson-orin").quant_scheme, calibration, QuantizeOptions(debug_samples=0)).model)
+
+
+@pytest.mark.parametrize("target", ["jetson-orin", "raspberry-pi", "onnxruntime-cpu"])
+def test_mobilenet_v2_style_and_transformer_on_every_scheme(target: str) -> None:
+    from edgeopt.converters.lint import lint_qdq
+
+    profile = get_target(target)
+    for fp32 in (zoo.mobilenet_v2_style(), zoo.transformer_encoder()):
+        dataset = open_dataset(zoo.random_inputs(fp32, 16), model_input_specs(fp32))
+        qdq = quantize(fp32, profile.quant_scheme, dataset, QuantizeOptions(debug_samples=0)).model
+        assert [f for f in lint_qdq(qdq, profile) if f.severity == "error"] == []
+        assert _close_to_fp32(fp32, qdq, dataset)["min_cosine"] > 0.98

@@ -1,0 +1,115 @@
+"""QAT import: a model trained with torch.ao.quantization and exported with Q/DQ keeps its learned
+scales; each scale the target cannot run is adapted with the least change and listed.
+
+The model is tests/data/digits_qat.onnx, made by tests/data/make_qat_model.py (uint8 asymmetric
+activations, int8 symmetric per-channel weights, 99.5% on the digits).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from sklearn.datasets import load_digits
+
+from edgeopt.converters.data import model_input_specs, open_dataset
+from edgeopt.converters.lint import lint_qdq
+from edgeopt.converters.metrics import fidelity
+from edgeopt.converters.quantize import QuantizeOptions, describe_adaptations, is_qdq_model, quantize
+from edgeopt.converters.quantize.graph import fold_constant_nodes, run_model
+from edgeopt.targets import get_target
+
+QAT_MODEL = Path(__file__).resolve().parents[1] / "data" / "digits_qat.onnx"
+
+
+@pytest.fixture(scope="module")
+def qat_model() -> onnx.ModelProto:
+    return onnx.load(QAT_MODEL)
+
+
+@pytest.fixture(scope="module")
+def digits(qat_model: onnx.ModelProto):
+    data = load_digits()
+    images = ((data.images.astype(np.float32) / 16.0 - 0.5) / 0.5)[:, None]  # the script's input convention
+    return open_dataset({"image": images[:400], "labels": data.target[:400]}, model_input_specs(qat_model))
+
+
+def _scales(model: onnx.ModelProto) -> dict[str, tuple[float, int, str]]:
+    """Activation tensor -> (scale, zero point, dtype) of the QuantizeLinear reading it."""
+    model = fold_constant_nodes(model)  # the exporter shares one zero point through an Identity
+    arrays = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] not in arrays and node.input[1] in arrays:
+            zero_point = arrays[node.input[2]]
+            out[node.input[0]] = (float(arrays[node.input[1]].reshape(-1)[0]), int(zero_point.reshape(-1)[0]), zero_point.dtype.name)
+    return out
+
+
+def _accuracy(model: onnx.ModelProto, dataset) -> float:
+    logits = np.concatenate([o["logits"] for o in run_model(model, dataset)])
+    return float(np.mean(logits.argmax(1) == dataset.labels))
+
+
+def test_committed_model_is_small_and_carries_qdq(qat_model: onnx.ModelProto) -> None:
+    assert QAT_MODEL.stat().st_size < 200_000
+    assert is_qdq_model(qat_model)
+
+
+def test_onnxruntime_cpu_keeps_every_learned_scale_without_calibration(qat_model: onnx.ModelProto, digits) -> None:
+    result = quantize(qat_model, get_target("onnxruntime-cpu").quant_scheme, None)
+    report = result.report
+    assert report["qat_imported"] is True and report["method"] is None and report["samples"] == 0
+    assert report["scales_adapted"] == 0 and report["scales_kept"] == len(report["scales"]) == 7  # 4 activations, 3 weights
+    assert all(entry["before"] == entry["after"] for entry in report["scales"])
+    source_scales = _scales(onnx.load(QAT_MODEL))
+    kept = _scales(result.model)
+    assert {t: kept[t] for t in source_scales} == source_scales
+    # only representation changes: the Gemm input gets the (exact) max-pool grid, biases become int32
+    changes = [a["change"] for a in report["adaptations"]]
+    assert sum("added Q/DQ" in c for c in changes) == 1 and sum("int32 bias" in c for c in changes) == 3
+    assert _accuracy(result.model, digits) == pytest.approx(_accuracy(qat_model, digits), abs=0.0051)
+
+
+def test_jetson_orin_adapts_the_asymmetric_scales_and_lists_each_change(qat_model: onnx.ModelProto, digits) -> None:
+    target = get_target("jetson-orin")
+    result = quantize(qat_model, target.quant_scheme, None)
+    report = result.report
+    assert [f for f in lint_qdq(result.model, target) if f.severity == "error"] == []
+    before = _scales(onnx.load(QAT_MODEL))
+    after = _scales(result.model)
+    adapted = {a["tensor"]: a for a in report["adaptations"] if "symmetric" in a["change"]}
+    assert set(adapted) == {t for t, (_, zero_point, dtype) in before.items() if dtype == "uint8"}
+    for tensor, entry in adapted.items():
+        scale, zero_point, dtype = before[tensor]
+        new_scale, new_zero, new_dtype = after[tensor]
+        assert (new_zero, new_dtype) == (0, "int8")
+        covered = max(abs((0 - zero_point) * scale), abs((255 - zero_point) * scale))
+        assert new_scale == pytest.approx(covered / 127, rel=1e-5), "least change: the same range, symmetric"
+        assert entry["before"]["zero_point"] == zero_point and entry["after"]["zero_point"] == 0 and entry["why"]
+    weights = [s for s in report["scales"] if s["kind"] == "weight"]
+    assert weights and all(s["kept"] for s in weights), "symmetric per-channel int8 weights are kept as trained"
+    assert len(describe_adaptations(report["adaptations"])) == len(report["adaptations"])
+    assert _accuracy(result.model, digits) >= _accuracy(qat_model, digits) - 0.01
+    assert fidelity(list(run_model(qat_model, digits)), list(run_model(result.model, digits)))["min_cosine"] > 0.999
+
+
+def test_raspberry_pi_shifts_uint8_to_int8_exactly(qat_model: onnx.ModelProto, digits) -> None:
+    target = get_target("raspberry-pi")
+    result = quantize(qat_model, target.quant_scheme, digits)
+    assert [f for f in lint_qdq(result.model, target) if f.severity == "error"] == []
+    before, after = _scales(onnx.load(QAT_MODEL)), _scales(result.model)
+    for tensor, (scale, zero_point, dtype) in before.items():
+        assert after[tensor] == (scale, zero_point - 128 if dtype == "uint8" else zero_point, "int8")
+    reference = np.concatenate([o["logits"] for o in run_model(qat_model, digits)])
+    adapted = np.concatenate([o["logits"] for o in run_model(result.model, digits)])
+    bias_step = max(before.values())[0]  # int32 bias rounding moves logits by far less than one output step
+    assert np.max(np.abs(reference - adapted)) <= bias_step
+    assert result.report["per_layer_sqnr"], "with data given, the debug table compares against the QAT model's float weights"
+
+
+def test_qat_import_ignores_calibration_options(qat_model: onnx.ModelProto) -> None:
+    result = quantize(qat_model, get_target("onnxruntime-cpu").quant_scheme, None, QuantizeOptions(method="entropy"))
+    assert result.report["qat_imported"] and result.report["method"] is None
