@@ -74,6 +74,7 @@ class BenchmarkResult:
             f"  throughput      {self.throughput_per_s:9.1f} /s    ({self.runs} runs after {self.warmup} warm-up, {self.duration_s:.2f} s)",
             f"  peak RSS        {_mib(memory.get('peak_rss_bytes'))}   load delta {_mib(memory.get('load_delta_bytes'))}",
         ]
+        lines += [f"  warning: {warning}" for warning in self.warnings]
         return "\n".join(lines)
 
 

@@ -242,7 +242,9 @@ def test_a_different_backend_version_than_the_bundle_was_built_with_is_a_warning
         assert model.warnings == [
             f"the bundle was built with onnxruntime 0.9.0; this machine runs {model.backend_version} (run verify to check parity)"
         ]
-        assert model.benchmark(warmup=0, runs=2).warnings == model.warnings
+        result = model.benchmark(warmup=0, runs=2)
+        assert result.warnings == model.warnings
+        assert f"warning: {model.warnings[0]}" in result.format_text()
 
 
 def test_a_file_the_library_cannot_parse_is_a_bundle_error_naming_it(tmp_path: Path) -> None:
