@@ -338,10 +338,38 @@ def _parameter_count(model: onnx.ModelProto) -> int:
 _Shape = tuple[int, ...]
 
 
+# Initializers with more elements than this are hidden from shape inference (see _skeleton).
+_SKELETON_MIN_ELEMENTS = 1024
+
+
+def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its large initializers turned into typed graph inputs.
+
+    Shape inference serializes the whole model; without the weights it is ~10x faster on a
+    100 MB model and infers the same shapes (weights carry no shape information beyond their dims,
+    and the small int64 shape tensors that data propagation reads stay).
+    """
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(model)
+    graph = skeleton.graph
+    kept, hidden = [], []
+    for tensor in graph.initializer:
+        (hidden if np.prod(tensor.dims, dtype=np.int64) > _SKELETON_MIN_ELEMENTS else kept).append(tensor)
+    if hidden:
+        declared = {v.name for v in graph.input}
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        graph.input.extend(
+            onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in hidden if t.name not in declared
+        )
+        skeleton.ir_version = max(skeleton.ir_version, 4)  # IR >= 4: inputs need not be initializers and vice versa
+    return skeleton
+
+
 def _inferred_shapes(model: onnx.ModelProto) -> dict[str, _Shape]:
     """Static shapes of every tensor shape inference can resolve; symbolic dims become 1."""
     try:
-        inferred = shape_inference.infer_shapes(model, data_prop=True)
+        inferred = shape_inference.infer_shapes(_skeleton(model), data_prop=True)
     except (onnx.shape_inference.InferenceError, ValueError) as exc:
         log.warning("shape inference failed, MACs will be incomplete: %s", exc)
         inferred = model
@@ -530,7 +558,7 @@ _ATTRIBUTE_LIMITS: tuple[tuple[str, str, str, Callable[[Any], bool], str], ...] 
 
 def _inferred_types(model: onnx.ModelProto) -> dict[str, int]:
     try:
-        graph = shape_inference.infer_shapes(model).graph
+        graph = shape_inference.infer_shapes(_skeleton(model)).graph
     except (onnx.shape_inference.InferenceError, ValueError):
         graph = model.graph
     types = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.output, *graph.value_info)}
@@ -566,6 +594,7 @@ class Advice:
 OUTLIER_RATIO = 16.0
 # Fewest weights per channel for the outlier statistic to mean something.
 MIN_OUTLIER_SAMPLE = 32
+_MAD_SAMPLE = 128
 # Per-tensor int8 on a depthwise conv: flag when some channel would use fewer levels than this.
 MIN_CHANNEL_LEVELS = 16
 _SILU_RANGES = {"SiLU/Swish": -0.2785, "HardSwish": -0.375}
@@ -575,7 +604,7 @@ def quantization_advice(model: onnx.ModelProto, target: Target | None = None) ->
     """Where int8 will likely hurt: per-tensor depthwise weights, SiLU/Swish/HardSwish activations
     under a symmetric scheme, and weights with outliers. A QDQ model is already calibrated, so for
     it only the structure of its existing quantization is judged."""
-    constants = _constant_arrays(model.graph)
+    constants = _Constants(model.graph)
     producers = {out: node for node in model.graph.node for out in node.output}
     if is_qdq(model):
         return _per_tensor_depthwise_in_qdq(model.graph, constants, producers)
@@ -586,14 +615,25 @@ def quantization_advice(model: onnx.ModelProto, target: Target | None = None) ->
     return advice
 
 
-def _constant_arrays(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            for attribute in node.attribute:
-                if attribute.name == "value":
-                    arrays[node.output[0]] = numpy_helper.to_array(attribute.t)
-    return arrays
+class _Constants:
+    """A graph's constant tensors by name, converted to numpy only when asked for."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self._protos = {t.name: t for t in graph.initializer}
+        for node in graph.node:
+            if node.op_type == "Constant":
+                for attribute in node.attribute:
+                    if attribute.name == "value":
+                        self._protos[node.output[0]] = attribute.t
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def get(self, name: str) -> np.ndarray | None:
+        if name not in self._arrays:
+            proto = self._protos.get(name)
+            if proto is None:
+                return None
+            self._arrays[name] = numpy_helper.to_array(proto)
+        return self._arrays[name]
 
 
 def _is_depthwise(node: onnx.NodeProto, weight: np.ndarray) -> bool:
@@ -611,7 +651,7 @@ def _worst_channel_levels(weight: np.ndarray) -> tuple[int, float]:
 
 
 def _depthwise_spread(
-    graph: onnx.GraphProto, constants: dict[str, np.ndarray], target: Target | None
+    graph: onnx.GraphProto, constants: _Constants, target: Target | None
 ) -> list[Advice]:
     if target is not None and target.quant_scheme.weight_per_channel:
         return []  # the target's scheme already quantizes weights per channel
@@ -634,7 +674,7 @@ def _depthwise_spread(
 
 
 def _per_tensor_depthwise_in_qdq(
-    graph: onnx.GraphProto, constants: dict[str, np.ndarray], producers: dict[str, onnx.NodeProto]
+    graph: onnx.GraphProto, constants: _Constants, producers: dict[str, onnx.NodeProto]
 ) -> list[Advice]:
     advice = []
     for index, node in enumerate(graph.node):
@@ -691,7 +731,7 @@ def _swish_activations(
     return advice
 
 
-def _weight_outliers(graph: onnx.GraphProto, constants: dict[str, np.ndarray], target: Target | None) -> list[Advice]:
+def _weight_outliers(graph: onnx.GraphProto, constants: _Constants, target: Target | None) -> list[Advice]:
     per_channel = target is None or target.quant_scheme.weight_per_channel
     advice = []
     for index, node in enumerate(graph.node):
@@ -704,9 +744,11 @@ def _weight_outliers(graph: onnx.GraphProto, constants: dict[str, np.ndarray], t
         if channels.shape[1] < MIN_OUTLIER_SAMPLE:
             continue  # a median over a handful of values (e.g. a 3x3 depthwise filter) says nothing
         # A robust sigma (1.4826 x median absolute deviation): the outliers themselves must not inflate it,
-        # and a plain std can never exceed max/sqrt(n) in a small channel.
-        center = np.median(channels, axis=1, keepdims=True)
-        sigma = 1.4826 * np.median(np.abs(channels - center), axis=1)
+        # and a plain std can never exceed max/sqrt(n) in a small channel. The medians come from an
+        # evenly strided sample of each channel (at most _MAD_SAMPLE values); the peak from all of it.
+        sample = channels[:, :: max(1, channels.shape[1] // _MAD_SAMPLE)]
+        center = np.median(sample, axis=1, keepdims=True)
+        sigma = 1.4826 * np.median(np.abs(sample - center), axis=1)
         peak = np.abs(channels - center).max(axis=1)
         ratio = np.divide(peak, sigma, out=np.zeros_like(peak), where=sigma > 0)
         worst = int(np.argmax(ratio))
