@@ -64,7 +64,7 @@ class OpenVinoBackend(Backend):
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = self._infer(feeds, share_inputs=True, share_outputs=False)
-        return {name: results[index] for index, name in enumerate(self._output_names)}
+        return dict(zip(self._output_names, results.to_tuple()))
 
     def raw_call(self) -> tuple[Any, Any]:
         return partial(self.request.infer, share_inputs=True, share_outputs=False), lambda feeds: (feeds,)
