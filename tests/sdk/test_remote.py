@@ -38,7 +38,7 @@ from edgeopt.remote import (
     format_profile_table,
     profile,
 )
-from edgeopt.bundle import pack
+from edgeopt.bundle import artifact_entry, pack, write_manifest
 from edgeopt.remote_facts import device_facts
 from edgeopt.runtime.device import decode_throttled
 from tests.sdk.conftest import SshServer, free_port, generate_key, known_hosts_line
@@ -161,6 +161,26 @@ def test_every_remote_word_is_quoted(sshd: SshServer, built_bundle: Path, tmp_pa
         assert not (folder / marker).exists(), f"a remote shell ran the injected command in {folder}"
 
 
+def test_a_parity_failure_on_the_device_is_recorded_not_raised(sshd: SshServer, bundle: Path, device_cache: Path) -> None:
+    outputs_path = bundle / "reference" / "outputs.npz"
+    with np.load(outputs_path) as stored:
+        shifted = {name: stored[name] + 1.0 for name in stored.files}
+    np.savez(outputs_path, **shifted)
+    manifest = _manifest(bundle)
+    manifest["artifacts"] = [
+        artifact_entry(bundle, a["path"], a["format"], a["role"]) if a["path"] == "reference/outputs.npz" else a
+        for a in manifest["artifacts"]
+    ]
+    write_manifest(bundle, manifest)
+
+    (result,) = profile(bundle, [sshd.host], sshd.profile_options(remote_cache=str(device_cache)))
+
+    assert result.verify["passed"] is False
+    assert result.bench["runs"] == 5, "the benchmark still ran"
+    assert "FAIL (output" in format_profile_table([result])
+    assert _manifest(bundle)["profiles"][0]["verify"]["passed"] is False
+
+
 def test_a_packed_bundle_is_profiled_and_left_as_it_is(sshd: SshServer, bundle: Path, device_cache: Path) -> None:
     archive = pack(bundle)
     packed = archive.read_bytes()
@@ -189,6 +209,22 @@ def test_several_hosts_run_concurrently_into_one_table(sshd: SshServer, bundle: 
     table = format_profile_table(failed.value.results)
     assert len(table.splitlines()) == 4 and hosts[0] in table and hosts[1] in table
     assert sorted(p["host"] for p in _manifest(bundle)["profiles"]) == sorted(hosts[:2])
+
+
+def test_a_jump_host_carries_the_connection(sshd: SshServer, bundle: Path, device_cache: Path, tmp_path: Path) -> None:
+    """ssh refuses to jump from a host to itself, so the target is the same sshd named localhost."""
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(sshd.known_hosts.read_text() + known_hosts_line(sshd.port, sshd.host_public_key).replace("127.0.0.1", "localhost"))
+    config = tmp_path / "ssh_config"  # the ssh that reaches the jump host reads -F, not our -o options
+    config.write_text(sshd.ssh_config.read_text() + f"  IdentityFile {sshd.client_key}\n")
+    options = sshd.profile_options(
+        jump=f"{sshd.user}@127.0.0.1:{sshd.port}", ssh_config=config, known_hosts=known_hosts, remote_cache=str(device_cache)
+    )
+
+    (result,) = profile(bundle, [f"{sshd.user}@localhost"], options)
+
+    assert result.verify["passed"] is True
+    assert f"target localhost port {sshd.port}" in sshd.log.read_text(), "the jump host opened the way to the target"
 
 
 # ------------------------------------------------------------------------ failures, each clear
