@@ -114,7 +114,7 @@ class TFLiteBuilder:
         if data is not None:
             array = np.ascontiguousarray(np.asarray(data, dtype=dtype).reshape(tuple(shape)))
             buffer = schema.BufferT()
-            buffer.data = np.frombuffer(array.tobytes(), dtype=np.uint8)
+            buffer.data = array.reshape(-1).view(np.uint8)
             self._model.buffers.append(buffer)
             t.buffer = len(self._model.buffers) - 1
             self.constants[len(self._graph.tensors)] = array

@@ -108,10 +108,19 @@ class Conversion:
         self.float_nodes: Counter[str] = Counter()
         self.pending_q: dict[str, tuple[str, QuantParams]] = {}
         self.pending_requant: list[tuple[int, int]] = []
+        # Flattened values whose columns follow a channels-last order: column j holds ONNX column order[j].
+        self.column_order: dict[str, np.ndarray] = {}
+        self.dq_constants = {
+            n.outputs[0] for n in graph.nodes if n.op_type == "DequantizeLinear" and n.inputs[0] in graph.constants
+        }
 
     # ----- constants -------------------------------------------------------------------------
     def is_const(self, name: str) -> bool:
         return name in self.graph.constants or name in self.qconsts
+
+    def is_weight(self, name: str) -> bool:
+        """Constant now or once its DequantizeLinear is reached (usable before graph order gets there)."""
+        return self.is_const(name) or name in self.dq_constants
 
     def const(self, name: str) -> np.ndarray:
         """The float (or integer) value of a constant input, dequantized if it sits behind a DQ."""

@@ -461,9 +461,12 @@ def _fully_connected(
     rank = len(c.shape(a))
     source = c.get(a, identity(rank), "q" if quantized else None)
     n_out = weight.shape[1] if transpose else weight.shape[0]
+    order = c.column_order.get(c.resolve(a)[0].name)
     if quantized:
         qc = _weight_params(c, weight_name, node, weight_axis)
         values = qc.values.T if transpose else qc.values
+        if order is not None:
+            values = values[:, order]
         params = _per_channel_for(qc.params, 0, n_out)
         wq = QuantParams(tuple(s * abs(alpha) for s in params.scale), params.zero_point, "int8", 0)
         if alpha < 0:
@@ -476,7 +479,11 @@ def _fully_connected(
         bias_tensor = c.builder.constant(f"{node.name}_bias", values32, "int32", bq)
         out_q = c.output_quant(out)
     else:
-        matrix = (weight.T if transpose else weight) * np.float32(alpha)
+        matrix = weight.T if transpose else weight
+        if order is not None:
+            matrix = matrix[:, order]
+        if alpha != 1.0:
+            matrix = matrix * np.float32(alpha)
         if c.precision == "int8-weights" and matrix.size >= 1024:
             filt = _hybrid_weights(c, f"{node.name}_weights", np.ascontiguousarray(matrix), 0)
         else:
@@ -743,12 +750,41 @@ def lower_reshape(c: Conversion, node: Node) -> None:
         for out_perm in outs:
             if same_memory_order(in_shape, in_perm, out_shape, out_perm):
                 return _emit_reshape(c, node, x, in_perm, out, out_perm, quantized, want_q)
+    natural = c.natural_perm(x)
+    if out_rank == 2 and natural[0] == 0 and natural != identity(in_rank) and _feeds_only_dense(c, out):
+        # Flatten of a channels-last tensor into dense layers: flatten as it lies and permute the
+        # dense weights' columns instead of transposing the activations.
+        order = np.arange(int(np.prod(in_shape)), dtype=np.int64).reshape(in_shape).transpose(natural).reshape(out_shape)[0]
+        c.column_order[out] = order
+        return _emit_reshape(c, node, x, natural, out, identity(2), quantized, want_q)
     # No layout we have reshapes in place: move the data once, into a layout whose reshape lands channels-last.
     for out_perm in channel_last:
         for in_perm in [*channel_last_family(in_rank), nhwc_perm(in_rank)]:
             if same_memory_order(in_shape, in_perm, out_shape, out_perm):
                 return _emit_reshape(c, node, x, in_perm, out, out_perm, quantized, want_q)
     return _emit_reshape(c, node, x, identity(in_rank), out, identity(out_rank), quantized, want_q)
+
+
+def _feeds_only_dense(c: Conversion, name: str) -> bool:
+    """Whether every reader of `name` (through Q→DQ pairs) is a dense layer with constant weights taking it as input A."""
+    if name in c.graph.outputs:
+        return False
+    users = c.consumers.get(name, [])
+    if not users:
+        return False
+    for user in users:
+        if user.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            if not _feeds_only_dense(c, user.outputs[0]):
+                return False
+        elif user.op_type == "Gemm":
+            if user.inputs[0] != name or user.attrs.get("transA", 0) or not c.is_weight(user.inputs[1]):
+                return False
+        elif user.op_type == "MatMul":
+            if user.inputs[0] != name or not c.is_weight(user.inputs[1]) or len(c.graph.shapes[user.inputs[1]]) != 2:
+                return False
+        else:
+            return False
+    return True
 
 
 def _emit_reshape(c: Conversion, node: Node, x: str, in_perm: Perm, out: str, out_perm: Perm, quantized: bool, in_q: QuantParams | None) -> None:

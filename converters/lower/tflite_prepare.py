@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,14 +72,16 @@ def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
-def _static_inputs(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]] | None) -> list[str]:
-    """Pin every graph input to a static shape (user shapes first, symbolic dims become 1)."""
+def _static_inputs(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]] | None) -> list[onnx.ValueInfoProto]:
+    """Copies of the graph inputs pinned to static shapes (user shapes first, symbolic dims become 1)."""
     initializers = {i.name for i in model.graph.initializer}
-    names: list[str] = []
-    for value in model.graph.input:
-        if value.name in initializers:
+    values: list[onnx.ValueInfoProto] = []
+    for original in model.graph.input:
+        if original.name in initializers:
             continue
-        names.append(value.name)
+        value = onnx.ValueInfoProto()
+        value.CopyFrom(original)
+        values.append(value)
         dims = value.type.tensor_type.shape.dim
         wanted = (input_shapes or {}).get(value.name)
         if wanted is not None:
@@ -96,7 +99,15 @@ def _static_inputs(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int,
                 log.info("input '%s': dynamic dim '%s' fixed to 1 for TFLite", value.name, dim.dim_param)
                 dim.Clear()
                 dim.dim_value = 1
-    return names
+    return values
+
+
+def _array(tensor: onnx.TensorProto) -> np.ndarray:
+    """An initializer as numpy; raw little-endian float/int data is read without the generic converter's copies."""
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    if tensor.HasField("raw_data") and sys.byteorder == "little" and dtype.kind in "fiub" and tensor.data_type != onnx.TensorProto.BFLOAT16:
+        return np.frombuffer(tensor.raw_data, dtype=dtype).reshape(tuple(tensor.dims))
+    return numpy_helper.to_array(tensor)
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
@@ -149,7 +160,7 @@ def _fold_constants(
 
 
 def _infer_shapes(
-    model: onnx.ModelProto, nodes: list[onnx.NodeProto], constants: dict[str, np.ndarray], input_names: list[str]
+    model: onnx.ModelProto, nodes: list[onnx.NodeProto], constants: dict[str, np.ndarray], inputs: list[onnx.ValueInfoProto]
 ) -> tuple[dict[str, tuple[int, ...]], dict[str, np.dtype]]:
     used = {name for node in nodes for name in node.input}
     # Large weights enter as typed inputs: inference needs their shapes, not a serialized copy.
@@ -161,7 +172,7 @@ def _infer_shapes(
     graph = helper.make_graph(
         nodes,
         "prepared",
-        [v for v in model.graph.input if v.name in input_names] + large,
+        [*inputs, *large],
         list(model.graph.output),
         [numpy_helper.from_array(value, name) for name, value in small.items()],
     )
@@ -337,8 +348,7 @@ def _fuse_erf_gelu(graph: PreparedGraph) -> None:
 
 def prepare_graph(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> PreparedGraph:
     """Static shapes, folded constants and fused patterns; raises ModelLoadError on an invalid model."""
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
+    work = model
     opset = _opset(work)
     if opset < _MIN_OPSET:
         try:
@@ -349,16 +359,17 @@ def prepare_graph(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, 
                 hint="re-export the model with opset >= 13",
             ) from exc
         opset = _MIN_OPSET
-    input_names = _static_inputs(work, input_shapes)
-    constants = {i.name: numpy_helper.to_array(i) for i in work.graph.initializer}
-    shapes = {v.name: tuple(d.dim_value for d in v.type.tensor_type.shape.dim) for v in work.graph.input if v.name in input_names}
+    inputs = _static_inputs(work, input_shapes)
+    input_names = [v.name for v in inputs]
+    constants = {i.name: _array(i) for i in work.graph.initializer}
+    shapes = {v.name: tuple(d.dim_value for d in v.type.tensor_type.shape.dim) for v in inputs}
     nodes, folded = _fold_constants(list(work.graph.node), constants, opset, shapes)
-    shapes, dtypes = _infer_shapes(work, nodes, constants, input_names)
+    shapes, dtypes = _infer_shapes(work, nodes, constants, inputs)
     while any(n.op_type == "Shape" and n.input[0] in shapes for n in nodes):
         # Shapes known only after inference (Shape of an intermediate) unlock another folding round.
         nodes, more = _fold_constants(nodes, constants, opset, shapes)
         folded += more
-        shapes, dtypes = _infer_shapes(work, nodes, constants, input_names)
+        shapes, dtypes = _infer_shapes(work, nodes, constants, inputs)
     for name, value in constants.items():
         shapes[name] = tuple(value.shape)
         dtypes[name] = value.dtype

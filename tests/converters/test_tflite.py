@@ -181,6 +181,26 @@ def test_nhwc_io_removes_the_boundary_transposes(nets) -> None:
     assert_float_close([got.transpose(0, 3, 1, 2)], ort_outputs(model, feeds[0]), 1e-4, 1e-5)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_flatten_into_dense_layers_needs_no_transpose(precision: str) -> None:
+    """Conv → Flatten → Gemm: the dense weights' columns are permuted to NHWC order instead of the activations."""
+    model = _graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+         helper.make_node("Flatten", ["r"], ["f"]), helper.make_node("Gemm", ["f", "fc", "fb"], ["h"], transB=1),
+         helper.make_node("Relu", ["h"], ["g"]), helper.make_node("Gemm", ["g", "fc2"], ["y"])],
+        (1, 3, 6, 6), (1, 4), [_w(8, 3, 3, 3), _w(8), _w(5, 288) * 0.1, _w(5), _w(5, 4)], ["w", "b", "fc", "fb", "fc2"],
+    )
+    feeds = [{"x": _rng.random((1, 3, 6, 6), dtype=np.float32)} for _ in range(9)]
+    source = model if precision == "fp32" else quantized(model, feeds[1:])
+    flatbuffer, inputs, _, summary = lower_to_bytes(source, precision, LoweringOptions(io_layout="nhwc"))
+    assert summary["transpose_ops"] == 0 and inputs[0].shape == (1, 6, 6, 3)
+    got = litert_outputs(flatbuffer, {"x": feeds[0]["x"].transpose(0, 2, 3, 1)}, ["y"])
+    if precision == "fp32":
+        assert_float_close(got, ort_outputs(model, feeds[0]), 1e-4, 1e-5)
+    else:
+        assert int8_steps(got, ort_outputs(source, feeds[0]), output_scales(source)) <= 2.0
+
+
 def test_int8_io_carries_the_qdq_scales(nets) -> None:
     model, feeds = nets["mobilenet_v2_style"]
     qdq = quantized(model, feeds[1:])
