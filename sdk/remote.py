@@ -352,12 +352,17 @@ class _Ssh:
         return self.parse_json(stdout, stderr, completed.returncode, step)
 
     def parse_json(self, stdout: str, stderr: str, code: int, step: str) -> Any:
-        try:
-            return json.loads(stdout)
-        except json.JSONDecodeError as exc:
-            raise RemoteCommandError(
-                f"{self.host}: {step} printed no JSON (exit {code})\n  stdout: {stdout[:500]!r}\n{_tail(stderr)}"
-            ) from exc
+        """The JSON document a command printed: all of stdout, or its last line when a login
+        script on the device printed something before it."""
+        lines = stdout.strip().splitlines()
+        for candidate in (stdout, lines[-1] if lines else ""):
+            try:
+                return json.loads(candidate)
+            except json.JSONDecodeError:
+                continue
+        raise RemoteCommandError(
+            f"{self.host}: {step} printed no JSON (exit {code})\n  stdout: {stdout[:500]!r}\n{_tail(stderr)}"
+        )
 
     def command_failure(self, shown: Sequence[str], code: int, stdout: str, stderr: str, step: str) -> RemoteError:
         """The error for a device command that exited non-zero; `shown` is the command as a user reads it."""
@@ -392,8 +397,9 @@ def _tail(text: str) -> str:
 
 def _runtime_error(stdout: str) -> dict[str, Any] | None:
     """The runtime's `{"error": {type, message, hint, exit_code}}` document (it prints one with --json)."""
+    lines = stdout.strip().splitlines()
     try:
-        document = json.loads(stdout)
+        document = json.loads(lines[-1]) if lines else None
     except json.JSONDecodeError:
         return None
     error = document.get("error") if isinstance(document, dict) else None
@@ -442,11 +448,9 @@ def profile(
         results: dict[str, ProfileResult] = {}
         failures: dict[str, RemoteError] = {}
         with ThreadPoolExecutor(max_workers=min(options.max_parallel, len(unique_hosts))) as pool:
-            futures: dict[Future[ProfileResult], str] = {}
-            for index, host in enumerate(unique_hosts):
-                # Short control-socket paths: a unix socket path must stay under ~100 bytes.
-                control_dir = Path(tempfile.mkdtemp(prefix=f"eo{index}-"))
-                futures[pool.submit(_profile_host, host, upload, options, say, control_dir)] = host
+            futures: dict[Future[ProfileResult], str] = {
+                pool.submit(_profile_host, host, upload, options, say): host for host in unique_hosts
+            }
             for future in as_completed(futures):
                 host = futures[future]
                 try:
@@ -482,9 +486,9 @@ def _local_bundle_dir(bundle: Path, work: Path) -> Path:
     return bundle_dir
 
 
-def _profile_host(
-    host: str, upload: _Upload, options: ProfileOptions, say: Callable[[str], None], control_dir: Path
-) -> ProfileResult:
+def _profile_host(host: str, upload: _Upload, options: ProfileOptions, say: Callable[[str], None]) -> ProfileResult:
+    # A short folder for the control socket: a unix socket path must stay under ~100 bytes.
+    control_dir = Path(tempfile.mkdtemp(prefix="eo-ssh-"))
     try:
         ssh = _Ssh(host, options, control_dir)
         say(f"{host}: connecting")
