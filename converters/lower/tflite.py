@@ -162,7 +162,7 @@ def lower_to_bytes(
         "quantized_op_share": (sum(quantized_ops.values()) / compute) if compute and precision == "int8" else 0.0,
         "adaptations": list(dict.fromkeys(c.adaptations)),
         "folded_nodes": graph.folded_nodes,
-        "fused_patterns": graph.fused,
+        "fused_patterns": {**graph.fused, **({"MatMul+Add bias->FULLY_CONNECTED": c.fused_bias} if c.fused_bias else {})},
         "min_tflite_runtime": max((_MIN_RUNTIME.get(op, _BASE_RUNTIME) for op in histogram), key=lambda v: tuple(map(int, v.split("."))), default=_BASE_RUNTIME),
         "litert_version": _litert_version(),
         "install": INSTALL_HINT,

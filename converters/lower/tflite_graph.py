@@ -110,6 +110,7 @@ class Conversion:
         self.pending_requant: list[tuple[int, int]] = []
         # Flattened values whose columns follow a channels-last order: column j holds ONNX column order[j].
         self.column_order: dict[str, np.ndarray] = {}
+        self.fused_bias = 0
         self.dq_constants = {
             n.outputs[0] for n in graph.nodes if n.op_type == "DequantizeLinear" and n.inputs[0] in graph.constants
         }

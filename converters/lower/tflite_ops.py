@@ -170,7 +170,8 @@ def _const_operand(c: Conversion, name: str, rank: int, perm: Perm, quantized: b
         scale = (high - low) / 255.0 or 1.0
         zero = int(np.clip(round(-128 - low / scale), -128, 127))
         params = QuantParams((scale,), (zero,))
-        c.adapt(f"constant '{name}' had no int8 params; quantized per-tensor from its range")
+        if value.size > 1:  # a scalar lands exactly on the grid (q = 127 or -128); anything else is rounded
+            c.adapt(f"constant '{name}' had no int8 params; quantized per-tensor from its range")
         return c.builder.constant(name, np.clip(np.round(value / scale) + zero, -128, 127).astype(np.int8), "int8", params)
     if value.dtype == np.float64:
         value = value.astype(np.float32)
@@ -527,13 +528,45 @@ def lower_gemm(c: Conversion, node: Node) -> None:
     _fully_connected(c, node, a, b, weight, 0 if trans_b else 1, not trans_b, bias, cin, out, act, quantized, False, alpha)
 
 
+def _bias_add(c: Conversion, node: Node, n_out: int) -> tuple[Node, list[Node], str] | None:
+    """The Add of a constant per-output bias that alone reads this MatMul (directly, or through one Q→DQ
+    pair when the Add's output is quantized too), so FULLY_CONNECTED can take it as its bias."""
+    out = node.outputs[0]
+    between: list[Node] = []
+    users = c.consumers.get(out, [])
+    if len(users) == 1 and users[0].op_type == "QuantizeLinear" and c.precision == "int8":
+        dq_users = c.consumers.get(users[0].outputs[0], [])
+        if len(dq_users) != 1 or dq_users[0].op_type != "DequantizeLinear":
+            return None
+        between = [users[0], dq_users[0]]
+        out = dq_users[0].outputs[0]
+        users = c.consumers.get(out, [])
+    if len(users) != 1 or users[0].op_type != "Add" or out in c.graph.outputs or node.outputs[0] in c.graph.outputs:
+        return None
+    add = users[0]
+    bias = add.inputs[1] if add.inputs[0] == out else add.inputs[0]
+    if not c.is_weight(bias) or int(np.prod(c.graph.shapes[bias])) != n_out or c.graph.shapes[bias][-1:] != (n_out,):
+        return None
+    if between and c.output_quant(add.outputs[0]) is None:
+        return None
+    return add, between, bias
+
+
 def lower_matmul(c: Conversion, node: Node) -> None:
     a, b = node.inputs
     out = node.outputs[0]
     if c.is_const(b) and len(c.shape(b)) == 2:
-        act, out = fuse_activation(c, node, out)
+        fused = _bias_add(c, node, c.shape(b)[1])
+        bias = None
+        if fused is not None:
+            add, between, bias_name = fused
+            c.skip.update(id(n) for n in (add, *between))
+            bias = c.const(bias_name).astype(np.float64).reshape(-1)
+            node = Node(node.name, node.op_type, node.inputs, add.outputs)
+            c.fused_bias += 1
+        act, out = fuse_activation(c, node, node.outputs[0])
         quantized = quantized_mode(c, node, [a, b], [out])
-        _fully_connected(c, node, a, b, c.const(b), 1, True, None, None, out, act, quantized, len(c.shape(a)) > 2)
+        _fully_connected(c, node, a, b, c.const(b), 1, True, bias, None, out, act, quantized, len(c.shape(a)) > 2)
         return
     quantized = quantized_mode(c, node, [a, b], [out])
     operands, adjoint = [], []
