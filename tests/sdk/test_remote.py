@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 import uuid
 from pathlib import Path
@@ -29,7 +30,6 @@ from edgeopt.remote import (
     HostKeyChangedError,
     HostUnreachableError,
     ProfileFailedError,
-    ProfileResult,
     RemoteBackendMissingError,
     RemoteCommandError,
     RemotePythonError,
@@ -40,6 +40,7 @@ from edgeopt.remote import (
 )
 from edgeopt.bundle import artifact_entry, pack, write_manifest
 from edgeopt.remote_facts import device_facts
+from edgeopt.remote_payload import device_copy
 from edgeopt.runtime.device import decode_throttled
 from tests.sdk.conftest import SshServer, free_port, generate_key, known_hosts_line
 
@@ -354,6 +355,21 @@ def test_throttling_is_read_from_pi_flags_clocks_and_temperatures() -> None:
     assert calm["throttled_during_run"] is False and quiet == []
 
 
-def test_result_round_trips_through_json() -> None:
-    result = ProfileResult(host="pi@pi", time="2026-01-01T00:00:00+00:00", device={}, bench={}, verify={"passed": True}, warnings=("hot",))
-    assert json.loads(json.dumps(result.to_dict()))["warnings"] == ["hot"]
+def test_the_device_copy_is_reproducible_and_leaves_host_only_files_out(bundle: Path, tmp_path: Path) -> None:
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    first = device_copy(bundle, tmp_path / "first")
+    manifest = _manifest(bundle)
+    manifest["profiles"] = [{"host": "pi@pi", "time": "2026-01-01T00:00:00+00:00"}]
+    write_manifest(bundle, manifest)
+    (bundle / "report.html").write_text("<html>redrawn with the new profile</html>")
+    second = device_copy(bundle, tmp_path / "second")
+
+    assert first.sha256 == second.sha256, "history and report changes do not change the device copy"
+    with tarfile.open(second.path) as archive:
+        names = archive.getnames()
+        device_manifest = json.load(archive.extractfile(f"{bundle.name}/manifest.json"))
+    assert f"{bundle.name}/model.onnx" in names and f"{bundle.name}/reference/outputs.npz" in names
+    assert f"{bundle.name}/report.html" not in names
+    assert "profiles" not in device_manifest
+    assert "report.html" not in [a["path"] for a in device_manifest["artifacts"]]
