@@ -1,0 +1,177 @@
+"""Each ONNX op the Core ML lowering handles, in the variants exporters emit, against ONNX Runtime.
+
+One-node (or few-node) graphs lowered at fp32 compute precision, so the lowering's semantics and the
+reference evaluator's are checked to 1e-4·max|ref| + 1e-5 without fp16 noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeopt.converters.errors import UnsupportedOpsError
+from edgeopt.converters.lower.base import LoweringOptions
+from edgeopt.converters.lower.coreml import lower
+from edgeopt.targets import get_target
+
+TARGET = get_target("apple-ane")
+RNG = np.random.default_rng(7)
+
+
+def _model(
+    nodes: Sequence[onnx.NodeProto],
+    inputs: dict[str, Sequence[int]],
+    outputs: Sequence[str],
+    initializers: dict[str, np.ndarray] | None = None,
+    opset: int = 17,
+) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        list(nodes),
+        "op",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape)) for name, shape in inputs.items()],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs],
+        [numpy_helper.from_array(value, name) for name, value in (initializers or {}).items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _w(*shape: int) -> np.ndarray:
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def _i64(*values: int) -> np.ndarray:
+    return np.array(values, dtype=np.int64)
+
+
+node = helper.make_node
+X4 = {"x": (1, 4, 8, 8)}
+
+CASES: dict[str, onnx.ModelProto] = {
+    "conv_strided_asymmetric_pads": _model([node("Conv", ["x", "w", "b"], ["y"], strides=[2, 1], pads=[0, 1, 1, 2])], X4, ["y"], {"w": _w(6, 4, 3, 3), "b": _w(6)}),
+    "conv_same_upper": _model([node("Conv", ["x", "w"], ["y"], auto_pad="SAME_UPPER", strides=[2, 2])], X4, ["y"], {"w": _w(5, 4, 4, 4)}),
+    "conv_dilated": _model([node("Conv", ["x", "w"], ["y"], dilations=[2, 2], pads=[2, 1, 2, 1])], X4, ["y"], {"w": _w(5, 4, 3, 3)}),
+    "conv_grouped": _model([node("Conv", ["x", "w"], ["y"], group=2, pads=[1, 1, 1, 1])], X4, ["y"], {"w": _w(6, 2, 3, 3)}),
+    "conv_depthwise": _model([node("Conv", ["x", "w"], ["y"], group=4, pads=[1, 1, 1, 1], strides=[2, 2])], X4, ["y"], {"w": _w(4, 1, 3, 3)}),
+    "conv1d": _model([node("Conv", ["x", "w"], ["y"], pads=[1, 1])], {"x": (1, 4, 10)}, ["y"], {"w": _w(3, 4, 3)}),
+    "conv_transpose_stride2": _model([node("ConvTranspose", ["x", "w", "b"], ["y"], strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1])], X4, ["y"], {"w": _w(4, 3, 3, 3), "b": _w(3)}),
+    "conv_transpose_grouped": _model([node("ConvTranspose", ["x", "w"], ["y"], strides=[2, 2], group=2)], X4, ["y"], {"w": _w(4, 2, 2, 2)}),
+    "gemm_trans_alpha_beta": _model([node("Gemm", ["x", "w", "c"], ["y"], transB=1, alpha=0.5, beta=2.0)], {"x": (2, 6)}, ["y"], {"w": _w(3, 6), "c": _w(3)}),
+    "gemm_trans_a": _model([node("Gemm", ["x", "w"], ["y"], transA=1)], {"x": (6, 2)}, ["y"], {"w": _w(6, 3)}),
+    "gemm_two_inputs": _model([node("Gemm", ["x", "z", "c"], ["y"], transB=1, beta=0.5)], {"x": (2, 6), "z": (3, 6)}, ["y"], {"c": _w(2, 3)}),
+    "matmul_batched": _model([node("MatMul", ["x", "z"], ["y"])], {"x": (2, 3, 4, 5), "z": (2, 3, 5, 6)}, ["y"]),
+    "matmul_weight": _model([node("MatMul", ["x", "w"], ["y"])], {"x": (1, 7, 5)}, ["y"], {"w": _w(5, 6)}),
+    "elementwise_broadcast": _model(
+        [node("Sub", ["x", "c"], ["a"]), node("Div", ["a", "z"], ["b"]), node("Pow", ["b", "two"], ["d"]), node("Max", ["d", "x"], ["e"]),
+         node("Min", ["e", "c"], ["f"]), node("Neg", ["f"], ["g"]), node("Sum", ["g", "x", "c"], ["y"])],
+        {"x": (1, 4, 8, 8), "z": (1, 1, 8, 8)}, ["y"], {"c": _w(4, 1, 1), "two": np.array(2.0, np.float32)},
+    ),
+    "activations": _model(
+        [node("Elu", ["x"], ["a"], alpha=0.7), node("LeakyRelu", ["a"], ["b"], alpha=0.1), node("HardSigmoid", ["b"], ["c"], alpha=0.3, beta=0.4),
+         node("Mul", ["c", "x"], ["d"]), node("HardSwish", ["d"], ["e"]), node("Tanh", ["e"], ["f"]), node("Sigmoid", ["x"], ["g"]),
+         node("Add", ["f", "g"], ["h"]), node("Gelu", ["h"], ["i"], approximate="tanh"), node("Erf", ["i"], ["y"])],
+        X4, ["y"], opset=20,
+    ),
+    "unary_math": _model(
+        [node("Abs", ["x"], ["a"]), node("Sqrt", ["a"], ["b"]), node("Exp", ["b"], ["c"]), node("Log", ["c"], ["d"]), node("Reciprocal", ["c"], ["e"]),
+         node("Add", ["d", "e"], ["y"])],
+        X4, ["y"],
+    ),
+    "prelu_per_channel": _model([node("PRelu", ["x", "s"], ["y"])], X4, ["y"], {"s": _w(4, 1, 1)}),
+    "prelu_scalar_on_2d": _model([node("PRelu", ["x", "s"], ["y"])], {"x": (3, 5)}, ["y"], {"s": np.array([0.2], np.float32)}),
+    "clip_relu6_and_bounds": _model(
+        [node("Clip", ["x", "zero", "six"], ["a"]), node("Clip", ["x", "", "six"], ["b"]), node("Clip", ["x", "lo", "hi"], ["c"]),
+         node("Add", ["a", "b"], ["d"]), node("Add", ["d", "c"], ["y"])],
+        X4, ["y"], {"zero": np.array(0.0, np.float32), "six": np.array(6.0, np.float32), "lo": np.array(-0.5, np.float32), "hi": np.array(0.5, np.float32)},
+    ),
+    "softmax_opset11_axis1": _model([node("Softmax", ["x"], ["y"], axis=1)], {"x": (2, 3, 4)}, ["y"], opset=11),
+    "softmax_axis1": _model([node("Softmax", ["x"], ["y"], axis=1)], {"x": (2, 3, 4)}, ["y"]),
+    "pools_ceil_and_padding": _model(
+        [node("MaxPool", ["x"], ["a"], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),
+         node("AveragePool", ["x"], ["b"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], count_include_pad=1),
+         node("AveragePool", ["x"], ["c"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+         node("Add", ["b", "c"], ["d"])],
+        {"x": (1, 4, 9, 9)}, ["a", "d"],
+    ),
+    "global_pools_and_reductions": _model(
+        [node("GlobalMaxPool", ["x"], ["a"]), node("GlobalAveragePool", ["x"], ["b"]), node("ReduceSum", ["x", "axes"], ["c"], keepdims=1),
+         node("ReduceMin", ["x"], ["d"], axes=[2, 3], keepdims=1), node("ReduceMax", ["x"], ["e"], axes=[1], keepdims=1),
+         node("Add", ["a", "b"], ["f"]), node("Add", ["f", "c"], ["g"]), node("Add", ["g", "d"], ["h"]), node("Add", ["h", "e"], ["y"])],
+        X4, ["y"], {"axes": _i64(2, 3)},
+    ),
+    "batchnorm_lrn_layernorm": _model(
+        [node("BatchNormalization", ["x", "g", "b", "m", "v"], ["a"], epsilon=1e-3), node("LRN", ["a"], ["c"], size=3, alpha=1e-2, beta=0.75, bias=2.0),
+         node("LayerNormalization", ["c", "lg", "lb"], ["y"], axis=-1)],
+        X4, ["y"],
+        {"g": _w(4), "b": _w(4), "m": _w(4), "v": np.abs(_w(4)) + 0.5, "lg": _w(8), "lb": _w(8)},
+    ),
+    "pads": _model(
+        [node("Pad", ["x", "p"], ["a"], mode="reflect"), node("Pad", ["x", "p", "value"], ["b"]), node("Pad", ["x", "p"], ["c"], mode="edge"),
+         node("Add", ["a", "b"], ["d"]), node("Add", ["d", "c"], ["y"])],
+        X4, ["y"], {"p": _i64(0, 0, 1, 2, 0, 0, 2, 1), "value": np.array(0.5, np.float32)},
+    ),
+    "slice_split_concat": _model(
+        [node("Slice", ["x", "st", "en", "ax", "sp"], ["a"]), node("Split", ["x", "sizes"], ["s1", "s2"], axis=1),
+         node("Slice", ["x", "st2", "en2", "ax2"], ["b"]), node("Concat", ["s2", "s1"], ["c"], axis=1),
+         node("Flatten", ["a"], ["fa"]), node("Flatten", ["b"], ["fb"]), node("Flatten", ["c"], ["fc"]), node("Concat", ["fa", "fb", "fc"], ["y"], axis=1)],
+        X4, ["y"],
+        {"st": _i64(-1, 6), "en": _i64(-1000, 0), "ax": _i64(3, 2), "sp": _i64(-2, -3), "sizes": _i64(1, 3),
+         "st2": _i64(1), "en2": _i64(3), "ax2": _i64(1)},
+    ),
+    "reshape_transpose_squeeze": _model(
+        [node("Reshape", ["x", "shape"], ["a"]), node("Transpose", ["a"], ["b"], perm=[0, 2, 1, 3]), node("Unsqueeze", ["b", "ax0"], ["c"]),
+         node("Squeeze", ["c", "ax0"], ["d"]), node("Reshape", ["d", "flat"], ["y"])],
+        X4, ["y"], {"shape": _i64(0, 2, -1, 16), "ax0": _i64(0), "flat": _i64(1, -1)},
+    ),
+    "resize_nearest_and_bilinear": _model(
+        [node("Resize", ["x", "", "scales"], ["a"], mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+         node("Resize", ["x", "", "scales"], ["b"], mode="linear", coordinate_transformation_mode="half_pixel"),
+         node("Resize", ["x", "", "", "sizes"], ["c"], mode="linear", coordinate_transformation_mode="align_corners"),
+         node("Resize", ["x", "", "", "sizes"], ["d"], mode="linear", coordinate_transformation_mode="pytorch_half_pixel"),
+         node("Add", ["a", "b"], ["e"]), node("Add", ["c", "d"], ["f"]), node("Concat", ["e", "f"], ["y"], axis=1)],
+        X4, ["y"], {"scales": np.array([1, 1, 2, 2], np.float32), "sizes": _i64(1, 4, 16, 16)},
+    ),
+    "gather_where_cast": _model(
+        [node("Gather", ["table", "idx"], ["a"], axis=0), node("Greater", ["x", "zero"], ["m"]), node("Where", ["m", "x", "a"], ["b"]),
+         node("Equal", ["x", "x"], ["e"]), node("Cast", ["e"], ["ef"], to=TensorProto.FLOAT), node("Add", ["b", "ef"], ["y"])],
+        {"x": (2, 3)}, ["y"], {"table": _w(5, 3), "idx": _i64(4, 1), "zero": np.array(0.0, np.float32)},
+    ),
+    "shape_arithmetic_is_folded": _model(
+        [node("Shape", ["x"], ["s"]), node("Gather", ["s", "one"], ["c"], axis=0), node("Unsqueeze", ["c", "ax0"], ["cu"]),
+         node("Concat", ["batch", "cu", "minus"], ["shape"], axis=0), node("Reshape", ["x", "shape"], ["y"])],
+        X4, ["y"], {"one": np.array(1, np.int64), "ax0": _i64(0), "batch": _i64(1), "minus": _i64(-1)},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_op_matches_onnxruntime(case: str, tmp_path: Path) -> None:
+    model = CASES[case]
+    feeds = {i.name: RNG.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32) for i in model.graph.input}
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for precision, (rtol, atol) in (("fp32", (1e-4, 1e-5)), ("fp16", (1e-2, 1e-3))):
+        result = lower(model, TARGET, precision, tmp_path / precision, LoweringOptions())
+        actual = result.runner(feeds)
+        for output, reference in zip(model.graph.output, expected):
+            error = np.abs(actual[output.name] - reference).max()
+            assert error <= rtol * np.abs(reference).max() + atol, f"{case} {precision}: max|Δ| {error}"
+
+
+def test_resize_that_core_ml_cannot_express_is_refused_up_front(tmp_path: Path) -> None:
+    model = _model(
+        [node("Resize", ["x", "", "scales"], ["y"], mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="round_prefer_floor")],
+        X4, ["y"], {"scales": np.array([1, 1, 3, 3], np.float32)},
+    )
+    with pytest.raises(UnsupportedOpsError, match="does not pick the pixels Core ML picks"):
+        lower(model, TARGET, "fp16", tmp_path, LoweringOptions())
+
+
+def test_shape_ops_on_runtime_values_are_refused(tmp_path: Path) -> None:
+    model = _model([node("Relu", ["x"], ["r"]), node("ConstantOfShape", ["r"], ["y"])], {"x": (2,)}, ["y"])
+    with pytest.raises(UnsupportedOpsError, match="only supported when its inputs are known at build time"):
+        lower(model, TARGET, "fp16", tmp_path, LoweringOptions())
