@@ -1,7 +1,7 @@
 """A real OpenSSH server on 127.0.0.1 for the remote-profiling tests.
 
 The session-scoped `sshd` fixture generates a host key and a client key in a temporary folder,
-starts `/usr/sbin/sshd -D -e` on a free port with a config that accepts only that client key, and
+starts `/usr/sbin/sshd -D` on a free port with a config that accepts only that client key, and
 hands the tests everything a client needs: a hermetic ssh_config (no agent, no global known_hosts),
 a known_hosts file that trusts the server, and the key. Nothing outside the temporary folder is
 touched except /run/sshd, which sshd insists on when it runs as root.
@@ -164,9 +164,11 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
     config = _write_sshd_config(root, port, user, host_key, authorized_keys)
     log = root / "sshd.log"
 
-    with log.open("wb") as log_file:
+    # -E: the log goes to a file (with -e, sshd's session processes would print their debug lines
+    # into the client's stderr); what sshd says before it opens the log goes to the same file.
+    with log.open("ab") as early:
         process = subprocess.Popen(
-            [str(SSHD), "-D", "-e", "-f", str(config)], stdout=log_file, stderr=subprocess.STDOUT
+            [str(SSHD), "-D", "-E", str(log), "-f", str(config)], stdout=early, stderr=subprocess.STDOUT
         )
     try:
         _wait_for_port(port, process, log)
