@@ -552,7 +552,7 @@ def _profile_connected(ssh: _Ssh, upload: _Upload, say: Callable[[str], None]) -
         }
         started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         say(f"{host}: verify, then bench ({options.warmup} warmup, {options.runs} runs)")
-        report = ssh.python_json([python, "-c", RUN_SCRIPT, json.dumps(spec)], step="running the runtime", hold_stdin=True)
+        report = ssh.python_json([python, "-c", RUN_SCRIPT, json.dumps(spec)], step="verify and bench on the device", hold_stdin=True)
         cleaned = True
         documents: dict[str, Any] = {}
         for name, args, ok in steps:
