@@ -10,7 +10,6 @@ dtype), so layout changes appear only where an op's semantics need them.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -70,7 +69,7 @@ class QConst:
             shape = [1] * self.values.ndim
             shape[self.params.axis] = -1
             scale, zero = scale.reshape(shape), zero.reshape(shape)
-        return ((self.values.astype(np.float64) - zero) * scale).astype(np.float32)
+        return (self.values.astype(np.float32) - zero.astype(np.float32)) * scale.astype(np.float32)
 
 
 @dataclass
@@ -104,8 +103,6 @@ class Conversion:
         self.adaptations: list[str] = []
         self.consumers = graph.consumers()
         self.skip: set[int] = set()
-        self.quantized_nodes: Counter[str] = Counter()
-        self.float_nodes: Counter[str] = Counter()
         self.pending_q: dict[str, tuple[str, QuantParams]] = {}
         self.pending_requant: list[tuple[int, int]] = []
         # Flattened values whose columns follow a channels-last order: column j holds ONNX column order[j].
@@ -136,8 +133,10 @@ class Conversion:
             return self.values[self.refs[name].base].shape
         if name in self.values:
             return self.values[name].shape
-        if self.is_const(name):
-            return tuple(self.const(name).shape)
+        if name in self.qconsts:
+            return tuple(self.qconsts[name].values.shape)
+        if name in self.graph.constants:
+            return tuple(self.graph.constants[name].shape)
         return self.graph.shapes[name]
 
     def quant_of(self, name: str) -> QuantParams | None:

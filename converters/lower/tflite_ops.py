@@ -57,16 +57,11 @@ def _options(cls: type, **fields: object) -> object:
     return options
 
 
-def _activations(node: Node) -> list[str]:
-    """Inputs that are tensors flowing through the graph (not weights or parameters)."""
-    return [node.inputs[0]] if node.inputs else []
-
-
 def quantized_mode(c: Conversion, node: Node, inputs: Sequence[str], outputs: Sequence[str]) -> bool:
+    """Whether the node runs in int8: TFLite has an int8 kernel and the QDQ graph quantizes all its I/O."""
     if c.precision != "int8" or node.op_type not in INT8_OPS:
         return False
-    ok = all(c.quant_of(i) is not None for i in inputs if i) and all(c.output_quant(o) is not None for o in outputs)
-    return ok
+    return all(c.quant_of(i) is not None for i in inputs if i) and all(c.output_quant(o) is not None for o in outputs)
 
 
 def _clip_bounds(c: Conversion, node: Node) -> tuple[float, float]:
@@ -261,8 +256,7 @@ def lower_conv(c: Conversion, node: Node) -> None:
     b = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
     act, out = fuse_activation(c, node, node.outputs[0])
     quantized = quantized_mode(c, node, [x, w], [out])
-    weight = c.const(w)
-    c_out, c_in_per_group, kh, kw = weight.shape
+    c_out, c_in_per_group, kh, kw = c.shape(w)
     group = int(node.attrs.get("group", 1))
     c_in = c.shape(x)[1]
     strides = node.attrs.get("strides", [1, 1])
@@ -288,7 +282,7 @@ def lower_conv(c: Conversion, node: Node) -> None:
         scale = np.asarray(params.scale)[channels]
         return values, QuantParams(tuple(scale), (0,) * len(scale), "int8", axis_out)
 
-    raw = c.qconsts[w].values if quantized else weight
+    raw = c.qconsts[w].values if quantized else c.const(w)
     if depthwise:
         data, wq = filters(raw.transpose(1, 2, 3, 0), slice(None), 3)
         filt = _filter_tensor(c, f"{node.name}_filter", data, wq, 3)
@@ -363,12 +357,11 @@ def lower_conv_transpose(c: Conversion, node: Node) -> None:
     b = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
     act, out = fuse_activation(c, node, node.outputs[0])
     quantized = quantized_mode(c, node, [x, w], [out])
-    weight = c.const(w)  # [C_in, C_out, kh, kw]
-    c_out = weight.shape[1]
+    c_out = c.shape(w)[1]  # ONNX ConvTranspose weights are [C_in, C_out, kh, kw]
     strides = node.attrs.get("strides", [1, 1])
     n, _, h, wd = c.shape(x)
     out_shape = c.graph.shapes[out]
-    kh, kw = weight.shape[2:]
+    kh, kw = c.shape(w)[2:]
     full = [(h - 1) * strides[0] + kh, (wd - 1) * strides[1] + kw]
     perm = nhwc_perm(4)
     source = c.get(x, perm, "q" if quantized else None)
@@ -381,7 +374,7 @@ def lower_conv_transpose(c: Conversion, node: Node) -> None:
         filt = c.builder.constant(f"{node.name}_filter", qc.values.transpose(1, 2, 3, 0), "int8", wq)
     else:
         wq = None
-        filt = c.const_tensor(f"{node.name}_filter", weight.transpose(1, 2, 3, 0))
+        filt = c.const_tensor(f"{node.name}_filter", c.const(w).transpose(1, 2, 3, 0))
     bias = _conv_bias(c, node, b, c_out, in_q, wq)
     crop = [(full[i] - out_shape[2 + i]) for i in range(2)]
     pads = node.attrs.get("pads", [0, 0, 0, 0])
@@ -456,12 +449,13 @@ def lower_global_pool(c: Conversion, node: Node) -> None:
 
 # ----- dense -------------------------------------------------------------------------------------
 def _fully_connected(
-    c: Conversion, node: Node, a: str, weight_name: str, weight: np.ndarray, weight_axis: int, transpose: bool,
+    c: Conversion, node: Node, a: str, weight_name: str, weight_axis: int, transpose: bool,
     bias: np.ndarray | None, bias_name: str | None, out: str, act: int, quantized: bool, keep_dims: bool, alpha: float = 1.0,
 ) -> None:
     rank = len(c.shape(a))
     source = c.get(a, identity(rank), "q" if quantized else None)
-    n_out = weight.shape[1] if transpose else weight.shape[0]
+    weight_shape = c.shape(weight_name)
+    n_out = weight_shape[1] if transpose else weight_shape[0]
     order = c.column_order.get(c.resolve(a)[0].name)
     if quantized:
         qc = _weight_params(c, weight_name, node, weight_axis)
@@ -480,6 +474,7 @@ def _fully_connected(
         bias_tensor = c.builder.constant(f"{node.name}_bias", values32, "int32", bq)
         out_q = c.output_quant(out)
     else:
+        weight = c.const(weight_name)
         matrix = weight.T if transpose else weight
         if order is not None:
             matrix = matrix[:, order]
@@ -524,8 +519,7 @@ def lower_gemm(c: Conversion, node: Node) -> None:
         bias = (c.const(cin).astype(np.float64) * beta).reshape(-1)
         if bias.size not in (1, n_out):
             raise LoweringError(f"Gemm '{node.name}': bias of shape {c.shape(cin)} is not per output", hint="use a [N] bias")
-    weight = c.const(b)
-    _fully_connected(c, node, a, b, weight, 0 if trans_b else 1, not trans_b, bias, cin, out, act, quantized, False, alpha)
+    _fully_connected(c, node, a, b, 0 if trans_b else 1, not trans_b, bias, cin, out, act, quantized, False, alpha)
 
 
 def _bias_add(c: Conversion, node: Node, n_out: int) -> tuple[Node, list[Node], str] | None:
@@ -566,7 +560,7 @@ def lower_matmul(c: Conversion, node: Node) -> None:
             c.fused_bias += 1
         act, out = fuse_activation(c, node, node.outputs[0])
         quantized = quantized_mode(c, node, [a, b], [out])
-        _fully_connected(c, node, a, b, c.const(b), 1, True, bias, None, out, act, quantized, len(c.shape(a)) > 2)
+        _fully_connected(c, node, a, b, 1, True, bias, None, out, act, quantized, len(c.shape(a)) > 2)
         return
     quantized = quantized_mode(c, node, [a, b], [out])
     operands, adjoint = [], []
@@ -762,14 +756,10 @@ def lower_softmax(c: Conversion, node: Node) -> None:
 
 
 # ----- shape ops ---------------------------------------------------------------------------------
-def _same_scale_quant(c: Conversion, node: Node, x: str, outs: Sequence[str]) -> bool:
-    return quantized_mode(c, node, [x], list(outs))
-
-
 def lower_reshape(c: Conversion, node: Node) -> None:
     """Reshape/Flatten/Squeeze/Unsqueeze: a RESHAPE in whichever layout keeps the memory order."""
     x, out = node.inputs[0], node.outputs[0]
-    quantized = _same_scale_quant(c, node, x, [out])
+    quantized = quantized_mode(c, node, [x], [out])
     in_shape, out_shape = c.shape(x), c.graph.shapes[out]
     out_rank = len(out_shape)
     value, _ = c.resolve(x)
@@ -878,7 +868,7 @@ def _requant_const(c: Conversion, name: str, rank: int, perm: Perm, params: Quan
 def lower_split(c: Conversion, node: Node) -> None:
     x = node.inputs[0]
     outs = [o for o in node.outputs]
-    quantized = _same_scale_quant(c, node, x, outs)
+    quantized = quantized_mode(c, node, [x], outs)
     rank = len(c.shape(x))
     axis = int(node.attrs.get("axis", 0)) % rank
     perm = c.natural_perm(x)
@@ -897,7 +887,7 @@ def lower_split(c: Conversion, node: Node) -> None:
 
 def lower_slice(c: Conversion, node: Node) -> None:
     x, out = node.inputs[0], node.outputs[0]
-    quantized = _same_scale_quant(c, node, x, [out])
+    quantized = quantized_mode(c, node, [x], [out])
     shape = c.shape(x)
     rank = len(shape)
     starts = c.const(node.inputs[1]).astype(np.int64).reshape(-1)
@@ -926,7 +916,7 @@ def lower_pad(c: Conversion, node: Node) -> None:
     rank = len(c.shape(x))
     pads = c.const(node.inputs[1]).astype(np.int64).reshape(-1) if len(node.inputs) > 1 and node.inputs[1] else np.asarray(node.attrs["pads"])
     fill = float(c.const(node.inputs[2]).reshape(())) if len(node.inputs) > 2 and node.inputs[2] else 0.0
-    quantized = _same_scale_quant(c, node, x, [out]) and mode == "constant" and fill == 0.0
+    quantized = quantized_mode(c, node, [x], [out]) and mode == "constant" and fill == 0.0
     perm = c.natural_perm(x)
     source = c.get(x, perm, "q" if quantized else None)
     in_q = c.quant_of(x) if quantized else None
@@ -970,7 +960,7 @@ def lower_reduce(c: Conversion, node: Node) -> None:
 
 def lower_resize(c: Conversion, node: Node) -> None:
     x, out = node.inputs[0], node.outputs[0]
-    quantized = _same_scale_quant(c, node, x, [out])
+    quantized = quantized_mode(c, node, [x], [out])
     mode = _text(node.attrs.get("mode", "nearest"))
     transform = _text(node.attrs.get("coordinate_transformation_mode", "half_pixel"))
     perm = nhwc_perm(4)
@@ -1012,7 +1002,7 @@ def lower_gather(c: Conversion, node: Node) -> None:
         c.builder.op(Op.GATHER, [table, positions], [target], Opt.GatherOptions, _options(schema.GatherOptionsT, axis=axis), version=2)
         _flush(c)
         return
-    quantized = _same_scale_quant(c, node, data, [out])
+    quantized = quantized_mode(c, node, [data], [out])
     index_value = c.const(indices).astype(np.int64)
     index_value = np.where(index_value < 0, index_value + c.shape(data)[axis], index_value).astype(np.int32)
     perm = c.natural_perm(data) if index_value.ndim == 0 else identity(rank)
