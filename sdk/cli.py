@@ -241,13 +241,16 @@ def predict(bundle: Path, input_path: Path, output: Path | None, backend: str | 
 @click.option("--port", type=int, help="SSH port.")
 @click.option("--identity", "-i", type=click.Path(path_type=Path), help="SSH private key.")
 @click.option("--jump", "-J", help="ProxyJump host.")
+@click.option("--ssh-config", "-F", type=click.Path(path_type=Path), help="ssh_config file to use instead of ~/.ssh/config.")
 @click.option("--python", "python", default="python3", show_default=True, help="Python interpreter on the device.")
 @click.option("--runs", type=int, default=100, show_default=True)
 @click.option("--warmup", type=int, default=10, show_default=True)
 @click.option("--threads", type=int, help="Intra-op threads on the device [default: the bundle's].")
-@click.option("--keep", is_flag=True, help="Keep the pushed runtime and bundle in the device's cache.")
+@click.option("--keep", is_flag=True, help="Keep the pushed runtime and bundle in the device's cache for the next run.")
 @click.option("--accept-new-host-key", is_flag=True, help="Accept an unknown host key (StrictHostKeyChecking=accept-new).")
+@click.option("--connect-timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for the SSH connection.")
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds allowed for each remote command.")
+@click.option("--max-parallel", type=int, default=4, show_default=True, help="Hosts profiled at the same time.")
 @click.option("--json", "as_json", is_flag=True)
 @_expected_errors
 def profile(
@@ -256,25 +259,45 @@ def profile(
     port: int | None,
     identity: Path | None,
     jump: str | None,
+    ssh_config: Path | None,
     python: str,
     runs: int,
     warmup: int,
     threads: int | None,
     keep: bool,
     accept_new_host_key: bool,
+    connect_timeout: float,
     timeout: float,
+    max_parallel: int,
     as_json: bool,
 ) -> None:
-    """Run a bundle's parity check and benchmark on devices over SSH."""
-    from edgeopt.remote import ProfileOptions, format_profile_table
+    """Run a bundle's parity check and benchmark on devices over SSH.
+
+    Results are appended to the bundle's manifest. Exit code 3 when a device fails the parity check.
+    """
+    from edgeopt.remote import ProfileFailedError, ProfileOptions, format_profile_table
     from edgeopt.remote import profile as run_profile
 
     options = ProfileOptions(
-        port=port, identity=identity, jump=jump, python=python, runs=runs, warmup=warmup, threads=threads,
-        keep=keep, accept_new_host_key=accept_new_host_key, command_timeout=timeout,
+        port=port, identity=identity, jump=jump, ssh_config=ssh_config, python=python, runs=runs, warmup=warmup,
+        threads=threads, keep=keep, accept_new_host_key=accept_new_host_key, connect_timeout=connect_timeout,
+        command_timeout=timeout, max_parallel=max_parallel,
     )
-    results = run_profile(bundle, list(hosts), options, progress=None if as_json else (lambda m: click.echo(f"· {m}", err=True)))
-    click.echo(json.dumps([r.to_dict() for r in results], indent=2, default=str) if as_json else format_profile_table(results))
+
+    def show(results: list[Any]) -> None:
+        if results:
+            click.echo(json.dumps([r.to_dict() for r in results], indent=2, default=str) if as_json else format_profile_table(results))
+
+    try:
+        results = run_profile(bundle, list(hosts), options, progress=None if as_json else (lambda m: click.echo(f"· {m}", err=True)))
+    except ProfileFailedError as exc:
+        show(exc.results)
+        raise
+    show(results)
+    failed = [r.host for r in results if not r.verify.get("passed", False)]
+    if failed:
+        click.echo(f"error: parity check failed on {', '.join(failed)} (see the verify figures above)", err=True)
+        sys.exit(3)
 
 
 def main() -> None:
