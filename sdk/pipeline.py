@@ -191,13 +191,38 @@ def _ort_outputs(model: onnx.ModelProto, samples: Iterable[Mapping[str, np.ndarr
     return [dict(zip(names, session.run(names, dict(sample)))) for sample in samples]
 
 
-def _artifact_runner(lowered: LoweringResult, staging: Path) -> tuple[Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]], Callable[[], None]]:
-    if lowered.runner is not None:
-        return lowered.runner, lambda: None
-    from edgeopt.runtime import load
+_NHWC_FROM_NCHW = (0, 2, 3, 1)
+_NCHW_FROM_NHWC = (0, 3, 1, 2)
 
-    model = load(staging / lowered.model_file, backend=lowered.verify_backend, threads=2)
-    return model.predict, model.close
+
+def _nhwc_names(specs: list[TensorSpec]) -> set[str]:
+    return {s.name for s in specs if s.layout == "NHWC" and len(s.shape) == 4}
+
+
+def to_artifact_layout(samples: list[dict[str, np.ndarray]], specs: list[TensorSpec]) -> list[dict[str, np.ndarray]]:
+    """ONNX-layout tensors as the artifact takes or gives them (NHWC where the lowering chose it)."""
+    nhwc = _nhwc_names(specs)
+    return [{k: np.ascontiguousarray(v.transpose(_NHWC_FROM_NCHW)) if k in nhwc else v for k, v in s.items()} for s in samples]
+
+
+def _artifact_runner(lowered: LoweringResult, staging: Path) -> tuple[Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]], Callable[[], None]]:
+    """Run the artifact on ONNX-layout inputs and return ONNX-layout outputs."""
+    if lowered.runner is not None:
+        run, close = lowered.runner, (lambda: None)
+    else:
+        from edgeopt.runtime import load
+
+        model = load(staging / lowered.model_file, backend=lowered.verify_backend, threads=2)
+        run, close = model.predict, model.close
+    nhwc_in, nhwc_out = _nhwc_names(lowered.inputs), _nhwc_names(lowered.outputs)
+    if not nhwc_in and not nhwc_out:
+        return run, close
+
+    def run_in_onnx_layout(sample: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = {k: np.ascontiguousarray(v.transpose(_NHWC_FROM_NCHW)) if k in nhwc_in else v for k, v in sample.items()}
+        return {k: v.transpose(_NCHW_FROM_NHWC) if k in nhwc_out else v for k, v in run(feeds).items()}
+
+    return run_in_onnx_layout, close
 
 
 def _compare(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]]) -> dict[str, Any]:
@@ -305,7 +330,7 @@ def build(
             else None
         )
 
-        _save_reference(staging, reference_inputs, reference_outputs)
+        _save_reference(staging, to_artifact_layout(reference_inputs, lowered.inputs), to_artifact_layout(reference_outputs, lowered.outputs))
         manifest = _manifest(
             model_path, source, profile, chosen, lowered, staging, before, after, simplify_report.nodes_after,
             quant_report, quality, verification, reference_outputs, stages.records,

@@ -97,3 +97,15 @@ def test_schema_rejects_a_broken_manifest(tmp_path: Path) -> None:
     broken = dict(result.manifest, artifacts=[dict(result.manifest["artifacts"][0], sha256="nothex")])
     with pytest.raises(edgeopt.errors.BundleError, match="artifacts/0/sha256"):
         validate_manifest(json.loads(json.dumps(broken, default=str)))
+
+
+def test_nhwc_io_layout_reference_data_is_in_the_artifacts_layout(tmp_path: Path) -> None:
+    path = tmp_path / "unet.onnx"
+    onnx.save(zoo.unet_style(), path)
+    result = edgeopt.build(path, "raspberry-pi", output=tmp_path / "b", io_layout="nhwc")
+    (spec,) = result.manifest["inputs"]
+    assert spec["layout"] == "NHWC" and spec["shape"] == [1, 64, 64, 3]
+    with np.load(tmp_path / "b" / "reference" / "inputs.npz") as data:
+        assert data[spec["name"]].shape[1:] == (64, 64, 3)
+    assert result.manifest["reference"]["measured"]["max_rel"] <= 1e-4
+    assert verify_bundle(tmp_path / "b").passed
