@@ -1,0 +1,273 @@
+"""ONNX (float or QDQ) → OpenVINO IR (model.xml + model.bin) with `openvino.convert_model`.
+
+OpenVINO's ONNX frontend turns each QuantizeLinear/DequantizeLinear pair on an activation into a
+FakeQuantize with the QDQ's own scale and zero point, and each DequantizeLinear of an int8 weight
+into an int8 constant followed by Convert/Subtract/Multiply. The CPU plugin's low-precision
+transformations then run Convolution/MatMul in int8. So the int8 IR carries exactly the scales
+edgeopt calibrated; nothing is re-quantized here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import onnx
+
+from edgeopt.converters.errors import LoweringError
+from edgeopt.converters.lower.base import LoweredArtifact, LoweringOptions, LoweringResult
+from edgeopt.runtime.spec import TensorSpec
+from edgeopt.targets import Target
+
+__all__ = ["DEVICES", "PERFORMANCE_HINTS", "INFERENCE_PRECISIONS", "runtime_config", "lower"]
+
+_log = logging.getLogger(__name__)
+
+DEVICES = ("CPU", "GPU", "NPU", "AUTO")
+PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
+INFERENCE_PRECISIONS = ("f32", "f16", "bf16")
+
+_MODEL_FILE = "model.xml"
+_WEIGHTS_FILE = "model.bin"
+_QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+# Protobuf cannot serialize a model of 2 GiB or more; larger weights go to an external data file.
+_INLINE_WEIGHT_LIMIT = 1 << 30
+# Layers of the CPU plugin's execution graph whose runtime precision tells whether int8 kernels run.
+_COMPUTE_LAYERS = frozenset({"Convolution", "Deconvolution", "FullyConnected", "MatMul"})
+
+
+def _import_openvino() -> ModuleType:
+    try:
+        import openvino
+    except ImportError as exc:
+        raise LoweringError(
+            "the intel-openvino lowering needs the openvino package, which is not installed",
+            hint="pip install 'edgeopt[openvino]'",
+        ) from exc
+    return openvino
+
+
+def _device_options(target: Target, options: LoweringOptions) -> dict[str, Any]:
+    """Profile options overridden by the user's `options.extra`, checked against what OpenVINO accepts."""
+    merged = {**target.options, **{k: v for k, v in options.extra.items() if k in target.options}}
+    device = str(merged.get("device", "CPU")).upper()
+    hint = str(merged.get("performance_hint", "LATENCY")).upper()
+    precision_hint = merged.get("inference_precision")
+    base_device = device.split(":", 1)[0]
+    if base_device not in DEVICES + ("HETERO", "MULTI"):
+        raise LoweringError(
+            f"unknown OpenVINO device '{device}' in the {target.name} options",
+            hint=f"use one of {', '.join(DEVICES)} (or AUTO:GPU,CPU / HETERO:GPU,CPU)",
+        )
+    if hint not in PERFORMANCE_HINTS:
+        raise LoweringError(
+            f"unknown OpenVINO performance hint '{hint}' in the {target.name} options",
+            hint=f"use one of {', '.join(PERFORMANCE_HINTS)}",
+        )
+    if precision_hint is not None and precision_hint not in INFERENCE_PRECISIONS:
+        raise LoweringError(
+            f"unknown OpenVINO inference precision '{precision_hint}' in the {target.name} options",
+            hint=f"use one of {', '.join(INFERENCE_PRECISIONS)}, or leave it out for the device default",
+        )
+    return {
+        "device": device,
+        "performance_hint": hint,
+        "inference_precision": precision_hint,
+        "compress_to_fp16": bool(merged.get("compress_to_fp16", True)),
+    }
+
+
+def runtime_config(device_options: Mapping[str, Any]) -> dict[str, Any]:
+    """The runtime options a device passes to `Core().compile_model(model, device, config)`.
+
+    Keys of `config` are OpenVINO property names, so a runtime hands them over unchanged.
+    """
+    config = {"PERFORMANCE_HINT": device_options["performance_hint"]}
+    if device_options.get("inference_precision"):
+        config["INFERENCE_PRECISION_HINT"] = device_options["inference_precision"]
+    return {"device": device_options["device"], "config": config}
+
+
+def _is_qdq(model: onnx.ModelProto) -> bool:
+    return any(node.op_type in _QDQ_OPS for node in model.graph.node)
+
+
+def _convert(ov: ModuleType, model: onnx.ModelProto) -> Any:
+    """`convert_model` reads ONNX from a file only, so the model goes through a temporary folder."""
+    weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
+    with tempfile.TemporaryDirectory(prefix="edgeopt-ov-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        onnx.save_model(model, str(path), save_as_external_data=weight_bytes >= _INLINE_WEIGHT_LIMIT)
+        try:
+            return ov.convert_model(str(path), share_weights=False)
+        except Exception as exc:  # OpenVINO raises its own Error/RuntimeError types
+            raise LoweringError(
+                f"OpenVINO could not convert the ONNX model: {str(exc).strip().splitlines()[0]}",
+                hint="check that every op is in OpenVINO's ONNX frontend (docs: 'Supported Operations - ONNX'); "
+                "run `edgeopt build --target onnxruntime-cpu` to compare",
+            ) from exc
+
+
+def _reshape(ov_model: Any, input_shapes: Mapping[str, tuple[int, ...]]) -> None:
+    names = {name for port in ov_model.inputs for name in port.get_names()}
+    unknown = sorted(set(input_shapes) - names)
+    if unknown:
+        raise LoweringError(
+            f"--input-shape names {', '.join(unknown)}, which the model does not have as inputs",
+            hint=f"the model's inputs are {', '.join(sorted(names))}",
+        )
+    ov_model.reshape({name: list(shape) for name, shape in input_shapes.items()})
+
+
+def _tensor_specs(ports: Any, layout: str | None) -> list[TensorSpec]:
+    specs = []
+    for port in ports:
+        shape = tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape())
+        rank_matches = layout is not None and len(layout) == len(shape)
+        specs.append(
+            TensorSpec(
+                name=port.get_any_name(),
+                shape=shape,
+                dtype=port.get_element_type().to_dtype().name,
+                layout=layout if rank_matches else None,
+            )
+        )
+    return specs
+
+
+def _ir_summary(ov_model: Any) -> dict[str, Any]:
+    ops = Counter(node.get_type_name() for node in ov_model.get_ordered_ops())
+    int8_constants = sum(
+        1
+        for node in ov_model.get_ordered_ops()
+        if node.get_type_name() == "Constant" and node.get_element_type().get_type_name() in ("i8", "u8")
+    )
+    return {
+        "fake_quantize": ops.get("FakeQuantize", 0),
+        "int8_weight_constants": int8_constants,
+        "ops": dict(sorted(ops.items())),
+    }
+
+
+# Runs in a child process: a crash inside the CPU plugin's compiler (OpenVINO 2026.4 raises SIGFPE
+# on some QDQ graphs) must become a LoweringError, not take the build down with it.
+_CPU_PROBE = """
+import json, sys
+import openvino as ov
+compiled = ov.Core().compile_model(sys.argv[1], "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+layers = []
+for node in compiled.get_runtime_model().get_ordered_ops():
+    info = node.get_rt_info()
+    layers.append([info["layerType"].astype(str), info["runtimePrecision"].astype(str)])
+print(json.dumps(layers))
+"""
+
+
+def _cpu_execution(xml_path: Path) -> dict[str, dict[str, int]]:
+    """Which precision each compute layer runs in on this host's CPU plugin (f32 pinned).
+
+    The plugin runs a FakeQuantize-fed Convolution/MatMul in int8 only when the QDQ placement suits
+    its low-precision transformations, so this is the honest answer to "is it really int8?".
+    """
+    completed = subprocess.run(
+        [sys.executable, "-c", _CPU_PROBE, str(xml_path)], capture_output=True, text=True, check=False
+    )
+    if completed.returncode != 0:
+        if completed.returncode < 0:
+            reason = f"the compiler crashed with {signal.Signals(-completed.returncode).name}"
+        else:
+            reason = (completed.stderr.strip().splitlines() or ["exit code %d" % completed.returncode])[-1]
+        raise LoweringError(
+            f"OpenVINO's CPU plugin cannot compile the int8 IR {xml_path}: {reason}",
+            hint="quantize with the intel-openvino scheme (Q/DQ only on activation inputs of compute ops and of "
+            "all-activation Add/Mul/Concat); OpenVINO 2026.4 crashes on symmetric Q/DQ that also quantizes the "
+            "constant bias of an Add after MatMul",
+        )
+    by_type: dict[str, Counter[str]] = {}
+    for layer_type, precision in json.loads(completed.stdout):
+        if layer_type in _COMPUTE_LAYERS:
+            by_type.setdefault(layer_type, Counter())[precision] += 1
+    return {layer: dict(sorted(counts.items())) for layer, counts in sorted(by_type.items())}
+
+
+def _int8_warnings(execution: Mapping[str, Mapping[str, int]]) -> list[str]:
+    integer = sum(n for counts in execution.values() for precision, n in counts.items() if precision in ("u8", "i8"))
+    total = sum(sum(counts.values()) for counts in execution.values())
+    if total and not integer:
+        return [
+            f"none of the {total} Convolution/MatMul layers runs in int8 on the CPU plugin: the Q/DQ placement "
+            "does not match OpenVINO's low-precision transformations, so the int8 IR runs in f32"
+        ]
+    return []
+
+
+def lower(
+    model: onnx.ModelProto, target: Target, precision: str, out_dir: Path, options: LoweringOptions
+) -> LoweringResult:
+    """Write `model.xml` + `model.bin` into `out_dir`.
+
+    fp32 keeps float32 weights; fp16 stores float weights as fp16 (the plugin decompresses them);
+    int8 needs a QDQ graph and keeps its scales (its remaining float weights follow
+    `compress_to_fp16` from the profile).
+    """
+    if precision not in target.precisions:
+        raise LoweringError(
+            f"precision '{precision}' is not offered by target {target.name}",
+            hint=f"use one of {', '.join(target.precisions)}",
+        )
+    quantized = _is_qdq(model)
+    if precision == "int8" and not quantized:
+        raise LoweringError(
+            f"int8 for {target.name} needs a QDQ ONNX graph, but model "
+            f"'{model.graph.name or options.model_name}' has no QuantizeLinear/DequantizeLinear node",
+            hint="quantize first (edgeopt build --precision int8 --calibration data.npz), "
+            "or pass a QAT model exported with Q/DQ nodes",
+        )
+    ov = _import_openvino()
+    device = _device_options(target, options)
+    compress_to_fp16 = precision == "fp16" or (precision == "int8" and device["compress_to_fp16"])
+
+    ov_model = _convert(ov, model)
+    if options.input_shapes:
+        _reshape(ov_model, options.input_shapes)
+    ov_model.set_friendly_name(options.model_name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    xml_path = out_dir / _MODEL_FILE
+    ov.save_model(ov_model, str(xml_path), compress_to_fp16=compress_to_fp16)
+    _log.info("wrote %s (%s, compress_to_fp16=%s)", xml_path, precision, compress_to_fp16)
+
+    layout = options.io_layout or target.layout
+    saved = ov.Core().read_model(str(xml_path))
+    summary: dict[str, Any] = {
+        **device,
+        "compress_to_fp16": compress_to_fp16,
+        "source_qdq": quantized,
+        "runtime_options": runtime_config(device),
+        "openvino_version": ov.get_version(),
+        "bytes": {_MODEL_FILE: xml_path.stat().st_size, _WEIGHTS_FILE: (out_dir / _WEIGHTS_FILE).stat().st_size},
+        **_ir_summary(saved),
+    }
+    if quantized:
+        summary["cpu_execution"] = _cpu_execution(xml_path)
+        summary["warnings"] = _int8_warnings(summary["cpu_execution"])
+    return LoweringResult(
+        artifacts=[
+            LoweredArtifact(_MODEL_FILE, "openvino-ir", "model"),
+            LoweredArtifact(_WEIGHTS_FILE, "openvino-ir", "weights"),
+        ],
+        model_file=_MODEL_FILE,
+        runtime_backend="openvino",
+        verify_backend="openvino",
+        inputs=_tensor_specs(saved.inputs, layout),
+        outputs=_tensor_specs(saved.outputs, None),
+        summary=summary,
+    )
