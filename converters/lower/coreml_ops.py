@@ -661,8 +661,12 @@ def _gather(b: _Builder, node: onnx.NodeProto, name: str) -> list[Value]:
     if isinstance(indices, np.ndarray):
         indices = np.where(indices < 0, indices + b.shape(node.input[0])[axis], indices).astype(np.int32)
         if indices.ndim == 0:
-            picked = mb.gather(x=b.var(node.input[0]), indices=indices.reshape(1), axis=axis, name=b.fresh(name + "_g"))
-            return [mb.squeeze(x=picked, axes=[axis], name=name)]
+            # A constant scalar index (e.g. q, k, v = qkv[0], qkv[1], qkv[2]) is a slice, not a gather.
+            shape = b.shape(node.input[0])
+            begin, end = [0] * rank, list(shape)
+            begin[axis], end[axis] = int(indices), int(indices) + 1
+            squeeze = [i == axis for i in range(rank)]
+            return [mb.slice_by_index(x=b.var(node.input[0]), begin=begin, end=end, squeeze_mask=squeeze, name=name)]
     x = _const(data) if isinstance(data, np.ndarray) else data
     return [mb.gather(x=x, indices=indices, axis=axis, name=name)]
 

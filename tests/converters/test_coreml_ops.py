@@ -141,6 +141,9 @@ CASES: dict[str, onnx.ModelProto] = {
          node("Equal", ["x", "x"], ["e"]), node("Cast", ["e"], ["ef"], to=TensorProto.FLOAT), node("Add", ["b", "ef"], ["y"])],
         {"x": (2, 3)}, ["y"], {"table": _w(5, 3), "idx": _i64(4, 1), "zero": np.array(0.0, np.float32)},
     ),
+    "gather_scalar_index_is_a_slice": _model(
+        [node("Gather", ["x", "last"], ["y"], axis=1)], {"x": (2, 3, 4)}, ["y"], {"last": np.array(-1, np.int64)},
+    ),
     "shape_arithmetic_is_folded": _model(
         [node("Shape", ["x"], ["s"]), node("Gather", ["s", "one"], ["c"], axis=0), node("Unsqueeze", ["c", "ax0"], ["cu"]),
          node("Concat", ["batch", "cu", "minus"], ["shape"], axis=0), node("Reshape", ["x", "shape"], ["y"])],
