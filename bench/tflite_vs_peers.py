@@ -96,10 +96,13 @@ def onnx2tf_peer(python: str, model: onnx.ModelProto, feed: Mapping[str, np.ndar
     with tempfile.TemporaryDirectory() as folder:
         source = Path(folder) / "model.onnx"
         onnx.save(model, source)
+        # onnx2tf checks image models on sample images it otherwise downloads; it reads them from the cwd first.
+        samples = np.random.default_rng(0).random((20, 128, 128, 3), dtype=np.float32)
+        np.save(Path(folder) / "calibration_image_sample_data_20x128x128x3_float32.npy", samples)
         start = time.perf_counter()
         done = subprocess.run(
             [python, "-m", "onnx2tf", "-i", str(source), "-o", str(Path(folder) / "out"), "-n"],
-            capture_output=True, text=True, timeout=1800,
+            capture_output=True, text=True, timeout=1800, cwd=folder,
         )
         seconds = time.perf_counter() - start
         produced = sorted((Path(folder) / "out").glob("*_float32.tflite"))
