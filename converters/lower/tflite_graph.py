@@ -108,6 +108,7 @@ class Conversion:
         # Flattened values whose columns follow a channels-last order: column j holds ONNX column order[j].
         self.column_order: dict[str, np.ndarray] = {}
         self.fused_bias = 0
+        self.fake_quantized: dict[tuple[str, Perm, QuantParams], int] = {}
         self.dq_constants = {
             n.outputs[0] for n in graph.nodes if n.op_type == "DequantizeLinear" and n.inputs[0] in graph.constants
         }
@@ -239,6 +240,9 @@ class Conversion:
         if perm is None:
             perms = [p for p, q in value.variants if q == want_q] or [p for p, _ in value.variants]
             perm = perms[0]
+        produced_as = next(iter(value.variants))[1]
+        if quant is None and ref_quant is not None and not ref_quant.same_as(produced_as):
+            return self._fake_quantized(name, value, perm, ref_quant)
         key = (perm, want_q)
         if key in value.variants:
             return value.variants[key]
@@ -249,14 +253,21 @@ class Conversion:
         # Other dtype: (de)quantize in a layout we have, then permute.
         source_perm, source_q = self._best_source(value, perm, want_q, ref_quant)
         source = value.variants[(source_perm, source_q)]
-        if want_q is None and ref_quant is not None and source_q is None:
-            # Fake quantization of a float value: quantize, then dequantize (what ORT computes).
-            source = self._convert(value, source, source_perm, None, ref_quant)
-            source_q = ref_quant
         out = self._convert(value, source, source_perm, source_q, want_q)
         if source_perm != perm:
             return self._permute(value, out, source_perm, perm, want_q)
         return out
+
+    def _fake_quantized(self, name: str, value: Value, perm: Perm, params: QuantParams) -> int:
+        """A float reader behind Q→DQ of a value made in float (or at other params): QUANTIZE then DEQUANTIZE,
+        which is what the QDQ graph computes."""
+        key = (value.name, perm, params)
+        if key not in self.fake_quantized:
+            quantized = self.get(name, perm, "q")
+            out = self.builder.tensor(f"{value.name}_fq", [value.shape[p] for p in perm], "float32")
+            self.builder.op(Op.DEQUANTIZE, [quantized], [out], version=2)
+            self.fake_quantized[key] = out
+        return self.fake_quantized[key]
 
     def _best_source(
         self, value: Value, perm: Perm, want: QuantParams | None, ref_quant: QuantParams | None

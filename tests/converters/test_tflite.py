@@ -290,6 +290,16 @@ def test_single_op_graphs_match_onnxruntime(case: str) -> None:
     assert_float_close(litert_outputs(flatbuffer, {"x": x}, ["y"]), ort_outputs(model, {"x": x}), 1e-4, 1e-5)
 
 
+@pytest.mark.parametrize("case", ["avgpool_asymmetric_ceil", "conv_transpose_same", "conv_transpose_valid", "grouped_dilated_conv", "slice_reduce_softmax"])
+def test_single_op_graphs_in_int8_match_the_qdq_graph(case: str) -> None:
+    nodes, x_shape, y_shape, inits, names = SINGLE_OPS[case]
+    model = _graph(nodes, x_shape, y_shape, inits, names)
+    feeds = [{"x": np.random.default_rng(seed).standard_normal(x_shape).astype(np.float32)} for seed in range(9)]
+    qdq = quantized(model, feeds[1:])
+    flatbuffer, _, _, _ = lower_to_bytes(qdq, "int8", LoweringOptions())
+    assert int8_steps(litert_outputs(flatbuffer, feeds[0], ["y"]), ort_outputs(qdq, feeds[0]), output_scales(qdq)) <= 1.0
+
+
 # ----- contract, errors ------------------------------------------------------------------------
 def test_lower_through_the_dispatch_writes_a_verified_tflite(tmp_path: Path, nets) -> None:
     model, feeds = nets["mobilenet_v2_style"]
