@@ -174,12 +174,16 @@ def lower(
     compressed = sum(count for op, count in mil_ops.items() if op.startswith("constexpr"))
 
     on_mac = platform.system() == "Darwin"
-    evaluator = MilReferenceEvaluator(package)
+    # Core ML predicts on macOS only; elsewhere the numpy evaluator runs the saved package.
+    predict = ct.models.MLModel(str(package)).predict if on_mac else MilReferenceEvaluator(package)
+    feature_dtypes = {spec.name: np.dtype(spec.dtype) for spec in input_specs}
 
-    def run_reference(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        renamed = {feature_names.get(name, name): value for name, value in feeds.items()}
-        results = evaluator(renamed)
-        return {onnx_name: results[feature] for onnx_name, feature in output_names.items()}
+    def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """ONNX-named feeds in, ONNX-named outputs out (int64 ids become the int32 Core ML takes)."""
+        features = {feature_names.get(name, name): np.asarray(value) for name, value in feeds.items()}
+        features = {name: value.astype(feature_dtypes.get(name, value.dtype)) for name, value in features.items()}
+        results = predict(features)
+        return {onnx_name: np.asarray(results[feature]) for onnx_name, feature in output_names.items()}
 
     summary: dict[str, Any] = {
         "deployment_target": deployment,
@@ -199,6 +203,6 @@ def lower(
         inputs=input_specs,
         outputs=output_specs,
         summary=summary,
-        runner=None if on_mac else run_reference,
+        runner=run,
         verified_with="coreml" if on_mac else "mil-reference-evaluator (numpy), not Core ML",
     )

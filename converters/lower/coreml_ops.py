@@ -86,7 +86,7 @@ def _const(value: np.ndarray, like: Var | None = None) -> np.ndarray:
         if like.dtype == types.bool:
             return np.asarray(value).astype(bool)
     value = np.asarray(value)
-    if value.dtype.kind in "iu" and value.dtype.itemsize > 4 or value.dtype == np.uint32:
+    if (value.dtype.kind in "iu" and value.dtype.itemsize > 4) or value.dtype == np.uint32:
         return value.astype(np.int32)
     if value.dtype == np.float64:
         return value.astype(np.float32)
@@ -96,8 +96,9 @@ def _const(value: np.ndarray, like: Var | None = None) -> np.ndarray:
 class _Builder:
     """State of one conversion: the value of every ONNX tensor, as a MIL Var or a numpy constant."""
 
-    def __init__(self, model: onnx.ModelProto, opset_target: object) -> None:
+    def __init__(self, model: onnx.ModelProto, opset_target: object, target_name: str) -> None:
         self.graph = model.graph
+        self.target_name = target_name
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
         self.opset_target = opset_target
         self.ios18 = opset_target >= _ios18()
@@ -639,7 +640,7 @@ def _resize_support(b: _Builder, node: onnx.NodeProto) -> str | None:
 def _resize(b: _Builder, node: onnx.NodeProto, name: str) -> list[Value]:
     reason = _resize_support(b, node)
     if reason:
-        raise UnsupportedOpsError("apple-ane", [(node.name, node.op_type, reason)])
+        raise UnsupportedOpsError(b.target_name, [(node.name, node.op_type, reason)])
     x = b.var(node.input[0])
     in_h, in_w, out_h, out_w = _resize_geometry(b, node)
     attrs = _attrs(node)
@@ -697,7 +698,7 @@ _CAST_DTYPES = {
 def _cast(b: _Builder, node: onnx.NodeProto, name: str) -> list[Value]:
     to = int(_attrs(node)["to"])
     if to not in _CAST_DTYPES:
-        raise UnsupportedOpsError("apple-ane", [(node.name, "Cast", f"cast to {onnx.TensorProto.DataType.Name(to)}")])
+        raise UnsupportedOpsError(b.target_name, [(node.name, "Cast", f"cast to {onnx.TensorProto.DataType.Name(to)}")])
     return [mb.cast(x=b.var(node.input[0]), dtype=_CAST_DTYPES[to], name=name)]
 
 
@@ -800,6 +801,8 @@ def check_supported(model: onnx.ModelProto, target_name: str) -> None:
             problems.append((node.name, node.op_type, "dilated pooling"))
         elif node.op_type == "Pad" and _decode(_attrs(node).get("mode", "constant")) not in ("constant", "reflect", "edge"):
             problems.append((node.name, node.op_type, f"pad mode {_decode(_attrs(node)['mode'])}"))
+        elif node.op_type == "Cast" and int(_attrs(node)["to"]) not in _CAST_DTYPES:
+            problems.append((node.name, node.op_type, f"cast to {onnx.TensorProto.DataType.Name(int(_attrs(node)['to']))}"))
         elif node.op_type in ("Resize", "Upsample") and _decode(_attrs(node).get("mode", "nearest")) not in ("nearest", "linear"):
             problems.append((node.name, node.op_type, f"Resize mode '{_decode(_attrs(node)['mode'])}' (Core ML offers nearest and bilinear)"))
     if problems:
@@ -823,7 +826,7 @@ def build_program(
     model: onnx.ModelProto, inputs: Sequence[GraphInput], opset_target: object, target_name: str
 ) -> tuple[Program, dict[str, str]]:
     """The MIL program of `model`, and the MIL name each ONNX output got (Core ML features are renamed back)."""
-    b = _Builder(model, opset_target)
+    b = _Builder(model, opset_target, target_name)
     placeholders = {mil_name(i.name): mb.placeholder(shape=i.shape, dtype=_mil_dtype(i.onnx_dtype)) for i in inputs}
     output_names: dict[str, str] = {}
     with Function(placeholders, opset_version=opset_target) as function:
@@ -832,7 +835,7 @@ def build_program(
             b.fresh(graph_input.name)
         graph_outputs = [o.name for o in model.graph.output]
         for node in model.graph.node:
-            _lower_node(b, node, target_name)
+            _lower_node(b, node)
         results = []
         for onnx_name in graph_outputs:
             value = b.values[onnx_name]
@@ -848,7 +851,7 @@ def build_program(
     return program, output_names
 
 
-def _lower_node(b: _Builder, node: onnx.NodeProto, target_name: str) -> None:
+def _lower_node(b: _Builder, node: onnx.NodeProto) -> None:
     values = [b.values.get(i) if i else None for i in node.input]
     if node.op_type in _PASSTHROUGH:
         b.values[node.output[0]] = values[0]
