@@ -762,6 +762,8 @@ def _compressed_weight(
         if np.any(zero != 0):
             kwargs["offset"] = zero.reshape(block)
         return mb.constexpr_blockwise_shift_scale(**kwargs)
+    if not np.any(zero != 0):
+        zero = np.zeros((), dtype=data.dtype)  # one scalar instead of a per-channel blob of zeros
     return mb.constexpr_affine_dequantize(
         quantized_data=data, zero_point=zero, scale=scale, axis=0 if axis is None else axis, name=name
     )
