@@ -81,13 +81,18 @@ def is_qdq_model(model: onnx.ModelProto) -> bool:
     return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
 
 
-def quantized_op_share(model: onnx.ModelProto) -> float:
-    """Share of compute nodes that read at least one dequantized tensor."""
+def quantized_op_share(model: onnx.ModelProto, scheme: QuantScheme | None = None) -> float:
+    """Share of compute nodes that run in int8: a scheme-quantized op (any op without a scheme)
+    reading at least one dequantized tensor."""
     producers = {o: n.op_type for n in model.graph.node for o in n.output}
     compute = [n for n in model.graph.node if n.op_type not in NON_COMPUTE_OPS]
     if not compute:
         return 0.0
-    quantized = [n for n in compute if any(producers.get(i) == "DequantizeLinear" for i in n.input)]
+    quantized = [
+        n
+        for n in compute
+        if (scheme is None or n.op_type in scheme.quantized_ops) and any(producers.get(i) == "DequantizeLinear" for i in n.input)
+    ]
     return len(quantized) / len(compute)
 
 
@@ -248,7 +253,7 @@ def _report(qdq: onnx.ModelProto, scheme: QuantScheme, options: QuantizeOptions,
         "adaptations": [],
         "float_fallback": [],
         "per_layer_sqnr": [],
-        "quantized_op_share": quantized_op_share(qdq),
+        "quantized_op_share": quantized_op_share(qdq, scheme),
     }
 
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 __all__ = [
     "MIN_OPSET",
@@ -121,7 +121,3 @@ def run_model(
         values = runner.run(names, {name: sample[name] for name in input_names})
         yield dict(zip(names, values))
 
-
-def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray | None:
-    init = next((i for i in model.graph.initializer if i.name == name), None)
-    return None if init is None else numpy_helper.to_array(init)

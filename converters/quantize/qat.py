@@ -212,15 +212,12 @@ def _expected_axis(node: onnx.NodeProto | None, rank: int) -> int | None:
 
 
 def _requantized_weight(
-    graph: _Graph,
-    name: str,
     values: np.ndarray,
     scale: np.ndarray,
     zero_point: np.ndarray,
     axis: int,
     consumer: onnx.NodeProto | None,
     scheme: QuantScheme,
-    adaptations: list,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None, list[str]]:
     """(int weights, scale, zero point, axis, changes): the learned grid, unless the scheme forbids it."""
     per_channel = scale.size > 1
@@ -256,7 +253,7 @@ def _import_weight(graph: _Graph, q: onnx.NodeProto, scheme: QuantScheme, scales
         return
     consumer = _weight_consumer(graph, dqs[0].output[0])
     values = graph.arrays[name].astype(np.float32)
-    quantized, new_scale, new_zero, new_axis, changes = _requantized_weight(graph, name, values, scale, zero_point, axis, consumer, scheme, adaptations)
+    quantized, new_scale, new_zero, new_axis, changes = _requantized_weight(values, scale, zero_point, axis, consumer, scheme)
     _store_weight(graph, name, dqs, quantized, new_scale, new_zero, new_axis)
     graph.model.graph.node.remove(q)
     _record_weight(name, scale, zero_point, axis, new_scale, new_zero, new_axis, changes, scales, adaptations)
@@ -274,7 +271,7 @@ def _check_stored_weight(graph: _Graph, dq: onnx.NodeProto, scheme: QuantScheme,
         shape[axis] = -1
     values = ((stored.astype(np.float64) - zero_point.reshape(shape).astype(np.float64)) * scale.reshape(shape)).astype(np.float32)
     consumer = _weight_consumer(graph, dq.output[0])
-    quantized, new_scale, new_zero, new_axis, changes = _requantized_weight(graph, name, values, scale, zero_point, axis, consumer, scheme, adaptations)
+    quantized, new_scale, new_zero, new_axis, changes = _requantized_weight(values, scale, zero_point, axis, consumer, scheme)
     if changes:
         _store_weight(graph, name, [dq], quantized, new_scale, new_zero, new_axis)
     _record_weight(name, scale, zero_point, axis, new_scale, new_zero, new_axis, changes, scales, adaptations)
@@ -294,7 +291,18 @@ def _store_weight(graph: _Graph, name: str, dqs: list[onnx.NodeProto], quantized
         _set_axis(dq, axis)
 
 
-def _record_weight(name, scale, zero_point, axis, new_scale, new_zero, new_axis, changes, scales, adaptations) -> None:
+def _record_weight(
+    name: str,
+    scale: np.ndarray,
+    zero_point: np.ndarray,
+    axis: int,
+    new_scale: np.ndarray,
+    new_zero: np.ndarray,
+    new_axis: int | None,
+    changes: list[str],
+    scales: list,
+    adaptations: list,
+) -> None:
     before = _describe(scale, zero_point, axis)
     after = _describe(np.asarray(new_scale), np.asarray(new_zero), new_axis)
     why = "the target runs symmetric int8 weights per output channel"

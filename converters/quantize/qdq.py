@@ -226,6 +226,10 @@ def insert_qdq(model: onnx.ModelProto, plan: QuantPlan, params: Mapping[str, QPa
                 for index, value in enumerate(user.inputs):
                     if value is tensor:
                         user.replace_input_with(index, dequantized_value)
+    inputs = {v.name for v in graph.inputs}
+    for name, value in list(graph.initializers.items()):
+        if not value.uses() and not value.is_graph_output() and name not in inputs:
+            del graph.initializers[name]  # the float weights and biases now stored as integers
     graph.sort()
     proto = ir.to_proto(ir_model)
     _ensure_opset(proto)
