@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import signal
 import subprocess
 import sys
@@ -21,9 +22,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import onnx
 
-from edgeopt.converters.errors import LoweringError
+from edgeopt.converters.errors import LoweringError, UnsupportedOpsError
 from edgeopt.converters.lower.base import LoweredArtifact, LoweringOptions, LoweringResult
 from edgeopt.runtime.spec import TensorSpec
 from edgeopt.targets import Target
@@ -87,21 +89,63 @@ def _device_options(target: Target, options: LoweringOptions) -> dict[str, Any]:
 
 
 def runtime_config(device_options: Mapping[str, Any]) -> dict[str, Any]:
-    """The runtime options a device passes to `Core().compile_model(model, device, config)`.
+    """The manifest's runtime options for the device: what edgeopt.runtime's openvino backend reads.
 
-    Keys of `config` are OpenVINO property names, so a runtime hands them over unchanged.
+    `device` picks the plugin; `performance_hint` and `inference_precision` become the properties
+    PERFORMANCE_HINT and INFERENCE_PRECISION_HINT of `compile_model`.
     """
-    config = {"PERFORMANCE_HINT": device_options["performance_hint"]}
+    config = {"device": device_options["device"], "performance_hint": device_options["performance_hint"]}
     if device_options.get("inference_precision"):
-        config["INFERENCE_PRECISION_HINT"] = device_options["inference_precision"]
-    return {"device": device_options["device"], "config": config}
+        config["inference_precision"] = device_options["inference_precision"]
+    return config
+
+
+class _CpuRunner:
+    """Runs the IR on this host's CPU plugin with f32 pinned, whatever device the bundle is for.
+
+    The CPU plugin's default precision hint is bf16 on CPUs with AVX-512 BF16 or AMX, which would
+    make an fp32 parity check measure bf16 rounding instead of the IR.
+    """
+
+    def __init__(self, ov: ModuleType, xml_path: Path, performance_hint: str) -> None:
+        self._ov = ov
+        self._xml_path = xml_path
+        self._config = {"PERFORMANCE_HINT": performance_hint, "INFERENCE_PRECISION_HINT": "f32"}
+        self._compiled: Any = None
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._compiled is None:
+            self._compiled = self._ov.Core().compile_model(str(self._xml_path), "CPU", self._config)
+        results = self._compiled(dict(feeds))
+        return {port.get_any_name(): np.asarray(results[port]) for port in self._compiled.outputs}
 
 
 def _is_qdq(model: onnx.ModelProto) -> bool:
     return any(node.op_type in _QDQ_OPS for node in model.graph.node)
 
 
-def _convert(ov: ModuleType, model: onnx.ModelProto) -> Any:
+def _openvino_reason(exc: Exception) -> str:
+    """OpenVINO's message without its C++ source locations."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("Check '", "Exception from src/", "FrontEnd API failed"))]
+    return " ".join(useful or lines[:1])
+
+
+def _unconverted_nodes(model: onnx.ModelProto, reason: str, target: Target) -> UnsupportedOpsError | None:
+    """Every node of an op type OpenVINO's ONNX frontend has no conversion rule for, by name."""
+    match = re.search(r"No conversion rule found for operations: ([^\n]+?)(?:\s+--|$)", reason)
+    if match is None:
+        return None
+    missing = {op.strip() for op in match.group(1).split(",")}
+    nodes = [
+        (node.name, node.op_type, "OpenVINO's ONNX frontend has no conversion rule for it")
+        for node in model.graph.node
+        if (f"{node.domain}.{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type) in missing
+    ]
+    return UnsupportedOpsError(target.name, nodes) if nodes else None
+
+
+def _convert(ov: ModuleType, model: onnx.ModelProto, target: Target) -> Any:
     """`convert_model` reads ONNX from a file only, so the model goes through a temporary folder."""
     weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
     with tempfile.TemporaryDirectory(prefix="edgeopt-ov-") as tmp:
@@ -110,10 +154,14 @@ def _convert(ov: ModuleType, model: onnx.ModelProto) -> Any:
         try:
             return ov.convert_model(str(path), share_weights=False)
         except Exception as exc:  # OpenVINO raises its own Error/RuntimeError types
+            reason = _openvino_reason(exc)
+            unsupported = _unconverted_nodes(model, reason, target)
+            if unsupported is not None:
+                raise unsupported from exc
             raise LoweringError(
-                f"OpenVINO could not convert the ONNX model: {str(exc).strip().splitlines()[0]}",
-                hint="check that every op is in OpenVINO's ONNX frontend (docs: 'Supported Operations - ONNX'); "
-                "run `edgeopt build --target onnxruntime-cpu` to compare",
+                f"OpenVINO could not convert the ONNX model: {reason}",
+                hint="check the ops against OpenVINO's ONNX frontend (docs: 'Supported Operations - ONNX'); "
+                "`edgeopt build --target onnxruntime-cpu` runs any ONNX model",
             ) from exc
 
 
@@ -125,7 +173,13 @@ def _reshape(ov_model: Any, input_shapes: Mapping[str, tuple[int, ...]]) -> None
             f"--input-shape names {', '.join(unknown)}, which the model does not have as inputs",
             hint=f"the model's inputs are {', '.join(sorted(names))}",
         )
-    ov_model.reshape({name: list(shape) for name, shape in input_shapes.items()})
+    try:
+        ov_model.reshape({name: list(shape) for name, shape in input_shapes.items()})
+    except Exception as exc:  # OpenVINO raises RuntimeError subclasses with C++ context
+        raise LoweringError(
+            f"OpenVINO cannot reshape the model to {dict(input_shapes)}: {_openvino_reason(exc)}",
+            hint="give every input a shape the model's layers accept (batch, then the exported layout)",
+        ) from exc
 
 
 def _tensor_specs(ports: Any, layout: str | None) -> list[TensorSpec]:
@@ -236,7 +290,7 @@ def lower(
     device = _device_options(target, options)
     compress_to_fp16 = precision == "fp16" or (precision == "int8" and device["compress_to_fp16"])
 
-    ov_model = _convert(ov, model)
+    ov_model = _convert(ov, model, target)
     if options.input_shapes:
         _reshape(ov_model, options.input_shapes)
     ov_model.set_friendly_name(options.model_name)
@@ -270,4 +324,6 @@ def lower(
         inputs=_tensor_specs(saved.inputs, layout),
         outputs=_tensor_specs(saved.outputs, None),
         summary=summary,
+        runner=_CpuRunner(ov, xml_path, device["performance_hint"]),
+        verified_with=f"OpenVINO {ov.get_version().split('-')[0]} CPU plugin, INFERENCE_PRECISION_HINT f32",
     )

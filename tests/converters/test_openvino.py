@@ -24,7 +24,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from edgeopt.converters.data import model_input_specs, open_dataset
-from edgeopt.converters.errors import LoweringError
+from edgeopt.converters.errors import LoweringError, UnsupportedOpsError
 from edgeopt.converters.lower import LoweringOptions, LoweringResult, lower
 from edgeopt.converters.passes import simplify
 from edgeopt.converters.quantize import QuantizeOptions, quantize
@@ -79,9 +79,8 @@ def ort_run(model: onnx.ModelProto, feeds: Sequence[Feed]) -> list[list[np.ndarr
 
 
 def ov_run(result: LoweringResult, out_dir: Path, feeds: Sequence[Feed]) -> list[list[np.ndarray]]:
-    """Run the IR on the CPU plugin with the runtime options the lowering recorded for the device."""
-    config = result.summary["runtime_options"]["config"]
-    compiled = ov.Core().compile_model(str(out_dir / result.model_file), "CPU", config)
+    """Run the IR itself on the CPU plugin, f32 pinned (the plugin's default here may be bf16)."""
+    compiled = ov.Core().compile_model(str(out_dir / result.model_file), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     return [[np.asarray(compiled(feed)[port]) for port in compiled.outputs] for feed in feeds]
 
 
@@ -216,6 +215,14 @@ def test_writes_model_xml_and_bin_listed_as_model_and_weights(convs: Any, tmp_pa
     assert [(s.name, s.shape, s.dtype) for s in result.outputs] == [("y", (1, 16, 1, 1), "float32")]
 
 
+def test_runner_checks_the_ir_on_this_cpu_in_f32(convs: Any, tmp_path: Path) -> None:
+    model, _, feeds = convs
+    result = lower(model, TARGET, "fp32", tmp_path, LoweringOptions(extra={"device": "GPU"}))
+    assert result.runner is not None
+    (expected,) = ort_run(model, feeds[:1])
+    assert max_rel_error([expected], [[result.runner(feeds[0])["y"]]]) <= FP32_REL
+
+
 def test_fp32_keeps_float32_weights_and_fp16_halves_them(convs: Any, tmp_path: Path) -> None:
     model, _, _ = convs
     lower(model, TARGET, "fp32", tmp_path / "fp32", LoweringOptions())
@@ -259,21 +266,16 @@ def test_records_profile_options_for_the_device(convs: Any, tmp_path: Path) -> N
     model, _, _ = convs
     summary = lower(model, TARGET, "fp16", tmp_path, LoweringOptions()).summary
     assert (summary["device"], summary["performance_hint"], summary["inference_precision"]) == ("CPU", "LATENCY", "f32")
-    assert summary["runtime_options"] == {
-        "device": "CPU",
-        "config": {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"},
-    }
+    assert summary["runtime_options"] == {"device": "CPU", "performance_hint": "LATENCY", "inference_precision": "f32"}
 
 
 def test_user_options_choose_another_device_and_hint(convs: Any, tmp_path: Path) -> None:
     model, _, _ = convs
     extra = {"device": "npu", "performance_hint": "throughput", "inference_precision": "f16"}
     result = lower(model, TARGET, "fp16", tmp_path, LoweringOptions(extra=extra))
-    assert result.summary["runtime_options"] == {
-        "device": "NPU",
-        "config": {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": "f16"},
-    }
+    assert result.summary["runtime_options"] == {"device": "NPU", "performance_hint": "THROUGHPUT", "inference_precision": "f16"}
     assert result.verify_backend == "openvino"
+    assert "CPU plugin, INFERENCE_PRECISION_HINT f32" in result.verified_with
 
 
 @pytest.mark.parametrize(
@@ -322,13 +324,20 @@ def test_input_shapes_naming_an_unknown_input_is_an_error(tmp_path: Path) -> Non
         lower(zoo.digits_cnn(), TARGET, "fp32", tmp_path, LoweringOptions(input_shapes={"pixels": (1, 1, 8, 8)}))
 
 
-def test_unconvertible_model_is_a_lowering_error(tmp_path: Path) -> None:
+def test_input_shapes_the_layers_cannot_take_are_an_error(tmp_path: Path) -> None:
+    with pytest.raises(LoweringError, match="OpenVINO cannot reshape the model to .*rank do not match"):
+        lower(zoo.digits_cnn(), TARGET, "fp32", tmp_path, LoweringOptions(input_shapes={"image": (1, 8, 8)}))
+
+
+def test_ops_openvino_cannot_convert_are_named(tmp_path: Path) -> None:
     graph = helper.make_graph(
-        [helper.make_node("NoSuchOp", ["x"], ["y"], domain="com.example")],
+        [helper.make_node("NoSuchOp", ["x"], ["y"], domain="com.example", name="custom_layer")],
         "custom",
         [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
-    with pytest.raises(LoweringError, match="OpenVINO could not convert the ONNX model"):
+    with pytest.raises(UnsupportedOpsError) as error:
         lower(model, TARGET, "fp32", tmp_path, LoweringOptions())
+    assert error.value.target == "intel-openvino"
+    assert error.value.nodes == [("custom_layer", "NoSuchOp", "OpenVINO's ONNX frontend has no conversion rule for it")]
