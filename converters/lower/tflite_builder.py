@@ -111,6 +111,7 @@ class TFLiteBuilder:
         t.shape = [int(d) for d in shape]
         t.type = TENSOR_TYPES[dtype]
         t.buffer = 0
+        t.hasRank = True
         if data is not None:
             array = np.ascontiguousarray(np.asarray(data, dtype=dtype).reshape(tuple(shape)))
             buffer = schema.BufferT()
@@ -122,7 +123,7 @@ class TFLiteBuilder:
             q = schema.QuantizationParametersT()
             q.scale = [float(s) for s in quant.scale]
             q.zeroPoint = [int(z) for z in quant.zero_point]
-            q.quantizedDimension = int(quant.axis)
+            q.quantizedDimension = 0 if quant.per_tensor else int(quant.axis)
             t.quantization = q
         self._graph.tensors.append(t)
         self.shapes.append(tuple(int(d) for d in shape))

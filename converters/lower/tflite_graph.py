@@ -166,7 +166,7 @@ class Conversion:
             else np.zeros(scale.shape, np.int64)
         )
         dtype = str(np.asarray(self.const(node.inputs[2])).dtype) if len(node.inputs) > 2 and node.inputs[2] else "uint8"
-        axis = int(node.attrs.get("axis", 1))
+        axis = int(node.attrs.get("axis", 1)) if scale.size > 1 else 0
         return QuantParams(tuple(float(s) for s in scale), tuple(int(z) for z in zero), dtype, axis)
 
     def const_tensor(self, name: str, data: np.ndarray, dtype: str | None = None, quant: QuantParams | None = None) -> int:

@@ -153,6 +153,13 @@ def test_int8_matches_the_same_qdq_graph_on_onnxruntime(nets, name: str) -> None
     else:
         assert ops.get("CONV_2D", 0) > 0 and transposes_inside_conv_chains(flatbuffer) == 0
         assert summary["quantized_op_share"] > 0.5
+    # XNNPACK takes int8 tensors only when per-tensor params say quantized_dimension 0 (else LiteRT
+    # falls back to its reference kernels, several times slower than fp32).
+    graph = schema.ModelT.InitFromPackedBuf(flatbuffer, 0).subgraphs[0]
+    for tensor in graph.tensors:
+        q = tensor.quantization
+        if q is not None and q.scale is not None and len(q.scale) == 1:
+            assert q.quantizedDimension == 0, tensor.name
 
 
 @pytest.mark.parametrize(("precision", "rel", "size_ratio"), [("fp16", 1e-2, 0.6), ("int8-weights", 6e-2, 0.5)])
