@@ -113,3 +113,58 @@ def test_raspberry_pi_shifts_uint8_to_int8_exactly(qat_model: onnx.ModelProto, d
 def test_qat_import_ignores_calibration_options(qat_model: onnx.ModelProto) -> None:
     result = quantize(qat_model, get_target("onnxruntime-cpu").quant_scheme, None, QuantizeOptions(method="entropy"))
     assert result.report["qat_imported"] and result.report["method"] is None
+
+
+def _hand_made_qdq() -> onnx.ModelProto:
+    """x -> Q/DQ per-channel (axis 1) -> Conv with asymmetric uint8 weights -> Softmax -> Q/DQ (1/100, 0)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(4, 3, 1, 1)).astype(np.float32)
+    w_scale = np.full(4, 0.02, np.float32)
+    w_zero = np.array([120, 128, 130, 127], np.uint8)
+    w_int = np.clip(np.round(weight / w_scale[:, None, None, None]) + w_zero[:, None, None, None], 0, 255).astype(np.uint8)
+    initializers = [
+        numpy_helper.from_array(np.array([0.01, 0.02, 0.03], np.float32), "x_scale"),
+        numpy_helper.from_array(np.array([0, 10, -5], np.int8), "x_zero"),
+        numpy_helper.from_array(w_int, "w_int"),
+        numpy_helper.from_array(w_scale, "w_scale"),
+        numpy_helper.from_array(w_zero, "w_zero"),
+        numpy_helper.from_array(np.array(0.01, np.float32), "p_scale"),
+        numpy_helper.from_array(np.array(0, np.int8), "p_zero"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], ["xq"], name="xq", axis=1),
+        helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zero"], ["xd"], name="xd", axis=1),
+        helper.make_node("DequantizeLinear", ["w_int", "w_scale", "w_zero"], ["w"], name="wd", axis=0),
+        helper.make_node("Conv", ["xd", "w"], ["c"], name="conv"),
+        helper.make_node("Softmax", ["c"], ["p"], name="softmax", axis=1),
+        helper.make_node("QuantizeLinear", ["p", "p_scale", "p_zero"], ["pq"], name="pq"),
+        helper.make_node("DequantizeLinear", ["pq", "p_scale", "p_zero"], ["y"], name="pd"),
+    ]
+    graph = helper.make_graph(
+        nodes, "hand_made", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])], initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_tflite_adaptations_per_channel_activations_asymmetric_weights_fixed_softmax() -> None:
+    source = _hand_made_qdq()
+    result = quantize(source, get_target("raspberry-pi").quant_scheme, None)
+    changes = sorted((a["tensor"], a["change"].split(" ")[0]) for a in result.report["adaptations"])
+    assert changes == [("p", "fixed"), ("w_int", "asymmetric"), ("w_int", "uint8"), ("x", "per-channel")]
+    assert [f for f in lint_qdq(result.model, get_target("raspberry-pi")) if f.severity == "error"] == []
+    scales = _scales(result.model)
+    assert scales["p"] == (1 / 256, -128, "int8")
+    x_scale, x_zero, _ = scales["x"]
+    # least change: one per-tensor grid covering the union of the three channel ranges
+    low = min((-128 - z) * s for s, z in ((0.01, 0), (0.02, 10), (0.03, -5)))
+    high = max((127 - z) * s for s, z in ((0.01, 0), (0.02, 10), (0.03, -5)))
+    assert x_scale == pytest.approx((high - low) / 255, rel=1e-5)
+    weight_dq = next(n for n in result.model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == "w")
+    arrays = {i.name: onnx.numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    assert arrays[weight_dq.input[0]].dtype == np.int8 and not np.any(arrays[weight_dq.input[2]])
+    sample = {"x": np.random.default_rng(1).normal(size=(1, 3, 4, 4)).astype(np.float32)}
+    reference, adapted = next(run_model(source, [sample]))["y"], next(run_model(result.model, [sample]))["y"]
+    assert np.max(np.abs(reference - adapted)) < 0.05
