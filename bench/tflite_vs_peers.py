@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -91,6 +93,14 @@ def fidelity(outputs: list[np.ndarray], reference: list[np.ndarray]) -> dict[str
     }
 
 
+def _onnx2tf_failure(log: str) -> str:
+    """The exception and the ONNX node onnx2tf names when it gives up."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in log.splitlines()]
+    error = next((line for line in lines if re.match(r"^\w+(Error|Exception):", line)), "")
+    node = next((line.split("onnx_op_name:", 1)[1].strip() for line in lines if "onnx_op_name:" in line), "")
+    return f"{error[:160]} (at {node})" if node else (error or (lines[-1] if lines else "no output"))[:200]
+
+
 def onnx2tf_peer(python: str, model: onnx.ModelProto, feed: Mapping[str, np.ndarray], reference: list[np.ndarray], runs: int) -> dict[str, Any]:
     """onnx2tf's fp32 .tflite, converted in its own venv and timed here on the same LiteRT."""
     with tempfile.TemporaryDirectory() as folder:
@@ -107,7 +117,7 @@ def onnx2tf_peer(python: str, model: onnx.ModelProto, feed: Mapping[str, np.ndar
         seconds = time.perf_counter() - start
         produced = sorted((Path(folder) / "out").glob("*_float32.tflite"))
         if done.returncode != 0 or not produced:
-            return {"error": (done.stderr or done.stdout).strip().splitlines()[-1][:300] if (done.stderr or done.stdout) else "no output", "convert_s": round(seconds, 1)}
+            return {"error": _onnx2tf_failure(done.stdout + done.stderr), "convert_s": round(seconds, 1)}
         flatbuffer = produced[0].read_bytes()
     # onnx2tf turns NCHW inputs into NHWC ones.
     interpreter = Interpreter(model_content=flatbuffer, num_threads=THREADS)
@@ -165,7 +175,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         "# edgeopt TFLite lowering vs peers",
         "",
-        f"One run on {meta['machine']}, batch 1, {THREADS} threads, {meta['runs']} timed runs after 3 warm-ups; "
+        f"One run on {meta['machine']} (load average {meta['load_average_at_start']} at start: a shared machine, "
+        "so medians move by up to 2x between runs), batch 1, "
+        f"{THREADS} threads, {meta['runs']} timed runs after 3 warm-ups; "
         f"LiteRT {meta['litert']}, ONNX Runtime {meta['onnxruntime']}. Fidelity: max|Δ| / max|ref| against ONNX Runtime fp32 "
         "(int8 rows include quantization error, not only lowering error).",
         "",
@@ -178,7 +190,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             if cell is None:
                 continue
             if "error" in cell:
-                lines.append(f"| {row['model']} | {label} | failed: {cell['error'][:80]} | | | | | {cell.get('convert_s', '')} | |")
+                lines.append(f"| {row['model']} | {label} | failed: {cell['error'][:120]} | | | | | {cell.get('convert_s', '')} | |")
                 continue
             top1 = {True: "yes", False: "no", None: "-"}[cell.get("top1_agree")]
             lines.append(
@@ -207,6 +219,7 @@ def main() -> None:
         "machine": f"{platform.machine()} {platform.processor() or ''} ({platform.system()})".strip(),
         "threads": THREADS, "runs": args.runs, "litert": version("ai-edge-litert"), "onnxruntime": ort.__version__,
         "onnx2tf": args.onnx2tf_python is not None,
+        "load_average_at_start": [round(x, 1) for x in os.getloadavg()],
     }
     rows = []
     for name in args.models:

@@ -1194,6 +1194,8 @@ def unsupported_reason(
     if node.op_type not in HANDLERS:
         if node.op_type == "Erf":
             return "Erf outside the x*0.5*(1+erf(x/sqrt(2))) GELU pattern has no TFLite builtin"
+        if node.op_type in ("Shape", "ConstantOfShape"):
+            return "depends on a shape that is not static; pass static input shapes so it folds to a constant"
         return "no TFLite lowering for this op"
     attrs = node.attrs
     rank = len(graph_shapes.get(node.inputs[0], ())) if node.inputs and node.inputs[0] else 0
