@@ -97,7 +97,7 @@ def lower_to_bytes(
         )
     _check_supported(graph, target_name)
 
-    builder = TFLiteBuilder(f"edgeopt ONNX->TFLite lowering ({precision})")
+    builder = TFLiteBuilder(f"{options.model_name}: edgeopt ONNX->TFLite lowering ({precision})")
     c = Conversion(graph, builder, precision)
     input_specs: list[TensorSpec] = []
     input_tensors: list[int] = []
@@ -192,13 +192,13 @@ def _check_loads(path: Path) -> None:
 
 
 def lower(model: onnx.ModelProto, target: Target, precision: str, out_dir: Path, options: LoweringOptions) -> LoweringResult:
-    """Write `<model_name>.tflite` into `out_dir`; verified on LiteRT's interpreter (backend "tflite")."""
+    """Write `model.tflite` into `out_dir`; verified on LiteRT's interpreter (backend "tflite")."""
     if precision not in target.precisions:
         raise LoweringError(f"{target.name} has no precision '{precision}' (choose from {', '.join(target.precisions)})")
     flatbuffer, inputs, outputs, summary = lower_to_bytes(model, precision, options, target.name)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    file_name = f"{options.model_name}.tflite"
+    file_name = "model.tflite"  # the bundle's fixed artifact name (docs/bundle.md)
     path = out_dir / file_name
     path.write_bytes(flatbuffer)
     _check_loads(path)

@@ -310,7 +310,7 @@ def test_single_op_graphs_in_int8_match_the_qdq_graph(case: str) -> None:
 # ----- contract, errors ------------------------------------------------------------------------
 def test_lower_through_the_dispatch_writes_a_verified_tflite(tmp_path: Path, nets) -> None:
     model, feeds = nets["mobilenet_v2_style"]
-    result: LoweringResult = lower(model, TARGET, "fp32", tmp_path, LoweringOptions(model_name="model"))
+    result: LoweringResult = lower(model, TARGET, "fp32", tmp_path, LoweringOptions(model_name="mobilenet"))
     assert result.model_file == "model.tflite" and (tmp_path / "model.tflite").stat().st_size > 0
     assert (result.runtime_backend, result.verify_backend) == ("tflite", "tflite")
     assert [(s.name, s.shape, s.dtype, s.layout) for s in result.inputs] == [("input", (1, 3, 64, 64), "float32", "NCHW")]
