@@ -1,11 +1,10 @@
 """Which QDQ variant does OpenVINO's CPU plugin run fastest and most accurately?
 
-For each model: QDQ graphs that differ in activation ranges (asymmetric uint8, symmetric int8,
-"restricted": zero point 0 for non-negative tensors and mid-range otherwise, as NNCF chooses), in
-which ops get Q/DQ (compute ops only, plus element-wise/pooling/concat, everything ONNX Runtime
-quantizes) and where (on inputs of quantized ops only, or on their outputs too);
-each lowered by edgeopt's OpenVINO lowering and timed interleaved on the CPU plugin (batch 1,
-2 threads, f32 pinned). Fidelity is against ONNX Runtime fp32 on held-out inputs.
+For each model: edgeopt's quantizer with the intel-openvino scheme, one field changed at a time —
+activations int8 symmetric or uint8 asymmetric, Q/DQ on the inputs of quantized ops only or on
+every tensor between them (data-movement ops then carry int8 too), all the profile's ops or the
+compute ops only — each lowered by edgeopt's OpenVINO lowering and timed interleaved on the CPU
+plugin (batch 1, 2 threads, f32 pinned). Fidelity is against ONNX Runtime fp32 on held-out inputs.
 
 Writes bench/results/openvino_qdq_schemes.json and .md. The winner is the intel-openvino
 quant_scheme in targets/intel-openvino.toml.
@@ -14,6 +13,7 @@ quant_scheme in targets/intel-openvino.toml.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -36,7 +36,7 @@ from openvino_vs_nncf import (  # noqa: E402
     ir_bytes,
     ort_outputs,
     ov_outputs,
-    quantize_with_ort,
+    quantize_with_edgeopt,
     simplify,
 )
 
@@ -44,38 +44,22 @@ from edgeopt.converters.errors import LoweringError  # noqa: E402
 from edgeopt.converters.lower import LoweringOptions, lower  # noqa: E402
 from edgeopt.targets import get_target  # noqa: E402
 
-OP_SETS: dict[str, tuple[str, ...] | None] = {
-    "compute": ("Conv", "ConvTranspose", "Gemm", "MatMul"),
-    "compute+eltwise": ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool", "MaxPool"),
-    "all (ORT default)": None,
+# The intel-openvino scheme with one field changed at a time (activation range/type, placement, ops).
+SCHEME_VARIANTS: dict[str, dict[str, Any]] = {
+    "int8 symmetric / inputs": {"activation_dtype": "int8", "activation_symmetric": True, "activation_placement": "inputs"},
+    "int8 symmetric / inputs_and_outputs": {"activation_dtype": "int8", "activation_symmetric": True, "activation_placement": "inputs_and_outputs"},
+    "uint8 asymmetric / inputs": {"activation_dtype": "uint8", "activation_symmetric": False, "activation_placement": "inputs"},
+    "uint8 asymmetric / inputs_and_outputs": {"activation_dtype": "uint8", "activation_symmetric": False, "activation_placement": "inputs_and_outputs"},
+    "uint8 asymmetric / inputs_and_outputs / compute ops only": {
+        "activation_dtype": "uint8",
+        "activation_symmetric": False,
+        "activation_placement": "inputs_and_outputs",
+        "quantized_ops": ("Conv", "ConvTranspose", "Gemm", "MatMul"),
+    },
 }
-ACTIVATIONS = ("asymmetric", "symmetric", "restricted")
-PLACEMENTS = ("inputs", "inputs_and_outputs")
 
 
-def variants() -> list[dict[str, Any]]:
-    found = [
-        {"activation": a, "ops": o, "placement": p, "per_channel": True, "bias_int32": True}
-        for p in PLACEMENTS
-        for o in ("compute", "compute+eltwise")
-        for a in ACTIVATIONS
-    ]
-    found.append({"activation": "asymmetric", "ops": "all (ORT default)", "placement": "inputs_and_outputs", "per_channel": True, "bias_int32": True})
-    found.append({"activation": "restricted", "ops": "compute+eltwise", "placement": "inputs", "per_channel": True, "bias_int32": False})
-    found.append({"activation": "restricted", "ops": "compute+eltwise", "placement": "inputs", "per_channel": False, "bias_int32": True})
-    return found
-
-
-def label(variant: dict[str, Any]) -> str:
-    text = f"{variant['activation']} / {variant['ops']} / {variant['placement']}"
-    if not variant["per_channel"]:
-        text += " / per-tensor weights"
-    if not variant["bias_int32"]:
-        text += " / float bias"
-    return text
-
-
-def run_model(name: str, work: Path, calibration_size: int, eval_size: int, runs: int) -> dict[str, Any]:
+def run_model(name: str, work: Path, calibration_size: int, eval_size: int, runs: int, variants: Sequence[str]) -> dict[str, Any]:
     spec = next(m for m in MODELS if m.name == name)
     model = spec.make()
     calibration, evaluation = feeds_for(model, name, calibration_size, eval_size)
@@ -86,32 +70,23 @@ def run_model(name: str, work: Path, calibration_size: int, eval_size: int, runs
     irs: dict[str, Path] = {"fp32": float_ir(model, "fp32", work / name / "fp32")[0]}
     rows: dict[str, dict[str, Any]] = {"fp32": {}}
     failures: dict[str, str] = {}
-    for index, variant in enumerate(variants()):
+    for index, key in enumerate(variants):
+        scheme = dataclasses.replace(target.quant_scheme, **SCHEME_VARIANTS[key])
         start = time.perf_counter()
-        qdq = quantize_with_ort(
-            simplified,
-            calibration,
-            activation=variant["activation"],
-            ops=OP_SETS[variant["ops"]],
-            per_channel=variant["per_channel"],
-            bias_int32=variant["bias_int32"],
-            placement=variant["placement"],
-        )
+        qdq = quantize_with_edgeopt(simplified, scheme, calibration)
         out_dir = work / name / f"v{index}"
-        key = label(variant)
         try:
             result = lower(qdq, target, "int8", out_dir, LoweringOptions())
         except LoweringError as error:
             failures[key] = error.message
             continue
         irs[key] = out_dir / "model.xml"
-        qdq_reference = ort_outputs(qdq, evaluation)
         rows[key] = {
-            "variant": variant,
+            "scheme": SCHEME_VARIANTS[key],
             "build_s": time.perf_counter() - start,
             "fake_quantize": result.summary["fake_quantize"],
             "cpu_execution": result.summary["cpu_execution"],
-            "vs_ort_qdq_max_abs": fidelity(qdq_reference, ov_run(irs[key], evaluation))["max_abs"],
+            "vs_ort_qdq_max_abs": fidelity(ort_outputs(qdq, evaluation), ov_outputs(compile_ir(irs[key]), evaluation))["max_abs"],
         }
     compiled = {key: compile_ir(xml) for key, xml in irs.items()}
     latency = interleaved_latency(compiled, evaluation[0], runs)
@@ -120,10 +95,6 @@ def run_model(name: str, work: Path, calibration_size: int, eval_size: int, runs
         rows[key]["bytes"] = ir_bytes(irs[key])
         rows[key].update(fidelity(reference, ov_outputs(c, evaluation)))
     return {"model": name, "rows": rows, "failures": failures}
-
-
-def ov_run(xml: Path, feeds: Sequence[dict[str, Any]]) -> list[list[Any]]:
-    return ov_outputs(compile_ir(xml), feeds)
 
 
 def int8_share(cpu_execution: dict[str, dict[str, int]]) -> str:
@@ -157,10 +128,11 @@ def markdown(results: list[dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="*", default=["resnet50", "squeezenet", "mobilenet_v2_style", "transformer_encoder"])
+    parser.add_argument("--models", nargs="*", default=["digits", "shufflenet", "squeezenet", "mobilenet_v2_style", "transformer_encoder", "densenet121", "resnet50"])
     parser.add_argument("--calibration", type=int, default=32)
     parser.add_argument("--eval", type=int, default=16)
     parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--variants", nargs="*", default=list(SCHEME_VARIANTS), help="keys of SCHEME_VARIANTS")
     parser.add_argument("--out", type=Path, default=RESULTS / "openvino_qdq_schemes")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
@@ -168,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="edgeopt-ov-schemes-") as tmp:
         for name in args.models:
             print(f"schemes {name} ...", file=sys.stderr, flush=True)
-            results.append(run_model(name, Path(tmp), args.calibration, args.eval, args.runs))
+            results.append(run_model(name, Path(tmp), args.calibration, args.eval, args.runs, args.variants))
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.with_suffix(".json").write_text(json.dumps({"results": results}, indent=2, default=str) + "\n")
             args.out.with_suffix(".md").write_text(markdown(results))

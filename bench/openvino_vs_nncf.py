@@ -97,28 +97,9 @@ def feeds_for(model: onnx.ModelProto, name: str, calibration: int, evaluation: i
 
 
 def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
-    """edgeopt's simplify pass when present, else ONNX Runtime's basic optimizer (BatchNorm folding)."""
-    try:
-        from edgeopt.converters.passes import simplify as edgeopt_simplify
+    from edgeopt.converters.passes import simplify as edgeopt_simplify
 
-        return edgeopt_simplify(model)[0]
-    except ImportError:
-        import onnxruntime as ort
-
-        with tempfile.TemporaryDirectory() as tmp:
-            options = ort.SessionOptions()
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-            options.optimized_model_filepath = str(Path(tmp) / "simplified.onnx")
-            ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-            return onnx.load(options.optimized_model_filepath)
-
-
-def edgeopt_quantizer_available() -> bool:
-    try:
-        from edgeopt.converters.quantize import quantize  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return edgeopt_simplify(model)[0]
 
 
 def quantize_with_edgeopt(model: onnx.ModelProto, scheme: QuantScheme, calibration: Sequence[Feed]) -> onnx.ModelProto:
@@ -129,87 +110,13 @@ def quantize_with_edgeopt(model: onnx.ModelProto, scheme: QuantScheme, calibrati
     return quantize(model, scheme, dataset, QuantizeOptions(method="minmax", threads=THREADS)).model
 
 
-def quantize_with_ort(
-    model: onnx.ModelProto,
-    calibration: Sequence[Feed],
-    *,
-    activation: str,
-    ops: Sequence[str] | None,
-    per_channel: bool = True,
-    bias_int32: bool = True,
-    placement: str = "inputs_and_outputs",
-) -> onnx.ModelProto:
-    """A QDQ variant from onnxruntime.quantization (the stand-in until edgeopt's quantizer lands).
-
-    activation: "asymmetric" (uint8, min/max range), "symmetric" (int8, zero point 0) or
-    "restricted" (uint8 with zero point 0 for non-negative tensors, 128 otherwise: NNCF's
-    unsigned/signed symmetric ranges). placement: "inputs_and_outputs" (ONNX Runtime's QDQ: every
-    tensor between quantized ops) or "inputs" (Q/DQ only where a quantized op reads an activation,
-    as NNCF places FakeQuantize).
-    """
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._feeds = iter(calibration)
-
-        def get_next(self) -> Feed | None:
-            return next(self._feeds, None)
-
-    extra: dict[str, Any] = {"QuantizeBias": bias_int32}
-    if placement == "inputs":
-        extra["OpTypesToExcludeOutputQuantization"] = list(ops or ())
-    if activation == "symmetric":
-        extra["ActivationSymmetric"] = True
-    elif activation == "restricted":
-        extra["ActivationRestrictedAsymmetric"] = True
-    activation_type = QuantType.QInt8 if activation == "symmetric" else QuantType.QUInt8
-    with tempfile.TemporaryDirectory() as tmp:
-        source, output = Path(tmp) / "float.onnx", Path(tmp) / "qdq.onnx"
-        onnx.save(model, source)
-        logging.getLogger().setLevel(logging.ERROR)
-        quantize_static(
-            source,
-            output,
-            Reader(),
-            quant_format=QuantFormat.QDQ,
-            activation_type=activation_type,
-            weight_type=QuantType.QInt8,
-            per_channel=per_channel,
-            op_types_to_quantize=list(ops) if ops else None,
-            extra_options=extra,
-        )
-        return onnx.load(output)
-
-
-def ort_variant_for(scheme: QuantScheme) -> dict[str, Any]:
-    """The onnxruntime.quantization settings that produce the QDQ the intel-openvino scheme describes."""
-    if scheme.activation_symmetric and scheme.activation_dtype == "uint8":
-        activation = "restricted"
-    elif scheme.activation_symmetric:
-        activation = "symmetric"
-    else:
-        activation = "asymmetric"
-    return {
-        "activation": activation,
-        "ops": scheme.quantized_ops or None,
-        "per_channel": scheme.weight_per_channel,
-        "bias_int32": scheme.bias_int32,
-        "placement": scheme.activation_placement,
-    }
-
-
-def edgeopt_int8_ir(model: onnx.ModelProto, calibration: Sequence[Feed], out_dir: Path) -> tuple[Path, float, str]:
-    """simplify → quantize (intel-openvino scheme) → lower; returns the IR, seconds, which quantizer ran."""
+def edgeopt_int8_ir(model: onnx.ModelProto, calibration: Sequence[Feed], out_dir: Path) -> tuple[Path, float]:
+    """What `edgeopt build --precision int8` does: simplify → quantize (intel-openvino scheme) → lower."""
     target = get_target("intel-openvino")
     start = time.perf_counter()
-    simplified = simplify(model)
-    if edgeopt_quantizer_available():
-        qdq, quantizer = quantize_with_edgeopt(simplified, target.quant_scheme, calibration), "edgeopt"
-    else:
-        qdq, quantizer = quantize_with_ort(simplified, calibration, **ort_variant_for(target.quant_scheme)), "onnxruntime.quantization"
+    qdq = quantize_with_edgeopt(simplify(model), target.quant_scheme, calibration)
     lower(qdq, target, "int8", out_dir, LoweringOptions())
-    return out_dir / "model.xml", time.perf_counter() - start, quantizer
+    return out_dir / "model.xml", time.perf_counter() - start
 
 
 def float_ir(model: onnx.ModelProto, precision: str, out_dir: Path) -> tuple[Path, float]:
@@ -353,7 +260,7 @@ def bench_model(spec: BenchModel, work: Path, calibration_size: int, eval_size: 
     reference = ort_outputs(model, evaluation)
 
     fp32_xml, fp32_seconds = float_ir(model, "fp32", work / spec.name / "fp32")
-    edgeopt_xml, edgeopt_seconds, quantizer = edgeopt_int8_ir(model, calibration, work / spec.name / "edgeopt")
+    edgeopt_xml, edgeopt_seconds = edgeopt_int8_ir(model, calibration, work / spec.name / "edgeopt")
     nncf_xml, nncf_seconds = nncf_int8_ir(model, calibration, spec.transformer, work / spec.name / "nncf")
 
     irs = {"fp32": fp32_xml, "edgeopt int8": edgeopt_xml, "nncf int8": nncf_xml}
@@ -374,7 +281,6 @@ def bench_model(spec: BenchModel, work: Path, calibration_size: int, eval_size: 
         "model": spec.name,
         "calibration_samples": len(calibration),
         "eval_samples": len(evaluation),
-        "edgeopt_quantizer": quantizer,
         "nncf": {
             "version": nncf.__version__,
             "model_type": "transformer" if spec.transformer else "default (CNN)",
@@ -416,7 +322,6 @@ def markdown(results: list[dict[str, Any]], facts: dict[str, Any]) -> str:
                 f"| {result['model']} | {name} | {row['median_ms']:.2f} | {row['p90_ms']:.2f} | {row['median_ms'] / nncf_median:.2f} | {row['bytes'] / 1024:.0f} | "
                 f"{row['build_s']:.1f} | {row['cosine']:.5f} | {row['sqnr_db']:.1f} | {row['top1_agreement']:.3f} | {marks[0]} | {marks[1]} |"
             )
-    lines += ["", "edgeopt quantizer used: " + ", ".join(sorted({r["edgeopt_quantizer"] for r in results})) + "."]
     return "\n".join(lines) + "\n"
 
 
