@@ -5,10 +5,9 @@ compares the logits feeding it (added as a graph output; in the int8 graph the l
 
 fp32: max|Δ| <= 1e-4 * max|ref| + 1e-5 against ONNX Runtime fp32, on every output.
 int8: against ONNX Runtime running the same QDQ graph: logits within 2 steps of their int8 scale, mean
-under half a step (measured: 1-2 steps max on eight of nine). ORT requantizes with float scales and
-TFLite with fixed-point multipliers, so a tie can round apart and carry through later layers (checked
-layer by layer on ResNet-50: the first layers agree within one step). VGG-19 measures 3 steps, which
-we attribute to its 25088- and 4096-wide dense layers summing thousands of such one-step differences. The softmax
+under half a step (measured: at most 2 steps, mean at most 0.44, on all nine). ORT requantizes with
+float scales and TFLite with fixed-point multipliers, so a tie can round apart and carry through later
+layers (checked layer by layer on ResNet-50: the first layers agree within one step, deeper ones drift). The softmax
 probabilities are not held to steps: TFLite fixes their scale at 1/256 where the QDQ graph may use
 another, and a 2-step logit difference moves a saturated probability by more than 2 of its steps.
 """
@@ -33,7 +32,6 @@ from tests.converters.test_tflite import (
 )
 
 FAST = {"squeezenet", "inception_v1", "shufflenet"}
-INT8_MAX_STEPS = {"vgg19": 3.0}
 
 
 def _with_logits(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -72,7 +70,7 @@ def test_light_model_int8(name: str) -> None:
     scale = output_scales(qdq)[-1]
     logits, reference = got[-1], expected[-1]
     steps = np.abs(logits - reference) / scale
-    assert float(steps.max()) <= INT8_MAX_STEPS.get(name, 2.0) + 1e-3 and float(steps.mean()) <= 0.5
+    assert float(steps.max()) <= 2.0 + 1e-3 and float(steps.mean()) <= 0.5
     assert int(np.argmax(logits)) == int(np.argmax(reference))
     assert summary["ops"].get("CONV_2D", 0) > 0 and summary["quantized_op_share"] > 0.5
     assert transposes_inside_conv_chains(flatbuffer) == 0
