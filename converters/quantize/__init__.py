@@ -65,7 +65,7 @@ class QuantizeOptions:
     evaluation: Dataset | None = None
     exclude_nodes: tuple[str, ...] = ()
     weights_only: bool = False
-    bias_correction_samples: int = 32
+    bias_correction_samples: int = 16
     debug_samples: int = 16
     threads: int = 0
 
