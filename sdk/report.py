@@ -48,13 +48,22 @@ def _bars(items: list[tuple[str, float]], unit: str, width: int = 640) -> str:
 
 
 def _histogram(samples: list[float], width: int = 640, height: int = 140, bins: int = 40) -> str:
-    """Latency distribution of one benchmark run, with the median marked."""
+    """Latency distribution of one benchmark run up to p99, with the median marked.
+
+    The range stops at p99 so that one slow outlier (a page fault, a context switch) does not
+    squash the distribution into one bar; the runs beyond are counted in the caption.
+    """
     if len(samples) < 2:
         return ""
-    lo, hi = min(samples), max(samples)
+    ordered = sorted(samples)
+    lo, hi = ordered[0], ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
     span = (hi - lo) or 1e-9
     counts = [0] * bins
+    beyond = 0
     for s in samples:
+        if s > hi:
+            beyond += 1
+            continue
         counts[min(bins - 1, int((s - lo) / span * bins))] += 1
     peak = max(counts)
     bar_w = width / bins
@@ -62,10 +71,10 @@ def _histogram(samples: list[float], width: int = 640, height: int = 140, bins: 
     for i, c in enumerate(counts):
         h = (height - 10) * c / peak
         parts.append(f"<rect x='{i * bar_w:.1f}' y='{height - h:.1f}' width='{bar_w - 1:.1f}' height='{h:.1f}' fill='#5a9e6f'/>")
-    median = sorted(samples)[len(samples) // 2]
+    median = ordered[len(ordered) // 2]
     x = (median - lo) / span * width
     parts.append(f"<line x1='{x:.1f}' x2='{x:.1f}' y1='0' y2='{height}' stroke='#c33'/>")
-    parts.append(f"<text x='0' y='{height + 15}'>{lo:.3g} ms</text><text x='{width - 60}' y='{height + 15}'>{hi:.3g} ms</text>")
+    parts.append(f"<text x='0' y='{height + 15}'>{lo:.3g} ms</text><text x='{width - 280}' y='{height + 15}'>{hi:.3g} ms (p99; {beyond} slower run(s) not drawn)</text>")
     parts.append(f"<text x='{min(x + 4, width - 90):.1f}' y='12'>p50 {median:.3g} ms</text></svg>")
     return "".join(parts)
 
@@ -101,7 +110,7 @@ def render(manifest: dict[str, Any]) -> str:
         "<h2>Verification</h2>",
         _table(
             ["check", "value"],
-            [[k, v] for k, v in m["reference"]["measured"].items()]
+            [[k, float(f"{v:.4g}") if isinstance(v, float) else v] for k, v in m["reference"]["measured"].items()]
             + [["tolerance atol", m["reference"]["tolerance"]["atol"]], ["tolerance rtol", m["reference"]["tolerance"]["rtol"]]],
         ),
     ]
