@@ -100,6 +100,8 @@ class QuantScheme:
     fused_activations: tuple[str, ...] = ("Relu", "Clip")
     # Quantized ops whose output stays float under "inputs_and_outputs" (e.g. ONNX Runtime's MatMulIntegerToFloat).
     float_output_ops: tuple[str, ...] = ()
+    # Under "inputs_and_outputs": quantize float initializer operands of Add/Sub/Mul per tensor (TFLite int8 constants).
+    constant_operands: bool = False
 
     def rule_for(self, op_type: str) -> OpRule | None:
         return next((r for r in self.op_rules if r.op == op_type), None)
@@ -118,6 +120,7 @@ class QuantScheme:
             "activation_placement": self.activation_placement,
             "fused_activations": list(self.fused_activations),
             "float_output_ops": list(self.float_output_ops),
+            "constant_operands": self.constant_operands,
         }
 
 

@@ -64,6 +64,7 @@ class QuantPlan:
     quantized_nodes: list[str] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
     shared: list[tuple[str, str]] = field(default_factory=list)  # pairs of tensors that must share scale and zero point
+    constants: list[tuple[str, int, str]] = field(default_factory=list)  # (node, input index, initializer) quantized per tensor
 
     def site(self, tensor: str, source: str | None = None) -> ActivationSite:
         if tensor not in self.sites:
@@ -122,8 +123,12 @@ def _initializer_name(value: ir.Value | None) -> str | None:
     return None
 
 
-def _activation_inputs(node: ir.Node) -> list[int] | None:
-    """Indices of the inputs to quantize as activations; None when the node is not quantizable."""
+def _activation_inputs(node: ir.Node, constant_operands: bool = False) -> list[int] | None:
+    """Indices of the inputs to quantize as activations; None when the node is not quantizable.
+
+    With `constant_operands`, an elementwise op with float initializer operands qualifies too (the
+    initializers are then quantized per tensor, see `QuantPlan.constants`).
+    """
     inputs = list(node.inputs)
     if not inputs or inputs[0] is None:
         return None
@@ -140,9 +145,11 @@ def _activation_inputs(node: ir.Node) -> list[int] | None:
             return None
         return indices or None
     if op in BINARY_OPS:
-        if any(_is_constant(v) for v in inputs):
-            return None
-        return list(range(len(inputs)))
+        variable = [i for i, v in enumerate(inputs) if not _is_constant(v)]
+        if len(variable) == len(inputs):
+            return variable
+        constants_ok = all(_initializer_name(v) is not None and _is_float(v) for i, v in enumerate(inputs) if i not in variable)
+        return variable if constant_operands and variable and constants_ok else None
     if op == "Concat":
         return [i for i, v in enumerate(inputs) if not _is_constant(v)] or None
     return [0] if _is_float(inputs[0]) else None
@@ -199,7 +206,7 @@ def plan_quantization(model: ir.Model, scheme: QuantScheme, exclude: Iterable[st
             continue
         if name in excluded or name in plan.absorbed:
             continue
-        indices = _activation_inputs(node)
+        indices = _activation_inputs(node, scheme.constant_operands and outputs_too)
         if indices is None:
             plan.skipped.append({"node": name, "op": node.op_type, "why": "constant or non-float operand"})
             continue
@@ -213,6 +220,8 @@ def plan_quantization(model: ir.Model, scheme: QuantScheme, exclude: Iterable[st
             if site.consumers is not None:
                 site.consumers.add(name)
         plan.quantized_nodes.append(name)
+        if node.op_type in BINARY_OPS:
+            plan.constants.extend((name, i, v.name) for i, v in enumerate(node.inputs) if i not in indices and v is not None)
         _plan_weight(node, plan, scheme)
         if not outputs_too or node.op_type in scheme.float_output_ops:
             continue

@@ -195,6 +195,20 @@ def insert_qdq(model: onnx.ModelProto, plan: QuantPlan, params: Mapping[str, QPa
         dq = build.node("DequantizeLinear", inputs, f"{bias_value.name}_dequantized", f"{bias_value.name}_DequantizeLinear", {"axis": 0})
         node.replace_input_with(index, dq.outputs[0])
 
+    for node_name, index, initializer in plan.constants:
+        if initializer not in dequantized:
+            # stored like a weight (per tensor): the target's constant-tensor rules are its weight rules
+            constant = values[initializer].const_value.numpy()
+            quantized, scale, zero_point = quantize_weight(constant, None, scheme.weight_dtype, scheme.weight_symmetric)
+            inputs = [
+                build.constant(f"{initializer}_quantized", quantized),
+                build.constant(f"{initializer}_scale", scale.reshape(())),
+                build.constant(f"{initializer}_zero_point", zero_point.reshape(())),
+            ]
+            dq = build.node("DequantizeLinear", inputs, f"{initializer}_dequantized", f"{initializer}_DequantizeLinear")
+            dequantized[initializer] = dq.outputs[0]
+        nodes[node_name].replace_input_with(index, dequantized[initializer])
+
     for site in plan.sites.values():
         if site.tensor not in params or site.tensor not in values:
             continue

@@ -264,3 +264,27 @@ def test_mobilenet_v2_style_and_transformer_on_every_scheme(target: str) -> None
         qdq = quantize(fp32, profile.quant_scheme, dataset, QuantizeOptions(debug_samples=0)).model
         assert [f for f in lint_qdq(qdq, profile) if f.severity == "error"] == []
         assert _close_to_fp32(fp32, qdq, dataset)["min_cosine"] > 0.98
+
+
+def test_constant_operands_of_elementwise_ops_can_be_quantized_per_tensor() -> None:
+    """MatMul + Add(bias initializer): with `constant_operands` the bias becomes an int8 constant -> DQ
+    and the Add runs on quantized inputs; without it the Add stays float."""
+    import dataclasses
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"), helper.make_node("Add", ["m", "bias"], ["y"], name="add_bias")],
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8])],
+        [_weight("w", 16, 8), _weight("bias", 8)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    dataset = open_dataset(np.random.default_rng(4).normal(size=(16, 4, 16)).astype(np.float32), model_input_specs(model))
+    scheme = get_target("raspberry-pi").quant_scheme
+    assert _dq_feeding(quantize(model, scheme, dataset, QuantizeOptions(debug_samples=0)).model, "add_bias", 1) is None
+    with_constants = dataclasses.replace(scheme, constant_operands=True)
+    qdq = quantize(model, with_constants, dataset, QuantizeOptions(debug_samples=0)).model
+    bias_dq = _dq_feeding(qdq, "add_bias", 1)
+    assert bias_dq is not None and _array(qdq, bias_dq.input[0]).dtype == np.int8 and int(_array(qdq, bias_dq.input[2])) == 0
+    assert _dq_feeding(qdq, "add_bias", 0) is not None
+    assert _close_to_fp32(model, qdq, dataset)["min_cosine"] > 0.999
