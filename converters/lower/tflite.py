@@ -114,6 +114,12 @@ def lower_to_bytes(
             TensorSpec(name, tuple(builder.shapes[index]), builder.dtypes[index], _layout_name(len(shape), perm), quant.to_dict() if quant else None)
         )
 
+    # Dequantized constants (weights, biases, constant operands) are known before any op needs them,
+    # whatever the node order: a fused bias may be read before its DequantizeLinear comes up.
+    for node in graph.nodes:
+        if node.op_type == "DequantizeLinear" and node.inputs[0] in graph.constants:
+            HANDLERS[node.op_type](c, node)
+            c.skip.add(id(node))
     quantized_ops: Counter[str] = Counter()
     float_ops: Counter[str] = Counter()
     for node in graph.nodes:
