@@ -36,6 +36,8 @@ FP32_REL = 1e-4
 FP16_REL = 1e-2
 INT8_STEPS = 4.0
 INT8_SQNR_DB = 2.0
+# Past this both runtimes reproduce fp32 (e.g. ShuffleNet's saturated softmax); differences are denormals.
+EXACT_SQNR_DB = 60.0
 
 Feed = dict[str, np.ndarray]
 
@@ -151,7 +153,7 @@ def test_int8_runs_the_qdq_graph_like_onnxruntime(name: str, tmp_path: Path) -> 
     qdq = quantize_for_openvino(model, feeds_for(name, model, 4, seed=1))
     result = lower(qdq, TARGET, "int8", tmp_path, LoweringOptions())
     expected, actual = ort_run(qdq, feeds), ov_run(result, tmp_path, feeds)
-    assert sqnr_db(reference, actual) >= sqnr_db(reference, expected) - INT8_SQNR_DB
+    assert min(sqnr_db(reference, actual), EXACT_SQNR_DB) >= min(sqnr_db(reference, expected), EXACT_SQNR_DB) - INT8_SQNR_DB
     if name not in SLOW:
         assert max_steps(expected, actual) <= INT8_STEPS
     assert result.summary["fake_quantize"] > 0
