@@ -491,7 +491,9 @@ def _manifest(
             "model": lowered.model_file,
             "install": target.runtime_install,
             "threads": target.default_threads,
-            "options": {k: v for k, v in target.options.items() if isinstance(v, (str, int, float, bool))},
+            "options": lowered.runtime_options
+            if lowered.runtime_options is not None
+            else {k: v for k, v in target.options.items() if isinstance(v, (str, int, float, bool))},
         },
         "inputs": [s.to_dict() for s in lowered.inputs],
         "outputs": [s.to_dict() for s in lowered.outputs],

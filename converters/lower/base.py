@@ -38,9 +38,10 @@ class LoweringOptions:
 class LoweringResult:
     """The artifacts a lowering wrote and how the device (and this host) runs them.
 
-    `runtime_backend` is what the device uses; `verify_backend` is the edgeopt.runtime backend that
-    can run the same artifact here (None when none can, in which case `runner` must be set, e.g. a
-    reference evaluator).
+    `runtime_backend` is what the device uses, with `runtime_options` (the backend's own option
+    keys; None means the target profile's options); `verify_backend` is the edgeopt.runtime backend
+    that can run the same artifact here (None when none can, in which case `runner` must be set,
+    e.g. a reference evaluator).
     """
 
     artifacts: list[LoweredArtifact]
@@ -52,3 +53,4 @@ class LoweringResult:
     summary: dict[str, Any] = field(default_factory=dict)
     runner: Runner | None = None
     verified_with: str = ""
+    runtime_options: dict[str, Any] | None = None

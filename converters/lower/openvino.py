@@ -305,7 +305,6 @@ def lower(
         **device,
         "compress_to_fp16": compress_to_fp16,
         "source_qdq": quantized,
-        "runtime_options": runtime_config(device),
         "openvino_version": ov.get_version(),
         "bytes": {_MODEL_FILE: xml_path.stat().st_size, _WEIGHTS_FILE: (out_dir / _WEIGHTS_FILE).stat().st_size},
         **_ir_summary(saved),
@@ -326,4 +325,5 @@ def lower(
         summary=summary,
         runner=_CpuRunner(ov, xml_path, device["performance_hint"]),
         verified_with=f"OpenVINO {ov.get_version().split('-')[0]} CPU plugin, INFERENCE_PRECISION_HINT f32",
+        runtime_options=runtime_config(device),
     )

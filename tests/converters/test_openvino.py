@@ -266,16 +266,17 @@ def test_int8_fake_quantize_carries_the_qdq_scales(convs: Any, tmp_path: Path) -
 
 def test_records_profile_options_for_the_device(convs: Any, tmp_path: Path) -> None:
     model, _, _ = convs
-    summary = lower(model, TARGET, "fp16", tmp_path, LoweringOptions()).summary
+    result = lower(model, TARGET, "fp16", tmp_path, LoweringOptions())
+    summary = result.summary
     assert (summary["device"], summary["performance_hint"], summary["inference_precision"]) == ("CPU", "LATENCY", "f32")
-    assert summary["runtime_options"] == {"device": "CPU", "performance_hint": "LATENCY", "inference_precision": "f32"}
+    assert result.runtime_options == {"device": "CPU", "performance_hint": "LATENCY", "inference_precision": "f32"}
 
 
 def test_user_options_choose_another_device_and_hint(convs: Any, tmp_path: Path) -> None:
     model, _, _ = convs
     extra = {"device": "npu", "performance_hint": "throughput", "inference_precision": "f16"}
     result = lower(model, TARGET, "fp16", tmp_path, LoweringOptions(extra=extra))
-    assert result.summary["runtime_options"] == {"device": "NPU", "performance_hint": "THROUGHPUT", "inference_precision": "f16"}
+    assert result.runtime_options == {"device": "NPU", "performance_hint": "THROUGHPUT", "inference_precision": "f16"}
     assert result.verify_backend == "openvino"
     assert "CPU plugin, INFERENCE_PRECISION_HINT f32" in result.verified_with
 
