@@ -14,6 +14,7 @@ __all__ = [
     "PassSummary",
     "RemoveIdentityPass",
     "SimplifyReport",
+    "SumToAddPass",
     "simplify",
 ]
 
@@ -29,6 +30,7 @@ from edgeopt.converters.passes.fold_affine_into_batchnorm import FoldAffineIntoB
 from edgeopt.converters.passes.fold_batchnorm import FoldBatchNormPass
 from edgeopt.converters.passes.fold_constants import FoldConstantsPass
 from edgeopt.converters.passes.remove_identity import RemoveIdentityPass
+from edgeopt.converters.passes.sum_to_add import SumToAddPass
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ def _simplify_passes() -> list[tuple[str, ir.passes.PassBase]]:
         ("lift_constants", ir_common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)),
         ("fold_constants", FoldConstantsPass()),
         ("remove_identity", RemoveIdentityPass()),
+        ("sum_to_add", SumToAddPass()),
         ("fold_affine_into_batchnorm", FoldAffineIntoBatchNormPass()),
         ("fold_batchnorm", FoldBatchNormPass()),
         ("remove_unused", ir_common.RemoveUnusedNodesPass()),

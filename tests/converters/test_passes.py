@@ -23,6 +23,7 @@ from edgeopt.converters.passes import (
     FoldConstantsPass,
     RemoveIdentityPass,
     SimplifyReport,
+    SumToAddPass,
     simplify,
 )
 from tests import zoo
@@ -531,3 +532,28 @@ def test_simplify_report_is_plain_data() -> None:
     steps = {step["name"]: step for step in data["per_pass"]}
     assert steps["fold_batchnorm"] == {"name": "fold_batchnorm", "modified": True, "nodes_removed": 2}
     assert steps["remove_identity"] == {"name": "remove_identity", "modified": True, "nodes_removed": 1}
+
+
+# ------------------------------------------------------------------------------------------------
+# SumToAddPass
+# ------------------------------------------------------------------------------------------------
+
+
+def test_sum_becomes_a_chain_of_adds_with_broadcasting_and_the_output_name_kept() -> None:
+    model = make_model(
+        [helper.make_node("Sum", ["a", "b", "bias"], ["y"], name="residual_sum")],
+        [("a", [1, 4, 3, 3]), ("b", [1, 4, 3, 3])],
+        ["y"],
+        {"bias": rng_array((4, 1, 1), seed=5)},
+    )
+    rewritten, modified = apply(SumToAddPass(), model)
+    assert modified and op_types(rewritten) == ["Add", "Add"]
+    assert rewritten.graph.output[0].name == "y"
+    feeds = {"a": rng_array((1, 4, 3, 3), 1), "b": rng_array((1, 4, 3, 3), 2)}
+    assert_same_outputs(model, rewritten, feeds, PASS_TOLERANCE)
+
+
+def test_single_input_sum_is_left_to_identity_removal() -> None:
+    model = make_model([helper.make_node("Sum", ["a"], ["y"])], [("a", [2, 2])], ["y"], {})
+    _, modified = apply(SumToAddPass(), model)
+    assert not modified
