@@ -199,10 +199,24 @@ def _nhwc_names(specs: list[TensorSpec]) -> set[str]:
     return {s.name for s in specs if s.layout == "NHWC" and len(s.shape) == 4}
 
 
-def to_artifact_layout(samples: list[dict[str, np.ndarray]], specs: list[TensorSpec]) -> list[dict[str, np.ndarray]]:
-    """ONNX-layout tensors as the artifact takes or gives them (NHWC where the lowering chose it)."""
+def to_artifact_io(
+    samples: list[dict[str, np.ndarray]], onnx_names: list[str], specs: list[TensorSpec]
+) -> list[dict[str, np.ndarray]]:
+    """ONNX-named, ONNX-layout tensors as the artifact names and lays them out.
+
+    Lowerings keep the ONNX order of inputs and outputs but may rename them (Core ML feature names
+    cannot contain dots) or choose NHWC (TFLite), and the device compares in the artifact's terms.
+    """
+    renamed = dict(zip(onnx_names, (s.name for s in specs)))
     nhwc = _nhwc_names(specs)
-    return [{k: np.ascontiguousarray(v.transpose(_NHWC_FROM_NCHW)) if k in nhwc else v for k, v in s.items()} for s in samples]
+    converted = []
+    for sample in samples:
+        out = {}
+        for name, value in sample.items():
+            name = renamed.get(name, name)
+            out[name] = np.ascontiguousarray(value.transpose(_NHWC_FROM_NCHW)) if name in nhwc else value
+        converted.append(out)
+    return converted
 
 
 def _artifact_runner(lowered: LoweringResult, staging: Path) -> tuple[Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]], Callable[[], None]]:
@@ -263,7 +277,7 @@ def build(
     stages = _Stages(progress)
 
     source = stages.run("load", lambda: load_model(model_path), lambda m: {"opset": _opset(m), "nodes": len(m.graph.node), "changed": False})
-    inputs, _ = io_specs(source)
+    inputs, outputs = io_specs(source)
     qdq_input = _is_qdq(source)
     chosen = _resolve_precision(profile, precision, qdq_input)
 
@@ -330,7 +344,11 @@ def build(
             else None
         )
 
-        _save_reference(staging, to_artifact_layout(reference_inputs, lowered.inputs), to_artifact_layout(reference_outputs, lowered.outputs))
+        _save_reference(
+            staging,
+            to_artifact_io(reference_inputs, [s.name for s in inputs], lowered.inputs),
+            to_artifact_io(reference_outputs, [s.name for s in outputs], lowered.outputs),
+        )
         manifest = _manifest(
             model_path, source, profile, chosen, lowered, staging, before, after, simplify_report.nodes_after,
             quant_report, quality, verification, reference_outputs, stages.records,
@@ -542,5 +560,7 @@ def _device_tolerance(precision: str, reference: list[dict[str, np.ndarray]], me
 def _warnings(lowered: LoweringResult, quant_report: dict[str, Any] | None) -> list[str]:
     notes = [str(w) for w in lowered.summary.get("warnings", [])]
     if quant_report:
-        notes += [f"QAT scale adapted: {a}" for a in quant_report.get("adaptations", [])]
+        from edgeopt.converters.quantize import describe_adaptations
+
+        notes += [f"adapted: {line}" for line in describe_adaptations(quant_report.get("adaptations", []))]
     return notes

@@ -204,6 +204,9 @@ def quantize(
     model = _prepared(model)
     if is_qdq_model(model):
         qdq, imported = import_qdq(model, scheme)
+        # Adaptations change Q/DQ dtypes (uint8 -> int8); stale value_info from earlier shape
+        # inference would contradict them.
+        del qdq.graph.value_info[:]
         report = _report(qdq, scheme, options, calibration=None)
         report.update(imported)
         if calibration is not None:

@@ -109,3 +109,21 @@ def test_nhwc_io_layout_reference_data_is_in_the_artifacts_layout(tmp_path: Path
         assert data[spec["name"]].shape[1:] == (64, 64, 3)
     assert result.manifest["reference"]["measured"]["max_rel"] <= 1e-4
     assert verify_bundle(tmp_path / "b").passed
+
+
+QAT_MODEL = Path(__file__).resolve().parents[1] / "data" / "digits_qat.onnx"
+
+
+@pytest.mark.parametrize("target", ["jetson-orin", "onnxruntime-cpu", "raspberry-pi"])
+def test_qat_model_builds_int8_without_calibration_keeping_its_weight_scales(tmp_path: Path, target: str) -> None:
+    result = edgeopt.build(QAT_MODEL, target, output=tmp_path / "b")
+    manifest = result.manifest
+    assert manifest["precision"] == "int8"
+    assert manifest["quantization"]["qat_imported"]
+    scales = {s["tensor"]: s for s in manifest["quantization"]["scales"]}
+    for weight in ("conv1.weight", "conv2.weight", "fc.weight"):  # learned weight scales are kept exactly
+        assert scales[weight]["kept"] and scales[weight]["after"]["scale"] == scales[weight]["before"]["scale"]
+    assert manifest["reference"]["measured"]["min_cosine"] > 0.99
+    assert verify_bundle(tmp_path / "b", backend="onnxruntime" if target == "jetson-orin" else None).passed
+    if target == "jetson-orin":
+        assert any("symmetric int8 zero point 0" in w for w in result.warnings)
