@@ -157,7 +157,7 @@ def test_squeezenet_fp16(tmp_path: Path) -> None:
     [
         ("squeezenet", "int8-weights"), ("squeezenet", "int8"), ("shufflenet", "fp16"), ("shufflenet", "int8"),
         ("resnet50", "fp16"), ("resnet50", "int8-weights"), ("inception_v1", "fp16"), ("inception_v2", "fp16"),
-        ("densenet121", "fp16"), ("densenet121", "palettized-8"),
+        ("densenet121", "fp16"), ("squeezenet", "palettized-8"),
     ],
 )
 def test_light_models(name: str, precision: str, tmp_path: Path) -> None:
