@@ -21,7 +21,7 @@ import onnx
 import edgeopt
 from edgeopt.bundle import SCHEMA_VERSION, artifact_entry, atomic_output, pack, toolchain_fingerprint, write_manifest
 from edgeopt.converters.analysis import io_specs, load_model, model_stats, unsupported_nodes
-from edgeopt.converters.errors import LoweringError, QualityBudgetError, UnsupportedOpsError
+from edgeopt.converters.errors import QualityBudgetError, UnsupportedOpsError
 from edgeopt.converters.lower import LoweringOptions, LoweringResult, lower
 from edgeopt.converters.passes import simplify
 from edgeopt.errors import EdgeoptError, VerificationError
@@ -38,7 +38,6 @@ Progress = Callable[[str, int, int], None]
 # Element-wise parity budgets against ONNX Runtime fp32, relative to the output's largest magnitude.
 _TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "int8-weights": 5e-2}
 _INT8_MIN_COSINE = 0.95
-_LOWERING_MODULES = {"onnx": "onnxruntime", "tensorrt-onnx": "tensorrt", "openvino-ir": "openvino", "tflite": "tflite", "mlpackage": "coreml"}
 
 
 @dataclass
@@ -142,17 +141,6 @@ def _resolve_precision(target: Target, precision: str | None, qdq_input: bool) -
             hint="build it with --precision int8 to keep its learned scales",
         )
     return chosen
-
-
-def _check_lowering_available(target: Target) -> None:
-    import importlib.util
-
-    module = f"edgeopt.converters.lower.{_LOWERING_MODULES[target.artifact_format.value]}"
-    if importlib.util.find_spec(module) is None:
-        raise LoweringError(
-            f"the {target.artifact_format.value} lowering for {target.name} is not available in edgeopt {edgeopt.__version__} yet",
-            hint="`edgeopt inspect MODEL --target " + target.name + "` works; build for onnxruntime-cpu or jetson-orin meanwhile",
-        )
 
 
 def _token_bound(model: onnx.ModelProto, input_name: str) -> int:
@@ -285,7 +273,6 @@ def build(
         bad = unsupported_nodes(source, profile)
         if bad:
             raise UnsupportedOpsError(profile.name, bad)
-        _check_lowering_available(profile)
         if chosen == "int8" and not qdq_input and calibration is None:
             raise EdgeoptError(
                 f"int8 for {profile.name} needs calibration data",

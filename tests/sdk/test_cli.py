@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
-import pytest
 from onnx import TensorProto, helper
 
 DIGITS = Path(__file__).resolve().parents[2] / "examples" / "digits"
@@ -151,16 +149,3 @@ def test_verify_fails_with_exit_3_when_outputs_drift(tmp_path: Path) -> None:
     proc = edgeopt("verify", str(bundle))
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
-
-
-def test_lowering_not_yet_available_is_clear(tmp_path: Path) -> None:
-    """Targets whose lowering module is absent say so before any work; none is faked."""
-    import importlib.util
-
-    missing = [t for t, m in (("apple-ane", "coreml"), ("raspberry-pi", "tflite"), ("intel-openvino", "openvino"))
-               if importlib.util.find_spec(f"edgeopt.converters.lower.{m}") is None]
-    if not missing:
-        pytest.skip("every lowering is available")
-    proc = edgeopt("build", str(DIGITS / "model.onnx"), "-t", missing[0], "-o", str(tmp_path / "b"))
-    assert_clean_failure(proc, 2, "not available")
-    assert not (tmp_path / "b").exists()
