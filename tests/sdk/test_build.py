@@ -127,3 +127,23 @@ def test_qat_model_builds_int8_without_calibration_keeping_its_weight_scales(tmp
     assert verify_bundle(tmp_path / "b", backend="onnxruntime" if target == "jetson-orin" else None).passed
     if target == "jetson-orin":
         assert any("symmetric int8 zero point 0" in w for w in result.warnings)
+
+
+@pytest.mark.parametrize("target", ["onnxruntime-cpu", "jetson-orin", "intel-openvino", "raspberry-pi", "apple-ane"])
+@pytest.mark.parametrize("precision", [None, "int8"])
+def test_every_target_builds_the_example_at_default_precision_and_int8(tmp_path: Path, target: str, precision: str | None) -> None:
+    result = edgeopt.build(
+        DIGITS / "model.onnx", target, output=tmp_path / "b", precision=precision,
+        calibration=DIGITS / "calib.npz", evaluation=DIGITS / "eval.npz",
+    )
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    jsonschema.validate(manifest, SCHEMA)
+    accuracy = next(m for m in manifest["quality"]["metrics"] if m["name"] == "accuracy")
+    assert accuracy["delta"] >= -0.01, accuracy  # at most one point lost on 450 held-out digits
+    if precision == "int8":
+        assert manifest["quantization"]["quantized_op_share"] > 0
+        assert result.manifest["compression"]["bytes_after"] < result.manifest["compression"]["bytes_before"]
+    if target != "apple-ane":  # Core ML prediction needs macOS; the build checked it with the reference evaluator
+        assert verify_bundle(tmp_path / "b").passed
+    else:
+        assert "not Core ML" in manifest["reference"]["measured"]["verified_with"]
