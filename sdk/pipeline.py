@@ -269,7 +269,8 @@ def build(
     qdq_input = _is_qdq(source)
     chosen = _resolve_precision(profile, precision, qdq_input)
 
-    def validate() -> dict[str, Any]:
+    def validate() -> tuple[Any, Any]:
+        """Everything the user gave is checked here, before any work or output."""
         bad = unsupported_nodes(source, profile)
         if bad:
             raise UnsupportedOpsError(profile.name, bad)
@@ -278,9 +279,15 @@ def build(
                 f"int8 for {profile.name} needs calibration data",
                 hint="pass --calibration data.npz (a few hundred representative inputs), or a model with QAT Q/DQ",
             )
-        return {"unsupported": 0, "precision": chosen, "qat_model": qdq_input, "changed": False}
+        if max_accuracy_drop is not None and evaluation is None:
+            raise EdgeoptError("--max-accuracy-drop needs evaluation data to measure against", hint="pass --eval data.npz")
+        evaluation_data = _open_data(evaluation, inputs, "evaluation") if evaluation is not None else None
+        calibration_data = _open_data(calibration, inputs, "calibration") if calibration is not None else None
+        return evaluation_data, calibration_data
 
-    stages.run("validate", validate, lambda d: d)
+    evaluation_set, calibration_set = stages.run(
+        "validate", validate, lambda _: {"unsupported": 0, "precision": chosen, "qat_model": qdq_input, "changed": False}
+    )
     before = model_stats(source)
 
     with atomic_output(output_path, force) as staging:
@@ -290,12 +297,10 @@ def build(
             lambda r: {**r[1].to_dict(), "changed": r[1].nodes_after != r[1].nodes_before},
         )
 
-        evaluation_set = _open_data(evaluation, inputs, "evaluation") if evaluation is not None else None
         quant_report: dict[str, Any] | None = None
         if chosen == "int8":
             from edgeopt.converters.quantize import QuantizeOptions, quantize
 
-            calibration_set = _open_data(calibration, inputs, "calibration") if calibration is not None else None
             result = stages.run(
                 "quantize",
                 lambda: quantize(
@@ -322,7 +327,7 @@ def build(
             lambda r: {"format": profile.artifact_format.value, **{k: v for k, v in r.summary.items() if isinstance(v, (int, float, str))}},
         )
 
-        reference_inputs = _reference_inputs(source, inputs, evaluation_set, calibration, reference_samples)
+        reference_inputs = _reference_inputs(source, inputs, evaluation_set if evaluation_set is not None else calibration_set, reference_samples)
         reference_outputs = _ort_outputs(source, reference_inputs)
         verification = stages.run("verify", lambda: _verify(lowered, staging, chosen, reference_inputs, reference_outputs), lambda v: dict(v))
         quality = (
@@ -357,21 +362,20 @@ def _opset(model: onnx.ModelProto) -> int:
 
 
 def _open_data(source: Any, inputs: list[TensorSpec], role: str) -> Any:
+    """Open the data and check its first sample now; the rest is checked as it streams."""
     from edgeopt.converters.data import open_dataset
 
-    return open_dataset(source, inputs, role=role)
+    dataset = open_dataset(source, inputs, role=role)
+    for _ in dataset.take(1):
+        pass
+    return dataset
 
 
-def _reference_inputs(
-    model: onnx.ModelProto, inputs: list[TensorSpec], evaluation_set: Any, calibration: Any, count: int
-) -> list[dict[str, np.ndarray]]:
+def _reference_inputs(model: onnx.ModelProto, inputs: list[TensorSpec], data: Any, count: int) -> list[dict[str, np.ndarray]]:
     """A few real inputs when the user gave data (eval first), else seeded random ones."""
-    source = evaluation_set
-    if source is None and calibration is not None:
-        source = _open_data(calibration, inputs, "calibration")
-    if source is not None:
+    if data is not None:
         taken = []
-        for sample in source:
+        for sample in data:
             taken.append({k: np.asarray(v) for k, v in sample.items()})
             if len(taken) == count:
                 break

@@ -149,3 +149,28 @@ def test_verify_fails_with_exit_3_when_outputs_drift(tmp_path: Path) -> None:
     proc = edgeopt("verify", str(bundle))
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_calibration_data_of_the_wrong_shape_fails_before_any_work(tmp_path: Path) -> None:
+    bad = tmp_path / "calib.npz"
+    np.savez(bad, image=np.zeros((16, 1, 4, 4), np.float32))
+    proc = edgeopt("build", str(DIGITS / "model.onnx"), "-t", "ort", "-p", "int8", "--calibration", str(bad), "-o", str(tmp_path / "b"))
+    assert_clean_failure(proc, 2, "image", "calib.npz")
+    assert "· simplify" not in proc.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_budget_without_evaluation_data_is_bad_usage(tmp_path: Path) -> None:
+    proc = edgeopt("build", str(DIGITS / "model.onnx"), "-t", "ort", "-p", "int8", "--calibration", str(DIGITS / "calib.npz"),
+                   "--max-accuracy-drop", "1", "-o", str(tmp_path / "b"))
+    assert_clean_failure(proc, 2, "--eval")
+
+
+def test_budget_met_by_the_digits_int8_build_is_recorded(tmp_path: Path) -> None:
+    proc = edgeopt("build", str(DIGITS / "model.onnx"), "-t", "rpi", "-p", "int8", "--calibration", str(DIGITS / "calib.npz"),
+                   "--eval", str(DIGITS / "eval.npz"), "--max-accuracy-drop", "1.0", "-o", str(tmp_path / "b"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads(proc.stdout)
+    accuracy = next(m for m in manifest["quality"]["metrics"] if m["name"] == "accuracy")
+    assert -accuracy["delta"] * 100 <= 1.0
+    assert manifest["quantization"]["budget"] is not None
