@@ -174,3 +174,22 @@ def test_budget_met_by_the_digits_int8_build_is_recorded(tmp_path: Path) -> None
     accuracy = next(m for m in manifest["quality"]["metrics"] if m["name"] == "accuracy")
     assert -accuracy["delta"] * 100 <= 1.0
     assert manifest["quantization"]["budget"] is not None
+
+
+def test_predict_and_bench_run_the_bundle_here(tmp_path: Path) -> None:
+    bundle = tmp_path / "b"
+    assert edgeopt("build", str(DIGITS / "model.onnx"), "-t", "ort", "-o", str(bundle), "-q").returncode == 0
+    with np.load(DIGITS / "eval.npz") as data:
+        x = data["image"][:1]
+    np.save(tmp_path / "x.npy", x)
+    proc = edgeopt("predict", str(bundle), "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npz"))
+    assert proc.returncode == 0, proc.stderr
+    import onnxruntime as ort
+
+    (expected,) = ort.InferenceSession(str(DIGITS / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"image": x})
+    with np.load(tmp_path / "y.npz") as got:
+        assert np.allclose(got["logits"], expected, rtol=1e-4, atol=1e-5)
+    bench = edgeopt("bench", str(bundle), "--runs", "20", "--warmup", "2", "--json")
+    assert bench.returncode == 0, bench.stderr
+    assert len(json.loads(bench.stdout)["samples_ms"]) == 20
+    assert len(json.loads((bundle / "manifest.json").read_text())["benchmarks"]) == 1
