@@ -13,7 +13,6 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "build": "edgeopt.pipeline",
-    "BuildOptions": "edgeopt.pipeline",
     "BuildResult": "edgeopt.pipeline",
     "inspect_model": "edgeopt.inspect",
     "verify_bundle": "edgeopt.verify",
