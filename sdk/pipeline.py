@@ -7,7 +7,6 @@ simplify and after quantize respectively; they are not part of this release.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -20,11 +19,12 @@ import onnx
 
 import edgeopt
 from edgeopt.bundle import SCHEMA_VERSION, artifact_entry, atomic_output, pack, toolchain_fingerprint, write_manifest
-from edgeopt.converters.analysis import io_specs, load_model, model_stats, unsupported_nodes
+from edgeopt.converters.analysis import io_specs, is_qdq, load_model, model_opset, model_stats, unsupported_nodes
 from edgeopt.converters.errors import QualityBudgetError, UnsupportedOpsError
 from edgeopt.converters.lower import LoweringOptions, LoweringResult, lower
 from edgeopt.converters.passes import simplify
 from edgeopt.errors import EdgeoptError, VerificationError
+from edgeopt.runtime.bundle import sha256_path
 from edgeopt.runtime.spec import TensorSpec
 from edgeopt.targets import Target, get_target
 
@@ -114,18 +114,6 @@ class _Stages:
     def step(self, name: str) -> Callable[[int, int], None] | None:
         progress = self._progress
         return None if progress is None else (lambda done, total: progress(name, done, total))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _is_qdq(model: onnx.ModelProto) -> bool:
-    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
 
 
 def _resolve_precision(target: Target, precision: str | None, qdq_input: bool) -> str:
@@ -264,9 +252,9 @@ def build(
     output_path = Path(output) if output is not None else Path("dist") / f"{model_path.stem}-{profile.name}"
     stages = _Stages(progress)
 
-    source = stages.run("load", lambda: load_model(model_path), lambda m: {"opset": _opset(m), "nodes": len(m.graph.node), "changed": False})
+    source = stages.run("load", lambda: load_model(model_path), lambda m: {"opset": model_opset(m) or 0, "nodes": len(m.graph.node), "changed": False})
     inputs, outputs = io_specs(source)
-    qdq_input = _is_qdq(source)
+    qdq_input = is_qdq(source)
     chosen = _resolve_precision(profile, precision, qdq_input)
 
     def validate() -> tuple[Any, Any]:
@@ -355,10 +343,6 @@ def build(
 
     packed = pack(output_path) if archive else None
     return BuildResult(output_path, manifest, packed, _warnings(lowered, quant_report))
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def _open_data(source: Any, inputs: list[TensorSpec], role: str) -> Any:
@@ -489,9 +473,9 @@ def _manifest(
         "toolchain": toolchain_fingerprint(used),
         "source_model": {
             "file": model_path.name,
-            "sha256": _sha256(model_path),
+            "sha256": sha256_path(model_path),
             "bytes": model_path.stat().st_size,
-            "opset": _opset(source),
+            "opset": model_opset(source) or 0,
             "producer": f"{source.producer_name} {source.producer_version}".strip(),
         },
         "artifacts": artifacts,
