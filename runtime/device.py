@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from edgeopt.runtime.isa import REPORTED_FLAGS, host_isa, host_isa_flags
+
 __all__ = ["device_facts", "thermal_facts", "decode_throttled"]
 
 #: bits of `vcgencmd get_throttled` (Raspberry Pi documentation, "vcgencmd")
@@ -97,10 +99,13 @@ def _cpu() -> dict[str, Any]:
     if model is None and sys.platform == "darwin":
         model = _run(["sysctl", "-n", "machdep.cpu.brand_string"])
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    isa = host_isa()
     return {
         "model": model or platform.processor() or None,
         "logical_cores": os.cpu_count(),
         "usable_cores": affinity,
+        "isa_class": isa.value if isa is not None else None,
+        "isa_flags": sorted(host_isa_flags() & frozenset(REPORTED_FLAGS)),
     }
 
 

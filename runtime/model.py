@@ -20,6 +20,7 @@ import numpy as np
 from edgeopt.runtime.backends import Backend, BackendConfig, backend_class, backend_for_file
 from edgeopt.runtime.bundle import Bundle, is_bundle, open_bundle
 from edgeopt.runtime.errors import BundleError, EdgeoptError, InputSpecError
+from edgeopt.runtime.isa import isa_mismatch
 from edgeopt.runtime.memory import current_rss_bytes
 from edgeopt.runtime.spec import TensorSpec
 
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from edgeopt.runtime.benchmark import BenchmarkResult
     from edgeopt.runtime.verify import VerifyResult
 
-__all__ = ["Model", "load", "toolchain_warnings"]
+__all__ = ["Model", "isa_warnings", "load", "toolchain_warnings"]
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +201,12 @@ def toolchain_warnings(bundle: Bundle, backend: Backend) -> list[str]:
     return []
 
 
+def isa_warnings(bundle: Bundle, backend: Backend) -> list[str]:
+    """A warning when this CPU's int8 arithmetic differs from the CPU class the bundle was built for."""
+    warning = isa_mismatch((bundle.manifest.get("target") or {}).get("isa"), backend.name)
+    return [warning] if warning else []
+
+
 def _pair(declared: list[TensorSpec], actual: list[TensorSpec], kind: str, where: Path) -> list[tuple[TensorSpec, TensorSpec]]:
     """Match the manifest's specs with the backend's: by name, else by position."""
     by_name = {spec.name: spec for spec in actual}
@@ -244,7 +251,7 @@ class Model:
         self.rss_before_load = rss_before_load
         self.rss_after_load = rss_after_load
         self.first_inference_seconds: float | None = None
-        self.warnings = toolchain_warnings(bundle, backend) if bundle is not None else []
+        self.warnings = [*toolchain_warnings(bundle, backend), *isa_warnings(bundle, backend)] if bundle is not None else []
         for warning in self.warnings:
             log.warning("%s: %s", source, warning)
         backend_inputs, backend_outputs = backend.input_metadata(), backend.output_metadata()

@@ -139,6 +139,12 @@ def _parse_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]] | None:
 @click.option("--max-accuracy-drop", type=float, help="Quality budget in accuracy points; sensitive layers stay in float to meet it.")
 @click.option("--io-layout", type=click.Choice(["nchw", "nhwc"]), help="Input/output layout of NHWC formats (TFLite).")
 @click.option("--input-shape", "input_shapes", multiple=True, help="Fix a dynamic input: NAME=D0,D1,... (repeatable).")
+@click.option(
+    "--isa",
+    type=click.Choice(["avx2", "vnni", "amx", "arm64"]),
+    help="CPU class an int8 CPU bundle is for (onnxruntime-cpu, intel-openvino) [default: avx2, exact on every CPU;"
+    " vnni/amx/arm64 keep 8-bit weights but saturate on x86 without VNNI].",
+)
 @click.option("--archive", is_flag=True, help="Also pack the bundle as <bundle>.tar.gz.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
@@ -155,6 +161,7 @@ def build(
     max_accuracy_drop: float | None,
     io_layout: str | None,
     input_shapes: tuple[str, ...],
+    isa: str | None,
     archive: bool,
     force: bool,
     quiet: bool,
@@ -174,6 +181,7 @@ def build(
         max_accuracy_drop=max_accuracy_drop,
         io_layout=io_layout,
         input_shapes=_parse_shapes(input_shapes),
+        isa=isa,
         archive=archive,
         force=force,
         progress=_StageProgress(quiet or as_json),

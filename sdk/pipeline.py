@@ -25,6 +25,7 @@ from edgeopt.converters.lower import LoweringOptions, LoweringResult, lower
 from edgeopt.converters.passes import simplify
 from edgeopt.errors import EdgeoptError, VerificationError
 from edgeopt.runtime.bundle import sha256_path
+from edgeopt.runtime.isa import IsaClass, isa_mismatch
 from edgeopt.runtime.spec import TensorSpec
 from edgeopt.targets import Target, get_target
 
@@ -158,13 +159,10 @@ def _random_inputs(model: onnx.ModelProto, specs: list[TensorSpec], count: int, 
 
 
 def _ort_outputs(model: onnx.ModelProto, samples: Iterable[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    import onnxruntime as ort
+    """The model's outputs on ONNX Runtime (a QDQ graph by its exact semantics, see `session`)."""
+    from edgeopt.converters.quantize.graph import run_model
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return [dict(zip(names, session.run(names, dict(sample)))) for sample in samples]
+    return list(run_model(model, samples, threads=2))
 
 
 _NHWC_FROM_NCHW = (0, 2, 3, 1)
@@ -242,13 +240,18 @@ def build(
     io_layout: str | None = None,
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
     reference_samples: int = 4,
+    isa: str | None = None,
     force: bool = False,
     archive: bool = False,
     progress: Progress | None = None,
 ) -> BuildResult:
-    """Build a verified bundle of `model` for `target`; see the README for the options' meaning."""
+    """Build a verified bundle of `model` for `target`; see the README for the options' meaning.
+
+    `isa`: the CPU class an int8 bundle is for (`Target.isa_classes`; the profile's default when None).
+    """
     model_path = Path(model)
     profile = target if isinstance(target, Target) else get_target(target)
+    isa_class = profile.resolve_isa(isa)
     output_path = Path(output) if output is not None else Path("dist") / f"{model_path.stem}-{profile.name}"
     stages = _Stages(progress)
 
@@ -293,7 +296,7 @@ def build(
                 "quantize",
                 lambda: quantize(
                     optimized,
-                    profile.quant_scheme,
+                    profile.scheme_for(isa_class),
                     calibration_set,
                     QuantizeOptions(method=calibration_method, max_accuracy_drop=max_accuracy_drop, evaluation=evaluation_set),
                     progress=stages.step("calibrate"),
@@ -331,7 +334,7 @@ def build(
         )
         manifest = _manifest(
             model_path, source, profile, chosen, lowered, staging, before, after, simplify_report.nodes_after,
-            quant_report, quality, verification, reference_outputs, stages.records,
+            quant_report, quality, verification, reference_outputs, stages.records, isa_class if chosen == "int8" else None,
         )
         from edgeopt.report import write_report
 
@@ -342,7 +345,7 @@ def build(
         write_manifest(staging, manifest)
 
     packed = pack(output_path) if archive else None
-    return BuildResult(output_path, manifest, packed, _warnings(lowered, quant_report))
+    return BuildResult(output_path, manifest, packed, _warnings(lowered, quant_report, manifest))
 
 
 def _open_data(source: Any, inputs: list[TensorSpec], role: str) -> Any:
@@ -453,6 +456,7 @@ def _manifest(
     verification: dict[str, Any],
     reference_outputs: list[dict[str, np.ndarray]],
     stages: list[dict[str, Any]],
+    isa: IsaClass | None,
 ) -> dict[str, Any]:
     artifacts = [artifact_entry(staging, a.path, a.format, a.role) for a in lowered.artifacts]
     artifacts += [artifact_entry(staging, f"reference/{n}.npz", "npz", "reference") for n in ("inputs", "outputs")]
@@ -468,6 +472,7 @@ def _manifest(
             "backend": target.backend,
             "artifact_format": target.artifact_format.value,
             "layout": target.layout,
+            "isa": isa.value if isa is not None else None,
         },
         "precision": precision,
         "toolchain": toolchain_fingerprint(used),
@@ -532,8 +537,11 @@ def _device_tolerance(precision: str, reference: list[dict[str, np.ndarray]], me
     return {"atol": 2.0 * measured["max_abs"] + 1e-6, "rtol": 0.0}
 
 
-def _warnings(lowered: LoweringResult, quant_report: dict[str, Any] | None) -> list[str]:
+def _warnings(lowered: LoweringResult, quant_report: dict[str, Any] | None, manifest: dict[str, Any]) -> list[str]:
     notes = [str(w) for w in lowered.summary.get("warnings", [])]
+    mismatch = isa_mismatch(manifest["target"]["isa"], lowered.verify_backend)
+    if mismatch:
+        notes.append(f"verified on a CPU that cannot run this bundle exactly: {mismatch}")
     if quant_report:
         from edgeopt.converters.quantize import describe_adaptations
 

@@ -3,10 +3,12 @@
 from edgeopt.targets.registry import (
     ArtifactFormat,
     Fact,
+    IsaClass,
     OpRule,
     QuantScheme,
     Target,
     UnknownTargetError,
+    UnsupportedIsaError,
     all_targets,
     get_target,
 )
@@ -14,10 +16,12 @@ from edgeopt.targets.registry import (
 __all__ = [
     "ArtifactFormat",
     "Fact",
+    "IsaClass",
     "OpRule",
     "QuantScheme",
     "Target",
     "UnknownTargetError",
+    "UnsupportedIsaError",
     "all_targets",
     "get_target",
 ]

@@ -19,14 +19,17 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 from edgeopt.runtime.errors import EdgeoptError
+from edgeopt.runtime.isa import IsaClass
 
 __all__ = [
     "ArtifactFormat",
     "Fact",
+    "IsaClass",
     "OpRule",
     "QuantScheme",
     "Target",
     "UnknownTargetError",
+    "UnsupportedIsaError",
     "all_targets",
     "get_target",
 ]
@@ -36,6 +39,10 @@ _PROFILE_DIR = Path(__file__).parent
 
 class UnknownTargetError(EdgeoptError):
     """No profile has this name or alias."""
+
+
+class UnsupportedIsaError(EdgeoptError):
+    """A CPU class the target does not distinguish (or a target whose int8 does not depend on the CPU)."""
 
 
 class ArtifactFormat(str, enum.Enum):
@@ -102,6 +109,9 @@ class QuantScheme:
     float_output_ops: tuple[str, ...] = ()
     # Under "inputs_and_outputs": quantize float initializer operands of Add/Sub/Mul per tensor (TFLite int8 constants).
     constant_operands: bool = False
+    # Bits of the weights of ops whose int8 kernels sum products pairwise (non-depthwise Conv, Gemm,
+    # MatMul). 7 keeps them within [-64, 64] so AVX2's saturating int16 pair sums stay exact.
+    pairwise_weight_bits: int = 8
 
     def rule_for(self, op_type: str) -> OpRule | None:
         return next((r for r in self.op_rules if r.op == op_type), None)
@@ -121,6 +131,7 @@ class QuantScheme:
             "fused_activations": list(self.fused_activations),
             "float_output_ops": list(self.float_output_ops),
             "constant_operands": self.constant_operands,
+            "pairwise_weight_bits": self.pairwise_weight_bits,
         }
 
 
@@ -143,6 +154,31 @@ class Target:
     facts: tuple[Fact, ...]
     runtime_install: str
     options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    # CPU classes whose int8 arithmetic changes the scheme; `quant_scheme` is the default class's.
+    default_isa: IsaClass | None = None
+    isa_schemes: tuple[tuple[IsaClass, QuantScheme], ...] = ()
+
+    @property
+    def isa_classes(self) -> tuple[IsaClass, ...]:
+        return tuple(isa for isa, _ in self.isa_schemes)
+
+    def resolve_isa(self, isa: IsaClass | str | None) -> IsaClass | None:
+        """The class a build is for: the one asked for, else the profile's default (None: not ISA-dependent)."""
+        if isa is None:
+            return self.default_isa
+        wanted = IsaClass(isa) if isinstance(isa, str) and isa in {c.value for c in IsaClass} else isa
+        if wanted not in self.isa_classes:
+            choices = ", ".join(c.value for c in self.isa_classes) or "none: its int8 does not depend on the CPU"
+            raise UnsupportedIsaError(
+                f"target '{self.name}' has no CPU class '{isa}' (choices: {choices})",
+                hint="omit --isa for the profile's default, or pick one of the listed classes",
+            )
+        return wanted
+
+    def scheme_for(self, isa: IsaClass | str | None = None) -> QuantScheme:
+        """The quantization scheme for a CPU class (the default class's when None)."""
+        resolved = self.resolve_isa(isa)
+        return dict(self.isa_schemes).get(resolved, self.quant_scheme) if resolved is not None else self.quant_scheme
 
     def supports(self, op_type: str) -> bool:
         """Whether the target runs this ONNX op; "*" in the profile means every standard op."""
@@ -168,17 +204,32 @@ class Target:
             "facts": [vars(f) for f in self.facts],
             "runtime_install": self.runtime_install,
             "options": self.options,
+            "default_isa": self.default_isa.value if self.default_isa else None,
+            "isa_schemes": {isa.value: scheme.to_dict() for isa, scheme in self.isa_schemes},
         }
 
 
-def _parse(path: Path) -> Target:
-    raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    scheme = dict(raw.get("quant_scheme", {}))
+def _scheme(raw: dict[str, Any]) -> QuantScheme:
+    scheme = dict(raw)
     scheme["quantized_ops"] = tuple(scheme.get("quantized_ops", ()))
     for key in ("fused_activations", "float_output_ops"):
         if key in scheme:
             scheme[key] = tuple(scheme[key])
     scheme["op_rules"] = tuple(OpRule(**r) for r in scheme.get("op_rules", ()))
+    return QuantScheme(**scheme)
+
+
+def _parse(path: Path) -> Target:
+    raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    base = dict(raw.get("quant_scheme", {}))
+    isa_table = dict(raw.get("isa", {}))
+    default_isa = IsaClass(isa_table.pop("default")) if "default" in isa_table else None
+    isa_schemes = tuple(
+        (IsaClass(name), _scheme({**base, **{k: v for k, v in overrides.items() if k != "why"}}))
+        for name, overrides in isa_table.items()
+    )
+    if default_isa is not None and default_isa not in dict(isa_schemes):
+        raise ValueError(f"{path.name}: default ISA class '{default_isa.value}' has no [isa.{default_isa.value}] table")
     return Target(
         name=raw["name"],
         aliases=tuple(raw.get("aliases", ())),
@@ -191,10 +242,12 @@ def _parse(path: Path) -> Target:
         channel_multiple=int(raw["channel_multiple"]),
         default_threads=int(raw["default_threads"]),
         supported_ops=frozenset(raw["supported_ops"]),
-        quant_scheme=QuantScheme(**scheme),
+        quant_scheme=dict(isa_schemes)[default_isa] if default_isa is not None else _scheme(base),
         facts=tuple(Fact(**f) for f in raw.get("facts", ())),
         runtime_install=raw["runtime_install"],
         options=dict(raw.get("options", {})),
+        default_isa=default_isa,
+        isa_schemes=isa_schemes,
     )
 
 

@@ -91,7 +91,15 @@ def with_outputs(model: onnx.ModelProto, names: Iterable[str], types: Mapping[st
     return extended
 
 
-def session(model: onnx.ModelProto, threads: int = 0, *, optimize: bool = True):  # -> onnxruntime.InferenceSession
+def session(model: onnx.ModelProto, threads: int = 0):  # -> onnxruntime.InferenceSession
+    """An ONNX Runtime CPU session that computes what the graph says.
+
+    A graph with Q/DQ runs with graph optimizations off, so every DequantizeLinear -> op ->
+    QuantizeLinear is evaluated in float exactly as the QDQ graph defines it. With optimizations on,
+    ONNX Runtime fuses them into int8 kernels whose results depend on the CPU (x86 without VNNI
+    saturates int16 pair sums); the quantizer's measurements and every int8 parity check need the
+    graph's own semantics, and the backends' kernels are what gets checked against it.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -99,7 +107,7 @@ def session(model: onnx.ModelProto, threads: int = 0, *, optimize: bool = True):
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    if not optimize:
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 

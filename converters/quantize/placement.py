@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from edgeopt.targets import QuantScheme
 
-__all__ = ["ActivationSite", "QuantPlan", "WeightSite", "plan_quantization", "weight_axis"]
+__all__ = ["ActivationSite", "QuantPlan", "WeightSite", "plan_quantization", "sums_products_pairwise", "weight_axis"]
 
 #: Ops whose output values are a subset of their input values: quantized only where the input already is.
 DATA_MOVEMENT_OPS = frozenset(
@@ -53,6 +53,7 @@ class WeightSite:
     input_index: int
     initializer: str
     axis: int | None  # None: per-tensor
+    bits: int = 8
 
 
 @dataclass
@@ -102,6 +103,19 @@ def weight_axis(node: ir.Node, rank: int) -> int | None:
     if node.op_type == "MatMul":
         return rank - 1 if rank == 2 else None
     return None
+
+
+def sums_products_pairwise(op_type: str, weight_shape: tuple[int, ...], group: int = 1) -> bool:
+    """Whether x86 int8 kernels without VNNI sum this op's products pairwise in int16 (VPMADDUBSW).
+
+    Conv, ConvTranspose, Gemm and MatMul do; a depthwise Conv (one input channel per group) does
+    not: ONNX Runtime's and oneDNN's depthwise kernels widen to int32 first (measured: 8-bit
+    depthwise weights against saturated uint8 inputs match the QDQ graph exactly on AVX2).
+    """
+    if op_type not in WEIGHTED_OPS:
+        return False
+    depthwise = op_type == "Conv" and group > 1 and len(weight_shape) > 1 and weight_shape[1] == 1
+    return not depthwise
 
 
 def _is_constant(value: ir.Value | None) -> bool:
@@ -254,9 +268,10 @@ def _plan_weight(node: ir.Node, plan: QuantPlan, scheme: QuantScheme) -> None:
     initializer = _initializer_name(weight)
     if initializer is None:
         return
-    rank = len(weight.const_value.shape)
-    axis = weight_axis(node, rank) if scheme.weight_per_channel else None
-    plan.weights.append(WeightSite(node.name, 1, initializer, axis))
+    shape = tuple(weight.const_value.shape)
+    axis = weight_axis(node, len(shape)) if scheme.weight_per_channel else None
+    pairwise = sums_products_pairwise(node.op_type, shape, node.attributes.get_int("group", 1))
+    plan.weights.append(WeightSite(node.name, 1, initializer, axis, scheme.pairwise_weight_bits if pairwise else 8))
     if scheme.bias_int32 and node.op_type in ("Conv", "ConvTranspose", "Gemm") and len(node.inputs) > 2:
         bias = node.inputs[2]
         bias_name = _initializer_name(bias)

@@ -6,7 +6,8 @@ least change that keeps the represented range, and every change is listed:
 - uint8 activations on an int8 asymmetric target: zero point shifted by 128, same values exactly;
 - per-channel activations on a per-tensor target: one scale over the union of the ranges;
 - a fixed output rule (TFLite softmax/logistic/tanh): the fixed parameters;
-- asymmetric or wrongly-oriented weight quantization: symmetric per-channel on the output axis.
+- asymmetric or wrongly-oriented weight quantization: symmetric per-channel on the output axis;
+- 8-bit weights of a pairwise-summing op on a 7-bit CPU class (x86 without VNNI): the learned range on [-64, 64].
 Weights fake-quantized as Q(float) -> DQ are folded to the explicit int8 initializer -> DQ form,
 and on int32-bias targets float biases become int32 with scale = input scale x weight scale.
 """
@@ -19,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgeopt.converters.quantize.placement import WEIGHTED_OPS
+from edgeopt.converters.quantize.placement import WEIGHTED_OPS, sums_products_pairwise
 from edgeopt.converters.quantize.qdq import activation_params, qrange, quantize_weight
 from edgeopt.targets import QuantScheme
 
@@ -211,6 +212,13 @@ def _expected_axis(node: onnx.NodeProto | None, rank: int) -> int | None:
     return rank - 1 if rank == 2 else None
 
 
+def _weight_bits(consumer: onnx.NodeProto | None, shape: tuple[int, ...], scheme: QuantScheme) -> int:
+    if consumer is None:
+        return 8
+    group = next((a.i for a in consumer.attribute if a.name == "group"), 1)
+    return scheme.pairwise_weight_bits if sums_products_pairwise(consumer.op_type, tuple(shape), group) else 8
+
+
 def _requantized_weight(
     values: np.ndarray,
     scale: np.ndarray,
@@ -226,7 +234,14 @@ def _requantized_weight(
     wrong_axis = per_channel and expected is not None and axis % values.ndim != expected
     asymmetric = scheme.weight_symmetric and np.any(zero_point.astype(int) != 0)
     wrong_dtype = zero_point.dtype.name != scheme.weight_dtype
-    if wrong_axis or asymmetric or wrong_dtype:
+    qmin, qmax = qrange(zero_point.dtype.name)
+    shape = [1] * values.ndim
+    if per_channel:
+        shape[axis] = -1
+    quantized = np.clip(np.round(values / scale.reshape(shape)) + zero_point.reshape(shape).astype(np.int64), qmin, qmax)
+    bits = _weight_bits(consumer, values.shape, scheme)
+    too_wide = bits < 8 and np.abs(quantized - zero_point.reshape(shape).astype(np.int64)).max(initial=0) > 2 ** (bits - 1)
+    if wrong_axis or asymmetric or wrong_dtype or too_wide:
         use_axis = expected if (per_channel or scheme.weight_per_channel) and expected is not None else None
         if wrong_axis:
             changes.append(f"per-channel axis {axis} -> {expected} (output channels)")
@@ -234,13 +249,14 @@ def _requantized_weight(
             changes.append("asymmetric -> symmetric weights (zero point 0), covering the learned range")
         if wrong_dtype:
             changes.append(f"{zero_point.dtype.name} -> {scheme.weight_dtype} weights")
-        quantized, new_scale, new_zero = quantize_weight(values, use_axis, scheme.weight_dtype, scheme.weight_symmetric)
+        if too_wide:
+            changes.append(
+                f"{bits}-bit weights ([-{2 ** (bits - 1)}, {2 ** (bits - 1)}], scale widened to the learned range): "
+                "the CPU class sums int8 products pairwise in a saturating int16"
+            )
+        learned = ((quantized - zero_point.reshape(shape).astype(np.int64)) * scale.reshape(shape)).astype(np.float32)
+        quantized, new_scale, new_zero = quantize_weight(learned, use_axis, scheme.weight_dtype, scheme.weight_symmetric, bits)
         return quantized, new_scale, new_zero, use_axis, changes
-    qmin, qmax = qrange(zero_point.dtype.name)
-    shape = [1] * values.ndim
-    if per_channel:
-        shape[axis] = -1
-    quantized = np.clip(np.round(values / scale.reshape(shape)) + zero_point.reshape(shape).astype(np.int64), qmin, qmax)
     return quantized.astype(zero_point.dtype), scale.astype(np.float32), zero_point, (axis if per_channel else None), changes
 
 

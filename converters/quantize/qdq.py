@@ -86,10 +86,19 @@ def group_params(
 
 
 def quantize_weight(
-    weight: np.ndarray, axis: int | None, dtype: str, symmetric: bool
+    weight: np.ndarray, axis: int | None, dtype: str, symmetric: bool, bits: int = 8
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(quantized, scale, zero_point): per channel on `axis` (scale/zero point 1-D) or per tensor (scalars)."""
+    """(quantized, scale, zero_point): per channel on `axis` (scale/zero point 1-D) or per tensor (scalars).
+
+    `bits` < 8 narrows the grid: symmetric 7-bit int8 weights span [-64, 64] (as ONNX Runtime's
+    reduce_range), the widest that keeps 2 x 255 x |w| within a saturating int16 pair sum.
+    """
     qmin, qmax = qrange(dtype)
+    if bits < 8:
+        if symmetric and qmin < 0:
+            qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1)
+        else:
+            qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if qmin < 0 else (0, 2**bits - 1)
     weight = weight.astype(np.float32)
     if axis is None:
         reduce_axes = tuple(range(weight.ndim))
@@ -160,7 +169,7 @@ def insert_qdq(model: onnx.ModelProto, plan: QuantPlan, params: Mapping[str, QPa
         node = nodes[site.node]
         if site.initializer not in dequantized:
             weight = values[site.initializer].const_value.numpy()
-            quantized, scale, zero_point = quantize_weight(weight, site.axis, scheme.weight_dtype, scheme.weight_symmetric)
+            quantized, scale, zero_point = quantize_weight(weight, site.axis, scheme.weight_dtype, scheme.weight_symmetric, site.bits)
             weight_scales[site.initializer] = scale
             inputs = [
                 build.constant(f"{site.initializer}_quantized", quantized),

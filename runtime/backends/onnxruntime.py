@@ -30,6 +30,9 @@ ORT_TYPES: dict[str, str] = {
     "tensor(bool)": "bool",
 }
 
+#: ONNX Runtime's session config key kOrtSessionOptionsAvx2PrecisionMode (onnxruntime_session_options_config_keys.h)
+X64_QUANT_PRECISION = "session.x64quantprecision"
+
 #: what `device=` means for ONNX Runtime, as an ordered provider list (CPU always last)
 DEVICE_PROVIDERS: dict[str, list[str]] = {
     "cpu": ["CPUExecutionProvider"],
@@ -58,7 +61,18 @@ class OnnxRuntimeBackend(Backend):
         level = self.config.options.get("graph_optimization_level", "ORT_ENABLE_ALL")
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, str(level))
         providers = self._providers(ort.get_available_providers())
-        self.session = ort.InferenceSession(str(self.model_path), sess_options=options, providers=providers)
+        # On x86 without VNNI, MLAS's U8S8 kernels sum int8 products pairwise in a saturating int16.
+        # This switch runs weights beyond [-64, 64] on exact U8U8 kernels instead (7-bit weights keep
+        # U8S8); ONNX Runtime ignores it on CPUs that do not saturate.
+        options.add_session_config_entry(X64_QUANT_PRECISION, "1")
+        try:
+            self.session = ort.InferenceSession(str(self.model_path), sess_options=options, providers=providers)
+        except Exception as exc:  # ONNX Runtime refuses the switch on int8-activation QLinear graphs
+            if "NOT_IMPLEMENTED" not in str(exc):
+                raise
+            log.warning("%s: ONNX Runtime cannot run this graph with exact int8 sums here; its int8 kernels may saturate", self.model_path)
+            options.add_session_config_entry(X64_QUANT_PRECISION, "0")
+            self.session = ort.InferenceSession(str(self.model_path), sess_options=options, providers=providers)
         self._output_names = [o.name for o in self.session.get_outputs()]
         self._run = self.session.run
 

@@ -28,6 +28,7 @@ from edgeopt.converters.lower import LoweringOptions, LoweringResult, lower
 from edgeopt.converters.lower.tflite import INSTALL_HINT, SUPPORTED_ONNX_OPS, lower_to_bytes
 from edgeopt.converters.passes import simplify
 from edgeopt.converters.quantize import QuantizeOptions, quantize
+from edgeopt.converters.quantize.graph import session
 from edgeopt.targets import get_target
 from tests import zoo
 
@@ -40,8 +41,8 @@ CONV_LIKE = {"CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV", "MAX_POOL_2D", "A
 
 # ----- helpers (imported by test_tflite_coverage.py) ---------------------------------------------
 def ort_outputs(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, dict(feed))
+    """ONNX Runtime on the graph: fp32 as is, a QDQ graph by its exact semantics (no int8 kernels)."""
+    return session(model).run(None, dict(feed))
 
 
 def litert_outputs(flatbuffer: bytes, feed: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:

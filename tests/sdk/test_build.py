@@ -114,11 +114,11 @@ def test_nhwc_io_layout_reference_data_is_in_the_artifacts_layout(tmp_path: Path
 QAT_MODEL = Path(__file__).resolve().parents[1] / "data" / "digits_qat.onnx"
 
 
-@pytest.mark.parametrize("target", ["jetson-orin", "onnxruntime-cpu", "raspberry-pi"])
-def test_qat_model_builds_int8_without_calibration_keeping_its_weight_scales(tmp_path: Path, target: str) -> None:
-    result = edgeopt.build(QAT_MODEL, target, output=tmp_path / "b")
+@pytest.mark.parametrize("target,isa", [("jetson-orin", None), ("onnxruntime-cpu", "vnni"), ("raspberry-pi", None)])
+def test_qat_model_builds_int8_without_calibration_keeping_its_weight_scales(tmp_path: Path, target: str, isa: str | None) -> None:
+    result = edgeopt.build(QAT_MODEL, target, output=tmp_path / "b", isa=isa)
     manifest = result.manifest
-    assert manifest["precision"] == "int8"
+    assert manifest["precision"] == "int8" and manifest["target"]["isa"] == isa
     assert manifest["quantization"]["qat_imported"]
     scales = {s["tensor"]: s for s in manifest["quantization"]["scales"]}
     for weight in ("conv1.weight", "conv2.weight", "fc.weight"):  # learned weight scales are kept exactly
@@ -127,6 +127,21 @@ def test_qat_model_builds_int8_without_calibration_keeping_its_weight_scales(tmp
     assert verify_bundle(tmp_path / "b", backend="onnxruntime" if target == "jetson-orin" else None).passed
     if target == "jetson-orin":
         assert any("symmetric int8 zero point 0" in w for w in result.warnings)
+
+
+def test_qat_model_for_the_default_x86_class_narrows_its_weights_and_says_so(tmp_path: Path) -> None:
+    result = edgeopt.build(QAT_MODEL, "onnxruntime-cpu", output=tmp_path / "b")
+    assert result.manifest["target"]["isa"] == "avx2"
+    narrowed = [w for w in result.warnings if "7-bit weights" in w]
+    assert sorted(w.split(":")[1].strip() for w in narrowed) == ["conv1.weight", "conv2.weight", "fc.weight"]
+    assert result.manifest["reference"]["measured"]["min_cosine"] > 0.99
+    assert verify_bundle(tmp_path / "b").passed
+
+
+def test_a_cpu_class_the_target_does_not_have_is_bad_usage_before_any_work(tmp_path: Path) -> None:
+    with pytest.raises(edgeopt.errors.EdgeoptError, match="no CPU class 'vnni'") as info:
+        edgeopt.build(DIGITS / "model.onnx", "raspberry-pi", output=tmp_path / "b", isa="vnni")
+    assert info.value.exit_code == 2 and not (tmp_path / "b").exists()
 
 
 @pytest.mark.parametrize("target", ["onnxruntime-cpu", "jetson-orin", "intel-openvino", "raspberry-pi", "apple-ane"])

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from edgeopt.targets import ArtifactFormat, Target, UnknownTargetError, all_targets, get_target
+from edgeopt.targets import ArtifactFormat, IsaClass, Target, UnknownTargetError, UnsupportedIsaError, all_targets, get_target
 
 REQUIRED = {
     "jetson-orin": ArtifactFormat.TENSORRT_ONNX,
@@ -71,3 +71,37 @@ def test_to_dict_round_trips_through_json() -> None:
 
     data = json.loads(json.dumps([t.to_dict() for t in all_targets()]))
     assert {d["name"] for d in data} == set(REQUIRED)
+
+
+@pytest.mark.parametrize("name", ["onnxruntime-cpu", "intel-openvino"])
+def test_x86_cpu_targets_default_to_7_bit_pairwise_weights_that_no_cpu_saturates(name: str) -> None:
+    target = get_target(name)
+    assert target.default_isa is IsaClass.AVX2 and target.quant_scheme == target.scheme_for("avx2")
+    assert target.quant_scheme.pairwise_weight_bits == 7
+    for isa in ("vnni", "amx"):
+        scheme = target.scheme_for(isa)
+        assert scheme.pairwise_weight_bits == 8
+        assert dataclasses.replace(scheme, pairwise_weight_bits=7) == target.quant_scheme, "only the weight range differs"
+
+
+@pytest.mark.parametrize("name", ["jetson-orin", "raspberry-pi", "apple-ane"])
+def test_targets_whose_int8_does_not_depend_on_the_cpu_class_refuse_one(name: str) -> None:
+    target = get_target(name)
+    assert target.default_isa is None and target.isa_classes == ()
+    assert target.scheme_for(None) == target.quant_scheme and target.quant_scheme.pairwise_weight_bits == 8
+    with pytest.raises(UnsupportedIsaError) as info:
+        target.scheme_for("vnni")
+    assert info.value.exit_code == 2 and "its int8 does not depend on the CPU" in str(info.value)
+
+
+def test_an_unknown_class_lists_the_choices() -> None:
+    with pytest.raises(UnsupportedIsaError, match=r"\(choices: avx2, vnni, amx\)"):
+        get_target("intel-openvino").resolve_isa("arm64")
+    with pytest.raises(UnsupportedIsaError, match="no CPU class 'sse2'"):
+        get_target("onnxruntime-cpu").resolve_isa("sse2")
+
+
+def test_isa_schemes_are_in_the_json_view() -> None:
+    data = get_target("onnxruntime-cpu").to_dict()
+    assert data["default_isa"] == "avx2"
+    assert {isa: s["pairwise_weight_bits"] for isa, s in data["isa_schemes"].items()} == {"avx2": 7, "vnni": 8, "amx": 8, "arm64": 8}
