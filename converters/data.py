@@ -120,6 +120,19 @@ class Dataset:
         labels = None if self.labels is None else self.labels[:count]
         return Dataset(self._reader, count, self.inputs, source=self.source, role=self.role, labels=labels, keepalive=self._keepalive)
 
+    def skip(self, count: int) -> Dataset:
+        """The samples after the first `count`, still streaming (the held-out part of a split)."""
+        count = min(count, self._length)
+        reader = self._reader
+
+        def rest() -> Iterator[dict[str, np.ndarray]]:
+            for index, sample in enumerate(reader()):
+                if index >= count:
+                    yield sample
+
+        labels = None if self.labels is None else self.labels[count:]
+        return Dataset(rest, self._length - count, self.inputs, source=self.source, role=self.role, labels=labels, keepalive=self._keepalive)
+
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "role": self.role, "samples": self._length, "labels": self.labels is not None}
 

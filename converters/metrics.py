@@ -11,19 +11,33 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["fidelity", "quality_drop", "sqnr_db"]
+__all__ = ["cosine", "fidelity", "quality_drop", "sqnr_db"]
 
 #: SQNR reported when the candidate equals the reference exactly (JSON has no infinity).
 EXACT_SQNR_DB = 200.0
 
 
 def sqnr_db(signal_power: float, noise_power: float) -> float:
-    """10·log10(signal/noise), capped at EXACT_SQNR_DB for an exact match."""
+    """10·log10(signal/noise), within ±EXACT_SQNR_DB; defined for every input (no NaN, no error)."""
+    if not math.isfinite(noise_power) or not math.isfinite(signal_power):
+        return -EXACT_SQNR_DB
     if noise_power <= 0.0:
         return EXACT_SQNR_DB
     if signal_power <= 0.0:
         return -EXACT_SQNR_DB
-    return min(EXACT_SQNR_DB, 10.0 * math.log10(signal_power / noise_power))
+    return max(-EXACT_SQNR_DB, min(EXACT_SQNR_DB, 10.0 * math.log10(signal_power / noise_power)))
+
+
+def cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Cosine similarity of two arrays; 1 for two all-zero arrays, 0 for one, -1 if not finite."""
+    ref = reference.astype(np.float64).ravel()
+    cand = candidate.astype(np.float64).ravel()
+    if not (np.all(np.isfinite(ref)) and np.all(np.isfinite(cand))):
+        return -1.0
+    denominator = math.sqrt(float(ref @ ref) * float(cand @ cand))
+    if denominator == 0.0:
+        return 1.0 if not np.any(ref) and not np.any(cand) else 0.0
+    return max(-1.0, min(1.0, float(ref @ cand) / denominator))
 
 
 def _is_classifier(array: np.ndarray) -> bool:
@@ -42,12 +56,17 @@ class _OutputStats:
         self.rows = 0
         self.ref_correct = 0
         self.cand_correct = 0
+        self.cosines: list[float] = []
+        self.nonfinite = 0
 
     def add(self, reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None) -> None:
         if reference.shape != candidate.shape:
             raise ValueError(f"reference shape {reference.shape} differs from candidate shape {candidate.shape}")
-        ref = reference.astype(np.float64).ravel()
-        cand = candidate.astype(np.float64).ravel()
+        self.cosines.append(cosine(reference, candidate))
+        self.nonfinite += int(np.count_nonzero(~np.isfinite(candidate))) if np.issubdtype(candidate.dtype, np.floating) else 0
+        # non-finite values count as such above and as zero noise below, so the sums stay finite
+        ref = np.nan_to_num(reference.astype(np.float64).ravel(), nan=0.0, posinf=0.0, neginf=0.0)
+        cand = np.nan_to_num(candidate.astype(np.float64).ravel(), nan=0.0, posinf=0.0, neginf=0.0)
         diff = ref - cand
         self.dot += float(ref @ cand)
         self.ref_sq += float(ref @ ref)
@@ -71,6 +90,9 @@ class _OutputStats:
         denominator = math.sqrt(self.ref_sq * self.cand_sq)
         result: dict[str, Any] = {
             "cosine": 1.0 if denominator == 0.0 and self.noise_sq == 0.0 else (self.dot / denominator if denominator else 0.0),
+            "cosine_mean": float(np.mean(self.cosines)) if self.cosines else 1.0,
+            "cosine_p5": float(np.percentile(self.cosines, 5)) if self.cosines else 1.0,
+            "nonfinite": self.nonfinite,
             "sqnr_db": sqnr_db(self.ref_sq, self.noise_sq),
             "max_abs_error": self.max_abs,
             "mean_abs_error": self.abs_sum / max(self.count, 1),

@@ -142,6 +142,7 @@ def verify_model(model: "Model") -> VerifyResult:
     if not tolerance or "atol" not in tolerance or "rtol" not in tolerance:
         raise BundleError(f"{model.source}: manifest has no reference.tolerance {{atol, rtol}}", hint="rebuild the bundle with `edgeopt build`")
     atol, rtol = float(tolerance["atol"]), float(tolerance["rtol"])
+    per_output = tolerance.get("outputs") or {}  # the build's per-output budgets, where it recorded them
     results = [model.predict(call) for call in calls]
     comparisons = []
     for spec in model.outputs:
@@ -154,7 +155,8 @@ def verify_model(model: "Model") -> VerifyResult:
             actual = np.concatenate(per_call)
         else:
             actual = per_call[0]
-        comparisons.append(compare(spec.name, actual, expected[spec.name], atol, rtol))
+        own = per_output.get(spec.name, {})
+        comparisons.append(compare(spec.name, actual, expected[spec.name], float(own.get("atol", atol)), float(own.get("rtol", rtol))))
     if not comparisons:
         raise BundleError(
             f"{model.source}: reference outputs name none of the model's outputs ({', '.join(s.name for s in model.outputs)})",

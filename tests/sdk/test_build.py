@@ -123,7 +123,9 @@ def test_qat_model_builds_int8_without_calibration_keeping_its_weight_scales(tmp
     scales = {s["tensor"]: s for s in manifest["quantization"]["scales"]}
     for weight in ("conv1.weight", "conv2.weight", "fc.weight"):  # learned weight scales are kept exactly
         assert scales[weight]["kept"] and scales[weight]["after"]["scale"] == scales[weight]["before"]["scale"]
-    assert manifest["reference"]["measured"]["min_cosine"] > 0.99
+    measured = manifest["reference"]["measured"]
+    assert measured["against"] == "QDQ" and measured["checked"], "parity: the artifact computes the QDQ graph it came from"
+    assert manifest["quality"] is None, "no data given: quality is not measured (and not invented)"
     assert verify_bundle(tmp_path / "b", backend="onnxruntime" if target == "jetson-orin" else None).passed
     if target == "jetson-orin":
         assert any("symmetric int8 zero point 0" in w for w in result.warnings)
@@ -134,7 +136,7 @@ def test_qat_model_for_the_default_x86_class_narrows_its_weights_and_says_so(tmp
     assert result.manifest["target"]["isa"] == "avx2"
     narrowed = [w for w in result.warnings if "7-bit weights" in w]
     assert sorted(w.split(":")[1].strip() for w in narrowed) == ["conv1.weight", "conv2.weight", "fc.weight"]
-    assert result.manifest["reference"]["measured"]["min_cosine"] > 0.99
+    assert result.manifest["reference"]["measured"]["checked"]
     assert verify_bundle(tmp_path / "b").passed
 
 
@@ -162,3 +164,16 @@ def test_every_target_builds_the_example_at_default_precision_and_int8(tmp_path:
         assert verify_bundle(tmp_path / "b").passed
     else:
         assert "not Core ML" in manifest["reference"]["measured"]["verified_with"]
+
+
+def test_int8_without_eval_measures_quality_on_calibration_samples_held_out_from_range_estimation(tmp_path: Path) -> None:
+    result = edgeopt.build(DIGITS / "model.onnx", "onnxruntime-cpu", output=tmp_path / "b", precision="int8", calibration=DIGITS / "calib.npz")
+    quality = result.manifest["quality"]
+    with np.load(DIGITS / "calib.npz") as data:
+        total = len(data["image"])
+    held_out = min(256, max(32, total // 4))
+    assert quality["samples"] == held_out and f"{held_out} calibration samples held out" in quality["data"]
+    assert result.manifest["quantization"]["samples"] == total - held_out
+    agreement = next(m for m in quality["metrics"] if m["name"] == "top1_agreement")
+    assert agreement["optimized"] >= 0.97
+    assert "held out" in result.summary_text()

@@ -1,0 +1,176 @@
+"""The build's two checks, kept apart (docs/design.md, "Verification").
+
+*Lowering parity* — did the lowering preserve the graph? The artifact against the graph it was
+lowered from: the QDQ graph by its exact semantics for int8, the fp32 model for fp32/fp16. Each
+output must satisfy |Δ| ≤ atol + rtol · max|ref| (+ two steps of the output's int8 grid where the
+QDQ graph dequantizes it). A miss is a lowering bug: VerificationError, exit 3.
+
+*Quantization quality* — how much did quantization cost? The artifact against fp32 on evaluation
+data (or calibration samples held out from range estimation), reported per output. It fails only
+on the user's budget (QualityBudgetError) or a broken result: non-finite outputs, or a mean cosine
+below `QUALITY_FLOOR_COSINE` on any output (VerificationError).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from edgeopt.converters.errors import QualityBudgetError
+from edgeopt.converters.metrics import fidelity, quality_drop
+from edgeopt.errors import VerificationError
+
+__all__ = [
+    "PARITY",
+    "QUALITY_FLOOR_COSINE",
+    "check_parity",
+    "check_quality",
+    "parity_tolerances",
+]
+
+Outputs = Mapping[str, np.ndarray]
+
+#: (atol, rtol) of lowering parity per precision; None: weights are compressed inside the lowering,
+#: so no graph computes exactly what the artifact should (its cost is measured as quality instead).
+PARITY: dict[str, tuple[float, float] | None] = {
+    "fp32": (1e-4, 1e-4),  # same math, other kernels and summation orders
+    "fp16": (1e-3, 2e-2),  # fp16 weights (and on some backends fp16 arithmetic)
+    "int8": (0.0, 0.05),  # the backend's int8 kernels may requantize to the neighbouring integer per layer
+    "int8-weights": None,
+    "palettized-8": None,
+    "palettized-6": None,
+    "palettized-4": None,
+}
+#: Extra int8 allowance in steps of the output's own grid, where the QDQ graph dequantizes the output.
+INT8_OUTPUT_STEPS = 2.0
+#: Below this mean cosine with fp32 an output is unrelated to the model's: a broken build, not a costly one.
+QUALITY_FLOOR_COSINE = 0.5
+
+
+def _output_steps(model: onnx.ModelProto) -> dict[str, float]:
+    """Output name -> its int8 grid step, for outputs produced by a per-tensor DequantizeLinear."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    arrays = {i.name: i for i in model.graph.initializer}
+    steps = {}
+    for output in model.graph.output:
+        node = producers.get(output.name)
+        if node is not None and node.op_type == "DequantizeLinear" and node.input[1] in arrays:
+            scale = numpy_helper.to_array(arrays[node.input[1]])
+            if scale.size == 1:
+                steps[output.name] = float(scale.reshape(-1)[0])
+    return steps
+
+
+def parity_tolerances(precision: str, reference: Sequence[Outputs], graph: onnx.ModelProto | None) -> dict[str, dict[str, float]] | None:
+    """Per output {atol, rtol=0}: the absolute budget atol_p + rtol_p·max|ref| (+ int8 output steps)."""
+    rule = PARITY.get(precision)
+    if rule is None:
+        return None
+    atol_p, rtol_p = rule
+    steps = _output_steps(graph) if precision == "int8" and graph is not None else {}
+    tolerances = {}
+    for name in reference[0]:
+        finite = [np.abs(s[name][np.isfinite(s[name])]) for s in reference]
+        peak = max((float(a.max()) for a in finite if a.size), default=0.0)
+        tolerances[name] = {"atol": atol_p + rtol_p * peak + INT8_OUTPUT_STEPS * steps.get(name, 0.0), "rtol": 0.0}
+    return tolerances
+
+
+def check_parity(
+    precision: str,
+    reference: Sequence[Outputs],
+    candidate: Sequence[Outputs],
+    tolerances: Mapping[str, Mapping[str, float]] | None,
+    against: str,
+    verified_with: str,
+) -> dict[str, Any]:
+    """Per-output max |Δ| against the reference; VerificationError on a miss (when there is a rule)."""
+    outputs: dict[str, dict[str, float]] = {}
+    for name in reference[0]:
+        worst, peak = 0.0, 0.0
+        for ref, got in zip(reference, candidate):
+            expected = np.asarray(ref[name], dtype=np.float64)
+            actual = np.asarray(got[name], dtype=np.float64).reshape(expected.shape)
+            diff = np.abs(actual - expected)
+            diff[np.isnan(actual) & np.isnan(expected)] = 0.0
+            worst = max(worst, float(np.nan_to_num(diff, nan=np.inf).max(initial=0.0)))
+            peak = max(peak, float(np.abs(expected[np.isfinite(expected)]).max(initial=0.0)))
+        outputs[name] = {"max_abs": worst, "max_rel": worst / peak if peak else (0.0 if worst == 0 else math.inf)}
+        if tolerances is not None:
+            outputs[name]["allowed"] = tolerances[name]["atol"]
+    max_abs = max(o["max_abs"] for o in outputs.values())
+    measured = {
+        "against": against,
+        "checked": tolerances is not None,
+        "max_abs": max_abs if math.isfinite(max_abs) else 1e308,
+        "max_rel": min(max(o["max_rel"] for o in outputs.values()), 1e308),
+        "outputs": {k: {f: (v if math.isfinite(v) else 1e308) for f, v in o.items()} for k, o in outputs.items()},
+        "verified_with": verified_with,
+    }
+    if tolerances is None:
+        measured["note"] = f"{precision} compresses weights inside the lowering: no graph to check parity against; see quality"
+        return measured
+    misses = [(k, o) for k, o in outputs.items() if not o["max_abs"] <= o["allowed"]]
+    if misses:
+        name, worst = max(misses, key=lambda item: item[1]["max_abs"] / max(item[1]["allowed"], 1e-30))
+        rule = PARITY[precision]
+        raise VerificationError(
+            f"the {precision} artifact does not compute its {against} graph: output '{name}' differs by max |Δ| "
+            f"{worst['max_abs']:.3g} where {worst['allowed']:.3g} is allowed (atol {rule[0]:g} + rtol {rule[1]:g}·max|ref|"
+            + (f" + {INT8_OUTPUT_STEPS:g} output steps" if precision == "int8" else "")
+            + f"; {verified_with}) — a lowering bug",
+            hint="please report the model; `edgeopt inspect` shows its ops, and --precision fp32 builds without this lowering path",
+        )
+    return measured
+
+
+def check_quality(
+    reference: Sequence[Outputs],
+    candidate: Sequence[Outputs],
+    labels: np.ndarray | None,
+    max_drop: float | None,
+    data: str,
+) -> dict[str, Any]:
+    """Fidelity against fp32 per output; raises on a missed budget or a broken result."""
+    figures = fidelity(reference, candidate, labels=labels)
+    quality = {"data": data, "samples": figures["samples"], "metrics": _rows(figures), "fidelity": figures}
+    broken = [
+        f"'{name}' has {values['nonfinite']} non-finite values" if values.get("nonfinite") else f"'{name}' has mean cosine {values['cosine_mean']:.3f}"
+        for name, values in figures["outputs"].items()
+        if values.get("nonfinite") or values["cosine_mean"] < QUALITY_FLOOR_COSINE
+    ]
+    if broken:
+        raise VerificationError(
+            f"the optimized model is broken against fp32 on {figures['samples']} samples of {data}: {'; '.join(broken)}"
+            f" (floor: finite outputs, mean cosine ≥ {QUALITY_FLOOR_COSINE})",
+            hint="see the per-layer SQNR with `edgeopt inspect MODEL --target T --quant-debug DATA`; keep sensitive layers in float"
+            " with --max-accuracy-drop, or try --calibration-method percentile|entropy|mse",
+        )
+    if max_drop is not None:
+        drop, metric = quality_drop(figures)
+        quality["budget"] = {"metric": metric, "max_drop": max_drop, "drop": drop}
+        if drop > max_drop:
+            raise QualityBudgetError(
+                f"{metric} is {drop:.3g} on {figures['samples']} samples of {data}; the budget (--max-accuracy-drop) is {max_drop:g}",
+                hint="raise --max-accuracy-drop, calibrate on more representative data, or build a higher precision;"
+                " `edgeopt inspect MODEL --target T --quant-debug DATA` shows which layers lose most",
+            )
+    return quality
+
+
+def _rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
+    """The fidelity figures as (name, output, fp32, optimized, delta) rows for the summary and report."""
+    rows = []
+    for output, values in figures.get("outputs", {}).items():
+        if values.get("accuracy_fp32") is not None:
+            rows.append({"name": "accuracy", "output": output, "fp32": values["accuracy_fp32"], "optimized": values["accuracy"], "delta": values["accuracy"] - values["accuracy_fp32"]})
+        if values.get("top1_agreement") is not None:
+            rows.append({"name": "top1_agreement", "output": output, "fp32": 1.0, "optimized": values["top1_agreement"], "delta": values["top1_agreement"] - 1.0})
+        for name in ("cosine_mean", "cosine_p5"):
+            rows.append({"name": name, "output": output, "fp32": 1.0, "optimized": values[name], "delta": values[name] - 1.0})
+    return rows
