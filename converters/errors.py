@@ -8,6 +8,7 @@ __all__ = [
     "ModelLoadError",
     "UnsupportedOpsError",
     "CalibrationDataError",
+    "InputShapeError",
     "LoweringError",
     "QualityBudgetError",
 ]
@@ -32,6 +33,10 @@ class UnsupportedOpsError(EdgeoptError):
 
 class CalibrationDataError(EdgeoptError):
     """Calibration or evaluation data does not match the model's inputs."""
+
+
+class InputShapeError(EdgeoptError):
+    """An --input-shape that names no input, has the wrong rank or contradicts a static dimension."""
 
 
 class LoweringError(EdgeoptError):

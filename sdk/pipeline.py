@@ -243,9 +243,6 @@ def build(
 
     def validate() -> tuple[Any, Any]:
         """Everything the user gave is checked here, before any work or output."""
-        bad = unsupported_nodes(source, profile)
-        if bad:
-            raise UnsupportedOpsError(profile.name, bad)
         if chosen == "int8" and not qdq_input and calibration is None:
             raise EdgeoptError(
                 f"int8 for {profile.name} needs calibration data",
@@ -258,17 +255,26 @@ def build(
         return evaluation_data, calibration_data
 
     evaluation_set, calibration_set = stages.run(
-        "validate", validate, lambda _: {"unsupported": 0, "precision": chosen, "qat_model": qdq_input, "changed": False}
+        "validate", validate, lambda _: {"precision": chosen, "qat_model": qdq_input, "changed": False}
     )
     range_set, quality_set, quality_data = _quality_split(chosen, calibration_set, evaluation_set, evaluation)
+    static_shapes = _static_shapes(inputs, input_shapes, evaluation_set if evaluation_set is not None else calibration_set)
     before = model_stats(source)
 
     with atomic_output(output_path, force) as staging:
         optimized, simplify_report = stages.run(
             "simplify",
-            lambda: simplify(source),
-            lambda r: {**r[1].to_dict(), "changed": r[1].nodes_after != r[1].nodes_before},
+            lambda: simplify(source, static_shapes),
+            lambda r: {**r[1].to_dict(), "input_shapes": {k: list(v) for k, v in static_shapes.items()}, "changed": r[1].nodes_after != r[1].nodes_before},
         )
+
+        def check_ops() -> None:
+            """After shapes are fixed and constants folded: what is left must run on the target."""
+            bad = unsupported_nodes(optimized, profile)
+            if bad:
+                raise UnsupportedOpsError(profile.name, bad)
+
+        stages.run("check_ops", check_ops, lambda _: {"unsupported": 0, "changed": False})
 
         quant_report: dict[str, Any] | None = None
         if chosen == "int8":
@@ -295,7 +301,7 @@ def build(
                 profile,
                 chosen,
                 staging,
-                LoweringOptions(io_layout=io_layout, input_shapes=input_shapes, model_name=model_path.stem),
+                LoweringOptions(io_layout=io_layout, input_shapes=static_shapes or None, model_name=model_path.stem),
             ),
             lambda r: {"format": profile.artifact_format.value, **{k: v for k, v in r.summary.items() if isinstance(v, (int, float, str))}},
         )
@@ -360,6 +366,18 @@ def _reference_inputs(model: onnx.ModelProto, inputs: list[TensorSpec], data: An
         if taken:
             return taken
     return _random_inputs(model, inputs, count)
+
+
+def _static_shapes(
+    inputs: list[TensorSpec], given: Mapping[str, tuple[int, ...]] | None, data: Any
+) -> dict[str, tuple[int, ...]]:
+    """Shapes for the inputs with dynamic dimensions: --input-shape first, else the data's first sample."""
+    shapes = {name: tuple(shape) for name, shape in (given or {}).items()}
+    dynamic = [s for s in inputs if s.name not in shapes and not all(isinstance(d, int) and d >= 0 for d in s.shape)]
+    if dynamic and data is not None:
+        first = next(iter(data.take(1)))
+        shapes.update({s.name: tuple(int(d) for d in np.shape(first[s.name])) for s in dynamic if s.name in first})
+    return shapes
 
 
 def _quality_split(precision: str, calibration: Any, evaluation: Any, evaluation_path: Any) -> tuple[Any, Any, str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "FoldAffineIntoBatchNormPass",
     "FoldBatchNormPass",
+    "FixInputShapesPass",
     "FoldConstantsPass",
     "PassSummary",
     "RemoveIdentityPass",
@@ -19,6 +20,7 @@ __all__ = [
 ]
 
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -26,6 +28,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
+from edgeopt.converters.passes.fix_input_shapes import FixInputShapesPass
 from edgeopt.converters.passes.fold_affine_into_batchnorm import FoldAffineIntoBatchNormPass
 from edgeopt.converters.passes.fold_batchnorm import FoldBatchNormPass
 from edgeopt.converters.passes.fold_constants import FoldConstantsPass
@@ -60,8 +63,10 @@ class SimplifyReport:
         }
 
 
-def _simplify_passes() -> list[tuple[str, ir.passes.PassBase]]:
+def _simplify_passes(input_shapes: Mapping[str, tuple[int, ...]] | None) -> list[tuple[str, ir.passes.PassBase]]:
+    fix = [("fix_input_shapes", FixInputShapesPass(input_shapes))] if input_shapes else []
     return [
+        *fix,
         ("infer_shapes", ir_common.ShapeInferencePass(strict_mode=False)),
         ("lift_constants", ir_common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)),
         ("fold_constants", FoldConstantsPass()),
@@ -74,8 +79,10 @@ def _simplify_passes() -> list[tuple[str, ir.passes.PassBase]]:
     ]
 
 
-def simplify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, SimplifyReport]:
+def simplify(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> tuple[onnx.ModelProto, SimplifyReport]:
     """Constant folding, BatchNorm folding and removal of pass-through and dead nodes.
+
+    `input_shapes` fixes dynamic inputs first, so shape arithmetic on them folds too.
 
     Returns a new model (the argument is not changed) with the same graph input and output names,
     and a report of node counts. Shape inference runs first, so ``Shape`` of static tensors folds,
@@ -87,7 +94,7 @@ def simplify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, SimplifyReport]:
     ir_model = ir.from_proto(working_copy)
     nodes_before = _count_nodes(ir_model)
     report = SimplifyReport(nodes_before=nodes_before, nodes_after=nodes_before)
-    for name, step in _simplify_passes():
+    for name, step in _simplify_passes(input_shapes):
         count_before = _count_nodes(ir_model)
         result = step(ir_model)
         ir_model = result.model

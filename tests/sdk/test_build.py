@@ -34,7 +34,7 @@ def test_digits_builds_verifies_and_matches_the_schema(tmp_path: Path, target: s
     accuracy = next(m for m in manifest["quality"]["metrics"] if m["name"] == "accuracy")
     assert accuracy["fp32"] > 0.9 and accuracy["delta"] == 0.0
     assert manifest["compression"]["nodes_after"] < manifest["compression"]["nodes_before"]
-    assert [s["name"] for s in manifest["stages"]] == ["load", "validate", "simplify", "lower", "verify", "evaluate", "package"]
+    assert [s["name"] for s in manifest["stages"]] == ["load", "validate", "simplify", "check_ops", "lower", "verify", "evaluate", "package"]
     assert verify_bundle(tmp_path / "b").passed
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no staging folder left behind"
 

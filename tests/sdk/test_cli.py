@@ -50,7 +50,7 @@ def test_targets_table_and_json() -> None:
 
 def test_help_documents_exit_codes() -> None:
     out = edgeopt("build", "--help").stdout
-    assert "Exit codes" in out and "3  quality budget missed" in out
+    assert "Exit codes" in out and "3  lowering parity missed (a bug), quality budget missed" in out
 
 
 def test_missing_file(tmp_path: Path) -> None:

@@ -1,0 +1,65 @@
+"""Give graph inputs static shapes, so shape arithmetic folds and every lowering sees one shape."""
+
+from __future__ import annotations
+
+__all__ = ["FixInputShapesPass"]
+
+from collections.abc import Mapping
+
+import onnx_ir as ir
+
+from edgeopt.converters.errors import InputShapeError
+
+
+def _static(dim: object) -> bool:
+    """A known size; some exporters (Paddle) write a dynamic dimension as -1."""
+    return isinstance(dim, int) and dim >= 0
+
+
+class FixInputShapesPass(ir.passes.InPlacePass):
+    """Set the shape of each named graph input, keeping rank and every dimension already static.
+
+    Intermediate shapes are cleared so the shape inference that follows recomputes them from the new
+    inputs; ``Shape -> Range``-style chains of a model exported with dynamic height and width then
+    become constants that ``FoldConstantsPass`` removes.
+    """
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        super().__init__()
+        self.shapes = dict(shapes)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        known = {value.name: value for value in graph.inputs}
+        unknown = sorted(set(self.shapes) - set(known))
+        if unknown:
+            raise InputShapeError(
+                f"--input-shape names {', '.join(unknown)}, which the model does not have as inputs (it has {', '.join(known)})",
+                hint="use the input names `edgeopt inspect MODEL` lists",
+            )
+        modified = False
+        for name, wanted in self.shapes.items():
+            value = known[name]
+            current = value.shape
+            if current is not None and len(current) != len(wanted):
+                raise InputShapeError(
+                    f"input '{name}' has rank {len(current)} but --input-shape gives {len(wanted)} dimensions {tuple(wanted)}",
+                    hint=f"give {len(current)} dimensions, e.g. {name}={','.join(str(d) if _static(d) else '1' for d in current)}",
+                )
+            if current is not None:
+                clash = [(i, d, w) for i, (d, w) in enumerate(zip(current, wanted)) if _static(d) and d != w]
+                if clash:
+                    index, fixed, given = clash[0]
+                    raise InputShapeError(
+                        f"input '{name}' has static dimension {index} = {fixed}, but the shape given is {tuple(wanted)} ({given})",
+                        hint="only dynamic dimensions can be fixed",
+                    )
+            if current is None or not all(_static(d) for d in current):
+                value.shape = ir.Shape(list(wanted))
+                modified = True
+        if modified:
+            for node in graph:
+                for output in node.outputs:
+                    if not output.is_graph_output():
+                        output.shape = None
+        return ir.passes.PassResult(model, modified=modified)
