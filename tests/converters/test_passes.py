@@ -557,3 +557,51 @@ def test_single_input_sum_is_left_to_identity_removal() -> None:
     model = make_model([helper.make_node("Sum", ["a"], ["y"])], [("a", [2, 2])], ["y"], {})
     _, modified = apply(SumToAddPass(), model)
     assert not modified
+
+
+def _dynamic_range_model() -> onnx.ModelProto:
+    """x [1, 3, H, W] -> Shape -> Gather(W) -> Range(0, W, 1) -> Cast -> Add to x (a YOLO head's grid)."""
+    from onnx import TensorProto
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Shape", ["x"], ["shape"]),
+            helper.make_node("Gather", ["shape", "three"], ["width"], axis=0),
+            helper.make_node("Range", ["zero", "width", "one"], ["grid"]),
+            helper.make_node("Cast", ["grid"], ["grid_f"], to=TensorProto.FLOAT),
+            helper.make_node("Add", ["x", "grid_f"], ["y"]),
+        ],
+        "dynamic_range",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, "H", "W"])],
+        [numpy_helper.from_array(np.array(3, np.int64), "three"), numpy_helper.from_array(np.array(0, np.int64), "zero"),
+         numpy_helper.from_array(np.array(1, np.int64), "one")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_fixed_input_shapes_fold_shape_arithmetic_into_constants() -> None:
+    model = _dynamic_range_model()
+    assert "Range" in {n.op_type for n in simplify(model)[0].graph.node}, "dynamic: the grid depends on the input"
+    fixed, report = simplify(model, {"x": (1, 3, 4, 5)})
+    assert [n.op_type for n in fixed.graph.node] == ["Add"]
+    dims = [d.dim_value for d in fixed.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 3, 4, 5] and report.per_pass[0].name == "fix_input_shapes"
+    x = np.random.default_rng(0).normal(size=(1, 3, 4, 5)).astype(np.float32)
+    np.testing.assert_allclose(run(fixed, {"x": x})[0], x + np.arange(5, dtype=np.float32))
+
+
+@pytest.mark.parametrize(
+    "shapes,message",
+    [
+        ({"image": (1, 3, 4, 5)}, "names image, which the model does not have"),
+        ({"x": (1, 3, 4)}, "has rank 4 but --input-shape gives 3"),
+        ({"x": (1, 1, 4, 5)}, "static dimension 1 = 3"),
+    ],
+)
+def test_bad_input_shapes_are_clear_errors(shapes: dict, message: str) -> None:
+    from edgeopt.converters.errors import InputShapeError
+
+    with pytest.raises(InputShapeError, match=message) as info:
+        simplify(_dynamic_range_model(), shapes)
+    assert info.value.exit_code == 2
