@@ -10,6 +10,7 @@ __all__ = [
     "CalibrationDataError",
     "InputShapeError",
     "LoweringError",
+    "ArtifactRejectedError",
     "QualityBudgetError",
 ]
 
@@ -41,6 +42,12 @@ class InputShapeError(EdgeoptError):
 
 class LoweringError(EdgeoptError):
     """A lowering to a device format failed or is not available for this target yet."""
+
+
+class ArtifactRejectedError(LoweringError):
+    """The backend rejects, or crashes on, an artifact edgeopt wrote: a lowering bug."""
+
+    exit_code = 3
 
 
 class QualityBudgetError(EdgeoptError):

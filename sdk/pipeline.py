@@ -311,7 +311,7 @@ def build(
         reference_outputs = _ort_outputs(parity_graph, reference_inputs)
         verification = stages.run(
             "verify",
-            lambda: _verify(lowered, staging, chosen, parity_graph, against, reference_inputs, reference_outputs, isa_class),
+            lambda: _verify(lowered, staging, chosen, source, parity_graph, against, reference_inputs, reference_outputs, isa_class),
             lambda v: {k: v[k] for k in ("against", "checked", "max_abs")},
         )
         quality = (
@@ -403,6 +403,7 @@ def _verify(
     lowered: LoweringResult,
     staging: Path,
     precision: str,
+    source: onnx.ModelProto,
     graph: onnx.ModelProto,
     against: str,
     inputs: list[dict[str, np.ndarray]],
@@ -420,7 +421,8 @@ def _verify(
     verified_with = lowered.verified_with or str(lowered.verify_backend)
     tolerances = parity_tolerances(precision, reference, graph)
     mismatch = isa_mismatch(isa, lowered.verify_backend) if lowered.verify_backend == "openvino" else None
-    measured = check_parity(precision, reference, outputs, None if mismatch else tolerances, against, verified_with)
+    fp32 = _ort_outputs(source, inputs) if precision == "int8" else None
+    measured = check_parity(precision, reference, outputs, None if mismatch else tolerances, against, verified_with, fp32)
     if mismatch:
         measured["note"] = f"this CPU cannot run the bundle's int8 kernels exactly ({mismatch})"
     measured["tolerances"] = tolerances

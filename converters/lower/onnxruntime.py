@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
@@ -14,12 +15,18 @@ from edgeopt.targets import Target
 
 __all__ = ["lower"]
 
+log = logging.getLogger(__name__)
 
-def _optimize_offline(model: onnx.ModelProto) -> onnx.ModelProto:
-    """ORT's basic (hardware-independent) graph optimizations, saved so the device skips them.
+
+def _optimize_offline(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
+    """ORT's basic (hardware-independent) graph optimizations, saved so the device skips them,
+    and what was done.
 
     Extended and layout optimizations are left to load time on the device: they produce
-    CPU-specific contrib ops that ONNX Runtime advises against saving across machines.
+    CPU-specific contrib ops that ONNX Runtime advises against saving across machines. A saved
+    model that ONNX Runtime itself cannot load again (1.32 fails with "Attempt to replace the
+    existing tensor" on a BERT encoder whose optimized graph it re-folds) is not shipped: the
+    model goes out as edgeopt simplified it, which the device optimizes at load time.
     """
     import onnxruntime as ort
 
@@ -33,14 +40,20 @@ def _optimize_offline(model: onnx.ModelProto) -> onnx.ModelProto:
             ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own untyped errors
             raise LoweringError(f"ONNX Runtime could not load the model: {exc}") from exc
-        return onnx.load(optimized)
+        try:
+            ort.InferenceSession(str(optimized), providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            reason = str(exc).split("FAIL :")[-1].strip()[:160]
+            log.warning("ONNX Runtime cannot reload its own optimized model (%s); shipping the simplified model", reason)
+            return model, f"skipped: ONNX Runtime could not reload its optimized model ({reason})"
+        return onnx.load(optimized), "basic"
 
 
 def lower(
     model: onnx.ModelProto, target: Target, precision: str, out_dir: Path, options: LoweringOptions
 ) -> LoweringResult:
-    optimized = _optimize_offline(model)
-    summary: dict[str, object] = {"ort_offline_optimization": "basic"}
+    optimized, offline = _optimize_offline(model)
+    summary: dict[str, object] = {"ort_offline_optimization": offline}
     if precision == "fp16":
         optimized, count = store_weights_fp16(optimized)
         summary["fp16_weights"] = count

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edgeopt.converters.errors import LoweringError, UnsupportedOpsError
+from edgeopt.converters.errors import ArtifactRejectedError, LoweringError, UnsupportedOpsError
 from edgeopt.converters.lower.base import LoweredArtifact, LoweringOptions, LoweringResult
 from edgeopt.converters.lower.tflite_builder import QuantParams, TFLiteBuilder
 from edgeopt.converters.lower.tflite_graph import Conversion, identity, nhwc_perm
@@ -187,14 +187,42 @@ def _litert_version() -> str:
         return "unknown"
 
 
-def _check_loads(path: Path) -> None:
-    """Let LiteRT itself read and plan the file, so a malformed model fails the build here."""
-    from ai_edge_litert.interpreter import Interpreter
+_CHECK = """
+import sys
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+interpreter = Interpreter(model_path=sys.argv[1], num_threads=1)
+interpreter.allocate_tensors()
+for detail in interpreter.get_input_details():
+    interpreter.set_tensor(detail["index"], np.zeros(detail["shape"], detail["dtype"]))
+interpreter.invoke()
+"""
 
-    try:
-        Interpreter(model_path=str(path), num_threads=1).allocate_tensors()
-    except (RuntimeError, ValueError) as exc:
-        raise LoweringError(f"LiteRT rejects the written model {path}: {exc}", hint="report this as an edgeopt bug with the model") from exc
+
+def _check_loads(path: Path) -> None:
+    """Let LiteRT itself read, plan and run the file once on zeros, in a child process: a malformed
+    model can make a LiteRT kernel abort (SIGABRT) rather than raise, and that must fail the build
+    with a message, not take the build down."""
+    import signal
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _CHECK, str(path)], capture_output=True, text=True, timeout=600)
+    if run.returncode == 0:
+        return
+    lines = [line for line in run.stderr.strip().splitlines() if not line.startswith("INFO:")]
+    if run.returncode < 0:
+        try:
+            how = f"crashes ({signal.Signals(-run.returncode).name})"
+        except ValueError:
+            how = f"crashes (signal {-run.returncode})"
+    else:
+        how = "rejects it"
+    detail = lines[-1][:400] if lines else ""
+    raise ArtifactRejectedError(
+        f"LiteRT {how} loading and running the written model {path.name}" + (f": {detail}" if detail else "") + " — an edgeopt lowering bug",
+        hint="please report it with the model; --precision fp32 or another target builds without this path",
+    )
 
 
 def lower(model: onnx.ModelProto, target: Target, precision: str, out_dir: Path, options: LoweringOptions) -> LoweringResult:

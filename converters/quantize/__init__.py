@@ -45,6 +45,11 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 
 NON_COMPUTE_OPS = frozenset({"Constant", "Identity", "QuantizeLinear", "DequantizeLinear", "Shape"})
+#: A Softmax input's calibrated range keeps only its top this-many units: values further below the
+#: maximum weigh less than e^-32 (1.3e-14) after the exponential, so a −3.4e38 mask must not set the grid.
+SOFTMAX_INPUT_SPAN = 32.0
+#: Operand ranges of an elementwise op further apart than this share no useful int8 grid.
+SWAMP_RATIO = 1e4
 
 
 @dataclass(frozen=True)
@@ -147,6 +152,8 @@ class _Quantizer:
         self.observers: dict[str, Observer] = {}
         self.last_plan: QuantPlan | None = None
         self.bias_report: dict[str, Any] | None = None
+        self.kept_float: list[str] = []
+        self.softmax_inputs = {n.input[0] for n in model.graph.node if n.op_type == "Softmax"}
 
     def plan(self, exclude: Iterable[str]) -> QuantPlan:
         plan = plan_quantization(ir.from_proto(self.model), self.scheme, exclude)
@@ -177,10 +184,33 @@ class _Quantizer:
                 )
             )
         symmetric = self.scheme.activation_symmetric
-        return {name: self.observers[name].range(symmetric) for name in plan.sites}
+        ranges = {name: self.observers[name].range(symmetric) for name in plan.sites}
+        for name in self.softmax_inputs & set(ranges):
+            low, high = ranges[name]
+            ranges[name] = (max(low, high - SOFTMAX_INPUT_SPAN), high)
+        return ranges
+
+    def swamping_nodes(self, plan: QuantPlan, ranges: Mapping[str, tuple[float, float]]) -> list[str]:
+        """Elementwise nodes with an operand whose range dwarfs another's (an additive attention mask
+        filled with the float minimum next to scores of ±10): one int8 grid cannot hold both, and
+        LiteRT's int8 ADD aborts on the rescale. They stay float, and are reported."""
+        nodes = {n.name: n for n in self.model.graph.node}
+        swamping = []
+        for name in plan.quantized_nodes:
+            node = nodes.get(name)
+            if node is None or node.op_type not in ("Add", "Sub", "Mul"):
+                continue
+            spans = [max(abs(ranges[i][0]), abs(ranges[i][1])) for i in node.input if i in ranges]
+            if len(spans) > 1 and max(spans) > SWAMP_RATIO * max(min(spans), 1e-12):
+                swamping.append(name)
+        return swamping
 
     def build(self, exclude: Iterable[str]) -> onnx.ModelProto:
         plan = self.plan(exclude)
+        swamping = self.swamping_nodes(plan, self.ranges(plan))
+        if swamping:
+            self.kept_float = sorted(set(self.kept_float) | set(swamping))
+            plan = self.plan([*exclude, *swamping])
         params = group_params(plan, self.ranges(plan), self.scheme)
         qdq = insert_qdq(self.model, plan, params, self.scheme)
         if self.options.bias_correction and self.calibration is not None:
@@ -235,6 +265,7 @@ def quantize(
             "excluded": list(options.exclude_nodes),
             "quantized_nodes": len(plan.quantized_nodes) if plan else 0,
             "absorbed_activations": sorted(plan.absorbed) if plan else [],
+            "kept_float_swamped": quantizer.kept_float,
             "not_quantized": plan.skipped if plan else [],
             "bias_correction": quantizer.bias_report,
             "budget": budget,

@@ -320,3 +320,50 @@ def test_constant_operands_of_elementwise_ops_can_be_quantized_per_tensor() -> N
     assert bias_dq is not None and _array(qdq, bias_dq.input[0]).dtype == np.int8 and int(_array(qdq, bias_dq.input[2])) == 0
     assert _dq_feeding(qdq, "add_bias", 0) is not None
     assert _close_to_fp32(model, qdq, dataset)["min_cosine"] > 0.999
+
+
+def masked_attention() -> onnx.ModelProto:
+    """scores = x @ W; + (1 - mask) x float32.min (Hugging Face's additive mask); Softmax; @ V."""
+    rng = np.random.default_rng(3)
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["scores"], name="scores"),
+        helper.make_node("Cast", ["mask"], ["mask_f"], name="cast", to=TensorProto.FLOAT),
+        helper.make_node("Sub", ["one", "mask_f"], ["inverted"], name="invert"),
+        helper.make_node("Mul", ["inverted", "fmin"], ["additive"], name="fill"),
+        helper.make_node("Add", ["scores", "additive"], ["masked"], name="apply_mask"),
+        helper.make_node("Softmax", ["masked"], ["weights"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["weights", "wv"], ["y"], name="values"),
+    ]
+    initializers = [
+        numpy_helper.from_array((rng.normal(size=(16, 12)) * 0.8).astype(np.float32), "wq"),
+        numpy_helper.from_array((rng.normal(size=(12, 8)) * 0.3).astype(np.float32), "wv"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+        numpy_helper.from_array(np.array(np.finfo(np.float32).min, np.float32), "fmin"),
+    ]
+    graph = helper.make_graph(
+        nodes, "masked_attention",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 12, 16]), helper.make_tensor_value_info("mask", TensorProto.INT64, [1, 1, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 12, 8])],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("target", ["raspberry-pi", "onnxruntime-cpu", "intel-openvino", "jetson-orin"])
+def test_an_additive_attention_mask_never_sets_a_calibrated_range(target: str) -> None:
+    model = masked_attention()
+    rng = np.random.default_rng(4)
+    samples = []
+    for _ in range(24):
+        mask = np.zeros((1, 1, 12), np.int64)
+        mask[..., : rng.integers(3, 13)] = 1  # padded batches: trailing zeros in the mask
+        samples.append({"x": rng.normal(size=(1, 12, 16)).astype(np.float32), "mask": mask})
+    dataset = open_dataset(samples, model_input_specs(model))
+    result = quantize(model, get_target(target).quant_scheme, dataset, QuantizeOptions(debug_samples=0))
+    qdq = result.model
+    arrays = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
+    scales = [float(arrays[n.input[1]]) for n in qdq.graph.node if n.op_type == "QuantizeLinear" and n.input[1] in arrays]
+    assert max(scales) < 1.0, "no activation grid spans the −3.4e38 fill"
+    if "Add" in get_target(target).quant_scheme.quantized_ops:
+        assert result.report["kept_float_swamped"] == ["apply_mask"]
+    assert _close_to_fp32(model, qdq, dataset)["min_cosine"] > 0.99
