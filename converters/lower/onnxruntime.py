@@ -40,8 +40,10 @@ def _optimize_offline(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
             ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own untyped errors
             raise LoweringError(f"ONNX Runtime could not load the model: {exc}") from exc
+        quiet = ort.SessionOptions()
+        quiet.log_severity_level = 4  # the failure is reported below, once
         try:
-            ort.InferenceSession(str(optimized), providers=["CPUExecutionProvider"])
+            ort.InferenceSession(str(optimized), quiet, providers=["CPUExecutionProvider"])
         except Exception as exc:
             reason = str(exc).split("FAIL :")[-1].strip()[:160]
             log.warning("ONNX Runtime cannot reload its own optimized model (%s); shipping the simplified model", reason)
