@@ -22,7 +22,7 @@ Exit codes:
   2  bad usage or input (missing/corrupt model, unknown target, bad data,
      unsupported ops, existing output, unreachable host, missing backend)
   3  lowering parity missed (a bug), quality budget missed, or a broken
-     int8 result (non-finite, or mean cosine with fp32 below 0.5)"""
+     int8 result (non-finite, or cosine with fp32 below 0.5)"""
 
 F = TypeVar("F", bound=Callable[..., Any])
 

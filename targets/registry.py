@@ -112,6 +112,11 @@ class QuantScheme:
     # Bits of the weights of ops whose int8 kernels sum products pairwise (non-depthwise Conv, Gemm,
     # MatMul). 7 keeps them within [-64, 64] so AVX2's saturating int16 pair sums stay exact.
     pairwise_weight_bits: int = 8
+    # A Conv whose only consumer is an activation the backend runs in float (HardSwish on ONNX Runtime
+    # and LiteRT) pays a dequantize/quantize island for its int8; when the conv is depthwise or its
+    # output has at least this many elements per channel, the island costs more than int8 saves and
+    # the conv stays float (0: never). Measured in docs/design.md ("int8 never slower than fp32").
+    float_island_min_spatial: int = 0
 
     def rule_for(self, op_type: str) -> OpRule | None:
         return next((r for r in self.op_rules if r.op == op_type), None)
@@ -132,6 +137,7 @@ class QuantScheme:
             "float_output_ops": list(self.float_output_ops),
             "constant_operands": self.constant_operands,
             "pairwise_weight_bits": self.pairwise_weight_bits,
+            "float_island_min_spatial": self.float_island_min_spatial,
         }
 
 

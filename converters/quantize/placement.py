@@ -27,6 +27,8 @@ DATA_MOVEMENT_OPS = frozenset(
 )
 #: Ops with a weight operand at input 1 quantized per channel.
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+#: Activations that follow a conv and that some backends run only in float (a dequantize/quantize island).
+ISLAND_ACTIVATIONS = frozenset({"HardSwish", "HardSigmoid", "Sigmoid", "Gelu", "Elu", "Selu", "Softplus", "Mish", "Tanh"})
 #: Elementwise ops quantized only when every operand is an activation.
 BINARY_OPS = frozenset({"Add", "Sub", "Mul"})
 
@@ -208,10 +210,38 @@ def _absorbable(producer: ir.Node, output: ir.Value, scheme: QuantScheme) -> tup
     return None
 
 
+def island_convs(model: ir.Model, scheme: QuantScheme) -> list[str]:
+    """Convs that stay float because int8 would cost a float island larger than its gain (see
+    `QuantScheme.float_island_min_spatial`): the only consumer is an activation the scheme neither
+    quantizes nor fuses, and the conv is depthwise or its output is at least that large per channel."""
+    if not scheme.float_island_min_spatial:
+        return []
+    float_ops = set(scheme.quantized_ops) | set(scheme.fused_activations)
+    chosen = []
+    for node in model.graph:
+        if node.op_type != "Conv" or len(node.inputs) < 2 or node.inputs[1] is None or node.inputs[1].shape is None:
+            continue
+        consumers = list(node.outputs[0].consumers())
+        if len(consumers) != 1 or consumers[0].op_type in float_ops or consumers[0].op_type not in ISLAND_ACTIVATIONS:
+            continue
+        weight_shape = tuple(node.inputs[1].shape)
+        output_shape = node.outputs[0].shape
+        spatial = 1
+        for dim in list(output_shape or [])[2:]:
+            spatial *= dim if isinstance(dim, int) else 0
+        depthwise = not sums_products_pairwise("Conv", weight_shape, node.attributes.get_int("group", 1))
+        if depthwise or spatial >= scheme.float_island_min_spatial:
+            chosen.append(node.name)
+    return chosen
+
+
 def plan_quantization(model: ir.Model, scheme: QuantScheme, exclude: Iterable[str] = ()) -> QuantPlan:
-    """Decide every Q/DQ site for the scheme; nodes in `exclude` stay float."""
-    excluded = set(exclude)
+    """Decide every Q/DQ site for the scheme; nodes in `exclude` stay float, and so do the convs
+    `island_convs` picks."""
+    islands = island_convs(model, scheme)
+    excluded = set(exclude) | set(islands)
     plan = QuantPlan()
+    plan.skipped.extend({"node": name, "op": "Conv", "why": "int8 would cost a float island larger than its gain"} for name in islands)
     outputs_too = scheme.activation_placement == "inputs_and_outputs"
     quantized_ops = set(scheme.quantized_ops)
     for node in model.graph:

@@ -114,7 +114,7 @@ def test_quality_is_reported_per_output_with_agreement_and_cosine_percentiles() 
     reference, candidate = _classifier_runs(agree=36)
     quality = check_quality(reference, candidate, None, None, "eval.npz")
     names = {m["name"] for m in quality["metrics"]}
-    assert names == {"top1_agreement", "cosine_mean", "cosine_p5"} and quality["samples"] == 40
+    assert names == {"top1_agreement", "cosine", "cosine_mean", "cosine_p5"} and quality["samples"] == 40
     agreement = next(m for m in quality["metrics"] if m["name"] == "top1_agreement")
     assert agreement["optimized"] == pytest.approx(0.9)
 
@@ -130,7 +130,7 @@ def test_the_users_budget_fails_with_the_figures() -> None:
 def test_a_broken_result_fails_even_without_a_budget() -> None:
     reference = [{"embedding": RNG.normal(size=(1, 64)).astype(np.float32)} for _ in range(8)]
     unrelated = [{"embedding": RNG.normal(size=(1, 64)).astype(np.float32)} for _ in range(8)]
-    with pytest.raises(VerificationError, match=f"has mean cosine -?0.0.*floor: finite outputs, mean cosine ≥ {QUALITY_FLOOR_COSINE}"):
+    with pytest.raises(VerificationError, match=f"has cosine -?0.0.*floor: finite outputs, cosine ≥ {QUALITY_FLOOR_COSINE} over all samples"):
         check_quality(reference, unrelated, None, None, "held-out")
     nan = [{"embedding": np.full((1, 64), np.nan, np.float32)} for _ in range(8)]
     with pytest.raises(VerificationError, match="'embedding' has 512 non-finite values"):
