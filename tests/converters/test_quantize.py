@@ -367,3 +367,43 @@ def test_an_additive_attention_mask_never_sets_a_calibrated_range(target: str) -
     if "Add" in get_target(target).quant_scheme.quantized_ops:
         assert result.report["kept_float_swamped"] == ["apply_mask"]
     assert _close_to_fp32(model, qdq, dataset)["min_cosine"] > 0.99
+
+
+def hardswish_blocks() -> onnx.ModelProto:
+    """1x1 conv at 32x32 -> HardSwish -> depthwise 3x3 -> HardSwish -> stride-4 1x1 conv (8x8) -> HardSwish."""
+    rng = np.random.default_rng(5)
+    nodes = [
+        helper.make_node("Conv", ["x", "w_big"], ["c1"], name="big_spatial"),
+        helper.make_node("HardSwish", ["c1"], ["h1"], name="hs1"),
+        helper.make_node("Conv", ["h1", "w_dw"], ["c2"], name="depthwise", group=16, pads=[1, 1, 1, 1]),
+        helper.make_node("HardSwish", ["c2"], ["h2"], name="hs2"),
+        helper.make_node("Conv", ["h2", "w_small"], ["c3"], name="small_spatial", strides=[4, 4]),
+        helper.make_node("HardSwish", ["c3"], ["y"], name="hs3"),
+    ]
+    initializers = [
+        numpy_helper.from_array((rng.normal(size=(16, 8, 1, 1)) * 0.3).astype(np.float32), "w_big"),
+        numpy_helper.from_array((rng.normal(size=(16, 1, 3, 3)) * 0.3).astype(np.float32), "w_dw"),
+        numpy_helper.from_array((rng.normal(size=(32, 16, 1, 1)) * 0.3).astype(np.float32), "w_small"),
+    ]
+    graph = helper.make_graph(
+        nodes, "hardswish_blocks",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 32, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 8, 8])],
+        initializers,
+    )
+    return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+@pytest.mark.parametrize("target", ["onnxruntime-cpu", "raspberry-pi"])
+def test_convs_that_would_pay_a_float_island_larger_than_their_gain_stay_float(target: str) -> None:
+    """HardSwish runs in float on ONNX Runtime and (delegated) on LiteRT: int8 before it costs a
+    dequantize/quantize island, which outweighs int8 for depthwise convs and large outputs."""
+    model = hardswish_blocks()
+    dataset = open_dataset(np.random.default_rng(6).normal(size=(8, 8, 32, 32)).astype(np.float32), model_input_specs(model))
+    result = quantize(model, get_target(target).quant_scheme, dataset, QuantizeOptions(debug_samples=0))
+    quantized = {n for n in ("big_spatial", "depthwise", "small_spatial") if _dq_feeding(result.model, n, 1) is not None}
+    assert quantized == {"small_spatial"}
+    islands = [s for s in result.report["not_quantized"] if "float island" in s["why"]]
+    assert sorted(s["node"] for s in islands) == ["big_spatial", "depthwise"]
+    openvino = quantize(model, get_target("intel-openvino").quant_scheme, dataset, QuantizeOptions(debug_samples=0)).model
+    assert all(_dq_feeding(openvino, n, 1) is not None for n in ("big_spatial", "depthwise", "small_spatial")), "OpenVINO fuses HardSwish"
