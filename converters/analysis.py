@@ -528,7 +528,8 @@ def _why_unsupported(
     if not onnx.defs.has(node.op_type):
         return [f"'{node.op_type}' is not an ONNX operator"]
     if not target.supports(node.op_type):
-        return [f"{target.name} has no {node.op_type} (not in the ops of its profile targets/{target.name}.toml)"]
+        # hand-kept lists describe what edgeopt's lowering writes, not what the device's runtime lacks
+        return [f"edgeopt's {target.artifact_format.value} lowering for {target.name} does not write {node.op_type} yet (targets/{target.name}.toml)"]
     reasons = []
     if target.backend in _NO_FLOAT64_BACKENDS and any(
         output_types.get(name) == onnx.TensorProto.DOUBLE for name in node.output

@@ -32,7 +32,7 @@ Value = Var | np.ndarray
 
 # Ops that only ever run at build time: their inputs must be known once input shapes are fixed.
 FOLD_ONLY_OPS = frozenset(
-    {"Constant", "ConstantOfShape", "Shape", "Size", "Range", "Expand", "Tile", "Floor", "Ceil", "Not"}
+    {"Constant", "ConstantOfShape", "Shape", "Size", "Range", "Tile", "Floor", "Ceil"}
 )
 # Ops that never need a MIL op of their own.
 _PASSTHROUGH = frozenset({"Identity", "Dropout"})
@@ -167,10 +167,12 @@ def _handles(*ops: str) -> Callable[[Handler], Handler]:
 
 
 _BINARY = {"Add": mb.add, "Sub": mb.sub, "Mul": mb.mul, "Pow": mb.pow, "Max": mb.maximum, "Min": mb.minimum}
-_COMPARE = {"Equal": mb.equal, "Greater": mb.greater, "Less": mb.less}
+_COMPARE = {
+    "Equal": mb.equal, "Greater": mb.greater, "Less": mb.less, "GreaterOrEqual": mb.greater_equal, "LessOrEqual": mb.less_equal,
+}
 
 
-@_handles("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Equal", "Greater", "Less")
+@_handles("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", *_COMPARE)
 def _binary(b: _Builder, node: onnx.NodeProto, name: str) -> list[Value]:
     x, y = b.operand(node.input[0], node.input[1]), b.operand(node.input[1], node.input[0])
     if node.op_type == "Div":
@@ -190,6 +192,20 @@ def _sum(b: _Builder, node: onnx.NodeProto, name: str) -> list[Value]:
         last = index == len(node.input) - 1
         total = mb.add(x=total, y=b.operand(other, node.input[0]), name=name if last else b.fresh(name))
     return [total]
+
+
+_LOGICAL = {"And": mb.logical_and, "Or": mb.logical_or, "Xor": mb.logical_xor}
+
+
+@_handles(*_LOGICAL)
+def _logical(b: _Builder, node: onnx.NodeProto, name: str) -> list[Value]:
+    x, y = (b.var(t) if isinstance(b.value(t), Var) else b.value(t).astype(bool) for t in node.input)
+    return [_LOGICAL[node.op_type](x=x, y=y, name=name)]
+
+
+@_handles("Not")
+def _not(b: _Builder, node: onnx.NodeProto, name: str) -> list[Value]:
+    return [mb.logical_not(x=b.var(node.input[0]), name=name)]
 
 
 _UNARY = {
@@ -553,6 +569,19 @@ def _reshape(b: _Builder, node: onnx.NodeProto, name: str) -> list[Value]:
     return [mb.reshape(x=x, shape=target, name=name)]
 
 
+@_handles("Expand")
+def _expand(b: _Builder, node: onnx.NodeProto, name: str) -> list[Value]:
+    """ONNX Expand broadcasts both ways; with static shapes that is a reshape to the output rank and a tile."""
+    x = b.var(node.input[0])
+    shape = tuple(int(d) for d in x.shape)
+    out_shape = np.broadcast_shapes(shape, tuple(int(d) for d in b.known(node.input[1])))
+    padded = (1,) * (len(out_shape) - len(shape)) + shape
+    if padded != shape:
+        x = mb.reshape(x=x, shape=list(padded), name=b.fresh(name + "_rank"))
+    reps = [o // i for o, i in zip(out_shape, padded)]
+    return [mb.tile(x=x, reps=reps, name=name) if any(r != 1 for r in reps) else mb.identity(x=x, name=name)]
+
+
 @_handles("Transpose")
 def _transpose(b: _Builder, node: onnx.NodeProto, name: str) -> list[Value]:
     x = b.var(node.input[0])
@@ -560,7 +589,10 @@ def _transpose(b: _Builder, node: onnx.NodeProto, name: str) -> list[Value]:
     return [mb.transpose(x=x, perm=[int(p) for p in perm], name=name)]
 
 
-_REDUCE = {"ReduceMean": mb.reduce_mean, "ReduceMax": mb.reduce_max, "ReduceSum": mb.reduce_sum, "ReduceMin": mb.reduce_min}
+_REDUCE = {
+    "ReduceMean": mb.reduce_mean, "ReduceMax": mb.reduce_max, "ReduceSum": mb.reduce_sum, "ReduceMin": mb.reduce_min,
+    "ReduceL1": mb.reduce_l1_norm, "ReduceL2": mb.reduce_l2_norm, "ReduceSumSquare": mb.reduce_sum_square,
+}
 
 
 @_handles(*_REDUCE)
@@ -669,7 +701,34 @@ def _gather(b: _Builder, node: onnx.NodeProto, name: str) -> list[Value]:
             squeeze = [i == axis for i in range(rank)]
             return [mb.slice_by_index(x=b.var(node.input[0]), begin=begin, end=end, squeeze_mask=squeeze, name=name)]
     x = _const(data) if isinstance(data, np.ndarray) else data
-    return [mb.gather(x=x, indices=indices, axis=axis, name=name)]
+    return [_gather_op(b, mb.gather, x, indices, axis, name)]
+
+
+def _gather_op(b: _Builder, gather: Callable[..., Var], x: Value, indices: Value, axis: int, name: str) -> Var:
+    """gather/gather_along_axis; MIL's take no bool tensors, so a mask is gathered as int32 and cast back."""
+    is_bool = x.dtype == types.bool if isinstance(x, Var) else np.asarray(x).dtype == bool
+    if not is_bool:
+        return gather(x=x, indices=indices, axis=axis, name=name)
+    as_int = mb.cast(x=x, dtype="int32", name=b.fresh(name + "_int")) if isinstance(x, Var) else np.asarray(x, np.int32)
+    picked = gather(x=as_int, indices=indices, axis=axis, name=b.fresh(name + "_picked"))
+    return mb.cast(x=picked, dtype="bool", name=name)
+
+
+@_handles("GatherElements")
+def _gather_elements(b: _Builder, node: onnx.NodeProto, name: str) -> list[Value]:
+    """MIL gather_along_axis; ONNX's negative indices count from the end of the axis."""
+    rank = len(b.shape(node.input[0]))
+    axis = int(_attrs(node).get("axis", 0)) % rank
+    size = b.shape(node.input[0])[axis]
+    indices = b.value(node.input[1])
+    if isinstance(indices, np.ndarray):
+        indices = np.where(indices < 0, indices + size, indices).astype(np.int32)
+    else:
+        negative = mb.less(x=indices, y=np.int32(0), name=b.fresh(name + "_negative"))
+        wrapped = mb.add(x=indices, y=np.int32(size), name=b.fresh(name + "_wrapped"))
+        indices = mb.select(cond=negative, a=wrapped, b=indices, name=b.fresh(name + "_indices"))
+    data = b.value(node.input[0])
+    return [_gather_op(b, mb.gather_along_axis, _const(data) if isinstance(data, np.ndarray) else data, indices, axis, name)]
 
 
 @_handles("Where")
@@ -794,9 +853,11 @@ def check_supported(model: onnx.ModelProto, target_name: str) -> None:
         if node.domain not in ("", "ai.onnx"):
             problems.append((node.name, f"{node.domain}.{node.op_type}", "custom-domain op"))
         elif node.op_type not in SUPPORTED_OPS:
-            problems.append((node.name, node.op_type, "no Core ML lowering for this op"))
+            problems.append((node.name, node.op_type, f"edgeopt's Core ML lowering does not write {node.op_type} yet"))
         elif node.op_type in FOLD_ONLY_OPS and not all(not i or i in known for i in node.input) and node.op_type not in ("Shape", "Size"):
             problems.append((node.name, node.op_type, "only supported when its inputs are known at build time"))
+        elif node.op_type == "Expand" and node.input[1] not in known:
+            problems.append((node.name, node.op_type, "only supported when its target shape is known at build time"))
         elif node.op_type == "MaxPool" and len([o for o in node.output if o]) > 1:
             problems.append((node.name, node.op_type, "the indices output has no Core ML equivalent"))
         elif node.op_type in ("MaxPool", "AveragePool") and any(d != 1 for d in _attrs(node).get("dilations", [])):
@@ -816,6 +877,13 @@ def check_supported(model: onnx.ModelProto, target_name: str) -> None:
 
 def _fold(node: onnx.NodeProto, inputs: Sequence[np.ndarray | None], opset: int) -> list[np.ndarray]:
     """Evaluate one node on constant inputs with ONNX's reference implementation."""
+    if node.op_type == "GatherElements" and node.domain in ("", "ai.onnx"):
+        # onnx.reference's GatherElements (onnx 1.23) goes through np.choose (at most 64 choices) and its
+        # 2-D fallback reads only column 0 of the indices: BERT's token-type gather folded wrongly.
+        data, indices = inputs[0], inputs[1]
+        axis = int(_attrs(node).get("axis", 0)) % data.ndim
+        indices = np.where(indices < 0, indices + data.shape[axis], indices).astype(np.int64)
+        return [np.take_along_axis(data, indices, axis=axis)]
     names = [f"in{i}" if value is not None else "" for i, value in enumerate(inputs)]
     single = onnx.helper.make_node(node.op_type, names, [f"out{i}" for i in range(len(node.output))], domain=node.domain)
     single.attribute.extend(node.attribute)

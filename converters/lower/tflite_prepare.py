@@ -54,6 +54,9 @@ class PreparedGraph:
     outputs: list[str]
     opset: int
     folded_nodes: int = 0
+    # Values whose static shape comes from one ONNX Runtime run on zeros (shape inference left them
+    # symbolic): right for shape arithmetic, an assumption where a size depends on computed values.
+    probed: set[str] = field(default_factory=set)
     fused: dict[str, int] = field(default_factory=dict)
 
     def consumers(self) -> dict[str, list[Node]]:
@@ -114,9 +117,21 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
+def _gather_elements(data: np.ndarray, indices: np.ndarray, axis: int) -> np.ndarray:
+    """ONNX GatherElements. onnx.reference's kernel (onnx 1.23) goes through np.choose, which takes at
+    most 64 choices, and its 2-D fallback reads only column 0 of the indices: BERT's token-type Gather
+    over a [1, 512] buffer folded to the wrong shape."""
+    axis %= data.ndim
+    indices = np.where(indices < 0, indices + data.shape[axis], indices).astype(np.int64)
+    return np.take_along_axis(data, indices, axis=axis)
+
+
 def _run_node(node: onnx.NodeProto, values: list[np.ndarray | None], opset: int) -> list[np.ndarray]:
     from onnx.reference import ReferenceEvaluator
 
+    if node.op_type == "GatherElements" and node.domain in ("", "ai.onnx"):
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        return [_gather_elements(values[0], values[1], axis)]
     inputs = [
         helper.make_tensor_value_info(f"in{i}" if name else "", helper.np_dtype_to_tensor_dtype(v.dtype) if v is not None else 0, None)
         for i, (name, v) in enumerate(zip(node.input, values))
@@ -159,9 +174,21 @@ def _fold_constants(
     return remaining, folded
 
 
+def _without_negative_dims(value: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+    """A copy whose negative dims are unknown: some exporters (Paddle) declare dynamic dims as dim_value -1,
+    which shape inference would keep, and a TFLite tensor of size -1 is rejected by LiteRT."""
+    copy = onnx.ValueInfoProto()
+    copy.CopyFrom(value)
+    for dim in copy.type.tensor_type.shape.dim:
+        if dim.HasField("dim_value") and dim.dim_value < 0:
+            dim.Clear()
+    return copy
+
+
 def _infer_shapes(
     model: onnx.ModelProto, nodes: list[onnx.NodeProto], constants: dict[str, np.ndarray], inputs: list[onnx.ValueInfoProto]
-) -> tuple[dict[str, tuple[int, ...]], dict[str, np.dtype]]:
+) -> tuple[dict[str, tuple[int, ...]], dict[str, np.dtype], set[str]]:
+    """Static shape and dtype of every value, and the names whose shape only a probe run found."""
     used = {name for node in nodes for name in node.input}
     # Large weights enter as typed inputs: inference needs their shapes, not a serialized copy.
     small = {n: v for n, v in constants.items() if n in used and v.size <= 4096}
@@ -173,7 +200,7 @@ def _infer_shapes(
         nodes,
         "prepared",
         [*inputs, *large],
-        list(model.graph.output),
+        [_without_negative_dims(o) for o in model.graph.output],
         [numpy_helper.from_array(value, name) for name, value in small.items()],
     )
     folded = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
@@ -185,12 +212,12 @@ def _infer_shapes(
         if tensor_type.elem_type:
             dtypes[value.name] = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
         dims = tensor_type.shape.dim
-        if tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
+        if tensor_type.HasField("shape") and all(d.HasField("dim_value") and d.dim_value >= 0 for d in dims):
             shapes[value.name] = tuple(int(d.dim_value) for d in dims)
     missing = [out for node in nodes for out in node.output if out and out not in shapes]
     if missing:
         shapes.update(_shapes_by_running(folded, missing, dtypes))
-    return shapes, dtypes
+    return shapes, dtypes, set(missing)
 
 
 def _shapes_by_running(model: onnx.ModelProto, names: list[str], dtypes: dict[str, np.dtype]) -> dict[str, tuple[int, ...]]:
@@ -206,7 +233,8 @@ def _shapes_by_running(model: onnx.ModelProto, names: list[str], dtypes: dict[st
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     feeds = {}
     for value in session.get_inputs():
-        dtype = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32}.get(value.type, np.float32)
+        # the typed inputs include large int8/int32 constants of a QDQ graph, not only float activations
+        dtype = helper.tensor_dtype_to_np_dtype(onnx.TensorProto.DataType.Value(value.type[len("tensor(") : -1].upper()))
         feeds[value.name] = np.zeros(value.shape, dtype=dtype)
     results = session.run(names, feeds)
     for name, result in zip(names, results):
@@ -364,12 +392,12 @@ def prepare_graph(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, 
     constants = {i.name: _array(i) for i in work.graph.initializer}
     shapes = {v.name: tuple(d.dim_value for d in v.type.tensor_type.shape.dim) for v in inputs}
     nodes, folded = _fold_constants(list(work.graph.node), constants, opset, shapes)
-    shapes, dtypes = _infer_shapes(work, nodes, constants, inputs)
+    shapes, dtypes, probed = _infer_shapes(work, nodes, constants, inputs)
     while any(n.op_type == "Shape" and n.input[0] in shapes for n in nodes):
         # Shapes known only after inference (Shape of an intermediate) unlock another folding round.
         nodes, more = _fold_constants(nodes, constants, opset, shapes)
         folded += more
-        shapes, dtypes = _infer_shapes(work, nodes, constants, inputs)
+        shapes, dtypes, probed = _infer_shapes(work, nodes, constants, inputs)
     for name, value in constants.items():
         shapes[name] = tuple(value.shape)
         dtypes[name] = value.dtype
@@ -382,6 +410,7 @@ def prepare_graph(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, 
         outputs=[o.name for o in work.graph.output],
         opset=opset,
         folded_nodes=folded,
+        probed=probed,
     )
     _fold_batchnorm(graph)
     _fuse_erf_gelu(graph)

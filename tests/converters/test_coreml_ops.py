@@ -141,8 +141,52 @@ CASES: dict[str, onnx.ModelProto] = {
          node("Equal", ["x", "x"], ["e"]), node("Cast", ["e"], ["ef"], to=TensorProto.FLOAT), node("Add", ["b", "ef"], ["y"])],
         {"x": (2, 3)}, ["y"], {"table": _w(5, 3), "idx": _i64(4, 1), "zero": np.array(0.0, np.float32)},
     ),
+    "gather_of_a_bool_mask": _model(  # BERT's attention mask: Cast to bool, Flatten, Gather (MIL gathers no bool)
+        [node("Greater", ["x", "zero"], ["m"]), node("Flatten", ["m"], ["f"], axis=2), node("Gather", ["f", "idx"], ["g"], axis=0),
+         node("Reshape", ["g", "shape"], ["r"]), node("GatherElements", ["r", "pick"], ["e"], axis=1), node("Where", ["e", "one", "zero"], ["y"])],
+        {"x": (1, 6)}, ["y"],
+        {"zero": np.array(0.0, np.float32), "one": np.array(1.0, np.float32), "idx": np.arange(6, dtype=np.int64).reshape(1, 6),
+         "shape": _i64(1, 6), "pick": _i64(5, 0, -1).reshape(1, 3)},
+    ),
     "gather_scalar_index_is_a_slice": _model(
         [node("Gather", ["x", "last"], ["y"], axis=1)], {"x": (2, 3, 4)}, ["y"], {"last": np.array(-1, np.int64)},
+    ),
+    "logical_and_or_xor_not": _model(
+        [node("Greater", ["x", "zero"], ["a"]), node("Less", ["x", "half"], ["b"]), node("And", ["a", "b"], ["c"]),
+         node("GreaterOrEqual", ["x", "one"], ["d"]), node("Or", ["c", "d"], ["e"]), node("LessOrEqual", ["x", "minus_one"], ["f"]),
+         node("Xor", ["e", "f"], ["g"]), node("Not", ["g"], ["h"]), node("Neg", ["x"], ["n"]), node("Where", ["h", "x", "n"], ["y"])],
+        X4, ["y"],
+        {"zero": np.array(0.0, np.float32), "half": np.array(0.5, np.float32), "one": np.array(1.0, np.float32), "minus_one": np.array(-1.0, np.float32)},
+    ),
+    "reduce_l1_l2_sum_square": _model(
+        [node("ReduceL2", ["x"], ["a"], axes=[1], keepdims=1), node("ReduceL1", ["x"], ["b"], axes=[2, 3], keepdims=1), node("Add", ["a", "b"], ["c"]),
+         node("ReduceSumSquare", ["x"], ["d"], axes=[3], keepdims=1), node("Add", ["c", "d"], ["e"]),
+         node("ReduceL2", ["x"], ["f"], axes=[1, 2], keepdims=0), node("Add", ["e", "f"], ["y"])],
+        X4, ["y"],
+    ),
+    "reduce_l2_normalize_opset18": _model(  # torch.nn.functional.normalize as exported: ReduceL2, Clip, Expand, Div
+        [node("ReduceL2", ["x", "axes"], ["n"], keepdims=1), node("Clip", ["n", "eps"], ["c"]), node("Expand", ["c", "shape"], ["e"]),
+         node("Div", ["x", "e"], ["y"])],
+        {"x": (2, 16)}, ["y"], {"axes": _i64(1), "eps": np.array(1e-12, np.float32), "shape": _i64(2, 16)}, opset=18,
+    ),
+    "expand_runtime_value": _model(
+        [node("Relu", ["x"], ["r"]), node("Expand", ["r", "shape"], ["e"]), node("Expand", ["x", "same"], ["f"]), node("Add", ["e", "f"], ["y"])],
+        {"x": (3, 1)}, ["y"], {"shape": _i64(2, 1, 4), "same": _i64(3, 1)},
+    ),
+    "gather_elements_constant_and_computed_indices": _model(
+        [node("GatherElements", ["x", "idx"], ["a"], axis=2), node("Greater", ["x", "zero"], ["p"]), node("Cast", ["p"], ["i"], to=TensorProto.INT64),
+         node("Mul", ["i", "three"], ["i3"]), node("Sub", ["i3", "two"], ["j"]), node("GatherElements", ["x", "j"], ["b"], axis=3),
+         node("ReduceSum", ["b", "ax2"], ["s"], keepdims=1), node("Add", ["a", "s"], ["y"])],
+        X4, ["y"],
+        {"idx": np.array([[[[0, 7, -1, 2, 5, -8, 3, 3], [-4, 1, 1, 0, 6, 6, -2, 4]]] * 4], np.int64), "zero": np.array(0.0, np.float32),
+         "three": np.array(3, np.int64), "two": np.array(2, np.int64), "ax2": _i64(2)},
+    ),
+    "gather_elements_and_range_folded_over_a_wide_buffer": _model(  # BERT's token-type ids: onnx.reference folds this wrongly
+        [node("Shape", ["x"], ["shape"]), node("Gather", ["shape", "one"], ["length"], axis=0), node("Range", ["zero", "length", "one"], ["positions"]),
+         node("Unsqueeze", ["positions", "axis0"], ["index"]), node("GatherElements", ["buffer", "index"], ["ids"], axis=1),
+         node("Cast", ["ids"], ["f"], to=TensorProto.FLOAT), node("Add", ["x", "f"], ["y"])],
+        {"x": (1, 32)}, ["y"],
+        {"zero": np.array(0, np.int64), "one": np.array(1, np.int64), "axis0": _i64(0), "buffer": np.arange(100, 300, 2, dtype=np.int64).reshape(1, 100)},
     ),
     "shape_arithmetic_is_folded": _model(
         [node("Shape", ["x"], ["s"]), node("Gather", ["s", "one"], ["c"], axis=0), node("Unsqueeze", ["c", "ax0"], ["cu"]),
@@ -172,6 +216,13 @@ def test_resize_that_core_ml_cannot_express_is_refused_up_front(tmp_path: Path) 
     )
     with pytest.raises(UnsupportedOpsError, match="does not pick the pixels Core ML picks"):
         lower(model, TARGET, "fp16", tmp_path, LoweringOptions())
+
+
+def test_unsupported_op_reason_says_it_is_edgeopts_lowering(tmp_path: Path) -> None:
+    model = _model([node("Hardmax", ["x"], ["y"], name="the_hardmax")], {"x": (2, 3)}, ["y"])
+    with pytest.raises(UnsupportedOpsError) as caught:
+        lower(model, TARGET, "fp16", tmp_path, LoweringOptions())
+    assert caught.value.nodes == [("the_hardmax", "Hardmax", "edgeopt's Core ML lowering does not write Hardmax yet")]
 
 
 def test_shape_ops_on_runtime_values_are_refused(tmp_path: Path) -> None:
