@@ -64,6 +64,9 @@ class BuildResult:
             f"  parity   max |Δ| {ref['max_abs']:.3g} vs the {ref['against']} graph on {m['reference']['samples']} input(s)"
             f" ({ref['verified_with']})" + ("" if ref["checked"] else f"; not checked: {ref['note']}"),
         ]
+        isa = m["target"].get("isa")
+        if isa:
+            lines.append(f"  cpu      built for {isa} CPUs ({IsaClass(isa).description}); --isa picks another class")
         quality = m.get("quality")
         if quality:
             lines.append(f"  quality  vs fp32 on {quality['samples']} samples of {quality['data']}")
