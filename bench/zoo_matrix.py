@@ -765,14 +765,19 @@ def merge(paths: Sequence[Path], out: Path) -> dict[str, Any]:
         run.setdefault("started", run["ended"] - run.get("total_s", 0))
     payload: dict[str, Any] = {**runs[0], "models": [], "builds": [], "parts": []}
     for run, path in zip(runs, paths):
-        done = [m["model"] for m in run["models"] if m.get("peers_done") or m.get("error")]
+        done = []
+        for m in run["models"]:
+            peers, builds = bool(m.get("peers_done") or m.get("error")), any(r["model"] == m["model"] for r in run["builds"])
+            if peers or builds:
+                done.append(m["model"] + ("" if peers and builds else " (peers)" if peers else " (builds)"))
         payload["parts"].append({"file": str(path), "models": done, "total_s": run.get("total_s", 0), "started": run.get("started"), "ended": run.get("ended"), "load_average_start": run["facts"]["load_average_start"], "load_average_end": run.get("load_average_end")})
-    for name in MODELS:
+    for name in MODELS:  # the model's peers from the last run that finished them, its builds from the last run that has them
         source = next((run for run in reversed(runs) for m in run["models"] if m["model"] == name and (m.get("peers_done") or m.get("error"))), None)
-        if source is None:
+        builder = next((run for run in reversed(runs) if any(r["model"] == name for r in run["builds"])), None)
+        if source is None and builder is None:
             continue
-        payload["models"].append(next(m for m in source["models"] if m["model"] == name))
-        payload["builds"] += [r for r in source["builds"] if r["model"] == name]
+        payload["models"].append(next(m for m in (source or builder)["models"] if m["model"] == name))
+        payload["builds"] += [r for r in builder["builds"] if r["model"] == name] if builder else []
     starts = [r.get("started") for r in runs if r.get("started")]
     ends = [r.get("ended") for r in runs if r.get("ended")]
     payload["total_s"] = round(max(ends) - min(starts), 1) if starts and ends else max(r.get("total_s", 0) for r in runs)
