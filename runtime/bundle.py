@@ -10,13 +10,16 @@ import hashlib
 import json
 import os
 import shutil
-import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
+
+from edgeopt.runtime.archive import safe_extract
 from edgeopt.runtime.errors import BundleError
+from edgeopt.runtime.isa import IsaClass
 from edgeopt.runtime.spec import TensorSpec
 
 __all__ = [
@@ -103,7 +106,23 @@ class Bundle:
 
     @property
     def model_path(self) -> Path:
-        return self.root / self.runtime["model"]
+        return self.path(self.runtime["model"], "runtime.model")
+
+    def path(self, relative: str, what: str) -> Path:
+        """root/relative for a path the manifest names; BundleError when it resolves outside the bundle.
+
+        Symbolic links are followed, so a link inside the bundle folder that points at /etc is
+        refused like an absolute path or '..' would be.
+        """
+        pure = PurePosixPath(relative)
+        hint = "the bundle is damaged or was not written by `edgeopt build`; rebuild it"
+        if not relative or pure.is_absolute() or "\\" in relative:
+            raise BundleError(f"{self.root / MANIFEST}: {what} path {relative!r} leaves the bundle", hint=hint)
+        path = self.root / pure
+        resolved = path.resolve()
+        if not resolved.is_relative_to(self.root.resolve()):
+            raise BundleError(f"{self.root / MANIFEST}: {what} path {relative!r} leaves the bundle (it resolves to {resolved})", hint=hint)
+        return path
 
     @property
     def install_hint(self) -> str | None:
@@ -210,35 +229,138 @@ def read_manifest(root: Path) -> dict[str, Any]:
             f"{path}: bundle schema {version}, this runtime reads schema {SCHEMA_MAJOR}.x",
             hint="use the edgeopt release that wrote the bundle (its runtime zipapp), or rebuild the bundle with this one",
         )
-    runtime = manifest.get("runtime")
-    missing = [key for key in ("artifacts", "inputs", "outputs") if not isinstance(manifest.get(key), list)]
-    if not isinstance(runtime, dict):
-        missing.append("runtime")
-    else:
-        missing += [f"runtime.{key}" for key in ("backend", "model") if not runtime.get(key)]
-    if missing:
-        raise BundleError(f"{path}: missing or malformed {', '.join(missing)}", hint="rebuild the bundle with `edgeopt build`")
+    _check_types(manifest, path)
     return manifest
 
 
-def _inside(root: Path, relative: str, what: str) -> Path:
-    """root/relative, refusing absolute paths and '..' so a manifest cannot point outside its bundle."""
-    pure = PurePosixPath(relative)
-    if pure.is_absolute() or ".." in pure.parts or not relative or "\\" in relative:
-        raise BundleError(f"{root / MANIFEST}: {what} path {relative!r} leaves the bundle", hint="rebuild the bundle with `edgeopt build`")
-    return root / pure
+# -- the manifest's types --------------------------------------------------------------------
+# What the runtime reads, checked before it reads it (the runtime cannot use jsonschema): a wrong
+# type is a BundleError naming the key path, never a TypeError from deep inside a backend.
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _numbers(value: Any) -> bool:
+    return _number(value) or (isinstance(value, list) and bool(value) and all(_number(v) for v in value))
+
+
+def _optional(check: Any) -> Any:
+    return lambda value: value is None or check(value)
+
+
+def _of(kind: type) -> Any:
+    return lambda value: isinstance(value, kind)
+
+
+def _dtype(value: Any) -> bool:
+    try:
+        return _text(value) and np.dtype(value) is not None
+    except TypeError:
+        return False
+
+
+def _dimension(value: Any) -> bool:
+    return value is None or isinstance(value, str) or (_integer(value) and value >= -1)
+
+
+_TOP = {
+    "name": ("a string", _optional(_of(str))),
+    "precision": ("a string", _optional(_of(str))),
+    "target": ("an object", _optional(_of(dict))),
+    "toolchain": ("an object", _optional(_of(dict))),
+    "lowering": ("an object", _optional(_of(dict))),
+    "reference": ("an object", _optional(_of(dict))),
+    "runtime": ("an object", _of(dict)),
+    "artifacts": ("a list", _of(list)),
+    "inputs": ("a list", _of(list)),
+    "outputs": ("a list", _of(list)),
+}
+_TARGET = {"name": ("a string", _optional(_of(str))), "isa": (f"one of {', '.join(c.value for c in IsaClass)}", _optional(lambda v: v in {c.value for c in IsaClass}))}
+_LOWERING = {"engine_recipe": ("an object", _optional(_of(dict)))}
+_RUNTIME = {
+    "backend": ("a non-empty string", _text),
+    "model": ("a non-empty string (a path inside the bundle)", _text),
+    "install": ("a string", _optional(_of(str))),
+    "threads": ("a whole number >= 0", _optional(lambda v: _integer(v) and v >= 0)),
+    "options": ("an object", _optional(_of(dict))),
+}
+_ARTIFACT = {
+    "path": ("a non-empty string (a path inside the bundle)", _text),
+    "bytes": ("a whole number >= 0", _optional(lambda v: _integer(v) and v >= 0)),
+    "sha256": ("a string", _optional(_of(str))),
+}
+_TENSOR = {
+    "name": ("a non-empty string", _text),
+    "shape": ("a list of whole numbers, strings or nulls", lambda v: isinstance(v, list) and all(_dimension(d) for d in v)),
+    "dtype": ("a numpy dtype name (float32, int8, ...)", _dtype),
+    "layout": ("a string", _optional(_of(str))),
+    "quantization": ("an object", _optional(_of(dict))),
+}
+_QUANTIZATION = {
+    "scale": ("a number or a list of numbers", _numbers),
+    "zero_point": ("a number or a list of numbers", _optional(_numbers)),
+    "axis": ("a whole number", _optional(_integer)),
+}
+_REFERENCE = {
+    "inputs": ("a non-empty string (a path inside the bundle)", _optional(_text)),
+    "outputs": ("a non-empty string (a path inside the bundle)", _optional(_text)),
+    "tolerance": ("an object", _optional(_of(dict))),
+}
+_TOLERANCE = {"atol": ("a number", _optional(_number)), "rtol": ("a number", _optional(_number)), "outputs": ("an object", _optional(_of(dict)))}
+
+
+def _check_types(manifest: dict[str, Any], path: Path) -> None:
+    def check(raw: Any, fields: dict[str, tuple[str, Any]], where: str) -> dict[str, Any]:
+        if not isinstance(raw, dict):
+            fail(where.rstrip("."), "an object", raw)
+        for key, (wanted, valid) in fields.items():
+            if not valid(raw.get(key)):
+                fail(where + key, wanted, raw.get(key))
+        return raw
+
+    def fail(where: str, wanted: str, value: Any) -> None:
+        shown = "missing" if value is None else f"{json.dumps(value)[:60]} ({type(value).__name__})"
+        raise BundleError(f"{path}: {where} must be {wanted}, found {shown}", hint="the bundle is damaged or was not written by `edgeopt build`; rebuild it")
+
+    check(manifest, _TOP, "")
+    check(manifest.get("target") or {}, _TARGET, "target.")
+    check(manifest.get("lowering") or {}, _LOWERING, "lowering.")
+    check(manifest["runtime"], _RUNTIME, "runtime.")
+    for index, artifact in enumerate(manifest["artifacts"]):
+        check(artifact, _ARTIFACT, f"artifacts[{index}].")
+    for kind in ("inputs", "outputs"):
+        for index, raw in enumerate(manifest[kind]):
+            tensor = check(raw, _TENSOR, f"{kind}[{index}].")
+            if tensor.get("quantization") is not None:
+                check(tensor["quantization"], _QUANTIZATION, f"{kind}[{index}].quantization.")
+    reference = check(manifest.get("reference") or {}, _REFERENCE, "reference.")
+    tolerance = check(reference.get("tolerance") or {}, _TOLERANCE, "reference.tolerance.")
+    for name, own in (tolerance.get("outputs") or {}).items():
+        check(own, {"atol": _TOLERANCE["atol"], "rtol": _TOLERANCE["rtol"]}, f"reference.tolerance.outputs.{name}.")
 
 
 def check_artifact_files(bundle: Bundle) -> None:
     """Every listed artifact exists with the recorded byte count and sha256."""
     hint = "the bundle was changed or damaged in transfer; copy it again or rebuild it with `edgeopt build`"
     for artifact in bundle.manifest["artifacts"]:
-        relative = str(artifact.get("path", ""))
-        path = _inside(bundle.root, relative, "artifact")
+        path = bundle.path(artifact["path"], "artifact")
         if not path.exists():
             raise BundleError(f"{path}: listed in {MANIFEST} but missing", hint=hint)
+        if path.is_dir():
+            for entry in path.rglob("*"):
+                bundle.path(entry.relative_to(bundle.root).as_posix(), "artifact")
         expected_bytes = artifact.get("bytes")
-        if expected_bytes is not None and _size(path) != int(expected_bytes):
+        if expected_bytes is not None and _size(path) != expected_bytes:
             raise BundleError(f"{path}: {_size(path)} bytes, {MANIFEST} says {expected_bytes}", hint=hint)
         expected_sha = artifact.get("sha256")
         if not expected_sha:
@@ -261,9 +383,9 @@ def extract_folder(archive: Path, cache: Path | None = None) -> Path:
 def extract_bundle(archive: Path, cache: Path | None = None) -> Path:
     """Unpack a .tar.gz bundle into the cache (once per archive checksum) and return its folder.
 
-    Members are checked first: no absolute paths, no '..', links only to places inside the
-    bundle, no devices. Extraction goes to a temporary folder renamed into place, so a
-    half-extracted bundle is never reused.
+    Extraction is `edgeopt.runtime.archive.safe_extract` (no member leaves the folder, no
+    devices, capped size and member count) into a temporary folder renamed into place, so a
+    half-extracted or refused bundle is never reused.
     """
     if not archive.name.lower().endswith(ARCHIVE_SUFFIXES):
         raise BundleError(f"{archive}: not a bundle folder or .tar.gz", hint="pass the folder or .tar.gz `edgeopt build` wrote")
@@ -272,7 +394,7 @@ def extract_bundle(archive: Path, cache: Path | None = None) -> Path:
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=folder.parent))
         try:
-            _safe_extract(archive, staging)
+            safe_extract(archive, staging)
             try:
                 os.replace(staging, folder)
             except OSError:
@@ -282,46 +404,6 @@ def extract_bundle(archive: Path, cache: Path | None = None) -> Path:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
     return _bundle_root(folder, archive)
-
-
-def _safe_extract(archive: Path, destination: Path) -> None:
-    try:
-        with tarfile.open(archive, "r:*") as tar:
-            members = tar.getmembers()
-            for member in members:
-                _check_member(member, archive)
-            if hasattr(tarfile, "data_filter"):
-                tar.extractall(destination, members=members, filter="data")
-            else:  # Python < 3.10.12: members were checked above
-                tar.extractall(destination, members=members)
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise BundleError(f"{archive}: cannot unpack ({exc})", hint="the archive is damaged; copy it again") from None
-
-
-def _check_member(member: tarfile.TarInfo, archive: Path) -> None:
-    name = PurePosixPath(member.name)
-    hint = "refusing to unpack it; only open bundles from `edgeopt build`"
-    first = name.parts[0] if name.parts else ""
-    if name.is_absolute() or member.name.startswith(("/", "\\")) or first.endswith(":"):
-        raise BundleError(f"{archive}: member {member.name!r} has an absolute path", hint=hint)
-    if ".." in name.parts:
-        raise BundleError(f"{archive}: member {member.name!r} points outside the bundle ('..')", hint=hint)
-    if member.issym() or member.islnk():
-        link = PurePosixPath(member.linkname)
-        target = (name.parent / link) if member.issym() else link
-        if link.is_absolute() or _escapes(target):
-            raise BundleError(f"{archive}: link {member.name!r} -> {member.linkname!r} points outside the bundle", hint=hint)
-    elif not (member.isfile() or member.isdir()):
-        raise BundleError(f"{archive}: member {member.name!r} is a device or fifo", hint=hint)
-
-
-def _escapes(path: PurePosixPath) -> bool:
-    depth = 0
-    for part in path.parts:
-        depth += -1 if part == ".." else (0 if part == "." else 1)
-        if depth < 0:
-            return True
-    return False
 
 
 def _bundle_root(folder: Path, archive: Path) -> Path:

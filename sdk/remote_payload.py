@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from edgeopt.errors import BundleError
+from edgeopt.runtime import archive
+from edgeopt.runtime.archive import safe_extract
 
 __all__ = [
     "CLEANUP_SCRIPT",
@@ -123,22 +126,34 @@ def _file_info(name: str, size: int) -> tarfile.TarInfo:
 
 
 def unpack_local_archive(archive: Path, work_dir: Path) -> Path:
-    """Extract a `.tar.gz` bundle (one top-level folder) into `work_dir`; returns that folder."""
-    with tarfile.open(archive, "r:*") as tar:
-        tops = {Path(member.name).parts[0] for member in tar.getmembers() if member.name not in ("", ".")}
-        if len(tops) != 1:
-            raise BundleError(
-                f"bundle archive {archive} holds {len(tops)} top-level entries",
-                hint="a bundle archive holds exactly one folder; repack it or pass the bundle folder",
-            )
-        if hasattr(tarfile, "data_filter"):
-            tar.extractall(work_dir, filter="data")
-        else:  # Python < 3.10.12 has no extraction filters: refuse links and paths that leave work_dir
-            for member in tar.getmembers():
-                if not (member.isfile() or member.isdir()) or Path(member.name).is_absolute() or ".." in Path(member.name).parts:
-                    raise BundleError(f"bundle archive {archive}: refusing member {member.name!r} (link or path outside)")
-            tar.extractall(work_dir)
-    return work_dir / tops.pop()
+    """Extract a `.tar.gz` bundle (one top-level folder) into `work_dir` with the runtime's
+    safe_extract; returns that folder."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    safe_extract(archive, work_dir)
+    tops = list(work_dir.iterdir())
+    if len(tops) != 1 or not tops[0].is_dir():
+        raise BundleError(
+            f"bundle archive {archive} holds {len(tops)} top-level entries",
+            hint="a bundle archive holds exactly one folder; repack it or pass the bundle folder",
+        )
+    return tops[0]
+
+
+def _archive_source() -> str:
+    """edgeopt.runtime.archive's source, standing alone: the device has no edgeopt installed, so
+    its one import (BundleError) becomes a local class with the same message."""
+    source = inspect.getsource(archive)
+    if _ARCHIVE_IMPORT not in source:
+        raise RuntimeError(f"edgeopt.runtime.archive no longer has the line {_ARCHIVE_IMPORT!r} the receive script replaces")
+    return source.replace(_ARCHIVE_IMPORT, _DEVICE_BUNDLE_ERROR)
+
+
+_ARCHIVE_IMPORT = "from edgeopt.runtime.errors import BundleError\n"
+_DEVICE_BUNDLE_ERROR = """
+class BundleError(Exception):
+    def __init__(self, message, *, hint=None):
+        super().__init__(message if hint is None else message + "\\n  hint: " + hint)
+"""
 
 
 # Runs on the device: `python -c PROBE_SCRIPT CACHE [SHA256 NAME]...`.
@@ -161,12 +176,12 @@ print(json.dumps({"python": list(sys.version_info[:3]), "version": platform.pyth
 """
 
 # Runs on the device: `python -c RECEIVE_SCRIPT FOLDER SHA256 NAME EXTRACT` with the file on stdin.
-# Writes into a staging folder inside FOLDER, checks the checksum, extracts a tar.gz (regular
-# files and folders only, nothing outside the entry), then renames the staging folder to
+# Writes into a staging folder inside FOLDER, checks the checksum, extracts a tar.gz with the
+# runtime's safe_extract (its source is the script's first part), then renames the staging folder to
 # FOLDER/SHA256, so an entry is either complete or absent. An entry that another run completed
 # meanwhile is kept (same checksum, same bytes); one whose file no longer matches is replaced.
-RECEIVE_SCRIPT = r"""
-import hashlib, os, shutil, sys, tarfile, tempfile
+RECEIVE_SCRIPT = _archive_source() + r"""
+import hashlib, os, shutil, sys, tempfile
 folder, key, name, extract = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
 def sha256(path):
     digest = hashlib.sha256()
@@ -187,13 +202,10 @@ try:
     if digest.hexdigest() != key:
         sys.exit("error: %s arrived with sha256 %s, expected %s" % (name, digest.hexdigest(), key))
     if extract:
-        root = os.path.realpath(staging) + os.sep
-        with tarfile.open(os.path.join(staging, name)) as tar:
-            for member in tar.getmembers():
-                inside = os.path.realpath(os.path.join(staging, member.name)).startswith(root)
-                if not inside or not (member.isfile() or member.isdir()):
-                    sys.exit("error: refusing archive member %r in %s" % (member.name, name))
-            tar.extractall(staging)
+        try:
+            safe_extract(os.path.join(staging, name), staging)
+        except BundleError as exc:
+            sys.exit("error: %s" % exc)
     existing = os.path.join(final, name)
     if os.path.isdir(final) and not (os.path.isfile(existing) and sha256(existing) == key):
         stale = tempfile.mkdtemp(prefix=".stale-", dir=folder)

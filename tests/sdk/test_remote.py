@@ -7,6 +7,7 @@ backend-missing case uses a virtual environment that holds numpy and nothing els
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -40,7 +41,8 @@ from edgeopt.remote import (
 )
 from edgeopt.bundle import artifact_entry, pack, write_manifest
 from edgeopt.remote_facts import device_facts
-from edgeopt.remote_payload import device_copy
+from edgeopt.errors import BundleError
+from edgeopt.remote_payload import Payload, device_copy, sha256_file
 from edgeopt.runtime.device import decode_throttled
 from tests.sdk.conftest import SshServer, free_port, generate_key, known_hosts_line
 
@@ -373,3 +375,69 @@ def test_the_device_copy_is_reproducible_and_leaves_host_only_files_out(bundle: 
     assert f"{bundle.name}/report.html" not in names
     assert "profiles" not in device_manifest
     assert "report.html" not in [a["path"] for a in device_manifest["artifacts"]]
+
+
+# --------------------------------------------------------------------- hostile archives
+
+
+def _symlink_chain_archive(path: Path, top: str) -> Path:
+    """`top/a -> .`, `top/a/b -> ..`, then a file written through `top/a/b/`: the escape that the
+    old fallback (Pythons without tarfile.data_filter) let through."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, target in ((f"{top}/a", "."), (f"{top}/a/b", "..")):
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = tarfile.SYMTYPE, target
+            tar.addfile(link)
+        data = b"written outside\n"
+        escaped = tarfile.TarInfo(f"{top}/a/b/a/b/escaped.txt")
+        escaped.size = len(data)
+        tar.addfile(escaped, io.BytesIO(data))
+    return path
+
+
+def _python_without_data_filter(folder: Path) -> Path:
+    """A device "python" that runs `-c SCRIPT ARGS...` as this interpreter would on 3.11.2 (no data_filter)."""
+    wrapper = folder / "python-without-data-filter"
+    wrapper.write_text(
+        f"#!{sys.executable}\n"
+        "import sys, tarfile\n"
+        "if hasattr(tarfile, 'data_filter'):\n"
+        "    del tarfile.data_filter\n"
+        "script, sys.argv = sys.argv[2], ['-c', *sys.argv[3:]]\n"
+        "exec(compile(script, '<string>', 'exec'), {'__name__': '__main__'})\n"
+    )
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def test_the_device_refuses_a_hostile_archive_on_a_python_without_data_filter(
+    sshd: SshServer, bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The receive script runs the runtime's safe_extract (embedded) on the device, over real ssh."""
+    import edgeopt.remote
+
+    device_cache = tmp_path / "device" / "cache"
+    hostile = _symlink_chain_archive(tmp_path / "hostile.tar.gz", bundle.name)
+    monkeypatch.setattr(
+        edgeopt.remote, "device_copy", lambda bundle_dir, work: Payload(hostile, hostile.name, sha256_file(hostile), True)
+    )
+    options = sshd.profile_options(remote_cache=str(device_cache), python=str(_python_without_data_filter(tmp_path)))
+
+    with pytest.raises(RemoteCommandError, match=r"error: .*hostile\.tar\.gz: member '.*/a/b' goes through the link") as error:
+        profile(bundle, [sshd.host], options)
+
+    assert error.value.exit_code == 2
+    assert [p for p in tmp_path.rglob("escaped.txt")] == []
+    assert [p.name for p in device_cache.rglob("*") if p.name.startswith(".partial-")] == []
+
+
+def test_a_hostile_local_archive_is_refused_before_anything_is_sent(sshd: SshServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    hostile = _symlink_chain_archive(tmp_path / "hostile.tar.gz", "tiny")
+
+    with pytest.raises(BundleError, match="goes through the link 'tiny/a'") as error:
+        profile(hostile, [sshd.host], sshd.profile_options(remote_cache=str(tmp_path / "device cache")))
+
+    assert error.value.exit_code == 2
+    assert [p for p in tmp_path.rglob("escaped.txt")] == []
+    assert not (tmp_path / "device cache").exists()
