@@ -8,11 +8,13 @@ and the file.
 
 from __future__ import annotations
 
-import struct
+import math
 import tempfile
+import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -32,17 +34,18 @@ __all__ = [
 
 LABEL_KEY = "labels"
 
+#: The name numpy gives an unnamed array (`numpy.savez(path, array)`): it feeds a single-input model.
+UNNAMED_ARRAY = "arr_0"
 
-def _pillow_available() -> bool:
-    try:
-        import PIL.Image  # noqa: F401
-    except ImportError:
-        return False
-    return True
+#: Files a folder dataset reads: images Pillow decodes, and .npy samples.
+IMAGE_SUFFIXES: tuple[str, ...] = (
+    ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".npy",
+)
 
-
-#: Image files a folder dataset reads: PNG always (decoded here), every Pillow format when Pillow is installed.
-IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".npy") + ((".jpg", ".jpeg", ".bmp", ".webp") if _pillow_available() else ())
+#: Largest image a folder dataset decodes, checked from the file's header before decoding: a small
+#: file that claims more (a decompression bomb) is refused. Pillow itself only warns below twice its
+#: own limit of ~89 MP, which lets a 356 MB bomb through.
+MAX_IMAGE_PIXELS = 64_000_000
 
 
 @dataclass(frozen=True)
@@ -149,7 +152,7 @@ def open_dataset(
     - `.npz`: one array per input name (or a single array for a single-input model), samples
       stacked on the batch axis; an optional `labels` array.
     - `.npy`: one array for a single-input model.
-    - a folder: image files (PNG, or any Pillow format if Pillow is installed) or .npy samples,
+    - a folder: image files (PNG, JPEG, BMP, WebP, ... decoded with Pillow) or .npy samples,
       optionally in one sub-folder per class (labels = sorted class index), with `preprocessing`.
     - an array, a mapping of arrays by input name, or an iterable of {input name: array} samples.
     """
@@ -194,6 +197,13 @@ def _expected(spec: TensorSpec) -> str:
 
 
 def _validated(sample: Mapping[str, np.ndarray], inputs: Sequence[TensorSpec], source: str, index: int) -> dict[str, np.ndarray]:
+    unexpected = sorted(set(sample) - {spec.name for spec in inputs})
+    if unexpected:
+        raise CalibrationDataError(
+            f"sample {index} of {source} has {_quoted(unexpected)}, which the model does not take "
+            f"(its inputs: {_quoted(s.name for s in inputs)})",
+            hint="name the arrays after the model inputs, and leave out the rest",
+        )
     out: dict[str, np.ndarray] = {}
     for spec in inputs:
         if spec.name not in sample:
@@ -262,23 +272,50 @@ def _sample_count(shapes: Mapping[str, tuple[int, ...]], inputs: Sequence[Tensor
     return count
 
 
-def _missing_names(names: Iterable[str], inputs: Sequence[TensorSpec], source: str) -> None:
-    names = set(names)
+def _quoted(names: Iterable[str]) -> str:
+    return ", ".join(f"'{name}'" for name in names)
+
+
+def _matched_names(names: Iterable[str], inputs: Sequence[TensorSpec], source: str) -> dict[str, str]:
+    """Input name -> the array that feeds it. Every input needs its own array; an array that feeds no
+    input is an error (not silently skipped), except numpy's unnamed `arr_0` for a single-input model."""
+    names = sorted(names)
+    expected = _quoted(s.name for s in inputs)
+    if len(inputs) == 1 and names == [UNNAMED_ARRAY] and inputs[0].name != UNNAMED_ARRAY:
+        return {inputs[0].name: UNNAMED_ARRAY}
+    unexpected = [name for name in names if name not in {s.name for s in inputs}]
+    if unexpected:
+        raise CalibrationDataError(
+            f"{source} has array(s) {_quoted(unexpected)} that are not inputs of the model (its inputs: {expected})",
+            hint=f"name the arrays after the model inputs ({expected}), labels '{LABEL_KEY}', and leave out the rest",
+        )
     for spec in inputs:
         if spec.name not in names:
             raise CalibrationDataError(
-                f"{source} has no array for input '{spec.name}' (expected {_expected(spec)}); it has {sorted(names)}",
+                f"{source} has no array for input '{spec.name}' (expected {_expected(spec)}); it has {names}",
                 hint="name the arrays after the model inputs",
             )
+    return {spec.name: spec.name for spec in inputs}
 
 
 def _checked_labels(labels: np.ndarray | None, count: int, source: str) -> np.ndarray | None:
+    """Labels are class indices compared with the argmax of the output: whole numbers >= 0, one per sample."""
     if labels is None:
         return None
     labels = np.asarray(labels).reshape(-1)
     if len(labels) != count:
         raise CalibrationDataError(f"{source} has {len(labels)} labels for {count} samples", hint="give one label per sample")
-    return labels
+    hint = "save labels as integer class indices (0, 1, 2, ...), one per sample"
+    if not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)):
+        raise CalibrationDataError(f"labels in {source} have dtype {labels.dtype}; expected integer class indices", hint=hint)
+    bad = ~np.isfinite(labels) | (labels < 0) | (labels != np.round(labels)) if labels.dtype.kind == "f" else labels < 0
+    if np.any(bad):
+        first = int(np.argmax(bad))
+        raise CalibrationDataError(
+            f"labels in {source} hold {int(bad.sum())} value(s) that are not class indices (label {first} is {labels[first]})",
+            hint=hint,
+        )
+    return labels.astype(np.int64)
 
 
 # -- sources ----------------------------------------------------------------------------------------------
@@ -287,9 +324,7 @@ def _checked_labels(labels: np.ndarray | None, count: int, source: str) -> np.nd
 def _from_arrays(
     arrays: Mapping[str, np.ndarray], labels: np.ndarray | None, inputs: Sequence[TensorSpec], source: str, role: str
 ) -> Dataset:
-    if len(arrays) == 1 and len(inputs) == 1 and inputs[0].name not in arrays:
-        arrays = {inputs[0].name: next(iter(arrays.values()))}
-    _missing_names(arrays, inputs, source)
+    arrays = {name: arrays[key] for name, key in _matched_names(arrays, inputs, source).items()}
     count = _sample_count({k: v.shape for k, v in arrays.items()}, inputs, source)
 
     def read() -> Iterator[dict[str, np.ndarray]]:
@@ -308,14 +343,33 @@ def _from_npy(path: Path, inputs: Sequence[TensorSpec], role: str) -> Dataset:
     return _from_arrays({spec.name: array}, None, inputs, str(path), role)
 
 
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, ValueError)
+
+
 class _NpyMember:
-    """Reads one .npy member of an .npz sample by sample, straight from the (possibly compressed) zip stream."""
+    """Reads one .npy member of an .npz sample by sample, straight from the (possibly compressed) zip stream.
+
+    The header's shape and dtype are checked against the member's size when it is opened, so a
+    header that claims more (or less) data than the member holds is an error before any work.
+    """
 
     def __init__(self, archive: Path, member: str) -> None:
         self.archive = archive
         self.member = member
-        with zipfile.ZipFile(archive) as zf, zf.open(member) as stream:
-            self.shape, self.fortran, self.dtype = self._header(stream)
+        self.where = f"{archive}:{member}"
+        with zipfile.ZipFile(archive) as zf:
+            info = zf.getinfo(member)
+            with zf.open(info) as stream:
+                self.shape, self.fortran, self.dtype = self._header(stream)
+                data_bytes = info.file_size - stream.tell()
+        if self.dtype.hasobject:
+            raise CalibrationDataError(f"{self.where} holds Python objects", hint="save numeric arrays only")
+        declared = self._bytes(self.shape)
+        if declared != data_bytes:
+            raise CalibrationDataError(
+                f"{self.where} declares shape {self.shape} {self.dtype} ({declared} bytes) but holds {data_bytes} bytes of data",
+                hint="the file is damaged or was not written by numpy; save it again with numpy.savez",
+            )
 
     @staticmethod
     def _header(stream: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -326,22 +380,43 @@ class _NpyMember:
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
         return tuple(shape), fortran, dtype
 
+    def _bytes(self, shape: tuple[int, ...]) -> int:
+        return math.prod(shape) * self.dtype.itemsize
+
+    @contextmanager
+    def _data(self) -> Iterator[Callable[[int], bytes]]:
+        """A reader of exactly n bytes after the header; damage in the stream is a CalibrationDataError."""
+
+        def read(count: int) -> bytes:
+            data = stream.read(count)
+            if len(data) != count:
+                raise CalibrationDataError(f"{self.where} ends early", hint="the file is damaged; save it again with numpy.savez")
+            return data
+
+        try:
+            with zipfile.ZipFile(self.archive) as zf, zf.open(self.member) as stream:
+                self._header(stream)
+                yield read
+        except _ZIP_ERRORS as error:
+            raise CalibrationDataError(f"cannot read {self.where}: {error}", hint="the file is damaged; save it again with numpy.savez") from error
+
+    def array(self) -> np.ndarray:
+        """The whole member at once (for labels: one small vector)."""
+        with self._data() as read:
+            data = read(self._bytes(self.shape))
+        return np.frombuffer(data, dtype=self.dtype).reshape(self.shape, order="F" if self.fortran else "C")
+
     def rows(self, per_sample: int) -> Iterator[np.ndarray]:
-        if self.dtype.hasobject:
-            raise CalibrationDataError(f"{self.archive}:{self.member} holds Python objects", hint="save numeric arrays only")
         row_shape = (per_sample, *self.shape[1:])
-        row_bytes = int(np.prod(row_shape)) * self.dtype.itemsize
-        with zipfile.ZipFile(self.archive) as zf, zf.open(self.member) as stream:
-            self._header(stream)
-            if self.fortran:  # column-major data cannot be cut into rows while streaming
-                whole = np.frombuffer(stream.read(), dtype=self.dtype)
-                whole = whole.reshape(self.shape, order="F")
-                for i in range(self.shape[0] // per_sample):
-                    yield np.ascontiguousarray(whole[i * per_sample : (i + 1) * per_sample])
-                return
-            for _ in range(self.shape[0] // per_sample):
-                data = stream.read(row_bytes)
-                yield np.frombuffer(data, dtype=self.dtype).reshape(row_shape)
+        count = self.shape[0] // per_sample
+        if self.fortran:  # column-major data cannot be cut into rows while streaming
+            whole = self.array()
+            for i in range(count):
+                yield np.ascontiguousarray(whole[i * per_sample : (i + 1) * per_sample])
+            return
+        with self._data() as read:
+            for _ in range(count):
+                yield np.frombuffer(read(self._bytes(row_shape)), dtype=self.dtype).reshape(row_shape)
 
 
 def _from_npz(path: Path, inputs: Sequence[TensorSpec], role: str) -> Dataset:
@@ -349,16 +424,11 @@ def _from_npz(path: Path, inputs: Sequence[TensorSpec], role: str) -> Dataset:
         with zipfile.ZipFile(path) as zf:
             members = {name[:-4]: name for name in zf.namelist() if name.endswith(".npy")}
         readers = {name: _NpyMember(path, member) for name, member in members.items()}
-    except (zipfile.BadZipFile, ValueError, OSError) as error:
+    except _ZIP_ERRORS as error:
         raise CalibrationDataError(f"cannot read {path}: {error}", hint="save the data with numpy.savez") from error
-    labels = None
-    if LABEL_KEY in readers:
-        with np.load(path, allow_pickle=False) as archive:
-            labels = np.asarray(archive[LABEL_KEY])
-        del readers[LABEL_KEY]
-    if len(readers) == 1 and len(inputs) == 1 and inputs[0].name not in readers:
-        readers = {inputs[0].name: next(iter(readers.values()))}
-    _missing_names(readers, inputs, str(path))
+    labels_member = readers.pop(LABEL_KEY, None)
+    labels = labels_member.array() if labels_member is not None else None
+    readers = {name: readers[key] for name, key in _matched_names(readers, inputs, str(path)).items()}
     count = _sample_count({k: r.shape for k, r in readers.items()}, inputs, str(path))
 
     def read() -> Iterator[dict[str, np.ndarray]]:
@@ -412,10 +482,11 @@ def _from_folder(path: Path, inputs: Sequence[TensorSpec], preprocessing: ImageP
     spec = _single_input(inputs, str(path))
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise CalibrationDataError(
-            f"{path} holds no readable samples (looked for {', '.join(IMAGE_SUFFIXES)})",
-            hint="install Pillow for JPEG and other formats" if not _pillow_available() else None,
-        )
+        raise CalibrationDataError(f"{path} holds no readable samples (looked for {', '.join(IMAGE_SUFFIXES)})")
+    for file in files:  # every image's header now: a file that is no image, or a bomb, fails before any work
+        if file.suffix.lower() != ".npy":
+            with _opened_image(file):
+                pass
     classes = sorted({f.parent.relative_to(path).as_posix() for f in files} - {"."})
     labels = np.array([classes.index(f.parent.relative_to(path).as_posix()) for f in files]) if classes else None
     if classes and any(f.parent == path for f in files):
@@ -424,120 +495,84 @@ def _from_folder(path: Path, inputs: Sequence[TensorSpec], preprocessing: ImageP
 
     def read() -> Iterator[dict[str, np.ndarray]]:
         for file in files:
-            if file.suffix == ".npy":
-                array = np.load(file, allow_pickle=False)
+            if file.suffix.lower() == ".npy":
+                array = _npy_sample(file)
                 yield {spec.name: array if array.ndim == len(spec.shape) else array[None]}
             else:
-                yield {spec.name: _preprocessed(_read_image(file), spec, prep, file)}
+                yield {spec.name: _image_sample(file, spec, prep)}
 
     return Dataset(read, len(files), inputs, source=str(path), role=role, labels=labels)
 
 
-def _preprocessed(image: np.ndarray, spec: TensorSpec, prep: ImagePreprocessing, file: Path) -> np.ndarray:
-    """HWC uint8 image -> one model input sample with a batch axis of 1."""
+def _npy_sample(file: Path) -> np.ndarray:
+    try:
+        return np.load(file, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise CalibrationDataError(f"cannot read {file}: {error}", hint="save plain numeric arrays with numpy.save") from error
+
+
+#: Pillow mode for a model input with this many channels.
+_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+@contextmanager
+def _opened_image(file: Path) -> Iterator[Any]:
+    """The image, opened by Pillow (header only) and refused when larger than MAX_IMAGE_PIXELS.
+
+    Anything Pillow raises while the body decodes it is a CalibrationDataError naming the file.
+    """
+    import struct
+
+    from PIL import Image
+
+    failures = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
+    bombs = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(file) as image:
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    raise Image.DecompressionBombError(f"it is {image.width}x{image.height}")
+                yield image
+    except bombs as error:
+        raise CalibrationDataError(
+            f"image {file} has more than {MAX_IMAGE_PIXELS:,} pixels ({error}): refused as a possible decompression bomb",
+            hint="resize the image to about the model's input size before calibrating",
+        ) from error
+    except failures as error:
+        raise CalibrationDataError(f"cannot decode image {file}: {error}", hint="remove or replace the damaged file") from error
+
+
+def _image_sample(file: Path, spec: TensorSpec, prep: ImagePreprocessing) -> np.ndarray:
+    """An image file -> one model input sample with a batch axis of 1.
+
+    Converted to the model's channels (gray, RGB, RGBA), resized bilinearly to its height and
+    width, scaled, normalized per channel and laid out as NCHW or NHWC.
+    """
+    from PIL import Image
+
     layout = prep.layout.upper()
     if len(spec.shape) != 4 or layout not in ("NCHW", "NHWC"):
         raise CalibrationDataError(
             f"input '{spec.name}' expects {_expected(spec)}; image folders feed 4-D NCHW or NHWC inputs ({file})"
         )
     channel_dim = spec.shape[1] if layout == "NCHW" else spec.shape[3]
-    channels = prep.channels or (channel_dim if isinstance(channel_dim, int) else image.shape[2])
-    if image.shape[2] != channels:
-        if channels == 1:
-            image = image[..., :3].mean(axis=2, keepdims=True)
-        elif image.shape[2] == 1:
-            image = np.repeat(image, channels, axis=2)
-        else:
-            image = image[..., :channels]
-    hw = (spec.shape[2], spec.shape[3]) if layout == "NCHW" else (spec.shape[1], spec.shape[2])
-    size = prep.size or (hw if all(isinstance(d, int) for d in hw) else image.shape[:2])
-    image = _resize_bilinear(image.astype(np.float32), size)
-    image = image * prep.scale
-    image = (image - np.asarray(prep.mean, np.float32)) / np.asarray(prep.std, np.float32)
-    if layout == "NCHW":
-        image = image.transpose(2, 0, 1)
-    return image[None].astype(np.dtype(spec.dtype))
-
-
-def _resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize with half-pixel centers (what Pillow and OpenCV do for upscaling)."""
-    height, width = image.shape[:2]
-    out_h, out_w = size
-    if (height, width) == (out_h, out_w):
-        return image
-    ys = np.clip((np.arange(out_h) + 0.5) * height / out_h - 0.5, 0, height - 1)
-    xs = np.clip((np.arange(out_w) + 0.5) * width / out_w - 0.5, 0, width - 1)
-    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
-    y1, x1 = np.minimum(y0 + 1, height - 1), np.minimum(x0 + 1, width - 1)
-    wy, wx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
-    top = image[y0][:, x0] * (1 - wx) + image[y0][:, x1] * wx
-    bottom = image[y1][:, x0] * (1 - wx) + image[y1][:, x1] * wx
-    return top * (1 - wy) + bottom * wy
-
-
-def _read_image(file: Path) -> np.ndarray:
-    """HWC uint8; PNG is decoded here so no imaging library is required."""
-    if file.suffix.lower() == ".png":
-        return _decode_png(file)
-    from PIL import Image
-
-    with Image.open(file) as image:
-        array = np.asarray(image.convert("RGB") if image.mode not in ("L", "RGB") else image)
-    return array if array.ndim == 3 else array[..., None]
-
-
-_PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}
-
-
-def _decode_png(file: Path) -> np.ndarray:
-    """Minimal PNG decoder: 8-bit gray/RGB/gray-alpha/RGBA, non-interlaced (what image datasets use)."""
-    data = file.read_bytes()
-    if data[:8] != b"\x89PNG\r\n\x1a\n":
-        raise CalibrationDataError(f"{file} is not a PNG file")
-    position, chunks, header = 8, [], None
-    while position < len(data):
-        (length,) = struct.unpack(">I", data[position : position + 4])
-        kind = data[position + 4 : position + 8]
-        body = data[position + 8 : position + 8 + length]
-        if kind == b"IHDR":
-            header = struct.unpack(">IIBBBBB", body)
-        elif kind == b"IDAT":
-            chunks.append(body)
-        position += 12 + length
-    if header is None:
-        raise CalibrationDataError(f"{file} has no PNG header")
-    width, height, depth, color, _, _, interlace = header
-    if depth != 8 or color not in _PNG_CHANNELS or interlace:
+    channels = prep.channels or (channel_dim if isinstance(channel_dim, int) else None)
+    if channels is not None and channels not in _MODES:
         raise CalibrationDataError(
-            f"{file}: only 8-bit non-interlaced gray/RGB(A) PNG is decoded without Pillow",
-            hint="install Pillow to read this image",
+            f"input '{spec.name}' expects {_expected(spec)}: {channels} channels, but images have 1 (gray), 3 (RGB) or 4 (RGBA) ({file})",
+            hint="feed this model .npy samples instead of images",
         )
-    channels = _PNG_CHANNELS[color]
-    stride = width * channels
-    raw = np.frombuffer(zlib.decompress(b"".join(chunks)), dtype=np.uint8).reshape(height, stride + 1)
-    image = np.zeros((height, stride), dtype=np.int32)
-    previous = np.zeros(stride, dtype=np.int32)
-    for row in range(height):
-        kind, line = raw[row, 0], raw[row, 1:].astype(np.int32)
-        if kind == 0:
-            current = line
-        elif kind == 2:
-            current = (line + previous) & 0xFF
-        else:
-            current = np.zeros(stride, dtype=np.int32)
-            for i in range(stride):
-                left = current[i - channels] if i >= channels else 0
-                up = previous[i]
-                upper_left = previous[i - channels] if i >= channels else 0
-                if kind == 1:
-                    predictor = left
-                elif kind == 3:
-                    predictor = (left + up) >> 1
-                else:
-                    p = left + up - upper_left
-                    pa, pb, pc = abs(p - left), abs(p - up), abs(p - upper_left)
-                    predictor = left if pa <= pb and pa <= pc else (up if pb <= pc else upper_left)
-                current[i] = (line[i] + predictor) & 0xFF
-        image[row] = current
-        previous = current
-    return image.reshape(height, width, channels).astype(np.uint8)
+    hw = (spec.shape[2], spec.shape[3]) if layout == "NCHW" else (spec.shape[1], spec.shape[2])
+    with _opened_image(file) as image:
+        mode = _MODES[channels] if channels is not None else ("L" if image.mode in ("1", "L", "I", "I;16", "F") else "RGB")
+        converted = image.convert(mode)
+        height, width = prep.size or (hw if all(isinstance(d, int) for d in hw) else (converted.height, converted.width))
+        if (converted.height, converted.width) != (height, width):
+            converted = converted.resize((width, height), Image.Resampling.BILINEAR)
+        pixels = np.asarray(converted, dtype=np.float32)
+    pixels = pixels[..., None] if pixels.ndim == 2 else pixels
+    pixels = (pixels * prep.scale - np.asarray(prep.mean, np.float32)) / np.asarray(prep.std, np.float32)
+    if layout == "NCHW":
+        pixels = pixels.transpose(2, 0, 1)
+    return pixels[None].astype(np.dtype(spec.dtype))

@@ -40,11 +40,41 @@ def _png(path: Path, pixels: np.ndarray) -> None:
         rows.append(b"\x04" + filtered.astype(np.uint8).tobytes())
         previous = row
 
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b""))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(b"".join(rows))) + _chunk(b"IEND", b""))
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def write_bomb_png(path: Path, side: int = 10_000) -> Path:
+    """A valid 8-bit gray PNG of side x side zero pixels (100 MP: 100 MB decoded) in a ~100 KB file.
+
+    Written row block by row block with zlib, so making it costs little memory. 100 MP is inside the
+    range where Pillow only warns (its limit is ~89 MP, it refuses above twice that).
+    """
+    compressor = zlib.compressobj(9)
+    row = bytes(side + 1)  # filter byte 0 + a row of zeros
+    blocks = [500] * (side // 500) + [side % 500]
+    data = b"".join(compressor.compress(row * rows) for rows in blocks) + compressor.flush()
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", data) + _chunk(b"IEND", b""))
+    return path
+
+
+def write_lying_npz(path: Path, name: str, data: np.ndarray, claimed_samples: int) -> Path:
+    """An .npz whose member's .npy header declares `claimed_samples` rows but holds only `data`."""
+    import io
+    import zipfile
+
+    member = io.BytesIO()
+    header = {"descr": np.lib.format.dtype_to_descr(data.dtype), "fortran_order": False, "shape": (claimed_samples, *data.shape[1:])}
+    np.lib.format.write_array_header_1_0(member, header)
+    member.write(np.ascontiguousarray(data).tobytes())
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(f"{name}.npy", member.getvalue())
+    return path
 
 
 def test_npz_named_by_input_streams_batch_one_samples_with_labels(tmp_path: Path) -> None:
@@ -201,3 +231,122 @@ def test_empty_data_and_empty_generator() -> None:
 def test_generator_sample_of_the_wrong_shape_is_caught_while_spooling() -> None:
     with pytest.raises(CalibrationDataError, match=r"'image'.*\(1, 3, 2, 2\)"):
         open_dataset(iter([{"image": np.zeros((1, 3, 2, 2), np.float32)}]), [IMAGE])
+
+
+# -- images are decoded by Pillow: every format users have, and a damaged or huge file is an error --
+
+
+def test_jpeg_bmp_and_webp_images_are_read(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for suffix in ("jpg", "bmp", "webp"):
+        Image.new("RGB", (8, 8), (200, 100, 50)).save(tmp_path / f"x.{suffix}", quality=95)
+    samples = list(open_dataset(tmp_path, [IMAGE]))
+    assert len(samples) == 3
+    for sample in samples:
+        assert sample["image"].shape == (1, 3, 4, 4)
+        np.testing.assert_allclose(sample["image"][0, :, 0, 0], np.array([200, 100, 50]) / 255.0, atol=3 / 255.0)
+
+
+def test_a_gray_model_gets_luma_and_an_rgb_model_gets_gray_replicated(tmp_path: Path) -> None:
+    from PIL import Image
+
+    (tmp_path / "rgb").mkdir()
+    (tmp_path / "gray").mkdir()
+    Image.new("RGB", (4, 4), (255, 0, 0)).save(tmp_path / "rgb" / "red.png")
+    Image.new("L", (4, 4), 80).save(tmp_path / "gray" / "g.png")
+    gray = next(iter(open_dataset(tmp_path / "rgb", [TensorSpec("image", (1, 1, 4, 4), "float32")])))["image"]
+    np.testing.assert_allclose(gray, round(255 * 0.299) / 255.0, atol=1e-6)  # ITU-R 601 luma, as Pillow and torchvision
+    nhwc = TensorSpec("image", (1, 4, 4, 3), "float32")
+    rgb = next(iter(open_dataset(tmp_path / "gray", [nhwc], preprocessing=ImagePreprocessing(layout="NHWC"))))["image"]
+    assert rgb.shape == (1, 4, 4, 3)
+    np.testing.assert_allclose(rgb, 80 / 255.0, atol=1e-6)
+
+
+def test_corrupt_images_name_the_file(tmp_path: Path) -> None:
+    good = tmp_path / "good.png"
+    _png(good, np.zeros((4, 4, 3), np.uint8))
+    (tmp_path / "junk.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a PNG")
+    with pytest.raises(CalibrationDataError, match="cannot decode image .*junk.png"):
+        open_dataset(tmp_path, [IMAGE])  # refused when opening, before any work
+    (tmp_path / "junk.png").unlink()
+    data = good.read_bytes()
+    (tmp_path / "truncated.png").write_bytes(data[: len(data) - 30])
+    dataset = open_dataset(tmp_path, [IMAGE])  # the header is fine; the pixel data is cut
+    with pytest.raises(CalibrationDataError, match="cannot decode image .*truncated.png"):
+        list(dataset)
+
+
+@pytest.mark.parametrize("side", [8_200, 10_000], ids=["67MP-over-edgeopt-limit", "100MP-where-pillow-only-warns"])
+def test_a_decompression_bomb_is_refused_from_its_header(tmp_path: Path, side: int) -> None:
+    bomb = write_bomb_png(tmp_path / "bomb.png", side)
+    assert bomb.stat().st_size < 1_000_000
+    with pytest.raises(CalibrationDataError, match=r"bomb.png has more than 64,000,000 pixels .*decompression bomb"):
+        open_dataset(tmp_path, [IMAGE])
+
+
+# -- labels are class indices; arrays are named after the inputs; headers match the data ---------------
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (np.array(["cat", "dog", "cat"]), "dtype <U3; expected integer class indices"),
+        (np.array([0.0, np.nan, 1.0]), r"1 value\(s\) that are not class indices \(label 1 is nan\)"),
+        (np.array([0, -1, 1]), r"label 1 is -1"),
+        (np.array([0.0, 1.5, 1.0]), r"label 1 is 1.5"),
+    ],
+    ids=["strings", "nan", "negative", "fractional"],
+)
+def test_labels_that_are_not_class_indices_are_refused(tmp_path: Path, labels: np.ndarray, message: str) -> None:
+    np.savez(tmp_path / "eval.npz", image=_samples(3), labels=labels)
+    with pytest.raises(CalibrationDataError, match=message):
+        open_dataset(tmp_path / "eval.npz", [IMAGE])
+
+
+def test_whole_float_labels_become_integers(tmp_path: Path) -> None:
+    np.savez(tmp_path / "eval.npz", image=_samples(3), labels=np.array([2.0, 0.0, 1.0]))
+    labels = open_dataset(tmp_path / "eval.npz", [IMAGE]).labels
+    assert labels.dtype == np.int64 and labels.tolist() == [2, 0, 1]
+
+
+def test_object_labels_are_refused_without_unpickling(tmp_path: Path) -> None:
+    np.savez(tmp_path / "eval.npz", image=_samples(2), labels=np.array([{"a": 1}, {"b": 2}], dtype=object))
+    with pytest.raises(CalibrationDataError, match=r"eval.npz:labels.npy holds Python objects"):
+        open_dataset(tmp_path / "eval.npz", [IMAGE])
+
+
+def test_arrays_that_feed_no_input_are_refused_with_both_lists(tmp_path: Path) -> None:
+    np.savez(tmp_path / "extra.npz", image=_samples(2), mask=_samples(2), other=_samples(2))
+    with pytest.raises(CalibrationDataError, match=r"array\(s\) 'mask', 'other' that are not inputs of the model \(its inputs: 'image'\)"):
+        open_dataset(tmp_path / "extra.npz", [IMAGE])
+
+
+def test_a_wrongly_named_single_array_is_not_used_silently(tmp_path: Path) -> None:
+    np.savez(tmp_path / "named.npz", pixels=_samples(2))
+    with pytest.raises(CalibrationDataError, match=r"'pixels' that are not inputs of the model \(its inputs: 'image'\)"):
+        open_dataset(tmp_path / "named.npz", [IMAGE])
+    with pytest.raises(CalibrationDataError, match="'pixels'"):
+        open_dataset({"pixels": _samples(2)}, [IMAGE])
+
+
+def test_a_generator_sample_with_extra_keys_is_refused() -> None:
+    with pytest.raises(CalibrationDataError, match=r"sample 0 .* has 'label', which the model does not take"):
+        open_dataset(iter([{"image": _samples(1), "label": np.array([3])}]), [IMAGE])
+
+
+def test_an_npz_header_that_claims_more_data_than_it_holds(tmp_path: Path) -> None:
+    path = write_lying_npz(tmp_path / "lying.npz", "image", _samples(2), claimed_samples=1_000_000)
+    with pytest.raises(CalibrationDataError, match=r"lying.npz:image.npy declares shape \(1000000, 3, 4, 4\) float32 .* but holds 384 bytes"):
+        open_dataset(path, [IMAGE])
+
+
+def test_a_damaged_npz_stream_is_an_error_while_reading(tmp_path: Path) -> None:
+    path = tmp_path / "calib.npz"
+    np.savez(path, image=_samples(2000))  # stored, not compressed: zero some bytes of the data
+    raw = bytearray(path.read_bytes())
+    raw[20_000:20_060] = bytes(60)
+    path.write_bytes(bytes(raw))
+    dataset = open_dataset(path, [IMAGE])  # the header is intact
+    with pytest.raises(CalibrationDataError, match=r"cannot read .*calib.npz:image.npy: Bad CRC-32"):
+        list(dataset)
