@@ -120,6 +120,20 @@ class _CpuRunner:
         return {port.get_any_name(): np.asarray(results[port]) for port in self._compiled.outputs}
 
 
+def _refuse_passthrough_outputs(model: onnx.ModelProto, target: Target) -> None:
+    """An output that is a graph input unchanged (a model with no nodes, say) cannot keep its name in
+    OpenVINO IR: the frontend renames it and adds a second input, so the bundle could not be run."""
+    inputs = {value.name for value in model.graph.input}
+    passed = [value.name for value in model.graph.output if value.name in inputs]
+    if passed:
+        what = "the model has no nodes: " if not model.graph.node else ""
+        raise LoweringError(
+            f"{what}output(s) {', '.join(repr(n) for n in passed)} of '{model.graph.name}' are graph inputs passed through "
+            f"unchanged, which {target.name} (OpenVINO IR) cannot express",
+            hint="remove those outputs from the model (their value is the input itself), or choose another --target",
+        )
+
+
 def _is_qdq(model: onnx.ModelProto) -> bool:
     return any(node.op_type in _QDQ_OPS for node in model.graph.node)
 
@@ -286,6 +300,7 @@ def lower(
             hint="quantize first (edgeopt build --precision int8 --calibration data.npz), "
             "or pass a QAT model exported with Q/DQ nodes",
         )
+    _refuse_passthrough_outputs(model, target)
     ov = _import_openvino()
     device = _device_options(target, options)
     compress_to_fp16 = precision == "fp16" or (precision == "int8" and device["compress_to_fp16"])
