@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -174,3 +177,147 @@ def test_a_changed_cached_extraction_is_unpacked_afresh(tmp_path: Path) -> None:
     with load(archive) as model:
         assert model.predict(np.zeros((1, 4), np.float32))["y"].shape == (1, 3)
     assert (extracted / "model.onnx").read_bytes() != b"changed on the device"
+
+
+# -- paths stay inside the bundle -------------------------------------------------------------
+
+
+def _rewrite_manifest(bundle: Path, edit) -> None:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    edit(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _set_model(path: str):
+    def edit(manifest: dict) -> None:
+        manifest["runtime"]["model"] = path
+    return edit
+
+
+def _list_artifact(bundle: Path, relative: str):
+    def edit(manifest: dict) -> None:
+        manifest["artifacts"].append({"path": relative, "format": "onnx", "sha256": sha256_path(bundle / relative), "role": "model"})
+    return edit
+
+
+@pytest.mark.parametrize(
+    "case, prepare, message",
+    [
+        ("runtime.model absolute", lambda b: _rewrite_manifest(b, _set_model("/etc/passwd")), r"runtime\.model path '/etc/passwd' leaves the bundle"),
+        ("runtime.model up and out", lambda b: _rewrite_manifest(b, _set_model("../../etc/passwd")), r"runtime\.model path '\.\./\.\./etc/passwd' leaves the bundle"),
+        (
+            "runtime.model a link to /etc/passwd, not listed",
+            lambda b: ((b / "evil.onnx").symlink_to("/etc/passwd"), _rewrite_manifest(b, _set_model("evil.onnx"))),
+            r"runtime\.model path 'evil\.onnx' leaves the bundle \(it resolves to /etc/passwd\)",
+        ),
+        (
+            "artifact a link to /etc/passwd, listed with its sha256",
+            lambda b: ((b / "evil.onnx").symlink_to("/etc/passwd"), _rewrite_manifest(b, _list_artifact(b, "evil.onnx"))),
+            r"artifact path 'evil\.onnx' leaves the bundle \(it resolves to /etc/passwd\)",
+        ),
+        (
+            "artifact folder holding a link to /etc",
+            lambda b: ((b / "model.mlpackage").mkdir(), (b / "model.mlpackage" / "Data").symlink_to("/etc"),
+                       _rewrite_manifest(b, _list_artifact(b, "model.mlpackage"))),
+            r"artifact path 'model\.mlpackage/Data' leaves the bundle \(it resolves to /etc\)",
+        ),
+        (
+            "bundle folder itself reached through a link",
+            lambda b: ((b / "inner").symlink_to(".."), _rewrite_manifest(b, _set_model("inner/b/model.onnx"))),
+            None,  # resolves back inside: allowed
+        ),
+    ],
+)
+def test_a_manifest_path_that_resolves_outside_the_bundle_is_refused(case: str, prepare, message: str | None, tmp_path: Path) -> None:
+    bundle = float_bundle(tmp_path / "b")
+    prepare(bundle)
+    if message is None:
+        assert open_bundle(bundle).model_path.resolve() == (bundle / "model.onnx").resolve()
+        return
+    with pytest.raises(BundleError, match=message) as caught:
+        load(bundle)
+    assert caught.value.exit_code == 2
+
+
+@pytest.mark.parametrize("key", ["inputs", "outputs"])
+def test_reference_files_outside_the_bundle_are_refused(key: str, tmp_path: Path) -> None:
+    from edgeopt.runtime import verify
+
+    bundle = float_bundle(tmp_path / "b")
+    outside = tmp_path / "outside.npz"
+    np.savez(outside, x=np.zeros((3, 1, 4), np.float32), y=np.zeros((3, 1, 3), np.float32))
+    (bundle / "reference" / "elsewhere.npz").symlink_to(outside)
+    _rewrite_manifest(bundle, lambda m: m["reference"].__setitem__(key, "reference/elsewhere.npz"))
+    with pytest.raises(BundleError, match=rf"reference\.{key} path 'reference/elsewhere\.npz' leaves the bundle"):
+        verify(bundle)
+
+    _rewrite_manifest(bundle, lambda m: m["reference"].__setitem__(key, "../outside.npz"))
+    with pytest.raises(BundleError, match=rf"reference\.{key} path '\.\./outside\.npz' leaves the bundle"):
+        verify(bundle)
+
+
+# -- manifests with wrong types -----------------------------------------------------------------
+
+
+def _setter(*keys_and_value):
+    *keys, value = keys_and_value
+
+    def edit(manifest: dict) -> None:
+        node = manifest
+        for key in keys[:-1]:
+            node = node[key]
+        node[keys[-1]] = value
+    return edit
+
+
+MALFORMED = {
+    "inputs holds a number": (_setter("inputs", [1]), r"inputs\[0\] must be an object, found 1 \(int\)"),
+    "inputs is an object": (_setter("inputs", {"x": 1}), r"inputs must be a list"),
+    "artifact path a number": (_setter("artifacts", [{"path": 5, "sha256": "0"}]), r"artifacts\[0\]\.path must be a non-empty string"),
+    "runtime.model a number": (_setter("runtime", "model", 7), r"runtime\.model must be a non-empty string"),
+    "runtime missing": (lambda m: m.pop("runtime"), r"runtime must be an object, found missing"),
+    "runtime.backend a list": (_setter("runtime", "backend", ["onnxruntime"]), r"runtime\.backend must be a non-empty string"),
+    "runtime.threads a string": (_setter("runtime", "threads", "4"), r"runtime\.threads must be a whole number"),
+    "runtime.options a list": (_setter("runtime", "options", [1]), r"runtime\.options must be an object"),
+    "artifact bytes a string": (lambda m: m["artifacts"][0].__setitem__("bytes", "12"), r"artifacts\[0\]\.bytes must be a whole number"),
+    "input shape a string": (lambda m: m["inputs"][0].__setitem__("shape", "1x4"), r"inputs\[0\]\.shape must be a list"),
+    "input shape holds a float": (lambda m: m["inputs"][0].__setitem__("shape", [1, 4.5]), r"inputs\[0\]\.shape must be a list"),
+    "input name a number": (lambda m: m["inputs"][0].__setitem__("name", 3), r"inputs\[0\]\.name must be a non-empty string"),
+    "output dtype unknown": (lambda m: m["outputs"][0].__setitem__("dtype", "float99"), r"outputs\[0\]\.dtype must be a numpy dtype name"),
+    "quantization scale a string": (
+        lambda m: m["inputs"][0].__setitem__("quantization", {"scale": "0.1", "zero_point": 0}),
+        r"inputs\[0\]\.quantization\.scale must be a number or a list of numbers",
+    ),
+    "reference a list": (_setter("reference", [1]), r"reference must be an object"),
+    "reference inputs a number": (_setter("reference", "inputs", 1), r"reference\.inputs must be a non-empty string"),
+    "tolerance atol a string": (_setter("reference", "tolerance", "atol", "1e-5"), r"reference\.tolerance\.atol must be a number"),
+    "target.isa unknown": (_setter("target", {"isa": "z80"}), r"target\.isa must be one of"),
+    "lowering a string": (_setter("lowering", "tensorrt"), r"lowering must be an object"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_manifest_with_a_wrong_type_is_exit_2_naming_the_key(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from click.testing import CliRunner
+
+    from edgeopt.cli import cli
+    from edgeopt.runtime.__main__ import main as runtime_main
+
+    edit, message = MALFORMED[case]
+    bundle = float_bundle(tmp_path / "b")
+    _rewrite_manifest(bundle, edit)
+
+    assert runtime_main(["info", str(bundle)]) == 2
+    runtime_stderr = capsys.readouterr().err
+    assert re.search(message, runtime_stderr), runtime_stderr
+    result = CliRunner().invoke(cli, ["verify", str(bundle)])
+    assert result.exit_code == 2, result.output
+    assert re.search(message, result.output) and "Traceback" not in result.output, result.output
+
+
+def test_a_malformed_manifest_through_the_runtime_cli_process_exits_2_without_traceback(tmp_path: Path) -> None:
+    bundle = float_bundle(tmp_path / "b")
+    _rewrite_manifest(bundle, _setter("inputs", [1]))
+    done = subprocess.run([sys.executable, "-m", "edgeopt.runtime", "info", str(bundle)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "inputs[0] must be an object" in done.stderr and "Traceback" not in done.stderr
