@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,11 +21,30 @@ Exit codes:
   0  success
   1  unexpected error (a bug: please report it with the traceback)
   2  bad usage or input (missing/corrupt model, unknown target, bad data,
-     unsupported ops, existing output, unreachable host, missing backend)
-  3  lowering parity missed (a bug), quality budget missed, or a broken
-     int8 result (non-finite, or cosine with fp32 below 0.5)"""
+     unsupported ops, existing output, unreachable host, missing backend,
+     damaged bundle or checksum mismatch, unsafe archive)
+  3  lowering parity missed (a bug), quality budget missed, parity missed
+     on a device, a broken int8 result (non-finite, or cosine with fp32
+     below 0.5), or a backend rejecting an artifact edgeopt wrote"""
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _FiniteFloat(click.FloatRange):
+    """click's FloatRange, which also refuses nan and inf (FloatRange lets both through)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+#: Option types for counts, ports and durations: a value outside is a usage error (exit 2).
+_COUNT = click.IntRange(min=1)
+_NON_NEGATIVE_COUNT = click.IntRange(min=0)
+_PORT = click.IntRange(1, 65535)
+_SECONDS = _FiniteFloat(min=0, min_open=True)
 
 
 def _echo_json(data: Any) -> None:
@@ -137,7 +157,7 @@ def _parse_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]] | None:
 @click.option("--calibration", type=click.Path(path_type=Path), help="Calibration data for int8: .npz/.npy or an image folder.")
 @click.option("--calibration-method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="minmax", show_default=True)
 @click.option("--eval", "evaluation", type=click.Path(path_type=Path), help="Evaluation data (.npz with optional 'labels') to measure quality.")
-@click.option("--max-accuracy-drop", type=float, help="Quality budget in accuracy points; sensitive layers stay in float to meet it.")
+@click.option("--max-accuracy-drop", type=_FiniteFloat(min=0), help="Quality budget in accuracy points; sensitive layers stay in float to meet it.")
 @click.option("--io-layout", type=click.Choice(["nchw", "nhwc"]), help="Input/output layout of NHWC formats (TFLite).")
 @click.option("--input-shape", "input_shapes", multiple=True, help="Fix a dynamic input: NAME=D0,D1,... (repeatable).")
 @click.option(
@@ -210,10 +230,10 @@ def verify(bundle: Path, backend: str | None, as_json: bool) -> None:
 @cli.command(epilog=EXIT_CODES)
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--backend", help="Backend to run on [default: the bundle's, or the file type's].")
-@click.option("--warmup", type=int, default=10, show_default=True)
-@click.option("--runs", type=int, default=100, show_default=True)
-@click.option("--duration", type=float, help="Run for this many seconds instead of --runs.")
-@click.option("--threads", type=int, help="Intra-op threads [default: the bundle's].")
+@click.option("--warmup", type=_NON_NEGATIVE_COUNT, default=10, show_default=True)
+@click.option("--runs", type=_COUNT, default=100, show_default=True)
+@click.option("--duration", type=_SECONDS, help="Run for this many seconds instead of --runs.")
+@click.option("--threads", type=_COUNT, help="Intra-op threads [default: the bundle's].")
 @click.option("--json", "as_json", is_flag=True)
 @_expected_errors
 def bench(bundle: Path, backend: str | None, warmup: int, runs: int, duration: float | None, threads: int | None, as_json: bool) -> None:
@@ -247,19 +267,19 @@ def predict(bundle: Path, input_path: Path, output: Path | None, backend: str | 
 @cli.command(epilog=EXIT_CODES)
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--host", "hosts", multiple=True, required=True, help="[user@]host of the device (repeatable: hosts run concurrently).")
-@click.option("--port", type=int, help="SSH port.")
+@click.option("--port", type=_PORT, help="SSH port.")
 @click.option("--identity", "-i", type=click.Path(path_type=Path), help="SSH private key.")
 @click.option("--jump", "-J", help="ProxyJump host.")
 @click.option("--ssh-config", "-F", type=click.Path(path_type=Path), help="ssh_config file to use instead of ~/.ssh/config.")
 @click.option("--python", "python", default="python3", show_default=True, help="Python interpreter on the device.")
-@click.option("--runs", type=int, default=100, show_default=True)
-@click.option("--warmup", type=int, default=10, show_default=True)
-@click.option("--threads", type=int, help="Intra-op threads on the device [default: the bundle's].")
+@click.option("--runs", type=_COUNT, default=100, show_default=True)
+@click.option("--warmup", type=_NON_NEGATIVE_COUNT, default=10, show_default=True)
+@click.option("--threads", type=_COUNT, help="Intra-op threads on the device [default: the bundle's].")
 @click.option("--keep", is_flag=True, help="Keep the pushed runtime and bundle in the device's cache for the next run.")
 @click.option("--accept-new-host-key", is_flag=True, help="Accept an unknown host key (StrictHostKeyChecking=accept-new).")
-@click.option("--connect-timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for the SSH connection.")
-@click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds allowed for each remote command.")
-@click.option("--max-parallel", type=int, default=4, show_default=True, help="Hosts profiled at the same time.")
+@click.option("--connect-timeout", type=_SECONDS, default=10.0, show_default=True, help="Seconds to wait for the SSH connection.")
+@click.option("--timeout", type=_SECONDS, default=600.0, show_default=True, help="Seconds allowed for each remote command.")
+@click.option("--max-parallel", type=_COUNT, default=4, show_default=True, help="Hosts profiled at the same time.")
 @click.option("--json", "as_json", is_flag=True)
 @_expected_errors
 def profile(

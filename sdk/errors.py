@@ -26,6 +26,7 @@ __all__ = [
     "InputSpecError",
     "LoweringError",
     "ModelLoadError",
+    "OptionError",
     "OutputError",
     "QualityBudgetError",
     "RemoteError",
@@ -33,6 +34,10 @@ __all__ = [
     "UnsupportedOpsError",
     "VerificationError",
 ]
+
+
+class OptionError(EdgeoptError):
+    """An option of a command or API call is out of its range (runs below 1, a port above 65535, a NaN budget)."""
 
 
 class OutputError(EdgeoptError):

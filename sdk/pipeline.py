@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from edgeopt.converters.analysis import io_specs, is_qdq, load_model, model_opse
 from edgeopt.converters.errors import QualityBudgetError, UnsupportedOpsError
 from edgeopt.converters.lower import LoweringOptions, LoweringResult, lower
 from edgeopt.converters.passes import simplify
-from edgeopt.errors import EdgeoptError, VerificationError
+from edgeopt.errors import EdgeoptError, OptionError, VerificationError
 from edgeopt.runtime.bundle import sha256_path
 from edgeopt.runtime.isa import IsaClass, isa_mismatch
 from edgeopt.runtime.spec import TensorSpec
@@ -250,6 +251,11 @@ def build(
             raise EdgeoptError(
                 f"int8 for {profile.name} needs calibration data",
                 hint="pass --calibration data.npz (a few hundred representative inputs), or a model with QAT Q/DQ",
+            )
+        if max_accuracy_drop is not None and not (math.isfinite(max_accuracy_drop) and max_accuracy_drop >= 0):
+            raise OptionError(
+                f"--max-accuracy-drop must be a finite number of accuracy points >= 0, got {max_accuracy_drop}",
+                hint="e.g. --max-accuracy-drop 1 allows one accuracy point below fp32",
             )
         if max_accuracy_drop is not None and evaluation is None:
             raise EdgeoptError("--max-accuracy-drop needs evaluation data to measure against", hint="pass --eval data.npz")

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeopt.errors import BundleError, RemoteError
+from edgeopt.errors import BundleError, OptionError, RemoteError
 from edgeopt.remote_facts import bench_figures, device_facts, parity_summary, temperature_summary
 from edgeopt.remote_payload import (
     CLEANUP_SCRIPT,
@@ -151,17 +151,19 @@ class ProfileOptions:
 
     def __post_init__(self) -> None:
         if self.runs < 1 or self.warmup < 0:
-            raise ValueError(f"runs must be >= 1 and warmup >= 0, got runs={self.runs} warmup={self.warmup}")
+            raise OptionError(f"runs must be >= 1 and warmup >= 0, got runs={self.runs} warmup={self.warmup}")
         if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+            raise OptionError(f"threads must be >= 1, got {self.threads}")
         if self.max_parallel < 1:
-            raise ValueError(f"max_parallel must be >= 1, got {self.max_parallel}")
-        if self.connect_timeout <= 0 or self.command_timeout <= 0:
-            raise ValueError("connect_timeout and command_timeout must be positive")
+            raise OptionError(f"max_parallel must be >= 1, got {self.max_parallel}")
+        if not (0 < self.connect_timeout < math.inf and 0 < self.command_timeout < math.inf):
+            raise OptionError(
+                f"connect_timeout and command_timeout must be positive seconds, got {self.connect_timeout} and {self.command_timeout}"
+            )
         if self.port is not None and not 0 < self.port < 65536:
-            raise ValueError(f"port must be in 1..65535, got {self.port}")
+            raise OptionError(f"port must be in 1..65535, got {self.port}")
         if not self.python.strip():
-            raise ValueError("python must name the device's interpreter, e.g. python3")
+            raise OptionError("python must name the device's interpreter, e.g. python3")
 
 
 # ----------------------------------------------------------------------------------------- result
