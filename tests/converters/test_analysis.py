@@ -3,6 +3,7 @@ target cannot run, and where int8 will hurt."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -411,3 +412,41 @@ def test_qdq_model_gets_structural_advice_only():
 def test_mobilenet_style_model_gets_hardswish_advice_for_tensorrt():
     advice = quantization_advice(zoo.mobilenet_v2_style(), get_target("jetson-orin"))
     assert any(a.rule == "swish-before-int8" for a in advice)
+
+
+def _model_with_external_weight(folder: Path, location: str) -> Path:
+    """A one-Gemm model whose weight W says its bytes live at `location` (external data)."""
+    weight = numpy_helper.from_array(np.ones((4, 3), np.float32), "W")
+    weight.ClearField("raw_data")
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", "48")):
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "external",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+        [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+@pytest.mark.parametrize(
+    "location, link",
+    [("../../etc/passwd", None), ("/etc/passwd", None), ("weights.bin", "/etc/passwd")],
+    ids=["dotdot", "absolute", "link-inside-the-folder"],
+)
+def test_external_data_outside_the_model_folder_is_refused(location: str, link: str | None, tmp_path: Path):
+    folder = tmp_path / "models" / "deep"
+    path = _model_with_external_weight(folder, location)
+    if link is not None:
+        (folder / location).symlink_to(link)
+    with pytest.raises(ModelLoadError, match=rf"initializer 'W' points outside the model's folder \({re.escape(location)}\)") as info:
+        load_model(path)
+    assert info.value.exit_code == 2
