@@ -86,12 +86,13 @@ def _scan(tar: tarfile.TarFile, archive: str, max_bytes: int, max_members: int) 
     """Every member with its normalized path parts; refuses unsafe names and types and enforces the caps."""
     members: list[_Member] = []
     sizes: dict[tuple[str, ...], tuple[int, bool]] = {}
-    total = 0
+    total = count = 0
     while True:
         member = tar.next()
         if member is None:
             return members
-        if len(members) >= max_members:
+        count += 1
+        if count > max_members:
             raise BundleError(
                 f"{archive}: more than {max_members:,} members (the cap on archive entries)",
                 hint=_HINT + ", or raise max_members if this archive is yours",
