@@ -26,7 +26,10 @@ from edgeopt.runtime.verify import verify
 
 __all__ = ["main", "build_parser"]
 
-EPILOG = "exit codes: 0 ok, 1 unexpected error, 2 bad usage or input (incl. missing backend), 3 verification failed"
+EPILOG = (
+    "exit codes: 0 ok, 1 unexpected error, 2 bad usage or input (incl. missing backend, damaged bundle or checksum "
+    "mismatch, unsafe archive), 3 verification failed (outputs differ from the reference beyond its tolerance)"
+)
 
 
 def runtime_version() -> str | None:
