@@ -565,8 +565,11 @@ def _image_sample(file: Path, spec: TensorSpec, prep: ImagePreprocessing) -> np.
         )
     hw = (spec.shape[2], spec.shape[3]) if layout == "NCHW" else (spec.shape[1], spec.shape[2])
     with _opened_image(file) as image:
-        mode = _MODES[channels] if channels is not None else ("L" if image.mode in ("1", "L", "I", "I;16", "F") else "RGB")
-        converted = image.convert(mode)
+        if image.mode.startswith("I"):  # 16-bit gray: keep its precision, on the 8-bit scale prep.scale expects
+            image = Image.fromarray(np.asarray(image, dtype=np.float32) / 257.0)
+        gray = image.mode in ("1", "L", "F")
+        mode = _MODES[channels] if channels is not None else ("L" if gray else "RGB")
+        converted = image if mode == "L" and image.mode == "F" else image.convert(mode)
         height, width = prep.size or (hw if all(isinstance(d, int) for d in hw) else (converted.height, converted.width))
         if (converted.height, converted.width) != (height, width):
             converted = converted.resize((width, height), Image.Resampling.BILINEAR)

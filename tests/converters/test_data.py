@@ -350,3 +350,12 @@ def test_a_damaged_npz_stream_is_an_error_while_reading(tmp_path: Path) -> None:
     dataset = open_dataset(path, [IMAGE])  # the header is intact
     with pytest.raises(CalibrationDataError, match=r"cannot read .*calib.npz:image.npy: Bad CRC-32"):
         list(dataset)
+
+
+def test_a_16_bit_png_keeps_its_scale(tmp_path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(np.array([[0, 257 * 100], [257 * 200, 65535]], np.uint16)).save(tmp_path / "deep.png")
+    spec = TensorSpec("image", (1, 1, 2, 2), "float32")
+    sample = next(iter(open_dataset(tmp_path, [spec])))["image"]
+    np.testing.assert_allclose(sample.reshape(-1), np.array([0, 100, 200, 255]) / 255.0, atol=1e-6)
