@@ -8,7 +8,8 @@ importable on every Python the runtime supports, 3.10 and newer).
 The checks are sufficient on their own, so they hold on Pythons without `tarfile.data_filter`
 (3.11.2 on Debian 12 and Raspberry Pi OS) and against that filter's own known bypasses:
 
-- names: no absolute paths, drive letters, backslashes or '..'; no name twice;
+- names: no absolute paths, drive letters or '..' (a backslash counts as a separator on Windows);
+  no name twice;
 - types: folders, regular files, and links that stay inside; no devices, fifos or sparse files;
 - links: a member whose path goes through a symbolic link member is refused, as is a symbolic
   link whose target leaves the destination or goes through another link; a hard link must name
@@ -130,8 +131,10 @@ def _scan(tar: tarfile.TarFile, archive: str, max_bytes: int, max_members: int) 
 
 def _parts(name: str, member: tarfile.TarInfo, archive: str) -> tuple[str, ...]:
     """The path components of a member name (or hard link target), refusing any that could leave the destination."""
-    if "\x00" in name or "\\" in name:
-        raise BundleError(f"{archive}: member {member.name!r} has a NUL or backslash in {name!r}", hint=_HINT)
+    if "\x00" in name:
+        raise BundleError(f"{archive}: member {member.name!r} has a NUL in {name!r}", hint=_HINT)
+    if os.altsep == "/":  # Windows: a backslash separates folders there, so it splits the name too
+        name = name.replace("\\", "/")
     parts = tuple(part for part in name.split("/") if part not in ("", "."))
     if name.startswith("/"):
         raise BundleError(f"{archive}: member {member.name!r} has an absolute path {name!r}", hint=_HINT)
@@ -154,7 +157,9 @@ def _check_links(members: list[_Member], archive: str) -> None:
         if not member.issym():
             continue
         link = member.linkname
-        if not link or link.startswith(("/", "\\")) or "\x00" in link or (len(link) >= 2 and link[1] == ":"):
+        if os.altsep == "/":
+            link = link.replace("\\", "/")
+        if not link or link.startswith("/") or "\x00" in link or (len(link) >= 2 and link[1] == ":"):
             raise BundleError(f"{archive}: link {member.name!r} -> {link!r} points outside the bundle", hint=_HINT)
         path = list(parts[:-1])
         for part in link.split("/"):
