@@ -266,3 +266,17 @@ def test_the_python_api_refuses_what_the_cli_refuses_with_an_option_error(call: 
     """Scripts call the API directly: the same values are an EdgeoptError (exit 2), not a ValueError or a silent accept."""
     with pytest.raises(OptionError):
         call()
+
+
+def test_a_parity_miss_on_a_device_exits_3(tmp_path: Path, built_bundle: Callable[[], Path], sshd) -> None:
+    """The documented code for a device that fails the bundle's parity check, over the real test sshd."""
+    bundle = Workspace(tmp_path, built_bundle).bundle(_drift_reference)
+    args = [
+        "profile", bundle, "--host", sshd.host, "--port", str(sshd.port), "-i", str(sshd.client_key),
+        "-F", str(sshd.ssh_config), "--python", sys.executable, "--runs", "2", "--warmup", "0",
+    ]
+    result = CliRunner().invoke(cli, args, prog_name="edgeopt")
+    assert result.exit_code == 3, result.output
+    assert "Traceback" not in result.output
+    assert len([line for line in result.output.splitlines() if ERROR_LINE.match(line)]) == 1, result.output
+    assert "parity check failed on" in result.output
