@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.resources
 import json
+import math
 import platform
 import time
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ import numpy as np
 
 from edgeopt.runtime.bundle import SCHEMA_VERSION
 from edgeopt.runtime.device import device_facts, thermal_facts
+from edgeopt.runtime.errors import OptionError
 from edgeopt.runtime.memory import current_rss_bytes, peak_rss_bytes
 
 if TYPE_CHECKING:
@@ -129,6 +131,10 @@ def run_benchmark(
     inputs: Mapping[str, np.ndarray] | None = None,
 ) -> BenchmarkResult:
     """Time `runs` predict calls after `warmup` (or as many as fit in `duration` seconds)."""
+    if runs < 1 or warmup < 0:
+        raise OptionError(f"runs must be >= 1 and warmup >= 0, got runs={runs} warmup={warmup}", hint="e.g. --runs 100 --warmup 10")
+    if duration is not None and not 0 < duration < math.inf:
+        raise OptionError(f"duration must be a positive number of seconds, got {duration}")
     device = device_facts()
     if inputs is not None:
         feeds, source = dict(inputs), "given"
@@ -138,7 +144,7 @@ def run_benchmark(
     predict = model.predict
     if model.first_inference_seconds is None:
         predict(feeds)
-    for _ in range(max(warmup, 0)):
+    for _ in range(warmup):
         predict(feeds)
     clock = time.perf_counter_ns
     samples: list[int] = []
@@ -153,7 +159,7 @@ def run_benchmark(
             if after >= deadline:
                 break
     else:
-        for _ in range(max(runs, 1)):
+        for _ in range(runs):
             before = clock()
             predict(feeds)
             samples.append(clock() - before)
@@ -174,7 +180,7 @@ def run_benchmark(
         backend={"name": model.backend, "version": model.backend_version, "facts": backend_facts},
         threads=model.threads,
         inputs=[spec.to_dict() for spec in model.inputs],
-        warmup=max(warmup, 0),
+        warmup=warmup,
         runs=len(samples),
         duration_s=elapsed_s,
         load_ms=model.load_seconds * 1e3,

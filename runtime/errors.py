@@ -12,6 +12,7 @@ __all__ = [
     "BundleError",
     "BackendUnavailableError",
     "InputSpecError",
+    "OptionError",
     "VerificationError",
 ]
 
@@ -33,6 +34,10 @@ class BundleError(EdgeoptError):
 
 class BackendUnavailableError(EdgeoptError):
     """The library a backend needs is not installed here; the hint says how to install it."""
+
+
+class OptionError(EdgeoptError):
+    """An option of a command or API call is out of its range (runs below 1, a port above 65535, a NaN budget)."""
 
 
 class InputSpecError(EdgeoptError):

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
-import math
 from pathlib import Path
 from typing import Any
 
 from edgeopt.bundle import append_history
-from edgeopt.errors import OptionError
 
 __all__ = ["benchmark_here"]
 
@@ -24,11 +22,6 @@ def benchmark_here(
 ) -> Any:
     """Benchmark with `edgeopt.runtime` (the same code a device runs) and append to the manifest."""
     from edgeopt.runtime import load
-
-    if runs < 1 or warmup < 0 or (threads is not None and threads < 1):
-        raise OptionError(f"runs and threads must be >= 1 and warmup >= 0, got runs={runs} warmup={warmup} threads={threads}")
-    if duration is not None and not 0 < duration < math.inf:
-        raise OptionError(f"duration must be a positive number of seconds, got {duration}")
 
     path = Path(bundle)
     with load(path, backend=backend, threads=threads) as model:

@@ -14,6 +14,7 @@ from edgeopt.runtime.errors import (
     BundleError,
     EdgeoptError,
     InputSpecError,
+    OptionError,
     VerificationError,
 )
 from edgeopt.targets import UnknownTargetError
@@ -34,10 +35,6 @@ __all__ = [
     "UnsupportedOpsError",
     "VerificationError",
 ]
-
-
-class OptionError(EdgeoptError):
-    """An option of a command or API call is out of its range (runs below 1, a port above 65535, a NaN budget)."""
 
 
 class OutputError(EdgeoptError):

@@ -268,6 +268,16 @@ def test_the_python_api_refuses_what_the_cli_refuses_with_an_option_error(call: 
         call()
 
 
+@pytest.mark.parametrize("option", [["--runs", "-5"], ["--runs", "0"], ["--warmup", "-1"], ["--duration", "nan"]], ids=lambda o: " ".join(o))
+def test_the_device_runtime_refuses_what_edgeopt_bench_refuses(tmp_path: Path, built_bundle: Callable[[], Path], option: list[str]) -> None:
+    """`python -m edgeopt.runtime bench` on the device: the same values are exit 2 with one error line, not clamped."""
+    bundle = Workspace(tmp_path, built_bundle).bundle()
+    proc = subprocess.run([sys.executable, "-m", "edgeopt.runtime", "bench", bundle, *option], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error: ")] == [proc.stderr.splitlines()[0]], proc.stderr
+
+
 def test_a_parity_miss_on_a_device_exits_3(tmp_path: Path, built_bundle: Callable[[], Path], sshd) -> None:
     """The documented code for a device that fails the bundle's parity check, over the real test sshd."""
     bundle = Workspace(tmp_path, built_bundle).bundle(_drift_reference)
