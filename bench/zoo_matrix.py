@@ -312,7 +312,7 @@ def _run_bundle(case: ZooCase, bundle: Path, manifest: Mapping[str, Any], backen
 
 def _run_mlpackage(case: ZooCase, bundle: Path, manifest: Mapping[str, Any], samples: int) -> dict[str, Any]:
     """The .mlpackage on edgeopt's numpy MIL evaluator (the build's own check off macOS): task metric only."""
-    from edgeopt.converters.lower.coreml_reference import MilReferenceEvaluator
+    from edgeopt.runtime.backends.coreml_reference import MilReferenceEvaluator
 
     evaluator = MilReferenceEvaluator(bundle / manifest["runtime"]["model"])
     renamed = (manifest.get("lowering") or {}).get("feature_names") or {}

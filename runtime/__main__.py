@@ -93,7 +93,7 @@ def command_info(args: argparse.Namespace) -> tuple[dict[str, Any], str, int]:
 
 
 def command_bench(args: argparse.Namespace) -> tuple[dict[str, Any], str, int]:
-    with load(args.bundle, backend=args.backend, threads=args.threads, device=args.device) as model:
+    with load(args.bundle, backend=args.backend, threads=args.threads, device=args.device, allow_stand_in=True) as model:
         result = model.benchmark(warmup=args.warmup, runs=args.runs, duration=args.duration)
     return result.to_dict(), result.format_text(), 0
 

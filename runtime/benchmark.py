@@ -68,6 +68,7 @@ class BenchmarkResult:
         cpu = (self.device.get("cpu") or {}).get("model") or "unknown CPU"
         lines = [
             f"{self.model['name']} on {self.backend['name']} {self.backend.get('version') or ''}".rstrip()
+            + (f" (stand-in for {self.backend['stand_in_for']})" if self.backend.get("stand_in_for") else "")
             + f"  ({cpu}, threads {self.threads or 'default'})",
             f"  load            {self.load_ms:9.2f} ms   (bundle check {self.bundle_check_ms:.2f} ms)",
             f"  first inference {_ms(self.first_inference_ms)}",
@@ -177,7 +178,13 @@ def run_benchmark(
             "precision": (model.manifest or {}).get("precision"),
             "sha256": model.bundle.model_sha256 if model.bundle is not None else None,
         },
-        backend={"name": model.backend, "version": model.backend_version, "facts": backend_facts},
+        backend={
+            "name": model.backend,
+            "version": model.backend_version,
+            "facts": backend_facts,
+            "stand_in_for": model.stand_in.replaces if model.stand_in is not None else None,
+            "note": model.stand_in.note if model.stand_in is not None else None,
+        },
         threads=model.threads,
         inputs=[spec.to_dict() for spec in model.inputs],
         warmup=warmup,

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgeopt.runtime.backends import Backend, BackendConfig, backend_class, backend_for_file
+from edgeopt.runtime.backends import STAND_INS, Backend, BackendConfig, StandIn, backend_class, backend_for_file
 from edgeopt.runtime.bundle import Bundle, is_bundle, open_bundle
-from edgeopt.runtime.errors import BundleError, EdgeoptError, InputSpecError
+from edgeopt.runtime.errors import BackendUnavailableError, BundleError, EdgeoptError, InputSpecError
 from edgeopt.runtime.isa import isa_mismatch
 from edgeopt.runtime.memory import current_rss_bytes
 from edgeopt.runtime.spec import TensorSpec
@@ -39,12 +39,17 @@ def load(
     threads: int | None = None,
     device: str | None = None,
     options: Mapping[str, Any] | None = None,
+    *,
+    allow_stand_in: bool = False,
 ) -> "Model":
     """Load a bundle folder, a .tar.gz bundle, or a bare .onnx/.tflite/.xml/.mlpackage.
 
     The backend comes from the manifest's runtime.backend (bundles) or the file type; `backend`
     overrides it (e.g. "onnxruntime" to run a jetson-orin bundle's model.onnx on a host).
     `threads`, `device` and `options` override the manifest's runtime defaults.
+    With `allow_stand_in` (verify and bench), a device backend that cannot run here and was not
+    named is replaced by its stand-in (STAND_INS: Core ML -> coreml-reference, TensorRT ->
+    onnxruntime); a model on a stand-in, named or not, says so in `stand_in` and `warnings`.
     """
     source = Path(path)
     rss_before = current_rss_bytes()
@@ -72,16 +77,16 @@ def load(
         name = backend or backend_for_file(source)
         config = BackendConfig(threads=threads, device=device, options=options)
     checked = time.perf_counter()
-    runner = backend_class(name)(model_path, config)
+    intended = bundle.backend if bundle is not None else name if backend is None else _file_backend(source)
+    stand_in = STAND_INS.get(intended)
+    reason = None
     try:
-        runner.__enter__()
-    except EdgeoptError:
-        raise
-    except Exception as error:  # the library refused the artifact: say which file and which library
-        raise BundleError(
-            f"{model_path}: {name} could not load it ({type(error).__name__}: {' '.join(str(error).split())[:400]})",
-            hint="check that the file is a complete model for this backend, or rebuild the bundle",
-        ) from error
+        runner = _start(name, model_path, config)
+    except BackendUnavailableError as missing:
+        if backend is not None or not allow_stand_in or stand_in is None:
+            raise
+        runner = _start_stand_in(stand_in, missing, model_path, config)
+        reason = f"{name} cannot run here: {missing.message}"
     loaded = time.perf_counter()
     try:
         return Model(
@@ -92,10 +97,47 @@ def load(
             bundle_check_seconds=checked - started,
             rss_before_load=rss_before,
             rss_after_load=current_rss_bytes(),
+            stand_in=stand_in if stand_in is not None and runner.name == stand_in.backend else None,
+            stand_in_reason=reason,
         )
     except BaseException:
         runner.close()
         raise
+
+
+def _file_backend(source: Path) -> str | None:
+    """The backend a bare file's suffix names, or None when no backend claims it."""
+    try:
+        return backend_for_file(source)
+    except BundleError:
+        return None
+
+
+def _start(name: str, model_path: Path, config: BackendConfig) -> Backend:
+    """The backend `name`, activated on `model_path`; a library that refuses the artifact is a BundleError."""
+    runner = backend_class(name)(model_path, config)
+    try:
+        runner.__enter__()
+    except EdgeoptError:
+        raise
+    except Exception as error:  # the library refused the artifact: say which file and which library
+        raise BundleError(
+            f"{model_path}: {name} could not load it ({type(error).__name__}: {' '.join(str(error).split())[:400]})",
+            hint="check that the file is a complete model for this backend, or rebuild the bundle",
+        ) from error
+    return runner
+
+
+def _start_stand_in(stand_in: StandIn, missing: BackendUnavailableError, model_path: Path, config: BackendConfig) -> Backend:
+    """The stand-in backend; when it cannot run either, one error that names both."""
+    config.install_hint = None  # the manifest's install command is the device backend's
+    try:
+        return _start(stand_in.backend, model_path, config)
+    except BackendUnavailableError as also_missing:
+        raise BackendUnavailableError(
+            f"{missing.message}; its stand-in {stand_in.backend} cannot run either: {also_missing.message}",
+            hint=also_missing.hint or missing.hint,
+        ) from None
 
 
 class _Quantization:
@@ -242,8 +284,12 @@ class Model:
         bundle_check_seconds: float = 0.0,
         rss_before_load: int | None = None,
         rss_after_load: int | None = None,
+        stand_in: StandIn | None = None,
+        stand_in_reason: str | None = None,
     ) -> None:
         self._backend = backend
+        #: set when this model runs on a stand-in for the bundle's backend (its figures are not the device's)
+        self.stand_in = stand_in
         self.bundle = bundle
         self.source = source
         self.load_seconds = load_seconds
@@ -252,6 +298,8 @@ class Model:
         self.rss_after_load = rss_after_load
         self.first_inference_seconds: float | None = None
         self.warnings = [*toolchain_warnings(bundle, backend), *isa_warnings(bundle, backend)] if bundle is not None else []
+        if stand_in is not None:
+            self.warnings.insert(0, stand_in.note if stand_in_reason is None else f"{stand_in.note} ({stand_in_reason})")
         for warning in self.warnings:
             log.warning("%s: %s", source, warning)
         backend_inputs, backend_outputs = backend.input_metadata(), backend.output_metadata()

@@ -46,6 +46,10 @@ class VerifyResult:
     tolerance: dict[str, float]
     outputs: list[OutputComparison] = field(default_factory=list)
     seconds: float = 0.0
+    #: the bundle's own backend when `backend` only stands in for it (e.g. coreml-reference for coreml)
+    stand_in_for: str | None = None
+    #: what a stand-in's figures are not (e.g. "reference evaluator, not Core ML: ...")
+    note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,6 +62,8 @@ class VerifyResult:
             f"verify {self.bundle} on {self.backend} {self.backend_version or ''}".rstrip(),
             f"  {self.samples} reference sample(s), atol {self.tolerance['atol']:g}, rtol {self.tolerance['rtol']:g}",
         ]
+        if self.note:
+            lines.append(f"  note: {self.backend} stands in for {self.stand_in_for}: {self.note}")
         for o in self.outputs:
             status = "ok  " if o.passed else "FAIL"
             detail = f"  {o.mismatched}/{o.elements} outside tolerance" if not o.passed else ""
@@ -84,10 +90,13 @@ def verify(
     threads: int | None = None,
     device: str | None = None,
 ) -> VerifyResult:
-    """Load a bundle and verify it; the result says passed or not (use raise_for_failure to fail)."""
+    """Load a bundle and verify it; the result says passed or not (use raise_for_failure to fail).
+
+    Where the bundle's backend cannot run here and none is named, its stand-in runs (marked).
+    """
     from edgeopt.runtime.model import load
 
-    with load(path, backend=backend, threads=threads, device=device) as model:
+    with load(path, backend=backend, threads=threads, device=device, allow_stand_in=True) as model:
         return verify_model(model)
 
 
@@ -171,6 +180,8 @@ def verify_model(model: "Model") -> VerifyResult:
         tolerance={"atol": atol, "rtol": rtol},
         outputs=comparisons,
         seconds=time.perf_counter() - started,
+        stand_in_for=model.stand_in.replaces if model.stand_in is not None else None,
+        note=model.stand_in.note if model.stand_in is not None else None,
     )
 
 

@@ -24,7 +24,7 @@ def benchmark_here(
     from edgeopt.runtime import load
 
     path = Path(bundle)
-    with load(path, backend=backend, threads=threads) as model:
+    with load(path, backend=backend, threads=threads, allow_stand_in=True) as model:
         result = model.benchmark(warmup=warmup, runs=runs, duration=duration)
     if (path / "manifest.json").is_file():
         entry = {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **result.to_dict()}

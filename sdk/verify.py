@@ -7,12 +7,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from edgeopt.errors import BackendUnavailableError, BundleError
+from edgeopt.errors import BundleError
 
 __all__ = ["validate_manifest", "verify_bundle"]
-
-# Backends a build host may lack, and the stand-in that runs the same artifact here.
-_HOST_STAND_INS = {"tensorrt": "onnxruntime"}
 
 
 def validate_manifest(manifest: dict[str, Any]) -> None:
@@ -30,7 +27,8 @@ def validate_manifest(manifest: dict[str, Any]) -> None:
 def verify_bundle(bundle: str | Path, backend: str | None = None) -> Any:
     """Validate the manifest, then let the runtime check checksums and run the reference inputs.
 
-    A bundle whose device backend is absent here (TensorRT) is checked on its stand-in.
+    A bundle whose device backend cannot run here (TensorRT, Core ML off macOS) is checked on its
+    stand-in (runtime.backends.STAND_INS), and the result says so.
     """
     from edgeopt.runtime.bundle import open_bundle
     from edgeopt.runtime.verify import verify
@@ -38,10 +36,4 @@ def verify_bundle(bundle: str | Path, backend: str | None = None) -> Any:
     path = Path(bundle)
     manifest = open_bundle(path).manifest
     validate_manifest(manifest)
-    try:
-        return verify(path, backend=backend)
-    except BackendUnavailableError:
-        stand_in = _HOST_STAND_INS.get(manifest["runtime"]["backend"])
-        if backend is not None or stand_in is None:
-            raise
-        return verify(path, backend=stand_in)
+    return verify(path, backend=backend)

@@ -3,8 +3,9 @@
 coremltools no longer converts ONNX, so the graph is rebuilt op by op with its MIL builder
 (`coreml_ops`), converted with `ct.convert` at the profile's deployment target and fp16 compute
 precision, optionally compressed with `coremltools.optimize.coreml`, and saved. Saving works on any
-OS; running needs macOS, so off macOS the build verifies with `coreml_reference`, a numpy evaluator
-that reads the saved package and nothing else.
+OS; running needs macOS, so off macOS the build verifies with the runtime's `coreml-reference`
+backend (runtime/backends/coreml_reference.py), a numpy evaluator that reads the saved package and
+nothing else — the same one `edgeopt verify` and `bench` stand in with for Core ML off macOS.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import onnx
 
 from edgeopt.converters.errors import LoweringError
 from edgeopt.converters.lower.base import LoweredArtifact, LoweringOptions, LoweringResult
+from edgeopt.runtime.library_output import library_output_to_log
 from edgeopt.runtime.spec import TensorSpec
 from edgeopt.targets import Target
 
@@ -129,12 +131,13 @@ def lower(
     model: onnx.ModelProto, target: Target, precision: str, out_dir: Path, options: LoweringOptions
 ) -> LoweringResult:
     """Write `out_dir/model.mlpackage` and return how to run and verify it."""
-    import coremltools as ct
-    import coremltools.optimize.coreml as cto
+    with library_output_to_log(log, "coremltools"):  # import-time warnings
+        import coremltools as ct
+        import coremltools.optimize.coreml as cto
 
     from edgeopt.converters.lower.coreml_ane import ane_fit_report
     from edgeopt.converters.lower.coreml_ops import build_program, check_supported, mil_name
-    from edgeopt.converters.lower.coreml_reference import MilReferenceEvaluator
+    from edgeopt.runtime.backends.coreml_reference import MilReferenceEvaluator
 
     settings = {**target.options, **options.extra}
     deployment = str(settings.get("deployment_target", "iOS17"))
@@ -146,19 +149,21 @@ def lower(
     program, output_names = build_program(model, inputs, opset, target.name)
     compute = ct.precision.FLOAT32 if COMPUTE_PRECISION.get(precision) == "fp32" else ct.precision.FLOAT16
     log.info("converting MIL program to an ML Program (%s, compute %s)", deployment, compute.value)
-    mlmodel = ct.convert(
-        program,
-        convert_to="mlprogram",
-        minimum_deployment_target=opset,
-        compute_precision=compute,
-        compute_units=getattr(ct.ComputeUnit, str(settings.get("compute_units", "ALL"))),
-        skip_model_load=platform.system() != "Darwin",
-    )
+    with library_output_to_log(log, "coremltools"):  # a progress bar per MIL pass pipeline
+        mlmodel = ct.convert(
+            program,
+            convert_to="mlprogram",
+            minimum_deployment_target=opset,
+            compute_precision=compute,
+            compute_units=getattr(ct.ComputeUnit, str(settings.get("compute_units", "ALL"))),
+            skip_model_load=platform.system() != "Darwin",
+        )
     compression = _compression_config(precision, settings)
     if compression is not None:
         method, config = compression
         log.info("compressing weights: %s", method)
-        mlmodel = getattr(cto, method)(mlmodel, config)
+        with library_output_to_log(log, "coremltools"):
+            mlmodel = getattr(cto, method)(mlmodel, config)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     package = out_dir / PACKAGE_NAME
@@ -199,10 +204,10 @@ def lower(
         artifacts=[LoweredArtifact(path=PACKAGE_NAME, format="mlpackage", role="model")],
         model_file=PACKAGE_NAME,
         runtime_backend="coreml",
-        verify_backend="coreml" if on_mac else None,
+        verify_backend="coreml" if on_mac else "coreml-reference",
         inputs=input_specs,
         outputs=output_specs,
         summary=summary,
         runner=run,
-        verified_with="coreml" if on_mac else "mil-reference-evaluator (numpy), not Core ML",
+        verified_with="coreml" if on_mac else "coreml-reference (numpy evaluator of the saved program), not Core ML",
     )

@@ -7,6 +7,7 @@ read its suffixes or install hint) costs nothing on a device that lacks the libr
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from pathlib import Path
 
 from edgeopt.runtime.backends.base import Backend, BackendConfig
@@ -14,11 +15,13 @@ from edgeopt.runtime.errors import BackendUnavailableError, BundleError
 
 __all__ = [
     "BACKENDS",
+    "STAND_INS",
     "Backend",
     "BackendConfig",
     "backend_class",
     "backend_for_file",
     "backends_summary",
+    "StandIn",
 ]
 
 #: name -> "module:Class". The order decides which backend loads a bare file with a shared suffix.
@@ -28,6 +31,27 @@ BACKENDS: dict[str, str] = {
     "tflite": "edgeopt.runtime.backends.tflite:TfliteBackend",
     "coreml": "edgeopt.runtime.backends.coreml:CoreMLBackend",
     "tensorrt": "edgeopt.runtime.backends.tensorrt:TensorRTBackend",
+    "coreml-reference": "edgeopt.runtime.backends.coreml_reference:CoreMLReferenceBackend",
+}
+
+
+@dataclass(frozen=True)
+class StandIn:
+    """`backend` runs the artifact of `replaces` where that one cannot run; its results carry `note`."""
+
+    replaces: str
+    backend: str
+    note: str
+
+
+#: device backend -> the stand-in that `verify` and `bench` run where the device backend cannot run
+#: here (Core ML off macOS, TensorRT without an NVIDIA GPU).
+STAND_INS: dict[str, StandIn] = {
+    stand_in.replaces: stand_in
+    for stand_in in (
+        StandIn("coreml", "coreml-reference", "reference evaluator, not Core ML: latency is not the device's"),
+        StandIn("tensorrt", "onnxruntime", "ONNX Runtime on the TensorRT-ready ONNX, not TensorRT: latency is not the device's"),
+    )
 }
 
 

@@ -42,8 +42,8 @@ class CoreMLBackend(Backend):
             raise BackendUnavailableError(
                 f"{self.model_path.name}: Core ML prediction needs macOS; this is {platform.system()} "
                 f"{platform.machine()}",
-                hint="run it on a Mac (pip install coremltools), or verify a bundle for another "
-                "target (e.g. --target onnxruntime-cpu) on this machine",
+                hint="run it on a Mac (pip install coremltools), or run the numpy reference evaluator "
+                "here with --backend coreml-reference (not Core ML's speed)",
             )
         ct = self.import_library()
         units = (self.config.device or self.config.options.get("compute_units") or "ALL").upper()

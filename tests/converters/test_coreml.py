@@ -1,7 +1,7 @@
 """ONNX → Core ML ML Program: every precision, checked against ONNX Runtime fp32 without a Mac.
 
 Numbers come from the numpy reference evaluator reading the saved `.mlpackage`
-(converters/lower/coreml_reference.py); on macOS the same packages also run in Core ML itself.
+(runtime/backends/coreml_reference.py); on macOS the same packages also run in Core ML itself.
 
 Tolerances, on max|Δ| against max|ref| of the compared output:
 - fp32: 1e-4·max|ref| + 1e-5 (float32 end to end; only summation order differs).
@@ -33,7 +33,7 @@ from edgeopt.converters.lower import lower as dispatch_lower
 from edgeopt.converters.lower.base import LoweringOptions, LoweringResult
 from edgeopt.converters.lower.coreml import PACKAGE_NAME, lower
 from edgeopt.converters.lower.coreml_ops import FOLD_ONLY_OPS, SUPPORTED_OPS
-from edgeopt.converters.lower.coreml_reference import MilReferenceEvaluator
+from edgeopt.runtime.backends.coreml_reference import MilReferenceEvaluator
 from edgeopt.converters.passes import simplify
 from edgeopt.converters.quantize import quantize
 from edgeopt.targets import get_target
@@ -231,7 +231,7 @@ def test_lowering_result_describes_the_package(tmp_path: Path) -> None:
     assert result.model_file == PACKAGE_NAME and result.artifacts[0].format == "mlpackage"
     assert result.runtime_backend == "coreml"
     assert (result.verify_backend, result.verified_with) == (
-        ("coreml", "coreml") if ON_MAC else (None, "mil-reference-evaluator (numpy), not Core ML")
+        ("coreml", "coreml") if ON_MAC else ("coreml-reference", "coreml-reference (numpy evaluator of the saved program), not Core ML")
     )
     assert [(s.name, s.shape, s.dtype) for s in result.inputs] == [("input_ids", (1, 32), "int32")]
     assert [(s.name, s.shape, s.dtype) for s in result.outputs] == [("logits", (1, 10), "float32")]

@@ -1,31 +1,45 @@
-"""A numpy evaluator for saved Core ML ML Programs, so `.mlpackage` numerics can be checked off macOS.
+"""`coreml-reference`: saved Core ML ML Programs run by a numpy evaluator, on any OS.
+
+Core ML predicts on macOS only. This backend lets a bundle for apple-ane be verified and benched
+anywhere else — the build's lowering parity uses it off macOS, and the runtime's `verify` and
+`bench` run it where Core ML cannot, saying so in every result (`STAND_INS` in this package):
+its figures are numpy's, not Core ML's, and its latency is not a device's.
 
 It reads only what is on disk — the ML Program spec (`Data/com.apple.CoreML/model.mlmodel`,
-parsed with coremltools' protobuf classes) and the weight blob file (`weights/weight.bin`, the
-MILBlob storage format: a 64-byte header, then per blob a 64-byte metadata record with the
-0xDEADBEEF sentinel, dtype, size and data offset) — and shares no code with the lowering that wrote
-them. Ops follow the MIL op definitions in the coremltools documentation. Every op computes in
-float32 from its inputs and rounds its result to the dtype the program declares for it, so a
-program that casts to fp16 is evaluated with fp16 tensors between ops, as Core ML stores them on
-the GPU and Neural Engine. What this cannot reproduce: the accumulation order and internal
-precision of Apple's kernels (the Neural Engine may accumulate in fp16).
+parsed with coremltools' protobuf classes, imported when a model is loaded) and the weight blob
+file (`weights/weight.bin`, the MILBlob storage format: a 64-byte header, then per blob a 64-byte
+metadata record with the 0xDEADBEEF sentinel, dtype, size and data offset) — and shares no code
+with the lowering that wrote them. Ops follow the MIL op definitions in the coremltools
+documentation. Every op computes in float32 from its inputs and rounds its result to the dtype the
+program declares for it, so a program that casts to fp16 is evaluated with fp16 tensors between
+ops, as Core ML stores them on the GPU and Neural Engine. What this cannot reproduce: the
+accumulation order and internal precision of Apple's kernels (the Neural Engine may accumulate
+in fp16).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, ClassVar
 
 import numpy as np
-from coremltools.proto import MIL_pb2, Model_pb2
 from numpy.lib.stride_tricks import sliding_window_view
 
-from edgeopt.converters.errors import LoweringError
+from edgeopt.runtime.backends.base import Backend, import_first
+from edgeopt.runtime.backends.coreml import _feature_spec
+from edgeopt.runtime.errors import BackendUnavailableError, BundleError, InputSpecError
+from edgeopt.runtime.spec import TensorSpec
 
-__all__ = ["MilReferenceEvaluator", "read_weight_blob"]
+__all__ = ["CoreMLReferenceBackend", "MilReferenceEvaluator", "read_weight_blob"]
+
+NAME = "coreml-reference"
+INSTALL_HINT = "pip install coremltools (any OS: only its protobuf classes are used, to read the program)"
+_REBUILD = "rebuild the bundle with `edgeopt build --target apple-ane`"
 
 _BLOB_SENTINEL = 0xDEADBEEF
 # MILBlob BlobDataType → (numpy dtype of the unpacked values, bits per value)
@@ -36,21 +50,34 @@ _BLOB_TYPES: dict[int, tuple[np.dtype, int]] = {
     11: (np.dtype(np.uint8), 4), 12: (np.dtype(np.uint8), 3), 13: (np.dtype(np.uint8), 6),
     14: (np.dtype(np.int32), 32), 15: (np.dtype(np.uint32), 32),
 }
-_D = MIL_pb2.DataType
-# MIL DataType → (numpy dtype, bits per value in packed storage)
-_MIL_TYPES: dict[int, tuple[np.dtype, int]] = {
-    _D.FLOAT16: (np.dtype(np.float16), 16), _D.FLOAT32: (np.dtype(np.float32), 32),
-    _D.FLOAT64: (np.dtype(np.float64), 64), _D.INT8: (np.dtype(np.int8), 8), _D.INT16: (np.dtype(np.int16), 16),
-    _D.INT32: (np.dtype(np.int32), 32), _D.INT64: (np.dtype(np.int64), 64), _D.UINT8: (np.dtype(np.uint8), 8),
-    _D.UINT16: (np.dtype(np.uint16), 16), _D.UINT32: (np.dtype(np.uint32), 32), _D.UINT64: (np.dtype(np.uint64), 64),
-    _D.BOOL: (np.dtype(bool), 8), _D.INT4: (np.dtype(np.int8), 4), _D.UINT4: (np.dtype(np.uint8), 4),
-    _D.UINT6: (np.dtype(np.uint8), 6), _D.UINT3: (np.dtype(np.uint8), 3), _D.UINT2: (np.dtype(np.uint8), 2),
-    _D.UINT1: (np.dtype(np.uint8), 1),
+# MIL DataType (MIL.proto) by name → (numpy dtype, bits per value in packed storage); the enum's
+# numbers are read from coremltools' MIL_pb2 when a program is loaded.
+_MIL_TYPE_NAMES: dict[str, tuple[np.dtype, int]] = {
+    "FLOAT16": (np.dtype(np.float16), 16), "FLOAT32": (np.dtype(np.float32), 32),
+    "FLOAT64": (np.dtype(np.float64), 64), "INT8": (np.dtype(np.int8), 8), "INT16": (np.dtype(np.int16), 16),
+    "INT32": (np.dtype(np.int32), 32), "INT64": (np.dtype(np.int64), 64), "UINT8": (np.dtype(np.uint8), 8),
+    "UINT16": (np.dtype(np.uint16), 16), "UINT32": (np.dtype(np.uint32), 32), "UINT64": (np.dtype(np.uint64), 64),
+    "BOOL": (np.dtype(bool), 8), "INT4": (np.dtype(np.int8), 4), "UINT4": (np.dtype(np.uint8), 4),
+    "UINT6": (np.dtype(np.uint8), 6), "UINT3": (np.dtype(np.uint8), 3), "UINT2": (np.dtype(np.uint8), 2),
+    "UINT1": (np.dtype(np.uint8), 1),
 }
 _CAST_NAMES = {
     "fp16": np.float16, "fp32": np.float32, "fp64": np.float32, "int32": np.int32, "int16": np.int16,
     "int8": np.int8, "uint8": np.uint8, "uint16": np.uint16, "bool": bool, "int64": np.int32,
 }
+
+
+def _unsupported(what: str) -> BackendUnavailableError:
+    """A program this evaluator cannot run: Core ML (on a Mac) still can."""
+    return BackendUnavailableError(
+        f"{NAME}: {what}", hint="run the bundle with Core ML on a Mac (--backend coreml), or rebuild it without that op"
+    )
+
+
+def _proto_modules() -> tuple[ModuleType, ModuleType]:
+    """coremltools' MIL_pb2 and Model_pb2, imported on first use (the runtime imports no library up front)."""
+    model_pb2 = import_first(("coremltools.proto.Model_pb2",), backend=NAME, hint=INSTALL_HINT)
+    return importlib.import_module("coremltools.proto.MIL_pb2"), model_pb2
 
 
 def _unpack_bits(raw: bytes, bits: int, count: int, signed: bool) -> np.ndarray:
@@ -68,9 +95,11 @@ def read_weight_blob(path: Path, offset: int) -> np.ndarray:
     with open(path, "rb") as handle:
         handle.seek(offset)
         meta = handle.read(64)
+        if len(meta) < 32:
+            raise BundleError(f"{path}: no blob metadata at offset {offset} (the file ends first)", hint=_REBUILD)
         sentinel, dtype_code, size, data_offset, padding_bits = np.frombuffer(meta[:32], dtype="<u4,<u4,<u8,<u8,<u8")[0]
-        if sentinel != _BLOB_SENTINEL:
-            raise LoweringError(f"{path}: no blob metadata at offset {offset} (sentinel {sentinel:#x})")
+        if sentinel != _BLOB_SENTINEL or int(dtype_code) not in _BLOB_TYPES:
+            raise BundleError(f"{path}: no blob metadata at offset {offset} (sentinel {sentinel:#x})", hint=_REBUILD)
         handle.seek(int(data_offset))
         raw = handle.read(int(size))
     dtype, bits = _BLOB_TYPES[int(dtype_code)]
@@ -81,17 +110,25 @@ def read_weight_blob(path: Path, offset: int) -> np.ndarray:
 
 
 class MilReferenceEvaluator:
-    """Runs the `main` function of a saved `.mlpackage` ML Program with numpy."""
+    """Runs the `main` function of a saved `.mlpackage` ML Program with numpy.
+
+    Calls share nothing mutable (each builds its own value table), so one evaluator is safe to
+    call from several threads.
+    """
 
     def __init__(self, package: Path) -> None:
+        mil_pb2, model_pb2 = _proto_modules()
         self.package = Path(package)
-        manifest = json.loads((self.package / "Manifest.json").read_text())
-        root = manifest["itemInfoEntries"][manifest["rootModelIdentifier"]]["path"]
-        spec_path = self.package / "Data" / root
-        self.model = Model_pb2.Model()
-        self.model.ParseFromString(spec_path.read_bytes())
+        self.types = {mil_pb2.DataType.Value(name): kind for name, kind in _MIL_TYPE_NAMES.items()}
+        self.string_type = mil_pb2.DataType.Value("STRING")
+        spec_path = self._spec_path()
+        self.model = model_pb2.Model()
+        try:
+            self.model.ParseFromString(spec_path.read_bytes())
+        except Exception as error:  # protobuf's DecodeError: the spec is truncated or not a Core ML model
+            raise BundleError(f"{spec_path}: not a Core ML model spec ({error})", hint=_REBUILD) from None
         if not self.model.HasField("mlProgram"):
-            raise LoweringError(f"{spec_path} is not an ML Program (it is a neural network or pipeline model)")
+            raise _unsupported(f"{spec_path} is not an ML Program (it is a neural network or pipeline model)")
         self.weights_dir = spec_path.parent
         function = self.model.mlProgram.functions["main"]
         self.block = function.block_specializations[function.opset]
@@ -104,18 +141,36 @@ class MilReferenceEvaluator:
         self._constants: dict[str, np.ndarray] = {}
         self._load_constants()
 
+    def _spec_path(self) -> Path:
+        """The root model spec named by the package's Manifest.json, kept inside the package."""
+        manifest_path = self.package / "Manifest.json"
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            root = manifest["itemInfoEntries"][manifest["rootModelIdentifier"]]["path"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise BundleError(f"{manifest_path}: cannot read the package's root model ({type(error).__name__}: {error})", hint=_REBUILD) from None
+        return self._inside(self.package / "Data" / str(root))
+
+    def _inside(self, path: Path) -> Path:
+        """`path`, resolved, when it stays inside the package; a path that leaves it is a damaged bundle."""
+        resolved, package = path.resolve(), self.package.resolve()
+        if not resolved.is_relative_to(package):
+            raise BundleError(f"{path}: points outside the package {self.package}", hint=_REBUILD)
+        return resolved
+
     # -- values --------------------------------------------------------------------------------
-    def _decode(self, value: MIL_pb2.Value) -> Any:
+    def _decode(self, value: Any) -> Any:
+        """A MIL_pb2.Value (immediate or in the weight file) as numpy, or a Python string."""
         tensor_type = value.type.tensorType
-        dtype, bits = _MIL_TYPES.get(tensor_type.dataType, (None, 0))
+        dtype, bits = self.types.get(tensor_type.dataType, (None, 0))
         shape = tuple(int(d.constant.size) for d in tensor_type.dimensions)
         if value.HasField("blobFileValue"):
             file_name = value.blobFileValue.fileName.replace("@model_path/", "")
-            flat = read_weight_blob(self.weights_dir / file_name, value.blobFileValue.offset)
+            flat = read_weight_blob(self._inside(self.weights_dir / file_name), value.blobFileValue.offset)
             return flat[: math.prod(shape)].astype(dtype).reshape(shape)
         tensor = value.immediateValue.tensor
         kind = tensor.WhichOneof("value")
-        if tensor_type.dataType == _D.STRING:
+        if tensor_type.dataType == self.string_type:
             items = list(tensor.strings.values)
             return items[0] if not shape else np.array(items).reshape(shape)
         if kind == "bytes":
@@ -136,31 +191,70 @@ class MilReferenceEvaluator:
         env: dict[str, Any] = dict(self._constants)
         for name, tensor_type in self.input_types.items():
             if name not in feeds:
-                raise LoweringError(f"reference evaluator: input '{name}' missing (got {sorted(feeds)})")
-            dtype = _MIL_TYPES[tensor_type.dataType][0]
+                raise InputSpecError(f"{NAME}: input '{name}' missing (got {sorted(feeds)})", hint="pass every input of the model")
+            dtype = self.types[tensor_type.dataType][0]
             env[name] = np.asarray(feeds[name]).astype(dtype)
         for op in self.block.operations:
             if op.type == "const":
                 continue
             kernel = _KERNELS.get(op.type)
             if kernel is None:
-                raise LoweringError(f"reference evaluator has no kernel for MIL op '{op.type}' ({op.outputs[0].name})")
+                raise _unsupported(f"no kernel for MIL op '{op.type}' ({op.outputs[0].name})")
             args = _Args(op, env, self)
             results = kernel(args)
             results = results if isinstance(results, (list, tuple)) else [results]
             for output, result in zip(op.outputs, results):
-                declared = _MIL_TYPES.get(output.type.tensorType.dataType, (None, 0))[0]
+                declared = self.types.get(output.type.tensorType.dataType, (None, 0))[0]
                 env[output.name] = np.asarray(result).astype(declared) if declared is not None else result
         return {name: np.asarray(env[name]) for name in self.output_names}
+
+
+class CoreMLReferenceBackend(Backend):
+    """An .mlpackage run by `MilReferenceEvaluator`: Core ML's numerics checked anywhere, not its speed."""
+
+    name: ClassVar[str] = NAME
+    #: a bare .mlpackage goes to Core ML; this backend is named, or stands in for Core ML (STAND_INS)
+    suffixes: ClassVar[tuple[str, ...]] = ()
+    modules: ClassVar[tuple[str, ...]] = ("coremltools",)
+    distributions: ClassVar[tuple[str, ...]] = ("coremltools",)
+    default_install_hint: ClassVar[str] = INSTALL_HINT
+
+    def activate(self) -> None:
+        self.evaluator = MilReferenceEvaluator(self.model_path)
+        description = self.evaluator.model.description
+        self._inputs = [_feature_spec(f) for f in description.input]
+        self._outputs = [_feature_spec(f) for f in description.output]
+        self._output_dtypes = {spec.name: np.dtype(spec.dtype) for spec in self._outputs}
+
+    def input_metadata(self) -> list[TensorSpec]:
+        return list(self._inputs)
+
+    def output_metadata(self) -> list[TensorSpec]:
+        return list(self._outputs)
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs in the dtypes the model describes (what Core ML's predict returns)."""
+        results = self.evaluator(feeds)
+        return {name: results[name].astype(dtype, copy=False) for name, dtype in self._output_dtypes.items()}
+
+    def raw_call(self) -> tuple[Any, Any]:
+        return self.evaluator, lambda feeds: (feeds,)
+
+    def deactivate(self) -> None:
+        del self.evaluator
+
+    def facts(self) -> dict[str, Any]:
+        operations = [op for op in self.evaluator.block.operations if op.type != "const"]
+        return {"evaluator": "numpy, op by op (not Core ML)", "mil_ops": len(operations)}
 
 
 class _Args:
     """The inputs of one op, decoded to numpy (variadic inputs as lists), with defaults."""
 
-    def __init__(self, op: MIL_pb2.Operation, env: dict[str, Any], evaluator: MilReferenceEvaluator) -> None:
+    def __init__(self, op: Any, env: dict[str, Any], evaluator: MilReferenceEvaluator) -> None:
         self.op, self.env, self.evaluator = op, env, evaluator
 
-    def _one(self, binding: MIL_pb2.Argument.Binding) -> Any:
+    def _one(self, binding: Any) -> Any:
         if binding.WhichOneof("binding") == "name":
             return self.env[binding.name]
         return self.evaluator._decode(binding.value)
@@ -382,7 +476,7 @@ def _transpose(a: _Args) -> np.ndarray:
 @_kernel("concat")
 def _concat(a: _Args) -> np.ndarray:
     if a("interleave", False):
-        raise LoweringError("reference evaluator: interleaved concat is not implemented")
+        raise _unsupported("interleaved concat is not implemented")
     return np.concatenate(a.many("values"), axis=int(a("axis")))
 
 
@@ -437,7 +531,7 @@ def _tile(a: _Args) -> np.ndarray:
 def _gather(a: _Args) -> np.ndarray:
     x, indices, axis = a("x"), a("indices").astype(np.int64), int(a("axis", 0))
     if int(a("batch_dims", 0)):
-        raise LoweringError("reference evaluator: gather with batch_dims is not implemented")
+        raise _unsupported("gather with batch_dims is not implemented")
     indices = np.where(indices < 0, indices + x.shape[axis], indices)
     return np.take(x, indices, axis=axis)
 
@@ -546,7 +640,7 @@ def _conv_transpose(a: _Args) -> np.ndarray:
     groups = int(a("groups", 1))
     kernel = list(weight.shape[2:])
     if a("pad_type", "valid") != "custom":
-        raise LoweringError("reference evaluator: conv_transpose supports pad_type='custom' only")
+        raise _unsupported("conv_transpose supports pad_type='custom' only")
     pad = a.ints("pad")
     n, c_in = x.shape[:2]
     dilated = np.zeros((n, c_in, *[(s - 1) * st + 1 for s, st in zip(x.shape[2:], strides)]), dtype=x.dtype)
@@ -623,7 +717,7 @@ def _grid(size_in: int, size_out: int, mode: str) -> np.ndarray:
             spacing = size_in / size_out
             grid = i * spacing + 0.5 * spacing - 0.5
         case _:
-            raise LoweringError(f"reference evaluator: unknown sampling_mode {mode}")
+            raise _unsupported(f"unknown sampling_mode {mode}")
     return np.clip(grid, 0, size_in - 1)
 
 
@@ -740,7 +834,7 @@ def _lut_to_dense(a: _Args) -> np.ndarray:
     rank = indices.ndim
     vector = lut.shape[-1]
     if vector != 1:
-        raise LoweringError("reference evaluator: vector palettization is not implemented")
+        raise _unsupported("vector palettization is not implemented")
     tables = lut[..., 0]
     out = np.empty(indices.shape, np.float32)
     block = [indices.shape[i] // tables.shape[i] for i in range(rank)]

@@ -1,4 +1,5 @@
-"""The numpy MIL evaluator reads saved `.mlpackage` files on its own and emulates fp16 compute.
+"""The `coreml-reference` backend's numpy MIL evaluator reads saved `.mlpackage` files on its own
+and emulates fp16 compute.
 
 coremltools' own reader of saved programs (milproto.load, then each constexpr op's materialized value)
 is the oracle for what the compressed weights must decode to; the evaluator itself never uses it.
@@ -15,11 +16,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeopt.converters.errors import LoweringError
-from edgeopt.converters.lower import coreml_reference
 from edgeopt.converters.lower.base import LoweringOptions
 from edgeopt.converters.lower.coreml import PACKAGE_NAME, lower
-from edgeopt.converters.lower.coreml_reference import MilReferenceEvaluator, read_weight_blob
+from edgeopt.runtime.backends import coreml_reference
+from edgeopt.runtime.backends.coreml_reference import MilReferenceEvaluator, read_weight_blob
+from edgeopt.runtime.errors import BackendUnavailableError, BundleError, InputSpecError
 from edgeopt.targets import get_target
 from tests import zoo
 
@@ -38,15 +39,17 @@ def _add_constant_model(constant: float) -> onnx.ModelProto:
 
 
 def test_evaluator_depends_only_on_the_file_format() -> None:
-    """No import of the lowering (or of coremltools' converters): only numpy, the protobuf classes, errors."""
+    """No import of the lowering or of coremltools at all: numpy, the standard library and the runtime
+    (coremltools' protobuf classes are imported by name when a package is loaded)."""
     tree = ast.parse(inspect.getsource(coreml_reference))
     imported = {
         alias.name if isinstance(node, ast.Import) else f"{node.module}"
         for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
         for alias in node.names
     }
-    assert imported <= {"__future__", "json", "math", "collections.abc", "pathlib", "typing", "numpy",
-                        "coremltools.proto", "numpy.lib.stride_tricks", "edgeopt.converters.errors"}
+    assert imported <= {"__future__", "importlib", "json", "math", "collections.abc", "pathlib", "types", "typing",
+                        "numpy", "numpy.lib.stride_tricks", "edgeopt.runtime.backends.base",
+                        "edgeopt.runtime.backends.coreml", "edgeopt.runtime.errors", "edgeopt.runtime.spec"}
 
 
 def test_fp16_programs_round_between_ops(tmp_path: Path) -> None:
@@ -107,9 +110,22 @@ def test_compressed_weights_decode_like_coremltools(precision: str, deployment: 
 def test_missing_input_and_unknown_op_are_named(tmp_path: Path) -> None:
     lower(_add_constant_model(1.0), TARGET, "fp16", tmp_path, LoweringOptions())
     evaluator = MilReferenceEvaluator(tmp_path / PACKAGE_NAME)
-    with pytest.raises(LoweringError, match="input 'x' missing"):
+    with pytest.raises(InputSpecError, match="input 'x' missing"):
         evaluator({})
     operation = next(op for op in evaluator.block.operations if op.type == "add")
     operation.type = "made_up_op"
-    with pytest.raises(LoweringError, match="no kernel for MIL op 'made_up_op'"):
+    with pytest.raises(BackendUnavailableError, match="no kernel for MIL op 'made_up_op'") as caught:
         evaluator({"x": np.zeros((1, 4), np.float32)})
+    assert "--backend coreml" in caught.value.hint
+
+
+def test_a_weight_file_outside_the_package_is_refused(tmp_path: Path) -> None:
+    """A hostile package whose constants point out of it (`../../secret`) is a damaged bundle, not a read."""
+    lower(zoo.digits_cnn(), TARGET, "fp16", tmp_path, LoweringOptions())
+    spec_path = tmp_path / PACKAGE_NAME / "Data" / "com.apple.CoreML" / "model.mlmodel"
+    spec = spec_path.read_bytes()
+    assert b"@model_path/weights/weight.bin" in spec
+    outside = b"@model_path/../../../../etc/xx"  # same length: the protobuf's sizes stay valid
+    spec_path.write_bytes(spec.replace(b"@model_path/weights/weight.bin", outside))
+    with pytest.raises(BundleError, match="points outside the package"):
+        MilReferenceEvaluator(tmp_path / PACKAGE_NAME)
