@@ -1,8 +1,9 @@
 """`python -m edgeopt.runtime {info,predict,bench,verify} [--json]` — the device-side commands.
 
 argparse only (a device has no click). With --json, stdout carries exactly one JSON document;
-expected failures print one `error: ...` line on stderr (and, with --json, an {"error": ...}
-document on stdout) and exit with the error's code: 2 bad input, 3 verification failed.
+expected failures (bad arguments included) print one `error: ...` line on stderr (and, with
+--json, an {"error": {type, message, hint, exit_code}} document on stdout; a failed verify adds
+"error" to its result) and exit with the error's code: 2 bad usage or input, 3 verification failed.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -24,12 +25,25 @@ from edgeopt.runtime.errors import EdgeoptError, InputSpecError
 from edgeopt.runtime.model import load
 from edgeopt.runtime.verify import verify
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "error_document", "predict_file"]
 
 EPILOG = (
     "exit codes: 0 ok, 1 unexpected error, 2 bad usage or input (incl. missing backend, damaged bundle or checksum "
     "mismatch, unsafe archive), 3 verification failed (outputs differ from the reference beyond its tolerance)"
 )
+
+#: predict --json prints outputs up to this many elements inline; larger ones are left in the .npz it writes
+INLINE_ELEMENTS = 10_000
+
+
+class UsageError(EdgeoptError):
+    """Bad command-line arguments (argparse's own errors, so --json reports them like any other)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        raise UsageError(message, hint=f"see `{self.prog} --help`")
 
 
 def runtime_version() -> str | None:
@@ -37,7 +51,7 @@ def runtime_version() -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m edgeopt.runtime", description="Run, measure and verify an edgeopt bundle on this device.", epilog=EPILOG
     )
     commands = parser.add_subparsers(dest="command", required=True)
@@ -105,7 +119,7 @@ def command_verify(args: argparse.Namespace) -> tuple[dict[str, Any], str, int]:
             result.raise_for_failure()
         except EdgeoptError as error:
             print(f"error: {_one_line(error)}", file=sys.stderr)
-            return result.to_dict(), result.format_text(), error.exit_code
+            return {**result.to_dict(), **error_document(error)}, result.format_text(), error.exit_code
     return result.to_dict(), result.format_text(), 0
 
 
@@ -138,23 +152,68 @@ def write_outputs(path: Path, outputs: dict[str, np.ndarray]) -> None:
         raise
 
 
-def command_predict(args: argparse.Namespace) -> tuple[dict[str, Any], str, int]:
-    with load(args.bundle, backend=args.backend, threads=args.threads, device=args.device) as model:
+def predict_file(
+    bundle: Path,
+    input_path: Path,
+    output: Path | None = None,
+    *,
+    backend: str | None = None,
+    threads: int | None = None,
+    device: str | None = None,
+    raw: bool = False,
+    values: bool = False,
+) -> tuple[dict[str, Any], str]:
+    """Run the inputs of a .npy/.npz file; returns the JSON document and the text summary.
+
+    With `values`, each output of at most INLINE_ELEMENTS elements is in the document as a
+    nested list (non-finite values as null); larger ones are only in the .npz, which is then
+    written even without `output` (to a new temporary file) and named in the document.
+    """
+    with load(bundle, backend=backend, threads=threads, device=device) as model:
         single = model.inputs[0].name if len(model.inputs) == 1 else None
-        outputs = model.predict(read_inputs(args.input, single), raw=args.raw)
-    if args.output is not None:
-        write_outputs(args.output, outputs)
-    summary = {
-        "output_file": str(args.output) if args.output is not None else None,
-        "outputs": {name: {"shape": list(value.shape), "dtype": value.dtype.name} for name, value in outputs.items()},
+        outputs = model.predict(read_inputs(input_path, single), raw=raw)
+    if output is None and values and any(value.size > INLINE_ELEMENTS for value in outputs.values()):
+        handle, temporary = tempfile.mkstemp(prefix=f"{input_path.stem}-outputs-", suffix=".npz")
+        os.close(handle)
+        output = Path(temporary)
+        print(f"note: outputs over {INLINE_ELEMENTS:,} elements are in {output}", file=sys.stderr)
+    if output is not None:
+        write_outputs(output, outputs)
+    document = {
+        "output_file": str(output) if output is not None else None,
+        "outputs": {name: _output_entry(value, output, values) for name, value in outputs.items()},
     }
     lines = [f"{name}: {value.shape} {value.dtype}" for name, value in outputs.items()]
-    if args.output is not None:
-        lines.append(f"wrote {args.output}")
-    return summary, "\n".join(lines), 0
+    if output is not None:
+        lines.append(f"wrote {output}")
+    return document, "\n".join(lines)
+
+
+def _output_entry(value: np.ndarray, output: Path | None, values: bool) -> dict[str, Any]:
+    entry: dict[str, Any] = {"shape": list(value.shape), "dtype": value.dtype.name}
+    if not values:
+        return entry
+    if value.size > INLINE_ELEMENTS:
+        return {**entry, "file": str(output)}
+    if value.dtype.kind == "f" and not np.isfinite(value).all():
+        return {**entry, "values": np.where(np.isfinite(value), value.astype(np.float64), None).tolist()}
+    return {**entry, "values": value.tolist()}
+
+
+def command_predict(args: argparse.Namespace) -> tuple[dict[str, Any], str, int]:
+    document, text = predict_file(
+        args.bundle, args.input, args.output, backend=args.backend, threads=args.threads, device=args.device,
+        raw=args.raw, values=args.json,
+    )
+    return document, text, 0
 
 
 COMMANDS = {"info": command_info, "bench": command_bench, "verify": command_verify, "predict": command_predict}
+
+
+def error_document(error: EdgeoptError) -> dict[str, Any]:
+    """What --json prints for an expected failure (the edgeopt CLI prints the same)."""
+    return {"error": {"type": type(error).__name__, "message": error.message, "hint": error.hint, "exit_code": error.exit_code}}
 
 
 def _one_line(error: EdgeoptError) -> str:
@@ -163,13 +222,14 @@ def _one_line(error: EdgeoptError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        args = build_parser().parse_args(argv)
         document, text, code = COMMANDS[args.command](args)
     except EdgeoptError as error:
         print(f"error: {_one_line(error)}", file=sys.stderr)
-        if args.json:
-            print(json.dumps({"error": {"type": type(error).__name__, "message": error.message, "hint": error.hint, "exit_code": error.exit_code}}))
+        if "--json" in argv:
+            print(json.dumps(error_document(error)))
         return error.exit_code
     print(json.dumps(document, default=str) if args.json else text)
     return code

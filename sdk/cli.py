@@ -7,6 +7,7 @@ import json
 import math
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -51,18 +52,91 @@ def _echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
+@dataclass(frozen=True)
+class _Shown:
+    """What a command prints: `document` (a JSON object) with --json, else `text` (None: nothing).
+
+    `failure` is an expected failure that still has results to show (a verify that missed, hosts
+    that failed): it is printed after them and sets the exit code.
+    """
+
+    document: dict[str, Any]
+    text: str | None
+    failure: EdgeoptError | None = None
+
+
+def _usage_error_document(exc: click.UsageError) -> dict[str, Any]:
+    ctx = exc.ctx or click.get_current_context(silent=True)
+    where = ctx.command_path if ctx is not None else "edgeopt"
+    return {"error": {"type": type(exc).__name__, "message": exc.format_message(), "hint": f"see `{where} --help`", "exit_code": exc.exit_code}}
+
+
+def _error_document(exc: EdgeoptError) -> dict[str, Any]:
+    from edgeopt.runtime.__main__ import error_document  # the device runtime prints the same document
+
+    return error_document(exc)
+
+
 def _expected_errors(func: F) -> F:
-    """Expected failures print one clear message and exit with their code; no traceback."""
+    """Print what a command returns (--json: exactly one JSON object on stdout, failures included).
+
+    Expected failures print one `error: ...` on stderr, no traceback, and exit with their code;
+    with --json stdout holds {"error": {type, message, hint, exit_code}} (beside the results a
+    failed verify or profile still has). Bad option values raised in the body are reported the
+    same way; those click finds while parsing go through _JsonUsageErrors.
+    """
 
     @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        as_json = bool(kwargs.get("as_json"))
         try:
-            return func(*args, **kwargs)
+            shown = func(*args, **kwargs)
         except EdgeoptError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
+            shown = _Shown({}, None, failure=exc)
+        except click.UsageError as exc:
+            if as_json:
+                _echo_json(_usage_error_document(exc))
+            raise
+        failure = shown.failure
+        if as_json:
+            _echo_json(shown.document if failure is None else {**shown.document, **_error_document(failure)})
+        elif shown.text:
+            click.echo(shown.text)
+        if failure is not None:
+            click.echo(f"error: {failure}", err=True)
+            sys.exit(failure.exit_code)
 
     return wrapper  # type: ignore[return-value]
+
+
+class _JsonUsageErrors:
+    """Usage errors click finds while parsing (bad option values, unknown options or commands):
+    with --json among the arguments, also one {"error": ...} document on stdout (exit code 2)."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any) -> click.Context:
+        given = list(args)  # the parser consumes `args`
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)  # type: ignore[misc]
+        except click.UsageError as exc:
+            if "--json" in given:
+                _echo_json(_usage_error_document(exc))
+            raise
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        try:
+            return super().resolve_command(ctx, args)  # type: ignore[misc]
+        except click.UsageError as exc:
+            if "--json" in args:
+                _echo_json(_usage_error_document(exc))
+            raise
+
+
+class _Command(_JsonUsageErrors, click.Command):
+    pass
+
+
+class _Group(_JsonUsageErrors, click.Group):
+    command_class = _Command
 
 
 class _StageProgress:
@@ -95,27 +169,25 @@ class _StageProgress:
             self._bar = None
 
 
-@click.group(epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="edgeopt")
 def cli() -> None:
     """Take a trained ONNX model to an edge device: quantize, lower, verify, profile."""
 
 
 @cli.command(epilog=EXIT_CODES)
-@click.option("--json", "as_json", is_flag=True, help="Print the profiles as JSON.")
-def targets(as_json: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the profiles as JSON: {\"targets\": [...]}.")
+@_expected_errors
+def targets(as_json: bool) -> _Shown:
     """List the device targets and what each runs."""
     from edgeopt.targets import all_targets
 
     profiles = all_targets()
-    if as_json:
-        _echo_json([t.to_dict() for t in profiles])
-        return
     rows = [(t.name, t.artifact_format.value, t.backend, ",".join(t.precisions), ", ".join(t.aliases)) for t in profiles]
     headers = ("target", "format", "backend", "precisions", "aliases")
     widths = [max(len(str(r[i])) for r in (*rows, headers)) for i in range(len(headers))]
-    for row in (headers, *rows):
-        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    table = "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in (headers, *rows))
+    return _Shown({"targets": [t.to_dict() for t in profiles]}, table)
 
 
 @cli.command(epilog=EXIT_CODES)
@@ -124,16 +196,13 @@ def targets(as_json: bool) -> None:
 @click.option("--quant-debug", "quant_debug", type=click.Path(path_type=Path), help="Data (.npz) for a per-layer SQNR report of int8 quantization.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_expected_errors
-def inspect(model: Path, target: str | None, quant_debug: Path | None, as_json: bool) -> None:
+def inspect(model: Path, target: str | None, quant_debug: Path | None, as_json: bool) -> _Shown:
     """Show a model's inputs, size, compute and op mix, and what a target cannot run."""
     from edgeopt.inspect import inspect_model
     from edgeopt.targets import get_target
 
     report = inspect_model(model, get_target(target) if target else None, quant_debug_data=quant_debug)
-    if as_json:
-        _echo_json(report.to_dict())
-    else:
-        click.echo(report.format_text())
+    return _Shown(report.to_dict(), report.format_text())
 
 
 def _parse_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]] | None:
@@ -169,7 +238,7 @@ def _parse_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]] | None:
 @click.option("--archive", is_flag=True, help="Also pack the bundle as <bundle>.tar.gz.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of a summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print {bundle, archive, warnings, manifest} as JSON instead of a summary.")
 @_expected_errors
 def build(
     model: Path,
@@ -187,7 +256,7 @@ def build(
     force: bool,
     quiet: bool,
     as_json: bool,
-) -> None:
+) -> _Shown:
     """Build a verified bundle of MODEL (ONNX) for a device target."""
     from edgeopt.pipeline import build as run_build
 
@@ -207,10 +276,13 @@ def build(
         force=force,
         progress=_StageProgress(quiet or as_json),
     )
-    if as_json:
-        _echo_json(result.manifest)
-    elif not quiet:
-        click.echo(result.summary_text())
+    document = {
+        "bundle": str(result.bundle),
+        "archive": str(result.archive) if result.archive else None,
+        "warnings": result.warnings,
+        "manifest": result.manifest,
+    }
+    return _Shown(document, None if quiet else result.summary_text())
 
 
 @cli.command(epilog=EXIT_CODES)
@@ -218,13 +290,16 @@ def build(
 @click.option("--backend", help="Run the reference check on this backend (e.g. onnxruntime for a jetson-orin bundle).")
 @click.option("--json", "as_json", is_flag=True)
 @_expected_errors
-def verify(bundle: Path, backend: str | None, as_json: bool) -> None:
+def verify(bundle: Path, backend: str | None, as_json: bool) -> _Shown:
     """Check a bundle's checksums and schema, and re-run its reference inputs here."""
     from edgeopt.verify import verify_bundle
 
     result = verify_bundle(bundle, backend=backend)
-    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.format_text())
-    result.raise_for_failure()
+    try:
+        result.raise_for_failure()
+    except EdgeoptError as failure:
+        return _Shown(result.to_dict(), result.format_text(), failure)
+    return _Shown(result.to_dict(), result.format_text())
 
 
 @cli.command(epilog=EXIT_CODES)
@@ -241,7 +316,7 @@ def bench(bundle: Path, backend: str | None, warmup: int, runs: int, duration: f
     from edgeopt.benchmark import benchmark_here
 
     result = benchmark_here(bundle, backend=backend, warmup=warmup, runs=runs, duration=duration, threads=threads)
-    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.format_text())
+    return _Shown(result.to_dict(), result.format_text())
 
 
 @cli.command(epilog=EXIT_CODES)
@@ -249,19 +324,16 @@ def bench(bundle: Path, backend: str | None, warmup: int, runs: int, duration: f
 @click.option("--input", "-i", "input_path", type=click.Path(path_type=Path), required=True, help=".npy (one input) or .npz named by input.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Write the outputs to this .npz [default: print a summary].")
 @click.option("--backend", help="Backend to run on [default: the bundle's, or the file type's].")
-@click.option("--json", "as_json", is_flag=True)
-def predict(bundle: Path, input_path: Path, output: Path | None, backend: str | None, as_json: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the outputs' shapes, dtypes and values (over 10,000 elements: the .npz holding them).")
+@_expected_errors
+def predict(bundle: Path, input_path: Path, output: Path | None, backend: str | None, as_json: bool) -> _Shown:
     """Run a bundle or artifact on inputs from a file, float in and float out.
 
     This is the device runtime's own `predict` command, run here.
     """
-    from edgeopt.runtime.__main__ import main as runtime_main
+    from edgeopt.runtime.__main__ import predict_file
 
-    argv = ["predict", str(bundle), "--input", str(input_path)]
-    argv += ["--output", str(output)] if output else []
-    argv += ["--backend", backend] if backend else []
-    argv += ["--json"] if as_json else []
-    sys.exit(runtime_main(argv))
+    return _Shown(*predict_file(bundle, input_path, output, backend=backend, values=as_json))
 
 
 @cli.command(epilog=EXIT_CODES)
@@ -303,7 +375,9 @@ def profile(
     """Run a bundle's parity check and benchmark on devices over SSH.
 
     Results are appended to the bundle's manifest. Exit code 3 when a device fails the parity check.
+    --json prints {"profiles": [one result per host]}, with "error" beside them when a host failed.
     """
+    from edgeopt.errors import VerificationError
     from edgeopt.remote import ProfileFailedError, ProfileOptions, format_profile_table
     from edgeopt.remote import profile as run_profile
 
@@ -313,20 +387,20 @@ def profile(
         command_timeout=timeout, max_parallel=max_parallel,
     )
 
-    def show(results: list[Any]) -> None:
-        if results:
-            click.echo(json.dumps([r.to_dict() for r in results], indent=2, default=str) if as_json else format_profile_table(results))
+    def shown(results: list[Any], failure: EdgeoptError | None) -> _Shown:
+        return _Shown({"profiles": [r.to_dict() for r in results]}, format_profile_table(results) if results else None, failure)
 
     try:
         results = run_profile(bundle, list(hosts), options, progress=None if as_json else (lambda m: click.echo(f"· {m}", err=True)))
     except ProfileFailedError as exc:
-        show(exc.results)
-        raise
-    show(results)
+        return shown(exc.results, exc)
     failed = [r.host for r in results if not r.verify.get("passed", False)]
     if failed:
-        click.echo(f"error: parity check failed on {', '.join(failed)} (see the verify figures above)", err=True)
-        sys.exit(3)
+        return shown(results, VerificationError(
+            f"parity check failed on {', '.join(failed)}: outputs differ from the bundle's reference",
+            hint="see each host's verify figures (the table, or profiles[].verify with --json)",
+        ))
+    return shown(results, None)
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ import onnx
 
 from edgeopt.converters.errors import LoweringError
 from edgeopt.converters.lower.base import LoweredArtifact, LoweringOptions, LoweringResult
+from edgeopt.runtime.library_output import library_output_to_log
 from edgeopt.runtime.spec import TensorSpec
 from edgeopt.targets import Target
 
@@ -130,8 +131,9 @@ def lower(
     model: onnx.ModelProto, target: Target, precision: str, out_dir: Path, options: LoweringOptions
 ) -> LoweringResult:
     """Write `out_dir/model.mlpackage` and return how to run and verify it."""
-    import coremltools as ct
-    import coremltools.optimize.coreml as cto
+    with library_output_to_log(log, "coremltools"):  # import-time warnings
+        import coremltools as ct
+        import coremltools.optimize.coreml as cto
 
     from edgeopt.converters.lower.coreml_ane import ane_fit_report
     from edgeopt.converters.lower.coreml_ops import build_program, check_supported, mil_name
@@ -147,19 +149,21 @@ def lower(
     program, output_names = build_program(model, inputs, opset, target.name)
     compute = ct.precision.FLOAT32 if COMPUTE_PRECISION.get(precision) == "fp32" else ct.precision.FLOAT16
     log.info("converting MIL program to an ML Program (%s, compute %s)", deployment, compute.value)
-    mlmodel = ct.convert(
-        program,
-        convert_to="mlprogram",
-        minimum_deployment_target=opset,
-        compute_precision=compute,
-        compute_units=getattr(ct.ComputeUnit, str(settings.get("compute_units", "ALL"))),
-        skip_model_load=platform.system() != "Darwin",
-    )
+    with library_output_to_log(log, "coremltools"):  # a progress bar per MIL pass pipeline
+        mlmodel = ct.convert(
+            program,
+            convert_to="mlprogram",
+            minimum_deployment_target=opset,
+            compute_precision=compute,
+            compute_units=getattr(ct.ComputeUnit, str(settings.get("compute_units", "ALL"))),
+            skip_model_load=platform.system() != "Darwin",
+        )
     compression = _compression_config(precision, settings)
     if compression is not None:
         method, config = compression
         log.info("compressing weights: %s", method)
-        mlmodel = getattr(cto, method)(mlmodel, config)
+        with library_output_to_log(log, "coremltools"):
+            mlmodel = getattr(cto, method)(mlmodel, config)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     package = out_dir / PACKAGE_NAME

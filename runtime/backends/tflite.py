@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, ClassVar
 
 import numpy as np
 
 from edgeopt.runtime.backends.base import Backend
+from edgeopt.runtime.library_output import library_output_to_log
 from edgeopt.runtime.spec import TensorSpec
 
 __all__ = ["TfliteBackend"]
+
+log = logging.getLogger(__name__)
 
 #: where each package keeps the Interpreter class
 INTERPRETER_MODULES: tuple[str, ...] = ("ai_edge_litert.interpreter", "tflite_runtime.interpreter", "tensorflow")
@@ -38,10 +42,12 @@ class TfliteBackend(Backend):
                 if self.library == "tensorflow"
                 else interpreter_module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
             )
-        self.interpreter = interpreter_module.Interpreter(
-            model_path=str(self.model_path), num_threads=self.config.threads or None, **keyword
-        )
-        self.interpreter.allocate_tensors()
+        # the first allocation prints "INFO: Created TensorFlow Lite XNNPACK delegate" from C++
+        with library_output_to_log(log, self.library):
+            self.interpreter = interpreter_module.Interpreter(
+                model_path=str(self.model_path), num_threads=self.config.threads or None, **keyword
+            )
+            self.interpreter.allocate_tensors()
         self._input_details = self.interpreter.get_input_details()
         self._output_details = self.interpreter.get_output_details()
         self._input_index = {d["name"]: d["index"] for d in self._input_details}

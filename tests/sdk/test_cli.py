@@ -36,7 +36,9 @@ def test_build_prints_a_summary_and_writes_the_bundle(tmp_path: Path) -> None:
 def test_json_and_quiet_print_no_progress(tmp_path: Path) -> None:
     proc = edgeopt("build", str(DIGITS / "model.onnx"), "-t", "ort", "-o", str(tmp_path / "b"), "--json")
     assert proc.returncode == 0 and proc.stderr == ""
-    assert json.loads(proc.stdout)["target"]["name"] == "onnxruntime-cpu"
+    document = json.loads(proc.stdout)
+    assert document["bundle"] == str(tmp_path / "b") and document["archive"] is None
+    assert document["manifest"]["target"]["name"] == "onnxruntime-cpu"
 
 
 def test_targets_table_and_json() -> None:
@@ -44,7 +46,7 @@ def test_targets_table_and_json() -> None:
     assert table.returncode == 0
     for name in ("jetson-orin", "apple-ane", "intel-openvino", "raspberry-pi", "onnxruntime-cpu"):
         assert name in table.stdout
-    data = json.loads(edgeopt("targets", "--json").stdout)
+    data = json.loads(edgeopt("targets", "--json").stdout)["targets"]
     assert {d["name"] for d in data} >= {"jetson-orin", "raspberry-pi"}
 
 
@@ -170,7 +172,7 @@ def test_budget_met_by_the_digits_int8_build_is_recorded(tmp_path: Path) -> None
     proc = edgeopt("build", str(DIGITS / "model.onnx"), "-t", "rpi", "-p", "int8", "--calibration", str(DIGITS / "calib.npz"),
                    "--eval", str(DIGITS / "eval.npz"), "--max-accuracy-drop", "1.0", "-o", str(tmp_path / "b"), "--json")
     assert proc.returncode == 0, proc.stderr
-    manifest = json.loads(proc.stdout)
+    manifest = json.loads(proc.stdout)["manifest"]
     accuracy = next(m for m in manifest["quality"]["metrics"] if m["name"] == "accuracy")
     assert -accuracy["delta"] * 100 <= 1.0
     assert manifest["quantization"]["budget"] is not None

@@ -22,7 +22,7 @@ def test_profile_command_prints_the_table_and_records_the_run(tmp_path: Path, ss
     ]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
-    (result,) = json.loads(proc.stdout)
+    (result,) = json.loads(proc.stdout)["profiles"]
     assert result["host"] == sshd.host and result["verify"]["passed"]
     assert len(result["bench"]["samples_ms"]) == 5
     manifest = json.loads((bundle / "manifest.json").read_text())
