@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -33,9 +34,12 @@ from numpy.lib.stride_tricks import sliding_window_view
 from edgeopt.runtime.backends.base import Backend, import_first
 from edgeopt.runtime.backends.coreml import _feature_spec
 from edgeopt.runtime.errors import BackendUnavailableError, BundleError, InputSpecError
+from edgeopt.runtime.library_output import library_output_to_log
 from edgeopt.runtime.spec import TensorSpec
 
 __all__ = ["CoreMLReferenceBackend", "MilReferenceEvaluator", "read_weight_blob"]
+
+log = logging.getLogger(__name__)
 
 NAME = "coreml-reference"
 INSTALL_HINT = "pip install coremltools (any OS: only its protobuf classes are used, to read the program)"
@@ -75,9 +79,13 @@ def _unsupported(what: str) -> BackendUnavailableError:
 
 
 def _proto_modules() -> tuple[ModuleType, ModuleType]:
-    """coremltools' MIL_pb2 and Model_pb2, imported on first use (the runtime imports no library up front)."""
-    model_pb2 = import_first(("coremltools.proto.Model_pb2",), backend=NAME, hint=INSTALL_HINT)
-    return importlib.import_module("coremltools.proto.MIL_pb2"), model_pb2
+    """coremltools' MIL_pb2 and Model_pb2, imported on first use (the runtime imports no library up front).
+
+    Importing coremltools prints warnings about the parts it cannot load off macOS: to the log.
+    """
+    with library_output_to_log(log, "coremltools"):
+        model_pb2 = import_first(("coremltools.proto.Model_pb2",), backend=NAME, hint=INSTALL_HINT)
+        return importlib.import_module("coremltools.proto.MIL_pb2"), model_pb2
 
 
 def _unpack_bits(raw: bytes, bits: int, count: int, signed: bool) -> np.ndarray:

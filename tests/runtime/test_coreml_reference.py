@@ -49,7 +49,8 @@ def test_evaluator_depends_only_on_the_file_format() -> None:
     }
     assert imported <= {"__future__", "importlib", "json", "math", "collections.abc", "pathlib", "types", "typing",
                         "numpy", "numpy.lib.stride_tricks", "edgeopt.runtime.backends.base",
-                        "edgeopt.runtime.backends.coreml", "edgeopt.runtime.errors", "edgeopt.runtime.spec"}
+                        "edgeopt.runtime.backends.coreml", "edgeopt.runtime.errors", "edgeopt.runtime.library_output",
+                        "edgeopt.runtime.spec", "logging"}
 
 
 def test_fp16_programs_round_between_ops(tmp_path: Path) -> None:
