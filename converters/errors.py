@@ -27,7 +27,8 @@ class UnsupportedOpsError(EdgeoptError):
         self.nodes = nodes
         lines = "\n".join(f"  - {name or '<unnamed>'} ({op}): {why}" for name, op, why in nodes)
         super().__init__(
-            f"{len(nodes)} node(s) cannot run on {target}:\n{lines}",
+            # neutral: each reason says whose limit it is (the device's runtime, or edgeopt's lowering)
+            f"{len(nodes)} node(s) cannot be built for {target}:\n{lines}",
             hint=hint or "replace or remove these ops before export, or choose another --target",
         )
 

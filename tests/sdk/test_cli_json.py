@@ -186,3 +186,31 @@ def test_json_build_prints_only_the_document(target: str, tmp_path: Path) -> Non
     assert done.stderr == ""
     document = one_document(done.stdout)
     assert document["bundle"] == str(tmp_path / "b") and document["manifest"]["target"]["name"] == target
+
+
+def single_node_model(path: Path, op_type: str) -> Path:
+    """x [1, 8] -> one node: Erf, or TopK with k = 3."""
+    if op_type == "TopK":
+        node = helper.make_node("TopK", ["x", "k"], ["y", "i"], name="the_node")
+        outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3]), helper.make_tensor_value_info("i", TensorProto.INT64, [1, 3])]
+    else:
+        node = helper.make_node(op_type, ["x"], ["y"], name="the_node")
+        outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])]
+    k = [numpy_helper.from_array(np.array([3], np.int64), "k")] if op_type == "TopK" else []
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])], outputs, k)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("op_type", "blame"),
+    [
+        ("TopK", "edgeopt's tflite lowering for raspberry-pi does not write TopK yet"),  # LiteRT has TOPK_V2
+        ("Erf", "LiteRT has no builtin for Erf"),  # no ERF in LiteRT's schema
+    ],
+)
+def test_an_unsupported_op_blames_the_right_party(tmp_path: Path, op_type: str, blame: str) -> None:
+    model = single_node_model(tmp_path / f"{op_type}.onnx", op_type)
+    error = assert_error_document(run_cli("build", model, "-t", "raspberry-pi", "-o", tmp_path / "b", "--json"), "UnsupportedOpsError", 2)["error"]
+    assert blame in error["message"] and "the_node" in error["message"]
+    assert "cannot run on raspberry-pi" not in error["message"]
