@@ -121,8 +121,8 @@ def reference_batches(model: "Model") -> tuple[list[dict[str, np.ndarray]], dict
     if bundle is None:
         raise BundleError(f"{model.source}: verify needs a bundle (it carries reference data)", hint="pass the bundle folder `edgeopt build` wrote")
     reference = bundle.reference or {}
-    inputs = _load_npz(bundle.root / reference.get("inputs", "reference/inputs.npz"), "inputs")
-    expected = _load_npz(bundle.root / reference.get("outputs", "reference/outputs.npz"), "outputs")
+    inputs = _load_npz(bundle.path(reference.get("inputs", "reference/inputs.npz"), "reference.inputs"), "inputs")
+    expected = _load_npz(bundle.path(reference.get("outputs", "reference/outputs.npz"), "reference.outputs"), "outputs")
     missing = [spec.name for spec in model.inputs if spec.name not in inputs]
     if missing:
         raise BundleError(
