@@ -237,7 +237,7 @@ def _parse_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]] | None:
 )
 @click.option("--archive", is_flag=True, help="Also pack the bundle as <bundle>.tar.gz.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@click.option("--quiet", "-q", is_flag=True, help="Nothing on stdout or stderr but errors (no progress, no summary).")
 @click.option("--json", "as_json", is_flag=True, help="Print {bundle, archive, warnings, manifest} as JSON instead of a summary.")
 @_expected_errors
 def build(
@@ -311,7 +311,7 @@ def verify(bundle: Path, backend: str | None, as_json: bool) -> _Shown:
 @click.option("--threads", type=_COUNT, help="Intra-op threads [default: the bundle's].")
 @click.option("--json", "as_json", is_flag=True)
 @_expected_errors
-def bench(bundle: Path, backend: str | None, warmup: int, runs: int, duration: float | None, threads: int | None, as_json: bool) -> None:
+def bench(bundle: Path, backend: str | None, warmup: int, runs: int, duration: float | None, threads: int | None, as_json: bool) -> _Shown:
     """Measure a bundle or artifact on this machine (the runtime's own benchmark)."""
     from edgeopt.benchmark import benchmark_here
 
