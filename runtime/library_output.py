@@ -34,7 +34,11 @@ def library_output_to_log(logger: logging.Logger, library: str) -> Iterator[None
     """Run the body with fd 2 going to a temporary file; log what `library` wrote there."""
     with _FD_LOCK, tempfile.TemporaryFile() as captured:
         _flush_stderr()
-        saved = os.dup(2)
+        try:
+            saved = os.dup(2)
+        except OSError:  # no fd 2 at all (a service started without stderr): nothing to redirect
+            yield
+            return
         os.dup2(captured.fileno(), 2)
         failed = False
         try:
