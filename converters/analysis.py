@@ -109,6 +109,7 @@ def load_model(path: str | Path) -> onnx.ModelProto:
         )
     _load_external_data(model, path)
     _check(model, path)
+    _check_finite_weights(model, path)
 
     opset = model_opset(model)
     if opset is not None and opset < MIN_OPSET:
@@ -177,6 +178,39 @@ def _external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     for graph in _all_graphs(model.graph):
         tensors = [*graph.initializer, *(a.t for n in graph.node for a in n.attribute if a.HasField("t"))]
         yield from (t for t in tensors if onnx.external_data_helper.uses_external_data(t))
+
+
+_FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16})
+
+
+def _check_finite_weights(model: onnx.ModelProto, path: Path) -> None:
+    """NaN or Inf in a weight poisons every figure after it (calibration ranges, quality, the manifest):
+    refuse the model, naming each tensor and how many of its values are not finite."""
+    bad = []
+    for name, tensor in _weight_tensors(model.graph):
+        if tensor.data_type in _FLOAT_TYPES:
+            values = numpy_helper.to_array(tensor)
+            values = values if values.dtype.kind == "f" else values.astype(np.float32)
+            count = int(values.size - np.count_nonzero(np.isfinite(values)))
+            if count:
+                bad.append(f"{name} ({count} of {values.size})")
+    if bad:
+        raise ModelLoadError(
+            f"{path} holds NaN or Inf weights in {len(bad)} initializer(s): {', '.join(bad)}",
+            hint="the model was saved from a diverged or broken training run; re-export it from a finite checkpoint",
+        )
+
+
+def _weight_tensors(graph: onnx.GraphProto) -> Iterator[tuple[str, onnx.TensorProto]]:
+    """(name, tensor) for every initializer and Constant value, subgraphs included."""
+    for tensor in graph.initializer:
+        yield tensor.name, tensor
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR and node.op_type == "Constant":
+                yield node.output[0] if node.output else node.name, attr.t
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                yield from _weight_tensors(sub)
 
 
 def _check(model: onnx.ModelProto, path: Path) -> None:

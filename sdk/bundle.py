@@ -15,9 +15,9 @@ import platform
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from edgeopt.errors import OutputError
 from edgeopt.runtime.bundle import SCHEMA_VERSION, sha256_path
@@ -32,6 +32,8 @@ __all__ = [
     "toolchain_fingerprint",
     "write_manifest",
 ]
+
+T = TypeVar("T")
 
 _TOOLCHAIN_PACKAGES = {
     "numpy": "numpy",
@@ -62,8 +64,11 @@ def artifact_entry(bundle_dir: Path, relpath: str, fmt: str, role: str) -> dict[
 
 
 def _check_writable(output: Path, force: bool) -> None:
-    if output.exists() and not force:
-        raise OutputError(f"output '{output}' already exists", hint="pass --force to replace it, or choose another -o")
+    """Refuse, before any work, an output that exists (without --force), is not ours to replace, or cannot be written."""
+    if output.exists() or output.is_symlink():
+        if not force:
+            raise OutputError(f"output '{output}' already exists", hint="pass --force to replace it, or choose another -o")
+        _check_replaceable(output)
     parent = output.parent if output.parent != Path("") else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -73,23 +78,116 @@ def _check_writable(output: Path, force: bool) -> None:
         raise OutputError(f"output folder '{parent}' is not writable", hint="choose a writable -o")
 
 
-@contextlib.contextmanager
-def atomic_output(output: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces `output`, on failure it vanishes."""
-    _check_writable(output, force)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+def _check_replaceable(output: Path) -> None:
+    """--force replaces an edgeopt bundle or an empty folder, nothing else: never `.`, a parent of
+    the current folder, home, a link, a plain file, or a folder of someone's work."""
+    resolved = output.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents or resolved == Path.home().resolve():
+        raise OutputError(
+            f"refusing to replace '{output}' ({resolved}): it is the current folder, one of its parents or home",
+            hint="choose a new folder for -o, e.g. -o dist/model",
+        )
+    if output.is_symlink() or not output.is_dir():
+        raise OutputError(
+            f"refusing to replace '{output}': it is not a folder (--force replaces only an edgeopt bundle)",
+            hint="remove it yourself if it should go, or choose another -o",
+        )
+    if not any(output.iterdir()):
+        return
+    from edgeopt.runtime.bundle import read_manifest
+    from edgeopt.runtime.errors import BundleError
+
     try:
-        yield staging
-        if output.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".old", dir=output.parent))
-            os.replace(output, trash / output.name)
-            os.replace(staging, output)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging, output)
+        manifest = read_manifest(output)
+    except BundleError as exc:
+        raise OutputError(
+            f"refusing to replace '{output}': it is not an edgeopt bundle ({exc.message})",
+            hint="--force replaces only a folder edgeopt built; remove it yourself if it should go, or choose another -o",
+        ) from None
+    if "edgeopt_version" not in manifest and "runtime" not in manifest:
+        raise OutputError(
+            f"refusing to replace '{output}': its manifest.json was not written by edgeopt",
+            hint="--force replaces only a folder edgeopt built; remove it yourself if it should go, or choose another -o",
+        )
+
+
+def _check_archive_replaceable(archive: Path, force: bool) -> None:
+    """The `<bundle>.tar.gz` that --archive writes: replace only a gzip-compressed tar (with --force)."""
+    if not (archive.exists() or archive.is_symlink()):
+        return
+    if not force:
+        raise OutputError(f"archive '{archive}' already exists", hint="pass --force to replace it, or choose another -o")
+    if archive.is_symlink() or not archive.is_file() or not _is_tar_gz(archive):
+        raise OutputError(
+            f"refusing to replace '{archive}': it is not a .tar.gz archive (--force replaces only a bundle archive)",
+            hint="remove it yourself if it should go, or choose another -o",
+        )
+
+
+def _is_tar_gz(path: Path) -> bool:
+    try:
+        with path.open("rb") as raw:
+            if raw.read(2) != b"\x1f\x8b":
+                return False
+        with tarfile.open(path, "r:gz") as tar:
+            tar.next()
+        return True
+    except (OSError, tarfile.TarError, EOFError):
+        return False
+
+
+@contextlib.contextmanager
+def atomic_output(output: Path, force: bool, archive: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces `output` (and, with `archive`, its
+    packed `<output>.tar.gz` replaces the previous one), on failure or interrupt both vanish and the
+    previous bundle and archive stay as they were. Write errors become OutputError."""
+    _check_writable(output, force)
+    archive_path = output.with_name(output.name + ".tar.gz")
+    if archive:
+        _check_archive_replaceable(archive_path, force)
+    staging = _output_step(output.parent, lambda: Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)))
+    staged_archive: Path | None = None
+    try:
+        try:
+            yield staging
+        except OSError as exc:
+            raise _output_error(exc, output) from exc
+        if archive:
+            staged_archive = _output_step(archive_path, lambda: _pack_to(staging, output.name, archive_path))
+        _output_step(output, lambda: _swap_in(staging, output))
+        if staged_archive is not None:
+            _output_step(archive_path, lambda: os.replace(staged_archive, archive_path))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if staged_archive is not None:
+            staged_archive.unlink(missing_ok=True)
         raise
+
+
+def _swap_in(staging: Path, output: Path) -> None:
+    if output.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".old", dir=output.parent))
+        os.replace(output, trash / output.name)
+        os.replace(staging, output)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging, output)
+
+
+def _output_step(path: Path, step: Callable[[], T]) -> T:
+    try:
+        return step()
+    except OSError as exc:
+        raise _output_error(exc, path) from exc
+
+
+def _output_error(exc: OSError, path: Path) -> OutputError:
+    where = exc.filename or path
+    return OutputError(
+        f"cannot write '{where}': {exc.strerror or exc}",
+        hint="free some space or choose a writable -o; the previous output, if any, is unchanged",
+    )
 
 
 def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> None:
@@ -123,11 +221,23 @@ def append_history(bundle_dir: Path, key: str, entry: dict[str, Any]) -> None:
 def pack(bundle_dir: Path) -> Path:
     """Pack a bundle folder as `<folder>.tar.gz` with one top-level folder, atomically."""
     target = bundle_dir.with_name(bundle_dir.name + ".tar.gz")
-    tmp = target.with_name(f".{target.name}.partial")
-    with tarfile.open(tmp, "w:gz") as tar:
-        tar.add(bundle_dir, arcname=bundle_dir.name)
-    os.replace(tmp, target)
+    staged = _output_step(target, lambda: _pack_to(bundle_dir, bundle_dir.name, target))
+    _output_step(target, lambda: os.replace(staged, target))
     return target
+
+
+def _pack_to(folder: Path, name: str, target: Path) -> Path:
+    """`folder` packed under the top-level name `name` into a staged sibling of `target`; its path.
+    A failed write removes the staged file."""
+    fd, staged_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    staged = Path(staged_name)
+    try:
+        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
+            tar.add(folder, arcname=name)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    return staged
 
 
 def _json_default(value: Any) -> Any:

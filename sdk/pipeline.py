@@ -19,9 +19,9 @@ import numpy as np
 import onnx
 
 import edgeopt
-from edgeopt.bundle import SCHEMA_VERSION, artifact_entry, atomic_output, pack, toolchain_fingerprint, write_manifest
+from edgeopt.bundle import SCHEMA_VERSION, artifact_entry, atomic_output, toolchain_fingerprint, write_manifest
 from edgeopt.converters.analysis import io_specs, is_qdq, load_model, model_opset, model_stats, unsupported_nodes
-from edgeopt.converters.errors import QualityBudgetError, UnsupportedOpsError
+from edgeopt.converters.errors import ModelLoadError, QualityBudgetError, UnsupportedOpsError
 from edgeopt.converters.lower import LoweringOptions, LoweringResult, lower
 from edgeopt.converters.passes import simplify
 from edgeopt.errors import EdgeoptError, OptionError, VerificationError
@@ -164,6 +164,33 @@ def _ort_outputs(model: onnx.ModelProto, samples: Iterable[Mapping[str, np.ndarr
     return list(run_model(model, samples, threads=2))
 
 
+def _finite_or_null(value: Any) -> Any:
+    """`value` with every NaN or infinite float replaced by None: the manifest is strict JSON."""
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _require_finite(fp32_outputs: list[dict[str, np.ndarray]], data: str) -> list[dict[str, np.ndarray]]:
+    """The fp32 model's outputs, refused when any is NaN or Inf: nothing can be verified against them."""
+    bad = {}
+    for sample in fp32_outputs:
+        for name, value in sample.items():
+            if np.issubdtype(value.dtype, np.floating):
+                bad[name] = bad.get(name, 0) + int(value.size - np.count_nonzero(np.isfinite(value)))
+    named = [f"'{name}' ({count} values)" for name, count in bad.items() if count]
+    if named:
+        raise ModelLoadError(
+            f"the fp32 model itself produces NaN or Inf on {data}: output {', '.join(named)}",
+            hint="check the data's scale and preprocessing (what the model was trained on); if they are right, the model is broken: re-export it",
+        )
+    return fp32_outputs
+
+
 _NHWC_FROM_NCHW = (0, 2, 3, 1)
 _NCHW_FROM_NHWC = (0, 3, 1, 2)
 
@@ -270,7 +297,7 @@ def build(
     static_shapes = _static_shapes(inputs, input_shapes, evaluation_set if evaluation_set is not None else calibration_set)
     before = model_stats(source)
 
-    with atomic_output(output_path, force) as staging:
+    with atomic_output(output_path, force, archive=archive) as staging:
         optimized, simplify_report = stages.run(
             "simplify",
             lambda: simplify(source, static_shapes),
@@ -318,9 +345,16 @@ def build(
         reference_inputs = _reference_inputs(source, inputs, evaluation_set if evaluation_set is not None else calibration_set, reference_samples)
         against, parity_graph = ("QDQ", optimized) if chosen == "int8" else ("fp32", source)
         reference_outputs = _ort_outputs(parity_graph, reference_inputs)
+        reference_data = f"the {len(reference_inputs)} reference input(s)" + (
+            f" taken from {evaluation if evaluation_set is not None else calibration}"
+            if isinstance(evaluation if evaluation_set is not None else calibration, (str, Path))
+            else ""
+        )
+        if against == "fp32":
+            _require_finite(reference_outputs, reference_data)
         verification = stages.run(
             "verify",
-            lambda: _verify(lowered, staging, chosen, source, parity_graph, against, reference_inputs, reference_outputs, isa_class),
+            lambda: _verify(lowered, staging, chosen, source, parity_graph, against, reference_inputs, reference_outputs, reference_data, isa_class),
             lambda v: {k: v[k] for k in ("against", "checked", "max_abs")},
         )
         quality = (
@@ -338,10 +372,10 @@ def build(
             to_artifact_io(reference_inputs, [s.name for s in inputs], lowered.inputs),
             to_artifact_io(reference_outputs, [s.name for s in outputs], lowered.outputs),
         )
-        manifest = _manifest(
+        manifest = _finite_or_null(_manifest(
             model_path, source, profile, chosen, lowered, staging, before, after, simplify_report.nodes_after,
             quant_report, quality, verification, reference_outputs, stages.records, isa_class if chosen == "int8" else None,
-        )
+        ))
         from edgeopt.report import write_report
 
         write_manifest(staging, manifest)
@@ -350,7 +384,7 @@ def build(
         manifest["artifacts"].append(artifact_entry(staging, "report.html", "html", "report"))
         write_manifest(staging, manifest)
 
-    packed = pack(output_path) if archive else None
+    packed = output_path.with_name(output_path.name + ".tar.gz") if archive else None
     return BuildResult(output_path, manifest, packed, _warnings(lowered, quant_report, manifest))
 
 
@@ -417,6 +451,7 @@ def _verify(
     against: str,
     inputs: list[dict[str, np.ndarray]],
     reference: list[dict[str, np.ndarray]],
+    reference_data: str,
     isa: IsaClass | None,
 ) -> dict[str, Any]:
     """Lowering parity: the artifact, run here, against the graph it was lowered from."""
@@ -430,7 +465,7 @@ def _verify(
     verified_with = lowered.verified_with or str(lowered.verify_backend)
     tolerances = parity_tolerances(precision, reference, graph)
     mismatch = isa_mismatch(isa, lowered.verify_backend) if lowered.verify_backend == "openvino" else None
-    fp32 = _ort_outputs(source, inputs) if precision == "int8" else None
+    fp32 = _require_finite(_ort_outputs(source, inputs), reference_data) if precision == "int8" else None
     measured = check_parity(precision, reference, outputs, None if mismatch else tolerances, against, verified_with, fp32)
     if mismatch:
         measured["note"] = f"this CPU cannot run the bundle's int8 kernels exactly ({mismatch})"
@@ -445,7 +480,7 @@ def _evaluate(
     from edgeopt.checks import check_quality
 
     samples = [{k: np.asarray(v) for k, v in s.items()} for s in dataset]
-    reference = _ort_outputs(source, samples)
+    reference = _require_finite(_ort_outputs(source, samples), data)
     run, close = _artifact_runner(lowered, staging)
     try:
         candidate = [run(s) for s in samples]
@@ -552,12 +587,22 @@ def _device_tolerance(verification: dict[str, Any], lowered: LoweringResult) -> 
     """The budget a device's parity check applies, per output under the artifact's output names.
 
     The build's own rule where there is one; where there is none (weights compressed in the
-    lowering), twice what this host measured, so a device is held to what the build saw.
+    lowering), twice what this host measured, so a device is held to what the build saw. fp16 and
+    int8 element bounds only catch values off the output's scale, so each output also carries the
+    build's noise bound as an RMS error (`rms`): drift spread over every element fails it.
     """
     tolerances = verification["tolerances"]
     measured = verification["outputs"]
     if tolerances is None:
-        tolerances = {name: {"atol": 2.0 * o["max_abs"] + 1e-6, "rtol": 0.0} for name, o in measured.items()}
+        tolerances = {
+            name: {"atol": 2.0 * o["max_abs"] + 1e-6, "rtol": 0.0, "rms": 2.0 * math.sqrt(o["noise_power"] / max(o["elements"], 1)) + 1e-6}
+            for name, o in measured.items()
+        }
+    else:
+        tolerances = {
+            name: {**t, **({"rms": math.sqrt(measured[name]["allowed_noise_power"] / max(measured[name]["elements"], 1))} if "allowed_noise_power" in measured[name] else {})}
+            for name, t in tolerances.items()
+        }
     renamed = dict(zip(measured, (s.name for s in lowered.outputs)))
     per_output = {renamed.get(name, name): t for name, t in tolerances.items()}
     return {"atol": max(t["atol"] for t in per_output.values()), "rtol": 0.0, "outputs": per_output}

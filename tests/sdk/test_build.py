@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -13,6 +15,7 @@ import onnxruntime as ort
 import pytest
 
 import edgeopt
+from edgeopt.bundle import artifact_entry, write_manifest
 from edgeopt.verify import validate_manifest, verify_bundle
 from tests import zoo
 
@@ -80,6 +83,22 @@ def test_onnxruntime_fp16_halves_the_weights(tmp_path: Path) -> None:
     ratio = fp16.manifest["compression"]["bytes_after"] / fp32.manifest["compression"]["bytes_after"]
     assert 0.45 < ratio < 0.6
     assert fp16.manifest["reference"]["measured"]["max_rel"] <= 2e-2
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_a_device_is_held_to_the_builds_noise_bound_not_only_to_the_output_scale(tmp_path: Path, precision: str) -> None:
+    calibration = DIGITS / "calib.npz" if precision == "int8" else None
+    result = edgeopt.build(DIGITS / "model.onnx", "onnxruntime-cpu", output=tmp_path / "b", precision=precision, calibration=calibration)
+    [bound] = result.manifest["reference"]["tolerance"]["outputs"].values()
+    assert 0 < bound["rms"] < bound["atol"] / 20  # the element bound is the logits' scale; the RMS bound is the build's noise
+    reference = tmp_path / "b" / "reference" / "outputs.npz"
+    drifted = {k: v + 3 * bound["rms"] for k, v in np.load(reference).items()}  # everywhere, far under atol
+    np.savez(reference, **drifted)
+    manifest = result.manifest
+    manifest["artifacts"] = [artifact_entry(tmp_path / "b", a["path"], a["format"], a["role"]) if a["path"] == "reference/outputs.npz" else a for a in manifest["artifacts"]]
+    write_manifest(tmp_path / "b", manifest)
+    outcome = verify_bundle(tmp_path / "b")
+    assert not outcome.passed and outcome.outputs[0].mismatched == 0 and outcome.outputs[0].rms > bound["rms"]
 
 
 def test_archive_and_tampering_are_detected(tmp_path: Path) -> None:
@@ -177,3 +196,51 @@ def test_int8_without_eval_measures_quality_on_calibration_samples_held_out_from
     agreement = next(m for m in quality["metrics"] if m["name"] == "top1_agreement")
     assert agreement["optimized"] >= 0.97
     assert "held out" in result.summary_text()
+
+
+def _digits_with(tmp_path: Path, initializer: str, value: float, count: int) -> Path:
+    """The digits model with `count` values of one initializer set to `value` (NaN or Inf)."""
+    model = onnx.load(str(DIGITS / "model.onnx"))
+    tensor = next(t for t in model.graph.initializer if t.name == initializer)
+    array = onnx.numpy_helper.to_array(tensor).copy()
+    array.reshape(-1)[:count] = value
+    tensor.CopyFrom(onnx.numpy_helper.from_array(array, initializer))
+    path = tmp_path / "poisoned.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "edgeopt.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(("initializer", "value", "count"), [("classifier.weight", float("nan"), 1), ("features.0.weight", float("inf"), 3)])
+def test_non_finite_weights_are_refused_naming_the_initializer(tmp_path: Path, initializer: str, value: float, count: int) -> None:
+    """max() drops NaN: a poisoned weight would otherwise build a 'verified' bundle with NaN in its manifest."""
+    model = _digits_with(tmp_path, initializer, value, count)
+    proc = _cli("build", str(model), "-t", "ort", "-o", str(tmp_path / "b"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"NaN or Inf weights in 1 initializer(s): {initializer} ({count} of" in proc.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_model_producing_nan_on_the_data_is_refused_naming_the_output(tmp_path: Path) -> None:
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Log", ["x"], ["log_x"])],
+        "log",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [onnx.helper.make_tensor_value_info("log_x", onnx.TensorProto.FLOAT, [1, 4])],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(model, str(tmp_path / "log.onnx"))
+    np.savez(tmp_path / "negative.npz", x=-np.ones((40, 4), np.float32))
+    proc = _cli("build", str(tmp_path / "log.onnx"), "-t", "ort", "-o", str(tmp_path / "b"), "--eval", str(tmp_path / "negative.npz"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "the fp32 model itself produces NaN or Inf on the 4 reference input(s) taken from" in proc.stderr
+    assert "output 'log_x' (16 values)" in proc.stderr and not (tmp_path / "b").exists()
+
+
+def test_every_number_in_the_manifest_is_strict_json(tmp_path: Path) -> None:
+    result = edgeopt.build(DIGITS / "model.onnx", "ort", output=tmp_path / "b", precision="int8",
+                           calibration=DIGITS / "calib.npz", evaluation=DIGITS / "eval.npz")
+    json.loads((result.bundle / "manifest.json").read_text(), parse_constant=lambda name: pytest.fail(f"bare {name} in the manifest"))

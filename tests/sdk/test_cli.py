@@ -116,8 +116,12 @@ def test_existing_output_needs_force(tmp_path: Path) -> None:
     (out / "keep.txt").write_text("mine")
     assert_clean_failure(edgeopt("build", str(DIGITS / "model.onnx"), "-t", "ort", "-o", str(out)), 2, "--force")
     assert (out / "keep.txt").read_text() == "mine"
+    assert_clean_failure(edgeopt("build", str(DIGITS / "model.onnx"), "-t", "ort", "-o", str(out), "--force"), 2, "not an edgeopt bundle")
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
     assert edgeopt("build", str(DIGITS / "model.onnx"), "-t", "ort", "-o", str(out), "--force", "-q").returncode == 0
-    assert not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
+    assert edgeopt("build", str(DIGITS / "model.onnx"), "-t", "ort", "-o", str(out), "--force", "-q").returncode == 0
+    assert (out / "manifest.json").is_file()
 
 
 def test_unwritable_output_folder(tmp_path: Path) -> None:
