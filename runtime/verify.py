@@ -1,7 +1,9 @@
 """Parity on the device: run the bundle's reference inputs, compare with the stored fp32 outputs.
 
 An output passes when |y - y_ref| <= atol + rtol * |y_ref| everywhere (numpy.allclose's rule),
-with atol and rtol from the manifest's reference.tolerance.
+with atol and rtol from the manifest's reference.tolerance, and, where the build recorded one, its
+RMS error over all reference elements is at most the output's `rms`: the element bound of fp16 and
+int8 bundles only catches values off the output's scale, the RMS bound catches drift everywhere.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ class OutputComparison:
     mismatched: int
     elements: int
     note: str | None = None
+    #: RMS of y - y_ref over every element, and the bound it had to meet (None: no RMS bound)
+    rms: float = 0.0
+    allowed_rms: float | None = None
 
 
 @dataclass
@@ -66,9 +71,10 @@ class VerifyResult:
             lines.append(f"  note: {self.backend} stands in for {self.stand_in_for}: {self.note}")
         for o in self.outputs:
             status = "ok  " if o.passed else "FAIL"
-            detail = f"  {o.mismatched}/{o.elements} outside tolerance" if not o.passed else ""
+            detail = f"  {o.mismatched}/{o.elements} outside tolerance" if o.mismatched else ""
+            rms = f"  rms {o.rms:.3g}" + (f" (≤ {o.allowed_rms:.3g})" if o.allowed_rms is not None else "")
             note = f"  ({o.note})" if o.note else ""
-            lines.append(f"  {status} {o.name}: max_abs {o.max_abs:.3g}  max_rel {o.max_rel:.3g}{detail}{note}")
+            lines.append(f"  {status} {o.name}: max_abs {o.max_abs:.3g}  max_rel {o.max_rel:.3g}{rms}{detail}{note}")
         lines.append("  PASSED" if self.passed else "  FAILED")
         return "\n".join(lines)
 
@@ -76,10 +82,15 @@ class VerifyResult:
         """A VerificationError (exit code 3) naming the outputs that missed the tolerance."""
         if self.passed:
             return
-        worst = ", ".join(f"{o.name} (max_abs {o.max_abs:.3g}, {o.mismatched}/{o.elements} elements)" for o in self.failures())
+        worst = ", ".join(
+            f"{o.name} (max_abs {o.max_abs:.3g}, {o.mismatched}/{o.elements} elements"
+            + (f"; rms {o.rms:.3g} > {o.allowed_rms:.3g}" if o.allowed_rms is not None and not o.rms <= o.allowed_rms else "")
+            + ")"
+            for o in self.failures()
+        )
         raise VerificationError(
             f"{self.bundle}: outputs differ from the reference beyond atol {self.tolerance['atol']:g} "
-            f"rtol {self.tolerance['rtol']:g} on {self.backend}: {worst}",
+            f"rtol {self.tolerance['rtol']:g} or their RMS bound on {self.backend}: {worst}",
             hint="check the backend version against the bundle's toolchain, or rebuild with a higher precision",
         )
 
@@ -165,7 +176,8 @@ def verify_model(model: "Model") -> VerifyResult:
         else:
             actual = per_call[0]
         own = per_output.get(spec.name, {})
-        comparisons.append(compare(spec.name, actual, expected[spec.name], float(own.get("atol", atol)), float(own.get("rtol", rtol))))
+        allowed_rms = float(own["rms"]) if "rms" in own else None
+        comparisons.append(compare(spec.name, actual, expected[spec.name], float(own.get("atol", atol)), float(own.get("rtol", rtol)), allowed_rms))
     if not comparisons:
         raise BundleError(
             f"{model.source}: reference outputs name none of the model's outputs ({', '.join(s.name for s in model.outputs)})",
@@ -185,8 +197,8 @@ def verify_model(model: "Model") -> VerifyResult:
     )
 
 
-def compare(name: str, actual: np.ndarray, reference: np.ndarray, atol: float, rtol: float) -> OutputComparison:
-    """Elementwise |y - ref| <= atol + rtol * |ref|, with the largest absolute and relative errors."""
+def compare(name: str, actual: np.ndarray, reference: np.ndarray, atol: float, rtol: float, allowed_rms: float | None = None) -> OutputComparison:
+    """Elementwise |y - ref| <= atol + rtol * |ref| (and RMS error <= allowed_rms), with the largest errors."""
     note = None
     if actual.shape != reference.shape:
         if actual.size != reference.size:
@@ -204,4 +216,6 @@ def compare(name: str, actual: np.ndarray, reference: np.ndarray, atol: float, r
     max_abs = float(difference.max()) if difference.size else 0.0
     relative = difference / np.maximum(np.abs(ref), np.finfo(np.float32).tiny)
     max_rel = float(relative.max()) if relative.size else 0.0
-    return OutputComparison(name, outside == 0, max_abs, max_rel, outside, int(ref.size), note)
+    rms = float(np.sqrt(np.mean(np.minimum(difference, 1e150) ** 2))) if difference.size else 0.0
+    passed = outside == 0 and (allowed_rms is None or rms <= allowed_rms)
+    return OutputComparison(name, passed, max_abs, max_rel, outside, int(ref.size), note, rms, allowed_rms)

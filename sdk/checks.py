@@ -123,11 +123,13 @@ def check_parity(
             if fp32 is not None:
                 float_out = np.asarray(fp32[index][name], dtype=np.float64).reshape(expected.shape)
                 quantization += float(np.sum(np.nan_to_num(expected - float_out, nan=0.0) ** 2))
-        outputs[name] = {"max_abs": worst, "max_rel": worst / peak if peak else (0.0 if worst == 0 else math.inf), "noise_power": noise}
+        elements = sum(np.asarray(r[name]).size for r in reference)
+        outputs[name] = {
+            "max_abs": worst, "max_rel": worst / peak if peak else (0.0 if worst == 0 else math.inf), "noise_power": noise, "elements": elements,
+        }
         if tolerances is not None:
             outputs[name]["allowed"] = tolerances[name]["atol"]
             # plus one output step (or a float rounding) per element, for outputs that are (nearly) exact
-            elements = sum(np.asarray(r[name]).size for r in reference)
             floor = elements * (tolerances[name].get("step", 0.0) ** 2 + (1e-5 * peak) ** 2)
             if precision == "int8" and fp32 is not None:
                 outputs[name]["allowed_noise_power"] = INT8_NOISE_RATIO * quantization + floor

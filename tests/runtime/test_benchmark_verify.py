@@ -109,6 +109,19 @@ def test_verify_fails_when_outputs_differ_and_says_by_how_much(tmp_path: Path) -
     assert "FAILED" in result.format_text()
 
 
+def test_drift_under_the_element_bound_fails_the_rms_bound(tmp_path: Path) -> None:
+    """fp16/int8 element bounds only catch values off the output's scale; the build's RMS bound catches drift everywhere."""
+    loose = {"atol": 10.0, "rtol": 0.0, "outputs": {"y": {"atol": 10.0, "rtol": 0.0, "rms": 0.1}}}
+    result = verify(float_bundle(tmp_path / "b", tolerance=loose, wrong_reference=True))
+    [output] = result.outputs
+    assert not result.passed and output.mismatched == 0
+    assert output.rms == pytest.approx(0.5, abs=1e-5) and output.allowed_rms == 0.1
+    with pytest.raises(VerificationError, match=r"rms 0\.5 > 0\.1"):
+        result.raise_for_failure()
+    within = {"atol": 10.0, "rtol": 0.0, "outputs": {"y": {"atol": 10.0, "rtol": 0.0, "rms": 0.6}}}
+    assert verify(float_bundle(tmp_path / "c", tolerance=within, wrong_reference=True)).passed
+
+
 def test_verify_accepts_references_concatenated_along_a_batch_of_one(tmp_path: Path) -> None:
     x = np.random.default_rng(5).standard_normal((3, 4)).astype(np.float32)
     bundle = write_bundle(
