@@ -1,5 +1,10 @@
 """`load` a bundle or a bare artifact and get a Model: checked inputs, float in and float out.
 
+`Model.predict` may be called from several threads at once, on every backend: backends whose
+library call is thread-safe run concurrently (ONNX Runtime; OpenVINO with an infer request per
+thread), the others one call at a time behind a lock per model (LiteRT, Core ML, TensorRT; see
+`Backend.thread_safe_infer`). `reload` and `close` must not race with predict.
+
 The predict path is kept lean on purpose (the runtime-overhead benchmark holds it to tens of
 microseconds): everything that can be decided once — names, dtypes, static shapes, quantization
 constants — is decided in `Model.__init__`, and `predict` only compares and converts.
@@ -9,8 +14,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -271,8 +277,25 @@ def _merge(declared: TensorSpec, actual: TensorSpec) -> TensorSpec:
     return TensorSpec(declared.name, tuple(shape), actual.dtype, declared.layout or actual.layout, quantization)
 
 
+def _thread_safe(backend: Backend) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """`backend.infer`, behind a lock of its own unless the backend says its infer is thread-safe."""
+    if backend.thread_safe_infer:
+        return backend.infer
+    lock = threading.Lock()
+    infer = backend.infer
+
+    def infer_one_at_a_time(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with lock:
+            return infer(feeds)
+
+    return infer_one_at_a_time
+
+
 class Model:
-    """A loaded model: `predict`, `benchmark`, `verify`; close it (or use `with`) to free the backend."""
+    """A loaded model: `predict`, `benchmark`, `verify`; close it (or use `with`) to free the backend.
+
+    `predict` (and `model(x)`) is safe to call from several threads on every backend.
+    """
 
     def __init__(
         self,
@@ -324,6 +347,7 @@ class Model:
             if spec.quantization and np.dtype(spec.dtype).kind in "iu"
         ]
         self._single_input = self._plans[0].spec.name if len(self._plans) == 1 else None
+        self._run = _thread_safe(backend)
         self._infer = self._first_infer
 
     # -- description -----------------------------------------------------------------------
@@ -401,9 +425,9 @@ class Model:
     def _first_infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The first call is timed on its own (lazy allocation, kernel selection), then replaced."""
         started = time.perf_counter()
-        outputs = self._backend.infer(feeds)
+        outputs = self._run(feeds)
         self.first_inference_seconds = time.perf_counter() - started
-        self._infer = self._backend.infer
+        self._infer = self._run
         return outputs
 
     def _name_error(self, inputs: Mapping[str, Any]) -> InputSpecError:
@@ -451,6 +475,7 @@ class Model:
         self.load_seconds = time.perf_counter() - started
         self.rss_before_load, self.rss_after_load = rss_before, current_rss_bytes()
         self.first_inference_seconds = None
+        self._run = _thread_safe(self._backend)
         self._infer = self._first_infer
 
     # -- lifetime --------------------------------------------------------------------------

@@ -95,6 +95,10 @@ class Backend:
     distributions: ClassVar[tuple[str, ...]]
     #: how to install the library when no bundle manifest says otherwise
     default_install_hint: ClassVar[str]
+    #: True when `infer` may run in several threads at once (ONNX Runtime's session.run; OpenVINO with an
+    #: infer request per thread). Otherwise the Model runs one `infer` at a time behind a lock (LiteRT's
+    #: interpreter, Core ML, a TensorRT execution context are not thread-safe).
+    thread_safe_infer: ClassVar[bool] = False
 
     def __init__(self, model_path: Path, config: BackendConfig) -> None:
         self.model_path = Path(model_path)
@@ -139,7 +143,8 @@ class Backend:
         raise NotImplementedError
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run once. `feeds` are already checked and in the artifact's dtypes; outputs are fresh arrays."""
+        """Run once. `feeds` are already checked and in the artifact's dtypes; outputs are fresh arrays
+        (copies the library no longer writes to: the Model's lock, if any, is released after `infer`)."""
         raise NotImplementedError
 
     def raw_call(self) -> tuple[Any, Any]:

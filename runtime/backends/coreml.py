@@ -25,7 +25,10 @@ COMPUTE_UNITS: tuple[str, ...] = ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE"
 
 
 class CoreMLBackend(Backend):
-    """`device` or options.compute_units: ALL (default), CPU_ONLY, CPU_AND_GPU, CPU_AND_NE."""
+    """`device` or options.compute_units: ALL (default), CPU_ONLY, CPU_AND_GPU, CPU_AND_NE.
+
+    MLModel.predict is not documented as thread-safe: the Model runs one `infer` at a time.
+    """
 
     name: ClassVar[str] = "coreml"
     suffixes: ClassVar[tuple[str, ...]] = (".mlpackage", ".mlmodel")

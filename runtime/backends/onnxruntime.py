@@ -51,6 +51,7 @@ class OnnxRuntimeBackend(Backend):
     modules: ClassVar[tuple[str, ...]] = ("onnxruntime",)
     distributions: ClassVar[tuple[str, ...]] = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino")
     default_install_hint: ClassVar[str] = "pip install onnxruntime"
+    thread_safe_infer: ClassVar[bool] = True  # InferenceSession.run may be called from several threads
 
     def activate(self) -> None:
         ort = self.import_library()

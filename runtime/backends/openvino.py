@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from functools import partial
 from typing import Any, ClassVar
 
@@ -30,6 +31,7 @@ class OpenVinoBackend(Backend):
     modules: ClassVar[tuple[str, ...]] = ("openvino",)
     distributions: ClassVar[tuple[str, ...]] = ("openvino",)
     default_install_hint: ClassVar[str] = "pip install openvino"
+    thread_safe_infer: ClassVar[bool] = True  # each thread infers on its own request (an infer request is not shared)
 
     def activate(self) -> None:
         ov = self.import_library()
@@ -42,9 +44,9 @@ class OpenVinoBackend(Backend):
             properties["INFERENCE_NUM_THREADS"] = str(int(self.config.threads))
         self.core = ov.Core()
         self.compiled = self.core.compile_model(str(self.model_path), self.device, properties)
-        self.request = self.compiled.create_infer_request()
+        self._requests = threading.local()
+        self.request = self._thread_request()
         self._output_names = [_port_name(port) for port in self.compiled.outputs]
-        self._infer = self.request.infer
 
     def _specs(self, ports: Any) -> list[TensorSpec]:
         specs = []
@@ -62,15 +64,23 @@ class OpenVinoBackend(Backend):
     def output_metadata(self) -> list[TensorSpec]:
         return self._specs(self.compiled.outputs)
 
+    def _thread_request(self) -> Any:
+        """This thread's infer request, created from the compiled model on the thread's first call."""
+        try:
+            return self._requests.request
+        except AttributeError:
+            self._requests.request = self.compiled.create_infer_request()
+            return self._requests.request
+
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = self._infer(feeds, share_inputs=True, share_outputs=False)
+        results = self._thread_request().infer(feeds, share_inputs=True, share_outputs=False)
         return dict(zip(self._output_names, results.to_tuple()))
 
     def raw_call(self) -> tuple[Any, Any]:
         return partial(self.request.infer, share_inputs=True, share_outputs=False), lambda feeds: (feeds,)
 
     def deactivate(self) -> None:
-        del self.request, self.compiled, self.core, self._infer
+        del self.request, self._requests, self.compiled, self.core
 
     def facts(self) -> dict[str, Any]:
         return {

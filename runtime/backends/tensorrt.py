@@ -131,7 +131,11 @@ def _load_library(name: str) -> ctypes.CDLL:
 
 
 class TensorRTBackend(Backend):
-    """A TensorRT engine built from the bundle's TensorRT-ready ONNX; `device` is the GPU index (0)."""
+    """A TensorRT engine built from the bundle's TensorRT-ready ONNX; `device` is the GPU index (0).
+
+    One execution context, stream and set of device buffers, which TensorRT does not allow two threads
+    to use at once: the Model runs one `infer` at a time.
+    """
 
     name: ClassVar[str] = "tensorrt"
     suffixes: ClassVar[tuple[str, ...]] = ()

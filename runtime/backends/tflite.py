@@ -20,7 +20,11 @@ INTERPRETER_MODULES: tuple[str, ...] = ("ai_edge_litert.interpreter", "tflite_ru
 
 
 class TfliteBackend(Backend):
-    """`threads` sets the interpreter's threads; `options`: xnnpack (default true)."""
+    """`threads` sets the interpreter's threads; `options`: xnnpack (default true).
+
+    The Interpreter is not thread-safe (set_tensor/invoke/get_tensor share its tensors), so the Model
+    runs one `infer` at a time (thread_safe_infer stays False).
+    """
 
     name: ClassVar[str] = "tflite"
     suffixes: ClassVar[tuple[str, ...]] = (".tflite",)
@@ -85,7 +89,7 @@ class TfliteBackend(Backend):
                 self._resize(name, value.shape)
             set_tensor(self._input_index[name], value)
         self._invoke()
-        get_tensor = self._get_tensor
+        get_tensor = self._get_tensor  # a copy, not a view: the next invoke cannot change it
         return {name: get_tensor(index) for name, index in self._outputs}
 
     def _resize(self, name: str, shape: tuple[int, ...]) -> None:
