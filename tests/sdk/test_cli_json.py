@@ -86,18 +86,23 @@ def test_targets_json_is_one_object() -> None:
     assert {t["name"] for t in one_document(result.stdout)["targets"]} >= {"apple-ane", "raspberry-pi"}
 
 
-def test_verify_that_fails_prints_its_results_and_the_failure_in_one_document(digits_bundle: Path, tmp_path: Path) -> None:
+def drifted_copy(bundle: Path, to: Path) -> Path:
+    """A copy whose reference outputs are off by 1 (checksums updated): parity must fail."""
     from edgeopt.bundle import artifact_entry, read_manifest, write_manifest
 
-    bundle = tmp_path / "drifted"
-    shutil.copytree(digits_bundle, bundle)
-    with np.load(bundle / "reference" / "outputs.npz") as outputs:
-        np.savez(bundle / "reference" / "outputs.npz", **{name: outputs[name] + 1.0 for name in outputs.files})
-    manifest = read_manifest(bundle)
+    shutil.copytree(bundle, to)
+    with np.load(to / "reference" / "outputs.npz") as outputs:
+        np.savez(to / "reference" / "outputs.npz", **{name: outputs[name] + 1.0 for name in outputs.files})
+    manifest = read_manifest(to)
     manifest["artifacts"] = [
-        artifact_entry(bundle, a["path"], a["format"], a["role"]) if a["path"] == "reference/outputs.npz" else a for a in manifest["artifacts"]
+        artifact_entry(to, a["path"], a["format"], a["role"]) if a["path"] == "reference/outputs.npz" else a for a in manifest["artifacts"]
     ]
-    write_manifest(bundle, manifest)
+    write_manifest(to, manifest)
+    return to
+
+
+def test_verify_that_fails_prints_its_results_and_the_failure_in_one_document(digits_bundle: Path, tmp_path: Path) -> None:
+    bundle = drifted_copy(digits_bundle, tmp_path / "drifted")
     document = assert_error_document(run_cli("verify", bundle, "--json"), "VerificationError", 3)
     assert document["passed"] is False and document["outputs"]
 
@@ -146,6 +151,16 @@ def test_profile_of_an_unreachable_host_is_one_error_document(digits_bundle: Pat
     result = run_cli("profile", digits_bundle, "--host", "nobody@127.0.0.1", "--port", "1", "-F", tmp_path / "ssh_config",
                      "--connect-timeout", "3", "--json")
     assert_error_document(result, "HostUnreachableError", 2)
+
+
+def test_profile_parity_miss_is_one_document_with_the_results_and_the_failure(digits_bundle: Path, tmp_path: Path, sshd) -> None:
+    bundle = drifted_copy(digits_bundle, tmp_path / "drifted")
+    result = run_cli("profile", bundle, "--host", sshd.host, "--port", str(sshd.port), "-i", sshd.client_key, "-F", sshd.ssh_config,
+                     "--python", sys.executable, "--runs", "2", "--warmup", "0", "--json")
+    document = assert_error_document(result, "VerificationError", 3)
+    (profiled,) = document["profiles"]
+    assert profiled["host"] == sshd.host and profiled["verify"]["passed"] is False
+    assert sshd.host in document["error"]["message"]
 
 
 def runtime(*args: str | Path) -> subprocess.CompletedProcess[str]:
