@@ -29,7 +29,7 @@ __all__ = ["main", "build_parser", "error_document", "predict_file"]
 
 EPILOG = (
     "exit codes: 0 ok, 1 unexpected error, 2 bad usage or input (incl. missing backend, damaged bundle or checksum "
-    "mismatch, unsafe archive), 3 verification failed (outputs differ from the reference beyond its tolerance)"
+    "mismatch, unsafe archive), 3 verification failed (outputs differ from the reference beyond its tolerance), 130 interrupted (Ctrl-C)"
 )
 
 #: predict --json prints outputs up to this many elements inline; larger ones are left in the .npz it writes
@@ -231,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         if "--json" in argv:
             print(json.dumps(error_document(error)))
         return error.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     print(json.dumps(document, default=str) if args.json else text)
     return code
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +27,9 @@ Exit codes:
      damaged bundle or checksum mismatch, unsafe archive)
   3  lowering parity missed (a bug), quality budget missed, parity missed
      on a device, a broken int8 result (non-finite, or cosine with fp32
-     below 0.5), or a backend rejecting an artifact edgeopt wrote"""
+     below 0.5), or a backend rejecting an artifact edgeopt wrote
+  130  interrupted (SIGINT, Ctrl-C); 143 terminated (SIGTERM): nothing is
+     left half-written, the previous output stays as it was"""
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -403,8 +406,31 @@ def profile(
     return shown(results, None)
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived. A BaseException, like KeyboardInterrupt, so it unwinds through every
+    `finally` (staging folders, ssh children, remote staging are removed) and past click, which would
+    turn KeyboardInterrupt into "Aborted!" and exit 1."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    """The first SIGINT/SIGTERM raises Interrupted; later ones are ignored so the cleanup it starts finishes."""
+    for other in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(other, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
 def main() -> None:
-    cli(prog_name="edgeopt")
+    for interrupt in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(interrupt, _raise_interrupted)
+    try:
+        cli(prog_name="edgeopt")
+    except Interrupted as exc:
+        click.echo("interrupted; nothing was written", err=True)
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":
