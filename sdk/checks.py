@@ -210,7 +210,7 @@ def check_quality(
         quality["budget"] = {"metric": metric, "max_drop": max_drop, "drop": drop}
         if drop > max_drop:
             raise QualityBudgetError(
-                f"{metric} is {drop:.3g} on {figures['samples']} samples of {data}; the budget (--max-accuracy-drop) is {max_drop:g}",
+                f"{metric} is {drop:.3g} points on {figures['samples']} samples of {data}; the budget (--max-accuracy-drop) is {max_drop:g} points",
                 hint="raise --max-accuracy-drop, calibrate on more representative data, or build a higher precision;"
                 " `edgeopt inspect MODEL --target T --quant-debug DATA` shows which layers lose most",
             )

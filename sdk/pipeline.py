@@ -56,7 +56,7 @@ class BuildResult:
         ref = m["reference"]["measured"]
         model_bytes = sum(a["bytes"] for a in m["artifacts"] if a["role"] in ("model", "weights"))
         lines = [
-            f"built {m['name']} for {m['target']['name']} ({m['target']['artifact_format']}, {m['precision']})",
+            f"built {m['name']} for {m['target']['name']} ({m['target']['artifact_format']}, {_precision_label(m)})",
             f"  bundle   {self.bundle}" + (f"  (+ {self.archive.name})" if self.archive else ""),
             f"  model    {_human(comp['bytes_before'])} -> {_human(model_bytes)}"
             f"  ({comp['bytes_before'] / max(model_bytes, 1):.2f}x)",
@@ -72,9 +72,16 @@ class BuildResult:
         if quality:
             lines.append(f"  quality  vs fp32 on {quality['samples']} samples of {quality['data']}")
             for metric in quality["metrics"]:
+                if metric["name"] in _POINT_METRICS:  # shares, shown in points like the budget
+                    figures = f"fp32 {100 * metric['fp32']:.2f}% -> {100 * metric['optimized']:.2f}% (Δ {100 * metric['delta']:+.2f} points)"
+                else:
+                    figures = f"fp32 {metric['fp32']:.4g} -> {metric['optimized']:.4g} (Δ {metric['delta']:+.4g})"
+                lines.append(f"           {metric['name']} {metric['output']}: {figures}")
+            budget = quality.get("budget")
+            if budget:
                 lines.append(
-                    f"           {metric['name']} {metric['output']}: fp32 {metric['fp32']:.4g}"
-                    f" -> {metric['optimized']:.4g} (Δ {metric['delta']:+.4g})"
+                    f"  budget   {budget['metric'].removesuffix(' (points)').removesuffix(' (%)')} {budget['drop']:.2f} points"
+                    f" (--max-accuracy-drop {budget['max_drop']:g} points)"
                 )
         if "transpose_ops" in m["lowering"]:
             lines.append(f"  layout   {m['lowering']['transpose_ops']} TRANSPOSE op(s) in the artifact")
@@ -82,6 +89,22 @@ class BuildResult:
             lines.append(f"  file     {artifact['path']:<32} {_human(artifact['bytes']):>10}  {artifact['role']}")
         lines += [f"  warning  {w}" for w in self.warnings]
         return "\n".join(lines)
+
+
+#: Quality metrics that are shares (0..1): the summary shows them in percent and their deltas in
+#: points, the unit of --max-accuracy-drop.
+_POINT_METRICS = frozenset({"accuracy", "top1_agreement"})
+
+
+def _all_float(manifest: Mapping[str, Any]) -> bool:
+    """The accuracy budget held only with every quantized layer kept in float."""
+    return bool(((manifest.get("quantization") or {}).get("budget") or {}).get("all_float"))
+
+
+def _precision_label(manifest: Mapping[str, Any]) -> str:
+    if _all_float(manifest):
+        return "float: the accuracy budget kept every layer out of int8"
+    return str(manifest["precision"])
 
 
 def _human(n: float) -> str:
@@ -617,4 +640,10 @@ def _warnings(lowered: LoweringResult, quant_report: dict[str, Any] | None, mani
         from edgeopt.converters.quantize import describe_adaptations
 
         notes += [f"adapted: {line}" for line in describe_adaptations(quant_report.get("adaptations", []))]
+        if _all_float(manifest):
+            budget = quant_report["budget"]
+            notes.append(
+                f"--max-accuracy-drop {budget['max_drop']:g} held only with all {len(quant_report['float_fallback'])} quantizable"
+                " layers in float: this bundle computes in float, with no int8 speed-up; allow a larger drop, or build --precision fp32/fp16"
+            )
     return notes

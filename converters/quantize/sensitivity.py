@@ -40,7 +40,11 @@ def meet_budget(
     max_drop: float,
     plan: Callable[[Iterable[str]], QuantPlan],
 ) -> tuple[onnx.ModelProto, list[str], dict]:
-    """(QDQ model, nodes kept in float, budget report); QualityBudgetError if no prefix meets the budget."""
+    """(QDQ model, nodes kept in float, budget report); QualityBudgetError if no prefix meets the budget.
+
+    The budget and every drop are in points of the quality metric (accuracy or top-1 agreement, %);
+    `all_float` in the report says the budget held only with every quantized layer in float.
+    """
     reference = list(run_model(float_model, evaluation))
     labels = evaluation.labels
 
@@ -54,7 +58,7 @@ def meet_budget(
     trials = [{"float_layers": 0, "drop": drop}]
     result = {"metric": metric, "max_drop": max_drop, "trials": trials}
     if drop <= max_drop:
-        return base, [], {**result, "met": True, "drop": drop, "fidelity": base_report}
+        return base, [], {**result, "met": True, "drop": drop, "all_float": False, "fidelity": base_report}
     candidates = [node for node, _ in rank_layers(float_model, base, evaluation) if node in plan(excluded).quantized_nodes]
     log.info("budget %.2f missed (%s %.2f); trying float fallback over %d ranked layers", max_drop, metric, drop, len(candidates))
     cache: dict[int, tuple[onnx.ModelProto, float, dict]] = {0: (base, drop, base_report)}
@@ -73,7 +77,7 @@ def meet_budget(
     if attempt(high) > max_drop:
         best = min(cache.values(), key=lambda entry: entry[1])
         raise QualityBudgetError(
-            f"the accuracy budget of {max_drop:g} cannot be met: the best {metric} reached is {best[1]:.3f} "
+            f"the accuracy budget of {max_drop:g} points cannot be met: the best {metric} reached is {best[1]:.3f} points "
             f"(with {len(candidates)} of {len(candidates)} ranked layers in float it is {cache[high][1]:.3f})",
             hint="raise --max-accuracy-drop, use another calibration method (--calibration-method percentile|entropy|mse), "
             "more representative calibration data, or build fp16",
@@ -86,5 +90,8 @@ def meet_budget(
             low = middle
     model, value, report = cache[high]
     fallback = list(candidates[:high])
-    return model, fallback, {**result, "met": True, "drop": value, "fidelity": report, "ranking": candidates[: max(high, 1) * 2]}
+    all_float = high == len(candidates)
+    if all_float:
+        log.warning("the budget %.2f holds only with all %d quantized layers in float: the result computes in float", max_drop, high)
+    return model, fallback, {**result, "met": True, "drop": value, "all_float": all_float, "fidelity": report, "ranking": candidates[: max(high, 1) * 2]}
 

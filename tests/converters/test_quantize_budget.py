@@ -97,3 +97,20 @@ def test_unreachable_budget_exits_3_with_the_best_figure(model: onnx.ModelProto)
 def test_a_budget_without_evaluation_data_is_a_clear_error(model: onnx.ModelProto) -> None:
     with pytest.raises(CalibrationDataError, match="--eval"):
         quantize(model, get_target("jetson-orin").quant_scheme, _data(model, 8, 1), QuantizeOptions(max_accuracy_drop=1.0))
+
+
+def test_a_budget_met_only_with_every_layer_in_float_says_so(model: onnx.ModelProto) -> None:
+    """A zero budget on the outlier MLP holds only once all four layers are float: the report must say
+    the result is float, not leave it to look like int8."""
+    calibration, evaluation = _data(model, 64, 1), _data(model, 200, 2)
+    options = QuantizeOptions(max_accuracy_drop=0.0, evaluation=evaluation, debug_samples=0)
+    report = quantize(model, get_target("onnxruntime-cpu").quant_scheme, calibration, options).report
+    assert sorted(report["float_fallback"]) == ["fc1", "fc2", "fc3", "fc4"]
+    assert report["budget"]["all_float"] and report["budget"]["drop"] == 0.0
+    assert report["quantized_op_share"] == 0.0
+
+
+def test_a_budget_met_with_some_layers_in_int8_is_not_all_float(model: onnx.ModelProto) -> None:
+    calibration, evaluation = _data(model, 64, 1), _data(model, 200, 2)
+    options = QuantizeOptions(max_accuracy_drop=5.0, evaluation=evaluation, debug_samples=0)
+    assert quantize(model, get_target("jetson-orin").quant_scheme, calibration, options).report["budget"]["all_float"] is False

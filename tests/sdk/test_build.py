@@ -244,3 +244,28 @@ def test_every_number_in_the_manifest_is_strict_json(tmp_path: Path) -> None:
     result = edgeopt.build(DIGITS / "model.onnx", "ort", output=tmp_path / "b", precision="int8",
                            calibration=DIGITS / "calib.npz", evaluation=DIGITS / "eval.npz")
     json.loads((result.bundle / "manifest.json").read_text(), parse_constant=lambda name: pytest.fail(f"bare {name} in the manifest"))
+
+
+def test_an_all_float_budget_fallback_is_labelled_float_and_budgets_print_in_points(tmp_path: Path) -> None:
+    """The outlier MLP meets a zero budget only with every layer in float: the summary must not say int8."""
+    from tests.converters.test_quantize_budget import outlier_mlp
+
+    onnx.save(outlier_mlp(), str(tmp_path / "mlp.onnx"))
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(1).normal(size=(64, 16)).astype(np.float32))
+    np.savez(tmp_path / "eval.npz", x=np.random.default_rng(2).normal(size=(200, 16)).astype(np.float32))
+    result = edgeopt.build(tmp_path / "mlp.onnx", "ort", output=tmp_path / "b", precision="int8",
+                           calibration=tmp_path / "calib.npz", evaluation=tmp_path / "eval.npz", max_accuracy_drop=0.0)
+    summary = result.summary_text()
+    assert summary.splitlines()[0] == "built mlp for onnxruntime-cpu (onnx, float: the accuracy budget kept every layer out of int8)"
+    assert "top1_agreement logits: fp32 100.00% -> 100.00% (Δ +0.00 points)" in summary
+    assert "  budget   top-1 disagreement 0.00 points (--max-accuracy-drop 0 points)" in summary
+    assert any("held only with all 4 quantizable layers in float" in w for w in result.warnings)
+
+
+def test_a_budget_met_in_int8_prints_its_drop_in_points(tmp_path: Path) -> None:
+    result = edgeopt.build(DIGITS / "model.onnx", "ort", output=tmp_path / "b", precision="int8",
+                           calibration=DIGITS / "calib.npz", evaluation=DIGITS / "eval.npz", max_accuracy_drop=1.0)
+    summary = result.summary_text()
+    assert "(onnx, int8)" in summary.splitlines()[0]
+    assert "  budget   accuracy drop " in summary and " points (--max-accuracy-drop 1 points)" in summary
+    assert "points)" in next(line for line in summary.splitlines() if "accuracy logits" in line)

@@ -122,7 +122,7 @@ def test_quality_is_reported_per_output_with_agreement_and_cosine_percentiles() 
 def test_the_users_budget_fails_with_the_figures() -> None:
     reference, candidate = _classifier_runs(agree=36)
     check_quality(reference, candidate, None, 10.0, "eval.npz")
-    with pytest.raises(QualityBudgetError, match=r"top-1 disagreement \(%\) is 10 on 40 samples of eval.npz; the budget .* is 5") as info:
+    with pytest.raises(QualityBudgetError, match=r"top-1 disagreement \(%\) is 10 points on 40 samples of eval.npz; the budget .* is 5 points") as info:
         check_quality(reference, candidate, None, 5.0, "eval.npz")
     assert info.value.exit_code == 3
 
