@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +20,24 @@ def benchmark_here(
     runs: int = 100,
     duration: float | None = None,
     threads: int | None = None,
+    record: bool = True,
+    on_record: Callable[[Path, int], None] | None = None,
 ) -> Any:
-    """Benchmark with `edgeopt.runtime` (the same code a device runs) and append to the manifest."""
+    """Benchmark with `edgeopt.runtime` (the same code a device runs).
+
+    With `record` (the default) a bundle folder's result is appended to its manifest's
+    `benchmarks` (the report is redrawn, its checksum updated) and `on_record(manifest path,
+    benchmarks now recorded)` is called; `record=False` leaves the bundle untouched. Bare
+    artifacts and .tar.gz bundles are never written to.
+    """
     from edgeopt.runtime import load
 
     path = Path(bundle)
     with load(path, backend=backend, threads=threads, allow_stand_in=True) as model:
         result = model.benchmark(warmup=warmup, runs=runs, duration=duration)
-    if (path / "manifest.json").is_file():
+    if record and (path / "manifest.json").is_file():
         entry = {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **result.to_dict()}
-        append_history(path, "benchmarks", entry)
+        count = append_history(path, "benchmarks", entry)
+        if on_record is not None:
+            on_record(path / "manifest.json", count)
     return result

@@ -190,11 +190,70 @@ def _output_error(exc: OSError, path: Path) -> OutputError:
     )
 
 
+#: held by every read-modify-write of a bundle's manifest (bench, profile, ... appending results)
+MANIFEST_LOCK = ".manifest.lock"
+
+
 def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> None:
-    """Write manifest.json atomically (temp file + rename), keys in a stable order."""
-    tmp = bundle_dir / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n", encoding="utf-8")
-    os.replace(tmp, bundle_dir / "manifest.json")
+    """Write manifest.json atomically, keys in a stable order, as strict JSON.
+
+    NaN and Infinity are not JSON: one anywhere in the manifest is a bug upstream, refused here
+    (ValueError) before anything is written.
+    """
+    write_text_atomically(bundle_dir / "manifest.json", _manifest_json(manifest))
+
+
+def _manifest_json(value: Any) -> str:
+    return json.dumps(value, indent=2, allow_nan=False, default=_json_default) + "\n"
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """`text` into a unique temporary file beside `path`, flushed to disk, then renamed over `path`.
+
+    A reader sees the old file or the new one, never half of one; two writers never share a
+    temporary file.
+    """
+    fd, staged_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(staged_name, path)
+    except BaseException:
+        Path(staged_name).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def manifest_lock(bundle_dir: Path) -> Iterator[None]:
+    """Hold `<bundle>/.manifest.lock` exclusively, so read-modify-writes of the manifest take turns
+    across processes: fcntl.flock on Linux and macOS, msvcrt.locking on Windows (both advisory:
+    only writers that take the lock are kept in order). Released when the holder exits or dies."""
+    with open(bundle_dir / MANIFEST_LOCK, "a+b") as handle:
+        if os.name == "nt":
+            import msvcrt
+
+            while True:  # LK_LOCK gives up after 10 attempts a second apart: keep waiting
+                try:
+                    handle.seek(0)
+                    msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK, 1)
+                    break
+                except OSError:
+                    continue
+            try:
+                yield
+            finally:
+                handle.seek(0)
+                msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def read_manifest(bundle_dir: Path) -> dict[str, Any]:
@@ -203,19 +262,27 @@ def read_manifest(bundle_dir: Path) -> dict[str, Any]:
     return runtime_read(bundle_dir)
 
 
-def append_history(bundle_dir: Path, key: str, entry: dict[str, Any]) -> None:
-    """Append a profile or benchmark result to the manifest and redraw the report."""
+def append_history(bundle_dir: Path, key: str, entry: dict[str, Any]) -> int:
+    """Append a profile or benchmark result to the manifest and redraw the report; the count under `key`.
+
+    The read, append, report and manifest rewrite happen under the bundle's manifest lock, so
+    concurrent bench/profile runs on one bundle each add their entry. An entry that is not strict
+    JSON is refused before the report or the manifest is touched.
+    """
     from edgeopt.report import write_report
 
-    manifest = read_manifest(bundle_dir)
-    manifest.setdefault(key, []).append(entry)
-    if (bundle_dir / "report.html").exists():
-        write_report(bundle_dir, manifest)
-        manifest["artifacts"] = [
-            artifact_entry(bundle_dir, a["path"], a["format"], a["role"]) if a["path"] == "report.html" else a
-            for a in manifest["artifacts"]
-        ]
-    write_manifest(bundle_dir, manifest)
+    _manifest_json(entry)
+    with manifest_lock(bundle_dir):
+        manifest = read_manifest(bundle_dir)
+        manifest.setdefault(key, []).append(entry)
+        if (bundle_dir / "report.html").exists():
+            write_report(bundle_dir, manifest)
+            manifest["artifacts"] = [
+                artifact_entry(bundle_dir, a["path"], a["format"], a["role"]) if a["path"] == "report.html" else a
+                for a in manifest["artifacts"]
+            ]
+        write_manifest(bundle_dir, manifest)
+    return len(manifest[key])
 
 
 def pack(bundle_dir: Path) -> Path:

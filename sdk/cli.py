@@ -312,13 +312,25 @@ def verify(bundle: Path, backend: str | None, as_json: bool) -> _Shown:
 @click.option("--runs", type=_COUNT, default=100, show_default=True)
 @click.option("--duration", type=_SECONDS, help="Run for this many seconds instead of --runs.")
 @click.option("--threads", type=_COUNT, help="Intra-op threads [default: the bundle's].")
+@click.option("--no-record", is_flag=True, help="Leave the bundle untouched [default: append the result to its manifest's benchmarks].")
 @click.option("--json", "as_json", is_flag=True)
 @_expected_errors
-def bench(bundle: Path, backend: str | None, warmup: int, runs: int, duration: float | None, threads: int | None, as_json: bool) -> _Shown:
-    """Measure a bundle or artifact on this machine (the runtime's own benchmark)."""
+def bench(
+    bundle: Path, backend: str | None, warmup: int, runs: int, duration: float | None, threads: int | None, no_record: bool, as_json: bool
+) -> _Shown:
+    """Measure a bundle or artifact on this machine (the runtime's own benchmark).
+
+    A bundle folder's result is appended to its manifest (one line on stderr says where);
+    --no-record leaves the bundle byte-for-byte untouched.
+    """
     from edgeopt.benchmark import benchmark_here
 
-    result = benchmark_here(bundle, backend=backend, warmup=warmup, runs=runs, duration=duration, threads=threads)
+    def said(manifest: Path, count: int) -> None:
+        click.echo(f"recorded in {manifest} (benchmarks: {count})", err=True)
+
+    result = benchmark_here(
+        bundle, backend=backend, warmup=warmup, runs=runs, duration=duration, threads=threads, record=not no_record, on_record=said
+    )
     return _Shown(result.to_dict(), result.format_text())
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import html
-import os
 from pathlib import Path
 from typing import Any
+
+from edgeopt.bundle import write_text_atomically
 
 __all__ = ["write_report"]
 
@@ -140,7 +141,5 @@ def render(manifest: dict[str, Any]) -> str:
 
 def write_report(bundle_dir: Path, manifest: dict[str, Any]) -> Path:
     path = bundle_dir / "report.html"
-    tmp = bundle_dir / ".report.html.tmp"
-    tmp.write_text(render(manifest), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomically(path, render(manifest))
     return path
