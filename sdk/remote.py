@@ -29,6 +29,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
@@ -224,9 +225,10 @@ class _Ssh:
     profile costs one handshake; a command whose master is gone falls back to its own connection.
     """
 
-    def __init__(self, host: str, options: ProfileOptions, control_dir: Path) -> None:
+    def __init__(self, host: str, options: ProfileOptions, control_dir: Path, cancel: _Cancel) -> None:
         self.host = host
         self.options = options
+        self.cancel = cancel
         self.control_path = control_dir / "master"
         self.master_log = control_dir / "master.log"
 
@@ -267,20 +269,19 @@ class _Ssh:
             completed = self._subprocess(argv, "connecting", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
         if completed.returncode != 0:
             raise self._ssh_failure(self.master_log.read_text(errors="replace"), "connecting")
+        close = ["ssh", *self._options(), "-O", "exit", "--", self.host]
+        self.cancel.masters.append(close)
         try:
             yield
         finally:
-            subprocess.run(
-                ["ssh", *self._options(), "-O", "exit", "--", self.host],
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=30,
-                check=False,
-            )
+            self.cancel.masters.remove(close)
+            _close_master(close)
 
-    def _subprocess(self, argv: list[str], step: str, **streams: Any) -> subprocess.CompletedProcess[bytes]:
+    def _subprocess(self, argv: list[str], step: str, *, cleanup: bool = False, **streams: Any) -> subprocess.CompletedProcess[bytes]:
+        if self.cancel.interrupted.is_set() and not cleanup:
+            raise RemoteError(f"{self.host}: interrupted before {step}", hint="run the profile again")
         try:
-            return subprocess.run(argv, timeout=self.options.command_timeout, check=False, **streams)
+            return self.cancel.run(argv, self.options.command_timeout, **streams)
         except FileNotFoundError as exc:
             raise RemoteError(
                 "the OpenSSH client `ssh` is not installed on this machine",
@@ -293,12 +294,13 @@ class _Ssh:
             ) from exc
 
     def run(
-        self, remote_words: Sequence[str], *, step: str, stdin_path: Path | None = None, hold_stdin: bool = False
+        self, remote_words: Sequence[str], *, step: str, stdin_path: Path | None = None, hold_stdin: bool = False, cleanup: bool = False
     ) -> subprocess.CompletedProcess[bytes]:
         """Run one command on the device; ssh's own failures (exit 255) become RemoteError subclasses.
 
         `stdin_path` streams a file to the command. `hold_stdin` keeps the command's stdin open
-        until ssh has exited, so RUN_SCRIPT sees end of file when the host stops waiting.
+        until ssh has exited, so RUN_SCRIPT sees end of file when the host stops waiting. A `cleanup`
+        command still runs after an interrupt.
         """
         argv = self.argv(remote_words)
         with contextlib.ExitStack() as stack:
@@ -309,7 +311,7 @@ class _Ssh:
                 stdin, write_end = os.pipe()
                 stack.callback(os.close, write_end)
                 stack.callback(os.close, stdin)
-            completed = self._subprocess(argv, step, stdin=stdin, capture_output=True)
+            completed = self._subprocess(argv, step, cleanup=cleanup, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         if completed.returncode == 255:
             raise self._ssh_failure(completed.stderr.decode(errors="replace"), step)
         return completed
@@ -449,9 +451,10 @@ def profile(
         )
         results: dict[str, ProfileResult] = {}
         failures: dict[str, RemoteError] = {}
-        with ThreadPoolExecutor(max_workers=min(options.max_parallel, len(unique_hosts))) as pool:
+        cancel = _Cancel()
+        with ThreadPoolExecutor(max_workers=min(options.max_parallel, len(unique_hosts))) as pool, cancel.on_interrupt():
             futures: dict[Future[ProfileResult], str] = {
-                pool.submit(_profile_host, host, upload, options, say): host for host in unique_hosts
+                pool.submit(_profile_host, host, upload, options, say, cancel): host for host in unique_hosts
             }
             for future in as_completed(futures):
                 host = futures[future]
@@ -488,11 +491,63 @@ def _local_bundle_dir(bundle: Path, work: Path) -> Path:
     return bundle_dir
 
 
-def _profile_host(host: str, upload: _Upload, options: ProfileOptions, say: Callable[[str], None]) -> ProfileResult:
+def _close_master(close: list[str]) -> None:
+    subprocess.run(close, stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=False)
+
+
+class _Cancel:
+    """The ssh commands and master connections the workers hold, and whether the main thread was interrupted.
+
+    Ctrl-C or SIGTERM arrives in the main thread while the workers wait on ssh. `on_interrupt`
+    then kills every running ssh and closes every master connection (a command multiplexed over a
+    master lives in the master, which also holds our end of its pipes: killing the client alone
+    would leave the worker waiting for the remote step to end). The device sees its stdin close
+    and stops the running step; the workers run nothing more but their cleanup (removing this
+    run's folder on the device, over a connection of its own), so the interrupt ends the profile
+    promptly and leaves nothing behind on either side.
+    """
+
+    def __init__(self) -> None:
+        self.interrupted = threading.Event()
+        self.masters: list[list[str]] = []
+        self._lock = threading.Lock()
+        self._running: set[subprocess.Popen[bytes]] = set()
+
+    def run(self, argv: list[str], timeout: float, **streams: Any) -> subprocess.CompletedProcess[bytes]:
+        """subprocess.run, with the child known to `on_interrupt` while it runs."""
+        with subprocess.Popen(argv, **streams) as child:
+            with self._lock:
+                self._running.add(child)
+            try:
+                stdout, stderr = child.communicate(timeout=timeout)
+            except BaseException:
+                child.kill()
+                child.wait()
+                raise
+            finally:
+                with self._lock:
+                    self._running.discard(child)
+        return subprocess.CompletedProcess(argv, child.returncode, stdout, stderr)
+
+    @contextlib.contextmanager
+    def on_interrupt(self) -> Iterator[None]:
+        try:
+            yield
+        except BaseException:
+            self.interrupted.set()
+            with self._lock:
+                for child in self._running:
+                    child.kill()
+            for close in list(self.masters):
+                _close_master(close)
+            raise
+
+
+def _profile_host(host: str, upload: _Upload, options: ProfileOptions, say: Callable[[str], None], cancel: _Cancel) -> ProfileResult:
     # A short folder for the control socket: a unix socket path must stay under ~100 bytes.
     control_dir = Path(tempfile.mkdtemp(prefix="eo-ssh-"))
     try:
-        ssh = _Ssh(host, options, control_dir)
+        ssh = _Ssh(host, options, control_dir, cancel)
         say(f"{host}: connecting")
         with ssh.connection():
             return _profile_connected(ssh, upload, say)
@@ -575,7 +630,7 @@ def _profile_connected(ssh: _Ssh, upload: _Upload, say: Callable[[str], None]) -
 def _remove_run_dir(ssh: _Ssh, run_dir: str) -> None:
     """Best effort after a failed run: the run's own error is the one worth reporting."""
     with contextlib.suppress(RemoteError):
-        ssh.run([ssh.options.python, "-c", CLEANUP_SCRIPT, run_dir], step="cleaning up")
+        ssh.run([ssh.options.python, "-c", CLEANUP_SCRIPT, run_dir], step="cleaning up", cleanup=True)
 
 
 # ------------------------------------------------------------------------------------------ table

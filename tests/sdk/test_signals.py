@@ -5,6 +5,7 @@ folder appears, on a model that keeps it busy for a second or more after that.""
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 import subprocess
 import sys
@@ -61,3 +62,45 @@ def test_a_signal_mid_build_leaves_the_previous_bundle(tmp_path: Path, signum: i
     assert stderr.strip() == "interrupted; nothing was written"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "slow.onnx"]
     assert hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest() == previous
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_during_a_remote_benchmark_stops_and_cleans_the_device(tmp_path: Path, sshd, signum: int, exit_code: int) -> None:
+    """The device is this machine through the test sshd; the bundle's unique name finds this run's
+    folder (`<cache>/.run-*/`) and its benchmark process there."""
+    name = f"signalled-{signum}-{tmp_path.name}"
+    bundle = tmp_path / name
+    edgeopt.build(DIGITS / "model.onnx", "ort", output=bundle)
+    manifest = (bundle / "manifest.json").read_bytes()
+    cache = Path(os.path.expanduser(f"~{sshd.user}")) / ".cache" / "edgeopt"
+    argv = [
+        sys.executable, "-m", "edgeopt.cli", "profile", str(bundle), "--host", sshd.host, "--port", str(sshd.port),
+        "-i", str(sshd.client_key), "-F", str(sshd.ssh_config), "--python", sys.executable, "--runs", "10000000", "--warmup", "0",
+    ]
+    run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not [pid for pid in _processes_mentioning(name) if b"bench" in Path(f"/proc/{pid}/cmdline").read_bytes()]:
+        assert run.poll() is None and time.monotonic() < deadline, "the remote benchmark never started"
+        time.sleep(0.05)
+    assert list(cache.glob(f".run-*/*/{name}")), "this run's folder on the device"
+    run.send_signal(signum)
+    _, stderr = run.communicate(timeout=30)
+    assert run.returncode == exit_code, stderr
+    assert stderr.splitlines()[-1] == "interrupted; nothing was written" and "Traceback" not in stderr
+    deadline = time.monotonic() + 10
+    while (_processes_mentioning(name) or list(cache.glob(f".run-*/*/{name}"))) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_mentioning(name) == [], "the benchmark on the device was stopped"
+    assert list(cache.glob(f".run-*/*/{name}")) == [], "and this run's folder on the device removed"
+    assert (bundle / "manifest.json").read_bytes() == manifest
