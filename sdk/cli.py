@@ -100,6 +100,10 @@ def _expected_errors(func: F) -> F:
             if as_json:
                 _echo_json(_usage_error_document(exc))
             raise
+        except Interrupted as exc:  # main() says so on stderr and exits 130/143
+            if as_json:
+                _echo_json({"error": {"type": "Interrupted", "message": f"interrupted by {exc}; nothing was written", "hint": None, "exit_code": exc.exit_code}})
+            raise
         failure = shown.failure
         if as_json:
             _echo_json(shown.document if failure is None else {**shown.document, **_error_document(failure)})

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -229,3 +231,23 @@ def test_an_unsupported_op_blames_the_right_party(tmp_path: Path, op_type: str, 
     error = assert_error_document(run_cli("build", model, "-t", "raspberry-pi", "-o", tmp_path / "b", "--json"), "UnsupportedOpsError", 2)["error"]
     assert blame in error["message"] and "the_node" in error["message"]
     assert "cannot run on raspberry-pi" not in error["message"]
+
+
+def test_a_signal_mid_build_with_json_is_one_error_document(tmp_path: Path) -> None:
+    """SIGTERM once the build's staging folder exists (so edgeopt's handler is in place): exit 143, and
+    stdout is still one document."""
+    from tests.sdk.test_signals import _slow_model
+
+    build = subprocess.Popen(
+        [sys.executable, "-m", "edgeopt.cli", "build", str(_slow_model(tmp_path / "slow.onnx")), "-t", "ort", "-o", str(tmp_path / "b"), "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".b.*.partial")):
+        assert build.poll() is None and time.monotonic() < deadline, "the build ended before its staging folder appeared"
+        time.sleep(0.005)
+    build.send_signal(signal.SIGTERM)
+    stdout, stderr = build.communicate(timeout=60)
+    assert build.returncode == 143, stderr
+    error = one_document(stdout)["error"]
+    assert (error["type"], error["exit_code"]) == ("Interrupted", 143) and "SIGTERM" in error["message"]
