@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import importlib.metadata
 import json
 import os
 import platform
 import shutil
+import signal
 import tarfile
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -152,17 +155,42 @@ def atomic_output(output: Path, force: bool, archive: bool = False) -> Iterator[
         try:
             yield staging
         except OSError as exc:
-            raise _output_error(exc, output) from exc
+            if exc.errno in _WRITE_ERRORS:
+                raise _output_error(exc, output) from exc
+            raise
         if archive:
             staged_archive = _output_step(archive_path, lambda: _pack_to(staging, output.name, archive_path))
-        _output_step(output, lambda: _swap_in(staging, output))
-        if staged_archive is not None:
-            _output_step(archive_path, lambda: os.replace(staged_archive, archive_path))
+        with _signals_deferred():
+            _output_step(output, lambda: _swap_in(staging, output))
+            if staged_archive is not None:
+                _output_step(archive_path, lambda: os.replace(staged_archive, archive_path))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if staged_archive is not None:
             staged_archive.unlink(missing_ok=True)
         raise
+
+
+#: errno values of a failed write: a full disk or quota, a file over the size limit, no permission.
+_WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS})
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Swapping the staged output into place is not cut halfway (the previous bundle moved aside,
+    the new one not yet in): SIGINT/SIGTERM arriving meanwhile is delivered right after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: arrived.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if arrived:
+            signal.raise_signal(arrived[0])
 
 
 def _swap_in(staging: Path, output: Path) -> None:
@@ -176,6 +204,7 @@ def _swap_in(staging: Path, output: Path) -> None:
 
 
 def _output_step(path: Path, step: Callable[[], T]) -> T:
+    """`step()`, its OSError (any: this step only writes `path`) an OutputError naming the path."""
     try:
         return step()
     except OSError as exc:

@@ -12,6 +12,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,17 @@ def test_a_full_disk_leaves_the_previous_bundle_and_archive(tmp_path: Path, wher
     assert (where == "archive") == ("b.tar.gz" in proc.stderr)
     assert _sha(bundle / "manifest.json") == manifest_sha and _sha(previous.archive) == archive_sha
     assert _leftovers(tmp_path) == []
+
+
+def test_a_signal_during_the_swap_into_place_is_delivered_after_it() -> None:
+    """Between moving the previous bundle aside and renaming the new one in, an interrupt would leave
+    neither at the output path: the swap defers SIGINT/SIGTERM and re-raises it once done."""
+    from edgeopt.bundle import _signals_deferred
+
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+        with _signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            steps.append("swapped")
+    assert steps == ["swapped"]
