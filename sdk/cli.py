@@ -104,6 +104,11 @@ def _expected_errors(func: F) -> F:
             if as_json:
                 _echo_json({"error": {"type": "Interrupted", "message": f"interrupted by {exc}; nothing was written", "hint": None, "exit_code": exc.exit_code}})
             raise
+        except Exception as exc:  # a bug: the traceback goes to stderr (exit 1), --json still gets its one document
+            if as_json:
+                hint = "this is a bug in edgeopt: please report it with the traceback printed on stderr"
+                _echo_json({"error": {"type": type(exc).__name__, "message": str(exc), "hint": hint, "exit_code": 1}})
+            raise
         failure = shown.failure
         if as_json:
             _echo_json(shown.document if failure is None else {**shown.document, **_error_document(failure)})

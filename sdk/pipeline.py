@@ -25,6 +25,7 @@ from edgeopt.converters.errors import ModelLoadError, QualityBudgetError, Unsupp
 from edgeopt.converters.lower import LoweringOptions, LoweringResult, lower
 from edgeopt.converters.passes import simplify
 from edgeopt.errors import EdgeoptError, OptionError, VerificationError
+from edgeopt.report import all_float, precision_label
 from edgeopt.runtime.bundle import sha256_path
 from edgeopt.runtime.isa import IsaClass, isa_mismatch
 from edgeopt.runtime.spec import TensorSpec
@@ -56,7 +57,7 @@ class BuildResult:
         ref = m["reference"]["measured"]
         model_bytes = sum(a["bytes"] for a in m["artifacts"] if a["role"] in ("model", "weights"))
         lines = [
-            f"built {m['name']} for {m['target']['name']} ({m['target']['artifact_format']}, {_precision_label(m)})",
+            f"built {m['name']} for {m['target']['name']} ({m['target']['artifact_format']}, {precision_label(m)})",
             f"  bundle   {self.bundle}" + (f"  (+ {self.archive.name})" if self.archive else ""),
             f"  model    {_human(comp['bytes_before'])} -> {_human(model_bytes)}"
             f"  ({comp['bytes_before'] / max(model_bytes, 1):.2f}x)",
@@ -94,17 +95,6 @@ class BuildResult:
 #: Quality metrics that are shares (0..1): the summary shows them in percent and their deltas in
 #: points, the unit of --max-accuracy-drop.
 _POINT_METRICS = frozenset({"accuracy", "top1_agreement"})
-
-
-def _all_float(manifest: Mapping[str, Any]) -> bool:
-    """The accuracy budget held only with every quantized layer kept in float."""
-    return bool(((manifest.get("quantization") or {}).get("budget") or {}).get("all_float"))
-
-
-def _precision_label(manifest: Mapping[str, Any]) -> str:
-    if _all_float(manifest):
-        return "float: the accuracy budget kept every layer out of int8"
-    return str(manifest["precision"])
 
 
 def _human(n: float) -> str:
@@ -640,7 +630,7 @@ def _warnings(lowered: LoweringResult, quant_report: dict[str, Any] | None, mani
         from edgeopt.converters.quantize import describe_adaptations
 
         notes += [f"adapted: {line}" for line in describe_adaptations(quant_report.get("adaptations", []))]
-        if _all_float(manifest):
+        if all_float(manifest):
             budget = quant_report["budget"]
             notes.append(
                 f"--max-accuracy-drop {budget['max_drop']:g} held only with all {len(quant_report['float_fallback'])} quantizable"

@@ -466,7 +466,8 @@ def profile(
                     continue
                 results[host] = result
                 if bundle.is_dir():
-                    append_history(bundle, "profiles", result.to_dict())
+                    count = append_history(bundle, "profiles", result.to_dict())
+                    say(f"{host}: recorded in {bundle / 'manifest.json'} (profiles: {count})")
         if not bundle.is_dir() and results:
             say(f"{bundle} is an archive: the results were not added to its manifest (profile the folder to record them)")
     ordered = [results[host] for host in unique_hosts if host in results]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -87,13 +88,25 @@ def _bench_section(title: str, bench: dict[str, Any]) -> str:
     return f"<h3>{_e(title)}</h3>" + _table(["latency", "ms"], rows) + _histogram([float(s) for s in samples])
 
 
+def all_float(manifest: Mapping[str, Any]) -> bool:
+    """The accuracy budget held only with every quantized layer kept in float."""
+    return bool(((manifest.get("quantization") or {}).get("budget") or {}).get("all_float"))
+
+
+def precision_label(manifest: Mapping[str, Any]) -> str:
+    """The precision as built: an int8 build whose budget kept every layer in float is not called int8."""
+    if all_float(manifest):
+        return "float: the accuracy budget kept every layer out of int8"
+    return str(manifest["precision"])
+
+
 def render(manifest: dict[str, Any]) -> str:
     m = manifest
     comp = m["compression"]
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>edgeopt: {_e(m['name'])} for {_e(m['target']['name'])}</title>",
         f"<style>{_STYLE}</style></head><body>",
-        f"<h1>{_e(m['name'])} → {_e(m['target']['name'])} ({_e(m['target']['artifact_format'])}, {_e(m['precision'])})</h1>",
+        f"<h1>{_e(m['name'])} → {_e(m['target']['name'])} ({_e(m['target']['artifact_format'])}, {_e(precision_label(m))})</h1>",
         f"<p class='muted'>edgeopt {_e(m['edgeopt_version'])}, {_e(m['created_at'])}; runtime backend {_e(m['runtime']['backend'])}</p>",
         "<h2>Size and compute</h2>",
         _table(

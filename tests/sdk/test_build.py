@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import jsonschema
@@ -104,6 +105,8 @@ def test_a_device_is_held_to_the_builds_noise_bound_not_only_to_the_output_scale
 def test_archive_and_tampering_are_detected(tmp_path: Path) -> None:
     result = edgeopt.build(DIGITS / "model.onnx", "ort", output=tmp_path / "b", archive=True)
     assert result.archive is not None and result.archive.is_file()
+    with tarfile.open(result.archive) as tar:
+        assert not [m.name for m in tar.getmembers() if Path(m.name).name.startswith(".")]  # no lock or temp files
     assert verify_bundle(result.archive).passed
     model = tmp_path / "b" / "model.onnx"
     model.write_bytes(model.read_bytes()[:-1] + b"\0")
@@ -260,6 +263,7 @@ def test_an_all_float_budget_fallback_is_labelled_float_and_budgets_print_in_poi
     assert "top1_agreement logits: fp32 100.00% -> 100.00% (Δ +0.00 points)" in summary
     assert "  budget   top-1 disagreement 0.00 points (--max-accuracy-drop 0 points)" in summary
     assert any("held only with all 4 quantizable layers in float" in w for w in result.warnings)
+    assert "(onnx, float: the accuracy budget kept every layer out of int8)</h1>" in (tmp_path / "b" / "report.html").read_text()
 
 
 def test_a_budget_met_in_int8_prints_its_drop_in_points(tmp_path: Path) -> None:

@@ -251,3 +251,17 @@ def test_a_signal_mid_build_with_json_is_one_error_document(tmp_path: Path) -> N
     assert build.returncode == 143, stderr
     error = one_document(stdout)["error"]
     assert (error["type"], error["exit_code"]) == ("Interrupted", 143) and "SIGTERM" in error["message"]
+
+
+def test_a_bug_still_prints_one_json_document_and_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected exception (a bug, exit 1) keeps its traceback on stderr; --json still gets its document."""
+    import edgeopt.targets
+
+    def broken() -> list[Any]:
+        raise RuntimeError("profile table lost")
+
+    monkeypatch.setattr(edgeopt.targets, "all_targets", broken)
+    result = CliRunner().invoke(cli, ["targets", "--json"])
+    error = one_document(result.stdout)["error"]
+    assert (error["type"], error["message"], error["exit_code"]) == ("RuntimeError", "profile table lost", 1)
+    assert "bug" in error["hint"] and isinstance(result.exception, RuntimeError)

@@ -125,6 +125,7 @@ def test_profile_runs_verify_and_bench_on_the_device_and_records_them(sshd: SshS
     profiles = manifest["profiles"]
     assert profiles == [json.loads(json.dumps(result.to_dict()))]
     assert profiles[0]["host"] == sshd.host and profiles[0]["time"].endswith("+00:00")
+    assert f"{sshd.host}: recorded in {bundle / 'manifest.json'} (profiles: 1)" in messages
 
     table = format_profile_table([result])
     assert sshd.host in table and "pass" in table
