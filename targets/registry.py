@@ -6,7 +6,6 @@ Nothing reads a profile from a global: callers get a `Target` from `get_target` 
 from __future__ import annotations
 
 import difflib
-import enum
 import sys
 from dataclasses import dataclass, field
 from functools import cache
@@ -20,6 +19,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 from edgeopt.runtime.errors import EdgeoptError
 from edgeopt.runtime.isa import IsaClass
+from edgeopt.runtime.kinds import ArtifactFormat
 
 __all__ = [
     "ArtifactFormat",
@@ -43,28 +43,6 @@ class UnknownTargetError(EdgeoptError):
 
 class UnsupportedIsaError(EdgeoptError):
     """A CPU class the target does not distinguish (or a target whose int8 does not depend on the CPU)."""
-
-
-class ArtifactFormat(str, enum.Enum):
-    """What a lowering writes; each member has exactly one lowering module."""
-
-    ONNX = "onnx"
-    TENSORRT_ONNX = "tensorrt-onnx"
-    OPENVINO_IR = "openvino-ir"
-    TFLITE = "tflite"
-    MLPACKAGE = "mlpackage"
-
-    @property
-    def extension(self) -> str:
-        match self:
-            case ArtifactFormat.ONNX | ArtifactFormat.TENSORRT_ONNX:
-                return ".onnx"
-            case ArtifactFormat.OPENVINO_IR:
-                return ".xml"
-            case ArtifactFormat.TFLITE:
-                return ".tflite"
-            case ArtifactFormat.MLPACKAGE:
-                return ".mlpackage"
 
 
 @dataclass(frozen=True)

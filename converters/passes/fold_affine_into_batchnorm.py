@@ -9,7 +9,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from edgeopt.converters.passes._rewrite import NameScope, add_initializer, bypass_node, constant_array
+from edgeopt.converters.graph.rewrite import NameScope, add_initializer, bypass_node, constant_array
 
 logger = logging.getLogger(__name__)
 

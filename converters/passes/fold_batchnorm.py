@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from edgeopt.converters.passes._rewrite import NameScope, add_initializer, constant_array
+from edgeopt.converters.graph.rewrite import NameScope, add_initializer, constant_array
 
 logger = logging.getLogger(__name__)
 

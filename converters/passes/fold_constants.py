@@ -11,7 +11,7 @@ import onnx
 import onnx_ir as ir
 from onnx.reference import ReferenceEvaluator
 
-from edgeopt.converters.passes._rewrite import NameScope, add_initializer, constant_array, rename
+from edgeopt.converters.graph.rewrite import NameScope, add_initializer, constant_array, rename
 
 logger = logging.getLogger(__name__)
 

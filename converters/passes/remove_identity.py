@@ -8,7 +8,7 @@ import logging
 
 import onnx_ir as ir
 
-from edgeopt.converters.passes._rewrite import bypass_node, constant_array
+from edgeopt.converters.graph.rewrite import bypass_node, constant_array
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Small graph-surgery helpers shared by the simplify passes (onnx_ir graphs)."""
+"""Graph surgery on onnx_ir graphs: constants, fresh names, new initializers, bypassing nodes."""
 
 from __future__ import annotations
 

@@ -1,0 +1,58 @@
+"""The one place converters and the SDK build an ONNX Runtime session (the runtime keeps its own).
+
+ONNX Runtime is an executor here: to run fp32 and QDQ graphs, read intermediate tensors, probe
+shapes and optimize offline; never for its quantization tooling.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import onnx
+
+if TYPE_CHECKING:
+    import onnxruntime
+
+__all__ = ["has_qdq", "ort_session"]
+
+_QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+
+
+def has_qdq(model: onnx.ModelProto) -> bool:
+    return any(n.op_type in _QDQ_OPS for n in model.graph.node)
+
+
+def ort_session(
+    model: onnx.ModelProto | Path,
+    *,
+    threads: int = 0,
+    graph_semantics: bool = True,
+    optimized_model_path: Path | None = None,
+    log_severity: int = 3,
+) -> onnxruntime.InferenceSession:
+    """An ONNX Runtime CPU session.
+
+    With `graph_semantics` (the default) a graph with Q/DQ runs with graph optimizations off, so
+    every DequantizeLinear -> op -> QuantizeLinear is evaluated in float exactly as the QDQ graph
+    defines it. With optimizations on, ONNX Runtime fuses them into int8 kernels whose results
+    depend on the CPU (x86 without VNNI saturates int16 pair sums); the quantizer's measurements
+    and every int8 parity check need the graph's own semantics, and the backends' kernels are what
+    gets checked against it. `optimized_model_path` saves the basic-optimized graph (offline
+    optimization for the onnxruntime-cpu target) and implies `graph_semantics=False`; a model
+    given as a path is loaded as it is, with ONNX Runtime's default optimizations.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = log_severity
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if optimized_model_path is not None:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = str(optimized_model_path)
+    elif graph_semantics and not isinstance(model, Path) and has_qdq(model):
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    source = str(model) if isinstance(model, Path) else model.SerializeToString()
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])

@@ -1,0 +1,89 @@
+"""The closed sets edgeopt dispatches on, typed: precision, backend, artifact format.
+
+Strings appear only at the edges (CLI options, JSON, TOML profiles, manifests); inside, code takes
+these enums and dispatches with `match`, ending in `unreachable(value)` so that a new member is
+found by the type checker, not by grep. `typing.assert_never` needs Python 3.11; JetPack 6 ships 3.10.
+The runtime reads manifests, so the sets live here (standard library only) and the rest import them.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import NoReturn
+
+__all__ = ["ArtifactFormat", "BackendName", "Precision", "unreachable"]
+
+
+def unreachable(value: NoReturn) -> NoReturn:
+    """The final case of an exhaustive `match`: reached only by a member nobody handled yet."""
+    raise AssertionError(f"unhandled {type(value).__name__} {value!r}")
+
+
+class Precision(str, enum.Enum):
+    """What a build computes in."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"  # weights and activations (QDQ)
+    INT8_WEIGHTS = "int8-weights"  # weights stored int8, computed in float
+    PALETTIZED_8 = "palettized-8"  # Core ML weight palettes (k-means LUT)
+    PALETTIZED_6 = "palettized-6"
+    PALETTIZED_4 = "palettized-4"
+
+    @property
+    def quantizes_activations(self) -> bool:
+        """Needs calibration data and a QDQ graph."""
+        return self is Precision.INT8
+
+    @property
+    def compresses_weights_only(self) -> bool:
+        return self in (Precision.INT8_WEIGHTS, Precision.PALETTIZED_8, Precision.PALETTIZED_6, Precision.PALETTIZED_4)
+
+    @property
+    def palette_bits(self) -> int | None:
+        match self:
+            case Precision.PALETTIZED_8:
+                return 8
+            case Precision.PALETTIZED_6:
+                return 6
+            case Precision.PALETTIZED_4:
+                return 4
+            case Precision.FP32 | Precision.FP16 | Precision.INT8 | Precision.INT8_WEIGHTS:
+                return None
+            case _:
+                unreachable(self)
+
+
+class BackendName(str, enum.Enum):
+    """The runtime backends; each has one module in runtime/backends/ and one registry line."""
+
+    ONNXRUNTIME = "onnxruntime"
+    OPENVINO = "openvino"
+    TFLITE = "tflite"
+    COREML = "coreml"
+    TENSORRT = "tensorrt"
+    COREML_REFERENCE = "coreml-reference"  # MIL evaluator standing in for Core ML off macOS
+
+
+class ArtifactFormat(str, enum.Enum):
+    """What a lowering writes; each member has exactly one lowering module."""
+
+    ONNX = "onnx"
+    TENSORRT_ONNX = "tensorrt-onnx"
+    OPENVINO_IR = "openvino-ir"
+    TFLITE = "tflite"
+    MLPACKAGE = "mlpackage"
+
+    @property
+    def extension(self) -> str:
+        match self:
+            case ArtifactFormat.ONNX | ArtifactFormat.TENSORRT_ONNX:
+                return ".onnx"
+            case ArtifactFormat.OPENVINO_IR:
+                return ".xml"
+            case ArtifactFormat.TFLITE:
+                return ".tflite"
+            case ArtifactFormat.MLPACKAGE:
+                return ".mlpackage"
+            case _:
+                unreachable(self)
