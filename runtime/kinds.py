@@ -19,7 +19,14 @@ def unreachable(value: NoReturn) -> NoReturn:
     raise AssertionError(f"unhandled {type(value).__name__} {value!r}")
 
 
-class Precision(str, enum.Enum):
+class _Named(str, enum.Enum):
+    """A closed set of names: `str()` and f-strings give the name as written at the edges, on every Python."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Precision(_Named):
     """What a build computes in."""
 
     FP32 = "fp32"
@@ -54,7 +61,7 @@ class Precision(str, enum.Enum):
                 unreachable(self)
 
 
-class BackendName(str, enum.Enum):
+class BackendName(_Named):
     """The runtime backends; each has one module in runtime/backends/ and one registry line."""
 
     ONNXRUNTIME = "onnxruntime"
@@ -65,7 +72,7 @@ class BackendName(str, enum.Enum):
     COREML_REFERENCE = "coreml-reference"  # MIL evaluator standing in for Core ML off macOS
 
 
-class ArtifactFormat(str, enum.Enum):
+class ArtifactFormat(_Named):
     """What a lowering writes; each member has exactly one lowering module."""
 
     ONNX = "onnx"
