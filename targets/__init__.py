@@ -1,27 +1,4 @@
-"""Device profiles: data files plus the typed registry that loads them."""
+"""Device profiles: data files plus the typed registry that loads them (its `__all__` is the public API)."""
 
-from edgeopt.targets.registry import (
-    ArtifactFormat,
-    Fact,
-    IsaClass,
-    OpRule,
-    QuantScheme,
-    Target,
-    UnknownTargetError,
-    UnsupportedIsaError,
-    all_targets,
-    get_target,
-)
-
-__all__ = [
-    "ArtifactFormat",
-    "Fact",
-    "IsaClass",
-    "OpRule",
-    "QuantScheme",
-    "Target",
-    "UnknownTargetError",
-    "UnsupportedIsaError",
-    "all_targets",
-    "get_target",
-]
+from edgeopt.targets.registry import *  # noqa: F403
+from edgeopt.targets.registry import __all__  # noqa: F401

@@ -19,7 +19,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 from edgeopt.runtime.errors import EdgeoptError
 from edgeopt.runtime.isa import IsaClass
-from edgeopt.runtime.kinds import ArtifactFormat
+from edgeopt.runtime.kinds import ArtifactFormat, BackendName, Precision
 
 __all__ = [
     "ArtifactFormat",
@@ -126,14 +126,17 @@ class Target:
     name: str
     aliases: tuple[str, ...]
     description: str
-    backend: str
+    backend: BackendName
     artifact_format: ArtifactFormat
     layout: str
-    precisions: tuple[str, ...]
-    default_precision: str
+    precisions: tuple[Precision, ...]
+    default_precision: Precision
     channel_multiple: int
     default_threads: int
-    supported_ops: frozenset[str]
+    # The ONNX ops the target runs, where the profile has to say it (TensorRT's ONNX parser).
+    # None: no hand-kept list. The TFLite and Core ML lowerings' op registries say what they write;
+    # ONNX Runtime and OpenVINO read ONNX themselves, so every standard op is theirs.
+    supported_ops: frozenset[str] | None
     quant_scheme: QuantScheme
     facts: tuple[Fact, ...]
     runtime_install: str
@@ -165,8 +168,8 @@ class Target:
         return dict(self.isa_schemes).get(resolved, self.quant_scheme) if resolved is not None else self.quant_scheme
 
     def supports(self, op_type: str) -> bool:
-        """Whether the target runs this ONNX op; "*" in the profile means every standard op."""
-        return "*" in self.supported_ops or op_type in self.supported_ops
+        """Whether the profile's own list admits this ONNX op (no list: the profile does not restrict it)."""
+        return self.supported_ops is None or op_type in self.supported_ops
 
     def fact(self, name: str) -> Fact | None:
         return next((f for f in self.facts if f.name == name), None)
@@ -176,14 +179,14 @@ class Target:
             "name": self.name,
             "aliases": list(self.aliases),
             "description": self.description,
-            "backend": self.backend,
+            "backend": self.backend.value,
             "artifact_format": self.artifact_format.value,
             "layout": self.layout,
-            "precisions": list(self.precisions),
-            "default_precision": self.default_precision,
+            "precisions": [p.value for p in self.precisions],
+            "default_precision": self.default_precision.value,
             "channel_multiple": self.channel_multiple,
             "default_threads": self.default_threads,
-            "supported_ops": sorted(self.supported_ops),
+            "supported_ops": sorted(self.supported_ops) if self.supported_ops is not None else None,
             "quant_scheme": self.quant_scheme.to_dict(),
             "facts": [vars(f) for f in self.facts],
             "runtime_install": self.runtime_install,
@@ -218,14 +221,14 @@ def _parse(path: Path) -> Target:
         name=raw["name"],
         aliases=tuple(raw.get("aliases", ())),
         description=raw["description"],
-        backend=raw["backend"],
+        backend=BackendName(raw["backend"]),
         artifact_format=ArtifactFormat(raw["artifact_format"]),
         layout=raw["layout"],
-        precisions=tuple(raw["precisions"]),
-        default_precision=raw["default_precision"],
+        precisions=tuple(Precision(p) for p in raw["precisions"]),
+        default_precision=Precision(raw["default_precision"]),
         channel_multiple=int(raw["channel_multiple"]),
         default_threads=int(raw["default_threads"]),
-        supported_ops=frozenset(raw["supported_ops"]),
+        supported_ops=frozenset(raw["supported_ops"]) if "supported_ops" in raw else None,
         quant_scheme=dict(isa_schemes)[default_isa] if default_isa is not None else _scheme(base),
         facts=tuple(Fact(**f) for f in raw.get("facts", ())),
         runtime_install=raw["runtime_install"],

@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 
+from edgeopt.runtime.kinds import BackendName, Precision
 from edgeopt.targets import ArtifactFormat, IsaClass, Target, UnknownTargetError, UnsupportedIsaError, all_targets, get_target
 
 REQUIRED = {
@@ -48,7 +49,12 @@ def test_profiles_are_frozen_consistent_and_sourced(target: Target) -> None:
     assert target.runtime_install
     assert target.facts, "hardware facts are required"
     assert all(f.source for f in target.facts), "every fact says where it comes from"
-    assert target.supported_ops
+    assert isinstance(target.backend, BackendName) and all(isinstance(p, Precision) for p in target.precisions)
+    # ONNX Runtime and OpenVINO read ONNX themselves: no hand-kept op list; TensorRT's parser has one
+    if target.artifact_format in (ArtifactFormat.ONNX, ArtifactFormat.OPENVINO_IR):
+        assert target.supported_ops is None
+    if target.artifact_format is ArtifactFormat.TENSORRT_ONNX:
+        assert target.supported_ops and "Conv" in target.supported_ops
 
 
 def test_tensorrt_scheme_is_symmetric_int8() -> None:
@@ -71,6 +77,10 @@ def test_to_dict_round_trips_through_json() -> None:
 
     data = json.loads(json.dumps([t.to_dict() for t in all_targets()]))
     assert {d["name"] for d in data} == set(REQUIRED)
+    orin = next(d for d in data if d["name"] == "jetson-orin")
+    assert (orin["backend"], orin["precisions"], orin["default_precision"]) == ("tensorrt", ["fp32", "fp16", "int8"], "fp16")
+    assert type(orin["backend"]) is str and type(orin["default_precision"]) is str, "plain strings at the JSON edge"
+    assert "Conv" in orin["supported_ops"] and next(d for d in data if d["name"] == "onnxruntime-cpu")["supported_ops"] is None
 
 
 @pytest.mark.parametrize("name", ["onnxruntime-cpu", "intel-openvino"])
