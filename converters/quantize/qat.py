@@ -18,8 +18,11 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+import onnx_ir as ir
 
+from edgeopt.converters.errors import UnsupportedOpsError
+from edgeopt.converters.graph.qdq import dequantize, int_attribute, output_channel_axis, qparams
+from edgeopt.converters.graph.rewrite import NameScope, add_initializer, constant_array
 from edgeopt.converters.quantize.placement import WEIGHTED_OPS, sums_products_pairwise
 from edgeopt.converters.quantize.qdq import activation_params, qrange, quantize_weight
 from edgeopt.targets import QuantScheme
@@ -27,11 +30,18 @@ from edgeopt.targets import QuantScheme
 __all__ = ["import_qdq", "strip_qdq"]
 
 
-def _params(node: onnx.NodeProto, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
-    scale = arrays[node.input[1]].astype(np.float64)
-    zero_point = arrays[node.input[2]] if len(node.input) > 2 and node.input[2] else np.zeros(scale.shape, np.uint8)
-    axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-    return scale, zero_point, axis
+def _params(node: ir.Node) -> tuple[np.ndarray, np.ndarray, int]:
+    """(scale as float64, zero point (uint8 zeros when absent), axis) of a Q or DQ with constant parameters."""
+    params = qparams(node)
+    if params.scale is None:
+        raise UnsupportedOpsError(
+            "the QAT import",
+            [(node.name or "", node.op_type, "its scale is computed at run time; imported Q/DQ need constant scales")],
+            hint="re-export the model with constant quantization parameters (constant folding on)",
+        )
+    scale = params.scale.astype(np.float64)
+    zero_point = params.zero_point if params.zero_point is not None else np.zeros(scale.shape, np.uint8)
+    return scale, zero_point, params.axis
 
 
 def _describe(scale: np.ndarray, zero_point: np.ndarray, axis: int | None = None) -> dict[str, Any]:
@@ -44,55 +54,40 @@ def _describe(scale: np.ndarray, zero_point: np.ndarray, axis: int | None = None
     }
 
 
-def _set_axis(node: onnx.NodeProto, axis: int | None) -> None:
-    kept = [a for a in node.attribute if a.name != "axis"]
-    del node.attribute[:]
-    node.attribute.extend(kept)
+def _set_parameters(node: ir.Node, scale: ir.Value, zero_point: ir.Value, axis: int | None) -> None:
+    """Point a Q or DQ at new scale and zero point initializers, per channel on `axis` or per tensor."""
+    node.replace_input_with(1, scale)
+    if len(node.inputs) < 3:
+        node.resize_inputs(3)
+    node.replace_input_with(2, zero_point)
+    node.attributes.pop("axis", None)
     if axis is not None:
-        node.attribute.append(helper.make_attribute("axis", axis))
+        node.attributes["axis"] = ir.AttrInt64("axis", axis)
 
 
-class _Graph:
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.model = model
-        self.arrays = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-        self.names = set(self.arrays) | {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
-
-    def consumers(self, name: str) -> list[onnx.NodeProto]:
-        return [n for n in self.model.graph.node if name in n.input]
-
-    def producer(self, name: str) -> onnx.NodeProto | None:
-        return next((n for n in self.model.graph.node if name in n.output), None)
-
-    def add(self, name: str, array: np.ndarray) -> str:
-        candidate, index = name, 1
-        while candidate in self.names:
-            candidate, index = f"{name}_{index}", index + 1
-        self.names.add(candidate)
-        self.arrays[candidate] = array
-        self.model.graph.initializer.append(numpy_helper.from_array(array, candidate))
-        return candidate
+def _dequantizers(q: ir.Node) -> list[ir.Node]:
+    return [node for node in q.outputs[0].consumers() if node.op_type == "DequantizeLinear"]
 
 
 def import_qdq(model: onnx.ModelProto, scheme: QuantScheme) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """(adapted QDQ model, report with qat_imported, scales [before/after], adaptations, float_model)."""
-    adapted = onnx.ModelProto()
-    adapted.CopyFrom(model)
-    graph = _Graph(adapted)
+    adapted = ir.from_proto(model)
+    graph = adapted.graph
+    names = NameScope(graph)
     scales: list[dict[str, Any]] = []
     adaptations: list[dict[str, Any]] = []
-    stored_weights = [n for n in adapted.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in graph.arrays]
-    for q in [n for n in adapted.graph.node if n.op_type == "QuantizeLinear"]:
-        if q.input[0] in graph.arrays:
-            _import_weight(graph, q, scheme, scales, adaptations)
+    stored_weights = [n for n in graph if n.op_type == "DequantizeLinear" and constant_array(n.inputs[0]) is not None]
+    for q in [n for n in graph if n.op_type == "QuantizeLinear"]:
+        if constant_array(q.inputs[0]) is not None:
+            _import_weight(names, q, scheme, scales, adaptations)
         else:
-            _import_activation(graph, q, scheme, scales, adaptations)
+            _import_activation(names, q, scheme, scales, adaptations)
     for dq in stored_weights:
-        _check_stored_weight(graph, dq, scheme, scales, adaptations)
-    _quantize_through_data_movement(graph, scheme, adaptations)
+        _check_stored_weight(names, dq, scheme, scales, adaptations)
+    _quantize_through_data_movement(graph, names, scheme, adaptations)
     if scheme.bias_int32:
-        _int32_biases(graph, adaptations)
-    _drop_unused_initializers(adapted)
+        _int32_biases(graph, names, adaptations)
+    _drop_unused_initializers(graph)
     report = {
         "qat_imported": True,
         "scales": scales,
@@ -101,12 +96,12 @@ def import_qdq(model: onnx.ModelProto, scheme: QuantScheme) -> tuple[onnx.ModelP
         "adaptations": adaptations,
         "float_model": strip_qdq(model),
     }
-    return adapted, report
+    return ir.to_proto(adapted), report
 
 
-def _import_activation(graph: _Graph, q: onnx.NodeProto, scheme: QuantScheme, scales: list, adaptations: list) -> None:
-    tensor = q.input[0]
-    scale, zero_point, axis = _params(q, graph.arrays)
+def _import_activation(names: NameScope, q: ir.Node, scheme: QuantScheme, scales: list, adaptations: list) -> None:
+    tensor = q.inputs[0].name
+    scale, zero_point, axis = _params(q)
     qmin, qmax = qrange(zero_point.dtype.name)
     target = scheme.activation_dtype
     low = (qmin - zero_point.astype(np.float64)) * scale
@@ -116,7 +111,7 @@ def _import_activation(graph: _Graph, q: onnx.NodeProto, scheme: QuantScheme, sc
     if scale.size > 1:
         changes.append(("per-channel activation -> per-tensor over the union of the channel ranges", "the target quantizes activations per tensor"))
     symmetric_zero = 0 if qrange(target)[0] < 0 else (qrange(target)[1] + 1) // 2
-    producer = graph.producer(tensor)
+    producer = q.inputs[0].producer()
     rule = scheme.rule_for(producer.op_type) if producer is not None else None
     if rule is not None and rule.output_scale is not None:
         fixed_zero = int(rule.output_zero_point or 0) + (128 if target == "uint8" else 0)
@@ -144,15 +139,12 @@ def _import_activation(graph: _Graph, q: onnx.NodeProto, scheme: QuantScheme, sc
             new_zero = (zero_point.astype(np.int64) + shift).astype(target)
     before = _describe(scale, zero_point, axis)
     if changes:
-        scale_name = graph.add(f"{tensor}_scale_adapted", np.asarray(new_scale, np.float32).reshape(()))
-        zero_name = graph.add(f"{tensor}_zero_point_adapted", np.asarray(new_zero, target).reshape(()))
-        for node in [q, *[d for d in graph.consumers(q.output[0]) if d.op_type == "DequantizeLinear"]]:
-            node.input[1] = scale_name
-            if len(node.input) > 2:
-                node.input[2] = zero_name
-            else:
-                node.input.append(zero_name)
-            _set_axis(node, None)
+        graph = q.graph
+        assert graph is not None
+        scale_value = add_initializer(graph, names, f"{tensor}_scale_adapted", np.asarray(new_scale, np.float32).reshape(()))
+        zero_value = add_initializer(graph, names, f"{tensor}_zero_point_adapted", np.asarray(new_zero, target).reshape(()))
+        for node in [q, *_dequantizers(q)]:
+            _set_parameters(node, scale_value, zero_value, None)
     after = _describe(np.asarray(new_scale).reshape(-1) if np.asarray(new_scale).size > 1 else np.asarray(new_scale), np.asarray(new_zero, target))
     scales.append({"tensor": tensor, "kind": "activation", "before": before, "after": after, "kept": not changes})
     adaptations.extend({"tensor": tensor, "change": change, "why": why, "before": before, "after": after} for change, why in changes)
@@ -163,59 +155,60 @@ def _import_activation(graph: _Graph, q: onnx.NodeProto, scheme: QuantScheme, sc
 GRID_PRESERVING_OPS = frozenset({"MaxPool", "GlobalMaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze"})
 
 
-def _quantize_through_data_movement(graph: _Graph, scheme: QuantScheme, adaptations: list) -> None:
+def _quantize_through_data_movement(graph: ir.Graph, names: NameScope, scheme: QuantScheme, adaptations: list) -> None:
     """A weighted op whose input reaches it from a DQ only through max-pool/reshape-like ops gets
     its own Q/DQ with that DQ's parameters (exact), so the target runs it in int8."""
-    for node in list(graph.model.graph.node):
+    for node in list(graph):
         if node.op_type not in WEIGHTED_OPS or node.op_type not in scheme.quantized_ops:
             continue
-        producer = graph.producer(node.input[0])
+        producer = node.inputs[0].producer()
         if producer is None or producer.op_type == "DequantizeLinear" or producer.op_type not in GRID_PRESERVING_OPS:
             continue
         source = producer
         while source is not None and source.op_type in GRID_PRESERVING_OPS:
-            source = graph.producer(source.input[0])
-        if source is None or source.op_type != "DequantizeLinear" or source.input[0] in graph.arrays:
+            source = source.inputs[0].producer()
+        if source is None or source.op_type != "DequantizeLinear" or constant_array(source.inputs[0]) is not None:
             continue
-        tensor = node.input[0]
-        parameters = list(source.input[1:3])
-        quantized, dequantized = f"{tensor}_quantized", f"{tensor}_dequantized"
-        while quantized in graph.names or dequantized in graph.names:
-            quantized, dequantized = quantized + "_", dequantized + "_"
-        graph.names.update({quantized, dequantized})
-        index = list(graph.model.graph.node).index(node)
-        graph.model.graph.node.insert(index, helper.make_node("DequantizeLinear", [quantized, *parameters], [dequantized], name=f"{tensor}_DequantizeLinear"))
-        graph.model.graph.node.insert(index, helper.make_node("QuantizeLinear", [tensor, *parameters], [quantized], name=f"{tensor}_QuantizeLinear"))
-        node.input[0] = dequantized
+        tensor = node.inputs[0]
+        parameters = list(source.inputs[1:3])
+        quantize = ir.Node(
+            "", "QuantizeLinear", [tensor, *parameters], outputs=[ir.Value(name=names.fresh(f"{tensor.name}_quantized"))],
+            name=f"{tensor.name}_QuantizeLinear",
+        )
+        dequantize_node = ir.Node(
+            "", "DequantizeLinear", [quantize.outputs[0], *parameters],
+            outputs=[ir.Value(name=names.fresh(f"{tensor.name}_dequantized"))], name=f"{tensor.name}_DequantizeLinear",
+        )
+        graph.insert_before(node, [quantize, dequantize_node])
+        node.replace_input_with(0, dequantize_node.outputs[0])
         adaptations.append(
             {
-                "tensor": tensor,
-                "change": f"added Q/DQ with the scale and zero point of '{source.output[0]}' ({producer.op_type} keeps values on that grid, so it is exact)",
+                "tensor": tensor.name,
+                "change": f"added Q/DQ with the scale and zero point of '{source.outputs[0].name}' ({producer.op_type} keeps values on that grid, so it is exact)",
                 "why": f"the target runs {node.op_type} in int8 only with a quantized input",
             }
         )
 
 
-def _weight_consumer(graph: _Graph, dq_output: str) -> onnx.NodeProto | None:
-    return next((n for n in graph.consumers(dq_output) if n.op_type in WEIGHTED_OPS), None)
+def _weight_use(dq: ir.Node) -> tuple[ir.Node, int] | None:
+    """The weighted op reading a weight's DequantizeLinear, and at which input."""
+    return next(((user, index) for user, index in dq.outputs[0].uses() if user.op_type in WEIGHTED_OPS), None)
 
 
-def _expected_axis(node: onnx.NodeProto | None, rank: int) -> int | None:
-    if node is None:
+def _expected_axis(use: tuple[ir.Node, int] | None, rank: int) -> int | None:
+    if use is None:
         return None
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "ConvTranspose":
-        return 1
-    if node.op_type == "Gemm":
-        return 0 if next((a.i for a in node.attribute if a.name == "transB"), 0) else 1
-    return rank - 1 if rank == 2 else None
+    consumer, index = use
+    if consumer.op_type == "MatMul" and rank != 2:
+        return None  # a batched MatMul weight has no output-channel kernel axis to quantize on
+    return output_channel_axis(consumer, index, rank)
 
 
-def _weight_bits(consumer: onnx.NodeProto | None, shape: tuple[int, ...], scheme: QuantScheme) -> int:
-    if consumer is None:
+def _weight_bits(use: tuple[ir.Node, int] | None, shape: tuple[int, ...], scheme: QuantScheme) -> int:
+    if use is None:
         return 8
-    group = next((a.i for a in consumer.attribute if a.name == "group"), 1)
+    consumer, _ = use
+    group = int_attribute(consumer, "group", 1)
     return scheme.pairwise_weight_bits if sums_products_pairwise(consumer.op_type, tuple(shape), group) else 8
 
 
@@ -224,7 +217,7 @@ def _requantized_weight(
     scale: np.ndarray,
     zero_point: np.ndarray,
     axis: int,
-    consumer: onnx.NodeProto | None,
+    consumer: tuple[ir.Node, int] | None,
     scheme: QuantScheme,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None, list[str]]:
     """(int weights, scale, zero point, axis, changes): the learned grid, unless the scheme forbids it."""
@@ -260,51 +253,44 @@ def _requantized_weight(
     return quantized.astype(zero_point.dtype), scale.astype(np.float32), zero_point, (axis if per_channel else None), changes
 
 
-def _import_weight(graph: _Graph, q: onnx.NodeProto, scheme: QuantScheme, scales: list, adaptations: list) -> None:
+def _import_weight(names: NameScope, q: ir.Node, scheme: QuantScheme, scales: list, adaptations: list) -> None:
     """Fold Q(float weight) -> DQ into int8 initializer -> DQ with the learned scale."""
-    name = q.input[0]
-    scale, zero_point, axis = _params(q, graph.arrays)
-    dqs = [d for d in graph.consumers(q.output[0]) if d.op_type == "DequantizeLinear"]
+    name = q.inputs[0].name
+    scale, zero_point, axis = _params(q)
+    dqs = _dequantizers(q)
     if not dqs:
         return
-    consumer = _weight_consumer(graph, dqs[0].output[0])
-    values = graph.arrays[name].astype(np.float32)
-    quantized, new_scale, new_zero, new_axis, changes = _requantized_weight(values, scale, zero_point, axis, consumer, scheme)
-    _store_weight(graph, name, dqs, quantized, new_scale, new_zero, new_axis)
-    graph.model.graph.node.remove(q)
+    values = constant_array(q.inputs[0]).astype(np.float32)
+    quantized, new_scale, new_zero, new_axis, changes = _requantized_weight(values, scale, zero_point, axis, _weight_use(dqs[0]), scheme)
+    _store_weight(names, name, dqs, quantized, new_scale, new_zero, new_axis)
+    if not q.outputs[0].uses():
+        q.graph.remove(q)
     _record_weight(name, scale, zero_point, axis, new_scale, new_zero, new_axis, changes, scales, adaptations)
 
 
-def _check_stored_weight(graph: _Graph, dq: onnx.NodeProto, scheme: QuantScheme, scales: list, adaptations: list) -> None:
+def _check_stored_weight(names: NameScope, dq: ir.Node, scheme: QuantScheme, scales: list, adaptations: list) -> None:
     """A weight already stored as integers -> DQ: keep it unless the scheme forbids its parameters."""
-    name = dq.input[0]
-    scale, zero_point, axis = _params(dq, graph.arrays)
-    stored = graph.arrays[name]
+    name = dq.inputs[0].name
+    scale, zero_point, axis = _params(dq)
+    stored = constant_array(dq.inputs[0])
     if stored.dtype.kind not in "iu" or stored.dtype == np.int32:
         return
-    shape = [1] * stored.ndim
-    if scale.size > 1:
-        shape[axis] = -1
-    values = ((stored.astype(np.float64) - zero_point.reshape(shape).astype(np.float64)) * scale.reshape(shape)).astype(np.float32)
-    consumer = _weight_consumer(graph, dq.output[0])
-    quantized, new_scale, new_zero, new_axis, changes = _requantized_weight(values, scale, zero_point, axis, consumer, scheme)
+    values = dequantize(stored, scale, zero_point, axis).astype(np.float32)
+    quantized, new_scale, new_zero, new_axis, changes = _requantized_weight(values, scale, zero_point, axis, _weight_use(dq), scheme)
     if changes:
-        _store_weight(graph, name, [dq], quantized, new_scale, new_zero, new_axis)
+        _store_weight(names, name, [dq], quantized, new_scale, new_zero, new_axis)
     _record_weight(name, scale, zero_point, axis, new_scale, new_zero, new_axis, changes, scales, adaptations)
 
 
-def _store_weight(graph: _Graph, name: str, dqs: list[onnx.NodeProto], quantized: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int | None) -> None:
-    weight_name = graph.add(f"{name}_quantized", quantized)
-    scale_name = graph.add(f"{name}_scale", np.asarray(scale, np.float32).reshape(-1 if axis is not None else ()))
-    zero_name = graph.add(f"{name}_zero_point", np.asarray(zero_point).reshape(-1 if axis is not None else ()))
+def _store_weight(names: NameScope, name: str, dqs: list[ir.Node], quantized: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int | None) -> None:
+    graph = dqs[0].graph
+    assert graph is not None
+    weight = add_initializer(graph, names, f"{name}_quantized", quantized)
+    scale_value = add_initializer(graph, names, f"{name}_scale", np.asarray(scale, np.float32).reshape(-1 if axis is not None else ()))
+    zero_value = add_initializer(graph, names, f"{name}_zero_point", np.asarray(zero_point).reshape(-1 if axis is not None else ()))
     for dq in dqs:
-        dq.input[0] = weight_name
-        dq.input[1] = scale_name
-        if len(dq.input) > 2:
-            dq.input[2] = zero_name
-        else:
-            dq.input.append(zero_name)
-        _set_axis(dq, axis)
+        dq.replace_input_with(0, weight)
+        _set_parameters(dq, scale_value, zero_value, axis)
 
 
 def _record_weight(
@@ -326,35 +312,34 @@ def _record_weight(
     adaptations.extend({"tensor": name, "change": change, "why": why, "before": before, "after": after} for change in changes)
 
 
-def _int32_biases(graph: _Graph, adaptations: list) -> None:
+def _int32_biases(graph: ir.Graph, names: NameScope, adaptations: list) -> None:
     """Float biases of quantized Conv/Gemm become int32 -> DQ with scale = input scale x weight scale."""
-    for node in list(graph.model.graph.node):
-        if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.input) < 3 or node.input[2] not in graph.arrays:
+    for node in list(graph):
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.inputs) < 3:
             continue
-        data, weight = graph.producer(node.input[0]), graph.producer(node.input[1])
-        if data is None or weight is None or data.op_type != "DequantizeLinear" or weight.op_type != "DequantizeLinear":
+        bias = constant_array(node.inputs[2])
+        data, weight = node.inputs[0].producer(), node.inputs[1].producer()
+        if bias is None or data is None or weight is None or data.op_type != "DequantizeLinear" or weight.op_type != "DequantizeLinear":
             continue
-        input_scale = graph.arrays[data.input[1]].astype(np.float64)
-        weight_scale = graph.arrays[weight.input[1]].astype(np.float64).reshape(-1)
-        bias = graph.arrays[node.input[2]].astype(np.float64)
-        if input_scale.size != 1 or bias.ndim != 1:
+        input_scale, weight_scale = constant_array(data.inputs[1]), constant_array(weight.inputs[1])
+        if input_scale is None or weight_scale is None or input_scale.size != 1 or bias.ndim != 1:
             continue
-        scale = input_scale.reshape(-1)[0] * (weight_scale if weight_scale.size == bias.size else np.full(bias.shape, weight_scale[0]))
+        bias = bias.astype(np.float64)
+        weight_scale = weight_scale.astype(np.float64).reshape(-1)
+        scale = float(input_scale.reshape(-1)[0]) * (weight_scale if weight_scale.size == bias.size else np.full(bias.shape, weight_scale[0]))
         quantized = np.clip(np.round(bias / scale), -(2**31 - 1), 2**31 - 1).astype(np.int32)
-        bias_name = node.input[2]
+        bias_name = node.inputs[2].name
         inputs = [
-            graph.add(f"{bias_name}_quantized", quantized),
-            graph.add(f"{bias_name}_scale", scale.astype(np.float32)),
-            graph.add(f"{bias_name}_zero_point", np.zeros(bias.shape, np.int32)),
+            add_initializer(graph, names, f"{bias_name}_quantized", quantized),
+            add_initializer(graph, names, f"{bias_name}_scale", scale.astype(np.float32)),
+            add_initializer(graph, names, f"{bias_name}_zero_point", np.zeros(bias.shape, np.int32)),
         ]
-        output = f"{bias_name}_dequantized"
-        while output in graph.names:
-            output += "_"
-        graph.names.add(output)
-        dq = helper.make_node("DequantizeLinear", inputs, [output], name=f"{bias_name}_DequantizeLinear", axis=0)
-        index = list(graph.model.graph.node).index(node)
-        graph.model.graph.node.insert(index, dq)
-        node.input[2] = output
+        dq = ir.Node(
+            "", "DequantizeLinear", inputs, [ir.AttrInt64("axis", 0)],
+            outputs=[ir.Value(name=names.fresh(f"{bias_name}_dequantized"))], name=f"{bias_name}_DequantizeLinear",
+        )
+        graph.insert_before(node, dq)
+        node.replace_input_with(2, dq.outputs[0])
         adaptations.append(
             {
                 "tensor": bias_name,
@@ -365,51 +350,45 @@ def _int32_biases(graph: _Graph, adaptations: list) -> None:
         )
 
 
-def _drop_unused_initializers(model: onnx.ModelProto) -> None:
-    used = {name for node in model.graph.node for name in node.input}
-    kept = [i for i in model.graph.initializer if i.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+def _drop_unused_initializers(graph: ir.Graph) -> None:
+    for value in list(graph.initializers.values()):
+        if not value.uses() and not value.is_graph_output():
+            del graph.initializers[value.name]
 
 
 def strip_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
     """The float model under a QDQ graph: activation Q->DQ pairs removed, weights as float (the fp32 reference of a QAT model)."""
-    stripped = onnx.ModelProto()
-    stripped.CopyFrom(model)
+    stripped = ir.from_proto(model)
     graph = stripped.graph
-    arrays = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output}
-    rename: dict[str, str] = {}
-    removed = []
-    for dq in graph.node:
-        if dq.op_type != "DequantizeLinear":
-            continue
-        source = producers.get(dq.input[0])
-        if source is not None and source.op_type == "QuantizeLinear":
-            rename[dq.output[0]] = source.input[0]
-            removed.extend([dq, source])
-        elif dq.input[0] in arrays:
-            scale, zero_point, axis = _params(dq, arrays)
-            stored = arrays[dq.input[0]]
-            shape = [1] * stored.ndim
-            if scale.size > 1:
-                shape[axis] = -1
-            values = (stored.astype(np.float64) - zero_point.reshape(shape).astype(np.float64)) * scale.reshape(shape)
-            graph.initializer.append(numpy_helper.from_array(values.astype(np.float32), dq.output[0]))
-            removed.append(dq)
-    for node in {id(n): n for n in removed}.values():
-        if node in graph.node:
-            graph.node.remove(node)
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            while name in rename:
-                name = rename[name]
-            node.input[i] = name
-    for output in graph.output:
-        name = output.name
-        while name in rename:
-            name = rename[name]
-        if name != output.name:
-            graph.node.append(helper.make_node("Identity", [name], [output.name]))
-    _drop_unused_initializers(stripped)
-    return stripped
+    removed: dict[ir.Node, None] = {}
+    for dq in [n for n in graph if n.op_type == "DequantizeLinear"]:
+        q = dq.inputs[0].producer()
+        stored = constant_array(dq.inputs[0])
+        if q is not None and q.op_type == "QuantizeLinear":
+            _bypass(graph, dq, q.inputs[0])
+            removed.update({dq: None, q: None})
+        elif stored is not None:
+            scale, zero_point, axis = _params(dq)
+            values = dequantize(stored, scale, zero_point, axis).astype(np.float32)
+            output = dq.outputs[0]
+            name = output.name
+            graph.remove(dq)
+            weight = ir.Value(name=name, shape=ir.Shape(values.shape), type=ir.TensorType(ir.DataType.FLOAT), const_value=ir.tensor(values, name=name))
+            ir.convenience.replace_all_uses_with(output, weight, replace_graph_outputs=True)
+            graph.register_initializer(weight)
+    dequantizers = [n for n in removed if n.op_type == "DequantizeLinear"]
+    graph.remove(dequantizers, safe=True)
+    graph.remove([n for n in removed if n.op_type == "QuantizeLinear" and not n.outputs[0].uses()], safe=True)
+    _drop_unused_initializers(graph)
+    return ir.to_proto(stripped)
+
+
+def _bypass(graph: ir.Graph, dq: ir.Node, source: ir.Value) -> None:
+    """Read `source` wherever the DQ's output was read; a graph output keeps its name through an Identity."""
+    output = dq.outputs[0]
+    for user, index in list(output.uses()):
+        user.replace_input_with(index, source)
+    if output.is_graph_output():
+        identity = ir.Node("", "Identity", [source], outputs=[ir.Value(name=output.name)], name=f"{output.name}_Identity")
+        graph.outputs[graph.outputs.index(output)] = identity.outputs[0]
+        graph.append(identity)

@@ -18,7 +18,8 @@ from edgeopt.converters.data import model_input_specs, open_dataset
 from edgeopt.converters.lint import lint_qdq
 from edgeopt.converters.metrics import fidelity
 from edgeopt.converters.quantize import QuantizeOptions, describe_adaptations, is_qdq_model, quantize
-from edgeopt.converters.quantize.graph import fold_constant_nodes, run_model
+from edgeopt.converters.graph.session import run_model
+from edgeopt.converters.quantize.graph import fold_constant_nodes
 from edgeopt.targets import get_target
 
 QAT_MODEL = Path(__file__).resolve().parents[1] / "data" / "digits_qat.onnx"
