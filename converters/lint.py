@@ -25,11 +25,21 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from edgeopt.converters.graph.qdq import (
+    WEIGHTED_OPS,
+    build_time_array,
+    int_attribute,
+    output_channel_axis,
+    output_quantizer,
+    producer_op,
+    qparams,
+    quantization_source,
+)
+from edgeopt.runtime.kinds import BackendName, unreachable
 from edgeopt.targets import Target
 
 __all__ = ["Finding", "lint_qdq"]
 
-_WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 # Ops a DequantizeLinear commutes with, so TensorRT moves the DQ past them and keeps the data int8,
 # and ReLU-like activations it fuses into the neighbouring int8 kernel.
 _TENSORRT_INT8_PASSTHROUGH = frozenset(
@@ -54,16 +64,23 @@ class Finding:
 
 def lint_qdq(model: onnx.ModelProto, target: Target) -> list[Finding]:
     """Every rule of `target` the model's Q/DQ nodes break, in graph order; [] for a float model."""
-    graph = _QdqGraph(model)
-    if not graph.tensors:
+    nodes = list(ir.traversal.RecursiveGraphIterator(_inferred_graph(model)))
+    tensors = [_tensor(node) for node in nodes if _defines_tensor(node)]
+    if not tensors:
         return []
-    findings = list(_generic(graph))
-    if target.backend == "tensorrt":
-        findings += _tensorrt(graph, target)
-    elif target.backend == "tflite":
-        findings += _tflite(graph)
-    findings += _op_rules(graph, target)
-    return sorted(findings, key=lambda f: graph.position.get(f.node, len(graph.position)))
+    findings = list(_generic(tensors))
+    match target.backend:
+        case BackendName.TENSORRT:
+            findings += _tensorrt(nodes, tensors, target)
+        case BackendName.TFLITE:
+            findings += _tflite(tensors)
+        case BackendName.ONNXRUNTIME | BackendName.OPENVINO | BackendName.COREML | BackendName.COREML_REFERENCE:
+            pass  # they run any valid Q/DQ: the generic rules and the profile's op rules say it all
+        case _:
+            unreachable(target.backend)
+    findings += _op_rules(nodes, target)
+    position = {_label(node): index for index, node in enumerate(nodes)}
+    return sorted(findings, key=lambda f: position.get(f.node, len(position)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,76 +112,58 @@ class _QTensor:
         return self.zero_point is not None and bool(np.any(self.zero_point.astype(np.float64) != 0))
 
 
-class _QdqGraph:
-    def __init__(self, model: onnx.ModelProto) -> None:
-        try:
-            model = onnx.shape_inference.infer_shapes(model)
-        except (onnx.shape_inference.InferenceError, ValueError):
-            pass  # dtypes then come from constants and zero points only
-        self.graph = ir.serde.deserialize_model(model).graph
-        self.nodes = list(ir.traversal.RecursiveGraphIterator(self.graph))
-        self.position = {_label(node): index for index, node in enumerate(self.nodes)}
-        self.tensors = [self._tensor(node) for node in self.nodes if self._defines_tensor(node)]
-        self.by_dequantizer = {id(dq): t for t in self.tensors for dq in t.dequantizers}
-        self.by_quantizer = {id(t.node): t for t in self.tensors if t.node.op_type == "QuantizeLinear"}
+def _inferred_graph(model: onnx.ModelProto) -> ir.Graph:
+    try:
+        model = onnx.shape_inference.infer_shapes(model)
+    except (onnx.shape_inference.InferenceError, ValueError):
+        pass  # dtypes then come from constants and zero points only
+    return ir.from_proto(model).graph
 
-    @staticmethod
-    def _defines_tensor(node: ir.Node) -> bool:
-        if node.op_type == "QuantizeLinear":
-            return True
-        return node.op_type == "DequantizeLinear" and _producer_op(node.inputs[0]) != "QuantizeLinear"
 
-    def _tensor(self, node: ir.Node) -> _QTensor:
-        data = node.inputs[0]
-        if node.op_type == "QuantizeLinear":
-            dequantizers = [user for user, _ in node.outputs[0].uses() if user.op_type == "DequantizeLinear"]
-            dtype = _quantized_dtype_of_q(node)
-        else:
-            dequantizers = [node]
-            dtype = _dtype(data)
-        zero_point_value = node.inputs[2] if len(node.inputs) > 2 else None
-        consumers = [use for dq in dequantizers for use in dq.outputs[0].uses()]
-        return _QTensor(
-            node=node,
-            dequantizers=dequantizers,
-            scale=_constant(node.inputs[1]),
-            zero_point=_constant(zero_point_value) if zero_point_value is not None else None,
-            dtype=dtype,
-            axis=_int_attribute(node, "axis", 1),
-            block_size=_int_attribute(node, "block_size", 0),
-            is_weight=_constant(data) is not None,
-            shape=_shape(data),
-            consumers=consumers,
-        )
+def _defines_tensor(node: ir.Node) -> bool:
+    if node.op_type == "QuantizeLinear":
+        return True
+    return node.op_type == "DequantizeLinear" and producer_op(node.inputs[0]) != "QuantizeLinear"
 
-    def from_dequantize(self, value: ir.Value | None) -> _QTensor | None:
-        """The quantized tensor a value is the dequantized form of, if any."""
-        if value is None or value.producer() is None or value.producer().op_type != "DequantizeLinear":
-            return None
-        return self.by_dequantizer.get(id(value.producer()))
 
-    def quantized_output(self, node: ir.Node) -> _QTensor | None:
-        """The quantized tensor made from the node's first output by a QuantizeLinear, if any."""
-        for user, _ in node.outputs[0].uses():
-            if user.op_type == "QuantizeLinear":
-                return self.by_quantizer[id(user)]
-        return None
+def _tensor(node: ir.Node) -> _QTensor:
+    """The quantized tensor `node` (a QuantizeLinear, or a lone DequantizeLinear) defines."""
+    data = node.inputs[0]
+    if node.op_type == "QuantizeLinear":
+        dequantizers = [user for user in node.outputs[0].consumers() if user.op_type == "DequantizeLinear"]
+        dtype = _quantized_dtype_of_q(node)
+    else:
+        dequantizers = [node]
+        dtype = _dtype(data)
+    params = qparams(node)
+    return _QTensor(
+        node=node,
+        dequantizers=dequantizers,
+        scale=params.scale,
+        zero_point=params.zero_point,
+        dtype=dtype,
+        axis=params.axis,
+        block_size=params.block_size,
+        is_weight=build_time_array(data) is not None,
+        shape=_shape(data),
+        consumers=[use for dq in dequantizers for use in dq.outputs[0].uses()],
+    )
+
+
+def _from_dequantize(value: ir.Value | None) -> _QTensor | None:
+    """The quantized tensor a value is the dequantized form of, if any."""
+    source = quantization_source(value)
+    return _tensor(source) if source is not None else None
+
+
+def _quantized_output(node: ir.Node) -> _QTensor | None:
+    """The quantized tensor made from the node's first output by a QuantizeLinear, if any."""
+    quantizer = output_quantizer(node)
+    return _tensor(quantizer) if quantizer is not None else None
 
 
 def _label(node: ir.Node) -> str:
     return node.name or f"{node.op_type}({node.outputs[0].name})"
-
-
-def _producer_op(value: ir.Value | None) -> str | None:
-    producer = value.producer() if value is not None else None
-    return producer.op_type if producer is not None else None
-
-
-def _constant(value: ir.Value | None) -> np.ndarray | None:
-    if value is None:
-        return None
-    tensor = ir.convenience.get_const_tensor(value)
-    return None if tensor is None else tensor.numpy()
 
 
 def _dtype(value: ir.Value) -> ir.DataType:
@@ -178,22 +177,17 @@ def _quantized_dtype_of_q(node: ir.Node) -> ir.DataType:
     """ONNX: the zero point's type, else the `output_dtype` attribute (opset 21), else uint8."""
     if len(node.inputs) > 2 and node.inputs[2] is not None:
         return _dtype(node.inputs[2])
-    output_dtype = _int_attribute(node, "output_dtype", 0)
+    output_dtype = int_attribute(node, "output_dtype", 0)
     return ir.DataType(output_dtype) if output_dtype else ir.DataType.UINT8
 
 
 def _shape(value: ir.Value) -> tuple[int | None, ...] | None:
-    constant = _constant(value)
+    constant = build_time_array(value)
     if constant is not None:
         return tuple(constant.shape)
     if value.shape is None:
         return None
     return tuple(d if isinstance(d, int) else None for d in value.shape)
-
-
-def _int_attribute(node: ir.Node, name: str, default: int) -> int:
-    attribute = node.attributes.get(name)
-    return int(attribute.value) if attribute is not None else default
 
 
 def _finding(severity: str, rule: str, node: ir.Node, message: str) -> Finding:
@@ -209,8 +203,8 @@ def _close(actual: np.ndarray, expected: np.ndarray) -> bool:
 # Generic rules
 
 
-def _generic(graph: _QdqGraph) -> Iterator[Finding]:
-    for t in graph.tensors:
+def _generic(tensors: list[_QTensor]) -> Iterator[Finding]:
+    for t in tensors:
         if t.scale is not None and not np.all(np.isfinite(t.scale) & (t.scale > 0)):
             yield _finding("error", "scale-invalid", t.node, f"scale must be positive and finite, got {_preview(t.scale)}")
         if t.zero_point is not None and t.scale is not None and t.zero_point.size != t.scale.size:
@@ -247,15 +241,14 @@ def _axis_findings(t: _QTensor) -> Iterator[Finding]:
 
 def _same_parameters(q: ir.Node, dq: ir.Node) -> bool:
     """Whether a QuantizeLinear and a DequantizeLinear reading it use the same scale and zero point."""
-    q_scale, dq_scale = _constant(q.inputs[1]), _constant(dq.inputs[1])
+    q_scale, dq_scale = build_time_array(q.inputs[1]), build_time_array(dq.inputs[1])
     if q_scale is None or dq_scale is None:
         return q.inputs[1] is dq.inputs[1]
     return q_scale.shape == dq_scale.shape and _close(dq_scale, q_scale) and _zero_points(q) == _zero_points(dq)
 
 
 def _zero_points(node: ir.Node) -> list[int]:
-    value = node.inputs[2] if len(node.inputs) > 2 else None
-    constant = _constant(value) if value is not None else None
+    constant = build_time_array(node.inputs[2] if len(node.inputs) > 2 else None)
     return [0] if constant is None else [int(v) for v in constant.reshape(-1)]
 
 
@@ -269,28 +262,12 @@ def _preview(array: np.ndarray) -> str:
 # Weight axes (shared by TensorRT and TFLite)
 
 
-def _expected_weight_axis(consumer: ir.Node, index: int, rank: int) -> int | None:
-    """The output-channel axis of a weight in the ONNX layout of the op that reads it."""
-    if index != 1:
-        return None
-    match consumer.op_type:
-        case "Conv":
-            return 0  # [M, C/group, *kernel]
-        case "ConvTranspose":
-            return 1  # [C, M/group, *kernel]
-        case "Gemm":
-            return 0 if _int_attribute(consumer, "transB", 0) else 1
-        case "MatMul":
-            return rank - 1  # [..., K, N]
-    return None
-
-
 def _weight_axis_findings(t: _QTensor, rule: str, warn_per_tensor: bool) -> Iterator[Finding]:
     if not t.is_weight or t.shape is None or t.block_size:
         return
     rank = len(t.shape)
     for consumer, index in t.consumers:
-        expected = _expected_weight_axis(consumer, index, rank)
+        expected = output_channel_axis(consumer, index, rank)
         if expected is None:
             continue
         if t.per_channel:
@@ -313,9 +290,9 @@ def _weight_axis_findings(t: _QTensor, rule: str, warn_per_tensor: bool) -> Iter
 # TensorRT
 
 
-def _tensorrt(graph: _QdqGraph, target: Target) -> list[Finding]:
+def _tensorrt(nodes: list[ir.Node], tensors: list[_QTensor], target: Target) -> list[Finding]:
     findings: list[Finding] = []
-    for t in graph.tensors:
+    for t in tensors:
         if t.nonzero_zero_point:
             findings.append(_finding(
                 "error", "trt-zero-point", t.node,
@@ -335,7 +312,7 @@ def _tensorrt(graph: _QdqGraph, target: Target) -> list[Finding]:
                 "activation quantized per channel: TensorRT takes per-channel scales for weights only; use one scale",
             ))
         findings += _weight_axis_findings(t, "trt", warn_per_tensor=True)
-    findings += _tensorrt_placement(graph, target)
+    findings += _tensorrt_placement(nodes, tensors, target)
     return findings
 
 
@@ -354,14 +331,14 @@ def _tensorrt_dtype_problem(t: _QTensor) -> str | None:
     return f"{t.dtype.name} quantization: TensorRT on Orin runs int8 (and int4 weight-only) Q/DQ"
 
 
-def _tensorrt_placement(graph: _QdqGraph, target: Target) -> Iterator[Finding]:
+def _tensorrt_placement(nodes: list[ir.Node], tensors: list[_QTensor], target: Target) -> Iterator[Finding]:
     int8_consumers = frozenset(target.quant_scheme.quantized_ops) | _TENSORRT_INT8_PASSTHROUGH
-    for node in graph.nodes:
-        if node.op_type in _WEIGHTED_OPS:
-            yield from _missing_qdq(graph, node)
+    for node in nodes:
+        if node.op_type in WEIGHTED_OPS:
+            yield from _missing_qdq(node)
         elif node.op_type == "Add":
-            yield from _residual_add(graph, node)
-    for t in graph.tensors:
+            yield from _residual_add(node)
+    for t in tensors:
         if t.is_weight or t.node.op_type != "QuantizeLinear" or not t.consumers:
             continue
         if all(consumer.op_type not in int8_consumers for consumer, _ in t.consumers):
@@ -373,9 +350,9 @@ def _tensorrt_placement(graph: _QdqGraph, target: Target) -> Iterator[Finding]:
             )
 
 
-def _missing_qdq(graph: _QdqGraph, node: ir.Node) -> Iterator[Finding]:
+def _missing_qdq(node: ir.Node) -> Iterator[Finding]:
     operands = [v for v in node.inputs[:2] if v is not None]
-    quantized = [graph.from_dequantize(v) is not None for v in operands]
+    quantized = [_from_dequantize(v) is not None for v in operands]
     if any(quantized) and not all(quantized):
         floats = ", ".join(f"'{v.name}'" for v, q in zip(operands, quantized, strict=True) if not q)
         yield _finding(
@@ -385,12 +362,12 @@ def _missing_qdq(graph: _QdqGraph, node: ir.Node) -> Iterator[Finding]:
         )
 
 
-def _residual_add(graph: _QdqGraph, node: ir.Node) -> Iterator[Finding]:
-    operands = [v for v in node.inputs if v is not None and _constant(v) is None]
+def _residual_add(node: ir.Node) -> Iterator[Finding]:
+    operands = [v for v in node.inputs if v is not None and build_time_array(v) is None]
     if len(operands) != 2:
         return
-    quantized = [graph.from_dequantize(v) is not None for v in operands]
-    fusable = [_is_int8_weighted_output(graph, v) for v in operands]
+    quantized = [_from_dequantize(v) is not None for v in operands]
+    fusable = [_is_int8_weighted_output(v) for v in operands]
     if all(quantized):
         return
     if any(quantized):
@@ -407,19 +384,19 @@ def _residual_add(graph: _QdqGraph, node: ir.Node) -> Iterator[Finding]:
         yield _finding(
             "warning", "trt-residual-add", node,
             f"the residual input '{residual.name}' of this Add has no Q/DQ: TensorRT fuses a residual Add into the "
-            f"preceding int8 {_producer_op(operands[fusable.index(True)])} only when the residual input is "
+            f"preceding int8 {producer_op(operands[fusable.index(True)])} only when the residual input is "
             "quantized; add Q/DQ on it",
         )
 
 
-def _is_int8_weighted_output(graph: _QdqGraph, value: ir.Value) -> bool:
+def _is_int8_weighted_output(value: ir.Value) -> bool:
     producer = value.producer()
     while producer is not None and producer.op_type == "BatchNormalization":
         producer = producer.inputs[0].producer() if producer.inputs[0] is not None else None
     return (
         producer is not None
-        and producer.op_type in _WEIGHTED_OPS
-        and graph.from_dequantize(producer.inputs[0]) is not None
+        and producer.op_type in WEIGHTED_OPS
+        and _from_dequantize(producer.inputs[0]) is not None
     )
 
 
@@ -427,14 +404,11 @@ def _is_int8_weighted_output(graph: _QdqGraph, value: ir.Value) -> bool:
 # TFLite
 
 
-def _tflite(graph: _QdqGraph) -> list[Finding]:
+def _tflite(tensors: list[_QTensor]) -> list[Finding]:
     findings: list[Finding] = []
-    bias_tensors = {
-        id(t) for t in graph.tensors if any(i == 2 and c.op_type in _WEIGHTED_OPS for c, i in t.consumers)
-    }
-    for t in graph.tensors:
-        if id(t) in bias_tensors:
-            findings += _tflite_bias(graph, t)
+    for t in tensors:
+        if any(i == 2 and c.op_type in WEIGHTED_OPS for c, i in t.consumers):
+            findings += _tflite_bias(t)
             continue
         if t.dtype != ir.DataType.INT8:
             where = " (int32 is for Conv/FullyConnected biases only)" if t.dtype == ir.DataType.INT32 else ""
@@ -456,7 +430,7 @@ def _tflite(graph: _QdqGraph) -> list[Finding]:
     return findings
 
 
-def _tflite_bias(graph: _QdqGraph, bias: _QTensor) -> Iterator[Finding]:
+def _tflite_bias(bias: _QTensor) -> Iterator[Finding]:
     if bias.dtype != ir.DataType.INT32:
         yield _finding(
             "warning", "tflite-bias-dtype", bias.node,
@@ -464,10 +438,10 @@ def _tflite_bias(graph: _QdqGraph, bias: _QTensor) -> Iterator[Finding]:
         )
         return
     for consumer, index in bias.consumers:
-        if index != 2 or consumer.op_type not in _WEIGHTED_OPS:
+        if index != 2 or consumer.op_type not in WEIGHTED_OPS:
             continue
-        activation = graph.from_dequantize(consumer.inputs[0])
-        weight = graph.from_dequantize(consumer.inputs[1])
+        activation = _from_dequantize(consumer.inputs[0])
+        weight = _from_dequantize(consumer.inputs[1])
         if activation is None or weight is None or bias.scale is None:
             continue
         if activation.scale is None or weight.scale is None:
@@ -487,11 +461,11 @@ def _tflite_bias(graph: _QdqGraph, bias: _QTensor) -> Iterator[Finding]:
 # Fixed and shared output parameters from the target profile (e.g. TFLite softmax 1/256, -128)
 
 
-def _op_rules(graph: _QdqGraph, target: Target) -> Iterator[Finding]:
+def _op_rules(nodes: list[ir.Node], target: Target) -> Iterator[Finding]:
     scheme = target.quant_scheme
-    for node in graph.nodes:
+    for node in nodes:
         rule = scheme.rule_for(node.op_type)
-        output = graph.quantized_output(node) if rule is not None else None
+        output = _quantized_output(node) if rule is not None else None
         if rule is None or output is None or output.scale is None:
             continue
         zero_point = _zero_point_value(output)
@@ -506,13 +480,13 @@ def _op_rules(graph: _QdqGraph, target: Target) -> Iterator[Finding]:
                     f"{_preview(output.scale)}, {zero_point}",
                 )
         if rule.same_scale_as_input:
-            yield from _shared_scale(graph, node, output, target)
+            yield from _shared_scale(node, output, target)
 
 
-def _shared_scale(graph: _QdqGraph, node: ir.Node, output: _QTensor, target: Target) -> Iterator[Finding]:
+def _shared_scale(node: ir.Node, output: _QTensor, target: Target) -> Iterator[Finding]:
     data_inputs: Iterable[ir.Value | None] = node.inputs if node.op_type == "Concat" else node.inputs[:1]
     for value in data_inputs:
-        source = graph.from_dequantize(value)
+        source = _from_dequantize(value)
         if source is None or source.scale is None or output.scale is None:
             continue
         if not (

@@ -12,11 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from edgeopt.converters.graph.rewrite import constant_array
-
 __all__ = [
     "QDQ_OPS",
     "QParams",
+    "WEIGHTED_OPS",
     "build_time_array",
     "dequantize",
     "int_attribute",
@@ -28,6 +27,8 @@ __all__ = [
 ]
 
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+#: Ops whose input 1 is a weight with output channels (see `output_channel_axis`).
+WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
 def int_attribute(node: ir.Node, name: str, default: int) -> int:
@@ -41,14 +42,12 @@ def producer_op(value: ir.Value | None) -> str | None:
 
 
 def build_time_array(value: ir.Value | None) -> np.ndarray | None:
-    """The value's data when it is fixed when the model is built: a true constant (`constant_array`)
-    or the output of a Constant node, which exporters use for scales and zero points."""
-    if value is None:
-        return None
-    array = constant_array(value)
-    if array is not None or producer_op(value) != "Constant":
-        return array
-    tensor = ir.convenience.get_const_tensor(value)
+    """The value's data when the model fixes it: an initializer or a Constant node's output.
+
+    Unlike `constant_array`, an initializer that is also listed as a graph input counts: deployment
+    toolchains (TensorRT's parser, the lowerings) and exporters of IR < 4 treat it as a weight.
+    """
+    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
     return None if tensor is None else tensor.numpy()
 
 
@@ -60,10 +59,6 @@ class QParams:
     zero_point: np.ndarray | None  # None also when absent, i.e. 0
     axis: int
     block_size: int
-
-    @property
-    def per_channel(self) -> bool:
-        return self.scale is not None and self.scale.size > 1 and self.block_size == 0
 
 
 def qparams(node: ir.Node) -> QParams:

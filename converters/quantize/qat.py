@@ -21,8 +21,8 @@ import onnx
 import onnx_ir as ir
 
 from edgeopt.converters.errors import UnsupportedOpsError
-from edgeopt.converters.graph.qdq import dequantize, int_attribute, output_channel_axis, qparams
-from edgeopt.converters.graph.rewrite import NameScope, add_initializer, constant_array
+from edgeopt.converters.graph.qdq import build_time_array, dequantize, int_attribute, output_channel_axis, qparams
+from edgeopt.converters.graph.rewrite import NameScope, add_initializer
 from edgeopt.converters.quantize.placement import WEIGHTED_OPS, sums_products_pairwise
 from edgeopt.converters.quantize.qdq import activation_params, qrange, quantize_weight
 from edgeopt.targets import QuantScheme
@@ -76,9 +76,9 @@ def import_qdq(model: onnx.ModelProto, scheme: QuantScheme) -> tuple[onnx.ModelP
     names = NameScope(graph)
     scales: list[dict[str, Any]] = []
     adaptations: list[dict[str, Any]] = []
-    stored_weights = [n for n in graph if n.op_type == "DequantizeLinear" and constant_array(n.inputs[0]) is not None]
+    stored_weights = [n for n in graph if n.op_type == "DequantizeLinear" and build_time_array(n.inputs[0]) is not None]
     for q in [n for n in graph if n.op_type == "QuantizeLinear"]:
-        if constant_array(q.inputs[0]) is not None:
+        if build_time_array(q.inputs[0]) is not None:
             _import_weight(names, q, scheme, scales, adaptations)
         else:
             _import_activation(names, q, scheme, scales, adaptations)
@@ -167,7 +167,7 @@ def _quantize_through_data_movement(graph: ir.Graph, names: NameScope, scheme: Q
         source = producer
         while source is not None and source.op_type in GRID_PRESERVING_OPS:
             source = source.inputs[0].producer()
-        if source is None or source.op_type != "DequantizeLinear" or constant_array(source.inputs[0]) is not None:
+        if source is None or source.op_type != "DequantizeLinear" or build_time_array(source.inputs[0]) is not None:
             continue
         tensor = node.inputs[0]
         parameters = list(source.inputs[1:3])
@@ -260,7 +260,7 @@ def _import_weight(names: NameScope, q: ir.Node, scheme: QuantScheme, scales: li
     dqs = _dequantizers(q)
     if not dqs:
         return
-    values = constant_array(q.inputs[0]).astype(np.float32)
+    values = build_time_array(q.inputs[0]).astype(np.float32)
     quantized, new_scale, new_zero, new_axis, changes = _requantized_weight(values, scale, zero_point, axis, _weight_use(dqs[0]), scheme)
     _store_weight(names, name, dqs, quantized, new_scale, new_zero, new_axis)
     if not q.outputs[0].uses():
@@ -272,7 +272,7 @@ def _check_stored_weight(names: NameScope, dq: ir.Node, scheme: QuantScheme, sca
     """A weight already stored as integers -> DQ: keep it unless the scheme forbids its parameters."""
     name = dq.inputs[0].name
     scale, zero_point, axis = _params(dq)
-    stored = constant_array(dq.inputs[0])
+    stored = build_time_array(dq.inputs[0])
     if stored.dtype.kind not in "iu" or stored.dtype == np.int32:
         return
     values = dequantize(stored, scale, zero_point, axis).astype(np.float32)
@@ -317,11 +317,11 @@ def _int32_biases(graph: ir.Graph, names: NameScope, adaptations: list) -> None:
     for node in list(graph):
         if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.inputs) < 3:
             continue
-        bias = constant_array(node.inputs[2])
+        bias = build_time_array(node.inputs[2])
         data, weight = node.inputs[0].producer(), node.inputs[1].producer()
         if bias is None or data is None or weight is None or data.op_type != "DequantizeLinear" or weight.op_type != "DequantizeLinear":
             continue
-        input_scale, weight_scale = constant_array(data.inputs[1]), constant_array(weight.inputs[1])
+        input_scale, weight_scale = build_time_array(data.inputs[1]), build_time_array(weight.inputs[1])
         if input_scale is None or weight_scale is None or input_scale.size != 1 or bias.ndim != 1:
             continue
         bias = bias.astype(np.float64)
@@ -363,7 +363,7 @@ def strip_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
     removed: dict[ir.Node, None] = {}
     for dq in [n for n in graph if n.op_type == "DequantizeLinear"]:
         q = dq.inputs[0].producer()
-        stored = constant_array(dq.inputs[0])
+        stored = build_time_array(dq.inputs[0])
         if q is not None and q.op_type == "QuantizeLinear":
             _bypass(graph, dq, q.inputs[0])
             removed.update({dq: None, q: None})
