@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeopt.runtime.kinds import ArtifactFormat, BackendName
 from edgeopt.runtime.spec import TensorSpec
 
 __all__ = ["LoweredArtifact", "LoweringOptions", "LoweringResult", "Runner"]
@@ -17,10 +18,14 @@ Runner = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
 
 @dataclass(frozen=True)
 class LoweredArtifact:
-    """A file or folder written into the bundle folder; `path` is relative to it."""
+    """A file or folder written into the bundle folder; `path` is relative to it.
+
+    `format` is an ArtifactFormat for what a backend loads, and a plain kind ("shell",
+    "triton-config") for the support files beside it, which no backend reads.
+    """
 
     path: str
-    format: str
+    format: ArtifactFormat | str
     role: str = "model"
 
 
@@ -46,8 +51,8 @@ class LoweringResult:
 
     artifacts: list[LoweredArtifact]
     model_file: str
-    runtime_backend: str
-    verify_backend: str | None
+    runtime_backend: BackendName
+    verify_backend: BackendName | None
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     summary: dict[str, Any] = field(default_factory=dict)

@@ -27,6 +27,7 @@ import onnx
 
 from edgeopt.converters.errors import LoweringError, UnsupportedOpsError
 from edgeopt.converters.lower.base import LoweredArtifact, LoweringOptions, LoweringResult
+from edgeopt.runtime.kinds import ArtifactFormat, BackendName, Precision, unreachable
 from edgeopt.runtime.spec import TensorSpec
 from edgeopt.targets import Target
 
@@ -261,14 +262,15 @@ def _cpu_execution(xml_path: Path) -> dict[str, dict[str, int]]:
             "constant bias of an Add after MatMul",
         )
     by_type: dict[str, Counter[str]] = {}
-    for layer_type, precision in json.loads(completed.stdout):
+    for layer_type, element_type in json.loads(completed.stdout):
         if layer_type in _COMPUTE_LAYERS:
-            by_type.setdefault(layer_type, Counter())[precision] += 1
+            by_type.setdefault(layer_type, Counter())[element_type] += 1
     return {layer: dict(sorted(counts.items())) for layer, counts in sorted(by_type.items())}
 
 
 def _int8_warnings(execution: Mapping[str, Mapping[str, int]]) -> list[str]:
-    integer = sum(n for counts in execution.values() for precision, n in counts.items() if precision in ("u8", "i8"))
+    """`execution` counts OpenVINO's own element types per layer ("f32", "u8", "i8", ...)."""
+    integer = sum(n for counts in execution.values() for element_type, n in counts.items() if element_type in ("u8", "i8"))
     total = sum(sum(counts.values()) for counts in execution.values())
     if total and not integer:
         return [
@@ -278,8 +280,23 @@ def _int8_warnings(execution: Mapping[str, Mapping[str, int]]) -> list[str]:
     return []
 
 
+def _compresses_to_fp16(precision: Precision, int8_float_weights_fp16: bool) -> bool:
+    """Whether `save_model` stores the IR's float weights as fp16 (the plugin decompresses them)."""
+    match precision:
+        case Precision.FP16:
+            return True
+        case Precision.INT8:
+            return int8_float_weights_fp16
+        case Precision.FP32:
+            return False
+        case Precision.INT8_WEIGHTS | Precision.PALETTIZED_8 | Precision.PALETTIZED_6 | Precision.PALETTIZED_4:
+            raise LoweringError(f"OpenVINO IR has no {precision} lowering", hint="use fp32, fp16 or int8")
+        case _:
+            unreachable(precision)
+
+
 def lower(
-    model: onnx.ModelProto, target: Target, precision: str, out_dir: Path, options: LoweringOptions
+    model: onnx.ModelProto, target: Target, precision: Precision, out_dir: Path, options: LoweringOptions
 ) -> LoweringResult:
     """Write `model.xml` + `model.bin` into `out_dir`.
 
@@ -293,7 +310,7 @@ def lower(
             hint=f"use one of {', '.join(target.precisions)}",
         )
     quantized = _is_qdq(model)
-    if precision == "int8" and not quantized:
+    if precision == Precision.INT8 and not quantized:
         raise LoweringError(
             f"int8 for {target.name} needs a QDQ ONNX graph, but model "
             f"'{model.graph.name or options.model_name}' has no QuantizeLinear/DequantizeLinear node",
@@ -303,7 +320,7 @@ def lower(
     _refuse_passthrough_outputs(model, target)
     ov = _import_openvino()
     device = _device_options(target, options)
-    compress_to_fp16 = precision == "fp16" or (precision == "int8" and device["compress_to_fp16"])
+    compress_to_fp16 = _compresses_to_fp16(precision, device["compress_to_fp16"])
 
     ov_model = _convert(ov, model, target)
     if options.input_shapes:
@@ -329,12 +346,12 @@ def lower(
         summary["warnings"] = _int8_warnings(summary["cpu_execution"])
     return LoweringResult(
         artifacts=[
-            LoweredArtifact(_MODEL_FILE, "openvino-ir", "model"),
-            LoweredArtifact(_WEIGHTS_FILE, "openvino-ir", "weights"),
+            LoweredArtifact(_MODEL_FILE, ArtifactFormat.OPENVINO_IR, "model"),
+            LoweredArtifact(_WEIGHTS_FILE, ArtifactFormat.OPENVINO_IR, "weights"),
         ],
         model_file=_MODEL_FILE,
-        runtime_backend="openvino",
-        verify_backend="openvino",
+        runtime_backend=BackendName.OPENVINO,
+        verify_backend=BackendName.OPENVINO,
         inputs=_tensor_specs(saved.inputs, layout),
         outputs=_tensor_specs(saved.outputs, None),
         summary=summary,

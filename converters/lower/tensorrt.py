@@ -8,6 +8,7 @@ model repository where the engine lands.
 from __future__ import annotations
 
 import shlex
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from edgeopt.converters.errors import LoweringError
 from edgeopt.converters.lint import lint_qdq
 from edgeopt.converters.lower.base import LoweredArtifact, LoweringOptions, LoweringResult
 from edgeopt.converters.lower.onnx_io import graph_io_specs, save_onnx
+from edgeopt.runtime.kinds import ArtifactFormat, BackendName, Precision, unreachable
 from edgeopt.runtime.spec import TensorSpec
 from edgeopt.targets import Target
 
@@ -37,17 +39,27 @@ def _shape_flag(specs: list[TensorSpec]) -> str:
     return ",".join(f"{s.name}:{'x'.join(str(d) for d in s.shape)}" for s in specs)
 
 
+def _precision_flags(precision: Precision) -> list[str]:
+    match precision:
+        case Precision.FP32:
+            return []
+        case Precision.FP16:
+            return ["--fp16"]
+        case Precision.INT8:
+            # Explicit quantization: the Q/DQ scales in the ONNX are used as they are; --fp16 lets
+            # the layers left in float run in half precision instead of fp32.
+            return ["--int8", "--fp16"]
+        case Precision.INT8_WEIGHTS | Precision.PALETTIZED_8 | Precision.PALETTIZED_6 | Precision.PALETTIZED_4:
+            raise LoweringError(f"TensorRT has no {precision} engine build", hint="use fp32, fp16 or int8")
+        case _:
+            unreachable(precision)
+
+
 def trtexec_command(
-    inputs: list[TensorSpec], precision: str, options: dict[str, Any], dla_core: int | None, max_batch: int
+    inputs: list[TensorSpec], precision: Precision, options: Mapping[str, Any], dla_core: int | None, max_batch: int
 ) -> list[str]:
     """The trtexec argv that builds `model.plan` from `model.onnx` (TensorRT 10 flag names)."""
-    argv = ["trtexec", "--onnx=model.onnx", "--saveEngine=model.plan", "--skipInference"]
-    if precision == "fp16":
-        argv.append("--fp16")
-    elif precision == "int8":
-        # Explicit quantization: the Q/DQ scales in the ONNX are used as they are; --fp16 lets
-        # the layers left in float run in half precision instead of fp32.
-        argv += ["--int8", "--fp16"]
+    argv = ["trtexec", "--onnx=model.onnx", "--saveEngine=model.plan", "--skipInference", *_precision_flags(precision)]
     if dla_core is not None:
         argv += [f"--useDLACore={dla_core}", "--allowGPUFallback"]
     argv.append(f"--memPoolSize=workspace:{int(options.get('mem_pool_workspace_mib', 4096))}M")
@@ -121,7 +133,7 @@ def _triton_name(name: str) -> str:
 
 
 def lower(
-    model: onnx.ModelProto, target: Target, precision: str, out_dir: Path, options: LoweringOptions
+    model: onnx.ModelProto, target: Target, precision: Precision, out_dir: Path, options: LoweringOptions
 ) -> LoweringResult:
     findings = lint_qdq(model, target) if any(n.op_type == "QuantizeLinear" for n in model.graph.node) else []
     errors = [f for f in findings if f.severity == "error"]
@@ -148,23 +160,23 @@ def lower(
 
     return LoweringResult(
         artifacts=[
-            LoweredArtifact("model.onnx", "onnx"),
+            LoweredArtifact("model.onnx", ArtifactFormat.ONNX),
             LoweredArtifact("build_engine.sh", "shell", role="recipe"),
             LoweredArtifact(f"triton/{name}/config.pbtxt", "triton-config", role="config"),
         ],
         model_file="model.onnx",
-        runtime_backend="tensorrt",
-        verify_backend="onnxruntime",
+        runtime_backend=BackendName.TENSORRT,
+        verify_backend=BackendName.ONNXRUNTIME,
         inputs=inputs,
         outputs=outputs,
         summary={
             "trtexec": " ".join(shlex.quote(a) for a in argv),
             "engine_recipe": {
-                "precision": precision,
+                "precision": str(precision),
                 "dla_core": dla_core,
                 "mem_pool_workspace_mib": int(profile.get("mem_pool_workspace_mib", 4096)),
-                "fp16": precision in ("fp16", "int8"),
-                "int8": precision == "int8",
+                "fp16": "--fp16" in argv,
+                "int8": "--int8" in argv,
             },
             "triton_model": f"triton/{name}",
             "qdq_lint": [f.to_dict() for f in findings],
