@@ -343,9 +343,9 @@ def ort_outputs(session: Any, feeds: Sequence[Feed]) -> Outputs:
 
 
 def qdq_reference(qdq: Any, feeds: Sequence[Feed]) -> Outputs:
-    from edgeopt.converters.quantize import graph
+    from edgeopt.converters.graph.session import ort_session as converters_session
 
-    return ort_outputs(graph.session(qdq, threads=THREADS), feeds)
+    return ort_outputs(converters_session(qdq, threads=THREADS), feeds)
 
 
 class _Reader:

@@ -171,8 +171,8 @@ def _random_inputs(model: onnx.ModelProto, specs: list[TensorSpec], count: int, 
 
 
 def _ort_outputs(model: onnx.ModelProto, samples: Iterable[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    """The model's outputs on ONNX Runtime (a QDQ graph by its exact semantics, see `session`)."""
-    from edgeopt.converters.quantize.graph import run_model
+    """The model's outputs on ONNX Runtime (a QDQ graph by its exact semantics, see `ort_session`)."""
+    from edgeopt.converters.graph.session import run_model
 
     return list(run_model(model, samples, threads=2))
 

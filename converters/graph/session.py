@@ -6,15 +6,19 @@ shapes and optimize offline; never for its quantization tooling.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import onnx
+
+from edgeopt.converters.graph.shapes import with_outputs
 
 if TYPE_CHECKING:
     import onnxruntime
 
-__all__ = ["has_qdq", "ort_session"]
+__all__ = ["has_qdq", "ort_session", "run_model"]
 
 _QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
@@ -56,3 +60,21 @@ def ort_session(
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     source = str(model) if isinstance(model, Path) else model.SerializeToString()
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def run_model(
+    model: onnx.ModelProto,
+    samples: Iterable[Mapping[str, np.ndarray]],
+    outputs: Sequence[str] | None = None,
+    *,
+    threads: int = 0,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Run the model on each sample and yield {output name: array}; `outputs` adds intermediate tensors."""
+    if outputs:
+        model = with_outputs(model, outputs)
+    runner = ort_session(model, threads=threads)
+    names = [o.name for o in runner.get_outputs()]
+    input_names = [i.name for i in runner.get_inputs()]
+    for sample in samples:
+        values = runner.run(names, {name: sample[name] for name in input_names})
+        yield dict(zip(names, values))

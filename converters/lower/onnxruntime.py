@@ -9,8 +9,10 @@ from pathlib import Path
 import onnx
 
 from edgeopt.converters.errors import LoweringError
+from edgeopt.converters.graph.session import ort_session
 from edgeopt.converters.lower.base import LoweredArtifact, LoweringOptions, LoweringResult
 from edgeopt.converters.lower.onnx_io import graph_io_specs, save_onnx, store_weights_fp16
+from edgeopt.runtime.kinds import BackendName, Precision
 from edgeopt.targets import Target
 
 __all__ = ["lower"]
@@ -28,22 +30,15 @@ def _optimize_offline(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
     existing tensor" on a BERT encoder whose optimized graph it re-folds) is not shipped: the
     model goes out as edgeopt simplified it, which the device optimizes at load time.
     """
-    import onnxruntime as ort
-
     with tempfile.TemporaryDirectory() as tmp:
         source, optimized = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
         save_onnx(model, source)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        options.optimized_model_filepath = str(optimized)
         try:
-            ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+            ort_session(source, optimized_model_path=optimized)
         except Exception as exc:  # ORT raises its own untyped errors
             raise LoweringError(f"ONNX Runtime could not load the model: {exc}") from exc
-        quiet = ort.SessionOptions()
-        quiet.log_severity_level = 4  # the failure is reported below, once
         try:
-            ort.InferenceSession(str(optimized), quiet, providers=["CPUExecutionProvider"])
+            ort_session(optimized, log_severity=4)  # the failure is reported below, once
         except Exception as exc:
             reason = str(exc).split("FAIL :")[-1].strip()[:160]
             log.warning("ONNX Runtime cannot reload its own optimized model (%s); shipping the simplified model", reason)
@@ -52,11 +47,11 @@ def _optimize_offline(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
 
 
 def lower(
-    model: onnx.ModelProto, target: Target, precision: str, out_dir: Path, options: LoweringOptions
+    model: onnx.ModelProto, target: Target, precision: Precision, out_dir: Path, options: LoweringOptions
 ) -> LoweringResult:
     optimized, offline = _optimize_offline(model)
     summary: dict[str, object] = {"ort_offline_optimization": offline}
-    if precision == "fp16":
+    if precision == Precision.FP16:
         optimized, count = store_weights_fp16(optimized)
         summary["fp16_weights"] = count
         summary["note"] = "fp16 storage, fp32 compute (ONNX Runtime's CPU provider has few fp16 kernels)"
@@ -65,8 +60,8 @@ def lower(
     return LoweringResult(
         artifacts=[LoweredArtifact("model.onnx", "onnx")],
         model_file="model.onnx",
-        runtime_backend="onnxruntime",
-        verify_backend="onnxruntime",
+        runtime_backend=BackendName.ONNXRUNTIME,
+        verify_backend=BackendName.ONNXRUNTIME,
         inputs=inputs,
         outputs=outputs,
         summary=summary,

@@ -14,7 +14,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from edgeopt.converters.quantize.graph import session, with_outputs
+from edgeopt.converters.graph.session import ort_session
+from edgeopt.converters.graph.shapes import with_outputs
 
 __all__ = ["correct_bias"]
 
@@ -27,7 +28,7 @@ def _channel_means(array: np.ndarray, op: str) -> np.ndarray:
 
 
 def _output_noise(model: onnx.ModelProto, samples: Sequence[Mapping[str, np.ndarray]], reference: Sequence[list[np.ndarray]]) -> float:
-    runner = session(model)
+    runner = ort_session(model)
     names = [o.name for o in model.graph.output]
     inputs = [i.name for i in runner.get_inputs()]
     noise = 0.0
@@ -53,8 +54,8 @@ def correct_bias(
     fp32_outputs = [fp32_nodes[n].output[0] for n in targets]
     qdq_outputs = [qdq_nodes[n].output[0] for n in targets]
     model_outputs = [o.name for o in float_model.graph.output]
-    fp32_run = session(with_outputs(float_model, fp32_outputs))
-    qdq_run = session(with_outputs(qdq_model, qdq_outputs))
+    fp32_run = ort_session(with_outputs(float_model, fp32_outputs))
+    qdq_run = ort_session(with_outputs(qdq_model, qdq_outputs))
     inputs = [i.name for i in fp32_run.get_inputs()]
     shift = [None] * len(targets)
     reference = []

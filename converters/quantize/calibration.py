@@ -9,7 +9,8 @@ import onnx
 
 from edgeopt.converters.data import Dataset
 from edgeopt.converters.errors import CalibrationDataError
-from edgeopt.converters.quantize.graph import session, with_outputs
+from edgeopt.converters.graph.session import ort_session
+from edgeopt.converters.graph.shapes import with_outputs
 from edgeopt.converters.quantize.observers import Observer, make_observer
 from edgeopt.converters.quantize.qdq import qrange
 
@@ -33,7 +34,7 @@ def calibrate(
     names = sorted(set(tensors))
     qmin, qmax = qrange(activation_dtype)
     observers = {name: make_observer(method, percentile, qmax - qmin + 1) for name in names}
-    runner = session(with_outputs(model, names), threads)
+    runner = ort_session(with_outputs(model, names), threads=threads)
     available = {o.name for o in runner.get_outputs()}
     wanted = [n for n in names if n in available]
     input_names = [i.name for i in runner.get_inputs()]

@@ -15,8 +15,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from edgeopt.converters.graph.session import ort_session
+from edgeopt.converters.graph.shapes import with_outputs
 from edgeopt.converters.metrics import sqnr_db
-from edgeopt.converters.quantize.graph import session, with_outputs
 from edgeopt.converters.quantize.qdq import TENSOR_TAG, qrange
 
 __all__ = ["layer_sqnr"]
@@ -102,8 +103,8 @@ def layer_sqnr(
     layers = _quantized_layers(qdq_model, float_model)
     fp32_wanted = sorted({p.fp32_name for p in pairs} | {layer[2] for layer in layers})
     qdq_wanted = sorted({p.dequantized for p in pairs} | {layer[3] for layer in layers})
-    fp32_run = session(with_outputs(float_model, fp32_wanted), threads)
-    qdq_run = session(with_outputs(qdq_model, qdq_wanted), threads)
+    fp32_run = ort_session(with_outputs(float_model, fp32_wanted), threads=threads)
+    qdq_run = ort_session(with_outputs(qdq_model, qdq_wanted), threads=threads)
     input_names = [i.name for i in fp32_run.get_inputs()]
     pair_power = [_Power() for _ in pairs]
     layer_power = [_Power() for _ in layers]

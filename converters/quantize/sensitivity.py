@@ -14,9 +14,9 @@ import onnx
 
 from edgeopt.converters.data import Dataset
 from edgeopt.converters.errors import QualityBudgetError
+from edgeopt.converters.graph.session import run_model
 from edgeopt.converters.metrics import fidelity, quality_drop
 from edgeopt.converters.quantize.debug import layer_sqnr
-from edgeopt.converters.quantize.graph import run_model
 from edgeopt.converters.quantize.placement import QuantPlan
 
 __all__ = ["meet_budget", "rank_layers"]

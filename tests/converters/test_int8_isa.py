@@ -30,7 +30,7 @@ from edgeopt.converters.data import model_input_specs, open_dataset
 from edgeopt.converters.lower import LoweringOptions, lower
 from edgeopt.converters.passes import simplify
 from edgeopt.converters.quantize import QuantizeOptions, quantize
-from edgeopt.converters.quantize.graph import session
+from edgeopt.converters.graph.session import ort_session as session
 from edgeopt.runtime.isa import IsaClass, host_isa
 from edgeopt.targets import get_target
 from tests import zoo

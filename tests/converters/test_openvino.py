@@ -29,7 +29,7 @@ from edgeopt.converters.errors import LoweringError, UnsupportedOpsError
 from edgeopt.converters.lower import LoweringOptions, LoweringResult, lower
 from edgeopt.converters.passes import simplify
 from edgeopt.converters.quantize import QuantizeOptions, quantize
-from edgeopt.converters.quantize.graph import session
+from edgeopt.converters.graph.session import ort_session as session
 from edgeopt.targets import get_target
 from tests import zoo
 

@@ -11,7 +11,7 @@ from edgeopt.converters.data import Dataset, model_input_specs, open_dataset
 from edgeopt.converters.errors import CalibrationDataError
 from edgeopt.converters.metrics import fidelity
 from edgeopt.converters.quantize import QuantizeOptions, is_qdq_model, layer_sqnr, quantize
-from edgeopt.converters.quantize.graph import run_model, session
+from edgeopt.converters.graph.session import ort_session, run_model
 from edgeopt.targets import get_target
 from tests import zoo
 
@@ -179,7 +179,7 @@ def test_avx2_class_int8_kernels_compute_the_qdq_graph_exactly(model: onnx.Model
 
     qdq = quantize(model, get_target("onnxruntime-cpu").scheme_for("avx2"), calibration, QuantizeOptions(debug_samples=0)).model
     fused = ort.InferenceSession(qdq.SerializeToString(), providers=["CPUExecutionProvider"])
-    exact = session(qdq)
+    exact = ort_session(qdq)
     tolerance = 2 / 256  # Softmax stays float here; kernels may round a requantized logit to the other neighbour
     for sample in list(calibration)[:8]:
         feed = {"x": sample["x"] * 3.0}  # beyond the calibrated range: every activation Q saturates at 0/255
@@ -273,7 +273,7 @@ def test_weights_only_needs_no_calibration(model: onnx.ModelProto) -> None:
     result = quantize(model, get_target("apple-ane").quant_scheme, None, QuantizeOptions(weights_only=True))
     assert not any(n.op_type == "QuantizeLinear" for n in result.model.graph.node)
     assert _dq_feeding(result.model, "conv1", 1) is not None
-    session(result.model)
+    ort_session(result.model)
 
 
 def test_missing_calibration_is_a_clear_error(model: onnx.ModelProto) -> None:

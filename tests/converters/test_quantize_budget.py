@@ -11,7 +11,7 @@ from edgeopt.converters.data import Dataset, model_input_specs, open_dataset
 from edgeopt.converters.errors import CalibrationDataError, QualityBudgetError
 from edgeopt.converters.metrics import fidelity, quality_drop
 from edgeopt.converters.quantize import QuantizeOptions, quantize
-from edgeopt.converters.quantize.graph import run_model
+from edgeopt.converters.graph.session import run_model
 from edgeopt.targets import get_target
 
 

@@ -28,7 +28,7 @@ from edgeopt.converters.lower import LoweringOptions, LoweringResult, lower
 from edgeopt.converters.lower.tflite import INSTALL_HINT, SUPPORTED_ONNX_OPS, lower_to_bytes
 from edgeopt.converters.passes import simplify
 from edgeopt.converters.quantize import QuantizeOptions, quantize
-from edgeopt.converters.quantize.graph import session
+from edgeopt.converters.graph.session import ort_session as session
 from edgeopt.targets import get_target
 from tests import zoo
 
