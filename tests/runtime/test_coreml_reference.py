@@ -18,7 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgeopt.converters.lower.base import LoweringOptions
 from edgeopt.converters.lower.coreml import PACKAGE_NAME, lower
-from edgeopt.runtime.backends import coreml_reference
+from edgeopt.runtime.backends import coreml_kernels, coreml_reference
+from edgeopt.runtime.backends.coreml_kernels import KERNELS, Args
 from edgeopt.runtime.backends.coreml_reference import MilReferenceEvaluator, read_weight_blob
 from edgeopt.runtime.errors import BackendUnavailableError, BundleError, InputSpecError
 from edgeopt.targets import get_target
@@ -39,18 +40,23 @@ def _add_constant_model(constant: float) -> onnx.ModelProto:
 
 
 def test_evaluator_depends_only_on_the_file_format() -> None:
-    """No import of the lowering or of coremltools at all: numpy, the standard library and the runtime
-    (coremltools' protobuf classes are imported by name when a package is loaded)."""
-    tree = ast.parse(inspect.getsource(coreml_reference))
+    """No import of the lowering or of coremltools at all, in the evaluator or its kernels: numpy, the
+    standard library and the runtime (coremltools' protobuf classes are imported by name when a package
+    is loaded)."""
+    sources = [inspect.getsource(coreml_reference)]
+    sources += [path.read_text(encoding="utf-8") for path in Path(coreml_kernels.__file__).parent.glob("*.py")]
     imported = {
         alias.name if isinstance(node, ast.Import) else f"{node.module}"
-        for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+        for source in sources
+        for node in ast.walk(ast.parse(source)) if isinstance(node, (ast.Import, ast.ImportFrom))
         for alias in node.names
     }
+    kernel_modules = {f"edgeopt.runtime.backends.coreml_kernels{suffix}" for suffix in ("", ".base", ".elementwise", ".windows")}
     assert imported <= {"__future__", "importlib", "json", "math", "collections.abc", "pathlib", "types", "typing",
                         "numpy", "numpy.lib.stride_tricks", "edgeopt.runtime.backends.base",
                         "edgeopt.runtime.backends.coreml", "edgeopt.runtime.errors", "edgeopt.runtime.library_output",
-                        "edgeopt.runtime.spec", "logging"}
+                        "edgeopt.runtime.kinds", "edgeopt.runtime.op_registry", "edgeopt.runtime.spec", "logging",
+                        *kernel_modules}
 
 
 def test_fp16_programs_round_between_ops(tmp_path: Path) -> None:
@@ -102,7 +108,7 @@ def test_compressed_weights_decode_like_coremltools(precision: str, deployment: 
     evaluator = MilReferenceEvaluator(package)
     for op in evaluator.block.operations:
         if op.type.startswith("constexpr"):
-            decoded = coreml_reference._KERNELS[op.type](coreml_reference._Args(op, dict(evaluator._constants), evaluator))
+            decoded = KERNELS.handler(op.type)(Args(op, dict(evaluator._constants), evaluator.decode))
             reference = expected[op.outputs[0].name]
             assert decoded.shape == reference.shape
             np.testing.assert_allclose(decoded, reference.astype(np.float32), rtol=1e-3, atol=1e-6)
