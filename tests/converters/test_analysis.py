@@ -12,7 +12,6 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeopt.converters.analysis import (
-    MIN_OPSET,
     OPSET_CONVERTED_FROM_KEY,
     io_specs,
     is_qdq,
@@ -22,6 +21,7 @@ from edgeopt.converters.analysis import (
     unsupported_nodes,
 )
 from edgeopt.converters.errors import ModelLoadError
+from edgeopt.converters.graph.opset import MIN_OPSET
 from edgeopt.targets import get_target
 from tests import zoo
 
