@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 from edgeopt.converters.errors import LoweringError
 from edgeopt.converters.lower.base import LoweredArtifact, LoweringOptions, LoweringResult
@@ -49,34 +50,20 @@ def parse_deployment_target(name: str) -> Any:
     return getattr(ct.target, match)
 
 
-def _static_inputs(model: onnx.ModelProto, overrides: Mapping[str, tuple[int, ...]] | None) -> list[Any]:
+def _static_inputs(graph: ir.Graph) -> list[Any]:
+    """The graph's inputs with their static shapes (fixed by --input-shape in `prepare` where given)."""
     from edgeopt.converters.lower.coreml_ops import GraphInput
 
-    initializers = {t.name for t in model.graph.initializer}
-    overrides = dict(overrides or {})
     inputs = []
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
-        tensor_type = value.type.tensor_type
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
-        if value.name in overrides:
-            shape = tuple(int(d) for d in overrides.pop(value.name))
-        else:
-            dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?") for d in tensor_type.shape.dim]
-            if any(not isinstance(d, int) for d in dims):
-                example = ",".join(str(d) if isinstance(d, int) else "1" for d in dims)
-                raise LoweringError(
-                    f"input '{value.name}' has dynamic shape {dims}; the Neural Engine needs static shapes",
-                    hint=f"fix it with --input-shape {value.name}={example} (options.input_shapes)",
-                )
-            shape = tuple(dims)
-        inputs.append(GraphInput(value.name, shape, np.dtype(dtype)))
-    if overrides:
-        raise LoweringError(
-            f"--input-shape names {sorted(overrides)}, which are not inputs of the model",
-            hint=f"model inputs: {[i.name for i in inputs]}",
-        )
+    for value in graph.inputs:
+        dims = [d if isinstance(d, int) and d > 0 else (getattr(d, "value", None) or "?") for d in (value.shape or ())]
+        if any(not isinstance(d, int) for d in dims):
+            example = ",".join(str(d) if isinstance(d, int) else "1" for d in dims)
+            raise LoweringError(
+                f"input '{value.name}' has dynamic shape {dims}; the Neural Engine needs static shapes",
+                hint=f"fix it with --input-shape {value.name}={example} (options.input_shapes)",
+            )
+        inputs.append(GraphInput(value.name, tuple(dims), np.dtype(value.dtype.numpy())))
     return inputs
 
 
@@ -136,17 +123,18 @@ def lower(
         import coremltools.optimize.coreml as cto
 
     from edgeopt.converters.lower.coreml_ane import ane_fit_report
-    from edgeopt.converters.lower.coreml_ops import build_program, check_supported, mil_name
+    from edgeopt.converters.lower.coreml_ops import build_program, check_supported, mil_name, prepare
     from edgeopt.runtime.backends.coreml_reference import MilReferenceEvaluator
 
     settings = {**target.options, **options.extra}
     deployment = str(settings.get("deployment_target", "iOS17"))
     opset = parse_deployment_target(deployment)
     _check_precision(model, target, precision, deployment)
-    check_supported(model, target.name)
-    inputs = _static_inputs(model, options.input_shapes)
+    prepared = prepare(model, options.input_shapes)
+    check_supported(prepared, target.name)
+    inputs = _static_inputs(prepared.graph)
 
-    program, output_names = build_program(model, inputs, opset, target.name)
+    program, output_names = build_program(prepared, inputs, opset, target.name)
     compute = ct.precision.FLOAT32 if COMPUTE_PRECISION.get(precision) == "fp32" else ct.precision.FLOAT16
     log.info("converting MIL program to an ML Program (%s, compute %s)", deployment, compute.value)
     with library_output_to_log(log, "coremltools"):  # a progress bar per MIL pass pipeline
