@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeopt.converters.analysis import (
     OPSET_CONVERTED_FROM_KEY,
@@ -23,6 +23,9 @@ from edgeopt.converters.lint import Finding, lint_qdq
 from edgeopt.runtime.errors import EdgeoptError
 from edgeopt.runtime.spec import TensorSpec
 from edgeopt.targets import Target, get_target
+
+if TYPE_CHECKING:
+    import onnx
 
 __all__ = ["InspectReport", "inspect_model"]
 
@@ -183,7 +186,7 @@ def inspect_model(
     )
 
 
-def _quant_debug(model: Any, target: Target | None, data: str | Path, inputs: list[TensorSpec]) -> list[dict[str, Any]]:
+def _quant_debug(model: onnx.ModelProto, target: Target | None, data: str | Path, inputs: list[TensorSpec]) -> list[dict[str, Any]]:
     try:
         from edgeopt.converters.quantize import QuantizeOptions, layer_sqnr, quantize
         from edgeopt.converters.quantize.qat import strip_qdq
