@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import numpy as np
-
 from edgeopt.runtime.archive import safe_extract
 from edgeopt.runtime.errors import BundleError
-from edgeopt.runtime.isa import IsaClass
+from edgeopt.runtime.kinds import BackendName, Precision
+from edgeopt.runtime.manifest import Manifest
 from edgeopt.runtime.spec import TensorSpec
 
 __all__ = [
@@ -86,27 +85,28 @@ def is_bundle(path: str | os.PathLike[str]) -> bool:
 
 @dataclass(frozen=True)
 class Bundle:
-    """An opened, checked bundle: its folder and manifest, with the fields the runtime reads."""
+    """An opened, checked bundle: its folder and manifest (typed, and the JSON document as read)."""
 
     root: Path
-    manifest: dict[str, Any]
+    contents: Manifest
     source: Path
 
     @property
+    def manifest(self) -> dict[str, Any]:
+        """The manifest as a JSON object, for readers of its open sections."""
+        return self.contents.to_json()
+
+    @property
     def name(self) -> str:
-        return str(self.manifest.get("name") or self.root.name)
+        return self.contents.name or self.root.name
 
     @property
-    def runtime(self) -> dict[str, Any]:
-        return self.manifest["runtime"]
-
-    @property
-    def backend(self) -> str:
-        return str(self.runtime["backend"])
+    def backend(self) -> BackendName:
+        return self.contents.runtime.backend
 
     @property
     def model_path(self) -> Path:
-        return self.path(self.runtime["model"], "runtime.model")
+        return self.path(self.contents.runtime.model, "runtime.model")
 
     def path(self, relative: str, what: str) -> Path:
         """root/relative for a path the manifest names; BundleError when it resolves outside the bundle.
@@ -126,60 +126,56 @@ class Bundle:
 
     @property
     def install_hint(self) -> str | None:
-        return self.runtime.get("install")
+        return self.contents.runtime.install
 
     @property
     def threads(self) -> int | None:
-        return self.runtime.get("threads") or None
+        return self.contents.runtime.threads or None
 
     @property
     def options(self) -> dict[str, Any]:
-        return dict(self.runtime.get("options") or {})
+        return dict(self.contents.runtime.options)
 
     @property
-    def precision(self) -> str | None:
-        return self.manifest.get("precision")
+    def precision(self) -> Precision | None:
+        return self.contents.precision
 
     @property
     def inputs(self) -> list[TensorSpec]:
-        return [TensorSpec.from_dict(raw) for raw in self.manifest["inputs"]]
+        return list(self.contents.inputs)
 
     @property
     def outputs(self) -> list[TensorSpec]:
-        return [TensorSpec.from_dict(raw) for raw in self.manifest["outputs"]]
+        return list(self.contents.outputs)
 
     @property
     def reference(self) -> dict[str, Any] | None:
-        return self.manifest.get("reference") or None
+        reference = self.contents.reference
+        return None if reference is None else dict(reference.to_json())
 
     @property
     def model_sha256(self) -> str | None:
-        for artifact in self.manifest["artifacts"]:
-            if artifact["path"] == self.runtime["model"]:
-                return str(artifact["sha256"])
-        return None
+        artifact = self.contents.model_artifact
+        return None if artifact is None else artifact.sha256
 
     def summary(self) -> dict[str, Any]:
         """The manifest's identity in a few keys (for `info` and benchmark results)."""
-        target = self.manifest.get("target") or {}
+        manifest = self.contents
         return {
             "path": str(self.source),
             "name": self.name,
-            "schema_version": self.manifest.get("schema_version"),
-            "edgeopt_version": self.manifest.get("edgeopt_version"),
-            "created_at": self.manifest.get("created_at"),
-            "target": target.get("name"),
-            "precision": self.precision,
-            "backend": self.backend,
-            "model": self.runtime["model"],
+            "schema_version": manifest.schema_version,
+            "edgeopt_version": manifest.edgeopt_version,
+            "created_at": manifest.created_at,
+            "target": None if manifest.target is None else manifest.target.name,
+            "precision": None if manifest.precision is None else manifest.precision.value,
+            "backend": self.backend.value,
+            "model": manifest.runtime.model,
             "model_sha256": self.model_sha256,
             "install": self.install_hint,
-            "inputs": self.manifest["inputs"],
-            "outputs": self.manifest["outputs"],
-            "artifacts": [
-                {"path": a["path"], "bytes": a.get("bytes"), "sha256": a.get("sha256")}
-                for a in self.manifest["artifacts"]
-            ],
+            "inputs": [t.to_dict() for t in manifest.inputs],
+            "outputs": [t.to_dict() for t in manifest.outputs],
+            "artifacts": [{"path": a.path, "bytes": a.bytes, "sha256": a.sha256} for a in manifest.artifacts],
         }
 
 
@@ -189,7 +185,7 @@ def open_bundle(path: str | os.PathLike[str], *, check_artifacts: bool = True) -
     if not source.exists():
         raise BundleError(f"{source}: no such bundle", hint="pass the folder (or .tar.gz) `edgeopt build` wrote")
     root = extract_bundle(source) if source.is_file() else source
-    bundle = Bundle(root=root, manifest=read_manifest(root), source=source)
+    bundle = Bundle(root=root, contents=read_manifest(root), source=source)
     if check_artifacts:
         try:
             check_artifact_files(bundle)
@@ -199,18 +195,18 @@ def open_bundle(path: str | os.PathLike[str], *, check_artifacts: bool = True) -
             # the cached copy of an archive was changed after extraction: unpack it afresh, check again
             shutil.rmtree(extract_folder(source))
             root = extract_bundle(source)
-            bundle = Bundle(root=root, manifest=read_manifest(root), source=source)
+            bundle = Bundle(root=root, contents=read_manifest(root), source=source)
             check_artifact_files(bundle)
     if not bundle.model_path.exists():
         raise BundleError(
-            f"{root}: runtime.model '{bundle.runtime['model']}' is not in the bundle",
+            f"{root}: runtime.model '{bundle.contents.runtime.model}' is not in the bundle",
             hint="rebuild the bundle with `edgeopt build`",
         )
     return bundle
 
 
-def read_manifest(root: Path) -> dict[str, Any]:
-    """manifest.json, parsed, with a supported schema major and the keys the runtime needs."""
+def read_manifest(root: Path) -> Manifest:
+    """manifest.json, typed (`Manifest.from_json` checks every type the runtime reads), of a supported schema major."""
     path = root / MANIFEST
     if not path.is_file():
         raise BundleError(f"{root}: no {MANIFEST}; this is not an edgeopt bundle", hint="pass the folder `edgeopt build` wrote")
@@ -229,140 +225,23 @@ def read_manifest(root: Path) -> dict[str, Any]:
             f"{path}: bundle schema {version}, this runtime reads schema {SCHEMA_MAJOR}.x",
             hint="use the edgeopt release that wrote the bundle (its runtime zipapp), or rebuild the bundle with this one",
         )
-    _check_types(manifest, path)
-    return manifest
-
-
-# -- the manifest's types --------------------------------------------------------------------
-# What the runtime reads, checked before it reads it (the runtime cannot use jsonschema): a wrong
-# type is a BundleError naming the key path, never a TypeError from deep inside a backend.
-
-
-def _text(value: Any) -> bool:
-    return isinstance(value, str) and bool(value)
-
-
-def _integer(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _numbers(value: Any) -> bool:
-    return _number(value) or (isinstance(value, list) and bool(value) and all(_number(v) for v in value))
-
-
-def _optional(check: Any) -> Any:
-    return lambda value: value is None or check(value)
-
-
-def _of(kind: type) -> Any:
-    return lambda value: isinstance(value, kind)
-
-
-def _dtype(value: Any) -> bool:
-    try:
-        return _text(value) and np.dtype(value) is not None
-    except TypeError:
-        return False
-
-
-def _dimension(value: Any) -> bool:
-    return value is None or isinstance(value, str) or (_integer(value) and value >= -1)
-
-
-_TOP = {
-    "name": ("a string", _optional(_of(str))),
-    "precision": ("a string", _optional(_of(str))),
-    "target": ("an object", _optional(_of(dict))),
-    "toolchain": ("an object", _optional(_of(dict))),
-    "lowering": ("an object", _optional(_of(dict))),
-    "reference": ("an object", _optional(_of(dict))),
-    "runtime": ("an object", _of(dict)),
-    "artifacts": ("a list", _of(list)),
-    "inputs": ("a list", _of(list)),
-    "outputs": ("a list", _of(list)),
-}
-_TARGET = {"name": ("a string", _optional(_of(str))), "isa": (f"one of {', '.join(c.value for c in IsaClass)}", _optional(lambda v: v in {c.value for c in IsaClass}))}
-_LOWERING = {"engine_recipe": ("an object", _optional(_of(dict)))}
-_RUNTIME = {
-    "backend": ("a non-empty string", _text),
-    "model": ("a non-empty string (a path inside the bundle)", _text),
-    "install": ("a string", _optional(_of(str))),
-    "threads": ("a whole number >= 0", _optional(lambda v: _integer(v) and v >= 0)),
-    "options": ("an object", _optional(_of(dict))),
-}
-_ARTIFACT = {
-    "path": ("a non-empty string (a path inside the bundle)", _text),
-    "bytes": ("a whole number >= 0", _optional(lambda v: _integer(v) and v >= 0)),
-    "sha256": ("a string", _optional(_of(str))),
-}
-_TENSOR = {
-    "name": ("a non-empty string", _text),
-    "shape": ("a list of whole numbers, strings or nulls", lambda v: isinstance(v, list) and all(_dimension(d) for d in v)),
-    "dtype": ("a numpy dtype name (float32, int8, ...)", _dtype),
-    "layout": ("a string", _optional(_of(str))),
-    "quantization": ("an object", _optional(_of(dict))),
-}
-_QUANTIZATION = {
-    "scale": ("a number or a list of numbers", _numbers),
-    "zero_point": ("a number or a list of numbers", _optional(_numbers)),
-    "axis": ("a whole number", _optional(_integer)),
-}
-_REFERENCE = {
-    "inputs": ("a non-empty string (a path inside the bundle)", _optional(_text)),
-    "outputs": ("a non-empty string (a path inside the bundle)", _optional(_text)),
-    "tolerance": ("an object", _optional(_of(dict))),
-}
-_TOLERANCE = {"atol": ("a number", _optional(_number)), "rtol": ("a number", _optional(_number)), "outputs": ("an object", _optional(_of(dict)))}
-
-
-def _check_types(manifest: dict[str, Any], path: Path) -> None:
-    def check(raw: Any, fields: dict[str, tuple[str, Any]], where: str) -> dict[str, Any]:
-        if not isinstance(raw, dict):
-            fail(where.rstrip("."), "an object", raw)
-        for key, (wanted, valid) in fields.items():
-            if not valid(raw.get(key)):
-                fail(where + key, wanted, raw.get(key))
-        return raw
-
-    def fail(where: str, wanted: str, value: Any) -> None:
-        shown = "missing" if value is None else f"{json.dumps(value)[:60]} ({type(value).__name__})"
-        raise BundleError(f"{path}: {where} must be {wanted}, found {shown}", hint="the bundle is damaged or was not written by `edgeopt build`; rebuild it")
-
-    check(manifest, _TOP, "")
-    check(manifest.get("target") or {}, _TARGET, "target.")
-    check(manifest.get("lowering") or {}, _LOWERING, "lowering.")
-    check(manifest["runtime"], _RUNTIME, "runtime.")
-    for index, artifact in enumerate(manifest["artifacts"]):
-        check(artifact, _ARTIFACT, f"artifacts[{index}].")
-    for kind in ("inputs", "outputs"):
-        for index, raw in enumerate(manifest[kind]):
-            tensor = check(raw, _TENSOR, f"{kind}[{index}].")
-            if tensor.get("quantization") is not None:
-                check(tensor["quantization"], _QUANTIZATION, f"{kind}[{index}].quantization.")
-    reference = check(manifest.get("reference") or {}, _REFERENCE, "reference.")
-    tolerance = check(reference.get("tolerance") or {}, _TOLERANCE, "reference.tolerance.")
-    for name, own in (tolerance.get("outputs") or {}).items():
-        check(own, {"atol": _TOLERANCE["atol"], "rtol": _TOLERANCE["rtol"]}, f"reference.tolerance.outputs.{name}.")
+    return Manifest.from_json(manifest, str(path))
 
 
 def check_artifact_files(bundle: Bundle) -> None:
     """Every listed artifact exists with the recorded byte count and sha256."""
     hint = "the bundle was changed or damaged in transfer; copy it again or rebuild it with `edgeopt build`"
-    for artifact in bundle.manifest["artifacts"]:
-        path = bundle.path(artifact["path"], "artifact")
+    for artifact in bundle.contents.artifacts:
+        path = bundle.path(artifact.path, "artifact")
         if not path.exists():
             raise BundleError(f"{path}: listed in {MANIFEST} but missing", hint=hint)
         if path.is_dir():
             for entry in path.rglob("*"):
                 bundle.path(entry.relative_to(bundle.root).as_posix(), "artifact")
-        expected_bytes = artifact.get("bytes")
+        expected_bytes = artifact.bytes
         if expected_bytes is not None and _size(path) != expected_bytes:
             raise BundleError(f"{path}: {_size(path)} bytes, {MANIFEST} says {expected_bytes}", hint=hint)
-        expected_sha = artifact.get("sha256")
+        expected_sha = artifact.sha256
         if not expected_sha:
             raise BundleError(f"{path}: {MANIFEST} records no sha256 for it", hint="rebuild the bundle with `edgeopt build`")
         actual_sha = sha256_path(path)

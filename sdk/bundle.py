@@ -18,18 +18,23 @@ import signal
 import tarfile
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from edgeopt.errors import OutputError
 from edgeopt.runtime.bundle import SCHEMA_VERSION, sha256_path
+from edgeopt.runtime.bundle import read_manifest as runtime_read_manifest
+from edgeopt.runtime.manifest import Artifact, Manifest
 
 __all__ = [
     "SCHEMA_VERSION",
     "append_history",
     "artifact_entry",
     "atomic_output",
+    "finite_or_null",
+    "measured_artifact",
     "pack",
     "read_manifest",
     "toolchain_fingerprint",
@@ -60,10 +65,16 @@ def toolchain_fingerprint(used: set[str]) -> dict[str, str]:
     return versions
 
 
-def artifact_entry(bundle_dir: Path, relpath: str, fmt: str, role: str) -> dict[str, Any]:
+def measured_artifact(bundle_dir: Path, relpath: str, fmt: str, role: str) -> Artifact:
+    """The manifest entry of a file or folder in the bundle: its byte count and sha256 as it is now."""
     path = bundle_dir / relpath
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
-    return {"path": relpath, "format": fmt, "bytes": size, "sha256": sha256_path(path), "role": role}
+    return Artifact(path=relpath, format=fmt, bytes=size, sha256=sha256_path(path), role=role)
+
+
+def artifact_entry(bundle_dir: Path, relpath: str, fmt: str, role: str) -> dict[str, Any]:
+    """`measured_artifact` as JSON, for scripts that edit a manifest document (`read_manifest`)."""
+    return dict(measured_artifact(bundle_dir, relpath, fmt, role).to_json())
 
 
 def _check_writable(output: Path, force: bool) -> None:
@@ -98,21 +109,15 @@ def _check_replaceable(output: Path) -> None:
         )
     if not any(output.iterdir()):
         return
-    from edgeopt.runtime.bundle import read_manifest
     from edgeopt.runtime.errors import BundleError
 
     try:
-        manifest = read_manifest(output)
+        read_manifest(output)
     except BundleError as exc:
         raise OutputError(
             f"refusing to replace '{output}': it is not an edgeopt bundle ({exc.message})",
             hint="--force replaces only a folder edgeopt built; remove it yourself if it should go, or choose another -o",
         ) from None
-    if "edgeopt_version" not in manifest and "runtime" not in manifest:
-        raise OutputError(
-            f"refusing to replace '{output}': its manifest.json was not written by edgeopt",
-            hint="--force replaces only a folder edgeopt built; remove it yourself if it should go, or choose another -o",
-        )
 
 
 def _check_archive_replaceable(archive: Path, force: bool) -> None:
@@ -223,13 +228,31 @@ def _output_error(exc: OSError, path: Path) -> OutputError:
 MANIFEST_LOCK = ".manifest.lock"
 
 
-def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> None:
-    """Write manifest.json atomically, keys in a stable order, as strict JSON.
+def write_manifest(bundle_dir: Path, manifest: Manifest | Mapping[str, Any]) -> None:
+    """Write manifest.json atomically through `Manifest.to_json`, as strict JSON.
 
-    NaN and Infinity are not JSON: one anywhere in the manifest is a bug upstream, refused here
-    (ValueError) before anything is written.
+    A JSON document (a script's edit of `read_manifest`) is read through `Manifest.from_json` first,
+    so a wrong type is refused (BundleError). NaN and Infinity are not JSON: one anywhere in the
+    manifest is a bug upstream, refused here (ValueError) before anything is written.
     """
-    write_text_atomically(bundle_dir / "manifest.json", _manifest_json(manifest))
+    typed = manifest if isinstance(manifest, Manifest) else Manifest.from_json(dict(manifest), "manifest")
+    write_text_atomically(bundle_dir / "manifest.json", _manifest_json(typed.to_json()))
+
+
+def finite_or_null(value: Any) -> Any:
+    """`value` with every NaN or infinite float replaced by None: figures headed for the manifest,
+    which is strict JSON (`write_manifest` refuses a non-finite number)."""
+    import math
+
+    import numpy as np
+
+    if isinstance(value, Mapping):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _manifest_json(value: Any) -> str:
@@ -286,12 +309,11 @@ def manifest_lock(bundle_dir: Path) -> Iterator[None]:
 
 
 def read_manifest(bundle_dir: Path) -> dict[str, Any]:
-    from edgeopt.runtime.bundle import read_manifest as runtime_read
+    """The bundle's manifest as a JSON document, checked by the runtime's reader; `write_manifest` takes it back."""
+    return runtime_read_manifest(bundle_dir).to_json()
 
-    return runtime_read(bundle_dir)
 
-
-def append_history(bundle_dir: Path, key: str, entry: dict[str, Any]) -> int:
+def append_history(bundle_dir: Path, key: str, entry: Mapping[str, Any]) -> int:
     """Append a profile or benchmark result to the manifest and redraw the report; the count under `key`.
 
     The read, append, report and manifest rewrite happen under the bundle's manifest lock, so
@@ -302,16 +324,17 @@ def append_history(bundle_dir: Path, key: str, entry: dict[str, Any]) -> int:
 
     _manifest_json(entry)
     with manifest_lock(bundle_dir):
-        manifest = read_manifest(bundle_dir)
-        manifest.setdefault(key, []).append(entry)
+        manifest = runtime_read_manifest(bundle_dir).with_history(key, entry)
         if (bundle_dir / "report.html").exists():
-            write_report(bundle_dir, manifest)
-            manifest["artifacts"] = [
-                artifact_entry(bundle_dir, a["path"], a["format"], a["role"]) if a["path"] == "report.html" else a
-                for a in manifest["artifacts"]
-            ]
+            write_report(bundle_dir, manifest.to_json())
+            manifest = replace(
+                manifest,
+                artifacts=tuple(
+                    measured_artifact(bundle_dir, a.path, a.format, a.role or "") if a.path == "report.html" else a for a in manifest.artifacts
+                ),
+            )
         write_manifest(bundle_dir, manifest)
-    return len(manifest[key])
+    return len(getattr(manifest, key))
 
 
 def pack(bundle_dir: Path) -> Path:

@@ -21,9 +21,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from edgeopt.bundle import finite_or_null
 from edgeopt.converters.errors import QualityBudgetError
 from edgeopt.converters.metrics import fidelity, quality_drop
 from edgeopt.errors import VerificationError
+from edgeopt.runtime.kinds import Precision
+from edgeopt.runtime.manifest import Parity, Quality, QualityBudget, QualityMetric
 
 __all__ = [
     "PARITY",
@@ -37,17 +40,17 @@ Outputs = Mapping[str, np.ndarray]
 
 #: (atol, rtol) of lowering parity per precision; None: weights are compressed inside the lowering,
 #: so no graph computes exactly what the artifact should (its cost is measured as quality instead).
-PARITY: dict[str, tuple[float, float] | None] = {
-    "fp32": (1e-4, 1e-4),  # same math, other kernels and summation orders
+PARITY: dict[Precision, tuple[float, float] | None] = {
+    Precision.FP32: (1e-4, 1e-4),  # same math, other kernels and summation orders
     # fp16 and int8 round differently from their reference at every layer, and a steep output (a DB
     # text map's sigmoid) turns that into single elements flipping by up to its whole range; their
     # element bound only catches values off the output's scale, the noise bounds below decide.
-    "fp16": (0.0, 1.0),
-    "int8": (0.0, 1.0),
-    "int8-weights": None,
-    "palettized-8": None,
-    "palettized-6": None,
-    "palettized-4": None,
+    Precision.FP16: (0.0, 1.0),
+    Precision.INT8: (0.0, 1.0),
+    Precision.INT8_WEIGHTS: None,
+    Precision.PALETTIZED_8: None,
+    Precision.PALETTIZED_6: None,
+    Precision.PALETTIZED_4: None,
 }
 #: Extra int8 allowance in steps of the output's own grid, where the QDQ graph dequantizes the output.
 INT8_OUTPUT_STEPS = 2.0
@@ -77,13 +80,13 @@ def _output_steps(model: onnx.ModelProto) -> dict[str, float]:
     return steps
 
 
-def parity_tolerances(precision: str, reference: Sequence[Outputs], graph: onnx.ModelProto | None) -> dict[str, dict[str, float]] | None:
+def parity_tolerances(precision: Precision, reference: Sequence[Outputs], graph: onnx.ModelProto | None) -> dict[str, dict[str, float]] | None:
     """Per output {atol, rtol=0}: the absolute budget atol_p + rtol_p·max|ref| (+ int8 output steps)."""
-    rule = PARITY.get(precision)
+    rule = PARITY[precision]
     if rule is None:
         return None
     atol_p, rtol_p = rule
-    steps = _output_steps(graph) if precision == "int8" and graph is not None else {}
+    steps = _output_steps(graph) if precision is Precision.INT8 and graph is not None else {}
     tolerances = {}
     for name in reference[0]:
         finite = [np.abs(s[name][np.isfinite(s[name])]) for s in reference]
@@ -95,14 +98,14 @@ def parity_tolerances(precision: str, reference: Sequence[Outputs], graph: onnx.
 
 
 def check_parity(
-    precision: str,
+    precision: Precision,
     reference: Sequence[Outputs],
     candidate: Sequence[Outputs],
     tolerances: Mapping[str, Mapping[str, float]] | None,
     against: str,
     verified_with: str,
     fp32: Sequence[Outputs] | None = None,
-) -> dict[str, Any]:
+) -> Parity:
     """Per-output max |Δ| (and for int8 noise power) against the reference; VerificationError on a miss.
 
     `fp32`: the fp32 model's outputs on the same inputs, for int8's noise bound.
@@ -131,24 +134,24 @@ def check_parity(
             outputs[name]["allowed"] = tolerances[name]["atol"]
             # plus one output step (or a float rounding) per element, for outputs that are (nearly) exact
             floor = elements * (tolerances[name].get("step", 0.0) ** 2 + (1e-5 * peak) ** 2)
-            if precision == "int8" and fp32 is not None:
+            if precision is Precision.INT8 and fp32 is not None:
                 outputs[name]["allowed_noise_power"] = INT8_NOISE_RATIO * quantization + floor
-            elif precision == "fp16":
+            elif precision is Precision.FP16:
                 outputs[name]["allowed_noise_power"] = FP16_RELATIVE_RMS**2 * signal + floor
     outputs = {k: {f: (v if math.isfinite(v) else 1e308) for f, v in o.items()} for k, o in outputs.items()}
-    measured = {
-        "against": against,
-        "checked": tolerances is not None,
-        "max_abs": max(o["max_abs"] for o in outputs.values()),
-        "max_rel": max(o["max_rel"] for o in outputs.values()),
-        "outputs": outputs,
-        "verified_with": verified_with,
-    }
+    measured = Parity(
+        against=against,
+        checked=tolerances is not None,
+        max_abs=max(o["max_abs"] for o in outputs.values()),
+        max_rel=max(o["max_rel"] for o in outputs.values()),
+        outputs=outputs,
+        verified_with=verified_with,
+        note=None if tolerances is not None else f"{precision} compresses weights inside the lowering: no graph to check parity against; see quality",
+    )
     if tolerances is None:
-        measured["note"] = f"{precision} compresses weights inside the lowering: no graph to check parity against; see quality"
         return measured
     noisy = [(k, o) for k, o in outputs.items() if "allowed_noise_power" in o and not o["noise_power"] <= o["allowed_noise_power"]]
-    if noisy and precision == "fp16":
+    if noisy and precision is Precision.FP16:
         name, worst = noisy[0]
         raise VerificationError(
             f"the fp16 artifact does not compute its fp32 graph: output '{name}' has SQNR "
@@ -170,7 +173,7 @@ def check_parity(
         raise VerificationError(
             f"the {precision} artifact does not compute its {against} graph: output '{name}' differs by max |Δ| "
             f"{worst['max_abs']:.3g} where {worst['allowed']:.3g} is allowed (atol {rule[0]:g} + rtol {rule[1]:g}·max|ref|"
-            + (f" + {INT8_OUTPUT_STEPS:g} output steps" if precision == "int8" else "")
+            + (f" + {INT8_OUTPUT_STEPS:g} output steps" if precision is Precision.INT8 else "")
             + f"; {verified_with}) — a lowering bug",
             hint="please report the model; `edgeopt inspect` shows its ops, and --precision fp32 builds without this lowering path",
         )
@@ -189,10 +192,9 @@ def check_quality(
     labels: np.ndarray | None,
     max_drop: float | None,
     data: str,
-) -> dict[str, Any]:
+) -> Quality:
     """Fidelity against fp32 per output; raises on a missed budget or a broken result."""
     figures = fidelity(reference, candidate, labels=labels)
-    quality = {"data": data, "samples": figures["samples"], "metrics": _rows(figures), "fidelity": figures}
     broken = [
         f"'{name}' has {values['nonfinite']} non-finite values" if values.get("nonfinite") else f"'{name}' has cosine {values['cosine']:.3f}"
         for name, values in figures["outputs"].items()
@@ -205,26 +207,31 @@ def check_quality(
             hint="see the per-layer SQNR with `edgeopt inspect MODEL --target T --quant-debug DATA`; keep sensitive layers in float"
             " with --max-accuracy-drop, or try --calibration-method percentile|entropy|mse",
         )
+    budget = None
     if max_drop is not None:
         drop, metric = quality_drop(figures)
-        quality["budget"] = {"metric": metric, "max_drop": max_drop, "drop": drop}
+        budget = QualityBudget(metric=metric, max_drop=max_drop, drop=drop)
         if drop > max_drop:
             raise QualityBudgetError(
                 f"{metric} is {drop:.3g} points on {figures['samples']} samples of {data}; the budget (--max-accuracy-drop) is {max_drop:g} points",
                 hint="raise --max-accuracy-drop, calibrate on more representative data, or build a higher precision;"
                 " `edgeopt inspect MODEL --target T --quant-debug DATA` shows which layers lose most",
             )
-    return quality
+    finite = finite_or_null(figures)
+    return Quality(data=data, samples=finite["samples"], metrics=_rows(finite), fidelity=finite, budget=budget)
 
 
-def _rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
+def _rows(figures: Mapping[str, Any]) -> tuple[QualityMetric, ...]:
     """The fidelity figures as (name, output, fp32, optimized, delta) rows for the summary and report."""
     rows = []
     for output, values in figures.get("outputs", {}).items():
         if values.get("accuracy_fp32") is not None:
-            rows.append({"name": "accuracy", "output": output, "fp32": values["accuracy_fp32"], "optimized": values["accuracy"], "delta": values["accuracy"] - values["accuracy_fp32"]})
+            rows.append(_row("accuracy", output, values["accuracy_fp32"], values["accuracy"]))
         if values.get("top1_agreement") is not None:
-            rows.append({"name": "top1_agreement", "output": output, "fp32": 1.0, "optimized": values["top1_agreement"], "delta": values["top1_agreement"] - 1.0})
-        for name in ("cosine", "cosine_mean", "cosine_p5"):
-            rows.append({"name": name, "output": output, "fp32": 1.0, "optimized": values[name], "delta": values[name] - 1.0})
-    return rows
+            rows.append(_row("top1_agreement", output, 1.0, values["top1_agreement"]))
+        rows += [_row(name, output, 1.0, values[name]) for name in ("cosine", "cosine_mean", "cosine_p5")]
+    return tuple(rows)
+
+
+def _row(name: str, output: str, fp32: float, optimized: float | None) -> QualityMetric:
+    return QualityMetric(name, output, fp32, optimized, None if optimized is None else optimized - fp32)

@@ -16,6 +16,7 @@ import pytest
 
 from edgeopt.runtime import BundleError, load, open_bundle, sha256_path
 from edgeopt.runtime.bundle import SCHEMA_VERSION, extract_bundle
+from edgeopt.runtime.kinds import BackendName, Precision
 from tests.runtime.factory import float_bundle, tiny_float_reference
 
 
@@ -313,6 +314,31 @@ def test_a_manifest_with_a_wrong_type_is_exit_2_naming_the_key(case: str, tmp_pa
     result = CliRunner().invoke(cli, ["verify", str(bundle)])
     assert result.exit_code == 2, result.output
     assert re.search(message, result.output) and "Traceback" not in result.output, result.output
+
+
+def test_an_unknown_precision_or_backend_is_named_with_the_known_ones(tmp_path: Path) -> None:
+    bundle = float_bundle(tmp_path / "b")
+    _rewrite_manifest(bundle, _setter("precision", "fp64"))
+    with pytest.raises(BundleError, match=r"precision must be one of fp32, fp16, int8"):
+        open_bundle(bundle)
+    _rewrite_manifest(bundle, lambda m: (m.__setitem__("precision", "fp32"), m["runtime"].__setitem__("backend", "tvm")))
+    with pytest.raises(BundleError, match=r"runtime\.backend must be one of onnxruntime, openvino"):
+        open_bundle(bundle)
+
+
+def test_the_typed_manifest_reads_and_writes_the_same_document(tmp_path: Path) -> None:
+    """What a bundle's manifest.json says comes back from `Manifest.to_json` (keys of a newer minor kept)."""
+    from edgeopt.runtime.manifest import Manifest
+
+    bundle = float_bundle(tmp_path / "b")
+    _edit_manifest(bundle, some_future_key={"kept": True})
+    raw = json.loads((bundle / "manifest.json").read_text())
+    manifest = open_bundle(bundle).contents
+    assert manifest.precision is Precision.FP32 and manifest.runtime.backend is BackendName.ONNXRUNTIME
+    assert manifest.reference is not None and manifest.reference.tolerance is not None and manifest.reference.tolerance.atol == 1e-5
+    raw["target"]["isa"] = None  # written explicitly: no CPU class
+    assert manifest.to_json() == raw
+    assert Manifest.from_json(manifest.to_json()) == manifest
 
 
 def test_a_malformed_manifest_through_the_runtime_cli_process_exits_2_without_traceback(tmp_path: Path) -> None:

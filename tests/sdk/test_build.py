@@ -17,6 +17,8 @@ import pytest
 
 import edgeopt
 from edgeopt.bundle import artifact_entry, write_manifest
+from edgeopt.runtime.kinds import BackendName, Precision
+from edgeopt.runtime.manifest import Manifest
 from edgeopt.verify import validate_manifest, verify_bundle
 from tests import zoo
 
@@ -41,6 +43,23 @@ def test_digits_builds_verifies_and_matches_the_schema(tmp_path: Path, target: s
     assert [s["name"] for s in manifest["stages"]] == ["load", "validate", "simplify", "check_ops", "lower", "verify", "evaluate", "package"]
     assert verify_bundle(tmp_path / "b").passed
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no staging folder left behind"
+
+
+def test_the_typed_manifest_writes_what_the_schema_describes_and_reads_back_unchanged(tmp_path: Path) -> None:
+    """`Manifest.to_json` is what the build writes; the schema accepts it and `from_json` gives the same manifest."""
+    result = edgeopt.build(DIGITS / "model.onnx", "ort", output=tmp_path / "b", precision="int8", calibration=DIGITS / "calib.npz")
+    assert result.contents is not None
+    written = result.contents.to_json()
+    jsonschema.validate(written, SCHEMA)
+    assert written == json.loads((tmp_path / "b" / "manifest.json").read_text()) == result.manifest
+    assert Manifest.from_json(written) == result.contents
+    assert result.contents.precision is Precision.INT8 and result.contents.runtime.backend is BackendName.ONNXRUNTIME
+    assert [s.name for s in result.contents.stages][-1] == "package" and result.contents.quality is not None
+
+
+def test_a_precision_given_as_the_enum_builds_like_its_name(tmp_path: Path) -> None:
+    result = edgeopt.build(DIGITS / "model.onnx", "ort", output=tmp_path / "b", precision=Precision.FP16)
+    assert result.manifest["precision"] == "fp16" and result.contents is not None and result.contents.precision is Precision.FP16
 
 
 def test_jetson_bundle_carries_engine_recipe_and_triton_repository(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from edgeopt.checks import QUALITY_FLOOR_COSINE, check_parity, check_quality, pa
 from edgeopt.converters.errors import QualityBudgetError
 from edgeopt.converters.metrics import cosine, fidelity, sqnr_db
 from edgeopt.errors import VerificationError
+from edgeopt.runtime.kinds import Precision
 
 RNG = np.random.default_rng(0)
 
@@ -23,19 +24,19 @@ def _outputs(**arrays: np.ndarray) -> list[dict[str, np.ndarray]]:
 def test_fp32_parity_has_an_absolute_term_so_a_near_empty_map_does_not_misfire() -> None:
     """A DB text map on a photo without text: range 1e-3, float kernels 1.5e-5 apart."""
     text_map = RNG.uniform(0, 1e-3, size=(1, 1, 32, 32))
-    tolerances = parity_tolerances("fp32", _outputs(map=text_map), None)
-    measured = check_parity("fp32", _outputs(map=text_map), _outputs(map=text_map + 1.5e-5), tolerances, "fp32", "here")
-    assert measured["checked"] and measured["outputs"]["map"]["max_abs"] == pytest.approx(1.5e-5, rel=1e-3)
+    tolerances = parity_tolerances(Precision.FP32, _outputs(map=text_map), None)
+    measured = check_parity(Precision.FP32, _outputs(map=text_map), _outputs(map=text_map + 1.5e-5), tolerances, "fp32", "here")
+    assert measured.checked and measured.outputs["map"]["max_abs"] == pytest.approx(1.5e-5, rel=1e-3)
     with pytest.raises(VerificationError, match="output 'map' differs by max |Δ| 0.001"):
-        check_parity("fp32", _outputs(map=text_map), _outputs(map=text_map + 1e-3), tolerances, "fp32", "here")
+        check_parity(Precision.FP32, _outputs(map=text_map), _outputs(map=text_map + 1e-3), tolerances, "fp32", "here")
 
 
 def test_each_output_has_its_own_budget() -> None:
     reference = _outputs(boxes=RNG.uniform(0, 320, (1, 8, 4)), scores=RNG.uniform(0, 1, (1, 8)))
-    tolerances = parity_tolerances("fp32", reference, None)
+    tolerances = parity_tolerances(Precision.FP32, reference, None)
     assert tolerances["boxes"]["atol"] > 100 * tolerances["scores"]["atol"]
     candidate = [{"boxes": reference[0]["boxes"] + 0.01, "scores": reference[0]["scores"]}]
-    assert check_parity("fp32", reference, candidate, tolerances, "fp32", "here")["checked"]
+    assert check_parity(Precision.FP32, reference, candidate, tolerances, "fp32", "here").checked
 
 
 def _dequantized_output_graph(scale: float) -> onnx.ModelProto:
@@ -51,22 +52,22 @@ def _dequantized_output_graph(scale: float) -> onnx.ModelProto:
 
 def test_int8_elements_may_not_leave_the_outputs_scale_plus_two_steps_of_its_grid() -> None:
     reference = _outputs(y=np.array([[0.0, 0.1, 0.2, 0.3]]))
-    tolerances = parity_tolerances("int8", reference, _dequantized_output_graph(0.1))
+    tolerances = parity_tolerances(Precision.INT8, reference, _dequantized_output_graph(0.1))
     assert tolerances["y"]["atol"] == pytest.approx(1.0 * 0.3 + 2 * 0.1)
     with pytest.raises(VerificationError, match="differs by max"):
-        check_parity("int8", reference, [{"y": reference[0]["y"] + 0.6}], tolerances, "QDQ", "here")
+        check_parity(Precision.INT8, reference, [{"y": reference[0]["y"] + 0.6}], tolerances, "QDQ", "here")
 
 
 def test_fp16_parity_is_an_sqnr_bound_so_a_steep_maps_jumping_pixel_passes() -> None:
     """A DB text map: near-binary sigmoid output; fp16 rounding moves a pixel at the threshold by
     0.09 (the Core ML lowering of PP-OCRv4's detector), far beyond any element-wise budget."""
     text_map = (RNG.uniform(size=(1, 1, 64, 64)) > 0.9).astype(np.float32)
-    tolerances = parity_tolerances("fp16", _outputs(map=text_map), None)
+    tolerances = parity_tolerances(Precision.FP16, _outputs(map=text_map), None)
     flipped = text_map.copy()
     flipped[0, 0, 5, 5] += 0.09
-    check_parity("fp16", _outputs(map=text_map), _outputs(map=flipped), tolerances, "fp32", "here")
+    check_parity(Precision.FP16, _outputs(map=text_map), _outputs(map=flipped), tolerances, "fp32", "here")
     with pytest.raises(VerificationError, match=r"SQNR .* dB against it \(needs ≥ 40 dB"):
-        check_parity("fp16", _outputs(map=text_map), _outputs(map=text_map * 1.05), tolerances, "fp32", "here")
+        check_parity(Precision.FP16, _outputs(map=text_map), _outputs(map=text_map * 1.05), tolerances, "fp32", "here")
 
 
 def test_int8_parity_bounds_the_noise_by_the_quantization_noise_so_a_systematic_shift_fails() -> None:
@@ -74,27 +75,27 @@ def test_int8_parity_bounds_the_noise_by_the_quantization_noise_so_a_systematic_
     a lowering bug (here: every element 0.2 off) is not bounded by it."""
     fp32 = _outputs(p=np.linspace(0.0, 1.0, 64).reshape(1, 64))
     qdq = [{"p": fp32[0]["p"] + RNG.normal(scale=0.02, size=(1, 64)).astype(np.float32)}]
-    tolerances = parity_tolerances("int8", qdq, None)
+    tolerances = parity_tolerances(Precision.INT8, qdq, None)
     local = qdq[0]["p"].copy()
     local[0, 10] += 0.15  # one element well off: kernels rounding a near-tie the other way
-    measured = check_parity("int8", qdq, [{"p": local}], tolerances, "QDQ", "here", fp32)
-    assert measured["outputs"]["p"]["noise_power"] < measured["outputs"]["p"]["allowed_noise_power"]
+    measured = check_parity(Precision.INT8, qdq, [{"p": local}], tolerances, "QDQ", "here", fp32)
+    assert measured.outputs["p"]["noise_power"] < measured.outputs["p"]["allowed_noise_power"]
     with pytest.raises(VerificationError, match=r"output 'p' is \d+\.\d dB noisier against the QDQ graph than the QDQ graph is against fp32"):
-        check_parity("int8", qdq, [{"p": qdq[0]["p"] + 0.2}], tolerances, "QDQ", "here", fp32)
+        check_parity(Precision.INT8, qdq, [{"p": qdq[0]["p"] + 0.2}], tolerances, "QDQ", "here", fp32)
 
 
 def test_weight_compressed_precisions_record_parity_without_gating_it() -> None:
     reference = _outputs(y=np.ones((1, 4)))
-    assert parity_tolerances("palettized-4", reference, None) is None
-    measured = check_parity("palettized-4", reference, _outputs(y=np.zeros((1, 4))), None, "fp32", "here")
-    assert measured["checked"] is False and "compresses weights" in measured["note"] and measured["max_abs"] == 1.0
+    assert parity_tolerances(Precision.PALETTIZED_4, reference, None) is None
+    measured = check_parity(Precision.PALETTIZED_4, reference, _outputs(y=np.zeros((1, 4))), None, "fp32", "here")
+    assert measured.checked is False and "compresses weights" in (measured.note or "") and measured.max_abs == 1.0
 
 
 def test_non_finite_artifact_outputs_fail_parity_with_a_number_not_a_traceback() -> None:
     reference = _outputs(y=np.ones((1, 4)))
-    tolerances = parity_tolerances("fp32", reference, None)
+    tolerances = parity_tolerances(Precision.FP32, reference, None)
     with pytest.raises(VerificationError, match="differs by max"):
-        check_parity("fp32", reference, _outputs(y=np.array([[1.0, np.nan, np.inf, 1.0]])), tolerances, "fp32", "here")
+        check_parity(Precision.FP32, reference, _outputs(y=np.array([[1.0, np.nan, np.inf, 1.0]])), tolerances, "fp32", "here")
 
 
 def _classifier_runs(agree: int, total: int = 40) -> tuple[list, list]:
@@ -113,10 +114,10 @@ def _classifier_runs(agree: int, total: int = 40) -> tuple[list, list]:
 def test_quality_is_reported_per_output_with_agreement_and_cosine_percentiles() -> None:
     reference, candidate = _classifier_runs(agree=36)
     quality = check_quality(reference, candidate, None, None, "eval.npz")
-    names = {m["name"] for m in quality["metrics"]}
-    assert names == {"top1_agreement", "cosine", "cosine_mean", "cosine_p5"} and quality["samples"] == 40
-    agreement = next(m for m in quality["metrics"] if m["name"] == "top1_agreement")
-    assert agreement["optimized"] == pytest.approx(0.9)
+    names = {m.name for m in quality.metrics}
+    assert names == {"top1_agreement", "cosine", "cosine_mean", "cosine_p5"} and quality.samples == 40
+    agreement = next(m for m in quality.metrics if m.name == "top1_agreement")
+    assert agreement.optimized == pytest.approx(0.9)
 
 
 def test_the_users_budget_fails_with_the_figures() -> None:
