@@ -21,18 +21,17 @@ from edgeopt.converters.errors import ArtifactRejectedError, LoweringError, Unsu
 from edgeopt.converters.lower.base import LoweredArtifact, LoweringOptions, LoweringResult
 from edgeopt.converters.lower.tflite_builder import QuantParams, TFLiteBuilder
 from edgeopt.converters.lower.tflite_graph import Conversion, identity, nhwc_perm
-from edgeopt.converters.lower.tflite_ops import HANDLERS, unsupported_reason
-from edgeopt.converters.lower.tflite_prepare import PreparedGraph, prepare_graph
+from edgeopt.converters.lower.tflite_ops import REGISTRY
+from edgeopt.converters.lower.tflite_ops.common import NOT_YET
+from edgeopt.converters.lower.tflite_prepare import Node, prepare_graph
 from edgeopt.runtime.spec import TensorSpec
 from edgeopt.targets import Target
 
-__all__ = ["INSTALL_HINT", "SUPPORTED_ONNX_OPS", "lower", "lower_to_bytes"]
+__all__ = ["INSTALL_HINT", "lower", "lower_to_bytes"]
 
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install ai-edge-litert (Python >= 3.9, 64-bit Raspberry Pi OS); tflite-runtime on older systems"
-SUPPORTED_ONNX_OPS: tuple[str, ...] = tuple(sorted({*HANDLERS, "Constant", "Shape", "ConstantOfShape", "Erf"}))
-"""ONNX ops the lowering handles (Shape/ConstantOfShape only when foldable; Erf inside the GELU pattern)."""
 
 _PRECISIONS = ("fp32", "fp16", "int8-weights", "int8")
 # Oldest TFLite runtime whose builtin kernels cover an op as emitted here (conservative).
@@ -47,20 +46,26 @@ def _io_layout(options: LoweringOptions) -> str:
     return layout
 
 
-def _check_supported(graph: PreparedGraph, target_name: str) -> None:
-    constant_names = set(graph.constants) | {
-        node.outputs[0] for node in graph.nodes if node.op_type == "DequantizeLinear" and node.inputs[0] in graph.constants
-    }
+def _check_supported(c: Conversion, target_name: str) -> None:
+    """Every node the lowering cannot write, named at once before anything is written."""
     problems = [
         (node.name, node.op_type, why)
-        for node in graph.nodes
-        if (why := unsupported_reason(graph.shapes, graph.constants, constant_names, node)) is not None
+        for node in c.graph.nodes
+        if (why := _why_unsupported(node, c)) is not None
     ]
     if problems:
         raise UnsupportedOpsError(
             target_name, problems,
             hint="replace these ops (or fold them with static shapes) before export, or choose another --target",
         )
+
+
+def _why_unsupported(node: Node, c: Conversion) -> str | None:
+    if node.domain not in ("", "ai.onnx"):
+        return f"custom domain '{node.domain}'"
+    if node.op_type not in REGISTRY:
+        return f"{NOT_YET} {node.op_type} yet"
+    return REGISTRY.why_unsupported(node.op_type, node, c)
 
 
 def _input_quant(c: Conversion, name: str) -> QuantParams | None:
@@ -95,10 +100,9 @@ def lower_to_bytes(
             "precision int8 needs a QDQ model, but this graph has no QuantizeLinear nodes",
             hint="quantize first (edgeopt build --precision int8 --calibration ...) or pick fp32/fp16/int8-weights",
         )
-    _check_supported(graph, target_name)
-
     builder = TFLiteBuilder(f"{options.model_name}: edgeopt ONNX->TFLite lowering ({precision})")
     c = Conversion(graph, builder, precision)
+    _check_supported(c, target_name)
     input_specs: list[TensorSpec] = []
     input_tensors: list[int] = []
     for name in graph.inputs:
@@ -118,14 +122,14 @@ def lower_to_bytes(
     # whatever the node order: a fused bias may be read before its DequantizeLinear comes up.
     for node in graph.nodes:
         if node.op_type == "DequantizeLinear" and node.inputs[0] in graph.constants:
-            HANDLERS[node.op_type](c, node)
+            REGISTRY.handler(node.op_type)(c, node)
             c.skip.add(id(node))
     quantized_ops: Counter[str] = Counter()
     float_ops: Counter[str] = Counter()
     for node in graph.nodes:
         if id(node) in c.skip:
             continue
-        HANDLERS[node.op_type](c, node)
+        REGISTRY.handler(node.op_type)(c, node)
         if node.op_type in ("QuantizeLinear", "DequantizeLinear", "Identity", "Dropout", "Transpose"):
             continue
         outputs = [c.values.get(o) for o in node.outputs if o in c.values]

@@ -1,0 +1,109 @@
+"""Broadcasting binary ops, Where, and the float unary math ops."""
+
+from __future__ import annotations
+
+import numpy as np
+from ai_edge_litert import schema_py_generated as schema
+
+from edgeopt.converters.errors import LoweringError
+from edgeopt.converters.lower.tflite_graph import Conversion
+from edgeopt.converters.lower.tflite_ops import REGISTRY
+from edgeopt.converters.lower.tflite_ops.common import (
+    Act,
+    Op,
+    Opt,
+    fuse_activation,
+    operand,
+    pick_perm,
+    quantized_mode,
+    unary_op,
+)
+from edgeopt.converters.lower.tflite_prepare import Node
+
+
+_BINARY = {
+    "Add": (Op.ADD, Opt.AddOptions, schema.AddOptionsT),
+    "Sum": (Op.ADD, Opt.AddOptions, schema.AddOptionsT),
+    "Sub": (Op.SUB, Opt.SubOptions, schema.SubOptionsT),
+    "Mul": (Op.MUL, Opt.MulOptions, schema.MulOptionsT),
+    "Div": (Op.DIV, Opt.DivOptions, schema.DivOptionsT),
+    "Max": (Op.MAXIMUM, Opt.MaximumMinimumOptions, schema.MaximumMinimumOptionsT),
+    "Min": (Op.MINIMUM, Opt.MaximumMinimumOptions, schema.MaximumMinimumOptionsT),
+    "Pow": (Op.POW, Opt.PowOptions, schema.PowOptionsT),
+    "Equal": (Op.EQUAL, Opt.EqualOptions, schema.EqualOptionsT),
+    "Greater": (Op.GREATER, Opt.GreaterOptions, schema.GreaterOptionsT),
+    "GreaterOrEqual": (Op.GREATER_EQUAL, Opt.GreaterEqualOptions, schema.GreaterEqualOptionsT),
+    "Less": (Op.LESS, Opt.LessOptions, schema.LessOptionsT),
+    "LessOrEqual": (Op.LESS_EQUAL, Opt.LessEqualOptions, schema.LessEqualOptionsT),
+    "And": (Op.LOGICAL_AND, Opt.LogicalAndOptions, schema.LogicalAndOptionsT),
+    "Or": (Op.LOGICAL_OR, Opt.LogicalOrOptions, schema.LogicalOrOptionsT),
+    "Xor": (Op.NOT_EQUAL, Opt.NotEqualOptions, schema.NotEqualOptionsT),  # on bool, a != b is a xor b
+}
+_FUSABLE = {"Add", "Sum", "Sub", "Mul", "Div"}
+# Binary ops whose output is bool (comparisons; the logical ops read and write bool).
+_BOOL_OUT = {"Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "And", "Or", "Xor"}
+
+
+@REGISTRY.register(*_BINARY)
+def lower_binary(c: Conversion, node: Node) -> None:
+    inputs = [i for i in node.inputs if i]
+    if node.op_type == "Sum" and len(inputs) == 1:
+        c.alias(node.outputs[0], inputs[0])
+        return
+    op_type = node.op_type
+    if op_type == "Pow" and c.is_const(inputs[1]) and c.const(inputs[1]).size == 1:
+        exponent = float(c.const(inputs[1]).reshape(()))
+        if exponent in (2.0, 0.5):
+            return unary_op(c, node, Op.SQUARE if exponent == 2.0 else Op.SQRT, None, None)
+    if op_type == "Div" and c.is_const(inputs[1]) and not np.issubdtype(c.const(inputs[1]).dtype, np.integer):
+        name = f"{inputs[1]}__reciprocal"
+        c.graph.constants[name] = (1.0 / c.const(inputs[1]).astype(np.float64)).astype(np.float32)
+        node = Node(node.name, "Mul", [inputs[0], name], node.outputs, node.attrs)
+        inputs, op_type = node.inputs, "Mul"
+    act, out = fuse_activation(c, node, node.outputs[0]) if op_type in _FUSABLE else (Act.NONE, node.outputs[0])
+    quantized = quantized_mode(c, Node(node.name, op_type, inputs, [out]), [i for i in inputs if not c.is_const(i)], [out])
+    rank = len(c.graph.shapes[out])
+    perm = pick_perm(c, inputs, rank)
+    code, options_type, options_cls = _BINARY[op_type]
+    operands = [operand(c, name, rank, perm, quantized) for name in inputs]
+    out_dtype = "bool" if op_type in _BOOL_OUT else None
+    options = options_cls()
+    if hasattr(options, "fusedActivationFunction"):
+        options.fusedActivationFunction = act
+    while len(operands) > 2:  # n-ary Sum
+        partial = c.builder.tensor(f"{out}_partial", [c.graph.shapes[out][p] for p in perm], "float32")
+        c.builder.op(code, operands[:2], [partial], options_type, options_cls())
+        operands = [partial, *operands[2:]]
+    target = c.new_output(out, perm, c.output_quant(out) if quantized else None, out_dtype)
+    c.builder.op(code, operands, [target], options_type, options, version=2 if quantized else 1)
+
+
+@REGISTRY.register("Where")
+def lower_where(c: Conversion, node: Node) -> None:
+    out = node.outputs[0]
+    rank = len(c.graph.shapes[out])
+    perm = pick_perm(c, node.inputs, rank)
+    operands = [operand(c, name, rank, perm, False) for name in node.inputs]
+    target = c.new_output(out, perm, None)
+    c.builder.op(Op.SELECT_V2, operands, [target], Opt.SelectV2Options, schema.SelectV2OptionsT())
+
+
+@REGISTRY.register("Sqrt", "Exp", "Neg", "Abs", "Reciprocal", "Not")
+def lower_unary_math(c: Conversion, node: Node) -> None:
+    """Float-only math: TFLite has no int8 kernel for these in the QDQ form edgeopt writes."""
+    match node.op_type:
+        case "Sqrt":
+            unary_op(c, node, Op.SQRT, None, None, int8=False)
+        case "Exp":
+            unary_op(c, node, Op.EXP, Opt.ExpOptions, schema.ExpOptionsT(), int8=False)
+        case "Neg":
+            unary_op(c, node, Op.NEG, Opt.NegOptions, schema.NegOptionsT(), int8=False)
+        case "Abs":
+            unary_op(c, node, Op.ABS, Opt.AbsOptions, schema.AbsOptionsT(), int8=False)
+        case "Reciprocal":
+            c.graph.constants.setdefault("__one", np.asarray(1.0, np.float32))
+            lower_binary(c, Node(node.name, "Div", ["__one", node.inputs[0]], node.outputs))
+        case "Not":
+            unary_op(c, node, Op.LOGICAL_NOT, Opt.LogicalNotOptions, schema.LogicalNotOptionsT(), int8=False, out_dtype="bool")
+        case _:
+            raise LoweringError(f"internal: no unary lowering for {node.op_type}")
