@@ -22,6 +22,7 @@ from edgeopt.runtime.backends import BACKENDS, backends_summary
 from edgeopt.runtime.bundle import SCHEMA_VERSION, open_bundle
 from edgeopt.runtime.device import device_facts
 from edgeopt.runtime.errors import EdgeoptError, InputSpecError
+from edgeopt.runtime.kinds import BackendName
 from edgeopt.runtime.model import load
 from edgeopt.runtime.verify import verify
 
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_options(command: argparse.ArgumentParser) -> None:
         command.add_argument("bundle", type=Path, help="bundle folder, .tar.gz bundle, or .onnx/.tflite/.xml/.mlpackage")
-        command.add_argument("--backend", choices=list(BACKENDS), help="override the manifest's backend")
+        command.add_argument("--backend", choices=[name.value for name in BACKENDS], help="override the manifest's backend")
         command.add_argument("--threads", type=int, help="CPU threads for the backend")
         command.add_argument("--device", help="backend device: CPU/GPU/NPU/AUTO (OpenVINO), cpu/cuda/tensorrt (ONNX Runtime), ALL/CPU_ONLY/... (Core ML)")
         command.add_argument("--json", action="store_true", help="print one JSON document")
@@ -157,7 +158,7 @@ def predict_file(
     input_path: Path,
     output: Path | None = None,
     *,
-    backend: str | None = None,
+    backend: BackendName | str | None = None,
     threads: int | None = None,
     device: str | None = None,
     raw: bool = False,

@@ -6,7 +6,8 @@ OpenVINO (oneDNN) both use it for non-depthwise Conv, Gemm and MatMul, so 8-bit 
 large activations clip silently there. With weights within [-64, 64] the pair sum cannot overflow
 (2 x 255 x 64 = 32640). VNNI (AVX-512 VNNI, AVX-VNNI), AMX and Arm64 accumulate in int32.
 
-Standard library only: the runtime reads this on the device to warn about a bundle made for another class.
+Standard library only (and the runtime's kinds): the runtime reads this on the device to warn about a
+bundle made for another class.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import subprocess
 import sys
 from functools import cache
 from pathlib import Path
+
+from edgeopt.runtime.kinds import BackendName, unreachable
 
 __all__ = ["IsaClass", "host_isa", "host_isa_flags", "isa_mismatch"]
 
@@ -99,20 +102,20 @@ def host_isa() -> IsaClass | None:
     return classify(platform.machine(), host_isa_flags())
 
 
-def isa_mismatch(bundle: IsaClass | str | None, backend: str, host: IsaClass | None = None) -> str | None:
+def isa_mismatch(bundle: IsaClass | str | None, backend: BackendName, host: IsaClass | None = None) -> str | None:
     """A warning when a CPU of class `host` (this one by default) cannot run a bundle made for class
     `bundle` on `backend` exactly, else None.
 
     Only ONNX Runtime's and OpenVINO's CPU int8 kernels saturate; LiteRT (XNNPACK) widens to int32.
     """
-    if bundle is None or backend not in ("onnxruntime", "openvino"):
+    if bundle is None or not _saturating_kernels(backend):
         return None
     host = host if host is not None else host_isa()
     wanted = IsaClass(bundle)
     if host is None or host.runs_exactly(wanted):
         return None
     made_for = f"this bundle was built for {wanted.value} CPUs ({wanted.description}) but this CPU is {host.value} ({host.description})"
-    if backend == "onnxruntime":
+    if backend is BackendName.ONNXRUNTIME:
         return (
             f"{made_for}: ONNX Runtime runs its 8-bit weights on slower U8U8 kernels here to stay exact; "
             f"rebuild with `--isa {host.value}` for the fast kernels"
@@ -121,3 +124,14 @@ def isa_mismatch(bundle: IsaClass | str | None, backend: str, host: IsaClass | N
         f"{made_for}: its 8-bit weights can saturate the int16 pair sums here and the outputs will differ "
         f"from the verified ones; rebuild with `--isa {host.value}` for this CPU"
     )
+
+
+def _saturating_kernels(backend: BackendName) -> bool:
+    """Whether `backend` runs int8 on x86 with the saturating int16 pair sums (see the module's docstring)."""
+    match backend:
+        case BackendName.ONNXRUNTIME | BackendName.OPENVINO:
+            return True
+        case BackendName.TFLITE | BackendName.COREML | BackendName.TENSORRT | BackendName.COREML_REFERENCE:
+            return False
+        case _:
+            unreachable(backend)

@@ -23,10 +23,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgeopt.runtime.backends import STAND_INS, Backend, BackendConfig, StandIn, backend_class, backend_for_file
+from edgeopt.runtime.backends import (
+    STAND_INS,
+    Backend,
+    BackendConfig,
+    StandIn,
+    backend_class,
+    backend_for_file,
+    parse_backend_name,
+)
 from edgeopt.runtime.bundle import Bundle, is_bundle, open_bundle
 from edgeopt.runtime.errors import BackendUnavailableError, BundleError, EdgeoptError, InputSpecError
 from edgeopt.runtime.isa import isa_mismatch
+from edgeopt.runtime.kinds import BackendName
 from edgeopt.runtime.memory import current_rss_bytes
 from edgeopt.runtime.spec import TensorSpec
 
@@ -41,7 +50,7 @@ log = logging.getLogger(__name__)
 
 def load(
     path: str | os.PathLike[str],
-    backend: str | None = None,
+    backend: BackendName | str | None = None,
     threads: int | None = None,
     device: str | None = None,
     options: Mapping[str, Any] | None = None,
@@ -58,13 +67,14 @@ def load(
     onnxruntime); a model on a stand-in, named or not, says so in `stand_in` and `warnings`.
     """
     source = Path(path)
+    named = parse_backend_name(backend) if backend is not None else None
     rss_before = current_rss_bytes()
     started = time.perf_counter()
     bundle: Bundle | None = None
     if is_bundle(source):
         bundle = open_bundle(source)
         model_path = bundle.model_path
-        name = backend or bundle.backend
+        name = named or bundle.backend
         config = BackendConfig(
             threads=threads if threads is not None else bundle.threads,
             device=device,
@@ -80,16 +90,16 @@ def load(
         if source.is_dir() and source.suffix.lower() != ".mlpackage":
             raise BundleError(f"{source}: folder without manifest.json", hint="pass the bundle folder `edgeopt build` wrote")
         model_path = source
-        name = backend or backend_for_file(source)
+        name = named or backend_for_file(source)
         config = BackendConfig(threads=threads, device=device, options=options)
     checked = time.perf_counter()
-    intended = bundle.backend if bundle is not None else name if backend is None else _file_backend(source)
+    intended = bundle.backend if bundle is not None else name if named is None else _file_backend(source)
     stand_in = STAND_INS.get(intended)
     reason = None
     try:
         runner = _start(name, model_path, config)
     except BackendUnavailableError as missing:
-        if backend is not None or not allow_stand_in or stand_in is None:
+        if named is not None or not allow_stand_in or stand_in is None:
             raise
         runner = _start_stand_in(stand_in, missing, model_path, config)
         reason = f"{name} cannot run here: {missing.message}"
@@ -111,7 +121,7 @@ def load(
         raise
 
 
-def _file_backend(source: Path) -> str | None:
+def _file_backend(source: Path) -> BackendName | None:
     """The backend a bare file's suffix names, or None when no backend claims it."""
     try:
         return backend_for_file(source)
@@ -119,7 +129,7 @@ def _file_backend(source: Path) -> str | None:
         return None
 
 
-def _start(name: str, model_path: Path, config: BackendConfig) -> Backend:
+def _start(name: BackendName, model_path: Path, config: BackendConfig) -> Backend:
     """The backend `name`, activated on `model_path`; a library that refuses the artifact is a BundleError."""
     runner = backend_class(name)(model_path, config)
     try:
@@ -360,7 +370,7 @@ class Model:
         return self._outputs
 
     @property
-    def backend(self) -> str:
+    def backend(self) -> BackendName:
         return self._backend.name
 
     @property
@@ -388,7 +398,7 @@ class Model:
         return self._backend.facts()
 
     def __repr__(self) -> str:
-        return f"Model({str(self.source)!r}, backend={self.backend!r}, inputs={[s.name for s in self._inputs]})"
+        return f"Model({str(self.source)!r}, backend={self.backend.value!r}, inputs={[s.name for s in self._inputs]})"
 
     # -- inference -------------------------------------------------------------------------
     def predict(self, inputs: Mapping[str, Any] | np.ndarray, raw: bool = False) -> dict[str, np.ndarray]:

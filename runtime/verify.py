@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgeopt.runtime.errors import BundleError, VerificationError
+from edgeopt.runtime.kinds import BackendName
 
 if TYPE_CHECKING:
     from edgeopt.runtime.model import Model
@@ -45,14 +46,14 @@ class VerifyResult:
 
     passed: bool
     bundle: str
-    backend: str
+    backend: BackendName
     backend_version: str | None
     samples: int
     tolerance: dict[str, float]
     outputs: list[OutputComparison] = field(default_factory=list)
     seconds: float = 0.0
     #: the bundle's own backend when `backend` only stands in for it (e.g. coreml-reference for coreml)
-    stand_in_for: str | None = None
+    stand_in_for: BackendName | None = None
     #: what a stand-in's figures are not (e.g. "reference evaluator, not Core ML: ...")
     note: str | None = None
 
@@ -97,7 +98,7 @@ class VerifyResult:
 
 def verify(
     path: str | os.PathLike[str],
-    backend: str | None = None,
+    backend: BackendName | str | None = None,
     threads: int | None = None,
     device: str | None = None,
 ) -> VerifyResult:

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from edgeopt.runtime.errors import BackendUnavailableError
+from edgeopt.runtime.kinds import BackendName, Precision
 from edgeopt.runtime.spec import TensorSpec
 
 __all__ = ["Backend", "BackendConfig", "distribution_version", "import_first", "installed_distribution"]
@@ -34,7 +35,7 @@ class BackendConfig:
         threads: int | None = None,
         device: str | None = None,
         options: Mapping[str, Any] | None = None,
-        precision: str | None = None,
+        precision: Precision | None = None,
         model_sha256: str | None = None,
         install_hint: str | None = None,
         recipe: Mapping[str, Any] | None = None,
@@ -65,7 +66,7 @@ def distribution_version(*distributions: str) -> str | None:
     return found[1] if found else None
 
 
-def import_first(modules: tuple[str, ...], *, backend: str, hint: str) -> ModuleType:
+def import_first(modules: tuple[str, ...], *, backend: BackendName, hint: str) -> ModuleType:
     """Import the first module of `modules` that is installed, else a BackendUnavailableError."""
     failures: list[str] = []
     for name in modules:
@@ -85,8 +86,8 @@ def import_first(modules: tuple[str, ...], *, backend: str, hint: str) -> Module
 class Backend:
     """One model loaded on one library. Subclasses set the class attributes and the four hooks."""
 
-    #: registry name, e.g. "onnxruntime"
-    name: ClassVar[str]
+    #: registry name
+    name: ClassVar[BackendName]
     #: file suffixes this backend loads when no backend is named (".onnx", ".xml", ...)
     suffixes: ClassVar[tuple[str, ...]] = ()
     #: importable modules, in order of preference; the first one found is used

@@ -14,6 +14,7 @@ import numpy as np
 
 from edgeopt.runtime.backends.base import Backend
 from edgeopt.runtime.errors import BackendUnavailableError
+from edgeopt.runtime.kinds import BackendName
 from edgeopt.runtime.spec import TensorSpec
 
 __all__ = ["CoreMLBackend"]
@@ -30,7 +31,7 @@ class CoreMLBackend(Backend):
     MLModel.predict is not documented as thread-safe: the Model runs one `infer` at a time.
     """
 
-    name: ClassVar[str] = "coreml"
+    name: ClassVar[BackendName] = BackendName.COREML
     suffixes: ClassVar[tuple[str, ...]] = (".mlpackage", ".mlmodel")
     modules: ClassVar[tuple[str, ...]] = ("coremltools",)
     distributions: ClassVar[tuple[str, ...]] = ("coremltools",)

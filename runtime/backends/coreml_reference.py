@@ -200,7 +200,7 @@ class MilReferenceEvaluator:
 class CoreMLReferenceBackend(Backend):
     """An .mlpackage run by `MilReferenceEvaluator`: Core ML's numerics checked anywhere, not its speed."""
 
-    name: ClassVar[str] = NAME
+    name: ClassVar[BackendName] = NAME
     #: a bare .mlpackage goes to Core ML; this backend is named, or stands in for Core ML (STAND_INS)
     suffixes: ClassVar[tuple[str, ...]] = ()
     modules: ClassVar[tuple[str, ...]] = ("coremltools",)

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from edgeopt.runtime.backends.base import Backend
+from edgeopt.runtime.kinds import BackendName
 from edgeopt.runtime.spec import TensorSpec
 
 __all__ = ["OnnxRuntimeBackend", "ORT_TYPES"]
@@ -46,7 +47,7 @@ DEVICE_PROVIDERS: dict[str, list[str]] = {
 class OnnxRuntimeBackend(Backend):
     """`options`: providers (list of names or [name, {options}] pairs), graph_optimization_level."""
 
-    name: ClassVar[str] = "onnxruntime"
+    name: ClassVar[BackendName] = BackendName.ONNXRUNTIME
     suffixes: ClassVar[tuple[str, ...]] = (".onnx", ".ort")
     modules: ClassVar[tuple[str, ...]] = ("onnxruntime",)
     distributions: ClassVar[tuple[str, ...]] = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino")

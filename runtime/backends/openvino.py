@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from edgeopt.runtime.backends.base import Backend
+from edgeopt.runtime.kinds import BackendName
 from edgeopt.runtime.spec import TensorSpec
 
 __all__ = ["OpenVinoBackend"]
@@ -26,7 +27,7 @@ PROPERTIES: dict[str, str] = {
 class OpenVinoBackend(Backend):
     """`device`: CPU (default), GPU, NPU, AUTO...; `options`: performance_hint (default LATENCY) and the keys of PROPERTIES."""
 
-    name: ClassVar[str] = "openvino"
+    name: ClassVar[BackendName] = BackendName.OPENVINO
     suffixes: ClassVar[tuple[str, ...]] = (".xml",)
     modules: ClassVar[tuple[str, ...]] = ("openvino",)
     distributions: ClassVar[tuple[str, ...]] = ("openvino",)

@@ -24,17 +24,19 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 import numpy as np
 
 from edgeopt.runtime.backends.base import Backend
 from edgeopt.runtime.bundle import cache_root, sha256_path
-from edgeopt.runtime.errors import BackendUnavailableError, BundleError
+from edgeopt.runtime.errors import BackendUnavailableError, BundleError, OptionError
+from edgeopt.runtime.kinds import BackendName, Precision, unreachable
 from edgeopt.runtime.spec import TensorSpec
 
-__all__ = ["TensorRTBackend", "engine_cache_key", "engine_cache_dir"]
+__all__ = ["EngineBuildOptions", "TensorRTBackend", "builder_flags", "engine_cache_dir", "engine_cache_key"]
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,45 @@ def engine_cache_dir() -> Path:
     return cache_root() / "tensorrt"
 
 
-def engine_cache_key(tensorrt_version: str, gpu: str, model_sha256: str, build_options: dict[str, Any]) -> str:
+class ShapeRange(TypedDict):
+    """An optimization profile's shapes for one dynamic input."""
+
+    min: list[int]
+    opt: list[int]
+    max: list[int]
+
+
+class EngineBuildOptions(TypedDict):
+    """What an engine is built with (part of its cache key, and of the benchmark's backend facts)."""
+
+    precision: Precision
+    workspace_mib: int
+    dla_core: int | None
+    gpu_fallback: bool
+    input_shapes: dict[str, ShapeRange]
+    max_batch: int
+    builder_optimization_level: int | None
+    strongly_typed: bool
+    timing_cache: bool
+
+
+def builder_flags(precision: Precision) -> tuple[str, ...]:
+    """The IBuilderConfig flags a precision sets: int8 (explicit Q/DQ) also lets float layers run in fp16."""
+    match precision:
+        case Precision.FP16:
+            return ("FP16",)
+        case Precision.INT8:
+            return ("FP16", "INT8")
+        case (
+            Precision.FP32 | Precision.INT8_WEIGHTS | Precision.PALETTIZED_8 | Precision.PALETTIZED_6
+            | Precision.PALETTIZED_4
+        ):
+            return ()
+        case _:
+            unreachable(precision)
+
+
+def engine_cache_key(tensorrt_version: str, gpu: str, model_sha256: str, build_options: Mapping[str, object]) -> str:
     """An engine is only valid for the TensorRT version and GPU that built it, and for its inputs."""
     text = json.dumps(
         {"tensorrt": tensorrt_version, "gpu": gpu, "model": model_sha256, "options": build_options},
@@ -137,7 +177,7 @@ class TensorRTBackend(Backend):
     to use at once: the Model runs one `infer` at a time.
     """
 
-    name: ClassVar[str] = "tensorrt"
+    name: ClassVar[BackendName] = BackendName.TENSORRT
     suffixes: ClassVar[tuple[str, ...]] = ()
     modules: ClassVar[tuple[str, ...]] = ("tensorrt",)
     distributions: ClassVar[tuple[str, ...]] = ("tensorrt", "tensorrt-cu12", "tensorrt-cu13")
@@ -168,7 +208,7 @@ class TensorRTBackend(Backend):
         self._buffers: dict[str, tuple[int, int]] = {}
 
     # -- engine build and cache ------------------------------------------------------------
-    def build_options(self) -> dict[str, Any]:
+    def build_options(self) -> EngineBuildOptions:
         """The engine recipe: the manifest's lowering.engine_recipe, then runtime.options, then defaults."""
         recipe, options = self.config.recipe, self.config.options
 
@@ -182,8 +222,16 @@ class TensorRTBackend(Backend):
         dla_core = pick("dla_core")
         if dla_core is None and pick("dla_default", default=False):
             dla_core = 0
+        precision = pick("precision", default=self.config.precision or Precision.FP32)
+        try:
+            precision = Precision(precision)
+        except ValueError:
+            raise OptionError(
+                f"TensorRT engine precision {precision!r} is not one of {', '.join(p.value for p in Precision)}",
+                hint="fix `precision` in the bundle's lowering.engine_recipe or runtime options",
+            ) from None
         return {
-            "precision": pick("precision", default=self.config.precision or "fp32"),
+            "precision": precision,
             "workspace_mib": int(pick("workspace_mib", "mem_pool_workspace_mib", default=1024)),
             "dla_core": dla_core,
             "gpu_fallback": bool(pick("gpu_fallback", default=True)),
@@ -208,7 +256,7 @@ class TensorRTBackend(Backend):
         os.replace(handle.name, path)
         return path, False
 
-    def _build(self, options: dict[str, Any]) -> bytes:
+    def _build(self, options: EngineBuildOptions) -> bytes:
         trt = self.trt
         builder = trt.Builder(self.logger)
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if options["strongly_typed"] else 0
@@ -223,10 +271,8 @@ class TensorRTBackend(Backend):
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options["workspace_mib"] << 20)
         if not options["strongly_typed"]:
-            if options["precision"] in ("fp16", "int8"):
-                config.set_flag(trt.BuilderFlag.FP16)
-            if options["precision"] == "int8":
-                config.set_flag(trt.BuilderFlag.INT8)
+            for flag in builder_flags(options["precision"]):
+                config.set_flag(getattr(trt.BuilderFlag, flag))
         if options["dla_core"] is not None:
             config.default_device_type = trt.DeviceType.DLA
             config.DLA_core = int(options["dla_core"])
@@ -257,7 +303,7 @@ class TensorRTBackend(Backend):
         return bytes(serialized)
 
     @staticmethod
-    def _profile_shapes(network: Any, options: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], ...]]:
+    def _profile_shapes(network: Any, options: EngineBuildOptions) -> dict[str, tuple[tuple[int, ...], ...]]:
         """min/opt/max per dynamic input: from input_shapes, else 1 / 1 / max_batch for each dynamic dim."""
         shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
         for index in range(network.num_inputs):

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from edgeopt.runtime.backends.base import Backend
+from edgeopt.runtime.kinds import BackendName
 from edgeopt.runtime.library_output import library_output_to_log
 from edgeopt.runtime.spec import TensorSpec
 
@@ -26,7 +27,7 @@ class TfliteBackend(Backend):
     runs one `infer` at a time (thread_safe_infer stays False).
     """
 
-    name: ClassVar[str] = "tflite"
+    name: ClassVar[BackendName] = BackendName.TFLITE
     suffixes: ClassVar[tuple[str, ...]] = (".tflite",)
     modules: ClassVar[tuple[str, ...]] = INTERPRETER_MODULES
     distributions: ClassVar[tuple[str, ...]] = ("ai-edge-litert", "tflite-runtime", "tensorflow")

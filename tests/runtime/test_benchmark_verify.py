@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jsonschema
@@ -68,6 +69,7 @@ def test_benchmark_results_of_every_backend_match_one_schema(kind: str, tmp_path
     document = result.to_dict()
     jsonschema.validate(document, benchmark_schema())
     assert document["backend"]["name"] == kind
+    assert f'"name": "{kind}"' in json.dumps(document["backend"]), "the JSON edge writes a BackendName as its plain value"
     assert document["runs"] == len(document["samples_ms"]) == 20
     latency = document["latency_ms"]
     assert latency["min"] <= latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
@@ -95,6 +97,7 @@ def test_verify_passes_within_the_manifest_tolerance(tmp_path: Path) -> None:
     [output] = result.outputs
     assert output.name == "y" and output.max_abs < 1e-5 and output.mismatched == 0
     assert result.to_dict()["outputs"][0]["elements"] == 12
+    assert '"backend": "onnxruntime"' in json.dumps(result.to_dict())
     result.raise_for_failure()
 
 

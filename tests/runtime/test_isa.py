@@ -8,6 +8,7 @@ import pytest
 
 from edgeopt.runtime.device import device_facts
 from edgeopt.runtime.isa import IsaClass, classify, host_isa, host_isa_flags, isa_mismatch
+from edgeopt.runtime.kinds import BackendName
 
 
 @pytest.mark.parametrize(
@@ -36,13 +37,13 @@ def test_only_x86_without_vnni_saturates_and_only_bundles_for_other_classes_diff
 
 
 def test_a_vnni_bundle_on_an_avx2_cpu_warns_with_the_fix_for_the_backends_that_saturate() -> None:
-    openvino = isa_mismatch("vnni", "openvino", host=IsaClass.AVX2)
+    openvino = isa_mismatch("vnni", BackendName.OPENVINO, host=IsaClass.AVX2)
     assert openvino is not None and "--isa avx2" in openvino and "saturate" in openvino
-    onnxruntime = isa_mismatch("vnni", "onnxruntime", host=IsaClass.AVX2)
+    onnxruntime = isa_mismatch("vnni", BackendName.ONNXRUNTIME, host=IsaClass.AVX2)
     assert onnxruntime is not None and "--isa avx2" in onnxruntime and "slower U8U8 kernels" in onnxruntime
-    assert isa_mismatch("vnni", "tflite", host=IsaClass.AVX2) is None, "XNNPACK widens to int32"
-    assert isa_mismatch("avx2", "onnxruntime", host=IsaClass.VNNI) is None
-    assert isa_mismatch(None, "onnxruntime", host=IsaClass.AVX2) is None, "float bundles have no class"
+    assert isa_mismatch("vnni", BackendName.TFLITE, host=IsaClass.AVX2) is None, "XNNPACK widens to int32"
+    assert isa_mismatch("avx2", BackendName.ONNXRUNTIME, host=IsaClass.VNNI) is None
+    assert isa_mismatch(None, BackendName.ONNXRUNTIME, host=IsaClass.AVX2) is None, "float bundles have no class"
 
 
 def test_this_machine_has_a_class_and_device_facts_record_it() -> None:

@@ -16,7 +16,9 @@ import pytest
 
 from edgeopt.runtime import TensorSpec, load
 from edgeopt.runtime.backends import BackendConfig
-from edgeopt.runtime.backends.tensorrt import TensorRTBackend, engine_cache_key
+from edgeopt.runtime.backends.tensorrt import TensorRTBackend, builder_flags, engine_cache_key
+from edgeopt.runtime.errors import OptionError
+from edgeopt.runtime.kinds import Precision
 from tests.runtime.factory import float_bundle, tiny_float_model, tiny_float_reference, write_bundle
 
 HAS_TENSORRT_GPU = importlib.util.find_spec("tensorrt") is not None and (
@@ -39,16 +41,23 @@ def test_engine_cache_keys_change_with_tensorrt_version_gpu_model_and_options() 
 def test_the_engine_recipe_comes_from_the_manifest_lowering_then_runtime_options() -> None:
     """The keys the jetson-orin lowering writes (lowering.engine_recipe, target options)."""
     config = BackendConfig(
-        precision="int8",
+        precision=Precision.INT8,
         recipe={"precision": "int8", "dla_core": None, "mem_pool_workspace_mib": 2048, "fp16": True, "int8": True},
         options={"dla_cores": 2, "dla_default": True, "mem_pool_workspace_mib": 4096, "timing_cache": "timing.cache", "triton_max_batch_size": 8},
     )
     options = TensorRTBackend(Path("model.onnx"), config).build_options()
-    assert options["precision"] == "int8"
+    assert options["precision"] is Precision.INT8 and builder_flags(options["precision"]) == ("FP16", "INT8")
     assert options["workspace_mib"] == 2048  # the recipe wins over the target's default
     assert options["dla_core"] == 0  # dla_default: first DLA core, GPU fallback on
     assert options["gpu_fallback"] is True and options["timing_cache"] is True
     assert options["max_batch"] == 8 and options["input_shapes"] == {}
+
+
+def test_an_engine_precision_outside_the_closed_set_is_an_option_error() -> None:
+    config = BackendConfig(recipe={"precision": "int4"})
+    with pytest.raises(OptionError, match="TensorRT engine precision 'int4'"):
+        TensorRTBackend(Path("model.onnx"), config).build_options()
+    assert builder_flags(Precision.FP32) == () and builder_flags(Precision.FP16) == ("FP16",)
 
 
 @pytest.mark.skipif(not HAS_TENSORRT_GPU, reason="needs the TensorRT 10 Python bindings and an NVIDIA GPU (Jetson Orin)")
