@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import functools
 import json
 import math
@@ -10,11 +11,13 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import click
 
 from edgeopt.errors import EdgeoptError
+from edgeopt.runtime.isa import IsaClass
+from edgeopt.runtime.kinds import BackendName, Precision
 
 __all__ = ["main"]
 
@@ -42,6 +45,21 @@ class _FiniteFloat(click.FloatRange):
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
         return number
+
+
+E = TypeVar("E", bound=enum.Enum)
+
+
+class _Names(click.Choice, Generic[E]):
+    """click.Choice over a closed set's values that hands the command the enum member:
+    the string is parsed once, here at the edge, and a wrong one is a usage error (exit 2)."""
+
+    def __init__(self, kind: type[E]) -> None:
+        super().__init__([member.value for member in kind])
+        self._kind = kind
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> E:
+        return self._kind(super().convert(value, param, ctx))
 
 
 #: Option types for counts, ports and durations: a value outside is a usage error (exit 2).
@@ -195,7 +213,7 @@ def targets(as_json: bool) -> _Shown:
     from edgeopt.targets import all_targets
 
     profiles = all_targets()
-    rows = [(t.name, t.artifact_format.value, t.backend, ",".join(t.precisions), ", ".join(t.aliases)) for t in profiles]
+    rows = [(t.name, t.artifact_format.value, t.backend.value, ",".join(p.value for p in t.precisions), ", ".join(t.aliases)) for t in profiles]
     headers = ("target", "format", "backend", "precisions", "aliases")
     widths = [max(len(str(r[i])) for r in (*rows, headers)) for i in range(len(headers))]
     table = "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in (headers, *rows))
@@ -234,7 +252,7 @@ def _parse_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]] | None:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--target", "-t", required=True, help="Device target or alias (see `edgeopt targets`).")
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Bundle folder [default: dist/<model>-<target>].")
-@click.option("--precision", "-p", help="fp32, fp16, int8, ... (the target's default when omitted; int8 for QAT models).")
+@click.option("--precision", "-p", type=_Names(Precision), help="The target's default when omitted; int8 for QAT models.")
 @click.option("--calibration", type=click.Path(path_type=Path), help="Calibration data for int8: .npz/.npy or an image folder.")
 @click.option("--calibration-method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="minmax", show_default=True)
 @click.option("--eval", "evaluation", type=click.Path(path_type=Path), help="Evaluation data (.npz with optional 'labels') to measure quality.")
@@ -243,7 +261,7 @@ def _parse_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]] | None:
 @click.option("--input-shape", "input_shapes", multiple=True, help="Fix a dynamic input: NAME=D0,D1,... (repeatable).")
 @click.option(
     "--isa",
-    type=click.Choice(["avx2", "vnni", "amx", "arm64"]),
+    type=_Names(IsaClass),
     help="CPU class an int8 CPU bundle is for (onnxruntime-cpu, intel-openvino) [default: avx2, exact on every CPU;"
     " vnni/amx/arm64 keep 8-bit weights but saturate on x86 without VNNI].",
 )
@@ -256,14 +274,14 @@ def build(
     model: Path,
     target: str,
     output: Path | None,
-    precision: str | None,
+    precision: Precision | None,
     calibration: Path | None,
     calibration_method: str,
     evaluation: Path | None,
     max_accuracy_drop: float | None,
     io_layout: str | None,
     input_shapes: tuple[str, ...],
-    isa: str | None,
+    isa: IsaClass | None,
     archive: bool,
     force: bool,
     quiet: bool,
@@ -271,10 +289,11 @@ def build(
 ) -> _Shown:
     """Build a verified bundle of MODEL (ONNX) for a device target."""
     from edgeopt.pipeline import build as run_build
+    from edgeopt.targets import get_target
 
     result = run_build(
         model,
-        target,
+        get_target(target),
         output=output,
         precision=precision,
         calibration=calibration,
@@ -299,10 +318,10 @@ def build(
 
 @cli.command(epilog=EXIT_CODES)
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--backend", help="Run the reference check on this backend (e.g. onnxruntime for a jetson-orin bundle).")
+@click.option("--backend", type=_Names(BackendName), help="Run the reference check on this backend (e.g. onnxruntime for a jetson-orin bundle).")
 @click.option("--json", "as_json", is_flag=True)
 @_expected_errors
-def verify(bundle: Path, backend: str | None, as_json: bool) -> _Shown:
+def verify(bundle: Path, backend: BackendName | None, as_json: bool) -> _Shown:
     """Check a bundle's checksums and schema, and re-run its reference inputs here."""
     from edgeopt.verify import verify_bundle
 
@@ -316,7 +335,7 @@ def verify(bundle: Path, backend: str | None, as_json: bool) -> _Shown:
 
 @cli.command(epilog=EXIT_CODES)
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--backend", help="Backend to run on [default: the bundle's, or the file type's].")
+@click.option("--backend", type=_Names(BackendName), help="Backend to run on [default: the bundle's, or the file type's].")
 @click.option("--warmup", type=_NON_NEGATIVE_COUNT, default=10, show_default=True)
 @click.option("--runs", type=_COUNT, default=100, show_default=True)
 @click.option("--duration", type=_SECONDS, help="Run for this many seconds instead of --runs.")
@@ -325,7 +344,7 @@ def verify(bundle: Path, backend: str | None, as_json: bool) -> _Shown:
 @click.option("--json", "as_json", is_flag=True)
 @_expected_errors
 def bench(
-    bundle: Path, backend: str | None, warmup: int, runs: int, duration: float | None, threads: int | None, no_record: bool, as_json: bool
+    bundle: Path, backend: BackendName | None, warmup: int, runs: int, duration: float | None, threads: int | None, no_record: bool, as_json: bool
 ) -> _Shown:
     """Measure a bundle or artifact on this machine (the runtime's own benchmark).
 
@@ -347,10 +366,10 @@ def bench(
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--input", "-i", "input_path", type=click.Path(path_type=Path), required=True, help=".npy (one input) or .npz named by input.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Write the outputs to this .npz [default: print a summary].")
-@click.option("--backend", help="Backend to run on [default: the bundle's, or the file type's].")
+@click.option("--backend", type=_Names(BackendName), help="Backend to run on [default: the bundle's, or the file type's].")
 @click.option("--json", "as_json", is_flag=True, help="Print the outputs' shapes, dtypes and values (over 10,000 elements: the .npz holding them).")
 @_expected_errors
-def predict(bundle: Path, input_path: Path, output: Path | None, backend: str | None, as_json: bool) -> _Shown:
+def predict(bundle: Path, input_path: Path, output: Path | None, backend: BackendName | None, as_json: bool) -> _Shown:
     """Run a bundle or artifact on inputs from a file, float in and float out.
 
     This is the device runtime's own `predict` command, run here.

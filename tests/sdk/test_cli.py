@@ -138,6 +138,15 @@ def test_precision_the_target_lacks(tmp_path: Path) -> None:
     assert_clean_failure(edgeopt("build", str(DIGITS / "model.onnx"), "-t", "jetson-orin", "-p", "palettized-4", "-o", str(tmp_path / "b")), 2, "fp16")
 
 
+def test_precision_and_backend_names_are_parsed_once_at_the_edge(tmp_path: Path) -> None:
+    """An unknown name is a usage error (exit 2) listing the closed set, before any work is done."""
+    proc = edgeopt("build", str(DIGITS / "model.onnx"), "-t", "ort", "-p", "int4", "-o", str(tmp_path / "b"))
+    assert proc.returncode == 2 and "'int4' is not one of 'fp32', 'fp16', 'int8'" in proc.stderr
+    proc = edgeopt("verify", str(tmp_path / "b"), "--backend", "tvm")
+    assert proc.returncode == 2 and "'tvm' is not one of 'onnxruntime', 'openvino'" in proc.stderr
+    assert not (tmp_path / "b").exists()
+
+
 def test_verify_fails_with_exit_3_when_outputs_drift(tmp_path: Path) -> None:
     from edgeopt.bundle import artifact_entry, read_manifest, write_manifest
 
