@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from edgeopt.converters.analysis.stats import shape_inferred
 from edgeopt.converters.graph.qdq import (
     WEIGHTED_OPS,
     build_time_array,
@@ -64,7 +65,7 @@ class Finding:
 
 def lint_qdq(model: onnx.ModelProto, target: Target) -> list[Finding]:
     """Every rule of `target` the model's Q/DQ nodes break, in graph order; [] for a float model."""
-    nodes = list(ir.traversal.RecursiveGraphIterator(_inferred_graph(model)))
+    nodes = list(shape_inferred(model).graph.all_nodes())
     tensors = [_tensor(node) for node in nodes if _defines_tensor(node)]
     if not tensors:
         return []
@@ -110,14 +111,6 @@ class _QTensor:
     @property
     def nonzero_zero_point(self) -> bool:
         return self.zero_point is not None and bool(np.any(self.zero_point.astype(np.float64) != 0))
-
-
-def _inferred_graph(model: onnx.ModelProto) -> ir.Graph:
-    try:
-        model = onnx.shape_inference.infer_shapes(model)
-    except (onnx.shape_inference.InferenceError, ValueError):
-        pass  # dtypes then come from constants and zero points only
-    return ir.from_proto(model).graph
 
 
 def _defines_tensor(node: ir.Node) -> bool:

@@ -160,12 +160,13 @@ _SKELETON_MIN_ELEMENTS = 1024
 
 def shape_inferred(model: onnx.ModelProto) -> ir.Model:
     """The model on onnx_ir with every node output typed and shaped by ONNX shape inference
-    (with data propagation). When inference fails the model's own annotations stay, with a warning."""
+    (with data propagation). When inference fails the model's own annotations stay, with a warning
+    (MAC counts, float64 checks and dtype-based lint rules then see less)."""
     skeleton, hidden = _skeleton(model)
     try:
         inferred = ir.from_proto(shape_inference.infer_shapes(skeleton, data_prop=True))
     except (onnx.shape_inference.InferenceError, ValueError) as exc:
-        log.warning("shape inference failed, MACs and float64 checks will be incomplete: %s", exc)
+        log.warning("shape inference failed, so shapes and types are only those the model declares: %s", exc)
         return ir.from_proto(model)
     graph = inferred.graph
     declared = {v.name for v in model.graph.input}
