@@ -16,6 +16,7 @@ __all__ = [
     "RemoveIdentityPass",
     "SimplifyReport",
     "SumToAddPass",
+    "apply_passes",
     "simplify",
 ]
 
@@ -88,10 +89,7 @@ def simplify(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]
     and a report of node counts. Shape inference runs first, so ``Shape`` of static tensors folds,
     and last, so the result carries value_info for later stages.
     """
-    # onnx_ir wraps the proto's tensors without copying, and some passes rename them in place.
-    working_copy = onnx.ModelProto()
-    working_copy.CopyFrom(model)
-    ir_model = ir.from_proto(working_copy)
+    ir_model = _ir_copy(model)
     nodes_before = _count_nodes(ir_model)
     report = SimplifyReport(nodes_before=nodes_before, nodes_after=nodes_before)
     for name, step in _simplify_passes(input_shapes):
@@ -104,6 +102,21 @@ def simplify(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]
     report.nodes_after = _count_nodes(ir_model)
     logger.info("simplify: %d -> %d nodes", report.nodes_before, report.nodes_after)
     return ir.to_proto(ir_model), report
+
+
+def apply_passes(model: onnx.ModelProto, *passes: ir.passes.PassBase) -> onnx.ModelProto:
+    """The model after ``passes``, run in order, as a new proto (the argument is not changed)."""
+    ir_model = _ir_copy(model)
+    for step in passes:
+        ir_model = step(ir_model).model
+    return ir.to_proto(ir_model)
+
+
+def _ir_copy(model: onnx.ModelProto) -> ir.Model:
+    # onnx_ir wraps the proto's tensors without copying, and some passes rename them in place.
+    working_copy = onnx.ModelProto()
+    working_copy.CopyFrom(model)
+    return ir.from_proto(working_copy)
 
 
 def _count_nodes(model: ir.Model) -> int:

@@ -29,18 +29,23 @@ class FoldConstantsPass(ir.passes.InPlacePass):
     Nodes are evaluated one at a time with ``onnx.reference.ReferenceEvaluator``; a node whose
     result would have more than ``max_output_elements`` elements is left in place so that
     generated tensors (``ConstantOfShape``, ``Expand``, ``Tile``) do not bloat the file.
+    ``Constant`` nodes become initializers whatever their size (their data is in the file already).
     Ops in ``keep_ops`` are never folded: by default the quantize/dequantize pairs on weights of a
     QAT-exported model, whose scales are part of the model and must reach the quantizer intact.
+    ``only_ops`` limits folding to those op types (the quantizer materialises only ``Constant`` and
+    ``Identity`` of a constant, where exporters put scales and shared zero points).
     """
 
     def __init__(
         self,
         max_output_elements: int = 1 << 22,
         keep_ops: frozenset[str] = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}),
+        only_ops: frozenset[str] | None = None,
     ) -> None:
         super().__init__()
         self.max_output_elements = max_output_elements
         self.keep_ops = keep_ops
+        self.only_ops = only_ops
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -72,21 +77,26 @@ class FoldConstantsPass(ir.passes.InPlacePass):
         """The node's outputs if it can and may be folded, else None."""
         if node.domain not in ("", "ai.onnx") or node.op_type in _NON_DETERMINISTIC_OPS or node.op_type in self.keep_ops:
             return None
+        if self.only_ops is not None and node.op_type not in self.only_ops:
+            return None
         if node.op_type in ("Shape", "Size"):
             return self._static_shape(node)
+        materialise = node.op_type == "Constant"
         inputs = [value for value in node.inputs if value is not None]
-        if not inputs or any(value is not None and constant_array(value) is None for value in node.inputs):
+        if not (inputs or materialise) or any(value is not None and constant_array(value) is None for value in node.inputs):
             return None
         if any(attr.is_ref() or attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for attr in node.attributes.values()):
             return None
-        if not self._small_enough(node):
+        if not (materialise or self._small_enough(node)):
             return None
         try:
             arrays = _run_single_node(node, opsets)
         except Exception as error:  # the reference evaluator lacks a kernel or rejects the node
             logger.debug("not folding %s (%s): %s", node.name, node.op_type, error)
             return None
-        if any(array.size > self.max_output_elements for array in arrays):
+        if any(array.dtype.kind in "OSU" for array in arrays):
+            return None  # onnx_ir cannot write a string tensor built from numpy
+        if not materialise and any(array.size > self.max_output_elements for array in arrays):
             return None
         return arrays
 

@@ -19,10 +19,11 @@ from onnx import numpy_helper
 
 from edgeopt.converters.data import Dataset
 from edgeopt.converters.errors import CalibrationDataError
+from edgeopt.converters.graph.opset import with_min_opset
+from edgeopt.converters.passes import FoldConstantsPass, apply_passes
 from edgeopt.converters.quantize.bias_correction import correct_bias
 from edgeopt.converters.quantize.calibration import calibrate
 from edgeopt.converters.quantize.debug import layer_sqnr
-from edgeopt.converters.quantize.graph import fold_constant_nodes, with_min_opset
 from edgeopt.converters.quantize.observers import METHODS, Observer
 from edgeopt.converters.quantize.placement import QuantPlan, plan_quantization
 from edgeopt.converters.quantize.qat import import_qdq
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 
+#: What the quantizer turns into initializers before planning; all other folding is the simplify stage's.
+MATERIALISED_OPS = frozenset({"Constant", "Identity"})
 NON_COMPUTE_OPS = frozenset({"Constant", "Identity", "QuantizeLinear", "DequantizeLinear", "Shape"})
 #: A Softmax input's calibrated range keeps only its top this-many units: values further below the
 #: maximum weigh less than e^-32 (1.3e-14) after the exponential, so a −3.4e38 mask must not set the grid.
@@ -135,9 +138,10 @@ def _with_biases(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
-    prepared = onnx.ModelProto()
-    prepared.CopyFrom(model)
-    return _named(with_min_opset(fold_constant_nodes(prepared)))
+    """A copy with Constant nodes, and Identity of a constant, as initializers (exporters emit scales
+    and shared zero points this way), at opset 13 or newer, every node named."""
+    folded = apply_passes(model, FoldConstantsPass(only_ops=MATERIALISED_OPS))
+    return _named(with_min_opset(folded))
 
 
 class _Quantizer:

@@ -19,7 +19,7 @@ from edgeopt.converters.lint import lint_qdq
 from edgeopt.converters.metrics import fidelity
 from edgeopt.converters.quantize import QuantizeOptions, describe_adaptations, is_qdq_model, quantize
 from edgeopt.converters.graph.session import run_model
-from edgeopt.converters.quantize.graph import fold_constant_nodes
+from edgeopt.converters.passes import FoldConstantsPass, apply_passes
 from edgeopt.targets import get_target
 
 QAT_MODEL = Path(__file__).resolve().parents[1] / "data" / "digits_qat.onnx"
@@ -39,7 +39,7 @@ def digits(qat_model: onnx.ModelProto):
 
 def _scales(model: onnx.ModelProto) -> dict[str, tuple[float, int, str]]:
     """Activation tensor -> (scale, zero point, dtype) of the QuantizeLinear reading it."""
-    model = fold_constant_nodes(model)  # the exporter shares one zero point through an Identity
+    model = apply_passes(model, FoldConstantsPass(only_ops=frozenset({"Constant", "Identity"})))  # the exporter shares one zero point through an Identity
     arrays = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
     out = {}
     for node in model.graph.node:
