@@ -18,9 +18,9 @@ from edgeopt.context import BuildContext, BuildOptions, Command, Progress, run_c
 from edgeopt.errors import EdgeoptError
 from edgeopt.package import PACKAGE, write_build_manifest
 from edgeopt.report import all_float, precision_label
-from edgeopt.runtime.isa import IsaClass, isa_mismatch
+from edgeopt.runtime.isa import isa_mismatch
 from edgeopt.runtime.kinds import Precision
-from edgeopt.runtime.manifest import Manifest
+from edgeopt.runtime.manifest import Manifest, QualityMetric
 from edgeopt.stages import CHECK_OPS, EVALUATE, LOAD, LOWER, QUANTIZE, SIMPLIFY, VALIDATE, VERIFY
 from edgeopt.targets import Target, get_target
 
@@ -78,8 +78,7 @@ def build(
     context = run_command(BUILD, BuildContext(options, progress))
     assert context.manifest is not None and context.lowered is not None
     packed = output_path.with_name(output_path.name + ".tar.gz") if archive else None
-    document = context.manifest.to_json()
-    return BuildResult(output_path, document, packed, _warnings(context, document), context.manifest)
+    return BuildResult(output_path, context.manifest, packed, _warnings(context))
 
 
 def _parse_precision(text: str | Precision, target: Target) -> Precision:
@@ -98,50 +97,54 @@ class BuildResult:
     """Where the bundle went and what it holds."""
 
     bundle: Path
-    manifest: dict[str, Any]  # the manifest as written (JSON)
+    contents: Manifest  # the bundle's manifest, typed
     archive: Path | None = None
     warnings: list[str] = field(default_factory=list)
-    contents: Manifest | None = None  # the same manifest, typed
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The manifest as written (JSON)."""
+        return self.contents.to_json()
 
     def summary_text(self) -> str:
-        m = self.manifest
-        comp = m["compression"]
-        ref = m["reference"]["measured"]
-        model_bytes = sum(a["bytes"] for a in m["artifacts"] if a["role"] in ("model", "weights"))
+        m = self.contents
+        assert m.target is not None and m.compression is not None and m.reference is not None and m.reference.measured is not None
+        comp, ref = m.compression, m.reference.measured
+        model_bytes = sum(a.bytes or 0 for a in m.artifacts if a.role in ("model", "weights"))
         lines = [
-            f"built {m['name']} for {m['target']['name']} ({m['target']['artifact_format']}, {precision_label(m)})",
+            f"built {m.name} for {m.target.name} ({m.target.artifact_format}, {precision_label(self.manifest)})",
             f"  bundle   {self.bundle}" + (f"  (+ {self.archive.name})" if self.archive else ""),
-            f"  model    {_human(comp['bytes_before'])} -> {_human(model_bytes)}"
-            f"  ({comp['bytes_before'] / max(model_bytes, 1):.2f}x)",
-            f"  nodes    {comp['nodes_before']} -> {comp['nodes_after']} after simplify;"
-            f" {comp['parameters_after']:,} parameters, {comp['macs_after'] / 1e6:.1f} M MACs",
-            f"  parity   max |Δ| {ref['max_abs']:.3g} vs the {ref['against']} graph on {m['reference']['samples']} input(s)"
-            f" ({ref['verified_with']})" + ("" if ref["checked"] else f"; not checked: {ref['note']}"),
+            f"  model    {_human(comp.bytes_before)} -> {_human(model_bytes)}  ({comp.bytes_before / max(model_bytes, 1):.2f}x)",
+            f"  nodes    {comp.nodes_before} -> {comp.nodes_after} after simplify;"
+            f" {comp.parameters_after:,} parameters, {comp.macs_after / 1e6:.1f} M MACs",
+            f"  parity   max |Δ| {ref.max_abs:.3g} vs the {ref.against} graph on {m.reference.samples} input(s)"
+            f" ({ref.verified_with})" + ("" if ref.checked else f"; not checked: {ref.note}"),
         ]
-        isa = m["target"].get("isa")
-        if isa:
-            lines.append(f"  cpu      built for {isa} CPUs ({IsaClass(isa).description}); --isa picks another class")
-        quality = m.get("quality")
-        if quality:
-            lines.append(f"  quality  vs fp32 on {quality['samples']} samples of {quality['data']}")
-            for metric in quality["metrics"]:
-                if metric["name"] in _POINT_METRICS:  # shares, shown in points like the budget
-                    figures = f"fp32 {100 * metric['fp32']:.2f}% -> {100 * metric['optimized']:.2f}% (Δ {100 * metric['delta']:+.2f} points)"
-                else:
-                    figures = f"fp32 {metric['fp32']:.4g} -> {metric['optimized']:.4g} (Δ {metric['delta']:+.4g})"
-                lines.append(f"           {metric['name']} {metric['output']}: {figures}")
-            budget = quality.get("budget")
-            if budget:
+        if m.target.isa is not None:
+            lines.append(f"  cpu      built for {m.target.isa.value} CPUs ({m.target.isa.description}); --isa picks another class")
+        if m.quality is not None:
+            lines.append(f"  quality  vs fp32 on {m.quality.samples} samples of {m.quality.data}")
+            lines += [f"           {metric.name} {metric.output}: {_figures(metric)}" for metric in m.quality.metrics]
+            budget = m.quality.budget
+            if budget is not None:
                 lines.append(
-                    f"  budget   {budget['metric'].removesuffix(' (points)').removesuffix(' (%)')} {budget['drop']:.2f} points"
-                    f" (--max-accuracy-drop {budget['max_drop']:g} points)"
+                    f"  budget   {budget.metric.removesuffix(' (points)').removesuffix(' (%)')} {budget.drop:.2f} points"
+                    f" (--max-accuracy-drop {budget.max_drop:g} points)"
                 )
-        if "transpose_ops" in m["lowering"]:
-            lines.append(f"  layout   {m['lowering']['transpose_ops']} TRANSPOSE op(s) in the artifact")
-        for artifact in m["artifacts"]:
-            lines.append(f"  file     {artifact['path']:<32} {_human(artifact['bytes']):>10}  {artifact['role']}")
+        if "transpose_ops" in m.lowering:
+            lines.append(f"  layout   {m.lowering['transpose_ops']} TRANSPOSE op(s) in the artifact")
+        lines += [f"  file     {a.path:<32} {_human(a.bytes or 0):>10}  {a.role}" for a in m.artifacts]
         lines += [f"  warning  {w}" for w in self.warnings]
         return "\n".join(lines)
+
+
+def _figures(metric: QualityMetric) -> str:
+    """A metric's fp32 and optimized values and its delta; shares in percent, their deltas in points."""
+    if metric.fp32 is None or metric.optimized is None or metric.delta is None:
+        return f"fp32 {metric.fp32} -> {metric.optimized} (not finite)"
+    if metric.name in _POINT_METRICS:
+        return f"fp32 {100 * metric.fp32:.2f}% -> {100 * metric.optimized:.2f}% (Δ {100 * metric.delta:+.2f} points)"
+    return f"fp32 {metric.fp32:.4g} -> {metric.optimized:.4g} (Δ {metric.delta:+.4g})"
 
 
 #: Quality metrics that are shares (0..1): the summary shows them in percent and their deltas in
@@ -157,9 +160,9 @@ def _human(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def _warnings(context: BuildContext, manifest: Mapping[str, Any]) -> list[str]:
+def _warnings(context: BuildContext) -> list[str]:
     lowered, quant_report = context.lowered, context.quantization
-    assert lowered is not None
+    assert lowered is not None and context.manifest is not None
     notes = [str(w) for w in lowered.summary.get("warnings", [])]
     isa = context.options.isa if context.precision.quantizes_activations else None
     mismatch = isa_mismatch(isa, lowered.verify_backend)
@@ -169,7 +172,7 @@ def _warnings(context: BuildContext, manifest: Mapping[str, Any]) -> list[str]:
         from edgeopt.converters.quantize import describe_adaptations
 
         notes += [f"adapted: {line}" for line in describe_adaptations(quant_report.get("adaptations", []))]
-        if all_float(manifest):
+        if all_float(context.manifest.to_json()):
             budget = quant_report["budget"]
             notes.append(
                 f"--max-accuracy-drop {budget['max_drop']:g} held only with all {len(quant_report['float_fallback'])} quantizable"

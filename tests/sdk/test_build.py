@@ -48,7 +48,6 @@ def test_digits_builds_verifies_and_matches_the_schema(tmp_path: Path, target: s
 def test_the_typed_manifest_writes_what_the_schema_describes_and_reads_back_unchanged(tmp_path: Path) -> None:
     """`Manifest.to_json` is what the build writes; the schema accepts it and `from_json` gives the same manifest."""
     result = edgeopt.build(DIGITS / "model.onnx", "ort", output=tmp_path / "b", precision="int8", calibration=DIGITS / "calib.npz")
-    assert result.contents is not None
     written = result.contents.to_json()
     jsonschema.validate(written, SCHEMA)
     assert written == json.loads((tmp_path / "b" / "manifest.json").read_text()) == result.manifest
@@ -57,9 +56,22 @@ def test_the_typed_manifest_writes_what_the_schema_describes_and_reads_back_unch
     assert [s.name for s in result.contents.stages][-1] == "package" and result.contents.quality is not None
 
 
+def test_the_schemas_closed_sets_are_the_enums_the_code_dispatches_on() -> None:
+    from edgeopt.runtime.isa import IsaClass
+    from edgeopt.runtime.kinds import ArtifactFormat
+
+    target = SCHEMA["properties"]["target"]["properties"]
+    assert SCHEMA["properties"]["precision"]["enum"] == [p.value for p in Precision]
+    assert target["backend"]["enum"] == [b.value for b in BackendName]
+    assert target["artifact_format"]["enum"] == [f.value for f in ArtifactFormat]
+    assert target["isa"]["enum"] == [c.value for c in IsaClass] + [None]
+    # the device runs the real backend; coreml-reference only stands in for Core ML off macOS
+    assert SCHEMA["properties"]["runtime"]["properties"]["backend"]["enum"] == [b.value for b in BackendName if b is not BackendName.COREML_REFERENCE]
+
+
 def test_a_precision_given_as_the_enum_builds_like_its_name(tmp_path: Path) -> None:
     result = edgeopt.build(DIGITS / "model.onnx", "ort", output=tmp_path / "b", precision=Precision.FP16)
-    assert result.manifest["precision"] == "fp16" and result.contents is not None and result.contents.precision is Precision.FP16
+    assert result.manifest["precision"] == "fp16" and result.contents.precision is Precision.FP16
 
 
 def test_jetson_bundle_carries_engine_recipe_and_triton_repository(tmp_path: Path) -> None:
