@@ -136,9 +136,6 @@ class Dataset:
         labels = None if self.labels is None else self.labels[count:]
         return Dataset(rest, self._length - count, self.inputs, source=self.source, role=self.role, labels=labels, keepalive=self._keepalive)
 
-    def describe(self) -> dict[str, Any]:
-        return {"source": self.source, "role": self.role, "samples": self._length, "labels": self.labels is not None}
-
 
 def open_dataset(
     source: str | Path | Iterable[Mapping[str, np.ndarray]] | Mapping[str, np.ndarray] | np.ndarray,

@@ -7,14 +7,48 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TypedDict
 
 import numpy as np
 
-__all__ = ["cosine", "fidelity", "quality_drop", "sqnr_db"]
+__all__ = ["Fidelity", "OutputFidelity", "cosine", "fidelity", "quality_drop", "sqnr_db"]
 
 #: SQNR reported when the candidate equals the reference exactly (JSON has no infinity).
 EXACT_SQNR_DB = 200.0
+
+
+class _OutputFigures(TypedDict):
+    cosine: float  # over the whole stream
+    cosine_mean: float  # per sample
+    cosine_p5: float
+    nonfinite: int
+    sqnr_db: float
+    max_abs_error: float
+    mean_abs_error: float
+
+
+class OutputFidelity(_OutputFigures, total=False):
+    """One output's figures; top-1 agreement for classifier-like outputs, accuracies only with labels."""
+
+    top1_agreement: float
+    accuracy_fp32: float
+    accuracy: float
+
+
+class _Figures(TypedDict):
+    samples: int
+    outputs: dict[str, OutputFidelity]
+
+
+class Fidelity(_Figures, total=False):
+    """What `fidelity` reports (JSON-able): per output, plus the first classifier output's figures
+    and the worst cosine and SQNR across outputs."""
+
+    top1_agreement: float
+    accuracy_fp32: float
+    accuracy: float
+    min_cosine: float
+    min_sqnr_db: float
 
 
 def sqnr_db(signal_power: float, noise_power: float) -> float:
@@ -86,9 +120,9 @@ class _OutputStats:
                 self.ref_correct += int(np.sum(ref_top == truth))
                 self.cand_correct += int(np.sum(cand_top == truth))
 
-    def summary(self, with_labels: bool) -> dict[str, Any]:
+    def summary(self, with_labels: bool) -> OutputFidelity:
         denominator = math.sqrt(self.ref_sq * self.cand_sq)
-        result: dict[str, Any] = {
+        result: OutputFidelity = {
             "cosine": 1.0 if denominator == 0.0 and self.noise_sq == 0.0 else (self.dot / denominator if denominator else 0.0),
             "cosine_mean": float(np.mean(self.cosines)) if self.cosines else 1.0,
             "cosine_p5": float(np.percentile(self.cosines, 5)) if self.cosines else 1.0,
@@ -109,7 +143,7 @@ def fidelity(
     reference: Iterable[Mapping[str, np.ndarray]],
     candidate: Iterable[Mapping[str, np.ndarray]],
     labels: np.ndarray | None = None,
-) -> dict[str, Any]:
+) -> Fidelity:
     """Per-output cosine, SQNR (dB), max/mean abs error; top-1 agreement for classifier-like outputs;
     accuracy of both models when labels (one per sample, in order) are given. JSON-able.
 
@@ -132,7 +166,7 @@ def fidelity(
         samples += 1
     with_labels = label_array is not None
     outputs = {name: s.summary(with_labels) for name, s in stats.items()}
-    result: dict[str, Any] = {"samples": samples, "outputs": outputs}
+    result: Fidelity = {"samples": samples, "outputs": outputs}
     classifier = next((o for o in outputs.values() if "top1_agreement" in o), None)
     if classifier is not None:
         result["top1_agreement"] = classifier["top1_agreement"]
@@ -145,7 +179,7 @@ def fidelity(
     return result
 
 
-def quality_drop(report: Mapping[str, Any]) -> tuple[float, str]:
+def quality_drop(report: Fidelity) -> tuple[float, str]:
     """The figure an accuracy budget is checked against, in percentage points, and its name.
 
     Accuracy drop when labels were given; else top-1 disagreement for classifiers; else

@@ -8,9 +8,10 @@ from __future__ import annotations
 import difflib
 import sys
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -26,6 +27,8 @@ __all__ = [
     "Fact",
     "IsaClass",
     "OpRule",
+    "OptionValue",
+    "ProfileError",
     "QuantScheme",
     "Target",
     "UnknownTargetError",
@@ -35,6 +38,14 @@ __all__ = [
 ]
 
 _PROFILE_DIR = Path(__file__).parent
+
+
+#: A value of a profile's [options] table: the backend's own settings (TensorRT's workspace, OpenVINO's device).
+OptionValue = Union[str, int, float, bool]
+
+
+class ProfileError(EdgeoptError):
+    """A profile file that does not describe a target (a broken edgeopt install or a hand-edited profile)."""
 
 
 class UnknownTargetError(EdgeoptError):
@@ -140,7 +151,7 @@ class Target:
     quant_scheme: QuantScheme
     facts: tuple[Fact, ...]
     runtime_install: str
-    options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    options: Mapping[str, OptionValue] = field(default_factory=dict, hash=False, compare=False)
     # CPU classes whose int8 arithmetic changes the scheme; `quant_scheme` is the default class's.
     default_isa: IsaClass | None = None
     isa_schemes: tuple[tuple[IsaClass, QuantScheme], ...] = ()
@@ -190,7 +201,7 @@ class Target:
             "quant_scheme": self.quant_scheme.to_dict(),
             "facts": [vars(f) for f in self.facts],
             "runtime_install": self.runtime_install,
-            "options": self.options,
+            "options": dict(self.options),
             "default_isa": self.default_isa.value if self.default_isa else None,
             "isa_schemes": {isa.value: scheme.to_dict() for isa, scheme in self.isa_schemes},
         }
@@ -207,7 +218,14 @@ def _scheme(raw: dict[str, Any]) -> QuantScheme:
 
 
 def _parse(path: Path) -> Target:
-    raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    try:
+        return _target(tomllib.loads(path.read_text(encoding="utf-8")))
+    except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as exc:  # a missing key, an unknown precision or backend
+        raise ProfileError(f"targets/{path.name} is not a valid profile: {type(exc).__name__}: {exc}") from exc
+
+
+def _target(raw: dict[str, Any]) -> Target:
+    """A profile's TOML table, typed: strings become Precision/BackendName/ArtifactFormat/IsaClass here."""
     base = dict(raw.get("quant_scheme", {}))
     isa_table = dict(raw.get("isa", {}))
     default_isa = IsaClass(isa_table.pop("default")) if "default" in isa_table else None
@@ -216,7 +234,7 @@ def _parse(path: Path) -> Target:
         for name, overrides in isa_table.items()
     )
     if default_isa is not None and default_isa not in dict(isa_schemes):
-        raise ValueError(f"{path.name}: default ISA class '{default_isa.value}' has no [isa.{default_isa.value}] table")
+        raise ValueError(f"default ISA class '{default_isa.value}' has no [isa.{default_isa.value}] table")
     return Target(
         name=raw["name"],
         aliases=tuple(raw.get("aliases", ())),
@@ -232,10 +250,18 @@ def _parse(path: Path) -> Target:
         quant_scheme=dict(isa_schemes)[default_isa] if default_isa is not None else _scheme(base),
         facts=tuple(Fact(**f) for f in raw.get("facts", ())),
         runtime_install=raw["runtime_install"],
-        options=dict(raw.get("options", {})),
+        options=_options(raw.get("options", {})),
         default_isa=default_isa,
         isa_schemes=isa_schemes,
     )
+
+
+def _options(table: Mapping[str, object]) -> dict[str, OptionValue]:
+    options = {key: value for key, value in table.items() if isinstance(value, (str, int, float, bool))}
+    if len(options) < len(table):
+        nested = ", ".join(sorted(set(table) - set(options)))
+        raise TypeError(f"[options] holds only strings, numbers and booleans, not {nested}")
+    return options
 
 
 @cache

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from edgeopt.runtime.kinds import ArtifactFormat, BackendName
+from edgeopt.runtime.manifest import JsonObject
 from edgeopt.runtime.spec import TensorSpec
+from edgeopt.targets import OptionValue
 
 __all__ = ["LoweredArtifact", "LoweringOptions", "LoweringResult", "Runner"]
 
@@ -36,7 +37,7 @@ class LoweringOptions:
     io_layout: str | None = None
     input_shapes: Mapping[str, tuple[int, ...]] | None = None
     model_name: str = "model"
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, OptionValue] = field(default_factory=dict)
 
 
 @dataclass
@@ -55,7 +56,7 @@ class LoweringResult:
     verify_backend: BackendName | None
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
-    summary: dict[str, Any] = field(default_factory=dict)
+    summary: JsonObject = field(default_factory=dict)  # the manifest's `lowering` figures
     runner: Runner | None = None
     verified_with: str = ""
-    runtime_options: dict[str, Any] | None = None
+    runtime_options: Mapping[str, OptionValue] | None = None

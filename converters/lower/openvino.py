@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import onnx
@@ -48,6 +48,34 @@ _INLINE_WEIGHT_LIMIT = 1 << 30
 _COMPUTE_LAYERS = frozenset({"Convolution", "Deconvolution", "FullyConnected", "MatMul"})
 
 
+class DeviceOptions(TypedDict):
+    """The profile's OpenVINO options after the user's overrides, checked."""
+
+    device: str
+    performance_hint: str
+    inference_precision: str | None  # OpenVINO's element type name ("f32", "f16", "bf16"); None: the device's default
+    compress_to_fp16: bool
+
+
+class _IrFigures(TypedDict):
+    fake_quantize: int
+    int8_weight_constants: int
+    ops: dict[str, int]
+
+
+class _Lowered(DeviceOptions, _IrFigures):
+    source_qdq: bool
+    openvino_version: str
+    bytes: dict[str, int]
+
+
+class OpenVinoSummary(_Lowered, total=False):
+    """The manifest's `lowering` figures; the CPU plugin's execution check only for an int8 IR."""
+
+    cpu_execution: dict[str, dict[str, int]]  # compute layer type -> OpenVINO element type -> count
+    warnings: list[str]
+
+
 def _import_openvino() -> ModuleType:
     try:
         import openvino
@@ -59,12 +87,13 @@ def _import_openvino() -> ModuleType:
     return openvino
 
 
-def _device_options(target: Target, options: LoweringOptions) -> dict[str, Any]:
+def _device_options(target: Target, options: LoweringOptions) -> DeviceOptions:
     """Profile options overridden by the user's `options.extra`, checked against what OpenVINO accepts."""
     merged = {**target.options, **{k: v for k, v in options.extra.items() if k in target.options}}
     device = str(merged.get("device", "CPU")).upper()
     hint = str(merged.get("performance_hint", "LATENCY")).upper()
     precision_hint = merged.get("inference_precision")
+    precision_hint = None if precision_hint is None else str(precision_hint)
     base_device = device.split(":", 1)[0]
     if base_device not in DEVICES + ("HETERO", "MULTI"):
         raise LoweringError(
@@ -89,14 +118,14 @@ def _device_options(target: Target, options: LoweringOptions) -> dict[str, Any]:
     }
 
 
-def runtime_config(device_options: Mapping[str, Any]) -> dict[str, Any]:
+def runtime_config(device_options: DeviceOptions) -> dict[str, str]:
     """The manifest's runtime options for the device: what edgeopt.runtime's openvino backend reads.
 
     `device` picks the plugin; `performance_hint` and `inference_precision` become the properties
     PERFORMANCE_HINT and INFERENCE_PRECISION_HINT of `compile_model`.
     """
     config = {"device": device_options["device"], "performance_hint": device_options["performance_hint"]}
-    if device_options.get("inference_precision"):
+    if device_options["inference_precision"]:
         config["inference_precision"] = device_options["inference_precision"]
     return config
 
@@ -213,7 +242,7 @@ def _tensor_specs(ports: Any, layout: str | None) -> list[TensorSpec]:
     return specs
 
 
-def _ir_summary(ov_model: Any) -> dict[str, Any]:
+def _ir_summary(ov_model: Any) -> _IrFigures:
     ops = Counter(node.get_type_name() for node in ov_model.get_ordered_ops())
     int8_constants = sum(
         1
@@ -333,7 +362,7 @@ def lower(
 
     layout = options.io_layout or target.layout
     saved = ov.Core().read_model(str(xml_path))
-    summary: dict[str, Any] = {
+    summary: OpenVinoSummary = {
         **device,
         "compress_to_fp16": compress_to_fp16,
         "source_qdq": quantized,

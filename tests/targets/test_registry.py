@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
 from edgeopt.runtime.kinds import BackendName, Precision
-from edgeopt.targets import ArtifactFormat, IsaClass, Target, UnknownTargetError, UnsupportedIsaError, all_targets, get_target
+from edgeopt.targets import (
+    ArtifactFormat, IsaClass, ProfileError, Target, UnknownTargetError, UnsupportedIsaError, all_targets, get_target, registry,
+)
 
 REQUIRED = {
     "jetson-orin": ArtifactFormat.TENSORRT_ONNX,
@@ -55,6 +58,22 @@ def test_profiles_are_frozen_consistent_and_sourced(target: Target) -> None:
         assert target.supported_ops is None
     if target.artifact_format is ArtifactFormat.TENSORRT_ONNX:
         assert target.supported_ops and "Conv" in target.supported_ops
+
+
+@pytest.mark.parametrize("change,needle", [
+    (('default_precision = "fp16"', 'default_precision = "int4"'), "'int4' is not a valid Precision"),
+    (('backend = "tensorrt"', 'backend = "tvm"'), "'tvm' is not a valid BackendName"),
+    (("dla_cores = 2", "dla_cores = [2]"), "not dla_cores"),
+    (('name = "jetson-orin"', ""), "KeyError: 'name'"),
+])
+def test_a_broken_profile_is_a_profile_error_naming_its_file(tmp_path: Path, change: tuple[str, str], needle: str) -> None:
+    text = (Path(registry.__file__).parent / "jetson-orin.toml").read_text(encoding="utf-8")
+    assert change[0] in text
+    broken = tmp_path / "jetson-orin.toml"
+    broken.write_text(text.replace(change[0], change[1], 1), encoding="utf-8")
+    with pytest.raises(ProfileError, match="targets/jetson-orin.toml is not a valid profile") as info:
+        registry._parse(broken)
+    assert needle in str(info.value) and info.value.exit_code == 2
 
 
 def test_tensorrt_scheme_is_symmetric_int8() -> None:
