@@ -13,14 +13,15 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypedDict
 
 import numpy as np
 
-from edgeopt.runtime.backends import BACKENDS, backends_summary
+from edgeopt.runtime.backends import BACKENDS, BackendSummary, backends_summary
 from edgeopt.runtime.bundle import SCHEMA_VERSION, open_bundle
-from edgeopt.runtime.device import device_facts
+from edgeopt.runtime.device import DeviceFacts, device_facts
 from edgeopt.runtime.errors import EdgeoptError, InputSpecError
 from edgeopt.runtime.kinds import BackendName
 from edgeopt.runtime.model import load
@@ -35,6 +36,46 @@ EPILOG = (
 
 #: predict --json prints outputs up to this many elements inline; larger ones are left in the .npz it writes
 INLINE_ELEMENTS = 10_000
+
+#: what a command returns: the --json document, the text printed without --json, the exit code
+Outcome = tuple[Mapping[str, object], str, int]
+
+
+class RuntimeFacts(TypedDict):
+    version: str | None
+    bundle_schema: str
+
+
+class InfoDocument(TypedDict):
+    runtime: RuntimeFacts
+    device: DeviceFacts
+    backends: dict[BackendName, BackendSummary]
+    bundle: dict[str, Any] | None  # Bundle.summary()
+
+
+class OutputEntry(TypedDict, total=False):
+    """One output in predict's document: values inline (small outputs, with --json) or the .npz holding them."""
+
+    shape: list[int]
+    dtype: str
+    values: list[Any]  # nested lists of numbers (null for non-finite floats)
+    file: str
+
+
+class PredictDocument(TypedDict):
+    output_file: str | None
+    outputs: dict[str, OutputEntry]
+
+
+class ErrorDetails(TypedDict):
+    type: str
+    message: str
+    hint: str | None
+    exit_code: int
+
+
+class ErrorDocument(TypedDict):
+    error: ErrorDetails
 
 
 class UsageError(EdgeoptError):
@@ -85,9 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def command_info(args: argparse.Namespace) -> tuple[dict[str, Any], str, int]:
+def command_info(args: argparse.Namespace) -> Outcome:
     bundle = open_bundle(args.bundle).summary() if args.bundle is not None else None
-    document = {
+    document: InfoDocument = {
         "runtime": {"version": runtime_version(), "bundle_schema": SCHEMA_VERSION},
         "device": device_facts(),
         "backends": backends_summary(),
@@ -107,13 +148,13 @@ def command_info(args: argparse.Namespace) -> tuple[dict[str, Any], str, int]:
     return document, "\n".join(lines), 0
 
 
-def command_bench(args: argparse.Namespace) -> tuple[dict[str, Any], str, int]:
+def command_bench(args: argparse.Namespace) -> Outcome:
     with load(args.bundle, backend=args.backend, threads=args.threads, device=args.device, allow_stand_in=True) as model:
         result = model.benchmark(warmup=args.warmup, runs=args.runs, duration=args.duration)
     return result.to_dict(), result.format_text(), 0
 
 
-def command_verify(args: argparse.Namespace) -> tuple[dict[str, Any], str, int]:
+def command_verify(args: argparse.Namespace) -> Outcome:
     result = verify(args.bundle, backend=args.backend, threads=args.threads, device=args.device)
     if not result.passed:
         try:
@@ -163,7 +204,7 @@ def predict_file(
     device: str | None = None,
     raw: bool = False,
     values: bool = False,
-) -> tuple[dict[str, Any], str]:
+) -> tuple[PredictDocument, str]:
     """Run the inputs of a .npy/.npz file; returns the JSON document and the text summary.
 
     With `values`, each output of at most INLINE_ELEMENTS elements is in the document as a
@@ -180,7 +221,7 @@ def predict_file(
         print(f"note: outputs over {INLINE_ELEMENTS:,} elements are in {output}", file=sys.stderr)
     if output is not None:
         write_outputs(output, outputs)
-    document = {
+    document: PredictDocument = {
         "output_file": str(output) if output is not None else None,
         "outputs": {name: _output_entry(value, output, values) for name, value in outputs.items()},
     }
@@ -190,8 +231,8 @@ def predict_file(
     return document, "\n".join(lines)
 
 
-def _output_entry(value: np.ndarray, output: Path | None, values: bool) -> dict[str, Any]:
-    entry: dict[str, Any] = {"shape": list(value.shape), "dtype": value.dtype.name}
+def _output_entry(value: np.ndarray, output: Path | None, values: bool) -> OutputEntry:
+    entry: OutputEntry = {"shape": list(value.shape), "dtype": value.dtype.name}
     if not values:
         return entry
     if value.size > INLINE_ELEMENTS:
@@ -201,7 +242,7 @@ def _output_entry(value: np.ndarray, output: Path | None, values: bool) -> dict[
     return {**entry, "values": value.tolist()}
 
 
-def command_predict(args: argparse.Namespace) -> tuple[dict[str, Any], str, int]:
+def command_predict(args: argparse.Namespace) -> Outcome:
     document, text = predict_file(
         args.bundle, args.input, args.output, backend=args.backend, threads=args.threads, device=args.device,
         raw=args.raw, values=args.json,
@@ -212,7 +253,7 @@ def command_predict(args: argparse.Namespace) -> tuple[dict[str, Any], str, int]
 COMMANDS = {"info": command_info, "bench": command_bench, "verify": command_verify, "predict": command_predict}
 
 
-def error_document(error: EdgeoptError) -> dict[str, Any]:
+def error_document(error: EdgeoptError) -> ErrorDocument:
     """What --json prints for an expected failure (the edgeopt CLI prints the same)."""
     return {"error": {"type": type(error).__name__, "message": error.message, "hint": error.hint, "exit_code": error.exit_code}}
 

@@ -15,50 +15,84 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
 from edgeopt.runtime.bundle import SCHEMA_VERSION
-from edgeopt.runtime.device import device_facts, thermal_facts
+from edgeopt.runtime.device import DeviceFacts, ThermalFacts, device_facts, thermal_facts
 from edgeopt.runtime.errors import OptionError
+from edgeopt.runtime.kinds import BackendName
 from edgeopt.runtime.memory import current_rss_bytes, peak_rss_bytes
+from edgeopt.runtime.spec import TensorSpecDocument
 
 if TYPE_CHECKING:
     from edgeopt.runtime.model import Model
 
-__all__ = ["BenchmarkResult", "benchmark_schema", "run_benchmark", "synthetic_inputs"]
+__all__ = ["BenchmarkedBackend", "BenchmarkedModel", "BenchmarkResult", "benchmark_schema", "run_benchmark", "synthetic_inputs"]
 
 BENCHMARK_SCHEMA_VERSION = SCHEMA_VERSION
+
+
+class BenchmarkedModel(TypedDict):
+    """Which model ran: its bundle name (or file stem), where it came from, and what the manifest says."""
+
+    name: str
+    source: str
+    artifact: str
+    target: str | None
+    precision: str | None
+    sha256: str | None
+
+
+class BenchmarkedBackend(TypedDict):
+    """Which backend ran it; `stand_in_for` and `note` when it only stood in for the bundle's own."""
+
+    name: BackendName
+    version: str | None
+    facts: Mapping[str, object]
+    stand_in_for: BackendName | None
+    note: str | None
+
+
+class LatencyFigures(TypedDict):
+    p50: float
+    p90: float
+    p99: float
+    mean: float
+    std: float
+    min: float
+    max: float
 
 
 @dataclass
 class BenchmarkResult:
     """A benchmark run. `to_dict()` matches runtime/benchmark.schema.json."""
 
-    model: dict[str, Any]
-    backend: dict[str, Any]
+    model: BenchmarkedModel
+    backend: BenchmarkedBackend
     threads: int | None
-    inputs: list[dict[str, Any]]
+    inputs: list[TensorSpecDocument]
     warmup: int
     runs: int
     duration_s: float
     load_ms: float
     bundle_check_ms: float
     first_inference_ms: float | None
-    latency_ms: dict[str, float]
+    latency_ms: LatencyFigures
     throughput_per_s: float
     memory: dict[str, int | None]
     samples_ms: list[float]
     libraries: dict[str, str | None]
-    device: dict[str, Any]
-    thermal_after: dict[str, Any]
+    device: DeviceFacts
+    thermal_after: ThermalFacts
     input_source: str
     warnings: list[str]
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     schema_version: str = BENCHMARK_SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON document (runtime/benchmark.schema.json); enum members are str, written as their value."""
         return asdict(self)
 
     def format_text(self) -> str:

@@ -13,11 +13,11 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 from edgeopt.runtime.isa import REPORTED_FLAGS, host_isa, host_isa_flags
 
-__all__ = ["device_facts", "thermal_facts", "decode_throttled"]
+__all__ = ["CpuFacts", "DeviceFacts", "ThermalFacts", "decode_throttled", "device_facts", "thermal_facts"]
 
 #: bits of `vcgencmd get_throttled` (Raspberry Pi documentation, "vcgencmd")
 THROTTLE_BITS: dict[int, str] = {
@@ -32,9 +32,61 @@ THROTTLE_BITS: dict[int, str] = {
 }
 
 
-def device_facts() -> dict[str, Any]:
+class PowerMode(TypedDict):
+    mode: str | None  # Jetson's "NV Power Mode" name
+    raw: str  # `nvpmodel -q` as printed
+
+
+class ThermalFacts(TypedDict):
+    """What changes during a run (None where the machine does not expose it)."""
+
+    cpu_governor: dict[str, str] | None  # per CPU
+    cpu_frequency_mhz: dict[str, float] | None  # per CPU
+    temperatures_c: dict[str, float] | None  # per thermal zone
+    throttled: dict[str, bool | str] | None  # Raspberry Pi: decode_throttled
+    power_mode: PowerMode | None  # Jetson
+
+
+class OsFacts(TypedDict):
+    system: str
+    release: str
+    version: str
+    machine: str
+    distribution: str | None
+
+
+class CpuFacts(TypedDict):
+    model: str | None
+    logical_cores: int | None
+    usable_cores: int | None
+    isa_class: str | None  # IsaClass value
+    isa_flags: list[str]  # the REPORTED_FLAGS this CPU has
+
+
+class MemoryFacts(TypedDict):
+    total_bytes: int | None
+    available_bytes: int | None
+
+
+class PythonFacts(TypedDict):
+    version: str
+    implementation: str
+    executable: str
+
+
+class DeviceFacts(ThermalFacts):
+    hostname: str
+    os: OsFacts
+    board: str | None
+    cpu: CpuFacts
+    memory: MemoryFacts
+    python: PythonFacts
+    libraries: dict[str, str | None]  # numpy and each backend distribution -> version
+
+
+def device_facts() -> DeviceFacts:
     """OS, CPU, memory, Python, numpy and backend versions, plus thermal and power state."""
-    facts: dict[str, Any] = {
+    return {
         "hostname": platform.node(),
         "os": {
             "system": platform.system(),
@@ -52,12 +104,11 @@ def device_facts() -> dict[str, Any]:
             "executable": sys.executable,
         },
         "libraries": _libraries(),
+        **thermal_facts(),
     }
-    facts.update(thermal_facts())
-    return facts
 
 
-def thermal_facts() -> dict[str, Any]:
+def thermal_facts() -> ThermalFacts:
     """The facts that change during a run: governor, clocks, temperatures, throttling, power mode."""
     return {
         "cpu_governor": _governors(),
@@ -86,7 +137,7 @@ def _os_release() -> str | None:
     return None
 
 
-def _cpu() -> dict[str, Any]:
+def _cpu() -> CpuFacts:
     model = None
     text = _read_text("/proc/cpuinfo") or ""
     for key in ("model name", "Model", "Hardware", "cpu model", "Processor"):
@@ -109,7 +160,7 @@ def _cpu() -> dict[str, Any]:
     }
 
 
-def _memory() -> dict[str, Any]:
+def _memory() -> MemoryFacts:
     text = _read_text("/proc/meminfo")
     if text:
         values = {}
@@ -185,13 +236,13 @@ def _temperatures() -> dict[str, float] | None:
     return temperatures or None
 
 
-def decode_throttled(value: int) -> dict[str, Any]:
+def decode_throttled(value: int) -> dict[str, bool | str]:
     """`vcgencmd get_throttled` as named flags."""
     flags = {name: bool(value >> bit & 1) for bit, name in THROTTLE_BITS.items()}
     return {"raw": hex(value), **flags}
 
 
-def _throttled() -> dict[str, Any] | None:
+def _throttled() -> dict[str, bool | str] | None:
     output = _run(["vcgencmd", "get_throttled"])
     if not output or "=" not in output:
         return None
@@ -201,7 +252,7 @@ def _throttled() -> dict[str, Any] | None:
         return None
 
 
-def _nvpmodel() -> dict[str, Any] | None:
+def _nvpmodel() -> PowerMode | None:
     output = _run(["nvpmodel", "-q"])
     if not output:
         return None

@@ -394,7 +394,7 @@ class Model:
         """The backend object (session, compiled model, interpreter) behind this model."""
         return self._backend
 
-    def backend_facts(self) -> dict[str, Any]:
+    def backend_facts(self) -> Mapping[str, object]:
         return self._backend.facts()
 
     def __repr__(self) -> str:

@@ -159,8 +159,8 @@ class Backend:
     def deactivate(self) -> None:
         """Free what activate allocated."""
 
-    def facts(self) -> dict[str, Any]:
-        """Backend-specific facts for benchmark results (providers, device, delegate ...)."""
+    def facts(self) -> Mapping[str, object]:
+        """Backend-specific facts for benchmark results (providers, device, delegate ...); each backend's own TypedDict."""
         return {}
 
     # -- context management ----------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import platform
 import sys
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 import numpy as np
 
@@ -78,8 +78,12 @@ class CoreMLBackend(Backend):
     def deactivate(self) -> None:
         del self.mlmodel, self._predict
 
-    def facts(self) -> dict[str, Any]:
+    def facts(self) -> CoreMLFacts:
         return {"compute_units": self.compute_units}
+
+
+class CoreMLFacts(TypedDict):
+    compute_units: str  # ALL, CPU_ONLY, CPU_AND_GPU or CPU_AND_NE
 
 
 def _feature_spec(feature: Any) -> TensorSpec:

@@ -26,13 +26,13 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 import numpy as np
 
 from edgeopt.runtime.backends.base import Backend, import_first
 from edgeopt.runtime.backends.coreml import _feature_spec
-from edgeopt.runtime.backends.coreml_kernels import KERNELS, Args, unpack_bits, unsupported
+from edgeopt.runtime.backends.coreml_kernels import KERNELS, Args, MilValue, unpack_bits, unsupported
 from edgeopt.runtime.errors import BundleError, InputSpecError
 from edgeopt.runtime.kinds import BackendName
 from edgeopt.runtime.library_output import library_output_to_log
@@ -124,7 +124,7 @@ class MilReferenceEvaluator:
             [f.name for f in self.model.description.input],
             [f.name for f in self.model.description.output],
         )
-        self._constants: dict[str, np.ndarray] = {}
+        self._constants: dict[str, MilValue] = {}
         self._load_constants()
 
     def _spec_path(self) -> Path:
@@ -145,7 +145,7 @@ class MilReferenceEvaluator:
         return resolved
 
     # -- values --------------------------------------------------------------------------------
-    def decode(self, value: Any) -> Any:
+    def decode(self, value: Any) -> MilValue:
         """A MIL_pb2.Value (immediate or in the weight file) as numpy, or a Python string."""
         tensor_type = value.type.tensorType
         dtype, bits = self.types.get(tensor_type.dataType, (None, 0))
@@ -174,7 +174,7 @@ class MilReferenceEvaluator:
     # -- running -------------------------------------------------------------------------------
     def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs of the program for `feeds`, keyed by the model's feature names."""
-        env: dict[str, Any] = dict(self._constants)
+        env: dict[str, MilValue] = dict(self._constants)
         for name, tensor_type in self.input_types.items():
             if name not in feeds:
                 raise InputSpecError(f"{NAME}: input '{name}' missing (got {sorted(feeds)})", hint="pass every input of the model")
@@ -195,6 +195,11 @@ class MilReferenceEvaluator:
                 declared = self.types.get(output.type.tensorType.dataType, (None, 0))[0]
                 env[output.name] = np.asarray(result).astype(declared) if declared is not None else result
         return {name: np.asarray(env[name]) for name in self.output_names}
+
+
+class CoreMLReferenceFacts(TypedDict):
+    evaluator: str
+    mil_ops: int  # operations run per call (constants excluded)
 
 
 class CoreMLReferenceBackend(Backend):
@@ -231,6 +236,6 @@ class CoreMLReferenceBackend(Backend):
     def deactivate(self) -> None:
         del self.evaluator
 
-    def facts(self) -> dict[str, Any]:
+    def facts(self) -> CoreMLReferenceFacts:
         operations = [op for op in self.evaluator.block.operations if op.type != "const"]
         return {"evaluator": "numpy, op by op (not Core ML)", "mil_ops": len(operations)}

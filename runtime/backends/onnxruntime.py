@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 import numpy as np
 
@@ -42,6 +42,10 @@ DEVICE_PROVIDERS: dict[str, list[str]] = {
     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
     "trt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
+
+
+class OnnxRuntimeFacts(TypedDict):
+    providers: list[str]  # the session's execution providers, in order
 
 
 class OnnxRuntimeBackend(Backend):
@@ -120,5 +124,5 @@ class OnnxRuntimeBackend(Backend):
     def deactivate(self) -> None:
         del self.session, self._run
 
-    def facts(self) -> dict[str, Any]:
+    def facts(self) -> OnnxRuntimeFacts:
         return {"providers": self.session.get_providers()}

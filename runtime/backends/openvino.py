@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from functools import partial
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 import numpy as np
 
@@ -22,6 +22,12 @@ PROPERTIES: dict[str, str] = {
     "execution_mode": "EXECUTION_MODE_HINT",
     "cache_dir": "CACHE_DIR",
 }
+
+
+class OpenVinoFacts(TypedDict):
+    device: str
+    device_name: str | None  # FULL_DEVICE_NAME, when the device is available
+    available_devices: list[str]
 
 
 class OpenVinoBackend(Backend):
@@ -83,7 +89,7 @@ class OpenVinoBackend(Backend):
     def deactivate(self) -> None:
         del self.request, self._requests, self.compiled, self.core
 
-    def facts(self) -> dict[str, Any]:
+    def facts(self) -> OpenVinoFacts:
         return {
             "device": self.device,
             "device_name": self.core.get_property(self.device, "FULL_DEVICE_NAME")

@@ -73,6 +73,13 @@ class EngineBuildOptions(TypedDict):
     timing_cache: bool
 
 
+class TensorRTFacts(TypedDict):
+    gpu: str
+    engine: str  # the cached engine file
+    engine_cached: bool  # False when this load built it
+    build_options: EngineBuildOptions
+
+
 def builder_flags(precision: Precision) -> tuple[str, ...]:
     """The IBuilderConfig flags a precision sets: int8 (explicit Q/DQ) also lets float layers run in fp16."""
     match precision:
@@ -376,7 +383,7 @@ class TensorRTBackend(Backend):
         self.cuda.destroy_stream(self.stream)
         del self.context, self.engine, self._buffers
 
-    def facts(self) -> dict[str, Any]:
+    def facts(self) -> TensorRTFacts:
         return {
             "gpu": self.gpu,
             "engine": str(self.engine_path),

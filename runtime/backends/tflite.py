@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 import numpy as np
 
 from edgeopt.runtime.backends.base import Backend
 from edgeopt.runtime.kinds import BackendName
 from edgeopt.runtime.library_output import library_output_to_log
-from edgeopt.runtime.spec import TensorSpec
+from edgeopt.runtime.spec import TensorQuantization, TensorSpec
 
 __all__ = ["TfliteBackend"]
 
@@ -18,6 +18,30 @@ log = logging.getLogger(__name__)
 
 #: where each package keeps the Interpreter class
 INTERPRETER_MODULES: tuple[str, ...] = ("ai_edge_litert.interpreter", "tflite_runtime.interpreter", "tensorflow")
+
+
+class TfliteFacts(TypedDict):
+    interpreter: str  # the package that ran: ai_edge_litert, tflite_runtime or tensorflow
+    xnnpack: bool
+    threads: int | None
+
+
+class _QuantizationParameters(TypedDict):
+    scales: np.ndarray
+    zero_points: np.ndarray
+    quantized_dimension: int
+
+
+class _TensorDetails(TypedDict, total=False):
+    """What the interpreter's get_input_details()/get_output_details() give per tensor (the keys read here)."""
+
+    name: str
+    index: int
+    shape: np.ndarray
+    shape_signature: np.ndarray
+    dtype: type
+    quantization: tuple[float, int]
+    quantization_parameters: _QuantizationParameters
 
 
 class TfliteBackend(Backend):
@@ -39,7 +63,7 @@ class TfliteBackend(Backend):
         module = self.import_library()
         self.library = module.__name__.split(".")[0]
         interpreter_module = module.lite if self.library == "tensorflow" else module
-        keyword: dict[str, Any] = {}
+        keyword: dict[str, object] = {}
         self.xnnpack = bool(self.config.options.get("xnnpack", True))
         if not self.xnnpack:
             keyword["experimental_op_resolver_type"] = (
@@ -62,7 +86,7 @@ class TfliteBackend(Backend):
         self._invoke = self.interpreter.invoke
         self._get_tensor = self.interpreter.get_tensor
 
-    def _specs(self, details: list[dict[str, Any]]) -> list[TensorSpec]:
+    def _specs(self, details: list[_TensorDetails]) -> list[TensorSpec]:
         specs = []
         for d in details:
             signature = d.get("shape_signature")
@@ -115,11 +139,11 @@ class TfliteBackend(Backend):
     def deactivate(self) -> None:
         del self.interpreter, self._set_tensor, self._invoke, self._get_tensor
 
-    def facts(self) -> dict[str, Any]:
+    def facts(self) -> TfliteFacts:
         return {"interpreter": self.library, "xnnpack": self.xnnpack, "threads": self.config.threads}
 
 
-def _quantization(detail: dict[str, Any]) -> dict[str, Any] | None:
+def _quantization(detail: _TensorDetails) -> TensorQuantization | None:
     """Scale and zero point of an integer tensor, as TFLite stores them (lists when per-channel)."""
     if np.dtype(detail["dtype"]).kind not in "iu":
         return None

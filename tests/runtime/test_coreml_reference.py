@@ -22,6 +22,7 @@ from edgeopt.runtime.backends import coreml_kernels, coreml_reference
 from edgeopt.runtime.backends.coreml_kernels import KERNELS, Args
 from edgeopt.runtime.backends.coreml_reference import MilReferenceEvaluator, read_weight_blob
 from edgeopt.runtime.errors import BackendUnavailableError, BundleError, InputSpecError
+from edgeopt.runtime.kinds import Precision
 from edgeopt.targets import get_target
 from tests import zoo
 
@@ -63,15 +64,15 @@ def test_fp16_programs_round_between_ops(tmp_path: Path) -> None:
     """1 + 1e-4 is 1.0 in fp16 (spacing 2**-10 near 1), but 1.0001 in fp32."""
     model = _add_constant_model(1e-4)
     x = np.ones((1, 4), np.float32)
-    fp16 = lower(model, TARGET, "fp16", tmp_path / "fp16", LoweringOptions()).runner({"x": x})["y"]
-    fp32 = lower(model, TARGET, "fp32", tmp_path / "fp32", LoweringOptions()).runner({"x": x})["y"]
+    fp16 = lower(model, TARGET, Precision.FP16, tmp_path / "fp16", LoweringOptions()).runner({"x": x})["y"]
+    fp32 = lower(model, TARGET, Precision.FP32, tmp_path / "fp32", LoweringOptions()).runner({"x": x})["y"]
     assert np.all(fp16 == 1.0)
     assert np.allclose(fp32, 1.0001, rtol=0, atol=1e-7)
 
 
 def test_weight_blob_holds_the_weights_coremltools_wrote(tmp_path: Path) -> None:
     model = zoo.digits_cnn()
-    lower(model, TARGET, "fp16", tmp_path, LoweringOptions())
+    lower(model, TARGET, Precision.FP16, tmp_path, LoweringOptions())
     weights = tmp_path / PACKAGE_NAME / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
     header = np.frombuffer(weights.read_bytes()[:8], dtype="<u4")
     evaluator = MilReferenceEvaluator(tmp_path / PACKAGE_NAME)
@@ -94,7 +95,7 @@ def test_compressed_weights_decode_like_coremltools(precision: str, deployment: 
     from coremltools.converters.mil.frontend.milproto.load import load as load_milproto
 
     model = zoo.digits_cnn()
-    lower(model, TARGET, precision, tmp_path, LoweringOptions(extra={"weight_threshold": 256, "deployment_target": deployment}))
+    lower(model, TARGET, Precision(precision), tmp_path, LoweringOptions(extra={"weight_threshold": 256, "deployment_target": deployment}))
     package = tmp_path / PACKAGE_NAME
     saved = ct.models.MLModel(str(package), skip_model_load=True)
     spec = saved.get_spec()
@@ -115,7 +116,7 @@ def test_compressed_weights_decode_like_coremltools(precision: str, deployment: 
 
 
 def test_missing_input_and_unknown_op_are_named(tmp_path: Path) -> None:
-    lower(_add_constant_model(1.0), TARGET, "fp16", tmp_path, LoweringOptions())
+    lower(_add_constant_model(1.0), TARGET, Precision.FP16, tmp_path, LoweringOptions())
     evaluator = MilReferenceEvaluator(tmp_path / PACKAGE_NAME)
     with pytest.raises(InputSpecError, match="input 'x' missing"):
         evaluator({})
@@ -128,7 +129,7 @@ def test_missing_input_and_unknown_op_are_named(tmp_path: Path) -> None:
 
 def test_a_weight_file_outside_the_package_is_refused(tmp_path: Path) -> None:
     """A hostile package whose constants point out of it (`../../secret`) is a damaged bundle, not a read."""
-    lower(zoo.digits_cnn(), TARGET, "fp16", tmp_path, LoweringOptions())
+    lower(zoo.digits_cnn(), TARGET, Precision.FP16, tmp_path, LoweringOptions())
     spec_path = tmp_path / PACKAGE_NAME / "Data" / "com.apple.CoreML" / "model.mlmodel"
     spec = spec_path.read_bytes()
     assert b"@model_path/weights/weight.bin" in spec

@@ -21,6 +21,6 @@ from edgeopt.runtime.backends.coreml_kernels import (  # noqa: F401  (imported t
     resize,
     shape,
 )
-from edgeopt.runtime.backends.coreml_kernels.base import KERNELS, Args, unpack_bits, unsupported
+from edgeopt.runtime.backends.coreml_kernels.base import KERNELS, Args, MilValue, unpack_bits, unsupported
 
-__all__ = ["KERNELS", "Args", "unpack_bits", "unsupported"]
+__all__ = ["KERNELS", "Args", "MilValue", "unpack_bits", "unsupported"]

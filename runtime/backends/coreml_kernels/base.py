@@ -16,7 +16,10 @@ from edgeopt.runtime.errors import BackendUnavailableError
 from edgeopt.runtime.kinds import BackendName
 from edgeopt.runtime.op_registry import OpRegistry
 
-__all__ = ["CAST_NAMES", "KERNELS", "Args", "Kernel", "cast_support", "unpack_bits", "unsupported"]
+__all__ = ["CAST_NAMES", "KERNELS", "Args", "Kernel", "MilValue", "cast_support", "unpack_bits", "unsupported"]
+
+#: a value in a running program: a tensor, or a string (dtype names, modes and other string constants)
+MilValue = np.ndarray | str
 
 #: MIL dtype names (cast, constexpr_cast) -> what the evaluator computes in; 64-bit as Core ML runs it
 CAST_NAMES: dict[str, type] = {
@@ -55,7 +58,7 @@ class Args:
     `decode` turns a MIL_pb2.Value (immediate or in the weight file) into numpy or a Python string.
     """
 
-    def __init__(self, op: Any, env: dict[str, Any], decode: Callable[[Any], Any]) -> None:
+    def __init__(self, op: Any, env: dict[str, MilValue], decode: Callable[[Any], MilValue]) -> None:
         self.op, self.env, self.decode = op, env, decode
 
     def _one(self, binding: Any) -> Any:
