@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import inspect
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -125,6 +126,21 @@ def test_missing_input_and_unknown_op_are_named(tmp_path: Path) -> None:
     with pytest.raises(BackendUnavailableError, match="no kernel for MIL op 'made_up_op'") as caught:
         evaluator({"x": np.zeros((1, 4), np.float32)})
     assert "--backend coreml" in caught.value.hint
+
+
+def test_kernel_limits_are_support_checks_beside_the_kernels() -> None:
+    """What a kernel does not implement is said by its registry entry, before it runs."""
+
+    def args(op_type: str, **attributes: object) -> Args:
+        operation = SimpleNamespace(type=op_type, inputs={}, attributes=attributes)
+        return Args(operation, {}, lambda value: value)
+
+    assert KERNELS.why_unsupported("pad", args("pad", mode="reflect")) is None
+    assert KERNELS.why_unsupported("pad", args("pad", mode="wrap")) == "pad mode 'wrap' is not implemented"
+    assert KERNELS.why_unsupported("concat", args("concat", interleave=True)) == "interleaved concat is not implemented"
+    assert KERNELS.why_unsupported("cast", args("cast", dtype="complex64")) == "cast to dtype 'complex64' is not implemented"
+    assert KERNELS.why_unsupported("made_up_op") == "edgeopt's Core ML reference evaluator does not handle made_up_op yet"
+    assert {"conv", "conv_transpose", "max_pool", "resize_bilinear", "constexpr_lut_to_dense", "add", "relu"} <= KERNELS.op_types
 
 
 def test_a_weight_file_outside_the_package_is_refused(tmp_path: Path) -> None:
