@@ -23,16 +23,16 @@ import onnx_ir as ir
 
 from edgeopt.converters.errors import LoweringError
 from edgeopt.converters.lower.base import LoweredArtifact, LoweringOptions, LoweringResult
+from edgeopt.runtime.kinds import ArtifactFormat, BackendName, Precision, unreachable
 from edgeopt.runtime.library_output import library_output_to_log
 from edgeopt.runtime.spec import TensorSpec
 from edgeopt.targets import Target
 
-__all__ = ["COMPUTE_PRECISION", "PACKAGE_NAME", "lower", "parse_deployment_target"]
+__all__ = ["PACKAGE_NAME", "lower", "parse_deployment_target"]
 
 log = logging.getLogger(__name__)
 
 PACKAGE_NAME = "model.mlpackage"
-COMPUTE_PRECISION = {"fp32": "fp32"}  # every other precision computes in fp16
 _DEPLOYMENT_TARGETS = ("iOS16", "iOS17", "iOS18", "macOS13", "macOS14", "macOS15")
 _W8A8_MINIMUM = {"iOS": 17, "macOS": 14}
 
@@ -67,31 +67,33 @@ def _static_inputs(graph: ir.Graph) -> list[Any]:
     return inputs
 
 
-def _compression_config(precision: str, settings: Mapping[str, Any]) -> tuple[str, Any] | None:
+def _compression_config(precision: Precision, settings: Mapping[str, Any]) -> tuple[str, Any] | None:
     """The coremltools.optimize call for a weight-compressed precision (None for the others)."""
     import coremltools.optimize.coreml as cto
 
     threshold = int(settings.get("weight_threshold", 2048))
-    if precision == "int8-weights":
-        config = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=threshold)
-        return "linear_quantize_weights", cto.OptimizationConfig(global_config=config)
-    if precision.startswith("palettized-"):
-        bits = int(precision.removeprefix("palettized-"))
-        mode = str(settings.get("palettization_mode", "kmeans"))
-        config = cto.OpPalettizerConfig(mode=mode, nbits=bits, granularity="per_tensor", weight_threshold=threshold)
-        return "palettize_weights", cto.OptimizationConfig(global_config=config)
-    return None
+    match precision:
+        case Precision.INT8_WEIGHTS:
+            config = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=threshold)
+            return "linear_quantize_weights", cto.OptimizationConfig(global_config=config)
+        case Precision.PALETTIZED_8 | Precision.PALETTIZED_6 | Precision.PALETTIZED_4:
+            mode = str(settings.get("palettization_mode", "kmeans"))
+            config = cto.OpPalettizerConfig(mode=mode, nbits=precision.palette_bits, granularity="per_tensor", weight_threshold=threshold)
+            return "palettize_weights", cto.OptimizationConfig(global_config=config)
+        case Precision.FP32 | Precision.FP16 | Precision.INT8:
+            return None
+        case _:
+            unreachable(precision)
 
 
-def _check_precision(model: onnx.ModelProto, target: Target, precision: str, deployment: str) -> None:
+def _check_precision(model: onnx.ModelProto, target: Target, precision: Precision, deployment: str) -> None:
     if precision not in target.precisions:
         raise LoweringError(
             f"precision '{precision}' is not offered by {target.name}",
             hint=f"choose one of {', '.join(target.precisions)}",
         )
-    has_qdq = any(n.op_type == "QuantizeLinear" for n in model.graph.node)
-    if precision == "int8":
-        if not has_qdq:
+    if precision.quantizes_activations:
+        if not any(n.op_type == "QuantizeLinear" for n in model.graph.node):
             raise LoweringError(
                 "precision int8 needs a QDQ model (QuantizeLinear/DequantizeLinear pairs with calibrated scales)",
                 hint="run the quantize stage first (edgeopt build … --precision int8 --calibration data.npz)",
@@ -115,7 +117,7 @@ def _tensor_spec(name: str, feature: Any) -> TensorSpec:
 
 
 def lower(
-    model: onnx.ModelProto, target: Target, precision: str, out_dir: Path, options: LoweringOptions
+    model: onnx.ModelProto, target: Target, precision: Precision, out_dir: Path, options: LoweringOptions
 ) -> LoweringResult:
     """Write `out_dir/model.mlpackage` and return how to run and verify it."""
     with library_output_to_log(log, "coremltools"):  # import-time warnings
@@ -135,7 +137,7 @@ def lower(
     inputs = _static_inputs(prepared.graph)
 
     program, output_names = build_program(prepared, inputs, opset, target.name)
-    compute = ct.precision.FLOAT32 if COMPUTE_PRECISION.get(precision) == "fp32" else ct.precision.FLOAT16
+    compute = ct.precision.FLOAT32 if precision is Precision.FP32 else ct.precision.FLOAT16  # the rest compute in fp16
     log.info("converting MIL program to an ML Program (%s, compute %s)", deployment, compute.value)
     with library_output_to_log(log, "coremltools"):  # a progress bar per MIL pass pipeline
         mlmodel = ct.convert(
@@ -181,7 +183,7 @@ def lower(
     summary: dict[str, Any] = {
         "deployment_target": deployment,
         "compute_precision": "fp32" if compute == ct.precision.FLOAT32 else "fp16",
-        "compression": compression[0] if compression else ("qdq-w8a8" if precision == "int8" else None),
+        "compression": compression[0] if compression else ("qdq-w8a8" if precision.quantizes_activations else None),
         "compressed_weights": compressed,
         "package_bytes": sum(f.stat().st_size for f in package.rglob("*") if f.is_file()),
         "feature_names": {k: v for k, v in feature_names.items() if k != v},
@@ -189,10 +191,10 @@ def lower(
         "ane_fit": ane_fit_report(mlmodel._mil_program, precision, deployment),
     }
     return LoweringResult(
-        artifacts=[LoweredArtifact(path=PACKAGE_NAME, format="mlpackage", role="model")],
+        artifacts=[LoweredArtifact(path=PACKAGE_NAME, format=ArtifactFormat.MLPACKAGE, role="model")],
         model_file=PACKAGE_NAME,
-        runtime_backend="coreml",
-        verify_backend="coreml" if on_mac else "coreml-reference",
+        runtime_backend=BackendName.COREML,
+        verify_backend=BackendName.COREML if on_mac else BackendName.COREML_REFERENCE,
         inputs=input_specs,
         outputs=output_specs,
         summary=summary,

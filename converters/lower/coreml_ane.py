@@ -15,6 +15,8 @@ from typing import Any
 
 from coremltools.converters.mil.mil import Program, types
 
+from edgeopt.runtime.kinds import Precision
+
 __all__ = ["AneFinding", "ane_fit_report"]
 
 APPLE_ANE_TRANSFORMERS = (
@@ -64,7 +66,7 @@ def _op_label(op: Any) -> str:
     return f"{op.op_type}:{op.name}"
 
 
-def ane_fit_report(program: Program, precision: str, deployment_target: str) -> dict[str, Any]:
+def ane_fit_report(program: Program, precision: Precision, deployment_target: str) -> dict[str, Any]:
     """Findings for the converted MIL program, with a one-word verdict and counts."""
     operations = [op for op in program.functions["main"].operations if op.op_type != "const" and not op.op_type.startswith("constexpr")]
     findings: list[AneFinding] = []
@@ -74,7 +76,7 @@ def ane_fit_report(program: Program, precision: str, deployment_target: str) -> 
         findings.append(AneFinding(
             "fp32-compute", "fallback", [_op_label(op) for op in fp32_ops[:20]],
             f"{len(fp32_ops)} op(s) compute in fp32; the Neural Engine computes in fp16, so they run on the GPU or CPU"
-            + (" (precision fp32 was requested)" if precision == "fp32" else ""),
+            + (" (precision fp32 was requested)" if precision is Precision.FP32 else ""),
             COREMLTOOLS_TYPED_EXECUTION + "; " + APPLE_ANE_TRANSFORMERS,
         ))
 
@@ -154,24 +156,22 @@ def ane_fit_report(program: Program, precision: str, deployment_target: str) -> 
             APPLE_ANE_TRANSFORMERS + ", principle 3 (minimize memory copies)",
         ))
 
-    if precision == "int8":
+    if precision.quantizes_activations:
         findings.append(AneFinding(
             "w8a8", "performance", [],
             "W8A8 runs int8-int8 on the Neural Engine of A17 Pro / M4 and later; older Neural Engines and the CPU/GPU "
             "dequantize activations at run time, which can be slower than fp16",
             COREMLTOOLS_QUANT_PERF,
         ))
-    if precision.startswith("palettized-") or precision == "int8-weights":
+    if precision.compresses_weights_only:
         findings.append(AneFinding(
             "compressed-weights", "ok", [],
             "compressed weights shrink the file; the Neural Engine still computes in fp16 after decompression",
-            COREMLTOOLS_PALETTIZATION_PERF if precision.startswith("palettized-") else COREMLTOOLS_QUANT_PERF,
+            COREMLTOOLS_PALETTIZATION_PERF if precision.palette_bits else COREMLTOOLS_QUANT_PERF,
         ))
 
     fallback_ops = {label for f in findings if f.severity == "fallback" for label in f.ops}
-    verdict = "likely-full-ane" if not fallback_ops and precision != "fp32" else (
-        "gpu-or-cpu" if precision == "fp32" else "partial-ane"
-    )
+    verdict = "gpu-or-cpu" if precision is Precision.FP32 else ("partial-ane" if fallback_ops else "likely-full-ane")
     return {
         "verdict": verdict,
         "ops": len(operations),

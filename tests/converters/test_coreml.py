@@ -36,6 +36,7 @@ from edgeopt.converters.lower.coreml_ops import REGISTRY
 from edgeopt.runtime.backends.coreml_reference import MilReferenceEvaluator
 from edgeopt.converters.passes import simplify
 from edgeopt.converters.quantize import quantize
+from edgeopt.runtime.kinds import Precision
 from edgeopt.targets import get_target
 from tests import zoo
 
@@ -83,7 +84,7 @@ def _check(
 ) -> tuple[LoweringResult, float]:
     """Lower, run the saved package with the reference evaluator, assert the tolerance; return max|Δ|."""
     lowered = _qdq(model, samples) if precision == "int8" else model
-    result = lower(lowered, TARGET, precision, out_dir, LoweringOptions(extra=extra))
+    result = lower(lowered, TARGET, Precision(precision), out_dir, LoweringOptions(extra=extra))
     assert (out_dir / PACKAGE_NAME / "Data" / "com.apple.CoreML" / "model.mlmodel").is_file()
     assert result.runner is not None
     runner = result.runner
@@ -174,7 +175,7 @@ def test_compressed_precisions_shrink_the_package(tmp_path: Path) -> None:
     model = zoo.unet_style()
     sizes = {}
     for precision in ("fp16", "int8-weights", "palettized-4"):
-        lower(model, TARGET, precision, tmp_path / precision, LoweringOptions())
+        lower(model, TARGET, Precision(precision), tmp_path / precision, LoweringOptions())
         sizes[precision] = _package_bytes(tmp_path / precision)
     assert sizes["palettized-4"] < sizes["int8-weights"] < sizes["fp16"]
 
@@ -190,7 +191,7 @@ def test_ios18_compressed_ops_are_evaluated_from_the_file(tmp_path: Path) -> Non
 
 def test_w8a8_keeps_the_qdq_scales_as_quantize_ops(tmp_path: Path) -> None:
     qdq = _qdq(zoo.digits_cnn(), _digits_samples())
-    result = lower(qdq, TARGET, "int8", tmp_path, LoweringOptions())
+    result = lower(qdq, TARGET, Precision.INT8, tmp_path, LoweringOptions())
     assert result.summary["mil_ops"].get("quantize", 0) > 0
     assert result.summary["mil_ops"].get("constexpr_affine_dequantize", 0) > 0
     activation_scales = sorted(
@@ -227,7 +228,7 @@ def _tiny_model(input_name: str = "x", dims: Sequence[int | str] = (1, 3, 8, 8))
 
 def test_lowering_result_describes_the_package(tmp_path: Path) -> None:
     model = zoo.transformer_encoder()
-    result = dispatch_lower(model, TARGET, "fp16", tmp_path, LoweringOptions())
+    result = dispatch_lower(model, TARGET, Precision.FP16, tmp_path, LoweringOptions())
     assert result.model_file == PACKAGE_NAME and result.artifacts[0].format == "mlpackage"
     assert result.runtime_backend == "coreml"
     assert (result.verify_backend, result.verified_with) == (
@@ -239,7 +240,7 @@ def test_lowering_result_describes_the_package(tmp_path: Path) -> None:
 
 
 def test_illegal_feature_names_are_renamed_and_recorded(tmp_path: Path) -> None:
-    result = lower(_tiny_model("input.1"), TARGET, "fp16", tmp_path, LoweringOptions())
+    result = lower(_tiny_model("input.1"), TARGET, Precision.FP16, tmp_path, LoweringOptions())
     assert result.summary["feature_names"] == {"input.1": "input_1", "out.0": "out_0"}
     assert [s.name for s in result.inputs] == ["input_1"] and [s.name for s in result.outputs] == ["out_0"]
     x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
@@ -249,9 +250,9 @@ def test_illegal_feature_names_are_renamed_and_recorded(tmp_path: Path) -> None:
 def test_dynamic_input_is_a_clear_error_and_input_shapes_fix_it(tmp_path: Path) -> None:
     model = _tiny_model(dims=("batch", 3, 8, 8))
     with pytest.raises(LoweringError, match=r"input 'x' has dynamic shape") as caught:
-        lower(model, TARGET, "fp16", tmp_path, LoweringOptions())
+        lower(model, TARGET, Precision.FP16, tmp_path, LoweringOptions())
     assert "--input-shape x=1,3,8,8" in caught.value.hint
-    result = lower(model, TARGET, "fp16", tmp_path, LoweringOptions(input_shapes={"x": (1, 3, 8, 8)}))
+    result = lower(model, TARGET, Precision.FP16, tmp_path, LoweringOptions(input_shapes={"x": (1, 3, 8, 8)}))
     assert result.inputs[0].shape == (1, 3, 8, 8)
 
 
@@ -266,17 +267,17 @@ def test_unsupported_ops_are_all_listed_before_any_work(tmp_path: Path) -> None:
         [helper.make_tensor("k", TensorProto.INT64, [1], [2])],
     )
     with pytest.raises(UnsupportedOpsError) as caught:
-        lower(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), TARGET, "fp16", tmp_path, LoweringOptions())
+        lower(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), TARGET, Precision.FP16, tmp_path, LoweringOptions())
     assert [(name, op) for name, op, _ in caught.value.nodes] == [("nonzero", "NonZero"), ("topk", "TopK")]
     assert not (tmp_path / PACKAGE_NAME).exists()
 
 
 def test_int8_needs_a_qdq_graph_and_ios17(tmp_path: Path) -> None:
     with pytest.raises(LoweringError, match="needs a QDQ model"):
-        lower(zoo.digits_cnn(), TARGET, "int8", tmp_path, LoweringOptions())
+        lower(zoo.digits_cnn(), TARGET, Precision.INT8, tmp_path, LoweringOptions())
     qdq = _qdq(zoo.digits_cnn(), _digits_samples(4))
     with pytest.raises(LoweringError, match="iOS17/macOS14"):
-        lower(qdq, TARGET, "int8", tmp_path, LoweringOptions(extra={"deployment_target": "iOS16"}))
+        lower(qdq, TARGET, Precision.INT8, tmp_path, LoweringOptions(extra={"deployment_target": "iOS16"}))
     with pytest.raises(LoweringError, match="not offered"):
         lower(zoo.digits_cnn(), TARGET, "int4", tmp_path, LoweringOptions())
 
@@ -292,14 +293,14 @@ def test_profile_lists_exactly_the_ops_the_lowering_handles() -> None:
 
 
 def test_ane_fit_report_flags_known_fallbacks_with_sources(tmp_path: Path) -> None:
-    encoder = lower(zoo.transformer_encoder(), TARGET, "fp16", tmp_path / "encoder", LoweringOptions()).summary["ane_fit"]
+    encoder = lower(zoo.transformer_encoder(), TARGET, Precision.FP16, tmp_path / "encoder", LoweringOptions()).summary["ane_fit"]
     rules = {f["rule"]: f for f in encoder["findings"]}
     assert rules["static-shapes"]["severity"] == "ok"
     assert rules["gather"]["severity"] == "fallback" and "heuristic" in rules["gather"]["source"]
     assert encoder["verdict"] == "partial-ane"
     assert all(f["source"] for f in encoder["findings"])
 
-    fp32 = lower(zoo.digits_cnn(), TARGET, "fp32", tmp_path / "fp32", LoweringOptions()).summary["ane_fit"]
+    fp32 = lower(zoo.digits_cnn(), TARGET, Precision.FP32, tmp_path / "fp32", LoweringOptions()).summary["ane_fit"]
     assert fp32["verdict"] == "gpu-or-cpu"
     assert "machinelearning.apple.com" in {f["rule"]: f for f in fp32["findings"]}["fp32-compute"]["source"]
 
@@ -316,7 +317,7 @@ def test_core_ml_agrees_with_the_reference_evaluator(precision: str, tmp_path: P
 
     samples = _digits_samples()
     model = _qdq(zoo.digits_cnn(), samples) if precision == "int8" else zoo.digits_cnn()
-    lower(model, TARGET, precision, tmp_path, LoweringOptions(extra={"weight_threshold": 256}))
+    lower(model, TARGET, Precision(precision), tmp_path, LoweringOptions(extra={"weight_threshold": 256}))
     core_ml = ct.models.MLModel(str(tmp_path / PACKAGE_NAME))
     reference = MilReferenceEvaluator(tmp_path / PACKAGE_NAME)
     rtol, atol = TOLERANCE[precision]

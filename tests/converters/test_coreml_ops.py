@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgeopt.converters.errors import UnsupportedOpsError
 from edgeopt.converters.lower.base import LoweringOptions
 from edgeopt.converters.lower.coreml import lower
+from edgeopt.runtime.kinds import Precision
 from edgeopt.targets import get_target
 
 TARGET = get_target("apple-ane")
@@ -201,7 +202,7 @@ def test_op_matches_onnxruntime(case: str, tmp_path: Path) -> None:
     model = CASES[case]
     feeds = {i.name: RNG.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32) for i in model.graph.input}
     expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
-    for precision, (rtol, atol) in (("fp32", (1e-4, 1e-5)), ("fp16", (1e-2, 1e-3))):
+    for precision, (rtol, atol) in ((Precision.FP32, (1e-4, 1e-5)), (Precision.FP16, (1e-2, 1e-3))):
         result = lower(model, TARGET, precision, tmp_path / precision, LoweringOptions())
         actual = result.runner(feeds)
         for output, reference in zip(model.graph.output, expected):
@@ -215,17 +216,17 @@ def test_resize_that_core_ml_cannot_express_is_refused_up_front(tmp_path: Path) 
         X4, ["y"], {"scales": np.array([1, 1, 3, 3], np.float32)},
     )
     with pytest.raises(UnsupportedOpsError, match="does not pick the pixels Core ML picks"):
-        lower(model, TARGET, "fp16", tmp_path, LoweringOptions())
+        lower(model, TARGET, Precision.FP16, tmp_path, LoweringOptions())
 
 
 def test_unsupported_op_reason_says_it_is_edgeopts_lowering(tmp_path: Path) -> None:
     model = _model([node("Hardmax", ["x"], ["y"], name="the_hardmax")], {"x": (2, 3)}, ["y"])
     with pytest.raises(UnsupportedOpsError) as caught:
-        lower(model, TARGET, "fp16", tmp_path, LoweringOptions())
+        lower(model, TARGET, Precision.FP16, tmp_path, LoweringOptions())
     assert caught.value.nodes == [("the_hardmax", "Hardmax", "edgeopt's Core ML lowering does not write Hardmax yet")]
 
 
 def test_shape_ops_on_runtime_values_are_refused(tmp_path: Path) -> None:
     model = _model([node("Relu", ["x"], ["r"]), node("ConstantOfShape", ["r"], ["y"])], {"x": (2,)}, ["y"])
     with pytest.raises(UnsupportedOpsError, match="only supported when its inputs are known at build time"):
-        lower(model, TARGET, "fp16", tmp_path, LoweringOptions())
+        lower(model, TARGET, Precision.FP16, tmp_path, LoweringOptions())
