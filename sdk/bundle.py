@@ -326,7 +326,7 @@ def append_history(bundle_dir: Path, key: str, entry: Mapping[str, Any]) -> int:
     with manifest_lock(bundle_dir):
         manifest = runtime_read_manifest(bundle_dir).with_history(key, entry)
         if (bundle_dir / "report.html").exists():
-            write_report(bundle_dir, manifest.to_json())
+            write_report(bundle_dir, manifest)
             manifest = replace(
                 manifest,
                 artifacts=tuple(

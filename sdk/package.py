@@ -37,7 +37,7 @@ def package(context: BuildContext) -> JsonObject:
         to_artifact_io(context.reference_outputs, [s.name for s in context.outputs], context.lowered.outputs),
     )
     context.manifest = _manifest(context)
-    write_report(context.staging, context.manifest.to_json())
+    write_report(context.staging, context.manifest)
     return {}
 
 

@@ -112,7 +112,7 @@ class BuildResult:
         comp, ref = m.compression, m.reference.measured
         model_bytes = sum(a.bytes or 0 for a in m.artifacts if a.role in ("model", "weights"))
         lines = [
-            f"built {m.name} for {m.target.name} ({m.target.artifact_format}, {precision_label(self.manifest)})",
+            f"built {m.name} for {m.target.name} ({m.target.artifact_format}, {precision_label(self.contents)})",
             f"  bundle   {self.bundle}" + (f"  (+ {self.archive.name})" if self.archive else ""),
             f"  model    {_human(comp.bytes_before)} -> {_human(model_bytes)}  ({comp.bytes_before / max(model_bytes, 1):.2f}x)",
             f"  nodes    {comp.nodes_before} -> {comp.nodes_after} after simplify;"
@@ -172,7 +172,7 @@ def _warnings(context: BuildContext) -> list[str]:
         from edgeopt.converters.quantize import describe_adaptations
 
         notes += [f"adapted: {line}" for line in describe_adaptations(quant_report.get("adaptations", []))]
-        if all_float(context.manifest.to_json()):
+        if all_float(context.manifest):
             budget = quant_report["budget"]
             notes.append(
                 f"--max-accuracy-drop {budget['max_drop']:g} held only with all {len(quant_report['float_fallback'])} quantizable"

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from edgeopt.errors import BundleError, OptionError, RemoteError
 from edgeopt.remote_facts import bench_figures, device_facts, parity_summary, temperature_summary
@@ -49,6 +49,7 @@ from edgeopt.remote_payload import (
     sha256_file,
     unpack_local_archive,
 )
+from edgeopt.runtime.manifest import JsonObject
 from edgeopt.zipapp import ZIPAPP_NAME, build_runtime_zipapp
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "HostKeyChangedError",
     "HostUnreachableError",
     "ProfileFailedError",
+    "ProfileEntry",
     "ProfileOptions",
     "ProfileResult",
     "RemoteBackendMissingError",
@@ -170,22 +172,37 @@ class ProfileOptions:
 # ----------------------------------------------------------------------------------------- result
 
 
-@dataclass(frozen=True)
-class ProfileResult:
-    """One device's measurements; `to_dict()` is the entry appended to the manifest's `profiles`."""
+class ProfileEntry(TypedDict):
+    """An entry of the manifest's `profiles`."""
 
     host: str
     time: str
-    device: dict[str, Any]
-    bench: dict[str, Any]
-    verify: dict[str, Any]
+    device: JsonObject
+    bench: JsonObject
+    verify: JsonObject
+    warnings: list[str]
+
+
+@dataclass(frozen=True)
+class ProfileResult:
+    """One device's measurements; `to_dict()` is the entry appended to the manifest's `profiles`.
+
+    `device`, `bench` and `verify` are the documents the device's runtime printed (its `info`,
+    `bench` and `verify` --json), kept as it wrote them: that runtime may be another version.
+    """
+
+    host: str
+    time: str
+    device: JsonObject
+    bench: JsonObject
+    verify: JsonObject
     warnings: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def throttled(self) -> bool:
         return bool(self.device.get("throttled_during_run"))
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> ProfileEntry:
         return {
             "host": self.host,
             "time": self.time,
@@ -399,7 +416,7 @@ def _tail(text: str) -> str:
     return "\n".join(f"  | {line}" for line in lines)
 
 
-def _runtime_error(stdout: str) -> dict[str, Any] | None:
+def _runtime_error(stdout: str) -> JsonObject | None:
     """The runtime's `{"error": {type, message, hint, exit_code}}` document (it prints one with --json)."""
     lines = stdout.strip().splitlines()
     try:
@@ -612,7 +629,7 @@ def _profile_connected(ssh: _Ssh, upload: _Upload, say: Callable[[str], None]) -
         say(f"{host}: verify, then bench ({options.warmup} warmup, {options.runs} runs)")
         report = ssh.python_json([python, "-c", RUN_SCRIPT, json.dumps(spec)], step="verify and bench on the device", hold_stdin=True)
         cleaned = True
-        documents: dict[str, Any] = {}
+        documents: dict[str, JsonObject] = {}
         for name, args, ok in steps:
             outcome = report["steps"][name]
             if outcome["code"] not in ok:

@@ -8,7 +8,7 @@ the profile history can see what the run did to the device.
 
 from __future__ import annotations
 
-from typing import Any
+from edgeopt.runtime.manifest import JsonObject
 
 __all__ = [
     "HOT_CELSIUS",
@@ -33,7 +33,7 @@ CLOCK_DROP = 0.9
 """Under the `performance` governor the clock should not move; a fall below 90 % is throttling."""
 
 
-def device_facts(info: dict[str, Any], after: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+def device_facts(info: JsonObject, after: JsonObject) -> tuple[JsonObject, list[str]]:
     """The device entry of a profile and its warnings.
 
     `info` is the runtime's `info --json` from before verify and bench; `after` its thermal facts
@@ -48,12 +48,12 @@ def device_facts(info: dict[str, Any], after: dict[str, Any]) -> tuple[dict[str,
     return facts, warnings
 
 
-def _device_part(info: dict[str, Any]) -> dict[str, Any]:
+def _device_part(info: JsonObject) -> JsonObject:
     device = info.get("device")
     return device if isinstance(device, dict) else info
 
 
-def _throttling(before: dict[str, Any], after: dict[str, Any]) -> tuple[bool, list[str]]:
+def _throttling(before: JsonObject, after: JsonObject) -> tuple[bool, list[str]]:
     """(throttled during the run, warnings) from Pi throttle flags, clocks, temperatures, power mode."""
     warnings: list[str] = []
     throttled = False
@@ -99,7 +99,7 @@ def _throttling(before: dict[str, Any], after: dict[str, Any]) -> tuple[bool, li
     return throttled, warnings
 
 
-def parity_summary(verify: dict[str, Any]) -> str:
+def parity_summary(verify: JsonObject) -> str:
     outputs = verify.get("outputs") or []
     worst = max((o.get("max_abs") or 0.0 for o in outputs), default=0.0)
     if verify.get("passed"):
@@ -108,7 +108,7 @@ def parity_summary(verify: dict[str, Any]) -> str:
     return f"FAIL ({', '.join(failed)}; max|Δ| {worst:.2g})"
 
 
-def temperature_summary(device: dict[str, Any]) -> str:
+def temperature_summary(device: JsonObject) -> str:
     before = (device.get("thermal_before") or {}).get("temperatures_c") or {}
     after = (device.get("thermal_after") or {}).get("temperatures_c") or {}
     if not before and not after:
@@ -118,7 +118,7 @@ def temperature_summary(device: dict[str, Any]) -> str:
     return f"{start}→{end}"
 
 
-def bench_figures(bench: dict[str, Any]) -> dict[str, str]:
+def bench_figures(bench: JsonObject) -> dict[str, str]:
     """The table's cells from a runtime BenchmarkResult dict (runtime/benchmark.schema.json)."""
     latency = bench.get("latency_ms") or {}
     backend = bench.get("backend") or {}

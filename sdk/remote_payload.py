@@ -24,15 +24,14 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from edgeopt.errors import BundleError
 from edgeopt.runtime import archive
 from edgeopt.runtime.archive import safe_extract
+from edgeopt.runtime.manifest import HISTORY_KEYS, JsonObject
 
 __all__ = [
     "CLEANUP_SCRIPT",
-    "HISTORY_KEYS",
     "PROBE_SCRIPT",
     "RECEIVE_SCRIPT",
     "RUN_SCRIPT",
@@ -41,9 +40,6 @@ __all__ = [
     "sha256_file",
     "unpack_local_archive",
 ]
-
-HISTORY_KEYS = ("profiles", "benchmarks")
-"""Manifest keys the device never reads and the host appends to after every run."""
 
 _REPORT_ROLE = "report"
 
@@ -72,7 +68,7 @@ def sha256_file(path: Path) -> str:
 
 def device_copy(bundle_dir: Path, work_dir: Path) -> Payload:
     """Pack the files a device needs from `bundle_dir` into a reproducible tar.gz in `work_dir`."""
-    manifest: dict[str, Any] = json.loads((bundle_dir / "manifest.json").read_text(encoding="utf-8"))
+    manifest: JsonObject = json.loads((bundle_dir / "manifest.json").read_text(encoding="utf-8"))
     host_only = {a["path"] for a in manifest.get("artifacts", []) if a.get("role") == _REPORT_ROLE}
     device_manifest = {key: value for key, value in manifest.items() if key not in HISTORY_KEYS}
     device_manifest["artifacts"] = [a for a in manifest.get("artifacts", []) if a["path"] not in host_only]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import html
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from edgeopt.bundle import write_text_atomically
+from edgeopt.runtime.manifest import JsonObject, Manifest
 
 __all__ = ["write_report"]
 
@@ -81,78 +81,84 @@ def _histogram(samples: list[float], width: int = 640, height: int = 140, bins: 
     return "".join(parts)
 
 
-def _bench_section(title: str, bench: dict[str, Any]) -> str:
+def _bench_section(title: str, bench: JsonObject) -> str:
     latency = bench.get("latency_ms", {})
     rows = [[k, round(float(v), 4)] for k, v in latency.items() if isinstance(v, (int, float))]
     samples = bench.get("samples_ms") or []
     return f"<h3>{_e(title)}</h3>" + _table(["latency", "ms"], rows) + _histogram([float(s) for s in samples])
 
 
-def all_float(manifest: Mapping[str, Any]) -> bool:
+def all_float(manifest: Manifest) -> bool:
     """The accuracy budget held only with every quantized layer kept in float."""
-    return bool(((manifest.get("quantization") or {}).get("budget") or {}).get("all_float"))
+    return bool(((manifest.quantization or {}).get("budget") or {}).get("all_float"))
 
 
-def precision_label(manifest: Mapping[str, Any]) -> str:
+def precision_label(manifest: Manifest) -> str:
     """The precision as built: an int8 build whose budget kept every layer in float is not called int8."""
     if all_float(manifest):
         return "float: the accuracy budget kept every layer out of int8"
-    return str(manifest["precision"])
+    return str(manifest.precision)
 
 
-def render(manifest: dict[str, Any]) -> str:
+def _rounded(value: float | None) -> float | str:
+    """A quality figure for the table; null in the manifest (not finite) stays visible as such."""
+    return "-" if value is None else round(value, 5)
+
+
+def render(manifest: Manifest) -> str:
     m = manifest
-    comp = m["compression"]
+    assert m.target is not None and m.compression is not None and m.reference is not None and m.reference.measured is not None
+    comp, measured = m.compression, m.reference.measured
     parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>edgeopt: {_e(m['name'])} for {_e(m['target']['name'])}</title>",
+        f"<!doctype html><html><head><meta charset='utf-8'><title>edgeopt: {_e(m.name)} for {_e(m.target.name)}</title>",
         f"<style>{_STYLE}</style></head><body>",
-        f"<h1>{_e(m['name'])} → {_e(m['target']['name'])} ({_e(m['target']['artifact_format'])}, {_e(precision_label(m))})</h1>",
-        f"<p class='muted'>edgeopt {_e(m['edgeopt_version'])}, {_e(m['created_at'])}; runtime backend {_e(m['runtime']['backend'])}</p>",
+        f"<h1>{_e(m.name)} → {_e(m.target.name)} ({_e(m.target.artifact_format)}, {_e(precision_label(m))})</h1>",
+        f"<p class='muted'>edgeopt {_e(m.edgeopt_version)}, {_e(m.created_at)}; runtime backend {_e(m.runtime.backend)}</p>",
         "<h2>Size and compute</h2>",
         _table(
             ["", "before", "after"],
             [
-                ["bytes", comp["bytes_before"], comp["bytes_after"]],
-                ["parameters", comp["parameters_before"], comp["parameters_after"]],
-                ["MACs", comp["macs_before"], comp["macs_after"]],
-                ["nodes", comp["nodes_before"], comp["nodes_after"]],
+                ["bytes", comp.bytes_before, comp.bytes_after],
+                ["parameters", comp.parameters_before, comp.parameters_after],
+                ["MACs", comp.macs_before, comp.macs_after],
+                ["nodes", comp.nodes_before, comp.nodes_after],
             ],
         ),
-        _bars([("source model", comp["bytes_before"] / 1e6), ("bundle artifact", comp["bytes_after"] / 1e6)], "MB"),
+        _bars([("source model", comp.bytes_before / 1e6), ("bundle artifact", comp.bytes_after / 1e6)], "MB"),
         "<h2>Stages</h2>",
-        _bars([(s["name"], float(s["seconds"])) for s in m.get("stages", [])], "s"),
-        f"<h2>Lowering parity: the artifact against its {html.escape(m['reference']['measured']['against'])} graph</h2>",
+        _bars([(s.name, float(s.seconds)) for s in m.stages], "s"),
+        f"<h2>Lowering parity: the artifact against its {_e(measured.against)} graph</h2>",
         _table(
             ["output", "max |Δ|", "allowed"],
             [
                 [name, float(f"{o['max_abs']:.4g}"), float(f"{o['allowed']:.4g}") if "allowed" in o else "not checked"]
-                for name, o in m["reference"]["measured"]["outputs"].items()
+                for name, o in measured.outputs.items()
             ],
         ),
     ]
-    if m.get("quality"):
-        parts += [f"<h2>Quantization quality against fp32 ({m['quality']['samples']} samples of {html.escape(m['quality']['data'])})</h2>",
+    if m.quality:
+        parts += [f"<h2>Quantization quality against fp32 ({m.quality.samples} samples of {_e(m.quality.data)})</h2>",
                   _table(["metric", "output", "fp32", "optimized", "delta"], [
-            [q["name"], q["output"], round(q["fp32"], 5), round(q["optimized"], 5), round(q["delta"], 5)] for q in m["quality"]["metrics"]
+            [q.name, q.output, _rounded(q.fp32), _rounded(q.optimized), _rounded(q.delta)] for q in m.quality.metrics
         ])]
-    quant = m.get("quantization") or {}
+    quant = m.quantization or {}
     if quant.get("per_layer_sqnr"):
         layers = sorted(quant["per_layer_sqnr"], key=lambda r: r.get("sqnr_db", 0.0))[:25]
         parts += ["<h2>Quantization: the 25 noisiest tensors (SQNR, dB; higher is better)</h2>",
                   _bars([(str(r.get("tensor", r.get("node", "?"))), float(r.get("sqnr_db", 0.0))) for r in layers], "dB")]
     if quant.get("float_fallback"):
         parts += ["<p>Kept in float to meet the budget: " + _e(", ".join(quant["float_fallback"])) + "</p>"]
-    for bench in m.get("benchmarks", []):
+    for bench in m.benchmarks:
         parts.append(_bench_section(f"Benchmark on {bench.get('device', {}).get('hostname', 'this host')}", bench))
-    for profile in m.get("profiles", []):
+    for profile in m.profiles:
         parts.append(_bench_section(f"Profile on {profile.get('host')} at {profile.get('time')}", profile.get("bench", {})))
     parts.append("<h2>Artifacts</h2>")
-    parts.append(_table(["path", "role", "bytes", "sha256"], [[a["path"], a["role"], a["bytes"], a["sha256"][:16] + "…"] for a in m["artifacts"]]))
+    parts.append(_table(["path", "role", "bytes", "sha256"], [[a.path, a.role, a.bytes, (a.sha256 or "")[:16] + "…"] for a in m.artifacts]))
     parts.append("</body></html>\n")
     return "".join(parts)
 
 
-def write_report(bundle_dir: Path, manifest: dict[str, Any]) -> Path:
+def write_report(bundle_dir: Path, manifest: Manifest) -> Path:
     path = bundle_dir / "report.html"
     write_text_atomically(path, render(manifest))
     return path
