@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -18,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgeopt.converters.errors import UnsupportedOpsError
 from edgeopt.converters.lower.base import LoweringOptions
 from edgeopt.converters.lower.coreml import lower
+from edgeopt.converters.lower.coreml_ops import REGISTRY
 from edgeopt.runtime.kinds import Precision
 from edgeopt.targets import get_target
 
@@ -230,3 +232,32 @@ def test_shape_ops_on_runtime_values_are_refused(tmp_path: Path) -> None:
     model = _model([node("Relu", ["x"], ["r"]), node("ConstantOfShape", ["r"], ["y"])], {"x": (2,)}, ["y"])
     with pytest.raises(UnsupportedOpsError, match="only supported when its inputs are known at build time"):
         lower(model, TARGET, Precision.FP16, tmp_path, LoweringOptions())
+
+
+def test_support_checks_decide_from_the_node_of_a_model_not_yet_folded() -> None:
+    """The validate stage asks the registry with nodes of a shape-inferred model, before any folding:
+    a check refuses only what it can tell from the node, and says None when it cannot decide."""
+    model = _model(
+        [node("Shape", ["x"], ["s"], name="shape"), node("ConstantOfShape", ["s"], ["c"], name="from_static_shape"),
+         node("Relu", ["x"], ["r"], name="relu"), node("Cast", ["r"], ["ri"], to=TensorProto.INT64, name="cast"),
+         node("ConstantOfShape", ["ri"], ["d"], name="from_runtime_values"),
+         node("Expand", ["x", "s"], ["e"], name="expand_to_static_shape"), node("Expand", ["x", "ri"], ["f"], name="expand_to_runtime_shape"),
+         node("Resize", ["x", "", "scales"], ["g"], mode="cubic", name="cubic"),
+         node("Resize", ["x", "", "scales"], ["h"], mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="round_prefer_floor", name="nearest_by_3"),
+         node("Resize", ["x", "", "", "s"], ["i"], mode="linear", name="linear_to_computed_size"),
+         node("Cast", ["x"], ["j"], to=TensorProto.STRING, name="to_string"), node("Pad", ["x", "p"], ["k"], mode="wrap", name="wrap"),
+         node("MaxPool", ["x"], ["l"], kernel_shape=[2, 2], dilations=[2, 2], name="dilated")],
+        {"x": (1, 4, 8, 8)}, ["c", "d", "e", "f", "g", "h", "i", "j", "k", "l"],
+        {"scales": np.array([1, 1, 3, 3], np.float32), "p": _i64(0, 0, 1, 1, 0, 0, 1, 1)},
+    )
+    graph = ir.from_proto(onnx.shape_inference.infer_shapes(model)).graph
+    reasons = {n.name: REGISTRY.why_unsupported(n.op_type, n) for n in graph}
+    assert reasons == {
+        "shape": None, "from_static_shape": None, "relu": None, "cast": None,
+        "from_runtime_values": "only supported when its inputs are known at build time",
+        "expand_to_static_shape": None, "expand_to_runtime_shape": "only supported when its target shape is known at build time",
+        "cubic": "Resize mode 'cubic' (Core ML's MIL resize ops are nearest-neighbour or bilinear only)",
+        "nearest_by_3": "nearest resize with asymmetric/round_prefer_floor does not pick the pixels Core ML picks",
+        "linear_to_computed_size": None,
+        "to_string": "cast to STRING", "wrap": "pad mode wrap", "dilated": "dilated pooling",
+    }

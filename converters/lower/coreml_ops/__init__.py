@@ -12,9 +12,13 @@ on the prepared (folded) model, and the handlers re-check what only the MIL shap
 
 from __future__ import annotations
 
+import logging
+
+from edgeopt.runtime.library_output import library_output_to_log
 from edgeopt.runtime.op_registry import OpRegistry
 
-from edgeopt.converters.lower.coreml_ops.context import GraphInput, Handler, mil_name
+with library_output_to_log(logging.getLogger(__name__), "coremltools"):  # its import-time warnings
+    from edgeopt.converters.lower.coreml_ops.context import GraphInput, Handler, mil_name
 
 __all__ = ["REGISTRY", "GraphInput", "build_program", "check_supported", "mil_name", "prepare"]
 
