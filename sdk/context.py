@@ -71,7 +71,7 @@ class BuildContext:
     outputs: list[TensorSpec] = field(default_factory=list)
     qat_model: bool = False
     # validate
-    precision: Precision = Precision.FP32
+    precision: Precision = Precision.FP32  # until validate resolves the asked or default precision
     evaluation_set: Dataset | None = None
     calibration_set: Dataset | None = None
     range_set: Dataset | None = None  # calibration data used for range estimation

@@ -162,17 +162,17 @@ def _human(n: float) -> str:
 
 def _warnings(context: BuildContext) -> list[str]:
     lowered, quant_report = context.lowered, context.quantization
-    assert lowered is not None and context.manifest is not None
+    manifest = context.manifest
+    assert lowered is not None and manifest is not None and manifest.target is not None
     notes = [str(w) for w in lowered.summary.get("warnings", [])]
-    isa = context.options.isa if context.precision.quantizes_activations else None
-    mismatch = isa_mismatch(isa, lowered.verify_backend)
+    mismatch = isa_mismatch(manifest.target.isa, lowered.verify_backend)
     if mismatch:
         notes.append(f"verified on a CPU that cannot run this bundle exactly: {mismatch}")
     if quant_report:
         from edgeopt.converters.quantize import describe_adaptations
 
         notes += [f"adapted: {line}" for line in describe_adaptations(quant_report.get("adaptations", []))]
-        if all_float(context.manifest):
+        if all_float(manifest):
             budget = quant_report["budget"]
             notes.append(
                 f"--max-accuracy-drop {budget['max_drop']:g} held only with all {len(quant_report['float_fallback'])} quantizable"
