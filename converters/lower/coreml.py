@@ -15,7 +15,7 @@ import platform
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -27,6 +27,9 @@ from edgeopt.runtime.kinds import ArtifactFormat, BackendName, Precision, unreac
 from edgeopt.runtime.library_output import library_output_to_log
 from edgeopt.runtime.spec import TensorSpec
 from edgeopt.targets import Target
+
+if TYPE_CHECKING:  # coremltools is imported when a lowering runs
+    from edgeopt.converters.lower.coreml_ops import GraphInput
 
 __all__ = ["PACKAGE_NAME", "lower", "parse_deployment_target"]
 
@@ -50,7 +53,7 @@ def parse_deployment_target(name: str) -> Any:
     return getattr(ct.target, match)
 
 
-def _static_inputs(graph: ir.Graph) -> list[Any]:
+def _static_inputs(graph: ir.Graph) -> list[GraphInput]:
     """The graph's inputs with their static shapes (fixed by --input-shape in `prepare` where given)."""
     from edgeopt.converters.lower.coreml_ops import GraphInput
 
