@@ -20,10 +20,13 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
 
 
 class NameScope:
-    """Hands out value names that are unique in one graph."""
+    """Hands out value names unique in a graph and in every If/Loop/Scan body inside it (ONNX forbids
+    a subgraph name that shadows an outer one)."""
 
     def __init__(self, graph: ir.Graph) -> None:
-        self._taken = set(ir.convenience.create_value_mapping(graph))
+        self._taken = _names_in(graph)
+        for node in ir.traversal.RecursiveGraphIterator(graph, enter_graph=lambda subgraph: self._taken.update(_names_in(subgraph))):
+            self._taken.update(value.name for value in (*node.inputs, *node.outputs) if value is not None and value.name)
 
     def fresh(self, base: str) -> str:
         name, counter = base, 0
@@ -32,6 +35,12 @@ class NameScope:
             name = f"{base}_{counter}"
         self._taken.add(name)
         return name
+
+
+def _names_in(graph: ir.Graph | ir.Function) -> set[str]:
+    """The names of a graph's inputs and initializers."""
+    initializers = graph.initializers.values() if isinstance(graph, ir.Graph) else ()
+    return {value.name for value in (*graph.inputs, *initializers) if value.name}
 
 
 def add_initializer(graph: ir.Graph, names: NameScope, base: str, array: np.ndarray) -> ir.Value:
@@ -59,11 +68,13 @@ def can_bypass(node: ir.Node, source: ir.Value) -> bool:
     """Whether ``node``'s only output can be replaced by ``source`` without changing the interface.
 
     Same rules as onnx_ir's IdentityEliminationPass: a graph output that would become a graph input
-    or initializer (or another graph output) must keep its node.
+    or initializer (or another graph output) must keep its node. A graph output must also be made
+    by a node of its own graph: an If/Loop body may not return an outer-scope value directly.
     """
     output = node.outputs[0]
     if output.is_graph_output():
-        return not (source.is_graph_input() or source.is_initializer() or source.is_graph_output())
+        producer = source.producer()
+        return producer is not None and producer.graph is node.graph and not source.is_graph_output()
     return True
 
 

@@ -1,8 +1,11 @@
 """ONNX→ONNX graph passes, and ``simplify``: the pipeline's simplify stage.
 
-Each pass is an ``onnx_ir.passes.InPlacePass`` in its own module. ``simplify`` composes them with
-passes from ``onnx_ir.passes.common`` (shape inference, Constant lifting, dead-node and unused
-initializer removal) and reports what each step removed.
+Each pass is a ``GraphPass`` (``base.py``: an ``onnx_ir.passes.InPlacePass`` whose ``ensures``
+checks that the graph's input and output names are kept) in its own module, with keyword options
+and a ``PassResult`` that says whether it changed the model. Graphs with If/Loop/Scan bodies are
+rewritten safely (see ``base.py``). ``simplify`` composes the passes with ones from
+``onnx_ir.passes.common`` (shape inference, Constant lifting, dead-node and unused initializer
+removal) and reports what each step removed; ``apply_passes`` runs passes on a protobuf model.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 import onnx_ir as ir
 
 from edgeopt.converters.errors import InputShapeError
+from edgeopt.converters.passes.base import GraphPass
 
 
 def _static(dim: object) -> bool:
@@ -16,10 +17,16 @@ def _static(dim: object) -> bool:
     return isinstance(dim, int) and dim >= 0
 
 
-class FixInputShapesPass(ir.passes.InPlacePass):
+class _InputShapeMismatch(InputShapeError, ir.passes.PreconditionError):
+    """InputShapeError as the pass's failed precondition: onnx_ir's pass machinery raises it as it is."""
+
+
+class FixInputShapesPass(GraphPass):
     """Set the shape of each named graph input, keeping rank and every dimension already static.
 
-    Intermediate shapes are cleared so the shape inference that follows recomputes them from the new
+    ``requires`` that every name is a graph input, with the input's rank and static dimensions
+    (an ``InputShapeError`` saying what to give otherwise). Intermediate shapes, inside If/Loop
+    bodies too, are cleared so the shape inference that follows recomputes them from the new
     inputs; ``Shape -> Range``-style chains of a model exported with dynamic height and width then
     become constants that ``FoldConstantsPass`` removes.
     """
@@ -28,37 +35,43 @@ class FixInputShapesPass(ir.passes.InPlacePass):
         super().__init__()
         self.shapes = dict(shapes)
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
-        known = {value.name: value for value in graph.inputs}
+    def requires(self, model: ir.Model) -> None:
+        super().requires(model)
+        known = {value.name: value for value in model.graph.inputs}
         unknown = sorted(set(self.shapes) - set(known))
         if unknown:
-            raise InputShapeError(
+            raise _InputShapeMismatch(
                 f"--input-shape names {', '.join(unknown)}, which the model does not have as inputs (it has {', '.join(known)})",
                 hint="use the input names `edgeopt inspect MODEL` lists",
             )
-        modified = False
         for name, wanted in self.shapes.items():
-            value = known[name]
-            current = value.shape
-            if current is not None and len(current) != len(wanted):
-                raise InputShapeError(
+            current = known[name].shape
+            if current is None:
+                continue
+            if len(current) != len(wanted):
+                raise _InputShapeMismatch(
                     f"input '{name}' has rank {len(current)} but --input-shape gives {len(wanted)} dimensions {tuple(wanted)}",
                     hint=f"give {len(current)} dimensions, e.g. {name}={','.join(str(d) if _static(d) else '1' for d in current)}",
                 )
-            if current is not None:
-                clash = [(i, d, w) for i, (d, w) in enumerate(zip(current, wanted)) if _static(d) and d != w]
-                if clash:
-                    index, fixed, given = clash[0]
-                    raise InputShapeError(
-                        f"input '{name}' has static dimension {index} = {fixed}, but the shape given is {tuple(wanted)} ({given})",
-                        hint="only dynamic dimensions can be fixed",
-                    )
-            if current is None or not all(_static(d) for d in current):
+            clash = [(i, d, w) for i, (d, w) in enumerate(zip(current, wanted)) if _static(d) and d != w]
+            if clash:
+                index, fixed, given = clash[0]
+                raise _InputShapeMismatch(
+                    f"input '{name}' has static dimension {index} = {fixed}, but the shape given is {tuple(wanted)} ({given})",
+                    hint="only dynamic dimensions can be fixed",
+                )
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        known = {value.name: value for value in graph.inputs}
+        modified = False
+        for name, wanted in self.shapes.items():
+            value = known[name]
+            if value.shape is None or not all(_static(d) for d in value.shape):
                 value.shape = ir.Shape(list(wanted))
                 modified = True
         if modified:
-            for node in graph:
+            for node in ir.traversal.RecursiveGraphIterator(graph):
                 for output in node.outputs:
                     if not output.is_graph_output():
                         output.shape = None

@@ -10,11 +10,12 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt.converters.graph.rewrite import NameScope, add_initializer, bypass_node, constant_array
+from edgeopt.converters.passes.base import GraphPass
 
 logger = logging.getLogger(__name__)
 
 
-class FoldAffineIntoBatchNormPass(ir.passes.InPlacePass):
+class FoldAffineIntoBatchNormPass(GraphPass):
     """``Add(Mul(BatchNormalization(x), s), b)`` with per-channel constants ``s``, ``b`` becomes one BatchNorm.
 
     Caffe2 and some TensorFlow exports split a batch norm into a normalisation and a separate
@@ -43,6 +44,8 @@ class FoldAffineIntoBatchNormPass(ir.passes.InPlacePass):
         if len(uses) != 1 or output.is_graph_output() or bn.attributes.get_int("training_mode", 0) != 0:
             return False
         follower = uses[0].node
+        if follower.graph is not bn.graph:  # a reader inside an If/Loop body stays where it is
+            return False
         if follower.op_type not in ("Mul", "Add") or follower.domain not in ("", "ai.onnx") or len(follower.inputs) != 2:
             return False
         other = follower.inputs[1 - uses[0].idx]

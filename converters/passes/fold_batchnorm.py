@@ -11,6 +11,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt.converters.graph.rewrite import NameScope, add_initializer, constant_array
+from edgeopt.converters.passes.base import GraphPass
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ class _Affine:
     shift: np.ndarray
 
 
-class FoldBatchNormPass(ir.passes.InPlacePass):
+class FoldBatchNormPass(GraphPass):
     """Merge ``BatchNormalization`` into the weights and bias of the layer that feeds it.
 
     The producer's output must feed only the BatchNorm (otherwise the unnormalised tensor is still
@@ -34,7 +35,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
     New weight initializers are created, so weights shared with other nodes are never changed.
     """
 
-    def __init__(self, fold_into: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul")) -> None:
+    def __init__(self, *, fold_into: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul")) -> None:
         super().__init__()
         self.fold_into = fold_into
 

@@ -12,6 +12,7 @@ import onnx_ir as ir
 from onnx.reference import ReferenceEvaluator
 
 from edgeopt.converters.graph.rewrite import NameScope, add_initializer, constant_array, rename
+from edgeopt.converters.passes.base import GraphPass
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ _NON_DETERMINISTIC_OPS = frozenset(
 )
 
 
-class FoldConstantsPass(ir.passes.InPlacePass):
+class FoldConstantsPass(GraphPass):
     """Replace each node whose inputs are all constants by initializers holding its outputs.
 
     Also folds ``Shape`` and ``Size`` of tensors whose shape is fully static (run shape inference
@@ -38,6 +39,7 @@ class FoldConstantsPass(ir.passes.InPlacePass):
 
     def __init__(
         self,
+        *,
         max_output_elements: int = 1 << 22,
         keep_ops: frozenset[str] = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}),
         only_ops: frozenset[str] | None = None,
@@ -125,6 +127,8 @@ class FoldConstantsPass(ir.passes.InPlacePass):
 
 
 def _run_single_node(node: ir.Node, opsets: dict[str, int]) -> list[np.ndarray]:
+    if node.op_type == "GatherElements":
+        return [_gather_elements(constant_array(node.inputs[0]), constant_array(node.inputs[1]), node.attributes.get_int("axis", 0))]
     feeds = {value.name: constant_array(value) for value in node.inputs if value is not None}
     node_proto = ir.serde.serialize_node(node)
     graph = onnx.helper.make_graph(
@@ -140,3 +144,12 @@ def _run_single_node(node: ir.Node, opsets: dict[str, int]) -> list[np.ndarray]:
     # Absent optional outputs keep their (empty) slot so results line up with node.outputs.
     named = iter(arrays)
     return [next(named) if value.name else np.empty(0) for value in node.outputs]
+
+
+def _gather_elements(data: np.ndarray, indices: np.ndarray, axis: int) -> np.ndarray:
+    """ONNX GatherElements. onnx.reference's kernel (onnx 1.23) goes through np.choose, which takes at
+    most 64 choices, and its 2-D fallback reads only column 0 of the indices (BERT's token-type
+    GatherElements over a [1, 512] buffer)."""
+    axis %= data.ndim
+    indices = np.where(indices < 0, indices + data.shape[axis], indices).astype(np.int64)
+    return np.take_along_axis(data, indices, axis=axis)

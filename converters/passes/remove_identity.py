@@ -9,11 +9,12 @@ import logging
 import onnx_ir as ir
 
 from edgeopt.converters.graph.rewrite import bypass_node, constant_array
+from edgeopt.converters.passes.base import GraphPass
 
 logger = logging.getLogger(__name__)
 
 
-class RemoveIdentityPass(ir.passes.InPlacePass):
+class RemoveIdentityPass(GraphPass):
     """Bypass ``Identity``, inference-mode ``Dropout``, ``Cast`` to the input's own type and
     ``Reshape`` to the input's own static shape.
 
@@ -25,7 +26,7 @@ class RemoveIdentityPass(ir.passes.InPlacePass):
     knows ``Identity``.
     """
 
-    def __init__(self, remove_dropout: bool = True, remove_noop_cast: bool = True, remove_noop_reshape: bool = True) -> None:
+    def __init__(self, *, remove_dropout: bool = True, remove_noop_cast: bool = True, remove_noop_reshape: bool = True) -> None:
         super().__init__()
         self.remove_dropout = remove_dropout
         self.remove_noop_cast = remove_noop_cast

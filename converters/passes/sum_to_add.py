@@ -8,10 +8,12 @@ import logging
 
 import onnx_ir as ir
 
+from edgeopt.converters.passes.base import GraphPass
+
 logger = logging.getLogger(__name__)
 
 
-class SumToAddPass(ir.passes.InPlacePass):
+class SumToAddPass(GraphPass):
     """``Sum(a, b, ...)`` becomes ``Add(Add(a, b), ...)``.
 
     Caffe2-era exports (ResNet-50 and ShuffleNet in the onnx package) write residual additions as

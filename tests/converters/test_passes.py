@@ -26,6 +26,7 @@ from edgeopt.converters.passes import (
     SumToAddPass,
     simplify,
 )
+from edgeopt.converters.passes.base import GraphPass
 from tests import zoo
 
 PASS_TOLERANCE = 1e-5
@@ -223,6 +224,42 @@ def test_fold_constants_keeps_the_name_of_a_folded_graph_output() -> None:
     assert op_types(folded) == ["Relu"]
     assert [output.name for output in folded.graph.output] == ["sum", "y"]
     assert_same_outputs(model, folded, {"x": rng_array((3,), 2)}, PASS_TOLERANCE)
+
+
+def test_fold_constants_materialises_constant_nodes_and_can_be_limited_to_some_ops() -> None:
+    model = make_model(
+        [
+            helper.make_node("Constant", [], ["scale"], value_floats=[2.0, 3.0, 4.0]),
+            helper.make_node("Identity", ["w"], ["w_shared"]),
+            helper.make_node("Mul", ["w_shared", "scale"], ["w_scaled"]),
+            helper.make_node("Add", ["x", "w_scaled"], ["y"]),
+        ],
+        [("x", [3])],
+        ["y"],
+        {"w": rng_array((3,))},
+    )
+    materialised, modified = apply(FoldConstantsPass(only_ops=frozenset({"Constant", "Identity"})), model)
+    assert modified
+    assert op_types(materialised) == ["Mul", "Add"]
+    assert {"scale", "w_shared"} <= {init.name for init in materialised.graph.initializer}
+    folded, _ = apply(FoldConstantsPass(), model)
+    assert op_types(folded) == ["Add"]
+    for result in (materialised, folded):
+        assert_same_outputs(model, result, {"x": rng_array((3,), 1)}, PASS_TOLERANCE)
+
+
+def test_fold_constants_leaves_string_constants_as_nodes() -> None:
+    words = helper.make_tensor("words", TensorProto.STRING, [2], [b"int8", b"fp16"])
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["labels"], value=words), helper.make_node("Identity", ["labels"], ["out"])],
+        "strings",
+        [],
+        [helper.make_tensor_value_info("out", TensorProto.STRING, [2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    kept, modified = apply(FoldConstantsPass(), model)
+    assert not modified
+    assert op_types(kept) == ["Constant", "Identity"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -605,3 +642,100 @@ def test_bad_input_shapes_are_clear_errors(shapes: dict, message: str) -> None:
     with pytest.raises(InputShapeError, match=message) as info:
         simplify(_dynamic_range_model(), shapes)
     assert info.value.exit_code == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# Subgraphs and the passes' own checks
+# ------------------------------------------------------------------------------------------------
+
+
+def _if_model() -> onnx.ModelProto:
+    """Conv -> BatchNorm -> Identity and folded constants in the main graph, read from inside both
+    branches of an If; the then-branch also scales a second BatchNorm per channel (a Mul that
+    FoldAffineIntoBatchNormPass would merge in the main graph), holds a Constant, and owns a value
+    named like the weight FoldBatchNormPass creates."""
+    params = {
+        "w": rng_array((3, 3, 1, 1)),
+        "w2": rng_array((3, 3, 1, 1), 9),
+        "k1": rng_array((1, 3, 1, 1), 5),
+        "k2": rng_array((1, 3, 1, 1), 6),
+        "s": rng_array((1, 3, 1, 1), 7),
+        **batchnorm_params("bn", 3, 1),
+        **batchnorm_params("bn2", 3, 11),
+    }
+    shape = [1, 3, 4, 4]
+    then_branch = helper.make_graph(
+        [
+            helper.make_node("Mul", ["b2", "s"], ["w__bn"], name="then_scale"),
+            helper.make_node("Constant", [], ["half"], value=numpy_helper.from_array(np.array(0.5, np.float32))),
+            helper.make_node("Mul", ["identity_out", "kk"], ["t0"], name="then_mul"),
+            helper.make_node("Mul", ["t0", "half"], ["t1"], name="then_half"),
+            helper.make_node("Add", ["t1", "w__bn"], ["t"], name="then_add"),
+        ],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, shape)],
+    )
+    else_branch = helper.make_graph(
+        [helper.make_node("Add", ["identity_out", "k"], ["e"], name="else_add")],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, shape)],
+    )
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        batchnorm("bn", "c", "b"),
+        helper.make_node("Identity", ["b"], ["identity_out"], name="identity"),
+        helper.make_node("Conv", ["x", "w2"], ["c2"], name="conv2"),
+        batchnorm("bn2", "c2", "b2"),
+        helper.make_node("Add", ["k1", "k2"], ["k"], name="fold_add"),
+        helper.make_node("Constant", [], ["two"], value=numpy_helper.from_array(np.full((1, 3, 1, 1), 2.0, np.float32))),
+        helper.make_node("Mul", ["two", "k"], ["kk"], name="fold_mul"),
+        helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_branch, else_branch=else_branch),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "if_model",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+        [numpy_helper.from_array(array, name) for name, array in params.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_simplify_rewires_values_that_if_branches_read_from_the_outer_scope() -> None:
+    model = _if_model()
+    simplified, report = simplify(model)
+    onnx.checker.check_model(simplified, full_check=True)
+    assert op_types(simplified) == ["Conv", "Conv", "If"], "BatchNorms folded, Identity and constant arithmetic gone"
+    assert report.nodes_after < report.nodes_before
+    branches = {attr.name: attr.g for attr in simplified.graph.node[-1].attribute}
+    outer = {init.name for init in simplified.graph.initializer} | {o for n in simplified.graph.node for o in n.output}
+    for branch in branches.values():
+        local = {o for n in branch.node for o in n.output} | {init.name for init in branch.initializer}
+        read = {i for n in branch.node for i in n.input if i}
+        assert read <= outer | local, "every outer-scope name a branch reads still exists"
+        assert not (local & outer), "no branch value shadows an outer one"
+    assert "then_scale" in {n.name for n in branches["then_branch"].node}, "a Mul inside a branch stays there"
+    x = rng_array((1, 3, 4, 4), 3)
+    for cond in (True, False):
+        assert_same_outputs(model, simplified, {"x": x, "cond": np.array(cond)}, PASS_TOLERANCE)
+
+
+def test_a_pass_that_changes_the_graph_interface_fails_its_postcondition() -> None:
+    class RenamesOutput(GraphPass):
+        def call(self, model: ir.Model) -> ir.passes.PassResult:
+            model.graph.outputs[0].name = "renamed"
+            return ir.passes.PassResult(model, modified=True)
+
+    model = make_model([helper.make_node("Relu", ["x"], ["y"])], [("x", [3])], ["y"], {})
+    with pytest.raises(ir.passes.PostconditionError, match="RenamesOutput changed the graph's inputs or outputs"):
+        RenamesOutput()(ir.from_proto(model))
+
+
+def test_fold_constants_reports_whether_it_changed_the_model() -> None:
+    model = make_model([helper.make_node("Relu", ["x"], ["y"])], [("x", [3])], ["y"], {})
+    result = FoldConstantsPass()(ir.from_proto(model))
+    assert not result.modified
