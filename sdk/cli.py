@@ -11,13 +11,17 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import click
 
 from edgeopt.errors import EdgeoptError
 from edgeopt.runtime.isa import IsaClass
 from edgeopt.runtime.kinds import BackendName, Precision
+from edgeopt.runtime.manifest import JsonObject
+
+if TYPE_CHECKING:
+    from edgeopt.runtime.__main__ import ErrorDocument
 
 __all__ = ["main"]
 
@@ -69,7 +73,7 @@ _PORT = click.IntRange(1, 65535)
 _SECONDS = _FiniteFloat(min=0, min_open=True)
 
 
-def _echo_json(data: Any) -> None:
+def _echo_json(data: JsonObject) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
@@ -81,18 +85,23 @@ class _Shown:
     that failed): it is printed after them and sets the exit code.
     """
 
-    document: dict[str, Any]
+    document: JsonObject
     text: str | None
     failure: EdgeoptError | None = None
 
 
-def _usage_error_document(exc: click.UsageError) -> dict[str, Any]:
+def _failure(kind: str, message: str, hint: str | None, exit_code: int) -> ErrorDocument:
+    """The one error document --json prints; the device runtime's `error_document` has the same shape."""
+    return {"error": {"type": kind, "message": message, "hint": hint, "exit_code": exit_code}}
+
+
+def _usage_error_document(exc: click.UsageError) -> ErrorDocument:
     ctx = exc.ctx or click.get_current_context(silent=True)
     where = ctx.command_path if ctx is not None else "edgeopt"
-    return {"error": {"type": type(exc).__name__, "message": exc.format_message(), "hint": f"see `{where} --help`", "exit_code": exc.exit_code}}
+    return _failure(type(exc).__name__, exc.format_message(), f"see `{where} --help`", exc.exit_code)
 
 
-def _error_document(exc: EdgeoptError) -> dict[str, Any]:
+def _error_document(exc: EdgeoptError) -> ErrorDocument:
     from edgeopt.runtime.__main__ import error_document  # the device runtime prints the same document
 
     return error_document(exc)
@@ -120,12 +129,12 @@ def _expected_errors(func: F) -> F:
             raise
         except Interrupted as exc:  # main() says so on stderr and exits 130/143
             if as_json:
-                _echo_json({"error": {"type": "Interrupted", "message": f"interrupted by {exc}; nothing was written", "hint": None, "exit_code": exc.exit_code}})
+                _echo_json(_failure("Interrupted", f"interrupted by {exc}; nothing was written", None, exc.exit_code))
             raise
         except Exception as exc:  # a bug: the traceback goes to stderr (exit 1), --json still gets its one document
             if as_json:
                 hint = "this is a bug in edgeopt: please report it with the traceback printed on stderr"
-                _echo_json({"error": {"type": type(exc).__name__, "message": str(exc), "hint": hint, "exit_code": 1}})
+                _echo_json(_failure(type(exc).__name__, str(exc), hint, 1))
             raise
         failure = shown.failure
         if as_json:
