@@ -9,7 +9,6 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from edgeopt.converters.errors import UnsupportedOpsError
-from edgeopt.converters.graph.rewrite import constant_array
 from edgeopt.converters.lower.coreml_ops import REGISTRY
 from edgeopt.converters.lower.coreml_ops.context import Builder, Value
 
@@ -25,11 +24,12 @@ _DEPTH_LIMIT = 64
 def known_at_build_time(value: ir.Value | None, seen: dict[ir.Value, bool | None] | None = None, depth: int = 0) -> bool | None:
     """Whether `value` is known once input shapes are fixed (what FoldConstantsPass folds); None: cannot tell.
 
-    Constants, `Shape`/`Size` of a static shape, and anything computed only from those are known; a
-    graph input or anything computed from one is not. A `Shape` of a shape that is not static yet is
+    Constants (initializers, also those an IR < 4 export lists as inputs, and Constant outputs), `Shape`/
+    `Size` of a static shape, and anything computed only from those are known; a graph input or
+    anything computed from one is not. A `Shape` of a shape that is not static yet is
     undecided (--input-shape may fix it).
     """
-    if value is None or constant_array(value) is not None:
+    if value is None or ir.convenience.get_const_tensor(value) is not None:  # no data is read
         return True
     seen = {} if seen is None else seen
     if value in seen:

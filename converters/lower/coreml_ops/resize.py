@@ -14,7 +14,7 @@ import onnx_ir as ir
 from coremltools.converters.mil import Builder as mb
 
 from edgeopt.converters.errors import UnsupportedOpsError
-from edgeopt.converters.graph.rewrite import constant_array
+from edgeopt.converters.graph.qdq import build_time_array
 from edgeopt.converters.lower.coreml_ops import REGISTRY
 from edgeopt.converters.lower.coreml_ops.context import Builder, Value, input_at, node_opset
 
@@ -94,7 +94,7 @@ def resize_support(node: ir.Node) -> str | None:
     shape = node.inputs[0].shape
     if shape is None or not shape.is_static():
         return None
-    geometry = _geometry(node, tuple(int(d) for d in shape), constant_array)
+    geometry = _geometry(node, tuple(int(d) for d in shape), build_time_array)
     return geometry if isinstance(geometry, str) or geometry is None else _geometry_reason(node, geometry)
 
 
