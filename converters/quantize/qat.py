@@ -14,7 +14,7 @@ and on int32-bias targets float biases become int32 with scale = input scale x w
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypedDict
 
 import numpy as np
 import onnx
@@ -27,7 +27,48 @@ from edgeopt.converters.quantize.placement import WEIGHTED_OPS, sums_products_pa
 from edgeopt.converters.quantize.qdq import activation_params, qrange, quantize_weight
 from edgeopt.targets import QuantScheme
 
-__all__ = ["import_qdq", "strip_qdq"]
+__all__ = ["Adaptation", "QatImport", "QParamsRecord", "ScaleRecord", "import_qdq", "strip_qdq"]
+
+
+class _QParamsFields(TypedDict):
+    scale: float | list[float]
+    zero_point: int | list[int]
+    dtype: str
+
+
+class QParamsRecord(_QParamsFields, total=False):
+    """A tensor's quantization as the manifest shows it; `axis` only when per channel."""
+
+    axis: int | None
+
+
+class ScaleRecord(TypedDict):
+    tensor: str
+    kind: str  # "activation" or "weight"
+    before: QParamsRecord
+    after: QParamsRecord
+    kept: bool
+
+
+class _AdaptationFields(TypedDict):
+    tensor: str
+    change: str
+    why: str
+
+
+class Adaptation(_AdaptationFields, total=False):
+    before: QParamsRecord
+    after: QParamsRecord
+    max_abs_change: float  # int32 biases: the largest change the rounding made
+
+
+class QatImport(TypedDict):
+    qat_imported: bool
+    scales: list[ScaleRecord]
+    scales_kept: int
+    scales_adapted: int
+    adaptations: list[Adaptation]
+    float_model: onnx.ModelProto
 
 
 def _params(node: ir.Node) -> tuple[np.ndarray, np.ndarray, int]:
@@ -44,14 +85,16 @@ def _params(node: ir.Node) -> tuple[np.ndarray, np.ndarray, int]:
     return scale, zero_point, params.axis
 
 
-def _describe(scale: np.ndarray, zero_point: np.ndarray, axis: int | None = None) -> dict[str, Any]:
+def _describe(scale: np.ndarray, zero_point: np.ndarray, axis: int | None = None) -> QParamsRecord:
     per_channel = scale.size > 1
-    return {
-        "scale": scale.astype(float).round(9).tolist() if per_channel else float(scale.reshape(-1)[0]),
-        "zero_point": zero_point.astype(int).tolist() if per_channel else int(zero_point.reshape(-1)[0]),
-        "dtype": zero_point.dtype.name,
-        **({"axis": axis} if per_channel else {}),
-    }
+    record = QParamsRecord(
+        scale=scale.astype(float).round(9).tolist() if per_channel else float(scale.reshape(-1)[0]),
+        zero_point=zero_point.astype(int).tolist() if per_channel else int(zero_point.reshape(-1)[0]),
+        dtype=zero_point.dtype.name,
+    )
+    if per_channel:
+        record["axis"] = axis
+    return record
 
 
 def _set_parameters(node: ir.Node, scale: ir.Value, zero_point: ir.Value, axis: int | None) -> None:
@@ -69,13 +112,13 @@ def _dequantizers(q: ir.Node) -> list[ir.Node]:
     return [node for node in q.outputs[0].consumers() if node.op_type == "DequantizeLinear"]
 
 
-def import_qdq(model: onnx.ModelProto, scheme: QuantScheme) -> tuple[onnx.ModelProto, dict[str, Any]]:
+def import_qdq(model: onnx.ModelProto, scheme: QuantScheme) -> tuple[onnx.ModelProto, QatImport]:
     """(adapted QDQ model, report with qat_imported, scales [before/after], adaptations, float_model)."""
     adapted = ir.from_proto(model)
     graph = adapted.graph
     names = NameScope(graph)
-    scales: list[dict[str, Any]] = []
-    adaptations: list[dict[str, Any]] = []
+    scales: list[ScaleRecord] = []
+    adaptations: list[Adaptation] = []
     stored_weights = [n for n in graph if n.op_type == "DequantizeLinear" and build_time_array(n.inputs[0]) is not None]
     for q in [n for n in graph if n.op_type == "QuantizeLinear"]:
         if build_time_array(q.inputs[0]) is not None:
@@ -88,18 +131,18 @@ def import_qdq(model: onnx.ModelProto, scheme: QuantScheme) -> tuple[onnx.ModelP
     if scheme.bias_int32:
         _int32_biases(graph, names, adaptations)
     _drop_unused_initializers(graph)
-    report = {
-        "qat_imported": True,
-        "scales": scales,
-        "scales_kept": sum(1 for s in scales if s["kept"]),
-        "scales_adapted": sum(1 for s in scales if not s["kept"]),
-        "adaptations": adaptations,
-        "float_model": strip_qdq(model),
-    }
+    report = QatImport(
+        qat_imported=True,
+        scales=scales,
+        scales_kept=sum(1 for s in scales if s["kept"]),
+        scales_adapted=sum(1 for s in scales if not s["kept"]),
+        adaptations=adaptations,
+        float_model=strip_qdq(model),
+    )
     return ir.to_proto(adapted), report
 
 
-def _import_activation(names: NameScope, q: ir.Node, scheme: QuantScheme, scales: list, adaptations: list) -> None:
+def _import_activation(names: NameScope, q: ir.Node, scheme: QuantScheme, scales: list[ScaleRecord], adaptations: list[Adaptation]) -> None:
     tensor = q.inputs[0].name
     scale, zero_point, axis = _params(q)
     qmin, qmax = qrange(zero_point.dtype.name)
@@ -155,7 +198,7 @@ def _import_activation(names: NameScope, q: ir.Node, scheme: QuantScheme, scales
 GRID_PRESERVING_OPS = frozenset({"MaxPool", "GlobalMaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze"})
 
 
-def _quantize_through_data_movement(graph: ir.Graph, names: NameScope, scheme: QuantScheme, adaptations: list) -> None:
+def _quantize_through_data_movement(graph: ir.Graph, names: NameScope, scheme: QuantScheme, adaptations: list[Adaptation]) -> None:
     """A weighted op whose input reaches it from a DQ only through max-pool/reshape-like ops gets
     its own Q/DQ with that DQ's parameters (exact), so the target runs it in int8."""
     for node in list(graph):
@@ -253,7 +296,7 @@ def _requantized_weight(
     return quantized.astype(zero_point.dtype), scale.astype(np.float32), zero_point, (axis if per_channel else None), changes
 
 
-def _import_weight(names: NameScope, q: ir.Node, scheme: QuantScheme, scales: list, adaptations: list) -> None:
+def _import_weight(names: NameScope, q: ir.Node, scheme: QuantScheme, scales: list[ScaleRecord], adaptations: list[Adaptation]) -> None:
     """Fold Q(float weight) -> DQ into int8 initializer -> DQ with the learned scale."""
     name = q.inputs[0].name
     scale, zero_point, axis = _params(q)
@@ -268,7 +311,7 @@ def _import_weight(names: NameScope, q: ir.Node, scheme: QuantScheme, scales: li
     _record_weight(name, scale, zero_point, axis, new_scale, new_zero, new_axis, changes, scales, adaptations)
 
 
-def _check_stored_weight(names: NameScope, dq: ir.Node, scheme: QuantScheme, scales: list, adaptations: list) -> None:
+def _check_stored_weight(names: NameScope, dq: ir.Node, scheme: QuantScheme, scales: list[ScaleRecord], adaptations: list[Adaptation]) -> None:
     """A weight already stored as integers -> DQ: keep it unless the scheme forbids its parameters."""
     name = dq.inputs[0].name
     scale, zero_point, axis = _params(dq)
@@ -302,8 +345,8 @@ def _record_weight(
     new_zero: np.ndarray,
     new_axis: int | None,
     changes: list[str],
-    scales: list,
-    adaptations: list,
+    scales: list[ScaleRecord],
+    adaptations: list[Adaptation],
 ) -> None:
     before = _describe(scale, zero_point, axis)
     after = _describe(np.asarray(new_scale), np.asarray(new_zero), new_axis)
@@ -312,7 +355,7 @@ def _record_weight(
     adaptations.extend({"tensor": name, "change": change, "why": why, "before": before, "after": after} for change in changes)
 
 
-def _int32_biases(graph: ir.Graph, names: NameScope, adaptations: list) -> None:
+def _int32_biases(graph: ir.Graph, names: NameScope, adaptations: list[Adaptation]) -> None:
     """Float biases of quantized Conv/Gemm become int32 -> DQ with scale = input scale x weight scale."""
     for node in list(graph):
         if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.inputs) < 3:
