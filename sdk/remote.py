@@ -231,7 +231,7 @@ def _ssh_option_path(path: Path) -> str:
     """A path as an ssh -o value: `%` escaped (ssh expands %-tokens), quoted when it has spaces."""
     text = str(path).replace("%", "%%")
     if '"' in text:
-        raise ValueError(f"ssh cannot take a path with a double quote in an option: {path}")
+        raise OptionError(f"ssh cannot take a path with a double quote in an option: {path}", hint="rename the file or pass a path without '\"'")
     return f'"{text}"' if any(ch.isspace() for ch in text) else text
 
 

@@ -37,3 +37,16 @@ def test_profile_unreachable_host_is_exit_2_without_traceback(tmp_path: Path, ss
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "error:" in proc.stderr
+
+
+def test_an_identity_path_ssh_cannot_quote_is_bad_usage(tmp_path: Path, sshd) -> None:
+    bundle = tmp_path / "b"
+    edgeopt.build(DIGITS / "model.onnx", "onnxruntime-cpu", output=bundle)
+    key = tmp_path / 'key"file'
+    key.write_bytes(sshd.client_key.read_bytes())
+    argv = [sys.executable, "-m", "edgeopt.cli", "profile", str(bundle), "--host", sshd.host, "--port", str(sshd.port),
+            "-i", str(key), "-F", str(sshd.ssh_config), "--json"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    error = json.loads(proc.stdout)["error"]
+    assert error["type"] == "OptionError" and "double quote" in error["message"]
