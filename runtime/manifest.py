@@ -29,6 +29,7 @@ __all__ = [
     "Artifact",
     "Compression",
     "HISTORY_KEYS",
+    "HistoryEntry",
     "JsonObject",
     "Manifest",
     "OutputTolerance",
@@ -513,6 +514,25 @@ class StageReport:
         return {"name": self.name, "seconds": self.seconds, "changed": self.changed, "details": dict(self.details)}
 
 
+@dataclass(frozen=True)
+class HistoryEntry:
+    """A result appended after the build: when (and on which device, for a profile), and the
+    producer's figures (`edgeopt.remote.ProfileResult`, the runtime's `BenchmarkResult`) as JSON."""
+
+    time: str | None = None
+    host: str | None = None  # the device a profile ran on
+    results: JsonObject = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, raw: Any, at: _At) -> HistoryEntry:
+        raw = _object(raw, at)
+        results = {k: v for k, v in raw.items() if k not in ("time", "host")}
+        return cls(time=_text(raw, "time", at), host=_text(raw, "host", at), results=results)
+
+    def to_json(self) -> JsonObject:
+        return {**_without_none({"host": self.host, "time": self.time}), **self.results}
+
+
 # -- the manifest --------------------------------------------------------------------------------
 
 
@@ -539,8 +559,8 @@ class Manifest:
     stages: tuple[StageReport, ...] = ()
     quantization: JsonObject | None = None  # the quantizer's report
     lowering: JsonObject = field(default_factory=dict)  # the lowering's figures (TensorRT: engine_recipe)
-    profiles: tuple[JsonObject, ...] = ()  # appended by `edgeopt profile`
-    benchmarks: tuple[JsonObject, ...] = ()  # appended by `edgeopt bench`
+    profiles: tuple[HistoryEntry, ...] = ()  # appended by `edgeopt profile`
+    benchmarks: tuple[HistoryEntry, ...] = ()  # appended by `edgeopt bench`
     unknown: JsonObject = field(default_factory=dict)  # keys of a newer minor schema, kept as they were
 
     @property
@@ -549,10 +569,11 @@ class Manifest:
         return next((a for a in self.artifacts if a.path == self.runtime.model), None)
 
     def with_history(self, key: str, entry: JsonObject) -> Manifest:
-        """This manifest with `entry` appended to `profiles` or `benchmarks`."""
+        """This manifest with `entry` (a result as JSON) appended to `profiles` or `benchmarks`."""
         if key not in HISTORY_KEYS:
             raise BundleError(f"manifest history is one of {', '.join(HISTORY_KEYS)}, not {key!r}")
-        return replace(self, **{key: (*getattr(self, key), entry)})
+        history: tuple[HistoryEntry, ...] = getattr(self, key)
+        return replace(self, **{key: (*history, HistoryEntry.from_json(entry, _At("result", f"{key}[{len(history)}]")))})
 
     @classmethod
     def from_json(cls, raw: Any, source: str = "manifest.json") -> Manifest:
@@ -584,8 +605,8 @@ class Manifest:
             stages=tuple(StageReport.from_json(s, at.key("stages").index(i)) for i, s in enumerate(_items(raw, "stages", at))),
             quantization=_section(raw, "quantization", at),
             lowering=_lowering(raw, at),
-            profiles=tuple(_object(p, at.key("profiles").index(i)) for i, p in enumerate(_items(raw, "profiles", at))),
-            benchmarks=tuple(_object(b, at.key("benchmarks").index(i)) for i, b in enumerate(_items(raw, "benchmarks", at))),
+            profiles=tuple(HistoryEntry.from_json(p, at.key("profiles").index(i)) for i, p in enumerate(_items(raw, "profiles", at))),
+            benchmarks=tuple(HistoryEntry.from_json(b, at.key("benchmarks").index(i)) for i, b in enumerate(_items(raw, "benchmarks", at))),
             unknown={k: v for k, v in raw.items() if k not in _KEYS},
         )
 
@@ -610,8 +631,8 @@ class Manifest:
             "stages": [s.to_json() for s in self.stages],
             "quantization": None if self.quantization is None else dict(self.quantization),
             "lowering": dict(self.lowering),
-            "profiles": [dict(p) for p in self.profiles],
-            "benchmarks": [dict(b) for b in self.benchmarks],
+            "profiles": [dict(p.to_json()) for p in self.profiles],
+            "benchmarks": [dict(b.to_json()) for b in self.benchmarks],
             **self.unknown,
         }
 

@@ -331,11 +331,17 @@ def test_the_typed_manifest_reads_and_writes_the_same_document(tmp_path: Path) -
     from edgeopt.runtime.manifest import Manifest
 
     bundle = float_bundle(tmp_path / "b")
-    _edit_manifest(bundle, some_future_key={"kept": True})
+    _edit_manifest(
+        bundle,
+        some_future_key={"kept": True},
+        profiles=[{"host": "pi@pi", "time": "2026-01-01T00:00:00+00:00", "bench": {"latency_ms": {"p50": 1.0}}}],
+        benchmarks=[{"time": "2026-01-02T00:00:00+00:00", "runs": 3}],
+    )
     raw = json.loads((bundle / "manifest.json").read_text())
     manifest = open_bundle(bundle).contents
     assert manifest.precision is Precision.FP32 and manifest.runtime.backend is BackendName.ONNXRUNTIME
     assert manifest.reference is not None and manifest.reference.tolerance is not None and manifest.reference.tolerance.atol == 1e-5
+    assert manifest.profiles[0].host == "pi@pi" and manifest.benchmarks[0].results == {"runs": 3}
     raw["target"]["isa"] = None  # written explicitly: no CPU class
     assert manifest.to_json() == raw
     assert Manifest.from_json(manifest.to_json()) == manifest
