@@ -149,9 +149,9 @@ def render(manifest: Manifest) -> str:
     if quant.get("float_fallback"):
         parts += ["<p>Kept in float to meet the budget: " + _e(", ".join(quant["float_fallback"])) + "</p>"]
     for bench in m.benchmarks:
-        parts.append(_bench_section(f"Benchmark on {bench.get('device', {}).get('hostname', 'this host')}", bench))
+        parts.append(_bench_section(f"Benchmark on {bench.results.get('device', {}).get('hostname', 'this host')}", bench.results))
     for profile in m.profiles:
-        parts.append(_bench_section(f"Profile on {profile.get('host')} at {profile.get('time')}", profile.get("bench", {})))
+        parts.append(_bench_section(f"Profile on {profile.host} at {profile.time}", profile.results.get("bench", {})))
     parts.append("<h2>Artifacts</h2>")
     parts.append(_table(["path", "role", "bytes", "sha256"], [[a.path, a.role, a.bytes, (a.sha256 or "")[:16] + "…"] for a in m.artifacts]))
     parts.append("</body></html>\n")
