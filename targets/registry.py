@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import difflib
 import sys
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any, Union
@@ -221,7 +221,10 @@ def _parse(path: Path) -> Target:
     try:
         return _target(tomllib.loads(path.read_text(encoding="utf-8")))
     except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as exc:  # a missing key, an unknown precision or backend
-        raise ProfileError(f"targets/{path.name} is not a valid profile: {type(exc).__name__}: {exc}") from exc
+        raise ProfileError(
+            f"targets/{path.name} is not a valid profile: {type(exc).__name__}: {exc}",
+            hint="restore the file from the edgeopt release (or fix the edit: see the other profiles beside it)",
+        ) from exc
 
 
 def _target(raw: dict[str, Any]) -> Target:
@@ -233,6 +236,9 @@ def _target(raw: dict[str, Any]) -> Target:
         (IsaClass(name), _scheme({**base, **{k: v for k, v in overrides.items() if k != "why"}}))
         for name, overrides in isa_table.items()
     )
+    precisions = tuple(Precision(p) for p in raw["precisions"])
+    if Precision(raw["default_precision"]) not in precisions:
+        raise ValueError(f"default_precision '{raw['default_precision']}' is not one of its precisions")
     if default_isa is not None and default_isa not in dict(isa_schemes):
         raise ValueError(f"default ISA class '{default_isa.value}' has no [isa.{default_isa.value}] table")
     return Target(
@@ -242,7 +248,7 @@ def _target(raw: dict[str, Any]) -> Target:
         backend=BackendName(raw["backend"]),
         artifact_format=ArtifactFormat(raw["artifact_format"]),
         layout=raw["layout"],
-        precisions=tuple(Precision(p) for p in raw["precisions"]),
+        precisions=precisions,
         default_precision=Precision(raw["default_precision"]),
         channel_multiple=int(raw["channel_multiple"]),
         default_threads=int(raw["default_threads"]),

@@ -64,6 +64,7 @@ def test_profiles_are_frozen_consistent_and_sourced(target: Target) -> None:
     (('default_precision = "fp16"', 'default_precision = "int4"'), "'int4' is not a valid Precision"),
     (('backend = "tensorrt"', 'backend = "tvm"'), "'tvm' is not a valid BackendName"),
     (("dla_cores = 2", "dla_cores = [2]"), "not dla_cores"),
+    (('default_precision = "fp16"', 'default_precision = "int8-weights"'), "'int8-weights' is not one of its precisions"),
     (('name = "jetson-orin"', ""), "KeyError: 'name'"),
 ])
 def test_a_broken_profile_is_a_profile_error_naming_its_file(tmp_path: Path, change: tuple[str, str], needle: str) -> None:
