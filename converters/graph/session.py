@@ -24,6 +24,7 @@ _QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
 
 def has_qdq(model: onnx.ModelProto) -> bool:
+    """Whether the graph carries QuantizeLinear/DequantizeLinear (quantized by edgeopt, or exported from QAT)."""
     return any(n.op_type in _QDQ_OPS for n in model.graph.node)
 
 

@@ -20,11 +20,12 @@ from onnx import numpy_helper
 from edgeopt.converters.data import Dataset
 from edgeopt.converters.errors import CalibrationDataError
 from edgeopt.converters.graph.opset import with_min_opset
+from edgeopt.converters.graph.session import has_qdq
 from edgeopt.converters.passes import FoldConstantsPass, apply_passes
 from edgeopt.converters.quantize.bias_correction import correct_bias
 from edgeopt.converters.quantize.calibration import calibrate
 from edgeopt.converters.quantize.debug import layer_sqnr
-from edgeopt.converters.quantize.observers import METHODS, Observer
+from edgeopt.converters.quantize.observers import Observer, check_method
 from edgeopt.converters.quantize.placement import QuantPlan, plan_quantization
 from edgeopt.converters.quantize.qat import import_qdq
 from edgeopt.converters.quantize.qdq import group_params, insert_qdq
@@ -35,7 +36,6 @@ __all__ = [
     "QuantizeOptions",
     "QuantizeResult",
     "describe_adaptations",
-    "is_qdq_model",
     "layer_sqnr",
     "quantize",
     "quantized_op_share",
@@ -82,11 +82,6 @@ class QuantizeOptions:
 class QuantizeResult:
     model: onnx.ModelProto
     report: dict[str, Any] = field(default_factory=dict)
-
-
-def is_qdq_model(model: onnx.ModelProto) -> bool:
-    """Whether the graph already carries QuantizeLinear/DequantizeLinear (e.g. exported from QAT)."""
-    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
 
 
 def quantized_op_share(model: onnx.ModelProto, scheme: QuantScheme | None = None) -> float:
@@ -233,10 +228,9 @@ def quantize(
     progress: Progress | None = None,
 ) -> QuantizeResult:
     """The int8 QDQ model for this scheme, and a JSON-able report for the manifest."""
-    if options.method not in METHODS:
-        raise ValueError(f"unknown calibration method '{options.method}' (choose from {', '.join(METHODS)})")
+    check_method(options.method)
     model = _prepared(model)
-    if is_qdq_model(model):
+    if has_qdq(model):  # exported from QAT
         qdq, imported = import_qdq(model, scheme)
         # Adaptations change Q/DQ dtypes (uint8 -> int8); stale value_info from earlier shape
         # inference would contradict them.

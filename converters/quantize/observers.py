@@ -12,9 +12,17 @@ import math
 
 import numpy as np
 
-__all__ = ["HistogramObserver", "METHODS", "MinMaxObserver", "Observer", "make_observer"]
+from edgeopt.runtime.errors import OptionError
+
+__all__ = ["HistogramObserver", "METHODS", "MinMaxObserver", "Observer", "check_method", "make_observer"]
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
+
+
+def check_method(method: str) -> None:
+    """OptionError unless `method` is one of METHODS."""
+    if method not in METHODS:
+        raise OptionError(f"unknown calibration method '{method}'", hint=f"choose from {', '.join(METHODS)}")
 
 
 class MinMaxObserver:
@@ -43,8 +51,7 @@ class HistogramObserver(MinMaxObserver):
 
     def __init__(self, method: str = "percentile", *, bins: int = 2048, percentile: float = 99.99, levels: int = 256) -> None:
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"unknown calibration method '{method}' (choose from {', '.join(METHODS)})")
+        check_method(method)
         self.method = method
         self.bins = bins
         self.percentile = percentile

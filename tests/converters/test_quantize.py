@@ -10,8 +10,9 @@ from onnx import TensorProto, helper, numpy_helper
 from edgeopt.converters.data import Dataset, model_input_specs, open_dataset
 from edgeopt.converters.errors import CalibrationDataError
 from edgeopt.converters.metrics import fidelity
-from edgeopt.converters.quantize import QuantizeOptions, is_qdq_model, layer_sqnr, quantize
-from edgeopt.converters.graph.session import ort_session, run_model
+from edgeopt.converters.graph.session import has_qdq, ort_session, run_model
+from edgeopt.converters.quantize import QuantizeOptions, layer_sqnr, quantize
+from edgeopt.runtime.errors import OptionError
 from edgeopt.targets import get_target
 from tests import zoo
 
@@ -281,9 +282,15 @@ def test_missing_calibration_is_a_clear_error(model: onnx.ModelProto) -> None:
         quantize(model, get_target("raspberry-pi").quant_scheme, None)
 
 
-def test_is_qdq_model(model: onnx.ModelProto, calibration: Dataset) -> None:
-    assert not is_qdq_model(model)
-    assert is_qdq_model(quantize(model, get_target("jetson-orin").quant_scheme, calibration, QuantizeOptions(debug_samples=0)).model)
+def test_has_qdq(model: onnx.ModelProto, calibration: Dataset) -> None:
+    assert not has_qdq(model)
+    assert has_qdq(quantize(model, get_target("jetson-orin").quant_scheme, calibration, QuantizeOptions(debug_samples=0)).model)
+
+
+def test_an_unknown_calibration_method_is_an_option_error(model: onnx.ModelProto, calibration: Dataset) -> None:
+    with pytest.raises(OptionError, match="unknown calibration method 'kmeans'") as info:
+        quantize(model, get_target("raspberry-pi").quant_scheme, calibration, QuantizeOptions(method="kmeans"))
+    assert info.value.exit_code == 2 and "minmax" in str(info.value)
 
 
 @pytest.mark.parametrize("target", ["jetson-orin", "raspberry-pi", "onnxruntime-cpu"])
