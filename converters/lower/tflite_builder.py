@@ -16,6 +16,8 @@ import flatbuffers
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
+from edgeopt.runtime.spec import TensorQuantization
+
 __all__ = ["QuantParams", "TFLiteBuilder", "TENSOR_TYPES", "builtin_name"]
 
 TENSOR_TYPES: dict[str, int] = {
@@ -65,7 +67,7 @@ class QuantParams:
             and tuple(self.zero_point) == tuple(other.zero_point)
         )
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> TensorQuantization:
         if self.per_tensor:
             return {"scale": float(self.scale[0]), "zero_point": int(self.zero_point[0])}
         return {"scale": [float(s) for s in self.scale], "zero_point": [int(z) for z in self.zero_point], "axis": self.axis}

@@ -14,19 +14,37 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx_ir as ir
 from ai_edge_litert import schema_py_generated as schema
 
 from edgeopt.converters.errors import LoweringError
+from edgeopt.converters.graph.opset import ir_opset
+from edgeopt.converters.graph.rewrite import constant_array
 from edgeopt.converters.lower.tflite_builder import QuantParams, TFLiteBuilder
-from edgeopt.converters.lower.tflite_prepare import Node, PreparedGraph
+from edgeopt.converters.lower.tflite_prepare import Prepared
+from edgeopt.runtime.kinds import Precision
 
-__all__ = ["Conversion", "QConst", "nhwc_perm", "identity", "same_memory_order"]
+__all__ = ["Conversion", "QConst", "attributes", "identity", "input_names", "nhwc_perm", "output_names", "same_memory_order"]
 
 log = logging.getLogger(__name__)
 
 Perm = tuple[int, ...]
 Op = schema.BuiltinOperator
 Opt = schema.BuiltinOptions
+
+
+def input_names(node: ir.Node) -> list[str]:
+    """The node's input names, as the conversion's tables key values ("" for an omitted optional input)."""
+    return [value.name if value is not None else "" for value in node.inputs]
+
+
+def output_names(node: ir.Node) -> list[str]:
+    return [value.name or "" for value in node.outputs]
+
+
+def attributes(node: ir.Node) -> dict[str, object]:
+    """The node's attributes as Python values (ints, floats, str, tuples)."""
+    return {name: attribute.value for name, attribute in node.attributes.items()}
 
 
 def identity(rank: int) -> Perm:
@@ -93,15 +111,28 @@ class Ref:
 class Conversion:
     """Holds the builder and the value table while the op lowerings run in graph order."""
 
-    def __init__(self, graph: PreparedGraph, builder: TFLiteBuilder, precision: str) -> None:
+    def __init__(self, prepared: Prepared, builder: TFLiteBuilder, precision: Precision) -> None:
+        graph = prepared.model.graph
         self.graph = graph
+        self.probed = prepared.probed
+        self.opset = ir_opset(graph) or 1
+        self.graph_values = ir.convenience.create_value_mapping(graph)
+        self.graph_outputs = {value.name for value in graph.outputs}
+        # Folded constants by name; handlers add the few they derive (a reciprocal, a one).
+        self.constants = {
+            name: array for name, value in graph.initializers.items() if (array := constant_array(value)) is not None
+        }
         self.builder = builder
         self.precision = precision
         self.values: dict[str, Value] = {}
         self.refs: dict[str, Ref] = {}
         self.qconsts: dict[str, QConst] = {}
         self.adaptations: list[str] = []
-        self.consumers = graph.consumers()
+        self.consumers: dict[str, list[ir.Node]] = {}
+        for node in graph:
+            for name in input_names(node):
+                if name:
+                    self.consumers.setdefault(name, []).append(node)
         self.skip: set[int] = set()
         self.pending_q: dict[str, tuple[str, QuantParams]] = {}
         self.pending_requant: list[tuple[int, int]] = []
@@ -110,12 +141,23 @@ class Conversion:
         self.fused_bias = 0
         self.fake_quantized: dict[tuple[str, Perm, QuantParams], int] = {}
         self.dq_constants = {
-            n.outputs[0] for n in graph.nodes if n.op_type == "DequantizeLinear" and n.inputs[0] in graph.constants
+            n.outputs[0].name for n in graph if n.op_type == "DequantizeLinear" and input_names(n)[0] in self.constants
         }
+
+    # ----- the prepared graph ------------------------------------------------------------------
+    def graph_shape(self, name: str) -> tuple[int, ...]:
+        """The static ONNX shape of a value of the prepared graph."""
+        if name in self.constants:
+            return tuple(self.constants[name].shape)
+        return tuple(int(d) for d in self.graph_values[name].shape)
+
+    def graph_dtype(self, name: str) -> np.dtype:
+        value = self.graph_values.get(name)
+        return value.dtype.numpy() if value is not None and value.dtype is not None else np.dtype(np.float32)
 
     # ----- constants -------------------------------------------------------------------------
     def is_const(self, name: str) -> bool:
-        return name in self.graph.constants or name in self.qconsts
+        return name in self.constants or name in self.qconsts
 
     def is_weight(self, name: str) -> bool:
         """Constant now or once its DequantizeLinear is reached (usable before graph order gets there)."""
@@ -125,9 +167,9 @@ class Conversion:
         """The float (or integer) value of a constant input, dequantized if it sits behind a DQ."""
         if name in self.qconsts:
             return self.qconsts[name].dequantized()
-        if name not in self.graph.constants:
+        if name not in self.constants:
             raise LoweringError(f"input '{name}' must be a constant for this op", hint="fold it before lowering")
-        return self.graph.constants[name]
+        return self.constants[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
         if name in self.refs:
@@ -136,9 +178,7 @@ class Conversion:
             return self.values[name].shape
         if name in self.qconsts:
             return tuple(self.qconsts[name].values.shape)
-        if name in self.graph.constants:
-            return tuple(self.graph.constants[name].shape)
-        return self.graph.shapes[name]
+        return self.graph_shape(name)
 
     def quant_of(self, name: str) -> QuantParams | None:
         """The int8 params an input carries (activation behind Q→DQ, or DQ constant)."""
@@ -151,22 +191,21 @@ class Conversion:
     def output_quant(self, name: str) -> QuantParams | None:
         """The params of the Q nodes that read `name`, when every reader is such a Q (the QDQ form)."""
         users = self.consumers.get(name, [])
-        if not users or name in self.graph.outputs:
+        if not users or name in self.graph_outputs:
             return None
-        params = {self._q_params(u) for u in users if u.op_type == "QuantizeLinear"}
+        params = {self.q_params(u) for u in users if u.op_type == "QuantizeLinear"}
         if len(params) != 1 or any(u.op_type != "QuantizeLinear" for u in users):
             return None
         return params.pop()
 
-    def _q_params(self, node: Node) -> QuantParams:
-        scale = np.asarray(self.const(node.inputs[1]), dtype=np.float64).reshape(-1)
-        zero = (
-            np.asarray(self.const(node.inputs[2])).reshape(-1)
-            if len(node.inputs) > 2 and node.inputs[2]
-            else np.zeros(scale.shape, np.int64)
-        )
-        dtype = str(np.asarray(self.const(node.inputs[2])).dtype) if len(node.inputs) > 2 and node.inputs[2] else "uint8"
-        axis = int(node.attrs.get("axis", 1)) if scale.size > 1 else 0
+    def q_params(self, node: ir.Node) -> QuantParams:
+        """The quantization a QuantizeLinear or DequantizeLinear node applies."""
+        inputs = input_names(node)
+        scale = np.asarray(self.const(inputs[1]), dtype=np.float64).reshape(-1)
+        has_zero = len(inputs) > 2 and inputs[2]
+        zero = np.asarray(self.const(inputs[2])).reshape(-1) if has_zero else np.zeros(scale.shape, np.int64)
+        dtype = str(np.asarray(self.const(inputs[2])).dtype) if has_zero else "uint8"
+        axis = node.attributes.get_int("axis", 1) if scale.size > 1 else 0
         return QuantParams(tuple(float(s) for s in scale), tuple(int(z) for z in zero), dtype, axis)
 
     def const_tensor(self, name: str, data: np.ndarray, dtype: str | None = None, quant: QuantParams | None = None) -> int:
@@ -176,7 +215,7 @@ class Conversion:
             array = array.astype(np.float32)
         if dtype is None and array.dtype == np.int64 and quant is None:
             array = array.astype(np.int32) if np.abs(array).max(initial=0) < 2**31 else array
-        if self.precision == "fp16" and quant is None and (dtype or str(array.dtype)) == "float32" and array.size >= 16:
+        if self.precision == Precision.FP16 and quant is None and (dtype or str(array.dtype)) == "float32" and array.size >= 16:
             half = self.builder.constant(f"{name}_fp16", array.astype(np.float16), "float16")
             out = self.builder.tensor(name, array.shape, "float32")
             self.builder.op(Op.DEQUANTIZE, [half], [out], version=3)
@@ -207,12 +246,12 @@ class Conversion:
 
     def new_output(self, name: str, perm: Perm, quant: QuantParams | None, dtype: str | None = None) -> int:
         """The TFLite tensor for ONNX output `name` in layout `perm` (float unless `quant`)."""
-        shape = self.graph.shapes[name]
-        onnx_dtype = dtype or str(np.dtype(self.graph.dtypes.get(name, np.float32)))
+        shape = self.graph_shape(name)
+        onnx_dtype = dtype or str(self.graph_dtype(name))
         value = self.values.get(name) or self.add_value(name, shape, onnx_dtype)
         tensor_dtype = quant.dtype if quant is not None else onnx_dtype
         if tensor_dtype == "int64":
-            tensor_dtype = "int32" if onnx_dtype == "int64" and name not in self.graph.outputs else tensor_dtype
+            tensor_dtype = "int32" if onnx_dtype == "int64" and name not in self.graph_outputs else tensor_dtype
         index = self.builder.tensor(name, [shape[p] for p in perm], tensor_dtype, quant)
         value.variants[(perm, quant)] = index
         return index
@@ -223,7 +262,7 @@ class Conversion:
         if perm_map is None:
             self.refs[name] = Ref(value.name, quant)
             return
-        target = self.add_value(name, self.graph.shapes[name], value.dtype)
+        target = self.add_value(name, self.graph_shape(name), value.dtype)
         for (perm, q), index in value.variants.items():
             target.variants[(tuple(perm_map.index(p) for p in perm), q)] = index
         if quant is not None:
@@ -263,7 +302,7 @@ class Conversion:
         """int64 values are int32 tensors inside the file (see new_output); an int64 graph input is CAST once,
         on first use, so RESHAPE and the other dtype-keeping ops never pair an int64 input with an int32 output
         (RESHAPE copies bytes: the int64 attention mask of a BERT export was read as int32 pairs)."""
-        if value.name in self.graph.outputs:
+        if value.name in self.graph_outputs:
             return
         for key, index in list(value.variants.items()):
             if self.builder.dtypes[index] == "int64":

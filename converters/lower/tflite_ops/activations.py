@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import onnx_ir as ir
 from ai_edge_litert import schema_py_generated as schema
 
 from edgeopt.converters.errors import LoweringError
-from edgeopt.converters.lower.tflite_graph import Conversion, identity
+from edgeopt.converters.lower.tflite_graph import Conversion, attributes, identity, input_names, output_names
 from edgeopt.converters.lower.tflite_ops import REGISTRY
 from edgeopt.converters.lower.tflite_ops.common import (
     Act,
@@ -22,20 +23,20 @@ from edgeopt.converters.lower.tflite_ops.common import (
     const_operand,
     finish_output,
     flush_requant,
+    is_weight,
     make_options,
     quantized_mode,
     unary_op,
 )
-from edgeopt.converters.lower.tflite_prepare import Node
 
 
-def _elu_support(node: Node, c: Conversion) -> str | None:
-    return "LiteRT's ELU has alpha 1 only" if float(node.attrs.get("alpha", 1.0)) != 1.0 else None
+def _elu_support(node: ir.Node, prepared: bool = False) -> str | None:
+    return "LiteRT's ELU has alpha 1 only" if float(attributes(node).get("alpha", 1.0)) != 1.0 else None
 
 
 @REGISTRY.register("Relu", "Sigmoid", "Tanh", "HardSwish", "LeakyRelu", "Gelu")
 @REGISTRY.register("Elu", supports=_elu_support)
-def lower_activation(c: Conversion, node: Node) -> None:
+def lower_activation(c: Conversion, node: ir.Node) -> None:
     match node.op_type:
         case "Relu":
             unary_op(c, node, Op.RELU, None, None)
@@ -46,35 +47,35 @@ def lower_activation(c: Conversion, node: Node) -> None:
         case "HardSwish":
             unary_op(c, node, Op.HARD_SWISH, Opt.HardSwishOptions, schema.HardSwishOptionsT(), version=1)
         case "LeakyRelu":
-            options = make_options(schema.LeakyReluOptionsT, alpha=float(node.attrs.get("alpha", 0.01)))
+            options = make_options(schema.LeakyReluOptionsT, alpha=float(attributes(node).get("alpha", 0.01)))
             unary_op(c, node, Op.LEAKY_RELU, Opt.LeakyReluOptions, options)
         case "Elu":
             unary_op(c, node, Op.ELU, None, None)
         case "Gelu":
-            options = make_options(schema.GeluOptionsT, approximate=node.attrs.get("approximate", "none") == "tanh")
+            options = make_options(schema.GeluOptionsT, approximate=attributes(node).get("approximate", "none") == "tanh")
             unary_op(c, node, Op.GELU, Opt.GeluOptions, options)
         case _:
             raise LoweringError(f"internal: no activation lowering for {node.op_type}")
 
 
-def _clip_support(node: Node, c: Conversion) -> str | None:
-    if any(n and not c.is_weight(n) for n in node.inputs[1:]):
+def _clip_support(node: ir.Node, prepared: bool = False) -> str | None:
+    if prepared and any(bound is not None and not is_weight(bound) for bound in node.inputs[1:]):
         return f"{NOT_YET} Clip with computed (non-constant) bounds yet"
     return None
 
 
 @REGISTRY.register("Clip", supports=_clip_support)
-def lower_clip(c: Conversion, node: Node) -> None:
+def lower_clip(c: Conversion, node: ir.Node) -> None:
     code = activation_code(c, node)
     if code is not None:
         op = {Act.RELU: Op.RELU, Act.RELU6: Op.RELU6, Act.RELU_N1_TO_1: Op.RELU_N1_TO_1}[code]
         unary_op(c, node, op, None, None)
         return
     low, high = clip_bounds(c, node)
-    x, out = node.inputs[0], node.outputs[0]
+    x, out = input_names(node)[0], output_names(node)[0]
     perm = c.natural_perm(x)
     current = c.get(x, perm)
-    shape = [c.graph.shapes[out][p] for p in perm]
+    shape = [c.graph_shape(out)[p] for p in perm]
     for bound, code, last in ((low, Op.MAXIMUM, math.isinf(high)), (high, Op.MINIMUM, True)):
         if math.isinf(bound):
             continue
@@ -85,12 +86,12 @@ def lower_clip(c: Conversion, node: Node) -> None:
 
 
 @REGISTRY.register("HardSigmoid")
-def lower_hard_sigmoid(c: Conversion, node: Node) -> None:
+def lower_hard_sigmoid(c: Conversion, node: ir.Node) -> None:
     """clip(alpha*x + beta, 0, 1) = relu6(6*alpha*x + 6*beta) / 6, in ops every TFLite runtime has."""
-    x, out = node.inputs[0], node.outputs[0]
-    alpha, beta = float(node.attrs.get("alpha", 0.2)), float(node.attrs.get("beta", 0.5))
+    x, out = input_names(node)[0], output_names(node)[0]
+    alpha, beta = float(attributes(node).get("alpha", 0.2)), float(attributes(node).get("beta", 0.5))
     perm = c.natural_perm(x)
-    shape = [c.graph.shapes[out][p] for p in perm]
+    shape = [c.graph_shape(out)[p] for p in perm]
     source = c.get(x, perm)
     scaled = c.builder.tensor(f"{out}_scaled", shape, "float32")
     c.builder.op(Op.MUL, [source, c.builder.constant(f"{out}_alpha", np.asarray(6 * alpha, np.float32))], [scaled], Opt.MulOptions, schema.MulOptionsT())
@@ -104,10 +105,10 @@ def lower_hard_sigmoid(c: Conversion, node: Node) -> None:
 
 
 @REGISTRY.register("PRelu")
-def lower_prelu(c: Conversion, node: Node) -> None:
-    x, slope = node.inputs
-    out = node.outputs[0]
-    quantized = quantized_mode(c, node, [x, slope], [out])
+def lower_prelu(c: Conversion, node: ir.Node) -> None:
+    x, slope = input_names(node)
+    out = output_names(node)[0]
+    quantized = quantized_mode(c, node.op_type, [x, slope], [out])
     rank = len(c.shape(x))
     perm = c.natural_perm(x)
     source = c.get(x, perm, "q" if quantized else None)
@@ -117,13 +118,13 @@ def lower_prelu(c: Conversion, node: Node) -> None:
 
 
 @REGISTRY.register("Softmax")
-def lower_softmax(c: Conversion, node: Node) -> None:
-    x, out = node.inputs[0], node.outputs[0]
+def lower_softmax(c: Conversion, node: ir.Node) -> None:
+    x, out = input_names(node)[0], output_names(node)[0]
     rank = len(c.shape(x))
-    axis = int(node.attrs.get("axis", -1 if c.graph.opset >= 13 else 1)) % rank
-    if c.graph.opset < 13 and axis != rank - 1:
+    axis = int(attributes(node).get("axis", -1 if c.opset >= 13 else 1)) % rank
+    if c.opset < 13 and axis != rank - 1:
         raise LoweringError(f"Softmax '{node.name}': opset<13 softmax over flattened axes {axis}.. is not supported")
-    quantized = quantized_mode(c, node, [x], [out])
+    quantized = quantized_mode(c, node.op_type, [x], [out])
     natural = c.natural_perm(x)
     perm = natural if natural[-1] == axis else tuple([*[d for d in identity(rank) if d != axis], axis])
     source = c.get(x, perm, "q" if quantized else None)

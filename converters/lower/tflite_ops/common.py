@@ -15,13 +15,14 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+import onnx_ir as ir
 from ai_edge_litert import schema_py_generated as schema
 
 from edgeopt.converters.errors import LoweringError
+from edgeopt.converters.graph.rewrite import constant_array
 from edgeopt.converters.lower.tflite_builder import QuantParams
-from edgeopt.converters.lower.tflite_graph import Conversion, QConst, Ref, identity
-from edgeopt.converters.lower.tflite_prepare import Node
-
+from edgeopt.converters.lower.tflite_graph import Conversion, QConst, Ref, identity, input_names, output_names
+from edgeopt.runtime.kinds import Precision
 
 Op = schema.BuiltinOperator
 Opt = schema.BuiltinOptions
@@ -53,24 +54,24 @@ def make_options(cls: type, **fields: object) -> object:
     return options
 
 
-def quantized_mode(c: Conversion, node: Node, inputs: Sequence[str], outputs: Sequence[str]) -> bool:
-    """Whether the node runs in int8: TFLite has an int8 kernel and the QDQ graph quantizes all its I/O."""
-    if c.precision != "int8" or node.op_type not in INT8_OPS:
+def quantized_mode(c: Conversion, op_type: str, inputs: Sequence[str], outputs: Sequence[str]) -> bool:
+    """Whether an op runs in int8: TFLite has an int8 kernel and the QDQ graph quantizes all its I/O."""
+    if c.precision != Precision.INT8 or op_type not in INT8_OPS:
         return False
     return all(c.quant_of(i) is not None for i in inputs if i) and all(c.output_quant(o) is not None for o in outputs)
 
 
-def clip_bounds(c: Conversion, node: Node) -> tuple[float, float]:
-    low = node.attrs.get("min", -math.inf)
-    high = node.attrs.get("max", math.inf)
-    if len(node.inputs) > 1 and node.inputs[1]:
-        low = float(c.const(node.inputs[1]))
-    if len(node.inputs) > 2 and node.inputs[2]:
-        high = float(c.const(node.inputs[2]))
+def clip_bounds(c: Conversion, node: ir.Node) -> tuple[float, float]:
+    low = node.attributes.get_float("min", -math.inf)
+    high = node.attributes.get_float("max", math.inf)
+    if len(input_names(node)) > 1 and input_names(node)[1]:
+        low = float(c.const(input_names(node)[1]))
+    if len(input_names(node)) > 2 and input_names(node)[2]:
+        high = float(c.const(input_names(node)[2]))
     return float(low), float(high)
 
 
-def activation_code(c: Conversion, node: Node) -> int | None:
+def activation_code(c: Conversion, node: ir.Node) -> int | None:
     if node.op_type == "Relu":
         return Act.RELU
     if node.op_type == "Clip":
@@ -79,19 +80,19 @@ def activation_code(c: Conversion, node: Node) -> int | None:
     return None
 
 
-def fuse_activation(c: Conversion, node: Node, out: str) -> tuple[int, str]:
+def fuse_activation(c: Conversion, out: str) -> tuple[int, str]:
     """Fold a following Relu/Relu6 into the op (float path), returning (fused code, real output)."""
     users = c.consumers.get(out, [])
-    if c.precision == "int8" or len(users) != 1 or out in c.graph.outputs:
+    if c.precision == Precision.INT8 or len(users) != 1 or out in c.graph_outputs:
         return Act.NONE, out
     code = activation_code(c, users[0])
     if code is None:
         return Act.NONE, out
     c.skip.add(id(users[0]))
-    return code, users[0].outputs[0]
+    return code, users[0].outputs[0].name
 
 
-def weight_params(c: Conversion, name: str, node: Node, out_axis: int) -> QConst:
+def weight_params(c: Conversion, name: str, node: ir.Node, out_axis: int) -> QConst:
     qc = c.qconsts.get(name)
     if qc is None:
         raise LoweringError(f"{node.op_type} '{node.name}': weight '{name}' is float in the int8 graph")
@@ -106,7 +107,7 @@ def weight_params(c: Conversion, name: str, node: Node, out_axis: int) -> QConst
     return qc
 
 
-def bias_int32(c: Conversion, node: Node, name: str | None, channels: int, in_q: QuantParams, w_q: QuantParams) -> tuple[np.ndarray, QuantParams]:
+def bias_int32(c: Conversion, node: ir.Node, name: str | None, channels: int, in_q: QuantParams, w_q: QuantParams) -> tuple[np.ndarray, QuantParams]:
     scale = in_q.scale[0] * np.broadcast_to(w_q.scale_array(), (channels,))
     bias = c.const(name).astype(np.float64).reshape(-1) if name else np.zeros(channels)
     bias = np.broadcast_to(bias, (channels,))
@@ -124,7 +125,7 @@ def finish_output(c: Conversion, out: str, perm: Perm, produced: QuantParams | N
     """Tensor an op should write; when TFLite fixes the op's output params, requantize to the QDQ ones."""
     if produced is None or wanted is None or produced.same_as(wanted):
         return c.new_output(out, perm, wanted if produced is not None else None)
-    shape = [c.graph.shapes[out][p] for p in perm]
+    shape = [c.graph_shape(out)[p] for p in perm]
     temp = c.builder.tensor(f"{out}_fixed_q", shape, produced.dtype, produced)
     final = c.new_output(out, perm, wanted)
     c.adapt(
@@ -199,11 +200,11 @@ def operand(c: Conversion, name: str, rank: int, perm: Perm, quantized: bool) ->
 
 
 def unary_op(
-    c: Conversion, node: Node, code: int, options_type: int | None, options: object, fixed: QuantParams | None = None,
+    c: Conversion, node: ir.Node, code: int, options_type: int | None, options: object, fixed: QuantParams | None = None,
     int8: bool = True, out_dtype: str | None = None, version: int = 2,
 ) -> None:
-    x, out = node.inputs[0], node.outputs[0]
-    quantized = int8 and quantized_mode(c, node, [x], [out])
+    x, out = input_names(node)[0], output_names(node)[0]
+    quantized = int8 and quantized_mode(c, node.op_type, [x], [out])
     perm = c.natural_perm(x)
     source = c.get(x, perm, "q" if quantized else None)
     wanted = c.output_quant(out) if quantized else None
@@ -224,10 +225,6 @@ def hybrid_weights(c: Conversion, name: str, matrix: np.ndarray, axis: int) -> i
     params = QuantParams(tuple(float(s) for s in scale), (0,) * len(scale), "int8", axis)
     return c.builder.constant(name, values, "int8", params)
 
-
-
-def text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 
@@ -281,15 +278,34 @@ def pad_input(c: Conversion, source: int, name: str, pads: list[tuple[int, int]]
 
 
 
-# ----- support checks shared by several ops ------------------------------------------------------
-def input_rank(node: Node, c: Conversion) -> int:
-    return len(c.graph.shapes.get(node.inputs[0], ())) if node.inputs and node.inputs[0] else 0
+# ----- support checks ----------------------------------------------------------------------------
+# A check sees an ir.Node. `prepared`: the node is in the graph the lowering walks (static shapes,
+# everything foldable folded). Before preparation (validation's early report, on a shape-inferred
+# model) a check that needs a constant or a static shape not known yet says nothing (None).
+def input_rank(node: ir.Node) -> int | None:
+    value = node.inputs[0] if node.inputs else None
+    if value is None:
+        return 0
+    return len(value.shape) if value.shape is not None else None
 
 
-def needs_rank4(node: Node, c: Conversion) -> str | None:
-    rank = input_rank(node, c)
-    return None if rank == 4 else f"{NOT_YET} {node.op_type} on rank-{rank} inputs yet (2-D, rank-4 NCHW only)"
+def needs_rank4(node: ir.Node, prepared: bool = False) -> str | None:
+    rank = input_rank(node)
+    if rank is None or rank == 4:
+        return None
+    return f"{NOT_YET} {node.op_type} on rank-{rank} inputs yet (2-D, rank-4 NCHW only)"
 
 
-def needs_static_output(node: Node, c: Conversion) -> str | None:
-    return None if node.outputs[0] in c.graph.shapes else "output shape is not static after constant folding"
+def needs_static_output(node: ir.Node, prepared: bool = False) -> str | None:
+    shape = node.outputs[0].shape
+    if not prepared or (shape is not None and shape.is_static()):
+        return None
+    return "output shape is not static after constant folding"
+
+
+def is_weight(value: ir.Value | None) -> bool:
+    """A constant, or the DequantizeLinear of one."""
+    if constant_array(value) is not None:
+        return True
+    producer = value.producer() if value is not None else None
+    return producer is not None and producer.op_type == "DequantizeLinear" and constant_array(producer.inputs[0]) is not None

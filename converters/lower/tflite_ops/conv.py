@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import onnx_ir as ir
 from ai_edge_litert import schema_py_generated as schema
 
 from edgeopt.converters.lower.tflite_builder import QuantParams
-from edgeopt.converters.lower.tflite_graph import Conversion, nhwc_perm
+from edgeopt.converters.lower.tflite_graph import Conversion, attributes, input_names, nhwc_perm, output_names
 from edgeopt.converters.lower.tflite_ops import REGISTRY
 from edgeopt.converters.lower.tflite_ops.common import (
     NOT_YET,
@@ -17,39 +18,39 @@ from edgeopt.converters.lower.tflite_ops.common import (
     bias_int32,
     fuse_activation,
     hybrid_weights,
+    is_weight,
     make_options,
     needs_rank4,
     pad_input,
     per_channel_for,
     quantized_mode,
     spatial_padding,
-    text,
     weight_params,
 )
-from edgeopt.converters.lower.tflite_prepare import Node
+from edgeopt.runtime.kinds import Precision
 
 
-def _conv_support(node: Node, c: Conversion) -> str | None:
-    if (why := needs_rank4(node, c)) is not None:
+def _conv_support(node: ir.Node, prepared: bool = False) -> str | None:
+    if (why := needs_rank4(node)) is not None:
         return why
-    if not c.is_weight(node.inputs[1]):
+    if prepared and not is_weight(node.inputs[1]):
         return f"{NOT_YET} {node.op_type} with computed (non-constant) weights yet"
     return None
 
 
 @REGISTRY.register("Conv", supports=_conv_support)
-def lower_conv(c: Conversion, node: Node) -> None:
-    x, w = node.inputs[0], node.inputs[1]
-    b = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
-    act, out = fuse_activation(c, node, node.outputs[0])
-    quantized = quantized_mode(c, node, [x, w], [out])
+def lower_conv(c: Conversion, node: ir.Node) -> None:
+    x, w = input_names(node)[0], input_names(node)[1]
+    b = input_names(node)[2] if len(input_names(node)) > 2 and input_names(node)[2] else None
+    act, out = fuse_activation(c, output_names(node)[0])
+    quantized = quantized_mode(c, node.op_type, [x, w], [out])
     c_out, c_in_per_group, kh, kw = c.shape(w)
-    group = int(node.attrs.get("group", 1))
+    group = int(attributes(node).get("group", 1))
     c_in = c.shape(x)[1]
-    strides = node.attrs.get("strides", [1, 1])
-    dilations = node.attrs.get("dilations", [1, 1])
+    strides = attributes(node).get("strides", [1, 1])
+    dilations = attributes(node).get("dilations", [1, 1])
     padding, explicit = spatial_padding(
-        c.shape(x)[2:], c.graph.shapes[out][2:], (kh, kw), strides, dilations, node.attrs.get("pads", []), node.attrs.get("auto_pad", "NOTSET")
+        c.shape(x)[2:], c.graph_shape(out)[2:], (kh, kw), strides, dilations, attributes(node).get("pads", []), attributes(node).get("auto_pad", "NOTSET")
     )
     perm = nhwc_perm(4)
     source = c.get(x, perm, "q" if quantized else None)
@@ -110,13 +111,13 @@ def _filter_tensor(c: Conversion, name: str, data: np.ndarray, quant: QuantParam
     """Int8 weights as given (int8), int8 per-channel for dynamic range (int8-weights), else float."""
     if quant is not None:
         return c.builder.constant(name, data, "int8", quant)
-    if c.precision == "int8-weights" and data.size >= 1024:
+    if c.precision == Precision.INT8_WEIGHTS and data.size >= 1024:
         return hybrid_weights(c, name, np.ascontiguousarray(data, np.float32), channel_axis)
     return c.const_tensor(name, np.ascontiguousarray(data, np.float32))
 
 
 def _conv_bias(
-    c: Conversion, node: Node, b: str | None, channels: int, in_q: QuantParams | None, wq: QuantParams | None, part: slice | None = None
+    c: Conversion, node: ir.Node, b: str | None, channels: int, in_q: QuantParams | None, wq: QuantParams | None, part: slice | None = None
 ) -> int:
     part = part or slice(None)
     if in_q is None or wq is None:
@@ -129,7 +130,7 @@ def _conv_bias(
 
 
 def _emit_conv(
-    c: Conversion, node: Node, source: int, filt: int, bias: int, target: int, pad_code: int, strides: Sequence[int],
+    c: Conversion, node: ir.Node, source: int, filt: int, bias: int, target: int, pad_code: int, strides: Sequence[int],
     dilations: Sequence[int], act: int, quantized: bool,
 ) -> None:
     options = make_options(
@@ -139,27 +140,27 @@ def _emit_conv(
     c.builder.op(Op.CONV_2D, [source, filt, bias], [target], Opt.Conv2DOptions, options, version=3 if quantized else 1)
 
 
-def _conv_transpose_support(node: Node, c: Conversion) -> str | None:
-    attrs = node.attrs
-    if (why := _conv_support(node, c)) is not None:
+def _conv_transpose_support(node: ir.Node, prepared: bool = False) -> str | None:
+    attrs = attributes(node)
+    if (why := _conv_support(node, prepared)) is not None:
         return why
     if int(attrs.get("group", 1)) != 1:
         return f"LiteRT's TRANSPOSE_CONV has no groups, and {NOT_YET} grouped ConvTranspose as split convolutions yet"
-    if any(attrs.get("dilations", [1, 1])) != 1 or any(attrs.get("output_padding", [0, 0])) or text(attrs.get("auto_pad", "NOTSET")) != "NOTSET":
+    if any(d != 1 for d in attrs.get("dilations", [1, 1])) or any(attrs.get("output_padding", [0, 0])) or node.attributes.get_string("auto_pad", "NOTSET") != "NOTSET":
         return f"{NOT_YET} dilated, output_padding or auto_pad ConvTranspose yet"
     return None
 
 
 @REGISTRY.register("ConvTranspose", supports=_conv_transpose_support)
-def lower_conv_transpose(c: Conversion, node: Node) -> None:
-    x, w = node.inputs[0], node.inputs[1]
-    b = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
-    act, out = fuse_activation(c, node, node.outputs[0])
-    quantized = quantized_mode(c, node, [x, w], [out])
+def lower_conv_transpose(c: Conversion, node: ir.Node) -> None:
+    x, w = input_names(node)[0], input_names(node)[1]
+    b = input_names(node)[2] if len(input_names(node)) > 2 and input_names(node)[2] else None
+    act, out = fuse_activation(c, output_names(node)[0])
+    quantized = quantized_mode(c, node.op_type, [x, w], [out])
     c_out = c.shape(w)[1]  # ONNX ConvTranspose weights are [C_in, C_out, kh, kw]
-    strides = node.attrs.get("strides", [1, 1])
+    strides = attributes(node).get("strides", [1, 1])
     n, _, h, wd = c.shape(x)
-    out_shape = c.graph.shapes[out]
+    out_shape = c.graph_shape(out)
     kh, kw = c.shape(w)[2:]
     full = [(h - 1) * strides[0] + kh, (wd - 1) * strides[1] + kw]
     perm = nhwc_perm(4)
@@ -176,7 +177,7 @@ def lower_conv_transpose(c: Conversion, node: Node) -> None:
         filt = c.const_tensor(f"{node.name}_filter", c.const(w).transpose(1, 2, 3, 0))
     bias = _conv_bias(c, node, b, c_out, in_q, wq)
     crop = [(full[i] - out_shape[2 + i]) for i in range(2)]
-    pads = node.attrs.get("pads", [0, 0, 0, 0])
+    pads = attributes(node).get("pads", [0, 0, 0, 0])
     target = c.new_output(out, perm, out_q)
     write = target if crop == [0, 0] else c.builder.tensor(f"{out}_full", [n, *full, c_out], c.builder.dtypes[target], out_q)
     sizes = c.builder.constant(f"{node.name}_output_shape", np.asarray([n, *full, c_out] if write != target else c.builder.shapes[target], np.int32))

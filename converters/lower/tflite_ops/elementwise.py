@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 from ai_edge_litert import schema_py_generated as schema
 
 from edgeopt.converters.errors import LoweringError
-from edgeopt.converters.lower.tflite_graph import Conversion
+from edgeopt.converters.lower.tflite_graph import Conversion, input_names, output_names
 from edgeopt.converters.lower.tflite_ops import REGISTRY
 from edgeopt.converters.lower.tflite_ops.common import (
     Act,
@@ -18,7 +19,6 @@ from edgeopt.converters.lower.tflite_ops.common import (
     quantized_mode,
     unary_op,
 )
-from edgeopt.converters.lower.tflite_prepare import Node
 
 
 _BINARY = {
@@ -45,24 +45,28 @@ _BOOL_OUT = {"Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "And",
 
 
 @REGISTRY.register(*_BINARY)
-def lower_binary(c: Conversion, node: Node) -> None:
-    inputs = [i for i in node.inputs if i]
+def lower_binary(c: Conversion, node: ir.Node) -> None:
+    inputs = [i for i in input_names(node) if i]
+    out = output_names(node)[0]
     if node.op_type == "Sum" and len(inputs) == 1:
-        c.alias(node.outputs[0], inputs[0])
+        c.alias(out, inputs[0])
         return
-    op_type = node.op_type
-    if op_type == "Pow" and c.is_const(inputs[1]) and c.const(inputs[1]).size == 1:
+    if node.op_type == "Pow" and c.is_const(inputs[1]) and c.const(inputs[1]).size == 1:
         exponent = float(c.const(inputs[1]).reshape(()))
         if exponent in (2.0, 0.5):
             return unary_op(c, node, Op.SQUARE if exponent == 2.0 else Op.SQRT, None, None)
+    _binary(c, node.op_type, inputs, out)
+
+
+def _binary(c: Conversion, op_type: str, inputs: list[str], out: str) -> None:
+    """`op_type` over the named inputs, broadcasting in the layout of the largest dynamic one."""
     if op_type == "Div" and c.is_const(inputs[1]) and not np.issubdtype(c.const(inputs[1]).dtype, np.integer):
         name = f"{inputs[1]}__reciprocal"
-        c.graph.constants[name] = (1.0 / c.const(inputs[1]).astype(np.float64)).astype(np.float32)
-        node = Node(node.name, "Mul", [inputs[0], name], node.outputs, node.attrs)
-        inputs, op_type = node.inputs, "Mul"
-    act, out = fuse_activation(c, node, node.outputs[0]) if op_type in _FUSABLE else (Act.NONE, node.outputs[0])
-    quantized = quantized_mode(c, Node(node.name, op_type, inputs, [out]), [i for i in inputs if not c.is_const(i)], [out])
-    rank = len(c.graph.shapes[out])
+        c.constants[name] = (1.0 / c.const(inputs[1]).astype(np.float64)).astype(np.float32)
+        inputs, op_type = [inputs[0], name], "Mul"
+    act, out = fuse_activation(c, out) if op_type in _FUSABLE else (Act.NONE, out)
+    quantized = quantized_mode(c, op_type, [i for i in inputs if not c.is_const(i)], [out])
+    rank = len(c.graph_shape(out))
     perm = pick_perm(c, inputs, rank)
     code, options_type, options_cls = _BINARY[op_type]
     operands = [operand(c, name, rank, perm, quantized) for name in inputs]
@@ -71,7 +75,7 @@ def lower_binary(c: Conversion, node: Node) -> None:
     if hasattr(options, "fusedActivationFunction"):
         options.fusedActivationFunction = act
     while len(operands) > 2:  # n-ary Sum
-        partial = c.builder.tensor(f"{out}_partial", [c.graph.shapes[out][p] for p in perm], "float32")
+        partial = c.builder.tensor(f"{out}_partial", [c.graph_shape(out)[p] for p in perm], "float32")
         c.builder.op(code, operands[:2], [partial], options_type, options_cls())
         operands = [partial, *operands[2:]]
     target = c.new_output(out, perm, c.output_quant(out) if quantized else None, out_dtype)
@@ -79,17 +83,17 @@ def lower_binary(c: Conversion, node: Node) -> None:
 
 
 @REGISTRY.register("Where")
-def lower_where(c: Conversion, node: Node) -> None:
-    out = node.outputs[0]
-    rank = len(c.graph.shapes[out])
-    perm = pick_perm(c, node.inputs, rank)
-    operands = [operand(c, name, rank, perm, False) for name in node.inputs]
+def lower_where(c: Conversion, node: ir.Node) -> None:
+    out = output_names(node)[0]
+    rank = len(c.graph_shape(out))
+    perm = pick_perm(c, input_names(node), rank)
+    operands = [operand(c, name, rank, perm, False) for name in input_names(node)]
     target = c.new_output(out, perm, None)
     c.builder.op(Op.SELECT_V2, operands, [target], Opt.SelectV2Options, schema.SelectV2OptionsT())
 
 
 @REGISTRY.register("Sqrt", "Exp", "Neg", "Abs", "Reciprocal", "Not")
-def lower_unary_math(c: Conversion, node: Node) -> None:
+def lower_unary_math(c: Conversion, node: ir.Node) -> None:
     """Float-only math: TFLite has no int8 kernel for these in the QDQ form edgeopt writes."""
     match node.op_type:
         case "Sqrt":
@@ -101,8 +105,8 @@ def lower_unary_math(c: Conversion, node: Node) -> None:
         case "Abs":
             unary_op(c, node, Op.ABS, Opt.AbsOptions, schema.AbsOptionsT(), int8=False)
         case "Reciprocal":
-            c.graph.constants.setdefault("__one", np.asarray(1.0, np.float32))
-            lower_binary(c, Node(node.name, "Div", ["__one", node.inputs[0]], node.outputs))
+            c.constants.setdefault("__one", np.asarray(1.0, np.float32))
+            _binary(c, "Div", ["__one", input_names(node)[0]], output_names(node)[0])
         case "Not":
             unary_op(c, node, Op.LOGICAL_NOT, Opt.LogicalNotOptions, schema.LogicalNotOptionsT(), int8=False, out_dtype="bool")
         case _:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 from ai_edge_litert import schema_py_generated as schema
 
-from edgeopt.converters.lower.tflite_graph import Conversion, identity
+from edgeopt.converters.lower.tflite_graph import Conversion, attributes, identity, input_names, output_names
 from edgeopt.converters.lower.tflite_ops import REGISTRY
 from edgeopt.converters.lower.tflite_ops.common import (
     Op,
@@ -16,30 +17,30 @@ from edgeopt.converters.lower.tflite_ops.common import (
     needs_static_output,
     quantized_mode,
 )
-from edgeopt.converters.lower.tflite_prepare import Node
+from edgeopt.runtime.kinds import Precision
 
 
 @REGISTRY.register("Gather")
-def lower_gather(c: Conversion, node: Node) -> None:
-    data, indices = node.inputs
-    out = node.outputs[0]
-    axis = int(node.attrs.get("axis", 0))
+def lower_gather(c: Conversion, node: ir.Node) -> None:
+    data, indices = input_names(node)
+    out = output_names(node)[0]
+    axis = int(attributes(node).get("axis", 0))
     rank = len(c.shape(data))
     axis %= rank
     if c.is_const(data):
         quant = c.qconsts.get(data)
-        wanted = c.output_quant(out) if c.precision == "int8" else None
+        wanted = c.output_quant(out) if c.precision == Precision.INT8 else None
         if quant is not None and quant.params.per_tensor and wanted is not None:
             table = c.builder.constant(data, quant.values, str(quant.values.dtype), quant.params)
-            target = finish_output(c, out, identity(len(c.graph.shapes[out])), quant.params, wanted)
+            target = finish_output(c, out, identity(len(c.graph_shape(out))), quant.params, wanted)
         else:
             table = c.const_tensor(data, c.const(data).astype(np.float32))
-            target = c.new_output(out, identity(len(c.graph.shapes[out])), None)
+            target = c.new_output(out, identity(len(c.graph_shape(out))), None)
         positions = c.get(indices, identity(len(c.shape(indices))))
         c.builder.op(Op.GATHER, [table, positions], [target], Opt.GatherOptions, make_options(schema.GatherOptionsT, axis=axis), version=2)
         flush_requant(c)
         return
-    quantized = quantized_mode(c, node, [data], [out])
+    quantized = quantized_mode(c, node.op_type, [data], [out])
     index_value = c.const(indices).astype(np.int64)
     index_value = np.where(index_value < 0, index_value + c.shape(data)[axis], index_value).astype(np.int32)
     perm = c.natural_perm(data) if index_value.ndim == 0 else identity(rank)
@@ -48,7 +49,7 @@ def lower_gather(c: Conversion, node: Node) -> None:
         kept = [p for p in perm if p != axis]
         out_perm = tuple(sorted(kept).index(p) for p in kept)
     else:
-        out_perm = identity(len(c.graph.shapes[out]))
+        out_perm = identity(len(c.graph_shape(out)))
     in_q = c.quant_of(data) if quantized else None
     target = finish_output(c, out, out_perm, in_q, c.output_quant(out) if quantized else None)
     positions = c.builder.constant(f"{out}_indices", index_value)
@@ -58,15 +59,15 @@ def lower_gather(c: Conversion, node: Node) -> None:
 
 
 @REGISTRY.register("GatherElements")
-def lower_gather_elements(c: Conversion, node: Node) -> None:
+def lower_gather_elements(c: Conversion, node: ir.Node) -> None:
     """GatherElements as GATHER_ND: out[i] = data[i with i[axis] replaced by indices[i]] (float, ONNX layout).
 
     The coordinates are one constant grid per axis and the indices on `axis` (made non-negative with
     FLOOR_MOD when they are computed; constant ones are resolved here)."""
-    data, indices = node.inputs
-    out = node.outputs[0]
+    data, indices = input_names(node)
+    out = output_names(node)[0]
     rank = len(c.shape(data))
-    axis = int(node.attrs.get("axis", 0)) % rank
+    axis = int(attributes(node).get("axis", 0)) % rank
     index_shape = tuple(c.shape(indices))
     size = c.shape(data)[axis]
     grids = np.indices(index_shape, dtype=np.int32)
@@ -94,13 +95,13 @@ def lower_gather_elements(c: Conversion, node: Node) -> None:
 
 
 @REGISTRY.register("Range", supports=needs_static_output)
-def lower_range(c: Conversion, node: Node) -> None:
+def lower_range(c: Conversion, node: ir.Node) -> None:
     """RANGE(start, limit, delta) on scalars, all in the output's dtype (int64 values are int32 inside)."""
-    out = node.outputs[0]
+    out = output_names(node)[0]
     target = c.new_output(out, identity(1), None)
     dtype = c.builder.dtypes[target]
     operands = []
-    for name, role in zip(node.inputs, ("start", "limit", "delta")):
+    for name, role in zip(input_names(node), ("start", "limit", "delta")):
         if c.is_const(name):
             operands.append(c.builder.constant(f"{out}_{role}", np.asarray(c.const(name)).astype(dtype).reshape(())))
             continue
@@ -111,9 +112,9 @@ def lower_range(c: Conversion, node: Node) -> None:
             source = cast
         operands.append(source)
     c.builder.op(Op.RANGE, operands, [target], Opt.RangeOptions, schema.RangeOptionsT())
-    if out in c.graph.probed:
+    if out in c.probed:
         c.adapt(
-            f"Range '{node.name}': its length depends on computed values; the file declares {c.graph.shapes[out][0]} "
+            f"Range '{node.name}': its length depends on computed values; the file declares {c.graph_shape(out)[0]} "
             "(found by running the model on zero inputs). LiteRT's RANGE resizes its output at run time, "
             "but the ops after it were planned for that length"
         )

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 from ai_edge_litert import schema_py_generated as schema
 
 from edgeopt.converters.errors import LoweringError
 from edgeopt.converters.lower.tflite_builder import QuantParams
-from edgeopt.converters.lower.tflite_graph import Conversion, identity
+from edgeopt.converters.lower.tflite_graph import Conversion, attributes, identity, input_names, output_names
 from edgeopt.converters.lower.tflite_ops import REGISTRY
 from edgeopt.converters.lower.tflite_ops.common import (
     NOT_YET,
@@ -22,11 +23,11 @@ from edgeopt.converters.lower.tflite_ops.common import (
     quantized_mode,
     weight_params,
 )
-from edgeopt.converters.lower.tflite_prepare import Node
+from edgeopt.runtime.kinds import Precision
 
 
 def _fully_connected(
-    c: Conversion, node: Node, a: str, weight_name: str, weight_axis: int, transpose: bool,
+    c: Conversion, node: ir.Node, a: str, weight_name: str, weight_axis: int, transpose: bool,
     bias: np.ndarray | None, bias_name: str | None, out: str, act: int, quantized: bool, keep_dims: bool, alpha: float = 1.0,
 ) -> None:
     rank = len(c.shape(a))
@@ -57,33 +58,33 @@ def _fully_connected(
             matrix = matrix[:, order]
         if alpha != 1.0:
             matrix = matrix * np.float32(alpha)
-        if c.precision == "int8-weights" and matrix.size >= 1024:
+        if c.precision == Precision.INT8_WEIGHTS and matrix.size >= 1024:
             filt = hybrid_weights(c, f"{node.name}_weights", np.ascontiguousarray(matrix), 0)
         else:
             filt = c.const_tensor(f"{node.name}_weights", np.ascontiguousarray(matrix, dtype=np.float32))
         bias_tensor = c.const_tensor(f"{node.name}_bias", np.broadcast_to(bias, (n_out,)).astype(np.float32)) if bias is not None else -1
         out_q = None
-    target = c.new_output(out, identity(len(c.graph.shapes[out])), out_q)
+    target = c.new_output(out, identity(len(c.graph_shape(out))), out_q)
     options = make_options(
         schema.FullyConnectedOptionsT, fusedActivationFunction=act, keepNumDims=keep_dims,
-        asymmetricQuantizeInputs=c.precision == "int8-weights",
+        asymmetricQuantizeInputs=c.precision == Precision.INT8_WEIGHTS,
     )
     c.builder.op(Op.FULLY_CONNECTED, [source, filt, bias_tensor], [target], Opt.FullyConnectedOptions, options, version=5 if quantized else 1)
 
 
-def _gemm_support(node: Node, c: Conversion) -> str | None:
-    return f"{NOT_YET} Gemm with transA=1 yet" if node.attrs.get("transA", 0) else None
+def _gemm_support(node: ir.Node, prepared: bool = False) -> str | None:
+    return f"{NOT_YET} Gemm with transA=1 yet" if attributes(node).get("transA", 0) else None
 
 
 @REGISTRY.register("Gemm", supports=_gemm_support)
-def lower_gemm(c: Conversion, node: Node) -> None:
-    a, b = node.inputs[0], node.inputs[1]
-    cin = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
-    act, out = fuse_activation(c, node, node.outputs[0])
-    quantized = quantized_mode(c, node, [a, b], [out])
-    alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
-    trans_b = bool(node.attrs.get("transB", 0))
-    n_out = c.graph.shapes[out][-1]
+def lower_gemm(c: Conversion, node: ir.Node) -> None:
+    a, b = input_names(node)[0], input_names(node)[1]
+    cin = input_names(node)[2] if len(input_names(node)) > 2 and input_names(node)[2] else None
+    act, out = fuse_activation(c, output_names(node)[0])
+    quantized = quantized_mode(c, node.op_type, [a, b], [out])
+    alpha, beta = float(attributes(node).get("alpha", 1.0)), float(attributes(node).get("beta", 1.0))
+    trans_b = bool(attributes(node).get("transB", 0))
+    n_out = c.graph_shape(out)[-1]
     bias = None
     if cin is not None:
         bias = (c.const(cin).astype(np.float64) * beta).reshape(-1)
@@ -92,34 +93,35 @@ def lower_gemm(c: Conversion, node: Node) -> None:
     _fully_connected(c, node, a, b, 0 if trans_b else 1, not trans_b, bias, cin, out, act, quantized, False, alpha)
 
 
-def _bias_add(c: Conversion, node: Node, n_out: int) -> tuple[Node, list[Node], str] | None:
+def _bias_add(c: Conversion, node: ir.Node, n_out: int) -> tuple[ir.Node, list[ir.Node], str] | None:
     """The Add of a constant per-output bias that alone reads this MatMul (directly, or through one Q→DQ
     pair when the Add's output is quantized too), so FULLY_CONNECTED can take it as its bias."""
-    out = node.outputs[0]
-    between: list[Node] = []
+    out = output_names(node)[0]
+    between: list[ir.Node] = []
     users = c.consumers.get(out, [])
-    if len(users) == 1 and users[0].op_type == "QuantizeLinear" and c.precision == "int8":
-        dq_users = c.consumers.get(users[0].outputs[0], [])
+    if len(users) == 1 and users[0].op_type == "QuantizeLinear" and c.precision == Precision.INT8:
+        dq_users = c.consumers.get(users[0].outputs[0].name, [])
         if len(dq_users) != 1 or dq_users[0].op_type != "DequantizeLinear":
             return None
         between = [users[0], dq_users[0]]
-        out = dq_users[0].outputs[0]
+        out = dq_users[0].outputs[0].name
         users = c.consumers.get(out, [])
-    if len(users) != 1 or users[0].op_type != "Add" or out in c.graph.outputs or node.outputs[0] in c.graph.outputs:
+    if len(users) != 1 or users[0].op_type != "Add" or out in c.graph_outputs or output_names(node)[0] in c.graph_outputs:
         return None
     add = users[0]
-    bias = add.inputs[1] if add.inputs[0] == out else add.inputs[0]
-    if not c.is_weight(bias) or int(np.prod(c.graph.shapes[bias])) != n_out or c.graph.shapes[bias][-1:] != (n_out,):
+    first, second = input_names(add)
+    bias = second if first == out else first
+    if not c.is_weight(bias) or int(np.prod(c.graph_shape(bias))) != n_out or c.graph_shape(bias)[-1:] != (n_out,):
         return None
-    if between and c.output_quant(add.outputs[0]) is None:
+    if between and c.output_quant(add.outputs[0].name) is None:
         return None
     return add, between, bias
 
 
 @REGISTRY.register("MatMul")
-def lower_matmul(c: Conversion, node: Node) -> None:
-    a, b = node.inputs
-    out = node.outputs[0]
+def lower_matmul(c: Conversion, node: ir.Node) -> None:
+    a, b = input_names(node)
+    out = output_names(node)[0]
     if c.is_const(b) and len(c.shape(b)) == 2:
         fused = _bias_add(c, node, c.shape(b)[1])
         bias = None
@@ -127,13 +129,13 @@ def lower_matmul(c: Conversion, node: Node) -> None:
             add, between, bias_name = fused
             c.skip.update(id(n) for n in (add, *between))
             bias = c.const(bias_name).astype(np.float64).reshape(-1)
-            node = Node(node.name, node.op_type, node.inputs, add.outputs)
+            out = add.outputs[0].name
             c.fused_bias += 1
-        act, out = fuse_activation(c, node, node.outputs[0])
-        quantized = quantized_mode(c, node, [a, b], [out])
+        act, out = fuse_activation(c, out)
+        quantized = quantized_mode(c, node.op_type, [a, b], [out])
         _fully_connected(c, node, a, b, 1, True, bias, None, out, act, quantized, len(c.shape(a)) > 2)
         return
-    quantized = quantized_mode(c, node, [a, b], [out])
+    quantized = quantized_mode(c, node.op_type, [a, b], [out])
     operands, adjoint = [], []
     for name in (a, b):
         rank = len(c.shape(name))
@@ -146,7 +148,7 @@ def lower_matmul(c: Conversion, node: Node) -> None:
         use_adjoint = natural == swapped
         operands.append(c.get(name, swapped if use_adjoint else identity(rank), "q" if quantized else None))
         adjoint.append(use_adjoint)
-    target = c.new_output(out, identity(len(c.graph.shapes[out])), c.output_quant(out) if quantized else None)
+    target = c.new_output(out, identity(len(c.graph_shape(out))), c.output_quant(out) if quantized else None)
     options = make_options(schema.BatchMatMulOptionsT, adjX=adjoint[0], adjY=adjoint[1])
     c.builder.op(Op.BATCH_MATMUL, operands, [target], Opt.BatchMatMulOptions, options, version=2 if quantized else 1)
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 from ai_edge_litert import schema_py_generated as schema
 
-from edgeopt.converters.lower.tflite_graph import Conversion, nhwc_perm
+from edgeopt.converters.lower.tflite_graph import Conversion, attributes, input_names, nhwc_perm, output_names
 from edgeopt.converters.lower.tflite_ops import REGISTRY
 from edgeopt.converters.lower.tflite_ops.common import (
     Op,
@@ -20,30 +21,29 @@ from edgeopt.converters.lower.tflite_ops.common import (
     same_pads,
     spatial_padding,
 )
-from edgeopt.converters.lower.tflite_prepare import Node
 
 
-def _pool_support(node: Node, c: Conversion) -> str | None:
-    if (why := needs_rank4(node, c)) is not None:
+def _pool_support(node: ir.Node, prepared: bool = False) -> str | None:
+    if (why := needs_rank4(node)) is not None:
         return why
-    if any(d != 1 for d in node.attrs.get("dilations", [1, 1])) or len(node.outputs) > 1 and node.outputs[1]:
+    if any(d != 1 for d in attributes(node).get("dilations", [1, 1])) or len(output_names(node)) > 1 and output_names(node)[1]:
         return "LiteRT's pooling builtins have no dilation and no indices output"
     return None
 
 
 @REGISTRY.register("MaxPool", "AveragePool", supports=_pool_support)
-def lower_pool(c: Conversion, node: Node) -> None:
-    x, out = node.inputs[0], node.outputs[0]
+def lower_pool(c: Conversion, node: ir.Node) -> None:
+    x, out = input_names(node)[0], output_names(node)[0]
     is_max = node.op_type == "MaxPool"
-    act, out = fuse_activation(c, node, out)
-    quantized = quantized_mode(c, node, [x], [out])
-    kernel = node.attrs["kernel_shape"]
-    strides = node.attrs.get("strides", [1] * len(kernel))
+    act, out = fuse_activation(c, out)
+    quantized = quantized_mode(c, node.op_type, [x], [out])
+    kernel = attributes(node)["kernel_shape"]
+    strides = attributes(node).get("strides", [1] * len(kernel))
     padding, explicit = spatial_padding(
-        c.shape(x)[2:], c.graph.shapes[out][2:], kernel, strides, node.attrs.get("dilations", [1, 1]),
-        node.attrs.get("pads", []), node.attrs.get("auto_pad", "NOTSET"),
+        c.shape(x)[2:], c.graph_shape(out)[2:], kernel, strides, attributes(node).get("dilations", [1, 1]),
+        attributes(node).get("pads", []), attributes(node).get("auto_pad", "NOTSET"),
     )
-    include_pad = bool(node.attrs.get("count_include_pad", 0))
+    include_pad = bool(attributes(node).get("count_include_pad", 0))
     perm = nhwc_perm(4)
     needs_correction = not is_max and not include_pad and any(p != (0, 0) for p in explicit)
     if needs_correction and quantized:
@@ -68,16 +68,16 @@ def lower_pool(c: Conversion, node: Node) -> None:
         # VALID pooling over zero padding divides by the full window; ONNX divides by the real count.
         counts = np.pad(np.ones(c.shape(x)[2:], np.float32), explicit)
         windows = np.lib.stride_tricks.sliding_window_view(counts, kernel)[:: strides[0], :: strides[1]]
-        real = windows.sum(axis=(-2, -1))[: c.graph.shapes[out][2], : c.graph.shapes[out][3]]
+        real = windows.sum(axis=(-2, -1))[: c.graph_shape(out)[2], : c.graph_shape(out)[3]]
         factor = (kernel[0] * kernel[1] / real).astype(np.float32).reshape(1, *real.shape, 1)
         c.builder.op(Op.MUL, [write, c.const_tensor(f"{out}_count_fix", factor)], [target], Opt.MulOptions, schema.MulOptionsT())
     flush_requant(c)
 
 
 @REGISTRY.register("GlobalAveragePool", "GlobalMaxPool")
-def lower_global_pool(c: Conversion, node: Node) -> None:
-    x, out = node.inputs[0], node.outputs[0]
-    quantized = quantized_mode(c, node, [x], [out])
+def lower_global_pool(c: Conversion, node: ir.Node) -> None:
+    x, out = input_names(node)[0], output_names(node)[0]
+    quantized = quantized_mode(c, node.op_type, [x], [out])
     rank = len(c.shape(x))
     perm = nhwc_perm(rank)
     source = c.get(x, perm, "q" if quantized else None)

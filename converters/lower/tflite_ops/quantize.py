@@ -3,26 +3,26 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 
 from edgeopt.converters.errors import LoweringError
 from edgeopt.converters.lower.tflite_builder import QuantParams
-from edgeopt.converters.lower.tflite_graph import Conversion, QConst, Ref
+from edgeopt.converters.lower.tflite_graph import Conversion, QConst, Ref, input_names, output_names
 from edgeopt.converters.lower.tflite_ops import REGISTRY
-from edgeopt.converters.lower.tflite_prepare import Node
 
 
 @REGISTRY.register("QuantizeLinear")
-def lower_quantize(c: Conversion, node: Node) -> None:
+def lower_quantize(c: Conversion, node: ir.Node) -> None:
     """Q is absorbed: its params become the int8 type of its input (see lower_dequantize)."""
-    c.pending_q[node.outputs[0]] = (node.inputs[0], c._q_params(node))
+    c.pending_q[output_names(node)[0]] = (input_names(node)[0], c.q_params(node))
 
 
 @REGISTRY.register("DequantizeLinear")
-def lower_dequantize(c: Conversion, node: Node) -> None:
-    source, out = node.inputs[0], node.outputs[0]
-    if source in c.graph.constants:
-        params = c._q_params(node)
-        values = c.graph.constants[source]
+def lower_dequantize(c: Conversion, node: ir.Node) -> None:
+    source, out = input_names(node)[0], output_names(node)[0]
+    if source in c.constants:
+        params = c.q_params(node)
+        values = c.constants[source]
         if values.dtype == np.uint8:
             values, params = _uint8_to_int8(c, values, params, source)
         if not params.per_tensor:

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import onnx_ir as ir
 from ai_edge_litert import schema_py_generated as schema
 
-from edgeopt.converters.lower.tflite_graph import Conversion
+from edgeopt.converters.graph.rewrite import constant_array
+from edgeopt.converters.lower.tflite_graph import Conversion, attributes, input_names, output_names
 from edgeopt.converters.lower.tflite_ops import REGISTRY
 from edgeopt.converters.lower.tflite_ops.common import (
     NOT_YET,
@@ -19,7 +21,6 @@ from edgeopt.converters.lower.tflite_ops.common import (
     make_options,
     quantized_mode,
 )
-from edgeopt.converters.lower.tflite_prepare import Node
 
 
 _REDUCE = {"ReduceMean": Op.MEAN, "ReduceMax": Op.REDUCE_MAX, "ReduceMin": Op.REDUCE_MIN, "ReduceSum": Op.SUM}
@@ -27,19 +28,20 @@ _REDUCE = {"ReduceMean": Op.MEAN, "ReduceMax": Op.REDUCE_MAX, "ReduceMin": Op.RE
 _REDUCE_NORMS = {"ReduceL1": (Op.ABS, None), "ReduceL2": (Op.MUL, Op.SQRT), "ReduceSumSquare": (Op.MUL, None)}
 
 
-def _reduce_support(node: Node, c: Conversion) -> str | None:
-    if len(node.inputs) > 1 and node.inputs[1] and node.inputs[1] not in c.graph.constants:
+def _reduce_support(node: ir.Node, prepared: bool = False) -> str | None:
+    axes = node.inputs[1] if len(node.inputs) > 1 else None
+    if prepared and axes is not None and constant_array(axes) is None:
         return f"{NOT_YET} {node.op_type} with computed (non-constant) axes yet"
     return None
 
 
-def _reduce_axes(c: Conversion, node: Node, rank: int) -> list[int]:
-    if len(node.inputs) > 1 and node.inputs[1]:
-        axes = [int(a) % rank for a in c.const(node.inputs[1]).reshape(-1)]
+def _reduce_axes(c: Conversion, node: ir.Node, rank: int) -> list[int]:
+    if len(input_names(node)) > 1 and input_names(node)[1]:
+        axes = [int(a) % rank for a in c.const(input_names(node)[1]).reshape(-1)]
     else:
-        axes = [int(a) % rank for a in node.attrs.get("axes", [])]
+        axes = [int(a) % rank for a in attributes(node).get("axes", [])]
     # Empty axes reduce everything, unless noop_with_empty_axes (opset 18) asks for the identity.
-    return axes if axes or node.attrs.get("noop_with_empty_axes", 0) else list(range(rank))
+    return axes if axes or attributes(node).get("noop_with_empty_axes", 0) else list(range(rank))
 
 
 def _reduced_perm(perm: Perm, axes: Sequence[int], keep: bool) -> Perm:
@@ -51,12 +53,12 @@ def _reduced_perm(perm: Perm, axes: Sequence[int], keep: bool) -> Perm:
 
 
 @REGISTRY.register(*_REDUCE, supports=_reduce_support)
-def lower_reduce(c: Conversion, node: Node) -> None:
-    x, out = node.inputs[0], node.outputs[0]
-    quantized = quantized_mode(c, node, [x], [out])
+def lower_reduce(c: Conversion, node: ir.Node) -> None:
+    x, out = input_names(node)[0], output_names(node)[0]
+    quantized = quantized_mode(c, node.op_type, [x], [out])
     rank = len(c.shape(x))
     axes = _reduce_axes(c, node, rank)
-    keep = bool(node.attrs.get("keepdims", 1))
+    keep = bool(attributes(node).get("keepdims", 1))
     perm = c.natural_perm(x)
     source = c.get(x, perm, "q" if quantized else None)
     out_perm = _reduced_perm(perm, axes, keep)
@@ -70,12 +72,12 @@ def lower_reduce(c: Conversion, node: Node) -> None:
 
 
 @REGISTRY.register(*_REDUCE_NORMS, supports=_reduce_support)
-def lower_reduce_norm(c: Conversion, node: Node) -> None:
+def lower_reduce_norm(c: Conversion, node: ir.Node) -> None:
     """ReduceL1 = SUM(ABS x), ReduceSumSquare = SUM(x*x), ReduceL2 = SQRT(SUM(x*x)), in float."""
-    x, out = node.inputs[0], node.outputs[0]
+    x, out = input_names(node)[0], output_names(node)[0]
     rank = len(c.shape(x))
     axes = _reduce_axes(c, node, rank)
-    keep = bool(node.attrs.get("keepdims", 1))
+    keep = bool(attributes(node).get("keepdims", 1))
     perm = c.natural_perm(x)
     source = c.get(x, perm)
     out_perm = _reduced_perm(perm, axes, keep)

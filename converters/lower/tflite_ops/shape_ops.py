@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 from ai_edge_litert import schema_py_generated as schema
 
+from edgeopt.converters.graph.rewrite import constant_array
 from edgeopt.converters.lower.tflite_builder import QuantParams
 from edgeopt.converters.lower.tflite_graph import (
     Conversion,
+    attributes,
     channel_last_family,
     identity,
+    input_names,
     nhwc_perm,
+    output_names,
     same_memory_order,
 )
 from edgeopt.converters.lower.tflite_ops import REGISTRY
@@ -26,21 +31,20 @@ from edgeopt.converters.lower.tflite_ops.common import (
     needs_static_output,
     pick_perm,
     quantized_mode,
-    text,
 )
-from edgeopt.converters.lower.tflite_prepare import Node
+from edgeopt.runtime.kinds import Precision
 
 
-def _reshape_support(node: Node, c: Conversion) -> str | None:
-    return needs_static_output(node, c) if node.op_type == "Reshape" else None
+def _reshape_support(node: ir.Node, prepared: bool = False) -> str | None:
+    return needs_static_output(node, prepared) if node.op_type == "Reshape" else None
 
 
 @REGISTRY.register("Reshape", "Flatten", "Squeeze", "Unsqueeze", supports=_reshape_support)
-def lower_reshape(c: Conversion, node: Node) -> None:
+def lower_reshape(c: Conversion, node: ir.Node) -> None:
     """Reshape/Flatten/Squeeze/Unsqueeze: a RESHAPE in whichever layout keeps the memory order."""
-    x, out = node.inputs[0], node.outputs[0]
-    quantized = quantized_mode(c, node, [x], [out])
-    in_shape, out_shape = c.shape(x), c.graph.shapes[out]
+    x, out = input_names(node)[0], output_names(node)[0]
+    quantized = quantized_mode(c, node.op_type, [x], [out])
+    in_shape, out_shape = c.shape(x), c.graph_shape(out)
     out_rank = len(out_shape)
     value, _ = c.resolve(x)
     want_q = c.quant_of(x) if quantized else None
@@ -70,27 +74,27 @@ def lower_reshape(c: Conversion, node: Node) -> None:
 
 def _feeds_only_dense(c: Conversion, name: str) -> bool:
     """Whether every reader of `name` (through Q→DQ pairs) is a dense layer with constant weights taking it as input A."""
-    if name in c.graph.outputs:
+    if name in c.graph_outputs:
         return False
     users = c.consumers.get(name, [])
     if not users:
         return False
     for user in users:
         if user.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            if not _feeds_only_dense(c, user.outputs[0]):
+            if not _feeds_only_dense(c, user.outputs[0].name):
                 return False
         elif user.op_type == "Gemm":
-            if user.inputs[0] != name or user.attrs.get("transA", 0) or not c.is_weight(user.inputs[1]):
+            if input_names(user)[0] != name or user.attributes.get_int("transA", 0) or not c.is_weight(input_names(user)[1]):
                 return False
         elif user.op_type == "MatMul":
-            if user.inputs[0] != name or not c.is_weight(user.inputs[1]) or len(c.graph.shapes[user.inputs[1]]) != 2:
+            if input_names(user)[0] != name or not c.is_weight(input_names(user)[1]) or len(c.graph_shape(input_names(user)[1])) != 2:
                 return False
         else:
             return False
     return True
 
 
-def _emit_reshape(c: Conversion, node: Node, x: str, in_perm: Perm, out: str, out_perm: Perm, quantized: bool, in_q: QuantParams | None) -> None:
+def _emit_reshape(c: Conversion, node: ir.Node, x: str, in_perm: Perm, out: str, out_perm: Perm, quantized: bool, in_q: QuantParams | None) -> None:
     source = c.get(x, in_perm, "q" if quantized else None)
     target = finish_output(c, out, out_perm, in_q, c.output_quant(out) if quantized else None)
     c.reshape_op(source, target, c.builder.shapes[target])
@@ -98,12 +102,12 @@ def _emit_reshape(c: Conversion, node: Node, x: str, in_perm: Perm, out: str, ou
 
 
 @REGISTRY.register("Transpose")
-def lower_transpose(c: Conversion, node: Node) -> None:
-    x, out = node.inputs[0], node.outputs[0]
+def lower_transpose(c: Conversion, node: ir.Node) -> None:
+    x, out = input_names(node)[0], output_names(node)[0]
     rank = len(c.shape(x))
-    perm = tuple(int(p) for p in node.attrs.get("perm", list(reversed(range(rank)))))
+    perm = tuple(int(p) for p in attributes(node).get("perm", list(reversed(range(rank)))))
     in_q, out_q = c.quant_of(x), c.output_quant(out)
-    if c.precision == "int8" and in_q is not None and out_q is not None and not in_q.same_as(out_q):
+    if c.precision == Precision.INT8 and in_q is not None and out_q is not None and not in_q.same_as(out_q):
         source = c.get(x, identity(rank), "q")
         target = finish_output(c, out, identity(rank), in_q, out_q)
         c.builder.op(Op.TRANSPOSE, [source, c.builder.constant(f"{out}_perm", np.asarray(perm, np.int32))], [target], version=2)
@@ -113,17 +117,17 @@ def lower_transpose(c: Conversion, node: Node) -> None:
 
 
 @REGISTRY.register("Identity", "Dropout")
-def lower_identity(c: Conversion, node: Node) -> None:
-    c.alias(node.outputs[0], node.inputs[0])
+def lower_identity(c: Conversion, node: ir.Node) -> None:
+    c.alias(output_names(node)[0], input_names(node)[0])
 
 
 @REGISTRY.register("Concat")
-def lower_concat(c: Conversion, node: Node) -> None:
-    inputs = [i for i in node.inputs if i]
-    out = node.outputs[0]
-    quantized = quantized_mode(c, node, [i for i in inputs if not c.is_const(i)], [out])
-    rank = len(c.graph.shapes[out])
-    axis = int(node.attrs["axis"]) % rank
+def lower_concat(c: Conversion, node: ir.Node) -> None:
+    inputs = [i for i in input_names(node) if i]
+    out = output_names(node)[0]
+    quantized = quantized_mode(c, node.op_type, [i for i in inputs if not c.is_const(i)], [out])
+    rank = len(c.graph_shape(out))
+    axis = int(attributes(node)["axis"]) % rank
     perm = pick_perm(c, inputs, rank)
     out_q = c.output_quant(out) if quantized else None
     operands = []
@@ -149,16 +153,16 @@ def _requant_const(c: Conversion, name: str, rank: int, perm: Perm, params: Quan
 
 
 @REGISTRY.register("Split")
-def lower_split(c: Conversion, node: Node) -> None:
-    x = node.inputs[0]
-    outs = [o for o in node.outputs]
-    quantized = quantized_mode(c, node, [x], outs)
+def lower_split(c: Conversion, node: ir.Node) -> None:
+    x = input_names(node)[0]
+    outs = [o for o in output_names(node)]
+    quantized = quantized_mode(c, node.op_type, [x], outs)
     rank = len(c.shape(x))
-    axis = int(node.attrs.get("axis", 0)) % rank
+    axis = int(attributes(node).get("axis", 0)) % rank
     perm = c.natural_perm(x)
     source = c.get(x, perm, "q" if quantized else None)
     in_q = c.quant_of(x) if quantized else None
-    sizes = [c.graph.shapes[o][axis] for o in outs]
+    sizes = [c.graph_shape(o)[axis] for o in outs]
     targets = [finish_output(c, o, perm, in_q, c.output_quant(o) if quantized else None) for o in outs]
     axis_tensor = c.builder.constant(f"{node.name}_axis", np.asarray(perm.index(axis), np.int32))
     if len(set(sizes)) == 1:
@@ -169,23 +173,23 @@ def lower_split(c: Conversion, node: Node) -> None:
     flush_requant(c)
 
 
-def _slice_support(node: Node, c: Conversion) -> str | None:
-    steps = c.graph.constants.get(node.inputs[4]) if len(node.inputs) > 4 else None
+def _slice_support(node: ir.Node, prepared: bool = False) -> str | None:
+    steps = constant_array(node.inputs[4]) if len(node.inputs) > 4 else None
     if steps is not None and (steps <= 0).any():
         return f"{NOT_YET} Slice with negative steps yet"
-    return needs_static_output(node, c)
+    return needs_static_output(node, prepared)
 
 
 @REGISTRY.register("Slice", supports=_slice_support)
-def lower_slice(c: Conversion, node: Node) -> None:
-    x, out = node.inputs[0], node.outputs[0]
-    quantized = quantized_mode(c, node, [x], [out])
+def lower_slice(c: Conversion, node: ir.Node) -> None:
+    x, out = input_names(node)[0], output_names(node)[0]
+    quantized = quantized_mode(c, node.op_type, [x], [out])
     shape = c.shape(x)
     rank = len(shape)
-    starts = c.const(node.inputs[1]).astype(np.int64).reshape(-1)
-    ends = c.const(node.inputs[2]).astype(np.int64).reshape(-1)
-    axes = c.const(node.inputs[3]).astype(np.int64).reshape(-1) if len(node.inputs) > 3 and node.inputs[3] else np.arange(len(starts))
-    steps = c.const(node.inputs[4]).astype(np.int64).reshape(-1) if len(node.inputs) > 4 and node.inputs[4] else np.ones(len(starts), np.int64)
+    starts = c.const(input_names(node)[1]).astype(np.int64).reshape(-1)
+    ends = c.const(input_names(node)[2]).astype(np.int64).reshape(-1)
+    axes = c.const(input_names(node)[3]).astype(np.int64).reshape(-1) if len(input_names(node)) > 3 and input_names(node)[3] else np.arange(len(starts))
+    steps = c.const(input_names(node)[4]).astype(np.int64).reshape(-1) if len(input_names(node)) > 4 and input_names(node)[4] else np.ones(len(starts), np.int64)
     begin, end, stride = [0] * rank, list(shape), [1] * rank
     for s, e, a, st in zip(starts, ends, axes, steps):
         a = int(a) % rank
@@ -201,24 +205,23 @@ def lower_slice(c: Conversion, node: Node) -> None:
     flush_requant(c)
 
 
-def _pad_support(node: Node, c: Conversion) -> str | None:
-    mode = text(node.attrs.get("mode", "constant"))
+def _pad_support(node: ir.Node, prepared: bool = False) -> str | None:
+    mode = node.attributes.get_string("mode", "constant")
     if mode not in ("constant", "reflect"):
         return f"LiteRT pads only with a constant (PAD/PADV2) or by mirroring (MIRROR_PAD), not mode '{mode}'"
-    if len(node.inputs) > 3 and node.inputs[3]:
+    if len(node.inputs) > 3 and node.inputs[3] is not None:
         return f"{NOT_YET} Pad with an axes input yet"
-    return needs_static_output(node, c)
+    return needs_static_output(node, prepared)
 
 
 @REGISTRY.register("Pad", supports=_pad_support)
-def lower_pad(c: Conversion, node: Node) -> None:
-    x, out = node.inputs[0], node.outputs[0]
-    mode = node.attrs.get("mode", b"constant")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
+def lower_pad(c: Conversion, node: ir.Node) -> None:
+    x, out = input_names(node)[0], output_names(node)[0]
+    mode = node.attributes.get_string("mode", "constant")
     rank = len(c.shape(x))
-    pads = c.const(node.inputs[1]).astype(np.int64).reshape(-1) if len(node.inputs) > 1 and node.inputs[1] else np.asarray(node.attrs["pads"])
-    fill = float(c.const(node.inputs[2]).reshape(())) if len(node.inputs) > 2 and node.inputs[2] else 0.0
-    quantized = quantized_mode(c, node, [x], [out]) and mode == "constant" and fill == 0.0
+    pads = c.const(input_names(node)[1]).astype(np.int64).reshape(-1) if len(input_names(node)) > 1 and input_names(node)[1] else np.asarray(attributes(node)["pads"])
+    fill = float(c.const(input_names(node)[2]).reshape(())) if len(input_names(node)) > 2 and input_names(node)[2] else 0.0
+    quantized = quantized_mode(c, node.op_type, [x], [out]) and mode == "constant" and fill == 0.0
     perm = c.natural_perm(x)
     source = c.get(x, perm, "q" if quantized else None)
     in_q = c.quant_of(x) if quantized else None
@@ -237,20 +240,20 @@ def lower_pad(c: Conversion, node: Node) -> None:
 
 
 @REGISTRY.register("Cast")
-def lower_cast(c: Conversion, node: Node) -> None:
-    x, out = node.inputs[0], node.outputs[0]
+def lower_cast(c: Conversion, node: ir.Node) -> None:
+    x, out = input_names(node)[0], output_names(node)[0]
     perm = c.natural_perm(x)
     source = c.get(x, perm)
-    target = c.new_output(out, perm, None, str(np.dtype(c.graph.dtypes[out])))
+    target = c.new_output(out, perm, None, str(np.dtype(c.graph_dtype(out))))
     c.builder.op(Op.CAST, [source], [target], Opt.CastOptions, schema.CastOptionsT())
 
 
 @REGISTRY.register("Expand", supports=needs_static_output)
-def lower_expand(c: Conversion, node: Node) -> None:
-    x, out = node.inputs[0], node.outputs[0]
-    rank = len(c.graph.shapes[out])
+def lower_expand(c: Conversion, node: ir.Node) -> None:
+    x, out = input_names(node)[0], output_names(node)[0]
+    rank = len(c.graph_shape(out))
     source = c.get(x, identity(len(c.shape(x))))
     target = c.new_output(out, identity(rank), None)
-    shape = c.builder.constant(f"{out}_shape", np.asarray(c.graph.shapes[out], np.int32))
+    shape = c.builder.constant(f"{out}_shape", np.asarray(c.graph_shape(out), np.int32))
     c.builder.op(Op.BROADCAST_TO, [source, shape], [target], version=2)
 
