@@ -10,7 +10,6 @@ from __future__ import annotations
 import shlex
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import onnx
 
@@ -20,7 +19,7 @@ from edgeopt.converters.lower.base import LoweredArtifact, LoweringOptions, Lowe
 from edgeopt.converters.lower.onnx_io import graph_io_specs, save_onnx
 from edgeopt.runtime.kinds import ArtifactFormat, BackendName, Precision, unreachable
 from edgeopt.runtime.spec import TensorSpec
-from edgeopt.targets import Target
+from edgeopt.targets import OptionValue, Target
 
 __all__ = ["lower", "trtexec_command", "triton_config"]
 
@@ -56,7 +55,7 @@ def _precision_flags(precision: Precision) -> list[str]:
 
 
 def trtexec_command(
-    inputs: list[TensorSpec], precision: Precision, options: Mapping[str, Any], dla_core: int | None, max_batch: int
+    inputs: list[TensorSpec], precision: Precision, options: Mapping[str, OptionValue], dla_core: int | None, max_batch: int
 ) -> list[str]:
     """The trtexec argv that builds `model.plan` from `model.onnx` (TensorRT 10 flag names)."""
     argv = ["trtexec", "--onnx=model.onnx", "--saveEngine=model.plan", "--skipInference", *_precision_flags(precision)]
@@ -146,7 +145,7 @@ def lower(
     save_onnx(model, out_dir / "model.onnx")
     inputs, outputs = graph_io_specs(model, target.layout)
     profile = dict(target.options)
-    dla_core = options.extra.get("dla_core")
+    dla_core = None if options.extra.get("dla_core") is None else int(options.extra["dla_core"])
     max_batch = int(profile.get("triton_max_batch_size", 0))
     argv = trtexec_command(inputs, precision, profile, dla_core, max_batch)
     name = _triton_name(options.model_name)
