@@ -34,6 +34,7 @@ class FuseErfGeluPass(GraphPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         matches = [m for erf in graph if erf.op_type == "Erf" and erf.domain in ("", "ai.onnx") if (m := _match(erf)) is not None]
+        matches = [(x, chain) for x, chain in matches if all(node.graph is graph for node in chain)]  # none inside an If/Loop body
         for x, chain in matches:
             last = chain[-1]
             output = last.outputs[0]
