@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypedDict
 
 import numpy as np
 import onnx
@@ -27,13 +27,15 @@ from edgeopt.converters.quantize.calibration import calibrate
 from edgeopt.converters.quantize.debug import layer_sqnr
 from edgeopt.converters.quantize.observers import Observer, check_method
 from edgeopt.converters.quantize.placement import QuantPlan, plan_quantization
-from edgeopt.converters.quantize.qat import import_qdq
+from edgeopt.converters.quantize.qat import Adaptation, ScaleRecord, import_qdq
 from edgeopt.converters.quantize.qdq import group_params, insert_qdq
 from edgeopt.converters.quantize.sensitivity import meet_budget
+from edgeopt.runtime.manifest import JsonObject
 from edgeopt.targets import QuantScheme
 
 __all__ = [
     "QuantizeOptions",
+    "QuantizeReport",
     "QuantizeResult",
     "describe_adaptations",
     "layer_sqnr",
@@ -78,10 +80,37 @@ class QuantizeOptions:
     threads: int = 0
 
 
+class QuantizeReport(TypedDict, total=False):
+    """What `quantize` did, as the manifest's `quantization` section records it (JSON-able)."""
+
+    method: str | None
+    percentile: float | None
+    samples: int
+    scheme: JsonObject
+    weights_only: bool
+    qat_imported: bool
+    adaptations: list[Adaptation]
+    float_fallback: list[str]
+    per_layer_sqnr: list[JsonObject]
+    quantized_op_share: float
+    # a model exported from QAT: its learned scales
+    scales: list[ScaleRecord]
+    scales_kept: int
+    scales_adapted: int
+    # post-training quantization
+    excluded: list[str]
+    quantized_nodes: int
+    absorbed_activations: list[str]
+    kept_float_swamped: list[str]
+    not_quantized: list[dict[str, str]]
+    bias_correction: JsonObject | None
+    budget: JsonObject | None
+
+
 @dataclass
 class QuantizeResult:
     model: onnx.ModelProto
-    report: dict[str, Any] = field(default_factory=dict)
+    report: QuantizeReport = field(default_factory=QuantizeReport)
 
 
 def quantized_op_share(model: onnx.ModelProto, scheme: QuantScheme | None = None) -> float:
@@ -150,7 +179,7 @@ class _Quantizer:
         self.progress = progress
         self.observers: dict[str, Observer] = {}
         self.last_plan: QuantPlan | None = None
-        self.bias_report: dict[str, Any] | None = None
+        self.bias_report: JsonObject | None = None
         self.kept_float: list[str] = []
         self.softmax_inputs = {n.input[0] for n in model.graph.node if n.op_type == "Softmax"}
 
@@ -236,16 +265,19 @@ def quantize(
         # inference would contradict them.
         del qdq.graph.value_info[:]
         report = _report(qdq, scheme, options, calibration=None)
-        report.update(imported)
+        report["qat_imported"] = imported["qat_imported"]
+        report["scales"] = imported["scales"]
+        report["scales_kept"] = imported["scales_kept"]
+        report["scales_adapted"] = imported["scales_adapted"]
+        report["adaptations"] = imported["adaptations"]
         if calibration is not None:
             report["per_layer_sqnr"] = layer_sqnr(imported["float_model"], qdq, calibration.take(options.debug_samples))
-        del report["float_model"]
         return QuantizeResult(qdq, report)
     if options.bias_correction:
         model = _with_biases(model)
     quantizer = _Quantizer(model, scheme, calibration, options, progress)
     fallback: list[str] = []
-    budget: dict[str, Any] | None = None
+    budget: JsonObject | None = None
     if options.max_accuracy_drop is not None:
         if options.evaluation is None:
             raise CalibrationDataError(
@@ -257,24 +289,20 @@ def quantize(
         qdq = quantizer.build(options.exclude_nodes)
     report = _report(qdq, scheme, options, calibration)
     plan = quantizer.last_plan
-    report.update(
-        {
-            "float_fallback": fallback,
-            "excluded": list(options.exclude_nodes),
-            "quantized_nodes": len(plan.quantized_nodes) if plan else 0,
-            "absorbed_activations": sorted(plan.absorbed) if plan else [],
-            "kept_float_swamped": quantizer.kept_float,
-            "not_quantized": plan.skipped if plan else [],
-            "bias_correction": quantizer.bias_report,
-            "budget": budget,
-        }
-    )
+    report["float_fallback"] = fallback
+    report["excluded"] = list(options.exclude_nodes)
+    report["quantized_nodes"] = len(plan.quantized_nodes) if plan else 0
+    report["absorbed_activations"] = sorted(plan.absorbed) if plan else []
+    report["kept_float_swamped"] = quantizer.kept_float
+    report["not_quantized"] = plan.skipped if plan else []
+    report["bias_correction"] = quantizer.bias_report
+    report["budget"] = budget
     if calibration is not None and options.debug_samples:
         report["per_layer_sqnr"] = layer_sqnr(model, qdq, calibration.take(options.debug_samples))
     return QuantizeResult(qdq, report)
 
 
-def _report(qdq: onnx.ModelProto, scheme: QuantScheme, options: QuantizeOptions, calibration: Dataset | None) -> dict[str, Any]:
+def _report(qdq: onnx.ModelProto, scheme: QuantScheme, options: QuantizeOptions, calibration: Dataset | None) -> QuantizeReport:
     return {
         "method": None if calibration is None else options.method,
         "percentile": options.percentile if options.method == "percentile" and calibration is not None else None,
@@ -289,7 +317,7 @@ def _report(qdq: onnx.ModelProto, scheme: QuantScheme, options: QuantizeOptions,
     }
 
 
-def describe_adaptations(adaptations: Iterable[Mapping[str, Any]]) -> list[str]:
+def describe_adaptations(adaptations: Iterable[Adaptation]) -> list[str]:
     """One line per adaptation, for the CLI to print."""
     return [f"{a['tensor']}: {a['change']} ({a['why']})" for a in adaptations]
 
