@@ -11,6 +11,7 @@ import onnx_ir as ir
 
 from edgeopt.converters.analysis.stats import STANDARD_DOMAINS, node_label, op_key, shape_inferred
 from edgeopt.runtime.kinds import ArtifactFormat, BackendName, unreachable
+from edgeopt.runtime.op_registry import OpRegistry
 from edgeopt.targets import Target
 
 __all__ = ["unsupported_nodes"]
@@ -24,7 +25,9 @@ OpCheck = Callable[[ir.Node], "str | None"]
 def unsupported_nodes(model: onnx.ModelProto, target: Target) -> list[tuple[str, str, str]]:
     """Every node `target` cannot run, as (node name, op, why), all at once and in graph order.
 
-    Nodes computed from constants alone are left out: simplification folds them away.
+    Nodes computed from constants alone are left out: simplification folds them away. What the
+    target runs comes from one place per format (see `_op_check`); for TFLite and Core ML that is
+    the lowering's op registry, so this report and the lowering never disagree.
     """
     float64 = not _has_float64_kernels(target.backend)
     graph = (shape_inferred(model) if float64 or _lowering_decides(target.artifact_format) else ir.from_proto(model)).graph
@@ -69,15 +72,24 @@ def _has_float64_kernels(backend: BackendName) -> bool:
 
 
 def _lowering_decides(artifact_format: ArtifactFormat) -> bool:
-    """Whether edgeopt's own lowering (rather than the device's ONNX reader) says which ops build."""
+    """Whether edgeopt's own lowering (rather than the device's ONNX reader) says which ops build;
+    its support checks read shapes and types, so the model is shape-inferred first."""
     return artifact_format in (ArtifactFormat.TFLITE, ArtifactFormat.MLPACKAGE)
 
 
 def _op_check(target: Target) -> OpCheck:
-    """The one source of what `target` runs, by the format edgeopt writes for it."""
+    """The one source of what `target` runs, by the format edgeopt writes for it: the lowering's
+    op registry where edgeopt writes the format, the profile's list where the device's own ONNX
+    reader (TensorRT's parser) decides, every standard op where ONNX Runtime or OpenVINO read it."""
     match target.artifact_format:
-        case ArtifactFormat.TFLITE | ArtifactFormat.MLPACKAGE:
-            return _profile_list_check(target)
+        case ArtifactFormat.TFLITE:
+            from edgeopt.converters.lower.tflite_ops import REGISTRY as tflite_registry
+
+            return _registry_check(tflite_registry, target)
+        case ArtifactFormat.MLPACKAGE:
+            from edgeopt.converters.lower.coreml_ops import REGISTRY as coreml_registry
+
+            return _registry_check(coreml_registry, target)
         case ArtifactFormat.TENSORRT_ONNX:
             return _tensorrt_check(target)
         case ArtifactFormat.ONNX | ArtifactFormat.OPENVINO_IR:
@@ -86,12 +98,12 @@ def _op_check(target: Target) -> OpCheck:
             unreachable(target.artifact_format)
 
 
-def _profile_list_check(target: Target) -> OpCheck:
+def _registry_check(registry: OpRegistry[Any], target: Target) -> OpCheck:
     def check(node: ir.Node) -> str | None:
-        if not target.supports(node.op_type):
-            # the list describes what edgeopt's lowering writes, not what the device's runtime lacks
-            return f"edgeopt's {target.artifact_format.value} lowering for {target.name} does not write {node.op_type} yet (targets/{target.name}.toml)"
-        return _attribute_limit(node, target.artifact_format)
+        if node.op_type not in registry:
+            # edgeopt's limit, not the device's: its lowering has no handler for the op yet
+            return f"edgeopt's {target.artifact_format} lowering for {target.name} does not write {node.op_type} yet"
+        return registry.why_unsupported(node.op_type, node)
 
     return check
 
@@ -117,28 +129,6 @@ def _why_unsupported(node: ir.Node, target: Target, op_check: OpCheck, float64: 
     if float64 and any(output.dtype == ir.DataType.DOUBLE for output in node.outputs):
         reasons.append(f"computes in float64, which {target.backend} has no kernels for; cast to float32 at export")
     return reasons
-
-
-def _attribute_limit(node: ir.Node, artifact_format: ArtifactFormat) -> str | None:
-    for row_format, op_type, attribute, cannot_run, explanation in _ATTRIBUTE_LIMITS:
-        if row_format is not artifact_format or node.op_type != op_type or attribute not in node.attributes:
-            continue
-        value = node.attributes[attribute].value
-        if cannot_run(value):
-            return f"{attribute}={value!r}: {explanation}"
-    return None
-
-
-# (format, op, attribute, which values it cannot run, why)
-_ATTRIBUTE_LIMITS: tuple[tuple[ArtifactFormat, str, str, Callable[[Any], bool], str], ...] = (
-    (ArtifactFormat.TFLITE, "Resize", "mode", lambda mode: mode == "cubic",
-     "TFLite resizes only nearest or bilinear (RESIZE_NEAREST_NEIGHBOR, RESIZE_BILINEAR)"),
-    (ArtifactFormat.MLPACKAGE, "Resize", "mode", lambda mode: mode == "cubic",
-     "Core ML's MIL resize ops are nearest-neighbour or bilinear only"),
-    (ArtifactFormat.TFLITE, "Pad", "mode", lambda mode: mode in ("edge", "wrap"),
-     "TFLite pads only with a constant (PAD/PADV2) or by mirroring (MIRROR_PAD)"),
-    (ArtifactFormat.TFLITE, "ConvTranspose", "group", lambda group: group > 1, "TFLite's TRANSPOSE_CONV has no groups"),
-)
 
 
 @functools.cache

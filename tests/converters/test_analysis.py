@@ -289,7 +289,7 @@ def test_unsupported_nodes_are_listed_all_at_once_with_reasons():
     assert by_name["custom"][0] == "my.company::MyFancyOp"
     assert "non-standard domain 'my.company'" in by_name["custom"][1]
     assert "edgeopt's tflite lowering for raspberry-pi does not write TopK yet" in by_name["topk"][1]
-    assert "mode='cubic'" in by_name["resize_cubic"][1] and "bilinear" in by_name["resize_cubic"][1]
+    assert "mode 'cubic'" in by_name["resize_cubic"][1] and "bilinear" in by_name["resize_cubic"][1]  # the lowering's own check says why
 
 
 def test_tensorrt_runs_topk_and_cubic_resize_but_not_custom_ops():
