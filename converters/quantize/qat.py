@@ -21,7 +21,7 @@ import onnx
 import onnx_ir as ir
 
 from edgeopt.converters.errors import UnsupportedOpsError
-from edgeopt.converters.graph.qdq import build_time_array, dequantize, int_attribute, output_channel_axis, qparams
+from edgeopt.converters.graph.qdq import QDQ_OPS, build_time_array, dequantize, int_attribute, output_channel_axis, qparams
 from edgeopt.converters.graph.rewrite import NameScope, add_initializer
 from edgeopt.converters.quantize.placement import WEIGHTED_OPS, sums_products_pairwise
 from edgeopt.converters.quantize.qdq import activation_params, qrange, quantize_weight
@@ -71,12 +71,28 @@ class QatImport(TypedDict):
     float_model: onnx.ModelProto
 
 
+_QAT_IMPORT = "the QAT import"
+
+
+def _main_graph_only(model: onnx.ModelProto) -> ir.Model:
+    """The model on onnx_ir; Q/DQ inside an If/Loop/Scan body are refused, not silently left as they are."""
+    converted = ir.from_proto(model)
+    nested = [node for sub in converted.graph.subgraphs() for node in sub if node.op_type in QDQ_OPS]
+    if nested:
+        raise UnsupportedOpsError(
+            _QAT_IMPORT,
+            [(node.name or "", node.op_type, "Q/DQ inside an If/Loop/Scan body; the QAT import reads the main graph's Q/DQ only") for node in nested],
+            hint="export the quantized model without control flow around quantized layers, or quantize the float model with calibration data",
+        )
+    return converted
+
+
 def _params(node: ir.Node) -> tuple[np.ndarray, np.ndarray, int]:
     """(scale as float64, zero point (uint8 zeros when absent), axis) of a Q or DQ with constant parameters."""
     params = qparams(node)
     if params.scale is None:
         raise UnsupportedOpsError(
-            "the QAT import",
+            _QAT_IMPORT,
             [(node.name or "", node.op_type, "its scale is computed at run time; imported Q/DQ need constant scales")],
             hint="re-export the model with constant quantization parameters (constant folding on)",
         )
@@ -114,7 +130,7 @@ def _dequantizers(q: ir.Node) -> list[ir.Node]:
 
 def import_qdq(model: onnx.ModelProto, scheme: QuantScheme) -> tuple[onnx.ModelProto, QatImport]:
     """(adapted QDQ model, report with qat_imported, scales [before/after], adaptations, float_model)."""
-    adapted = ir.from_proto(model)
+    adapted = _main_graph_only(model)
     graph = adapted.graph
     names = NameScope(graph)
     scales: list[ScaleRecord] = []
@@ -401,7 +417,7 @@ def _drop_unused_initializers(graph: ir.Graph) -> None:
 
 def strip_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
     """The float model under a QDQ graph: activation Q->DQ pairs removed, weights as float (the fp32 reference of a QAT model)."""
-    stripped = ir.from_proto(model)
+    stripped = _main_graph_only(model)
     graph = stripped.graph
     removed: dict[ir.Node, None] = {}
     for dq in [n for n in graph if n.op_type == "DequantizeLinear"]:

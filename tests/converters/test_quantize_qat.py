@@ -187,3 +187,38 @@ def test_tflite_adaptations_per_channel_activations_asymmetric_weights_fixed_sof
     sample = {"x": np.random.default_rng(1).normal(size=(1, 3, 4, 4)).astype(np.float32)}
     reference, adapted = next(run_model(source, [sample]))["y"], next(run_model(result.model, [sample]))["y"]
     assert np.max(np.abs(reference - adapted)) < 0.05
+
+
+def test_qdq_inside_a_control_flow_body_is_refused_not_left_unadapted() -> None:
+    """The import adapts main-graph Q/DQ; one inside an If branch is named in a clear error."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeopt.converters.errors import UnsupportedOpsError
+    from edgeopt.converters.quantize.qat import import_qdq, strip_qdq
+
+    scalars = [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(128, np.uint8), "z")]
+    branch = helper.make_graph(
+        [
+            helper.make_node("QuantizeLinear", ["xd", "s", "z"], ["bq"], name="body_q"),
+            helper.make_node("DequantizeLinear", ["bq", "s", "z"], ["b"], name="body_dq"),
+        ],
+        "then", [], [helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 4])],
+    )
+    identity = helper.make_graph(
+        [helper.make_node("Identity", ["xd"], ["e"])], "else", [], [helper.make_tensor_value_info("e", TensorProto.FLOAT, [1, 4])]
+    )
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="xq"),
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="xd"),
+        helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=branch, else_branch=identity),
+    ]
+    graph = helper.make_graph(
+        nodes, "nested",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], scalars,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    for convert in (lambda: import_qdq(model, get_target("jetson-orin").quant_scheme), lambda: strip_qdq(model)):
+        with pytest.raises(UnsupportedOpsError, match="If/Loop/Scan body") as caught:
+            convert()
+        assert [(name, op) for name, op, _ in caught.value.nodes] == [("body_q", "QuantizeLinear"), ("body_dq", "DequantizeLinear")]
