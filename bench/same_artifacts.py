@@ -60,8 +60,7 @@ def _artifact_hashes(bundle: Path, manifest: dict[str, Any]) -> dict[str, str]:
         path = bundle / artifact["path"]
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for file in files:
-            if file.name not in _NOT_REPRODUCIBLE:
-                hashes[str(file.relative_to(bundle))] = _sha256(file)
+            hashes[str(file.relative_to(bundle))] = _sha256(file)
     return hashes
 
 
@@ -156,8 +155,15 @@ def _run_worker(jobs: Path, out: Path, site: Path | None) -> list[dict[str, Any]
     return json.loads(out.read_text())
 
 
+def _reproducible(row: dict[str, Any]) -> dict[str, Any]:
+    """The row with the artifact files that cannot repeat across builds left out of the comparison."""
+    artifacts = {path: digest for path, digest in (row.get("artifacts") or {}).items() if Path(path).name not in _NOT_REPRODUCIBLE}
+    return {**row, "artifacts": artifacts}
+
+
 def _differences(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     keys = ("status", "exit_code", "error", "precision", "artifacts", "parity", "quality")
+    before, after = _reproducible(before), _reproducible(after)
     return [key for key in keys if before.get(key) != after.get(key)]
 
 
@@ -221,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         differs = _differences(old, new)
         rows.append({
             "model": new["model"], "target": new["target"], "precision": new["precision"], "status": new["status"],
-            "exit_code": new["exit_code"], "files": len(new.get("artifacts", {})), "differs": differs,
+            "exit_code": new["exit_code"], "files": len(_reproducible(new)["artifacts"]), "differs": differs,
             "before": {k: old.get(k) for k in differs}, "after": {k: new.get(k) for k in differs},
         })  # fmt: skip
     payload = {

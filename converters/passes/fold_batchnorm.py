@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from edgeopt.converters.graph.rewrite import NameScope, add_initializer, constant_array
+from edgeopt.converters.graph.rewrite import NameScope, add_initializer, bypass_node, can_bypass, constant_array
 from edgeopt.converters.passes.base import GraphPass
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class FoldBatchNormPass(GraphPass):
     def _fold(self, graph: ir.Graph, names: NameScope, bn: ir.Node) -> bool:
         affine = _inference_affine(bn)
         source = bn.inputs[0]
-        if affine is None or source is None or not _feeds_only(source, bn):
+        if affine is None or source is None or not _feeds_only(source, bn) or not can_bypass(bn, source):
             return False
         producer = source.producer()
         if producer is None or producer.domain not in ("", "ai.onnx"):
@@ -70,18 +70,7 @@ class FoldBatchNormPass(GraphPass):
             folded = _fold_into_matmul_add(graph, names, producer, affine)
         else:
             return False
-        if not folded:
-            return False
-
-        output = bn.outputs[0]
-        was_graph_output = output.is_graph_output()
-        name = output.name
-        ir.convenience.replace_all_uses_with(output, source, replace_graph_outputs=True)
-        graph.remove(bn, safe=True)
-        if was_graph_output:
-            source.name = name
-        source.shape = source.shape or output.shape
-        return True
+        return folded and bypass_node(bn, source)
 
 
 def _feeds_only(value: ir.Value, consumer: ir.Node) -> bool:
