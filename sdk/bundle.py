@@ -154,9 +154,11 @@ def atomic_output(output: Path, force: bool, archive: bool = False) -> Iterator[
     archive_path = output.with_name(output.name + ".tar.gz")
     if archive:
         _check_archive_replaceable(archive_path, force)
-    staging = _output_step(output.parent, lambda: Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)))
+    staging: Path | None = None
     staged_archive: Path | None = None
     try:
+        with _signals_deferred():  # a signal right after mkdtemp would otherwise lose the folder's name
+            staging = _output_step(output.parent, lambda: Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)))
         try:
             yield staging
         except OSError as exc:
@@ -164,13 +166,16 @@ def atomic_output(output: Path, force: bool, archive: bool = False) -> Iterator[
                 raise _output_error(exc, output) from exc
             raise
         if archive:
-            staged_archive = _output_step(archive_path, lambda: _pack_to(staging, output.name, archive_path))
+            with _signals_deferred():
+                staged_archive = _output_step(archive_path, lambda: _staged_sibling(archive_path))
+            _output_step(archive_path, lambda: _pack_into(staging, output.name, staged_archive))
         with _signals_deferred():
             _output_step(output, lambda: _swap_in(staging, output))
             if staged_archive is not None:
                 _output_step(archive_path, lambda: os.replace(staged_archive, archive_path))
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         if staged_archive is not None:
             staged_archive.unlink(missing_ok=True)
         raise
@@ -263,18 +268,19 @@ def write_text_atomically(path: Path, text: str) -> None:
     """`text` into a unique temporary file beside `path`, flushed to disk, then renamed over `path`.
 
     A reader sees the old file or the new one, never half of one; two writers never share a
-    temporary file.
+    temporary file. A short write: an interrupt waits for it, so no temporary file is left behind.
     """
-    fd, staged_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(staged_name, path)
-    except BaseException:
-        Path(staged_name).unlink(missing_ok=True)
-        raise
+    with _signals_deferred():
+        fd, staged_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(staged_name, path)
+        except BaseException:
+            Path(staged_name).unlink(missing_ok=True)
+            raise
 
 
 @contextlib.contextmanager
@@ -340,23 +346,31 @@ def append_history(bundle_dir: Path, key: str, entry: Mapping[str, Any]) -> int:
 def pack(bundle_dir: Path) -> Path:
     """Pack a bundle folder as `<folder>.tar.gz` with one top-level folder, atomically."""
     target = bundle_dir.with_name(bundle_dir.name + ".tar.gz")
-    staged = _output_step(target, lambda: _pack_to(bundle_dir, bundle_dir.name, target))
-    _output_step(target, lambda: os.replace(staged, target))
+    staged: Path | None = None
+    try:
+        with _signals_deferred():
+            staged = _output_step(target, lambda: _staged_sibling(target))
+        _output_step(target, lambda: _pack_into(bundle_dir, bundle_dir.name, staged))
+        _output_step(target, lambda: os.replace(staged, target))
+    except BaseException:
+        if staged is not None:
+            staged.unlink(missing_ok=True)
+        raise
     return target
 
 
-def _pack_to(folder: Path, name: str, target: Path) -> Path:
-    """`folder` packed under the top-level name `name` into a staged sibling of `target`; its path.
-    A failed write removes the staged file."""
+def _staged_sibling(target: Path) -> Path:
+    """A new empty hidden file beside `target`, to be written and then moved onto it. Create it under
+    `_signals_deferred` so an interrupt cannot arrive between its creation and the caller knowing it."""
     fd, staged_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
-    staged = Path(staged_name)
-    try:
-        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
-            tar.add(folder, arcname=name)
-    except BaseException:
-        staged.unlink(missing_ok=True)
-        raise
-    return staged
+    os.close(fd)
+    return Path(staged_name)
+
+
+def _pack_into(folder: Path, name: str, staged: Path) -> None:
+    """`folder` packed under the top-level name `name` into the file `staged`."""
+    with staged.open("wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
+        tar.add(folder, arcname=name)
 
 
 def _json_default(value: Any) -> Any:
