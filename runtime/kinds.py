@@ -1,4 +1,5 @@
-"""The closed sets edgeopt dispatches on, typed: precision, backend, artifact format.
+"""The closed sets edgeopt dispatches on, typed: precision, backend, artifact format, and the
+quantizer's effort levels, techniques and calibration methods (named on the CLI and in manifests).
 
 Strings appear only at the edges (CLI options, JSON, TOML profiles, manifests); inside, code takes
 these enums and dispatches with `match`, ending in `unreachable(value)` so that a new member is
@@ -11,7 +12,7 @@ from __future__ import annotations
 import enum
 from typing import NoReturn
 
-__all__ = ["ArtifactFormat", "BackendName", "Precision", "unreachable"]
+__all__ = ["ArtifactFormat", "BackendName", "CalibrationMethod", "Effort", "Precision", "Technique", "unreachable"]
 
 
 def unreachable(value: NoReturn) -> NoReturn:
@@ -94,3 +95,32 @@ class ArtifactFormat(_Named):
                 return ".mlpackage"
             case _:
                 unreachable(self)
+
+
+class Effort(_Named):
+    """How much int8 build time a user gives for fidelity (converters/quantize/techniques.py)."""
+
+    FAST = "fast"
+    DEFAULT = "default"
+    MAX = "max"
+
+
+class Technique(_Named):
+    """One post-training quantization technique, as the CLI, the manifest and the report name it."""
+
+    EQUALIZATION = "equalization"  # cross-layer equalization (quantize/equalize.py)
+    BIAS_ABSORPTION = "bias_absorption"  # high-bias absorption (quantize/equalize.py)
+    SMOOTHQUANT = "smoothquant"  # outlier migration into MatMul/Gemm weights (quantize/smooth.py)
+    RANGE_SEARCH = "range_search"  # per-tensor range by consumer output error (quantize/range_search.py)
+    ADAROUND = "adaround"  # learned weight rounding (quantize/adaround.py)
+    BIAS_CORRECTION = "bias_correction"  # empirical bias correction (quantize/bias_correction.py)
+
+
+class CalibrationMethod(_Named):
+    """An activation range estimator; AUTO chooses one per tensor by the error in its consumer's output."""
+
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    ENTROPY = "entropy"
+    MSE = "mse"
+    AUTO = "auto"

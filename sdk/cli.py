@@ -17,7 +17,7 @@ import click
 
 from edgeopt.errors import EdgeoptError
 from edgeopt.runtime.isa import IsaClass
-from edgeopt.runtime.kinds import BackendName, Precision
+from edgeopt.runtime.kinds import BackendName, CalibrationMethod, Effort, Precision, Technique
 from edgeopt.runtime.manifest import JsonObject
 
 if TYPE_CHECKING:
@@ -257,13 +257,40 @@ def _parse_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]] | None:
     return shapes or None
 
 
+def _technique_switches(pairs: tuple[str, ...]) -> dict[Technique, bool]:
+    """`--technique NAME=on|off` pairs as switches; a malformed one is a usage error (exit 2)."""
+    switches: dict[Technique, bool] = {}
+    for pair in pairs:
+        name, _, state = pair.partition("=")
+        if name not in {t.value for t in Technique} or state not in ("on", "off"):
+            raise click.BadParameter(
+                f"'{pair}' is not NAME=on|off with NAME one of {', '.join(t.value for t in Technique)}", param_hint="--technique"
+            )
+        switches[Technique(name)] = state == "on"
+    return switches
+
+
 @cli.command(epilog=EXIT_CODES)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--target", "-t", required=True, help="Device target or alias (see `edgeopt targets`).")
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Bundle folder [default: dist/<model>-<target>].")
 @click.option("--precision", "-p", type=_Names(Precision), help="The target's default when omitted; int8 for QAT models.")
 @click.option("--calibration", type=click.Path(path_type=Path), help="Calibration data for int8: .npz/.npy or an image folder.")
-@click.option("--calibration-method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="minmax", show_default=True)
+@click.option(
+    "--effort",
+    type=_Names(Effort),
+    default=Effort.FAST.value,  # TEMP until the technique modules land
+    show_default=True,
+    help="int8 build time for fidelity: fast = min-max ranges and bias correction; default also tries equalization,"
+    " bias absorption, SmoothQuant and per-tensor range search; max adds AdaRound. Each is kept only if it helps"
+    " on held-out calibration samples.",
+)
+@click.option("--technique", "techniques", multiple=True, metavar="NAME=on|off", help=f"Force a technique on or off, unmeasured (repeatable): {', '.join(t.value for t in Technique)}.")
+@click.option(
+    "--calibration-method",
+    type=click.Choice([m.value for m in CalibrationMethod]),
+    help="Activation range estimator for every tensor [default: min-max, or per tensor by output error when --effort finds it helps].",
+)
 @click.option("--eval", "evaluation", type=click.Path(path_type=Path), help="Evaluation data (.npz with optional 'labels') to measure quality.")
 @click.option("--max-accuracy-drop", type=_FiniteFloat(min=0), help="Quality budget in accuracy points; sensitive layers stay in float to meet it.")
 @click.option("--io-layout", type=click.Choice(["nchw", "nhwc"]), help="Input/output layout of NHWC formats (TFLite).")
@@ -285,7 +312,9 @@ def build(
     output: Path | None,
     precision: Precision | None,
     calibration: Path | None,
-    calibration_method: str,
+    effort: Effort,
+    techniques: tuple[str, ...],
+    calibration_method: str | None,
     evaluation: Path | None,
     max_accuracy_drop: float | None,
     io_layout: str | None,
@@ -307,6 +336,8 @@ def build(
         precision=precision,
         calibration=calibration,
         calibration_method=calibration_method,
+        effort=effort,
+        techniques=_technique_switches(techniques),
         evaluation=evaluation,
         max_accuracy_drop=max_accuracy_drop,
         io_layout=io_layout,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from edgeopt.bundle import atomic_output, finite_or_null
 from edgeopt.runtime.isa import IsaClass
-from edgeopt.runtime.kinds import Precision
+from edgeopt.runtime.kinds import Effort, Precision, Technique
 from edgeopt.runtime.manifest import JsonObject, Manifest, Parity, Quality, StageReport, Tolerance
 from edgeopt.runtime.spec import TensorSpec
 from edgeopt.targets import Target
@@ -47,7 +47,9 @@ class BuildOptions:
     precision: Precision | None  # None: the target's default (int8 for a QAT model)
     isa: IsaClass | None
     calibration: str | Path | Iterable[Mapping[str, np.ndarray]] | None = None
-    calibration_method: str = "minmax"
+    calibration_method: str | None = None  # None: min-max, or the per-tensor range search when the effort finds it helps
+    effort: Effort = Effort.FAST  # TEMP until the technique modules land
+    techniques: Mapping[Technique, bool] = field(default_factory=dict)
     evaluation: str | Path | None = None
     max_accuracy_drop: float | None = None
     io_layout: str | None = None

@@ -10,19 +10,23 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+import enum
+from typing import Any, TypeVar
 
 import numpy as np
 
 from edgeopt.context import BuildContext, BuildOptions, Command, Progress, run_command
 from edgeopt.errors import EdgeoptError
+from edgeopt.runtime.errors import OptionError
 from edgeopt.package import PACKAGE, write_build_manifest
 from edgeopt.report import all_float, precision_label
 from edgeopt.runtime.isa import isa_mismatch
-from edgeopt.runtime.kinds import Precision
+from edgeopt.runtime.kinds import Effort, Precision, Technique
 from edgeopt.runtime.manifest import Manifest, QualityMetric
 from edgeopt.stages import CHECK_OPS, EVALUATE, LOAD, LOWER, QUANTIZE, SIMPLIFY, VALIDATE, VERIFY
 from edgeopt.targets import Target, get_target
+
+E = TypeVar("E", bound=enum.Enum)
 
 __all__ = ["BUILD", "BuildResult", "Progress", "build"]
 
@@ -41,7 +45,9 @@ def build(
     output: str | Path | None = None,
     precision: str | Precision | None = None,
     calibration: str | Path | Iterable[Mapping[str, np.ndarray]] | None = None,
-    calibration_method: str = "minmax",
+    calibration_method: str | None = None,
+    effort: str | Effort = Effort.FAST,  # TEMP until the technique modules land
+    techniques: Mapping[str | Technique, bool] | None = None,
     evaluation: str | Path | None = None,
     max_accuracy_drop: float | None = None,
     io_layout: str | None = None,
@@ -55,6 +61,8 @@ def build(
     """Build a verified bundle of `model` for `target`; see the README for the options' meaning.
 
     `isa`: the CPU class an int8 bundle is for (`Target.isa_classes`; the profile's default when None).
+    `effort`: "fast", "default" or "max": which PTQ techniques int8 may try, each kept only if it helps
+    on held-out calibration samples. `techniques`: {name: True/False} forces one on or off unmeasured.
     """
     model_path = Path(model)
     profile = target if isinstance(target, Target) else get_target(target)
@@ -67,6 +75,8 @@ def build(
         isa=profile.resolve_isa(isa),
         calibration=calibration,
         calibration_method=calibration_method,
+        effort=_parse_named(Effort, effort, "effort"),
+        techniques={_parse_named(Technique, name, "technique"): bool(on) for name, on in (techniques or {}).items()},
         evaluation=evaluation,
         max_accuracy_drop=max_accuracy_drop,
         io_layout=io_layout,
@@ -90,6 +100,14 @@ def _parse_precision(text: str | Precision, target: Target) -> Precision:
             f"precision '{text}' is not available for {target.name}",
             hint=f"choose one of: {', '.join(p.value for p in target.precisions)}",
         ) from None
+
+
+def _parse_named(kind: type[E], value: str | E, what: str) -> E:
+    """A closed set's member from its name (the API edge); an unknown name is an OptionError."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise OptionError(f"unknown {what} '{value}'", hint=f"choose one of: {', '.join(m.value for m in kind)}") from None
 
 
 @dataclass
@@ -122,6 +140,9 @@ class BuildResult:
         ]
         if m.target.isa is not None:
             lines.append(f"  cpu      built for {m.target.isa.value} CPUs ({m.target.isa.description}); --isa picks another class")
+        techniques = (m.quantization or {}).get("techniques")
+        if techniques:
+            lines += _technique_lines(techniques)
         if m.quality is not None:
             lines.append(f"  quality  vs fp32 on {m.quality.samples} samples of {m.quality.data}")
             lines += [f"           {metric.name} {metric.output}: {_figures(metric)}" for metric in m.quality.metrics]
@@ -136,6 +157,16 @@ class BuildResult:
         lines += [f"  file     {a.path:<32} {_human(a.bytes or 0):>10}  {a.role}" for a in m.artifacts]
         lines += [f"  warning  {w}" for w in self.warnings]
         return "\n".join(lines)
+
+
+def _technique_lines(techniques: Mapping[str, Any]) -> list[str]:
+    """What the int8 technique search kept, and each trial's held-out figure."""
+    lines = [f"  int8     effort {techniques['effort']}: {', '.join(techniques['chosen']) or 'min-max ranges only'}"]
+    search = techniques.get("search")
+    if search:
+        lines += [f"           tried {t['technique']}: {t['why']}" + (" (kept)" if t["kept"] else "") for t in search["trials"]]
+        lines += [f"           not tried {t['technique']}: {t['why']}" for t in search["not_tried"]]
+    return lines
 
 
 def _figures(metric: QualityMetric) -> str:

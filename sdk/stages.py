@@ -157,11 +157,20 @@ def quantize(context: BuildContext) -> JsonObject:
         context.lowered_model,
         options.target.scheme_for(options.isa),
         context.range_set,
-        QuantizeOptions(method=options.calibration_method, max_accuracy_drop=options.max_accuracy_drop, evaluation=context.evaluation_set),
+        QuantizeOptions(
+            method=options.calibration_method,
+            effort=options.effort,
+            techniques=options.techniques,
+            max_accuracy_drop=options.max_accuracy_drop,
+            evaluation=context.evaluation_set,
+        ),
         progress=context.sub_progress("calibrate"),
     )
     context.model, context.quantization = result.model, result.report
-    return {k: result.report[k] for k in ("method", "samples", "qat_imported", "float_fallback") if k in result.report}
+    details = {k: result.report[k] for k in ("method", "samples", "qat_imported", "float_fallback") if k in result.report}
+    if "techniques" in result.report:
+        details["techniques"] = result.report["techniques"]["chosen"]
+    return details
 
 
 def lower_model(context: BuildContext) -> JsonObject:

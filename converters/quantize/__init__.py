@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypedDict
 
 import numpy as np
@@ -30,6 +30,9 @@ from edgeopt.converters.quantize.placement import QuantPlan, plan_quantization
 from edgeopt.converters.quantize.qat import Adaptation, ScaleRecord, import_qdq
 from edgeopt.converters.quantize.qdq import group_params, insert_qdq
 from edgeopt.converters.quantize.sensitivity import meet_budget
+from edgeopt.converters.quantize.techniques import SearchReport, TechniqueSearch
+from edgeopt.runtime.errors import OptionError
+from edgeopt.runtime.kinds import Effort, Technique
 from edgeopt.runtime.manifest import JsonObject
 from edgeopt.targets import QuantScheme
 
@@ -37,6 +40,8 @@ __all__ = [
     "QuantizeOptions",
     "QuantizeReport",
     "QuantizeResult",
+    "Effort",
+    "Technique",
     "describe_adaptations",
     "layer_sqnr",
     "quantize",
@@ -61,14 +66,19 @@ SWAMP_RATIO = 1e4
 class QuantizeOptions:
     """How to calibrate and what quality to hold.
 
-    `method`: activation range estimator ("minmax", "percentile", "entropy", "mse").
-    `max_accuracy_drop`: budget in percentage points (accuracy with labels, else top-1
+    `effort`: which techniques may be tried (techniques.TRIED_AT); each is kept only if it raises
+    the output SQNR on calibration samples held out from range estimation. `techniques`: switches
+    that force a technique on or off without measuring it. `method`: activation range estimator
+    ("minmax", "percentile", "entropy", "mse", "auto"); None lets the effort choose (min-max, or the
+    per-tensor range search when it helps). `max_accuracy_drop`: budget in percentage points (accuracy with labels, else top-1
     disagreement, else (1 - cosine) x 100) measured on `evaluation`; layers fall back to float
     until it holds. `exclude_nodes`: nodes that stay float. `weights_only`: int8 weights, float
     activations (no calibration needed).
     """
 
-    method: str = "minmax"
+    method: str | None = None
+    effort: Effort = Effort.FAST
+    techniques: Mapping[Technique, bool] = field(default_factory=dict)
     percentile: float = 99.99
     bias_correction: bool = True
     max_accuracy_drop: float | None = None
@@ -105,6 +115,8 @@ class QuantizeReport(TypedDict, total=False):
     not_quantized: list[dict[str, str]]
     bias_correction: JsonObject | None
     budget: JsonObject | None
+    # what the technique search tried and kept, and each kept technique's own report
+    techniques: JsonObject
 
 
 @dataclass
@@ -171,15 +183,25 @@ def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
 class _Quantizer:
     """Holds the fp32 model and its observed ranges; builds QDQ models for any set of float nodes."""
 
-    def __init__(self, model: onnx.ModelProto, scheme: QuantScheme, calibration: Dataset | None, options: QuantizeOptions, progress: Progress | None) -> None:
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        scheme: QuantScheme,
+        calibration: Dataset | None,
+        options: QuantizeOptions,
+        progress: Progress | None,
+        recipe: frozenset[Technique] = frozenset({Technique.BIAS_CORRECTION}),
+    ) -> None:
         self.model = model
         self.scheme = scheme
         self.calibration = calibration
         self.options = options
         self.progress = progress
+        self.recipe = recipe
         self.observers: dict[str, Observer] = {}
         self.last_plan: QuantPlan | None = None
         self.bias_report: JsonObject | None = None
+        self.adaround_report: JsonObject | None = None
         self.kept_float: list[str] = []
         self.softmax_inputs = {n.input[0] for n in model.graph.node if n.op_type == "Softmax"}
 
@@ -192,6 +214,13 @@ class _Quantizer:
         return plan
 
     def ranges(self, plan: QuantPlan) -> dict[str, tuple[float, float]]:
+        """Each site's range: the method's, or with "auto" each scale group's candidate that hurts its
+        consumers least on held-out calibration samples (report in `self.range_report`)."""
+        from edgeopt.converters.quantize.range_search import RangeSearch, RangeSearchOptions, split_samples
+
+        auto = self.options.method == "auto"
+        if self.calibration is not None:
+            fit, held_out = split_samples(self.calibration, RangeSearchOptions().samples) if auto else (self.calibration, None)
         missing = [name for name in plan.sites if name not in self.observers]
         if missing:
             if self.calibration is None:
@@ -202,7 +231,7 @@ class _Quantizer:
             self.observers.update(
                 calibrate(
                     self.model,
-                    self.calibration,
+                    fit,
                     missing,
                     method=self.options.method,
                     percentile=self.options.percentile,
@@ -211,12 +240,17 @@ class _Quantizer:
                     threads=self.options.threads,
                 )
             )
+
+        def softmax_span(name: str, span: tuple[float, float]) -> tuple[float, float]:
+            return (max(span[0], span[1] - SOFTMAX_INPUT_SPAN), span[1]) if name in self.softmax_inputs else span
+
+        if auto and plan.sites:
+            if getattr(self, "range_search", None) is None:
+                self.range_search = RangeSearch(self.model, held_out, self.scheme, RangeSearchOptions(threads=self.options.threads))
+            ranges, self.range_report = self.range_search.choose(plan, self.observers, softmax_span, range_samples=len(fit))
+            return ranges
         symmetric = self.scheme.activation_symmetric
-        ranges = {name: self.observers[name].range(symmetric) for name in plan.sites}
-        for name in self.softmax_inputs & set(ranges):
-            low, high = ranges[name]
-            ranges[name] = (max(low, high - SOFTMAX_INPUT_SPAN), high)
-        return ranges
+        return {name: softmax_span(name, self.observers[name].range(symmetric)) for name in plan.sites}
 
     def swamping_nodes(self, plan: QuantPlan, ranges: Mapping[str, tuple[float, float]]) -> list[str]:
         """Elementwise nodes with an operand whose range dwarfs another's (an additive attention mask
@@ -241,12 +275,145 @@ class _Quantizer:
             plan = self.plan([*exclude, *swamping])
         params = group_params(plan, self.ranges(plan), self.scheme)
         qdq = insert_qdq(self.model, plan, params, self.scheme)
-        if self.options.bias_correction and self.calibration is not None:
+        if Technique.ADAROUND in self.recipe and self.calibration is not None:
+            from edgeopt.converters.quantize.adaround import adaround
+
+            qdq, rounding = adaround(self.model, qdq, self.calibration, self.scheme)
+            self.adaround_report = dict(rounding)
+        if Technique.BIAS_CORRECTION in self.recipe and self.calibration is not None:
             qdq, self.bias_report = correct_bias(
                 self.model, qdq, plan.quantized_nodes, self.calibration.take(self.options.bias_correction_samples)
             )
         self.last_plan = plan
         return qdq
+
+
+#: Graph transforms of the fp32 model, in the order they are applied when several are chosen.
+TRANSFORMS = (Technique.EQUALIZATION, Technique.BIAS_ABSORPTION, Technique.SMOOTHQUANT)
+#: Calibration samples held out from range estimation to judge each technique (a quarter, within these bounds).
+SEARCH_HELD_OUT = (16, 64)
+#: Seconds the `default` effort may spend trying techniques (a trial that starts in time finishes).
+DEFAULT_SEARCH_BUDGET_S = 30.0
+
+
+class _Recipes:
+    """QDQ models for any set of techniques, sharing what they can: each fp32 transform chain is made
+    once, each (chain, range method, rounding) gets one `_Quantizer` whose calibration is reused."""
+
+    def __init__(self, model: onnx.ModelProto, scheme: QuantScheme, fit: Dataset | None, options: QuantizeOptions, progress: Progress | None) -> None:
+        self.model = model
+        self.scheme = scheme
+        self.fit = fit
+        self.options = options
+        self.progress = progress
+        self._chains: dict[tuple[Technique, ...], tuple[onnx.ModelProto, dict[str, JsonObject]]] = {}
+        self._quantizers: dict[frozenset[Technique], _Quantizer] = {}
+
+    def chain(self, transforms: tuple[Technique, ...]) -> tuple[onnx.ModelProto, dict[str, JsonObject]]:
+        """The fp32 model after `transforms` (in TRANSFORMS order) and each transform's report."""
+        if transforms not in self._chains:
+            if not transforms:
+                self._chains[transforms] = (self.model, {})
+            else:
+                before, reports = self.chain(transforms[:-1])
+                after, report = self._transform(transforms[-1], before)
+                self._chains[transforms] = (after, {**reports, transforms[-1].value: dict(report)})
+        return self._chains[transforms]
+
+    def _transform(self, technique: Technique, model: onnx.ModelProto) -> tuple[onnx.ModelProto, Mapping[str, object]]:
+        data = self._need_data(technique)
+        if technique is Technique.EQUALIZATION:
+            from edgeopt.converters.quantize.equalize import equalize
+
+            return equalize(model)
+        if technique is Technique.BIAS_ABSORPTION:
+            from edgeopt.converters.quantize.equalize import absorb_high_bias
+
+            return absorb_high_bias(model, data)
+        if technique is Technique.SMOOTHQUANT:
+            from edgeopt.converters.quantize.smooth import smooth_quant
+
+            return smooth_quant(model, data, self.scheme)
+        raise AssertionError(f"{technique} is not a graph transform")
+
+    def _need_data(self, technique: Technique) -> Dataset:
+        if self.fit is None:
+            raise CalibrationDataError(f"the {technique} technique needs calibration data", hint="pass --calibration data.npz")
+        return self.fit
+
+    def quantizer(self, recipe: frozenset[Technique]) -> _Quantizer:
+        if recipe not in self._quantizers:
+            model, _ = self.chain(tuple(t for t in TRANSFORMS if t in recipe))
+            method = "auto" if Technique.RANGE_SEARCH in recipe else (self.options.method or "minmax")
+            options = replace(self.options, method=method)
+            self._quantizers[recipe] = _Quantizer(model, self.scheme, self.fit, options, self.progress, recipe)
+        return self._quantizers[recipe]
+
+    def applies(self, technique: Technique) -> str | None:
+        """Why `technique` has nothing to do on this model (it is then not tried), or None."""
+        if technique in TRANSFORMS:
+            _, reports = self.chain((technique,))
+            return None if reports[technique.value].get("changed") else f"nothing to change in this model ({_reason(reports[technique.value])})"
+        if technique is Technique.RANGE_SEARCH and self.options.method is not None:
+            return f"--calibration-method {self.options.method} was given"
+        if technique is Technique.ADAROUND:
+            try:
+                import torch  # noqa: F401
+            except ImportError:
+                return "needs torch: pip install 'edgeopt[train]'"
+        return None
+
+    def reports(self, recipe: frozenset[Technique], quantizer: _Quantizer) -> dict[str, JsonObject]:
+        """Each chosen technique's own report."""
+        _, reports = self.chain(tuple(t for t in TRANSFORMS if t in recipe))
+        if Technique.RANGE_SEARCH in recipe and getattr(quantizer, "range_report", None) is not None:
+            reports[Technique.RANGE_SEARCH.value] = dict(quantizer.range_report)
+        if quantizer.adaround_report is not None:
+            reports[Technique.ADAROUND.value] = quantizer.adaround_report
+        return reports
+
+
+def _reason(report: Mapping[str, object]) -> str:
+    skipped = report.get("skipped")
+    return f"{len(skipped)} candidates skipped" if isinstance(skipped, list) and skipped else "no candidate found"
+
+
+def _search_split(calibration: Dataset) -> tuple[Dataset, Dataset] | None:
+    """(range-estimation samples, held-out samples) for the technique search; None when too few to split."""
+    low, high = SEARCH_HELD_OUT
+    if len(calibration) < 3 * low:
+        return None
+    held_out = min(high, max(low, len(calibration) // 4))
+    kept = len(calibration) - held_out
+    return calibration.take(kept), calibration.skip(kept)
+
+
+def _choose_recipe(model: onnx.ModelProto, scheme: QuantScheme, calibration: Dataset | None, options: QuantizeOptions, progress: Progress | None) -> tuple[_Recipes, frozenset[Technique], SearchReport | None]:
+    """The techniques this model gets: the effort's search on held-out samples, or, without enough
+    samples (or at `fast`), the baseline and the forced switches."""
+    forced = dict(options.techniques)
+    if not options.bias_correction:
+        forced[Technique.BIAS_CORRECTION] = False
+    if options.method is not None and forced.get(Technique.RANGE_SEARCH):
+        raise OptionError(f"--technique range_search=on and --calibration-method {options.method} contradict", hint="give one of them")
+    baseline = frozenset(t for t, on in forced.items() if on) | ({Technique.BIAS_CORRECTION} - {t for t, on in forced.items() if not on})
+    split = None if calibration is None or options.weights_only or options.effort is Effort.FAST else _search_split(calibration)
+    if split is None:
+        return _Recipes(model, scheme, calibration, options, progress), baseline, None
+    fit, held_out = split
+    recipes = _Recipes(model, scheme, fit, options, progress)
+    search = TechniqueSearch(
+        float_model=model,
+        build=lambda recipe: recipes.quantizer(recipe).build(options.exclude_nodes),
+        applies=recipes.applies,
+        held_out=held_out,
+        effort=options.effort,
+        forced=forced,
+        time_budget_s=DEFAULT_SEARCH_BUDGET_S if options.effort is Effort.DEFAULT else None,
+        threads=options.threads,
+    )
+    recipe, report = search.run()
+    return recipes, recipe, report
 
 
 def quantize(
@@ -257,7 +424,8 @@ def quantize(
     progress: Progress | None = None,
 ) -> QuantizeResult:
     """The int8 QDQ model for this scheme, and a JSON-able report for the manifest."""
-    check_method(options.method)
+    if options.method is not None:
+        check_method(options.method)
     model = _prepared(model)
     if has_qdq(model):  # exported from QAT
         qdq, imported = import_qdq(model, scheme)
@@ -273,9 +441,10 @@ def quantize(
         if calibration is not None:
             report["per_layer_sqnr"] = layer_sqnr(imported["float_model"], qdq, calibration.take(options.debug_samples))
         return QuantizeResult(qdq, report)
-    if options.bias_correction:
+    if options.bias_correction and options.techniques.get(Technique.BIAS_CORRECTION, True):
         model = _with_biases(model)
-    quantizer = _Quantizer(model, scheme, calibration, options, progress)
+    recipes, recipe, search = _choose_recipe(model, scheme, calibration, options, progress)
+    quantizer = recipes.quantizer(recipe)
     fallback: list[str] = []
     budget: JsonObject | None = None
     if options.max_accuracy_drop is not None:
@@ -284,10 +453,10 @@ def quantize(
                 "an accuracy budget (--max-accuracy-drop) needs evaluation data",
                 hint="pass --eval data.npz (inputs, optionally with labels)",
             )
-        qdq, fallback, budget = meet_budget(model, quantizer.build, options.exclude_nodes, options.evaluation, options.max_accuracy_drop, quantizer.plan)
+        qdq, fallback, budget = meet_budget(quantizer.model, quantizer.build, options.exclude_nodes, options.evaluation, options.max_accuracy_drop, quantizer.plan)
     else:
         qdq = quantizer.build(options.exclude_nodes)
-    report = _report(qdq, scheme, options, calibration)
+    report = _report(qdq, scheme, quantizer.options, recipes.fit)
     plan = quantizer.last_plan
     report["float_fallback"] = fallback
     report["excluded"] = list(options.exclude_nodes)
@@ -297,8 +466,14 @@ def quantize(
     report["not_quantized"] = plan.skipped if plan else []
     report["bias_correction"] = quantizer.bias_report
     report["budget"] = budget
+    report["techniques"] = {
+        "effort": options.effort.value,
+        "chosen": [t.value for t in sorted(recipe, key=lambda t: list(Technique).index(t))],
+        "search": search,
+        "reports": recipes.reports(recipe, quantizer),
+    }
     if calibration is not None and options.debug_samples:
-        report["per_layer_sqnr"] = layer_sqnr(model, qdq, calibration.take(options.debug_samples))
+        report["per_layer_sqnr"] = layer_sqnr(quantizer.model, qdq, calibration.take(options.debug_samples))
     return QuantizeResult(qdq, report)
 
 

@@ -1,0 +1,183 @@
+"""Which PTQ techniques a model gets: tried one at a time, kept only when they help on held-out samples.
+
+A user asks for an `Effort`, not for techniques. Each level names the techniques it may try
+(`TRIED_AT`); the search starts from the baseline (min-max ranges and bias correction, today's
+`fast` build), adds one candidate at a time in `ORDER`, builds the QDQ model with it, and keeps it only
+if the output SQNR against fp32 on calibration samples held out from range estimation rises by at
+least `MIN_GAIN_DB`. A technique that makes things worse on this model is therefore tried, measured and
+dropped, and the report says so with its figure. `forced` switches (the CLI's `--technique NAME=on|off`)
+bypass the measurement in either direction.
+
+Every trial is recorded: technique, kept or not, held-out SQNR and top-1 agreement before and after,
+seconds. The search stops trying (and says which were not tried) when `time_budget_s` is spent.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TypedDict
+
+import numpy as np
+import onnx
+
+from edgeopt.converters.data import Dataset
+from edgeopt.converters.graph.session import run_model
+from edgeopt.converters.metrics import Fidelity, fidelity
+from edgeopt.runtime.kinds import Effort, Technique
+
+__all__ = [
+    "MIN_GAIN_DB",
+    "ORDER",
+    "Recipe",
+    "SearchReport",
+    "TechniqueSearch",
+    "TRIED_AT",
+    "Trial",
+]
+
+log = logging.getLogger(__name__)
+
+
+#: The order candidates are tried in: graph transforms first (they change what is calibrated), then
+#: range choice, then rounding, then the bias correction that measures what is left.
+ORDER: tuple[Technique, ...] = (
+    Technique.EQUALIZATION,
+    Technique.BIAS_ABSORPTION,
+    Technique.SMOOTHQUANT,
+    Technique.RANGE_SEARCH,
+    Technique.ADAROUND,
+    Technique.BIAS_CORRECTION,
+)
+
+#: What each effort may add to the baseline. `fast` is the baseline alone.
+TRIED_AT: dict[Effort, frozenset[Technique]] = {
+    Effort.FAST: frozenset(),
+    Effort.DEFAULT: frozenset({Technique.EQUALIZATION, Technique.BIAS_ABSORPTION, Technique.SMOOTHQUANT, Technique.RANGE_SEARCH}),
+    Effort.MAX: frozenset(ORDER),
+}
+
+#: Techniques in every build unless switched off: bias correction checks its own gain on the same samples.
+BASELINE: frozenset[Technique] = frozenset({Technique.BIAS_CORRECTION})
+
+#: A candidate is kept when the held-out output SQNR rises by at least this much (dB): less is noise.
+MIN_GAIN_DB = 0.1
+
+Recipe = frozenset  # frozenset[Technique]: the techniques one QDQ model was built with
+
+
+class Trial(TypedDict):
+    technique: str
+    kept: bool
+    why: str
+    sqnr_db_before: float
+    sqnr_db_after: float | None
+    top1_before: float | None
+    top1_after: float | None
+    seconds: float
+
+
+class SearchReport(TypedDict):
+    effort: str
+    held_out_samples: int
+    baseline: list[str]
+    chosen: list[str]
+    forced: dict[str, bool]
+    trials: list[Trial]
+    not_tried: list[dict[str, str]]
+    sqnr_db: float
+    top1_agreement: float | None
+    seconds: float
+
+
+@dataclass
+class _Scored:
+    model: onnx.ModelProto
+    fidelity: Fidelity
+
+    @property
+    def sqnr_db(self) -> float:
+        return float(self.fidelity.get("min_sqnr_db", 0.0))
+
+    @property
+    def top1(self) -> float | None:
+        return self.fidelity.get("top1_agreement")
+
+
+@dataclass
+class TechniqueSearch:
+    """Greedy forward selection of techniques for one model and scheme.
+
+    `build(recipe)` returns the QDQ model made with those techniques (the caller caches the fp32
+    transforms and calibrations it can share); `applies(technique)` says whether a technique has
+    anything to do on this model (no Conv pairs, no MatMul: not tried, reported as such).
+    """
+
+    float_model: onnx.ModelProto  # the held-out reference runs on it
+    build: Callable[[frozenset[Technique]], onnx.ModelProto]
+    applies: Callable[[Technique], str | None]
+    held_out: Dataset
+    effort: Effort
+    forced: Mapping[Technique, bool] = field(default_factory=dict)
+    time_budget_s: float | None = None
+    threads: int = 0
+
+    def run(self) -> tuple[frozenset[Technique], SearchReport]:
+        start = time.monotonic()
+        reference = list(run_model(self.float_model, self.held_out, threads=self.threads))
+        recipe = frozenset(t for t in BASELINE if self.forced.get(t, True)) | {t for t, on in self.forced.items() if on}
+        baseline = sorted(recipe, key=ORDER.index)
+        current = self._score(recipe, reference)
+        trials: list[Trial] = []
+        not_tried: list[dict[str, str]] = []
+        for technique in ORDER:
+            if technique in self.forced or technique in recipe or technique not in TRIED_AT[self.effort]:
+                continue
+            reason = self.applies(technique)
+            if reason is not None:
+                not_tried.append({"technique": technique.value, "why": reason})
+                continue
+            spent = time.monotonic() - start
+            if self.time_budget_s is not None and spent > self.time_budget_s:
+                not_tried.append({"technique": technique.value, "why": f"time budget of {self.time_budget_s:g} s spent ({spent:.0f} s)"})
+                continue
+            began = time.monotonic()
+            candidate = self._score(recipe | {technique}, reference)
+            gain = candidate.sqnr_db - current.sqnr_db
+            kept = gain >= MIN_GAIN_DB
+            why = f"held-out SQNR {'+' if gain >= 0 else ''}{gain:.2f} dB" + ("" if kept else f" (< +{MIN_GAIN_DB} dB: dropped)")
+            trials.append(
+                {
+                    "technique": technique.value,
+                    "kept": kept,
+                    "why": why,
+                    "sqnr_db_before": round(current.sqnr_db, 3),
+                    "sqnr_db_after": round(candidate.sqnr_db, 3),
+                    "top1_before": current.top1,
+                    "top1_after": candidate.top1,
+                    "seconds": round(time.monotonic() - began, 2),
+                }
+            )
+            log.info("technique %s: %s", technique.value, why)
+            if kept:
+                recipe, current = recipe | {technique}, candidate
+        report: SearchReport = {
+            "effort": self.effort.value,
+            "held_out_samples": len(self.held_out),
+            "baseline": [t.value for t in baseline],
+            "chosen": [t.value for t in sorted(recipe, key=ORDER.index)],
+            "forced": {t.value: on for t, on in self.forced.items()},
+            "trials": trials,
+            "not_tried": not_tried,
+            "sqnr_db": round(current.sqnr_db, 3),
+            "top1_agreement": current.top1,
+            "seconds": round(time.monotonic() - start, 2),
+        }
+        return recipe, report
+
+    def _score(self, recipe: frozenset[Technique], reference: Sequence[Mapping[str, np.ndarray]]) -> _Scored:
+        model = self.build(recipe)
+        candidate = list(run_model(model, self.held_out, threads=self.threads))
+        return _Scored(model, fidelity(reference, candidate))

@@ -1,0 +1,107 @@
+"""The technique search: each candidate is built, measured on held-out calibration samples, and kept
+only if the output SQNR rises; forced switches skip the measurement; nothing is tried at `fast`.
+
+The candidates here are real QDQ models of the trained digits CNN built with range estimators of
+known quality (min-max against a heavily clipping percentile), so which one helps is known."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from edgeopt.converters.data import Dataset, model_input_specs, open_dataset
+from edgeopt.converters.quantize import QuantizeOptions, quantize
+from edgeopt.converters.quantize.techniques import MIN_GAIN_DB, TechniqueSearch
+from edgeopt.runtime.kinds import Effort, Technique
+from edgeopt.targets import get_target
+
+DIGITS = Path(__file__).resolve().parents[2] / "examples" / "digits"
+SCHEME = get_target("onnxruntime-cpu").quant_scheme
+
+
+@pytest.fixture(scope="module")
+def model() -> onnx.ModelProto:
+    return onnx.load(str(DIGITS / "model.onnx"))
+
+
+@pytest.fixture(scope="module")
+def data(model: onnx.ModelProto) -> tuple[Dataset, Dataset]:
+    with np.load(DIGITS / "calib.npz") as archive:
+        arrays = {k: archive[k] for k in archive.files if k != "labels"}
+    everything = open_dataset(arrays, model_input_specs(model))
+    return everything.take(64), everything.skip(64)
+
+
+def _builder(model: onnx.ModelProto, fit: Dataset, helpful: Technique, harmful: Technique):
+    """QDQ models whose quality depends on the recipe: `harmful` clips every activation at its 60th
+    percentile; the baseline clips at the 80th; `helpful` restores min-max ranges."""
+    built: list[frozenset[Technique]] = []
+
+    def build(recipe: frozenset[Technique]) -> onnx.ModelProto:
+        built.append(recipe)
+        if harmful in recipe:
+            options = QuantizeOptions(method="percentile", percentile=60.0, debug_samples=0)
+        elif helpful in recipe:
+            options = QuantizeOptions(method="minmax", debug_samples=0)
+        else:
+            options = QuantizeOptions(method="percentile", percentile=80.0, debug_samples=0)
+        return quantize(model, SCHEME, fit, options).model
+
+    return build, built
+
+
+def _search(model, data, effort=Effort.MAX, forced=None, applies=lambda t: None, budget=None):
+    fit, held_out = data
+    build, built = _builder(model, fit, helpful=Technique.RANGE_SEARCH, harmful=Technique.EQUALIZATION)
+    search = TechniqueSearch(
+        float_model=model, build=build, applies=applies, held_out=held_out, effort=effort, forced=forced or {}, time_budget_s=budget
+    )
+    recipe, report = search.run()
+    return recipe, report, built
+
+
+def test_a_technique_that_helps_is_kept_and_one_that_hurts_is_dropped_with_its_figure(model, data) -> None:
+    recipe, report, _ = _search(model, data)
+    trials = {t["technique"]: t for t in report["trials"]}
+    assert Technique.RANGE_SEARCH in recipe and Technique.EQUALIZATION not in recipe
+    assert trials["equalization"]["kept"] is False
+    assert trials["equalization"]["sqnr_db_after"] < trials["equalization"]["sqnr_db_before"]
+    assert "dropped" in trials["equalization"]["why"]
+    assert trials["range_search"]["kept"] is True
+    assert trials["range_search"]["sqnr_db_after"] >= trials["range_search"]["sqnr_db_before"] + MIN_GAIN_DB
+    assert report["chosen"] == [t.value for t in (Technique.RANGE_SEARCH, Technique.BIAS_CORRECTION)]
+    assert report["sqnr_db"] == trials["range_search"]["sqnr_db_after"]
+    assert report["held_out_samples"] == len(data[1])
+
+
+def test_the_default_effort_tries_no_rounding_and_fast_tries_nothing(model, data) -> None:
+    _, report, _ = _search(model, data, effort=Effort.DEFAULT)
+    assert {t["technique"] for t in report["trials"]} <= {"equalization", "bias_absorption", "smoothquant", "range_search"}
+    recipe, report, built = _search(model, data, effort=Effort.FAST)
+    assert report["trials"] == [] and recipe == frozenset({Technique.BIAS_CORRECTION})
+    assert built == [recipe]  # the baseline alone is built, to score it
+
+
+def test_forced_switches_are_not_measured(model, data) -> None:
+    recipe, report, _ = _search(model, data, forced={Technique.EQUALIZATION: True, Technique.RANGE_SEARCH: False})
+    assert Technique.EQUALIZATION in recipe and Technique.RANGE_SEARCH not in recipe
+    assert not {"equalization", "range_search"} & {t["technique"] for t in report["trials"]}
+    assert report["forced"] == {"equalization": True, "range_search": False}
+
+
+def test_a_technique_with_nothing_to_do_is_reported_not_tried(model, data) -> None:
+    def applies(technique: Technique) -> str | None:
+        return "no MatMul or Gemm" if technique is Technique.SMOOTHQUANT else None
+
+    _, report, built = _search(model, data, applies=applies)
+    assert {"technique": "smoothquant", "why": "no MatMul or Gemm"} in report["not_tried"]
+    assert all(Technique.SMOOTHQUANT not in recipe for recipe in built)
+
+
+def test_a_spent_time_budget_stops_further_trials_and_says_so(model, data) -> None:
+    _, report, _ = _search(model, data, budget=0.0)
+    assert report["trials"] == []
+    assert report["not_tried"] and all("time budget" in t["why"] for t in report["not_tried"])
