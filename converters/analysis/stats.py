@@ -16,7 +16,7 @@ from edgeopt.converters.graph.opset import onnx_opset
 from edgeopt.converters.graph.qdq import QDQ_OPS, int_attribute
 from edgeopt.runtime.spec import TensorSpec
 
-__all__ = ["ModelStats", "io_specs", "is_qdq", "model_stats", "node_label", "op_key", "shape_inferred"]
+__all__ = ["ModelStats", "io_specs", "is_qdq", "model_stats", "node_label", "node_macs", "op_key", "shape_inferred"]
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,17 @@ def model_stats(model: onnx.ModelProto) -> ModelStats:
         opset=onnx_opset(model),
         macs_uncounted=uncounted,
     )
+
+
+def node_macs(model: onnx.ModelProto) -> dict[str, int]:
+    """MACs of each named main-graph node that model_stats counts (a mixed-precision report's MAC share)."""
+    counts = {}
+    for node in shape_inferred(model).graph:
+        if node.name and node.domain in STANDARD_DOMAINS and node.op_type in _MAC_COUNTERS:
+            count = _MAC_COUNTERS[node.op_type](node)
+            if count is not None:
+                counts[node.name] = count
+    return counts
 
 
 def _parameter_count(graph: ir.Graph) -> int:
