@@ -28,6 +28,8 @@ __all__ = ["FallbackSearch", "Ranking", "meet_budget", "rank_by_output", "rank_l
 log = logging.getLogger(__name__)
 
 RANKING_SAMPLES = 16
+#: Ranking.OUTPUT re-orders this many of the SQNR ranking's leaders (one build each); the rest follow in SQNR order.
+OUTPUT_SHORTLIST = 24
 
 Build = Callable[[Iterable[str]], onnx.ModelProto]
 
@@ -36,7 +38,7 @@ class Ranking(str, enum.Enum):
     """How layers are ordered for float fallback."""
 
     SQNR = "sqnr"  # noise each layer adds over its inputs: one debug pass
-    OUTPUT = "output"  # final-output noise removed when that layer alone is float: one build per layer
+    OUTPUT = "output"  # final-output noise removed when that layer alone is float: one build per shortlisted layer
 
 
 def rank_layers(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto, dataset: Dataset) -> list[tuple[str, float]]:
@@ -131,11 +133,13 @@ class FallbackSearch:
         """Order the quantized layers for fallback (needs attempt(0) first) and keep that order in `candidates`."""
         quantized = set(quantized)
         base = self.cache[0][0]
-        by_sqnr = [node for node, _ in rank_layers(float_model, base, self.evaluation) if node in quantized]
+        ranked = [node for node, _ in rank_layers(float_model, base, self.evaluation) if node in quantized]
         if ranking is Ranking.OUTPUT:
-            by_sqnr = [node for node, _ in rank_by_output(float_model, self.build, self.excluded, by_sqnr, self.evaluation)]
-        self.candidates = by_sqnr
-        return by_sqnr
+            shortlist = ranked[:OUTPUT_SHORTLIST]
+            reordered = rank_by_output(float_model, self.build, self.excluded, shortlist, self.evaluation)
+            ranked = [node for node, _ in reordered] + ranked[OUTPUT_SHORTLIST:]
+        self.candidates = ranked
+        return ranked
 
 
 def meet_budget(

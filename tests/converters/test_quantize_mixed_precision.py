@@ -155,6 +155,26 @@ def test_litert_runs_the_float_island_in_float32_inside_the_int8_graph(tmp_path:
     assert collections.Counter(convs) == {(np.int8, np.int8): 2, (np.float32, np.float32): 1}
 
 
+def test_core_ml_runs_the_float_island_in_fp16(tmp_path: Path) -> None:
+    """The int8 program computes in fp16: the kept-float conv reads an fp16 constant weight and
+    writes fp16; the int8 convs read dequantized weights (TensorRT's --int8 --fp16 is the same
+    choice, left to the engine builder on the device)."""
+    import coremltools as ct
+
+    target = get_target("apple-ane")
+    _, mixed, _ = _mixed(target.name)
+    result = lower(mixed, target, Precision.INT8, tmp_path, LoweringOptions())
+    program = ct.models.MLModel(str(tmp_path / result.model_file), skip_model_load=True).get_spec().mlProgram
+    function = program.functions["main"]
+    operations = list(function.block_specializations[function.opset].operations)
+    producers = {output.name: op.type for op in operations for output in op.outputs}
+    fp16 = ct.proto.MIL_pb2.DataType.Value("FLOAT16")
+    convs = [op for op in operations if op.type == "conv"]
+    assert [op.outputs[0].type.tensorType.dataType for op in convs] == [fp16] * 3
+    weights = [producers[op.inputs["weight"].arguments[0].name] for op in convs]
+    assert weights[1] == "const" and weights[0] != "const" and weights[2] != "const"
+
+
 @pytest.mark.parametrize("target", ["onnxruntime-cpu", "intel-openvino", "raspberry-pi"])
 def test_the_fallback_cost_is_timed_on_each_backend_this_machine_runs(target: str) -> None:
     int8, mixed, data = _mixed(target)
