@@ -53,7 +53,7 @@ class SmoothQuantOptions:
     samples: int = 32
     rows: int = 4096
     min_outlier_ratio: float = 4.0
-    min_error_reduction: float = 0.05
+    min_error_reduction: float = 0.1
     seed: int = 0
 
 
