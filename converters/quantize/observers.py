@@ -14,9 +14,11 @@ import numpy as np
 
 from edgeopt.runtime.errors import OptionError
 
-__all__ = ["HistogramObserver", "METHODS", "MinMaxObserver", "Observer", "check_method", "make_observer"]
+__all__ = ["AUTO_CANDIDATES", "HistogramObserver", "METHODS", "MinMaxObserver", "Observer", "check_method", "make_observer"]
 
-METHODS = ("minmax", "percentile", "entropy", "mse")
+METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
+#: "auto" chooses per tensor among these by the error each causes in the consumer's output (range_search.py).
+AUTO_CANDIDATES = ("minmax", "percentile", "entropy", "mse")
 
 
 def check_method(method: str) -> None:
@@ -107,19 +109,27 @@ class HistogramObserver(MinMaxObserver):
         return np.interp(points, self._edges(), cumulative)
 
     def range(self, symmetric: bool) -> tuple[float, float]:
+        """The range of this observer's method; "auto" alone gives min-max (its choice needs the
+        consumers, see range_search.choose_ranges)."""
+        return self.range_by("minmax" if self.method == "auto" else self.method, symmetric)
+
+    def range_by(self, method: str, symmetric: bool, percentile: float | None = None) -> tuple[float, float]:
+        """The range `method` picks from this histogram (`percentile` overrides the observer's)."""
         if not self.seen:
             return (0.0, 0.0)
-        if self.method == "minmax" or self.low == self.high:
+        if method == "minmax" or self.low == self.high:
             return (self.low, self.high)
-        if self.method == "percentile":
-            return self._percentile_range(symmetric)
-        if self.method == "entropy":
+        if method == "percentile":
+            return self._percentile_range(symmetric, self.percentile if percentile is None else percentile)
+        if method == "entropy":
             return self._entropy_range(symmetric)
-        return self._mse_range(symmetric)
+        if method == "mse":
+            return self._mse_range(symmetric)
+        raise OptionError(f"no range method '{method}' on a histogram", hint=f"choose from {', '.join(AUTO_CANDIDATES)}")
 
-    def _percentile_range(self, symmetric: bool) -> tuple[float, float]:
+    def _percentile_range(self, symmetric: bool, percentile: float) -> tuple[float, float]:
         total = self.counts.sum()
-        tail = total * (1.0 - self.percentile / 100.0)
+        tail = total * (1.0 - percentile / 100.0)
         if symmetric:
             amax = max(abs(self.low), abs(self.high))
             thresholds = np.linspace(0.0, amax, 4097)

@@ -1,0 +1,403 @@
+"""Range selection by output error: per tensor, the clipping that hurts the consumer's output least.
+
+One calibration pass with histogram observers gives every activation tensor its candidate ranges:
+min-max, a few percentiles, entropy (KL) and MSE. A tensor's own quantization error is the wrong
+judge (clipping a rare outlier can be cheap for the tensor and ruinous for the layer that reads it,
+or the reverse), so each candidate is judged by what it does to the consumers: the tensor is
+fake-quantized with the candidate's scale and zero point, each consumer node runs alone in ONNX
+Runtime (its weights fake-quantized as the scheme says, its other inputs fp32) on held-out
+calibration samples, and the candidate with the lowest output MSE against the fp32 consumer
+(relative to the output's energy, summed over consumers) wins. Tensors that must share one scale
+(a scale group) are chosen together. A tensor that is a graph output is its own consumer.
+
+Captures are streamed one sample at a time, so memory is one forward pass's activations.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TypedDict
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from edgeopt.converters.data import Dataset
+from edgeopt.converters.graph.session import ort_session
+from edgeopt.converters.graph.shapes import tensor_types, with_outputs
+from edgeopt.converters.quantize.observers import HistogramObserver, Observer
+from edgeopt.converters.quantize.placement import QuantPlan
+from edgeopt.converters.quantize.qdq import QParams, activation_params, quantize_weight, qrange
+from edgeopt.targets import QuantScheme
+
+__all__ = ["FALLBACK", "RangeSearchOptions", "RangeSearchReport", "RangeSearch", "choose_ranges", "split_samples"]
+
+log = logging.getLogger(__name__)
+
+#: The candidate a group gets when no consumer can be measured (only value-independent or
+#: un-runnable consumers): the baseline's range, never a guess at clipping.
+FALLBACK = "minmax"
+#: Consumers whose output does not depend on the values read.
+VALUE_INDEPENDENT_OPS = frozenset({"Shape", "Size"})
+#: How many groups the report lists with their errors (those with the largest min-max error).
+REPORTED_WORST = 5
+
+Adjust = Callable[[str, tuple[float, float]], tuple[float, float]]
+
+
+@dataclass(frozen=True)
+class RangeSearchOptions:
+    """`samples`: calibration samples held out from the histograms to measure consumer errors.
+    `percentiles`: the percentile candidates. `threads`: ONNX Runtime intra-op threads (0: its default)."""
+
+    samples: int = 16
+    percentiles: tuple[float, ...] = (99.9, 99.99, 99.999)
+    threads: int = 0
+
+
+class WorstGroup(TypedDict):
+    tensors: list[str]
+    method: str
+    error_minmax: float
+    error_chosen: float
+
+
+class RangeSearchReport(TypedDict):
+    """What the search chose (JSON-able). Errors are consumer-output MSE over output energy, summed
+    over consumers and over the groups of the plan."""
+
+    candidates: list[str]
+    fallback: str
+    chosen: dict[str, int]  # candidate -> activation tensors that use its range
+    fallback_tensors: list[str]
+    groups: int
+    samples: int  # held-out samples the errors were measured on
+    range_samples: int  # samples the histograms saw
+    error_minmax: float
+    error_chosen: float
+    error_reduction: float  # 1 - chosen / minmax
+    worst: list[WorstGroup]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _Choice:
+    method: str
+    ranges: dict[str, tuple[float, float]]  # member -> range (all members share the group's)
+    error_minmax: float | None  # None: not measured
+    error_chosen: float | None
+    fallback: bool = False  # no consumer could be measured
+
+
+def split_samples(dataset: Dataset, samples: int) -> tuple[Dataset, Dataset]:
+    """(histogram samples, held-out samples): the last `samples` (at most half) are held out; a set
+    of one sample is used for both."""
+    held = min(samples, len(dataset) // 2)
+    if held == 0:
+        return dataset, dataset
+    return dataset.take(len(dataset) - held), dataset.skip(len(dataset) - held)
+
+
+def candidate_names(options: RangeSearchOptions) -> list[str]:
+    return ["minmax", *(f"percentile_{p:g}" for p in options.percentiles), "entropy", "mse"]
+
+
+def _candidate_range(observer: Observer, name: str, symmetric: bool) -> tuple[float, float]:
+    if not isinstance(observer, HistogramObserver):
+        return observer.range(symmetric)
+    if name.startswith("percentile_"):
+        return observer.range_by("percentile", symmetric, float(name.split("_", 1)[1]))
+    return observer.range_by(name, symmetric)
+
+
+def _fake_quantize(values: np.ndarray, params: QParams) -> np.ndarray:
+    """QuantizeLinear then DequantizeLinear, as ONNX Runtime computes them in float32."""
+    qmin, qmax = qrange(params.dtype)
+    scale = np.float32(params.scale)
+    quantized = np.rint(values / scale)
+    quantized += params.zero_point
+    np.clip(quantized, qmin, qmax, out=quantized)
+    quantized -= params.zero_point
+    quantized *= scale
+    return quantized
+
+
+def _energy(values: np.ndarray) -> float:
+    flat = values.ravel()
+    return float(np.dot(flat, flat))
+
+
+SCALE, ZERO_POINT = "range_search_scale", "range_search_zero_point"
+
+
+class _Consumer:
+    """One node of the fp32 model run alone, in ONNX Runtime, on captured fp32 inputs: the inputs of
+    the group being judged pass through QuantizeLinear/DequantizeLinear with the candidate's scale
+    and zero point (fed as inputs), weights are fake-quantized as the plan says, and the model
+    returns each float output's squared error against the captured fp32 output (so only scalars
+    cross into Python)."""
+
+    def __init__(self, node: onnx.NodeProto, quantized: frozenset[str], model: onnx.ModelProto, initializers: Mapping[str, onnx.TensorProto], plan: QuantPlan, scheme: QuantScheme, types: Mapping[str, int], threads: int) -> None:
+        weights = {(w.node, w.initializer): w for w in plan.weights}
+        constants = {(c[0], c[2]) for c in plan.constants}
+        zero_point_type = helper.np_dtype_to_tensor_dtype(np.dtype(scheme.activation_dtype))
+        graph_inputs = [helper.make_tensor_value_info(SCALE, onnx.TensorProto.FLOAT, []), helper.make_tensor_value_info(ZERO_POINT, zero_point_type, [])]
+        nodes, inits, renamed = [], [], {}
+        self.inputs: list[str] = []
+        for name in dict.fromkeys(i for i in node.input if i):
+            if name in initializers:
+                inits.append(numpy_helper.from_array(_stored_weight(node.name, name, initializers[name], weights, constants, scheme), name))
+                continue
+            self.inputs.append(name)
+            graph_inputs.append(helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None))
+            if name in quantized:
+                renamed[name] = f"{name}__fake_quantized"
+                nodes.append(helper.make_node("QuantizeLinear", [name, SCALE, ZERO_POINT], [f"{name}__quantized"]))
+                nodes.append(helper.make_node("DequantizeLinear", [f"{name}__quantized", SCALE, ZERO_POINT], [renamed[name]]))
+        consumer = onnx.NodeProto()
+        consumer.CopyFrom(node)
+        consumer.input[:] = [renamed.get(i, i) for i in node.input]
+        nodes.append(consumer)
+        self.outputs = [o for o in node.output if o and types.get(o, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT]
+        if not self.outputs:
+            raise ValueError(f"{node.name} has no float32 output")
+        outputs = []
+        for output in self.outputs:
+            graph_inputs.append(helper.make_tensor_value_info(f"{output}__reference", onnx.TensorProto.FLOAT, None))
+            nodes.append(helper.make_node("Sub", [output, f"{output}__reference"], [f"{output}__error"]))
+            nodes.append(helper.make_node("ReduceSumSquare", [f"{output}__error"], [f"{output}__sse"], keepdims=0))
+            outputs.append(helper.make_tensor_value_info(f"{output}__sse", onnx.TensorProto.FLOAT, None))
+        graph = helper.make_graph(nodes, f"consumer_{node.name}", graph_inputs, outputs, inits)
+        single = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+        self.session = ort_session(single, threads=threads)
+        self.sse_names = [f"{o}__sse" for o in self.outputs]
+
+    def squared_errors(self, values: Mapping[str, np.ndarray], params: QParams) -> float:
+        feed = {name: values[name] for name in self.inputs}
+        feed.update({f"{o}__reference": values[o] for o in self.outputs})
+        feed[SCALE] = np.array(params.scale, np.float32)
+        feed[ZERO_POINT] = np.array(params.zero_point, np.dtype(params.dtype))
+        return float(sum(float(e) for e in self.session.run(self.sse_names, feed)))
+
+
+def _stored_weight(node: str, name: str, tensor: onnx.TensorProto, weights: Mapping, constants: set, scheme: QuantScheme) -> np.ndarray:
+    """An initializer as the QDQ model computes with it: dequantized int8 when the plan quantizes it."""
+    array = numpy_helper.to_array(tensor)
+    site = weights.get((node, name))
+    if site is not None:
+        q, scale, zero_point = quantize_weight(array, site.axis, scheme.weight_dtype, scheme.weight_symmetric, site.bits)
+        shape = [1] * array.ndim
+        if site.axis is not None:
+            shape[site.axis] = -1
+        return ((q.astype(np.float32) - zero_point.reshape(shape)) * scale.reshape(shape)).astype(array.dtype)
+    if (node, name) in constants:
+        q, scale, zero_point = quantize_weight(array, None, scheme.weight_dtype, scheme.weight_symmetric)
+        return ((q.astype(np.float32) - zero_point) * scale).astype(array.dtype)
+    return array
+
+
+class RangeSearch:
+    """Chooses each scale group's range once (per group and consumer set) and remembers it, so a
+    quantizer that rebuilds for other exclusions only measures the groups that changed."""
+
+    def __init__(self, model: onnx.ModelProto, held_out: Dataset, scheme: QuantScheme, options: RangeSearchOptions = RangeSearchOptions()) -> None:
+        self.model = model
+        self.held_out = held_out
+        self.scheme = scheme
+        self.options = options
+        self._choices: dict[tuple[frozenset[str], frozenset[str]], _Choice] = {}
+        self._types: dict[str, int] | None = None
+        self._seconds = 0.0  # spent choosing, over every call
+
+    def choose(self, plan: QuantPlan, observers: Mapping[str, Observer], adjust: Adjust | None = None, range_samples: int = 0) -> tuple[dict[str, tuple[float, float]], RangeSearchReport]:
+        start = time.perf_counter()
+        adjust = adjust or (lambda _name, r: r)
+        consumers_of = self._consumers_of()
+        outputs = {o.name for o in self.model.graph.output}
+        keyed = {}
+        for members in plan.groups().values():
+            if any(plan.sites[m].fixed is not None for m in members):
+                continue  # a fixed scale (e.g. TFLite's softmax output): nothing to choose
+            readers: set[str] = set()
+            for member in members:
+                site = plan.sites[member]
+                readers |= set(consumers_of.get(member, ())) if site.consumers is None else set(site.consumers)
+                if member in outputs:
+                    readers.add(f"output:{member}")
+            keyed[(frozenset(members), frozenset(readers))] = members
+        pending = {key: members for key, members in keyed.items() if key not in self._choices}
+        if pending:
+            self._measure(plan, pending, observers, adjust)
+        ranges: dict[str, tuple[float, float]] = {}
+        for members in plan.groups().values():
+            for member in members:  # fixed groups: any range (their scale is set by the rule)
+                ranges[member] = adjust(member, observers[member].range(self.scheme.activation_symmetric))
+        chosen = [self._choices[key] for key in keyed]
+        for choice in chosen:
+            ranges.update(choice.ranges)
+        self._seconds += time.perf_counter() - start
+        return ranges, self._report(plan, keyed, range_samples, self._seconds)
+
+    # -- measurement ------------------------------------------------------------------------------------------
+
+    def _consumers_of(self) -> dict[str, list[str]]:
+        readers: dict[str, list[str]] = {}
+        for node in self.model.graph.node:
+            for name in dict.fromkeys(node.input):
+                readers.setdefault(name, []).append(node.name)
+        return readers
+
+    def _candidates(self, plan: QuantPlan, members: list[str], observers: Mapping[str, Observer], adjust: Adjust) -> dict[str, tuple[QParams, tuple[float, float]]]:
+        """Each candidate's group range (union of the members', clipped as group_params clips) and
+        its QParams; candidates with equal QParams keep the first name."""
+        symmetric = self.scheme.activation_symmetric
+        clips = [plan.sites[m].clip for m in members if plan.sites[m].clip is not None]
+        found: dict[str, tuple[QParams, tuple[float, float]]] = {}
+        seen: set[tuple[float, int]] = set()
+        for name in candidate_names(self.options):
+            spans = [adjust(m, _candidate_range(observers[m], name, symmetric)) for m in members]
+            low, high = min(s[0] for s in spans), max(s[1] for s in spans)
+            q_low, q_high = (0.0, min(high, min(c[1] for c in clips))) if clips else (low, high)
+            params = activation_params(q_low, q_high, self.scheme.activation_dtype, symmetric)
+            if (params.scale, params.zero_point) not in seen:
+                seen.add((params.scale, params.zero_point))
+                found[name] = (params, (low, high))
+        return found
+
+    def _measure(self, plan: QuantPlan, pending: Mapping[tuple[frozenset[str], frozenset[str]], list[str]], observers: Mapping[str, Observer], adjust: Adjust) -> None:
+        nodes = {n.name: n for n in self.model.graph.node}
+        initializers = {i.name: i for i in self.model.graph.initializer}
+        if self._types is None:
+            self._types = tensor_types(self.model)
+        candidates = {key: self._candidates(plan, members, observers, adjust) for key, members in pending.items()}
+        consumers: dict[tuple[str, frozenset[str]], _Consumer | None] = {}
+        measured: dict[tuple, list[str | _Consumer]] = {}  # group -> graph outputs among its members, runnable consumers
+        for key, found in candidates.items():
+            if len(found) == 1:
+                continue
+            members = set(pending[key])
+            readers: list[str | _Consumer] = []
+            for reader in sorted(key[1]):
+                if reader.startswith("output:"):
+                    readers.append(reader.split(":", 1)[1])
+                    continue
+                node = nodes.get(reader)
+                if node is None or node.op_type in VALUE_INDEPENDENT_OPS:
+                    continue
+                reading = (reader, frozenset(members & set(node.input)))
+                if reading not in consumers:
+                    consumers[reading] = self._consumer(node, reading[1], initializers, plan)
+                if consumers[reading] is not None:
+                    readers.append(consumers[reading])
+            if readers:
+                measured[key] = readers
+        errors = self._errors(pending, candidates, measured)
+        for key, members in pending.items():
+            found = candidates[key]
+            if key in errors:
+                error = errors[key]
+                method = min(found, key=lambda name: (error[name], list(found).index(name)))
+                self._choices[key] = _Choice(method, {m: found[method][1] for m in members}, error["minmax"], error[method])
+            else:  # every candidate quantizes alike, or no reader could be measured
+                self._choices[key] = _Choice(FALLBACK, {m: found[FALLBACK][1] for m in members}, None, None, fallback=len(found) > 1)
+
+    def _consumer(self, node: onnx.NodeProto, quantized: frozenset[str], initializers: Mapping[str, onnx.TensorProto], plan: QuantPlan) -> _Consumer | None:
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            return None
+        try:
+            return _Consumer(node, quantized, self.model, initializers, plan, self.scheme, self._types or {}, self.options.threads)
+        except Exception as error:  # noqa: BLE001 - an op ONNX Runtime cannot run alone: the group falls back
+            log.debug("range search: %s (%s) cannot run alone: %s", node.name, node.op_type, error)
+            return None
+
+    def _errors(
+        self,
+        pending: Mapping[tuple, list[str]],
+        candidates: Mapping[tuple, Mapping[str, tuple[QParams, tuple[float, float]]]],
+        measured: Mapping[tuple, list[str | _Consumer]],
+    ) -> dict[tuple, dict[str, float]]:
+        """Per measured group, per candidate: the sum over its readers of output SSE / output energy."""
+        if not measured:
+            return {}
+        needed: set[str] = set()
+        for key, readers in measured.items():
+            needed |= set(pending[key])
+            for reader in readers:
+                if isinstance(reader, _Consumer):
+                    needed |= set(reader.inputs) | set(reader.outputs)
+        feeds = {i.name for i in self.model.graph.input} | {i.name for i in self.model.graph.initializer}
+        wanted = sorted(needed - feeds)
+        runner = ort_session(with_outputs(self.model, wanted, self._types), threads=self.options.threads)
+        feed_names = [i.name for i in runner.get_inputs()]
+        sse = {key: {name: [0.0] * len(readers) for name in candidates[key]} for key, readers in measured.items()}
+        energy = {key: [0.0] * len(readers) for key, readers in measured.items()}
+        for sample in self.held_out:
+            values = dict(zip(wanted, runner.run(wanted, {n: sample[n] for n in feed_names})))
+            values.update({n: sample[n] for n in feed_names})
+            for key, readers in measured.items():
+                for index, reader in enumerate(readers):
+                    outputs = reader.outputs if isinstance(reader, _Consumer) else [reader]
+                    energy[key][index] += sum(_energy(values[o]) for o in outputs)
+                for name, (params, _) in candidates[key].items():
+                    for index, reader in enumerate(readers):
+                        if isinstance(reader, _Consumer):
+                            sse[key][name][index] += reader.squared_errors(values, params)
+                        else:  # a graph output: its own error
+                            sse[key][name][index] += _energy(_fake_quantize(values[reader], params) - values[reader])
+        return {
+            key: {name: sum(e / max(energy[key][i], 1e-30) for i, e in enumerate(per)) for name, per in by_name.items()}
+            for key, by_name in sse.items()
+        }
+
+    # -- report ---------------------------------------------------------------------------------------------
+
+    def _report(self, plan: QuantPlan, keyed: Mapping[tuple, list[str]], range_samples: int, seconds: float) -> RangeSearchReport:
+        counts: dict[str, int] = {}
+        fallback: list[str] = []
+        total_minmax = total_chosen = 0.0
+        rows: list[WorstGroup] = []
+        for key, members in keyed.items():
+            choice = self._choices[key]
+            counts[choice.method] = counts.get(choice.method, 0) + len(members)
+            if choice.fallback:
+                fallback.extend(members)
+            if choice.error_minmax is None:
+                continue
+            total_minmax += choice.error_minmax
+            total_chosen += choice.error_chosen or 0.0
+            rows.append({"tensors": sorted(members), "method": choice.method, "error_minmax": choice.error_minmax, "error_chosen": choice.error_chosen or 0.0})
+        rows.sort(key=lambda row: -row["error_minmax"])
+        return {
+            "candidates": candidate_names(self.options),
+            "fallback": FALLBACK,
+            "chosen": dict(sorted(counts.items())),
+            "fallback_tensors": sorted(fallback),
+            "groups": len(keyed),
+            "samples": len(self.held_out),
+            "range_samples": range_samples,
+            "error_minmax": total_minmax,
+            "error_chosen": total_chosen,
+            "error_reduction": 1.0 - total_chosen / total_minmax if total_minmax > 0 else 0.0,
+            "worst": rows[:REPORTED_WORST],
+            "seconds": round(seconds, 3),
+        }
+
+
+def choose_ranges(
+    model: onnx.ModelProto,
+    held_out: Dataset,
+    plan: QuantPlan,
+    scheme: QuantScheme,
+    observers: Mapping[str, Observer],
+    options: RangeSearchOptions = RangeSearchOptions(),
+    adjust: Adjust | None = None,
+    range_samples: int = 0,
+) -> tuple[dict[str, tuple[float, float]], RangeSearchReport]:
+    """(range per activation site, report): each scale group's candidate with the lowest consumer-
+    output error on `held_out`. `observers` are histograms of the sites (calibrate(method="auto"));
+    `adjust(tensor, range)` limits a member's candidate range before the group's union (e.g. a
+    Softmax input's span); `range_samples`: how many samples the observers saw, for the report."""
+    return RangeSearch(model, held_out, scheme, options).choose(plan, observers, adjust, range_samples)

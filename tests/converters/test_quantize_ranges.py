@@ -1,0 +1,142 @@
+"""Range selection by output error ("auto"): per scale group, the candidate range (min-max,
+percentiles, entropy, MSE) that hurts the consumers' outputs least on held-out calibration samples."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeopt.converters.data import model_input_specs, open_dataset
+from edgeopt.converters.graph.session import run_model
+from edgeopt.converters.quantize import QuantizeOptions, _Quantizer, quantize
+from edgeopt.converters.quantize.calibration import calibrate
+from edgeopt.converters.quantize.observers import METHODS
+from edgeopt.converters.quantize.placement import plan_quantization
+from edgeopt.converters.quantize.range_search import FALLBACK, RangeSearchOptions, choose_ranges, split_samples
+from edgeopt.targets import get_target
+
+#: uint8 activations (ONNX Runtime) and int8 activations (LiteRT), both with a Q/DQ pair on every tensor.
+SCHEMES = ("onnxruntime-cpu", "raspberry-pi")
+CHANNELS = 32
+ROWS = 32  # one outlier per sample: 0.1% of the values
+
+
+def _two_matmuls(first: np.ndarray, second: np.ndarray, reshape: bool = False) -> onnx.ModelProto:
+    """x -> MatMul(first) -> h [-> Reshape -> r] -> MatMul(second) -> y."""
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1")]
+    inits = [numpy_helper.from_array(first, "w1"), numpy_helper.from_array(second, "w2")]
+    middle = "h"
+    if reshape:
+        nodes.append(helper.make_node("Reshape", ["h", "shape"], ["r"], name="reshape"))
+        inits.append(numpy_helper.from_array(np.array([1, ROWS, first.shape[1]], np.int64), "shape"))
+        middle = "r"
+    nodes.append(helper.make_node("MatMul", [middle, "w2"], ["y"], name="mm2"))
+    graph = helper.make_graph(
+        nodes,
+        "two_matmuls",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, ROWS, CHANNELS] if reshape else [ROWS, CHANNELS])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, ROWS, second.shape[1]] if reshape else [ROWS, second.shape[1]])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _samples(count: int, outlier: float, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Gaussian rows, with channel 0 of the first row at ±`outlier` (one value in a thousand)."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(count):
+        x = rng.normal(size=(ROWS, CHANNELS)).astype(np.float32)
+        x[0, 0] = outlier * rng.choice([-1.0, 1.0])
+        samples.append({"x": x})
+    return samples
+
+
+def _search(model: onnx.ModelProto, target: str, samples: list[dict[str, np.ndarray]]):
+    scheme = get_target(target).scheme_for(None)
+    dataset = open_dataset(samples, model_input_specs(model))
+    fit, held_out = split_samples(dataset, RangeSearchOptions().samples)
+    plan = plan_quantization(ir.from_proto(model), scheme)
+    observers = calibrate(model, fit, plan.sites, method="auto", percentile=99.99, activation_dtype=scheme.activation_dtype)
+    ranges, report = choose_ranges(model, held_out, plan, scheme, observers, range_samples=len(fit))
+    return ranges, report, observers, plan
+
+
+def _weights(outlier_weight: float) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(1)
+    first = (rng.normal(size=(CHANNELS, 16)) / np.sqrt(CHANNELS)).astype(np.float32)
+    first[0, :] = outlier_weight  # how much the outlier channel matters to the consumer
+    return first, rng.normal(size=(16, 8)).astype(np.float32)
+
+
+def _output_error(model: onnx.ModelProto, target: str, method: str, calibration: list, evaluation: list) -> float:
+    scheme = get_target(target).scheme_for(None)
+    dataset = open_dataset(calibration, model_input_specs(model))
+    result = quantize(model, scheme, dataset, QuantizeOptions(method=method, bias_correction=False, debug_samples=0))
+    want = [o["y"] for o in run_model(model, evaluation)]
+    got = [o["y"] for o in run_model(result.model, evaluation)]
+    return float(sum(np.sum((g - w) ** 2) for g, w in zip(got, want)))
+
+
+def test_auto_is_a_calibration_method_the_cli_offers() -> None:
+    assert "auto" in METHODS
+
+
+@pytest.mark.parametrize("target", SCHEMES)
+def test_auto_clips_an_outlier_that_its_consumer_ignores(target: str) -> None:
+    """Channel 0 carries ±40 but the consumer's weights on it are zero: min-max would spend the int8
+    grid on it (step 0.3 for values of ±1), clipping costs nothing downstream. The tensor's own MSE
+    would keep most of the outlier; the consumer's output says clip."""
+    model = _two_matmuls(*_weights(outlier_weight=0.0))
+    calibration = _samples(64, outlier=40.0)
+    ranges, report, observers, _ = _search(model, target, calibration)
+    low, high = ranges["x"]
+    assert high < 0.25 * observers["x"].high and low > 0.25 * observers["x"].low, ranges["x"]
+    assert observers["x"].range_by("mse", symmetric=False)[1] > 0.5 * observers["x"].high  # what the tensor's own error picks
+    evaluation = _samples(16, outlier=40.0, seed=7)
+    assert _output_error(model, target, "auto", calibration, evaluation) < 0.2 * _output_error(model, target, "minmax", calibration, evaluation)
+
+
+@pytest.mark.parametrize("target", SCHEMES)
+def test_auto_keeps_the_full_range_where_the_outlier_is_the_signal(target: str) -> None:
+    """The same tensor, but the consumer weighs channel 0 heavily: clipping it would wreck the output."""
+    model = _two_matmuls(*_weights(outlier_weight=1.0))
+    ranges, report, observers, _ = _search(model, target, _samples(64, outlier=40.0))
+    low, high = ranges["x"]
+    assert high >= 0.95 * observers["x"].high and low <= 0.95 * observers["x"].low, ranges["x"]
+    row = next(row for row in report["worst"] if row["tensors"] == ["x"])
+    assert row["error_chosen"] <= row["error_minmax"]
+
+
+@pytest.mark.parametrize("target", SCHEMES)
+def test_a_scale_group_gets_one_range_and_the_report_is_filled(target: str) -> None:
+    """h and its Reshape r must share a scale: one choice for both, judged on both consumers."""
+    first, second = _weights(outlier_weight=0.5)
+    model = _two_matmuls(first, second, reshape=True)
+    samples = [{"x": s["x"].reshape(1, ROWS, CHANNELS)} for s in _samples(48, outlier=40.0)]
+    ranges, report, _, plan = _search(model, target, samples)
+    assert ranges["h"] == ranges["r"]
+    assert report["groups"] == len(plan.groups()) < len(plan.sites)
+    assert sum(report["chosen"].values()) == len(plan.sites)
+    assert set(report["chosen"]) <= set(report["candidates"])
+    assert report["samples"] == 16 and report["range_samples"] == 32 and report["seconds"] > 0
+    assert report["fallback"] == FALLBACK and report["fallback_tensors"] == []
+    assert 0.0 <= report["error_reduction"] <= 1.0 and report["error_chosen"] <= report["error_minmax"]
+    assert report["worst"] and all(row["error_chosen"] <= row["error_minmax"] for row in report["worst"])
+
+
+@pytest.mark.parametrize("target", SCHEMES)
+def test_quantize_with_auto_keeps_its_report_on_the_quantizer(target: str) -> None:
+    model = _two_matmuls(*_weights(outlier_weight=0.0))
+    scheme = get_target(target).scheme_for(None)
+    dataset = open_dataset(_samples(40, outlier=40.0), model_input_specs(model))
+    quantizer = _Quantizer(model, scheme, dataset, QuantizeOptions(method="auto", debug_samples=0), None, frozenset())
+    qdq = quantizer.build(())
+    assert any(n.op_type == "QuantizeLinear" for n in qdq.graph.node)
+    assert quantizer.range_report["samples"] == 16 and quantizer.range_report["range_samples"] == 24
+    seconds = quantizer.range_report["seconds"]
+    quantizer.build(())  # a rebuild with the same plan measures nothing again
+    assert quantizer.range_report["seconds"] < seconds + 0.05
