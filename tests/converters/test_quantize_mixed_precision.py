@@ -185,5 +185,6 @@ def test_the_fallback_cost_is_timed_on_each_backend_this_machine_runs(target: st
         assert cost["runs"] == 5 and cost["threads"] == 1
         assert min(cost["fp32_ms"], cost["int8_ms"], cost["mixed_ms"]) > 0
         assert cost["mixed_over_int8"] == pytest.approx(cost["mixed_ms"] / cost["int8_ms"])
+        assert cost["int8_min_ms"] <= cost["int8_ms"] and cost["mixed_min_ms"] <= cost["mixed_ms"]
     if target == "intel-openvino":
         assert costs[1]["float_type"] == "f32"  # the profile's pinned inference precision
