@@ -101,6 +101,9 @@ def choose_fallback(
     max_layers: int,
     max_mac_share: float = 1.0,
     ranking: Ranking = Ranking.SQNR,
+    cost_on: Target | None = None,
+    runs: int = 30,
+    threads: int | None = None,
 ) -> tuple[onnx.ModelProto, list[str], FallbackReport]:
     """(QDQ model, layers kept float, report): the fewest ranked layers whose drop on `held_out` is ≤ goal_drop.
 
@@ -108,6 +111,8 @@ def choose_fallback(
     is not enough, the prefix with the lowest measured drop is returned with `met` False. The goal
     is in points of the quality metric (metrics.quality_drop): top-1 disagreement or accuracy drop
     in %, else (1 - cosine) x 100. `float_model` is the graph `build` quantizes (same node names).
+    With `cost_on`, a non-empty fallback's latency against all-int8 is measured for that target
+    (measure_fallback_cost on the first held-out sample) into `costs`.
     """
     search = FallbackSearch(float_model, build, excluded, held_out)
     drop_int8 = search.attempt(0)
@@ -129,6 +134,9 @@ def choose_fallback(
         fidelity_gained=drop_int8 - drop,
         met=met,
     )
+    if cost_on is not None and layers:
+        int8 = search.cache[0][0]
+        report["costs"] = measure_fallback_cost(float_model, int8, model, next(iter(held_out)), cost_on, runs=runs, threads=threads)
     log.info("float fallback: %d layer(s), %s %.3f -> %.3f (goal %.3f)", len(layers), search.metric, drop_int8, drop, goal_drop)
     return model, layers, report
 

@@ -56,8 +56,11 @@ def mlp() -> tuple[onnx.ModelProto, Quantizer, Dataset]:
 @pytest.mark.parametrize("ranking", list(Ranking))
 def test_the_fewest_layers_that_meet_the_goal_stay_float(mlp, ranking: Ranking) -> None:
     model, quantizer, held_out = mlp
-    qdq, layers, report = choose_fallback(model, quantizer.build, (), held_out, quantizer.plan, goal_drop=5.0, max_layers=4, ranking=ranking)
+    qdq, layers, report = choose_fallback(
+        model, quantizer.build, (), held_out, quantizer.plan, goal_drop=5.0, max_layers=4, ranking=ranking, cost_on=get_target("onnxruntime-cpu"), runs=3
+    )
     assert layers == ["fc3"] and report["met"] and report["ranked_by"] == ranking.value
+    assert [cost["backend"] for cost in report["costs"]] == ["onnxruntime"]
     assert report["drop_int8"] > 5.0 >= report["drop"] and report["fidelity_gained"] == report["drop_int8"] - report["drop"]
     assert report["mac_share"] == pytest.approx(FC3_MAC_SHARE)
     producers = {o: n.op_type for n in qdq.graph.node for o in n.output}
@@ -67,8 +70,9 @@ def test_the_fewest_layers_that_meet_the_goal_stay_float(mlp, ranking: Ranking) 
 
 def test_a_goal_int8_already_meets_keeps_every_layer_int8(mlp) -> None:
     model, quantizer, held_out = mlp
-    _, layers, report = choose_fallback(model, quantizer.build, (), held_out, quantizer.plan, goal_drop=100.0, max_layers=4)
+    _, layers, report = choose_fallback(model, quantizer.build, (), held_out, quantizer.plan, goal_drop=100.0, max_layers=4, cost_on=get_target("onnxruntime-cpu"))
     assert layers == [] and report["met"] and report["drop"] == report["drop_int8"] and report["mac_share"] == 0.0
+    assert "costs" not in report  # nothing fell back, nothing to time
 
 
 @pytest.mark.parametrize("limits", [{"max_layers": 0}, {"max_layers": 4, "max_mac_share": FC3_MAC_SHARE / 2}], ids=["layers", "macs"])
