@@ -21,7 +21,7 @@ from __future__ import annotations
 __all__ = ["SmoothQuantOptions", "SmoothQuantPass", "SmoothQuantReport", "SmoothedGroup", "smooth_quant"]
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypedDict
 
@@ -238,16 +238,38 @@ def _fold_division(graph: ir.Graph, names: NameScope, group: _Group, s: np.ndarr
     others = [use for use in activation.uses() if id(use.node) not in smoothed]
     producer = activation.producer()
     if producer is not None and producer.op_type == "LayerNormalization" and not activation.is_graph_output() and _fold_into_layernorm(graph, names, producer, s):
+        where = f"LayerNormalization {producer.name}"
+        if len(others) == 1 and (carried := _carry_through_residual(graph, names, others[0].node, others[0].idx, s)) is not None:
+            return f"{where} (+ residual {carried} carried smoothed, Mul restoring its sum)", 1
         if others:
             _insert_mul(graph, names, activation, s, [(use.node, use.idx) for use in others], "restore")
-            return f"LayerNormalization {producer.name} (+ Mul restoring it for {len(others)} other consumer(s))", 1
-        return f"LayerNormalization {producer.name}", 0
+            return f"{where} (+ Mul restoring it for {len(others)} other consumer(s))", 1
+        return where, 0
     if not others and not activation.is_graph_output() and producer is not None:
-        where = _fold_into_linear(graph, names, producer, activation, s)
-        if where is not None:
-            return where, 0
+        fold = _linear_fold(producer, s)
+        if fold is not None:
+            return fold(graph, names), 0
     _insert_mul(graph, names, activation, 1.0 / s, [(node, 0) for node in group.nodes], "smooth")
     return "Mul (new op: nothing before the activation could absorb the division)", 1
+
+
+def _carry_through_residual(graph: ir.Graph, names: NameScope, add: ir.Node, slot: int, s: np.ndarray) -> str | None:
+    """Post-LN transformers add the norm's output to the next sublayer's projection: divide that
+    projection's output columns by `s` too, so the residual Add sums smoothed channels (one int8 grid
+    without the outliers), and restore the sum with a Mul by `s` before what reads it (a LayerNorm)."""
+    if add.op_type != "Add" or slot not in (0, 1) or len(add.inputs) != 2:
+        return None
+    partner, total = add.inputs[1 - slot], add.outputs[0]
+    if partner is None or partner is add.inputs[slot] or partner.is_graph_output() or total.is_graph_output():
+        return None
+    if any(u.node is not add for u in partner.uses()) or partner.producer() is None:
+        return None
+    fold = _linear_fold(partner.producer(), s)
+    if fold is None:
+        return None
+    fold(graph, names)
+    _insert_mul(graph, names, total, s, [(u.node, u.idx) for u in total.uses()], "restore")
+    return f"Add {add.name}"
 
 
 def _fold_into_layernorm(graph: ir.Graph, names: NameScope, norm: ir.Node, s: np.ndarray) -> bool:
@@ -267,8 +289,9 @@ def _fold_into_layernorm(graph: ir.Graph, names: NameScope, norm: ir.Node, s: np
     return True
 
 
-def _fold_into_linear(graph: ir.Graph, names: NameScope, producer: ir.Node, activation: ir.Value, s: np.ndarray) -> str | None:
-    """Divide the output columns (and bias) of the MatMul, MatMul + Add or Gemm that makes the activation."""
+def _linear_fold(producer: ir.Node, s: np.ndarray) -> Callable[[ir.Graph, NameScope], str] | None:
+    """How to divide the output columns (and bias) of the MatMul, MatMul + Add or Gemm `producer` by
+    `s`, or None when it cannot absorb them. The returned function rewrites and says where."""
     bias_slot = None
     if producer.op_type == "Add":
         for matmul_slot, bias_slot in ((0, 1), (1, 0)):
@@ -291,16 +314,20 @@ def _fold_into_linear(graph: ir.Graph, names: NameScope, producer: ir.Node, acti
     if (weight.shape[0] if transposed else weight.shape[1]) != s.size:
         return None
     bias = constant_array(bias_owner.inputs[bias_slot]) if bias_slot is not None else None
-    if bias_slot is not None and (bias is None or bias.size not in (1, s.size) or bias.shape[-1:] not in ((1,), (s.size,))):
+    if bias_slot is not None and (bias is None or bias.shape[-1:] not in ((1,), (s.size,))):
         return None
-    new_weight = weight / (s[:, None] if transposed else s[None, :])
-    base = linear.inputs[1].name or "weight"
-    linear.replace_input_with(1, add_initializer(graph, names, f"{base}__smooth", new_weight.astype(weight.dtype)))
-    if bias is not None and bias_slot is not None:
-        new_bias = (np.broadcast_to(bias, bias.shape[:-1] + (s.size,)) / s).astype(bias.dtype)
-        bias_owner.replace_input_with(bias_slot, add_initializer(graph, names, f"{bias_owner.inputs[bias_slot].name or base}__smooth", new_bias))
-    what = f"{linear.op_type} + Add" if bias_owner is not linear else linear.op_type
-    return f"{what} {linear.name} (output columns)"
+
+    def fold(graph: ir.Graph, names: NameScope) -> str:
+        new_weight = weight / (s[:, None] if transposed else s[None, :])
+        base = linear.inputs[1].name or "weight"
+        linear.replace_input_with(1, add_initializer(graph, names, f"{base}__smooth", new_weight.astype(weight.dtype)))
+        if bias is not None and bias_slot is not None:
+            new_bias = (np.broadcast_to(bias, bias.shape[:-1] + (s.size,)) / s).astype(bias.dtype)
+            bias_owner.replace_input_with(bias_slot, add_initializer(graph, names, f"{bias_owner.inputs[bias_slot].name or base}__smooth", new_bias))
+        what = f"{linear.op_type} + Add" if bias_owner is not linear else linear.op_type
+        return f"{what} {linear.name} (output columns)"
+
+    return fold
 
 
 def _insert_mul(graph: ir.Graph, names: NameScope, activation: ir.Value, factor: np.ndarray, uses: Sequence[tuple[ir.Node, int]], role: str) -> None:
