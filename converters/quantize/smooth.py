@@ -123,10 +123,12 @@ def _outlier_ratio(channel_absmax: np.ndarray) -> float:
 
 
 def _fake_quant(x: np.ndarray, low: np.ndarray, high: np.ndarray, levels: int, symmetric: bool) -> np.ndarray:
-    """x on the int8 grid spanning [low, high] (broadcast per channel or per tensor), dequantized."""
+    """x on the grid of `levels` steps spanning [low, high] (broadcast per channel or per tensor),
+    dequantized; symmetric grids are [-qmax, qmax] with qmax = levels / 2 - 1 (127 for int8)."""
     if symmetric:
-        scale = np.maximum(np.maximum(np.abs(low), np.abs(high)), 1e-12) / (levels // 2)
-        return np.clip(np.round(x / scale), -(levels // 2), levels // 2) * scale
+        qmax = levels // 2 - 1
+        scale = np.maximum(np.maximum(np.abs(low), np.abs(high)), 1e-12) / qmax
+        return np.clip(np.round(x / scale), -qmax, qmax) * scale
     low, high = np.minimum(low, 0.0), np.maximum(high, 0.0)
     scale = np.maximum(high - low, 1e-12) / (levels - 1)
     zero = np.round(-low / scale)

@@ -93,10 +93,11 @@ def _sqnr_db(reference: onnx.ModelProto, candidate: onnx.ModelProto, data: Datas
 
 def test_smoothing_folds_into_the_layernorm_without_a_new_op_and_is_exact_in_fp32() -> None:
     model = _pre_norm_attention()
+    original = model.SerializeToString()
     data = _dataset(model)
     smoothed, report = smooth_quant(model, data, SCHEME)
 
-    assert report["changed"]
+    assert report["changed"] and model.SerializeToString() == original  # the argument is not changed
     (group,) = report["groups"]
     assert len(group["layers"]) == 3  # Q, K and V share one factor
     assert group["folded_into"].startswith("LayerNormalization") and group["added_ops"] == 0
@@ -125,6 +126,25 @@ def test_smoothing_folds_into_the_producing_matmul_and_bias() -> None:
     (group,) = report["groups"]
     assert group["folded_into"].startswith("MatMul + Add") and group["added_ops"] == 0
     assert _ops(smoothed) == _ops(model)
+    assert _max_difference(model, smoothed, data) < 1e-3
+
+
+def test_gemm_pairs_with_transposed_weights_fold_into_the_first_gemm() -> None:
+    rng = np.random.default_rng(4)
+    first = rng.normal(0, 0.2, (HIDDEN, HIDDEN))  # [out, in] with transB
+    first[list(OUTLIER_DIMS), :] *= 40.0
+    nodes = [
+        helper.make_node("Gemm", ["x", "w_first", "b_first"], ["h"], transB=1),
+        helper.make_node("Gemm", ["h", "w0", "b0"], ["y"], transB=1),
+    ]
+    initializers = {"w_first": first, "b_first": rng.normal(0, 0.1, HIDDEN), "w0": rng.normal(0, 0.2, (HIDDEN, HIDDEN)), "b0": np.zeros(HIDDEN)}
+    model = _model(nodes, initializers, input_shape=(TOKENS, HIDDEN))
+    data = open_dataset({"x": rng.normal(0, 1, (32 * TOKENS, HIDDEN)).astype(np.float32)}, model_input_specs(model))
+    smoothed, report = smooth_quant(model, data, SCHEME)
+
+    (group,) = report["groups"]
+    assert group["folded_into"].startswith("Gemm") and group["added_ops"] == 0
+    assert _ops(smoothed) == ["Gemm", "Gemm"]
     assert _max_difference(model, smoothed, data) < 1e-3
 
 
