@@ -15,7 +15,7 @@ from edgeopt.converters.quantize import QuantizeOptions, _Quantizer, quantize
 from edgeopt.converters.quantize.calibration import calibrate
 from edgeopt.converters.quantize.observers import METHODS
 from edgeopt.converters.quantize.placement import plan_quantization
-from edgeopt.converters.quantize.range_search import FALLBACK, RangeSearchOptions, choose_ranges, split_samples
+from edgeopt.converters.quantize.range_search import FALLBACK, UNIFORM_PLANS, RangeSearchOptions, choose_ranges, split_samples
 from edgeopt.targets import get_target
 
 #: uint8 activations (ONNX Runtime) and int8 activations (LiteRT), both with a Q/DQ pair on every tensor.
@@ -93,6 +93,7 @@ def test_auto_clips_an_outlier_that_its_consumer_ignores(target: str) -> None:
     model = _two_matmuls(*_weights(outlier_weight=0.0))
     calibration = _samples(64, outlier=40.0)
     ranges, report, observers, _ = _search(model, target, calibration)
+    assert report["plan"] == "per_tensor", report["output_error"]
     low, high = ranges["x"]
     assert high < 0.25 * observers["x"].high and low > 0.25 * observers["x"].low, ranges["x"]
     assert observers["x"].range_by("mse", symmetric=False)[1] > 0.5 * observers["x"].high  # what the tensor's own error picks
@@ -124,6 +125,8 @@ def test_a_scale_group_gets_one_range_and_the_report_is_filled(target: str) -> N
     assert set(report["chosen"]) <= set(report["candidates"])
     assert report["samples"] == 16 and report["range_samples"] == 32 and report["seconds"] > 0
     assert report["fallback"] == FALLBACK and report["fallback_tensors"] == []
+    assert set(report["output_error"]) == {"per_tensor", *UNIFORM_PLANS}
+    assert report["output_error"][report["plan"]] == min(report["output_error"].values())
     assert 0.0 <= report["error_reduction"] <= 1.0 and report["error_chosen"] <= report["error_minmax"]
     assert report["worst"] and all(row["error_chosen"] <= row["error_minmax"] for row in report["worst"])
 
