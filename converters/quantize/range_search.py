@@ -22,6 +22,7 @@ Captures are streamed one sample at a time, so memory is one forward pass's acti
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -137,7 +138,12 @@ def _fake_quantize(values: np.ndarray, params: QParams) -> np.ndarray:
 
 def _energy(values: np.ndarray) -> float:
     flat = values.ravel()
-    return float(np.dot(flat, flat))
+    with np.errstate(over="ignore"):
+        energy = float(np.dot(flat, flat))
+    if not math.isfinite(energy):  # e.g. an attention mask at the float32 minimum: square in float64
+        flat = flat.astype(np.float64)
+        energy = float(np.dot(flat, flat))
+    return energy
 
 
 SCALE, ZERO_POINT = "range_search_scale", "range_search_zero_point"
