@@ -114,6 +114,7 @@ class Technique(_Named):
     RANGE_SEARCH = "range_search"  # per-tensor range by consumer output error (quantize/range_search.py)
     ADAROUND = "adaround"  # learned weight rounding (quantize/adaround.py)
     BIAS_CORRECTION = "bias_correction"  # empirical bias correction (quantize/bias_correction.py)
+    MIXED_PRECISION = "mixed_precision"  # the most sensitive layers stay float (quantize/mixed_precision.py)
 
 
 class CalibrationMethod(_Named):

@@ -279,7 +279,7 @@ def _technique_switches(pairs: tuple[str, ...]) -> dict[Technique, bool]:
 @click.option(
     "--effort",
     type=_Names(Effort),
-    default=Effort.FAST.value,  # TEMP until the technique modules land
+    default=Effort.DEFAULT.value,
     show_default=True,
     help="int8 build time for fidelity: fast = min-max ranges and bias correction; default also tries equalization,"
     " bias absorption, SmoothQuant and per-tensor range search; max adds AdaRound. Each is kept only if it helps"

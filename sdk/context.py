@@ -48,7 +48,7 @@ class BuildOptions:
     isa: IsaClass | None
     calibration: str | Path | Iterable[Mapping[str, np.ndarray]] | None = None
     calibration_method: str | None = None  # None: min-max, or the per-tensor range search when the effort finds it helps
-    effort: Effort = Effort.FAST  # TEMP until the technique modules land
+    effort: Effort = Effort.DEFAULT
     techniques: Mapping[Technique, bool] = field(default_factory=dict)
     evaluation: str | Path | None = None
     max_accuracy_drop: float | None = None

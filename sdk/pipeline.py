@@ -46,7 +46,7 @@ def build(
     precision: str | Precision | None = None,
     calibration: str | Path | Iterable[Mapping[str, np.ndarray]] | None = None,
     calibration_method: str | None = None,
-    effort: str | Effort = Effort.FAST,  # TEMP until the technique modules land
+    effort: str | Effort = Effort.DEFAULT,
     techniques: Mapping[str | Technique, bool] | None = None,
     evaluation: str | Path | None = None,
     max_accuracy_drop: float | None = None,

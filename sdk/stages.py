@@ -163,6 +163,7 @@ def quantize(context: BuildContext) -> JsonObject:
             techniques=options.techniques,
             max_accuracy_drop=options.max_accuracy_drop,
             evaluation=context.evaluation_set,
+            fallback_cost_on=options.target,
         ),
         progress=context.sub_progress("calibrate"),
     )

@@ -30,11 +30,11 @@ from edgeopt.converters.quantize.placement import QuantPlan, plan_quantization
 from edgeopt.converters.quantize.qat import Adaptation, ScaleRecord, import_qdq
 from edgeopt.converters.quantize.qdq import group_params, insert_qdq
 from edgeopt.converters.quantize.sensitivity import meet_budget
-from edgeopt.converters.quantize.techniques import SearchReport, TechniqueSearch
+from edgeopt.converters.quantize.techniques import TRIED_AT, SearchReport, TechniqueSearch
 from edgeopt.runtime.errors import OptionError
 from edgeopt.runtime.kinds import Effort, Technique
 from edgeopt.runtime.manifest import JsonObject
-from edgeopt.targets import QuantScheme
+from edgeopt.targets import QuantScheme, Target
 
 __all__ = [
     "QuantizeOptions",
@@ -88,6 +88,7 @@ class QuantizeOptions:
     bias_correction_samples: int = 16
     debug_samples: int = 16
     threads: int = 0
+    fallback_cost_on: Target | None = None  # where the latency of layers kept float is measured
 
 
 class QuantizeReport(TypedDict, total=False):
@@ -388,18 +389,32 @@ def _search_split(calibration: Dataset) -> tuple[Dataset, Dataset] | None:
     return calibration.take(kept), calibration.skip(kept)
 
 
-def _choose_recipe(model: onnx.ModelProto, scheme: QuantScheme, calibration: Dataset | None, options: QuantizeOptions, progress: Progress | None) -> tuple[_Recipes, frozenset[Technique], SearchReport | None]:
+@dataclass
+class _Choice:
+    recipes: _Recipes
+    recipe: frozenset[Technique]
+    search: SearchReport | None
+    held_out: Dataset | None  # the samples techniques were judged on (None: no search)
+
+
+def _choose_recipe(model: onnx.ModelProto, scheme: QuantScheme, calibration: Dataset | None, options: QuantizeOptions, progress: Progress | None) -> _Choice:
     """The techniques this model gets: the effort's search on held-out samples, or, without enough
     samples (or at `fast`), the baseline and the forced switches."""
-    forced = dict(options.techniques)
+    forced = {t: on for t, on in options.techniques.items() if t is not Technique.MIXED_PRECISION}  # applied after the search
     if not options.bias_correction:
         forced[Technique.BIAS_CORRECTION] = False
     if options.method is not None and forced.get(Technique.RANGE_SEARCH):
         raise OptionError(f"--technique range_search=on and --calibration-method {options.method} contradict", hint="give one of them")
     baseline = frozenset(t for t, on in forced.items() if on) | ({Technique.BIAS_CORRECTION} - {t for t, on in forced.items() if not on})
-    split = None if calibration is None or options.weights_only or options.effort is Effort.FAST else _search_split(calibration)
+    searched = options.effort is not Effort.FAST or options.techniques.get(Technique.MIXED_PRECISION, False)
+    split = None if calibration is None or options.weights_only or not searched else _search_split(calibration)
     if split is None:
-        return _Recipes(model, scheme, calibration, options, progress), baseline, None
+        if options.techniques.get(Technique.MIXED_PRECISION):
+            raise CalibrationDataError(
+                f"--technique mixed_precision=on needs at least {3 * SEARCH_HELD_OUT[0]} calibration samples to hold some out, not {len(calibration or ())}",
+                hint="give more calibration samples, or an accuracy budget with --eval and --max-accuracy-drop",
+            )
+        return _Choice(_Recipes(model, scheme, calibration, options, progress), baseline, None, None)
     fit, held_out = split
     recipes = _Recipes(model, scheme, fit, options, progress)
     search = TechniqueSearch(
@@ -413,7 +428,43 @@ def _choose_recipe(model: onnx.ModelProto, scheme: QuantScheme, calibration: Dat
         threads=options.threads,
     )
     recipe, report = search.run()
-    return recipes, recipe, report
+    return _Choice(recipes, recipe, report, held_out)
+
+
+#: `max` effort's fidelity goal for mixed precision, in points of the quality metric: one point of
+#: top-1 agreement for classifiers, else (1 - cosine) x 100 = 0.2 (cosine 0.998).
+FALLBACK_GOAL_CLASSIFIER = 1.0
+FALLBACK_GOAL_COSINE = 0.2
+#: At most this many layers, and this share of the model's MACs, stay float: int8 must stay int8.
+FALLBACK_MAX_LAYERS = 8
+FALLBACK_MAX_MAC_SHARE = 0.2
+
+
+def _wants_fallback(options: QuantizeOptions, choice: _Choice) -> bool:
+    """Mixed precision by a goal (not the user's budget): at `max`, or forced on, with held-out samples."""
+    if options.max_accuracy_drop is not None or choice.held_out is None:
+        return False
+    switch = options.techniques.get(Technique.MIXED_PRECISION)
+    return switch if switch is not None else Technique.MIXED_PRECISION in TRIED_AT[options.effort]
+
+
+def _mixed_precision(quantizer: _Quantizer, held_out: Dataset, search: SearchReport, options: QuantizeOptions) -> tuple[onnx.ModelProto, list[str], JsonObject]:
+    """The fewest sensitive layers in float that bring the held-out drop under the effort's goal."""
+    from edgeopt.converters.quantize.mixed_precision import choose_fallback
+
+    goal = FALLBACK_GOAL_CLASSIFIER if search["top1_agreement"] is not None else FALLBACK_GOAL_COSINE
+    qdq, layers, report = choose_fallback(
+        quantizer.model,
+        quantizer.build,
+        options.exclude_nodes,
+        held_out,
+        quantizer.plan,
+        goal_drop=goal,
+        max_layers=FALLBACK_MAX_LAYERS,
+        max_mac_share=FALLBACK_MAX_MAC_SHARE,
+        cost_on=options.fallback_cost_on,
+    )
+    return qdq, layers, dict(report)
 
 
 def quantize(
@@ -443,11 +494,17 @@ def quantize(
         return QuantizeResult(qdq, report)
     if options.bias_correction and options.techniques.get(Technique.BIAS_CORRECTION, True):
         model = _with_biases(model)
-    recipes, recipe, search = _choose_recipe(model, scheme, calibration, options, progress)
+    choice = _choose_recipe(model, scheme, calibration, options, progress)
+    recipes, recipe = choice.recipes, choice.recipe
     quantizer = recipes.quantizer(recipe)
     fallback: list[str] = []
     budget: JsonObject | None = None
-    if options.max_accuracy_drop is not None:
+    mixed: JsonObject | None = None
+    if _wants_fallback(options, choice):
+        assert choice.held_out is not None and choice.search is not None
+        qdq, fallback, mixed = _mixed_precision(quantizer, choice.held_out, choice.search, options)
+        recipe = recipe | {Technique.MIXED_PRECISION}
+    elif options.max_accuracy_drop is not None:
         if options.evaluation is None:
             raise CalibrationDataError(
                 "an accuracy budget (--max-accuracy-drop) needs evaluation data",
@@ -469,8 +526,8 @@ def quantize(
     report["techniques"] = {
         "effort": options.effort.value,
         "chosen": [t.value for t in sorted(recipe, key=lambda t: list(Technique).index(t))],
-        "search": search,
-        "reports": recipes.reports(recipe, quantizer),
+        "search": choice.search,
+        "reports": {**recipes.reports(recipe, quantizer), **({Technique.MIXED_PRECISION.value: mixed} if mixed else {})},
     }
     if calibration is not None and options.debug_samples:
         report["per_layer_sqnr"] = layer_sqnr(quantizer.model, qdq, calibration.take(options.debug_samples))

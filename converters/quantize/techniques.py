@@ -52,11 +52,12 @@ ORDER: tuple[Technique, ...] = (
     Technique.BIAS_CORRECTION,
 )
 
-#: What each effort may add to the baseline. `fast` is the baseline alone.
+#: What each effort may add to the baseline. `fast` is the baseline alone. Mixed precision is not
+#: judged by SQNR gain but by a fidelity goal, after the search (see `quantize`): at `max` only.
 TRIED_AT: dict[Effort, frozenset[Technique]] = {
     Effort.FAST: frozenset(),
     Effort.DEFAULT: frozenset({Technique.EQUALIZATION, Technique.BIAS_ABSORPTION, Technique.SMOOTHQUANT, Technique.RANGE_SEARCH}),
-    Effort.MAX: frozenset(ORDER),
+    Effort.MAX: frozenset({*ORDER, Technique.MIXED_PRECISION}),
 }
 
 #: Techniques in every build unless switched off: bias correction checks its own gain on the same samples.
