@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgeopt.converters.data import model_input_specs, open_dataset
 from edgeopt.converters.graph.session import run_model
 from edgeopt.converters.quantize import QuantizeOptions, _Quantizer, quantize
+from edgeopt.runtime.kinds import Technique
 from edgeopt.converters.quantize.calibration import calibrate
 from edgeopt.converters.quantize.observers import METHODS
 from edgeopt.converters.quantize.placement import plan_quantization
@@ -75,7 +76,7 @@ def _weights(outlier_weight: float) -> tuple[np.ndarray, np.ndarray]:
 def _output_error(model: onnx.ModelProto, target: str, method: str, calibration: list, evaluation: list) -> float:
     scheme = get_target(target).scheme_for(None)
     dataset = open_dataset(calibration, model_input_specs(model))
-    result = quantize(model, scheme, dataset, QuantizeOptions(method=method, bias_correction=False, debug_samples=0))
+    result = quantize(model, scheme, dataset, QuantizeOptions(method=method, techniques={Technique.BIAS_CORRECTION: False}, debug_samples=0))
     want = [o["y"] for o in run_model(model, evaluation)]
     got = [o["y"] for o in run_model(result.model, evaluation)]
     return float(sum(np.sum((g - w) ** 2) for g, w in zip(got, want)))
@@ -123,7 +124,7 @@ def test_a_scale_group_gets_one_range_and_the_report_is_filled(target: str) -> N
     assert report["groups"] == len(plan.groups()) < len(plan.sites)
     assert sum(report["chosen"].values()) == len(plan.sites)
     assert set(report["chosen"]) <= set(report["candidates"])
-    assert report["samples"] == 16 and report["range_samples"] == 32 and report["seconds"] > 0
+    assert report["samples"] == 16 and report["consumer_samples"] == 8 and report["range_samples"] == 32 and report["seconds"] > 0
     assert report["fallback"] == FALLBACK and report["fallback_tensors"] == []
     assert set(report["output_error"]) == {"per_tensor", *UNIFORM_PLANS}
     assert report["output_error"][report["plan"]] == min(report["output_error"].values())
