@@ -39,6 +39,7 @@ from edgeopt.converters.data import model_input_specs, open_dataset  # noqa: E40
 from edgeopt.converters.metrics import fidelity  # noqa: E402
 from edgeopt.converters.passes import simplify  # noqa: E402
 from edgeopt.converters.quantize import QuantizeOptions, quantize  # noqa: E402
+from edgeopt.runtime.kinds import Technique
 from edgeopt.targets import get_target  # noqa: E402
 from tests import zoo  # noqa: E402
 
@@ -235,7 +236,7 @@ def calibration_memory(name: str, counts: tuple[int, ...]) -> dict[str, dict[int
                 try:
                     if tool == "edgeopt":
                         dataset = open_dataset(samples, model_input_specs(fp32))
-                        quantize(fp32, scheme, dataset, QuantizeOptions(method="percentile", bias_correction=False, debug_samples=0))
+                        quantize(fp32, scheme, dataset, QuantizeOptions(method="percentile", techniques={Technique.BIAS_CORRECTION: False}, debug_samples=0))
                     else:
                         ort_static(fp32, samples, "Percentile", Path(folder))
                     peaks[tool][count] = tracemalloc.get_traced_memory()[1] / 1e6

@@ -39,6 +39,7 @@ from edgeopt.converters.lower.base import LoweringOptions  # noqa: E402
 from edgeopt.converters.lower.tflite import lower_to_bytes  # noqa: E402
 from edgeopt.converters.passes import simplify  # noqa: E402
 from edgeopt.converters.quantize import QuantizeOptions, quantize  # noqa: E402
+from edgeopt.runtime.kinds import Technique
 from edgeopt.targets import get_target  # noqa: E402
 from tests import zoo  # noqa: E402
 
@@ -144,7 +145,7 @@ def bench_model(name: str, runs: int, onnx2tf_python: str | None) -> dict[str, A
     start = time.perf_counter()
     simple, _ = simplify(model)
     dataset = open_dataset(feeds[1:], model_input_specs(simple), role="calibration")
-    qdq = quantize(simple, get_target("raspberry-pi").quant_scheme, dataset, QuantizeOptions(bias_correction=False, debug_samples=0)).model
+    qdq = quantize(simple, get_target("raspberry-pi").quant_scheme, dataset, QuantizeOptions(techniques={Technique.BIAS_CORRECTION: False}, debug_samples=0)).model
     row["quantize_s"] = round(time.perf_counter() - start, 2)
 
     for label, source in (("ort_fp32", model), ("ort_int8", qdq)):

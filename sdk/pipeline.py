@@ -166,6 +166,17 @@ def _technique_lines(techniques: Mapping[str, Any]) -> list[str]:
     if search:
         lines += [f"           tried {t['technique']}: {t['why']}" + (" (kept)" if t["kept"] else "") for t in search["trials"]]
         lines += [f"           not tried {t['technique']}: {t['why']}" for t in search["not_tried"]]
+    mixed = techniques.get("reports", {}).get("mixed_precision")
+    if mixed:
+        layers = mixed["layers"]
+        lines.append(
+            f"           mixed precision: {len(layers)} layer(s) float ({100 * mixed['mac_share']:.1f}% of MACs), held-out {mixed['metric']}"
+            f" {mixed['drop_int8']:.2f} -> {mixed['drop']:.2f} (goal {mixed['goal_drop']:g}{'' if mixed['met'] else ', not met'})"
+        )
+        lines += [
+            f"           float layers cost {c['backend']}: int8 {c['int8_ms']:.2f} -> mixed {c['mixed_ms']:.2f} ms median ({c['mixed_over_int8']:.2f}x)"
+            for c in mixed.get("costs", [])
+        ]
     return lines
 
 

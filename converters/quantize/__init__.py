@@ -80,7 +80,6 @@ class QuantizeOptions:
     effort: Effort = Effort.FAST
     techniques: Mapping[Technique, bool] = field(default_factory=dict)
     percentile: float = 99.99
-    bias_correction: bool = True
     max_accuracy_drop: float | None = None
     evaluation: Dataset | None = None
     exclude_nodes: tuple[str, ...] = ()
@@ -401,8 +400,6 @@ def _choose_recipe(model: onnx.ModelProto, scheme: QuantScheme, calibration: Dat
     """The techniques this model gets: the effort's search on held-out samples, or, without enough
     samples (or at `fast`), the baseline and the forced switches."""
     forced = {t: on for t, on in options.techniques.items() if t is not Technique.MIXED_PRECISION}  # applied after the search
-    if not options.bias_correction:
-        forced[Technique.BIAS_CORRECTION] = False
     if options.method is not None and forced.get(Technique.RANGE_SEARCH):
         raise OptionError(f"--technique range_search=on and --calibration-method {options.method} contradict", hint="give one of them")
     baseline = frozenset(t for t, on in forced.items() if on) | ({Technique.BIAS_CORRECTION} - {t for t, on in forced.items() if not on})
@@ -492,7 +489,7 @@ def quantize(
         if calibration is not None:
             report["per_layer_sqnr"] = layer_sqnr(imported["float_model"], qdq, calibration.take(options.debug_samples))
         return QuantizeResult(qdq, report)
-    if options.bias_correction and options.techniques.get(Technique.BIAS_CORRECTION, True):
+    if options.techniques.get(Technique.BIAS_CORRECTION, True):
         model = _with_biases(model)
     choice = _choose_recipe(model, scheme, calibration, options, progress)
     recipes, recipe = choice.recipes, choice.recipe
@@ -503,7 +500,8 @@ def quantize(
     if _wants_fallback(options, choice):
         assert choice.held_out is not None and choice.search is not None
         qdq, fallback, mixed = _mixed_precision(quantizer, choice.held_out, choice.search, options)
-        recipe = recipe | {Technique.MIXED_PRECISION}
+        if fallback:
+            recipe = recipe | {Technique.MIXED_PRECISION}
     elif options.max_accuracy_drop is not None:
         if options.evaluation is None:
             raise CalibrationDataError(

@@ -30,6 +30,7 @@ from edgeopt.converters.data import model_input_specs, open_dataset
 from edgeopt.converters.lower import LoweringOptions, lower
 from edgeopt.converters.passes import simplify
 from edgeopt.converters.quantize import QuantizeOptions, quantize
+from edgeopt.runtime.kinds import Technique
 from edgeopt.converters.graph.session import ort_session as session
 from edgeopt.runtime.isa import IsaClass, host_isa
 from edgeopt.targets import get_target
@@ -125,7 +126,7 @@ def saturation_steps(target: str, isa: str, out_dir: Path) -> float:
     model = positive_conv()
     feeds = [{"x": np.linspace(0.0, 1.0, 16 * 64, dtype=np.float32).reshape(1, 16, 8, 8)}, {"x": np.ones((1, 16, 8, 8), np.float32)}]
     dataset = open_dataset(feeds, model_input_specs(model))
-    qdq = quantize(model, get_target(target).scheme_for(isa), dataset, QuantizeOptions(debug_samples=0, bias_correction=False)).model
+    qdq = quantize(model, get_target(target).scheme_for(isa), dataset, QuantizeOptions(debug_samples=0, techniques={Technique.BIAS_CORRECTION: False})).model
     want = session(qdq).run(None, feeds[1])[0]
     (got,) = kernel_outputs(target, qdq, out_dir, feeds[1:])
     return float(np.abs(want - got).max() / (np.ptp(want) / 255 or 1.0))

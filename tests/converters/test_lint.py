@@ -15,6 +15,7 @@ from edgeopt.converters.data import open_dataset
 from edgeopt.converters.lint import Finding, lint_qdq
 from edgeopt.converters.passes import simplify
 from edgeopt.converters.quantize import QuantizeOptions, quantize
+from edgeopt.runtime.kinds import Technique
 from edgeopt.targets import get_target
 from tests import zoo
 
@@ -375,7 +376,7 @@ def test_edgeopt_quantizer_output_follows_every_rule_of_its_target(target: str):
     simplified, _ = simplify(model)
     calibration = open_dataset(zoo.random_inputs(model, n=2), inputs)
     profile = get_target(target)
-    options = QuantizeOptions(bias_correction=False, debug_samples=0)
+    options = QuantizeOptions(techniques={Technique.BIAS_CORRECTION: False}, debug_samples=0)
     qdq = quantize(simplified, profile.quant_scheme, calibration, options).model
     assert sum(n.op_type == "QuantizeLinear" for n in qdq.graph.node) > 10
     assert lint_qdq(qdq, profile) == []

@@ -29,6 +29,7 @@ from edgeopt.converters.errors import LoweringError, UnsupportedOpsError
 from edgeopt.converters.lower import LoweringOptions, LoweringResult, lower
 from edgeopt.converters.passes import simplify
 from edgeopt.converters.quantize import QuantizeOptions, quantize
+from edgeopt.runtime.kinds import Technique
 from edgeopt.converters.graph.session import ort_session as session
 from edgeopt.targets import get_target
 from tests import zoo
@@ -123,7 +124,7 @@ def quantize_for_openvino(model: onnx.ModelProto, calibration: Sequence[Feed]) -
     """simplify → edgeopt's quantizer with the intel-openvino scheme, as the build pipeline runs them."""
     simplified = simplify(model)[0]
     dataset = open_dataset(list(calibration), model_input_specs(simplified))
-    return quantize(simplified, TARGET.quant_scheme, dataset, QuantizeOptions(bias_correction=False, threads=2)).model
+    return quantize(simplified, TARGET.quant_scheme, dataset, QuantizeOptions(techniques={Technique.BIAS_CORRECTION: False}, threads=2)).model
 
 
 @functools.cache

@@ -12,6 +12,7 @@ from edgeopt.converters.errors import CalibrationDataError
 from edgeopt.converters.metrics import fidelity
 from edgeopt.converters.graph.session import has_qdq, ort_session, run_model
 from edgeopt.converters.quantize import QuantizeOptions, layer_sqnr, quantize
+from edgeopt.runtime.kinds import Technique
 from edgeopt.runtime.errors import OptionError
 from edgeopt.targets import get_target
 from tests import zoo
@@ -210,7 +211,7 @@ def _input_scales(data: np.ndarray, methods: tuple[str, ...]) -> dict[str, float
     dataset = open_dataset(data, model_input_specs(model))
     scales = {}
     for method in methods:
-        options = QuantizeOptions(method=method, bias_correction=False, debug_samples=0)
+        options = QuantizeOptions(method=method, techniques={Technique.BIAS_CORRECTION: False}, debug_samples=0)
         qdq = quantize(model, get_target("jetson-orin").quant_scheme, dataset, options).model
         q = next(n for n in qdq.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "x")
         scales[method] = float(_array(qdq, q.input[1]))
@@ -237,8 +238,8 @@ def test_mse_range_has_lower_quantization_error_than_minmax() -> None:
 
 def test_bias_correction_never_makes_outputs_worse(model: onnx.ModelProto, calibration: Dataset) -> None:
     scheme = get_target("raspberry-pi").quant_scheme
-    plain = quantize(model, scheme, calibration, QuantizeOptions(bias_correction=False, debug_samples=0)).model
-    corrected = quantize(model, scheme, calibration, QuantizeOptions(bias_correction=True, debug_samples=0))
+    plain = quantize(model, scheme, calibration, QuantizeOptions(techniques={Technique.BIAS_CORRECTION: False}, debug_samples=0)).model
+    corrected = quantize(model, scheme, calibration, QuantizeOptions(debug_samples=0))
     report = corrected.report["bias_correction"]
     assert report["output_noise_after" if report["applied"] else "output_noise_before"] <= report["output_noise_before"]
     assert _close_to_fp32(model, corrected.model, calibration)["min_sqnr_db"] >= _close_to_fp32(model, plain, calibration)["min_sqnr_db"] - 1e-6

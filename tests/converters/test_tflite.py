@@ -30,6 +30,7 @@ from edgeopt.converters.lower.tflite import INSTALL_HINT, lower_to_bytes
 from edgeopt.converters.lower.tflite_ops import REGISTRY
 from edgeopt.converters.passes import simplify
 from edgeopt.converters.quantize import QuantizeOptions, quantize
+from edgeopt.runtime.kinds import Technique
 from edgeopt.converters.graph.session import ort_session as session
 from edgeopt.targets import get_target
 from tests import zoo
@@ -63,7 +64,7 @@ def quantized(model: onnx.ModelProto, samples: Sequence[Mapping[str, np.ndarray]
     """The raspberry-pi QDQ graph from edgeopt's quantizer (simplified first, as the pipeline does)."""
     simple, _ = simplify(model)
     dataset = open_dataset(list(samples), model_input_specs(simple), role="calibration")
-    return quantize(simple, TARGET.quant_scheme, dataset, QuantizeOptions(bias_correction=False, debug_samples=0)).model
+    return quantize(simple, TARGET.quant_scheme, dataset, QuantizeOptions(techniques={Technique.BIAS_CORRECTION: False}, debug_samples=0)).model
 
 
 def output_scales(qdq: onnx.ModelProto) -> list[float]:
