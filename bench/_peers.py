@@ -107,17 +107,35 @@ def run_worker(python: Path, kind: str, job: Mapping[str, Any], folder: Path, ti
     (folder / "job.json").write_text(json.dumps(job))
     Path(job["result"]).unlink(missing_ok=True)
     start = time.perf_counter()
-    try:
-        done = subprocess.run([str(python), str(Path(__file__).resolve()), kind, str(folder / "job.json")],
-                              capture_output=True, text=True, check=False, timeout=timeout_s)  # fmt: skip
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout_s:.0f} s", "wall_s": time.perf_counter() - start}
-    (folder / "worker.log").write_text(done.stdout + done.stderr)
-    if done.returncode != 0 or not Path(job["result"]).exists():
-        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+    with open(folder / "worker.log", "w") as output:
+        worker = subprocess.Popen([str(python), str(Path(__file__).resolve()), kind, str(folder / "job.json")], stdout=output, stderr=subprocess.STDOUT)
+        (folder / "worker.pid").write_text(str(worker.pid))
+        try:
+            returncode = worker.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            return {"error": f"timed out after {timeout_s:.0f} s", "wall_s": time.perf_counter() - start}
+        finally:
+            (folder / "worker.pid").unlink(missing_ok=True)
+    if returncode != 0 or not Path(job["result"]).exists():
+        log_text = (folder / "worker.log").read_text(errors="replace")
+        lines = [line for line in log_text.strip().splitlines() if line.strip()]
         error = next((line for line in reversed(lines) if re.match(r"^[\w.]+(Error|Exception)\b", line)), lines[-1] if lines else "")
-        return {"error": f"worker exit {done.returncode}: {error[:400]}", "wall_s": time.perf_counter() - start}
+        return {"error": f"worker exit {returncode}: {error[:400]}", "wall_s": time.perf_counter() - start}
     return {**json.loads(Path(job["result"]).read_text()), "wall_s": time.perf_counter() - start}
+
+
+def wait_for_running_worker(folder: Path, poll_s: float = 10.0) -> dict[str, Any] | None:
+    """When another bench process's worker is still running in `folder`, wait for it and return its result."""
+    pid_file = folder / "worker.pid"
+    if not pid_file.exists():
+        return None
+    pid = int(pid_file.read_text())
+    while Path(f"/proc/{pid}").exists():
+        time.sleep(poll_s)
+    pid_file.unlink(missing_ok=True)
+    result = folder / "result.json"
+    return json.loads(result.read_text()) if result.exists() else None
 
 
 def nncf_worker(job: Mapping[str, Any]) -> dict[str, Any]:

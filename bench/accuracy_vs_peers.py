@@ -487,7 +487,7 @@ def cell_aimet(case: Case, target: str, work: Path) -> dict[str, Any]:
     if not info_file.exists():
         job = {"model": str(_fp32_onnx(case, work)), "calibration": str(case.calibration_npz), "transformer": case.task == "encoder",
                "onnx": str(folder / "model_qdq.onnx"), "adaround_iterations": AIMET_ADAROUND_ITERATIONS, "adaround_samples": AIMET_SAMPLES, "seq_mse_samples": AIMET_SAMPLES}  # fmt: skip
-        info = _peers.run_worker(_peers.AIMET_PYTHON, "aimet", job, folder, timeout_s=2400)
+        info = _peers.wait_for_running_worker(folder) or _peers.run_worker(_peers.AIMET_PYTHON, "aimet", job, folder, timeout_s=3600)
         if "error" in info:
             return {"status": "failed", "stage": "quantize", "message": info["error"]}
         info_file.write_text(json.dumps(info))
