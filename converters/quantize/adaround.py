@@ -12,7 +12,7 @@ output of the same layer on the same samples. The annealed regulariser drives h 
 result is the integer weights floor(W / s) + [h > 0.5]. Scale, zero point and the integer grid stay
 as they are (the grid as nearest rounding used it, e.g. [-127, 127] or the 7-bit [-64, 64]); biases
 are untouched. A layer keeps its learned rounding only if its output error on the captured rows is
-lower than with nearest rounding.
+lower than with nearest rounding on held-out samples.
 """
 
 from __future__ import annotations
@@ -43,12 +43,12 @@ ZETA, GAMMA = 1.1, -0.1
 class AdaRoundOptions:
     """`iterations` Adam steps per layer on batches of `batch_rows` rows drawn from `rows` output
     positions (conv) or rows (Gemm/MatMul) captured on the first `samples` calibration samples
-    (fewer when a layer's input rows would exceed `max_row_bytes`); a `held_out` share of the rows
-    only judges the result.
+    (fewer when a layer's input rows would exceed `max_row_bytes`); the rows of a `held_out` share
+    of those samples only judge the result (other images: rows of the fitted ones hid overfitting).
     The regulariser starts after `warm_start` of the iterations, with beta annealed from
     `beta[0]` to `beta[1]`."""
 
-    iterations: int = 500
+    iterations: int = 100
     samples: int = 32
     rows: int = 4096
     held_out: float = 0.25
@@ -151,11 +151,13 @@ def _round_layers(torch, float_model, rounded, layers, samples, options, report)
     targets, positions = _capture_targets(float_model, layers, samples, options, rng)
     runner, input_names = _weight_fed_session(rounded, layers, options.threads)
     weights = {layer.quantized_name: layer.quantized for layer in layers}
+    fitted_samples = len(samples) - int(options.held_out * len(samples)) if len(samples) > 1 else 1
     for layer, target, where in zip(layers, targets, positions):
         inputs = np.concatenate(
             [_input_rows(layer, runner.run([layer.input_name], {**{n: s[n] for n in input_names}, **weights})[0], p) for s, p in zip(samples, where)]
         )
-        learned, entry = _learn_rounding(torch, layer, inputs, target, options, rng)
+        fitted_rows = sum(len(p) for p in where[:fitted_samples])
+        learned, entry = _learn_rounding(torch, layer, inputs, target, fitted_rows, options, rng)
         report["layers"].append(entry)
         if entry["kept"]:
             weights[layer.quantized_name] = learned
@@ -348,12 +350,11 @@ def _as_matrix(torch, layer: _Layer, weight):
     return weight.t()[None]
 
 
-def _learn_rounding(torch, layer: _Layer, inputs: np.ndarray, target: np.ndarray, options: AdaRoundOptions, rng) -> tuple[np.ndarray, LayerRounding]:
-    order = rng.permutation(len(inputs))
-    judged = order[: int(options.held_out * len(order))]
-    fitted = order[len(judged) :]
-    x, y = torch.from_numpy(inputs[fitted]), torch.from_numpy(target[fitted])
-    x_judge, y_judge = torch.from_numpy(inputs[judged]), torch.from_numpy(target[judged])
+def _learn_rounding(torch, layer: _Layer, inputs: np.ndarray, target: np.ndarray, fitted_rows: int, options: AdaRoundOptions, rng) -> tuple[np.ndarray, LayerRounding]:
+    x, y = torch.from_numpy(inputs[:fitted_rows]), torch.from_numpy(target[:fitted_rows])
+    x_judge, y_judge = torch.from_numpy(inputs[fitted_rows:]), torch.from_numpy(target[fitted_rows:])
+    if fitted_rows == len(inputs):  # one sample: nothing held out, judged on what it was fitted to
+        x_judge, y_judge = x, y
     if layer.relu:  # reconstruct what the next layer reads (Nagel et al. 2020, eq. 25)
         y, y_judge = y.clamp(min=0), y_judge.clamp(min=0)
     bias = torch.zeros(y.shape[1]) if layer.bias is None else torch.from_numpy(layer.bias)
