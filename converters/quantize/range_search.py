@@ -64,7 +64,7 @@ class RangeSearchOptions:
     over a whole tensor, so fewer suffice; they are most of the search's time). `percentiles`: the
     percentile candidates. `threads`: ONNX Runtime intra-op threads (0: its default)."""
 
-    samples: int = 16
+    samples: int = 32
     consumer_samples: int = 8
     percentiles: tuple[float, ...] = (99.9, 99.99, 99.999)
     threads: int = 0
