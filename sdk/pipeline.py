@@ -170,7 +170,7 @@ def _technique_lines(techniques: Mapping[str, Any]) -> list[str]:
     if mixed:
         layers = mixed["layers"]
         lines.append(
-            f"           mixed precision: {len(layers)} layer(s) float ({100 * mixed['mac_share']:.1f}% of MACs), held-out {mixed['metric']}"
+            f"           mixed precision: {len(layers)} layer(s) float ({100 * mixed['mac_share']:.1f}% of MACs), {mixed['metric']} on {mixed['samples']} calibration samples"
             f" {mixed['drop_int8']:.2f} -> {mixed['drop']:.2f} (goal {mixed['goal_drop']:g}{'' if mixed['met'] else ', not met'})"
         )
         lines += [

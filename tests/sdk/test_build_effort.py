@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import edgeopt
+from edgeopt.converters.errors import CalibrationDataError
 from edgeopt.runtime.errors import OptionError
 from tests.sdk.test_cli import edgeopt as run_cli
 
@@ -72,3 +74,28 @@ def test_the_cli_takes_effort_and_technique_switches_and_refuses_malformed_ones(
         refused = run_cli("build", model, "-t", "ort", "-p", "int8", "--calibration", data, option, value, "-o", str(tmp_path / "c"))
         assert refused.returncode == 2 and "Traceback" not in refused.stderr and needle in refused.stderr, refused.stderr
         assert not (tmp_path / "c").exists()
+
+
+def test_max_also_tries_learned_rounding_and_keeps_sensitive_layers_float_by_a_goal(tmp_path: Path) -> None:
+    result = edgeopt.build(
+        DIGITS / "model.onnx", "onnxruntime-cpu", precision="int8", calibration=CALIBRATION, output=tmp_path / "b", effort="max"
+    )
+    techniques = _techniques(result.bundle)
+    search = techniques["search"]
+    assert "adaround" in {t["technique"] for t in search["trials"]}
+    mixed = techniques["reports"]["mixed_precision"]
+    assert mixed["goal_drop"] == 1.0 and mixed["samples"] == 96 and mixed["metric"].startswith("top-1")
+    assert ("mixed_precision" in techniques["chosen"]) == bool(mixed["layers"])
+    assert result.manifest["quantization"]["float_fallback"] == mixed["layers"]
+    assert "mixed precision:" in result.summary_text()
+
+
+def test_mixed_precision_forced_on_needs_samples_to_judge_it(tmp_path: Path) -> None:
+    with np.load(CALIBRATION) as archive:
+        few = [{"image": archive["image"][i : i + 1]} for i in range(20)]
+    with pytest.raises(CalibrationDataError, match="needs at least 48 calibration samples"):
+        edgeopt.build(
+            DIGITS / "model.onnx", "onnxruntime-cpu", precision="int8", calibration=few, output=tmp_path / "b",
+            effort="fast", techniques={"mixed_precision": True},
+        )
+    assert not (tmp_path / "b").exists()
