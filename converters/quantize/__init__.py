@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 import onnx
@@ -35,6 +35,9 @@ from edgeopt.runtime.errors import OptionError
 from edgeopt.runtime.kinds import Effort, Technique
 from edgeopt.runtime.manifest import JsonObject
 from edgeopt.targets import QuantScheme, Target
+
+if TYPE_CHECKING:
+    from edgeopt.converters.quantize.range_search import RangeSearch, RangeSearchReport
 
 __all__ = [
     "QuantizeOptions",
@@ -202,6 +205,8 @@ class _Quantizer:
         self.last_plan: QuantPlan | None = None
         self.bias_report: JsonObject | None = None
         self.adaround_report: JsonObject | None = None
+        self.range_search: RangeSearch | None = None  # method "auto": made on first use, its choices cached
+        self.range_report: RangeSearchReport | None = None
         self.kept_float: list[str] = []
         self.softmax_inputs = {n.input[0] for n in model.graph.node if n.op_type == "Softmax"}
 
@@ -245,7 +250,7 @@ class _Quantizer:
             return (max(span[0], span[1] - SOFTMAX_INPUT_SPAN), span[1]) if name in self.softmax_inputs else span
 
         if auto and plan.sites:
-            if getattr(self, "range_search", None) is None:
+            if self.range_search is None:
                 self.range_search = RangeSearch(self.model, held_out, self.scheme, RangeSearchOptions(threads=self.options.threads))
             ranges, self.range_report = self.range_search.choose(plan, self.observers, softmax_span, range_samples=len(fit))
             return ranges
@@ -366,7 +371,7 @@ class _Recipes:
     def reports(self, recipe: frozenset[Technique], quantizer: _Quantizer) -> dict[str, JsonObject]:
         """Each chosen technique's own report."""
         _, reports = self.chain(tuple(t for t in TRANSFORMS if t in recipe))
-        if Technique.RANGE_SEARCH in recipe and getattr(quantizer, "range_report", None) is not None:
+        if quantizer.range_report is not None:  # the search, or an explicit --calibration-method auto
             reports[Technique.RANGE_SEARCH.value] = dict(quantizer.range_report)
         if quantizer.adaround_report is not None:
             reports[Technique.ADAROUND.value] = quantizer.adaround_report

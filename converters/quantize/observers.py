@@ -13,10 +13,11 @@ import math
 import numpy as np
 
 from edgeopt.runtime.errors import OptionError
+from edgeopt.runtime.kinds import CalibrationMethod
 
 __all__ = ["AUTO_CANDIDATES", "HistogramObserver", "METHODS", "MinMaxObserver", "Observer", "check_method", "make_observer"]
 
-METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
+METHODS = tuple(method.value for method in CalibrationMethod)
 #: "auto" chooses per tensor among these by the error each causes in the consumer's output (range_search.py).
 AUTO_CANDIDATES = ("minmax", "percentile", "entropy", "mse")
 
