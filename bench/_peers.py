@@ -172,6 +172,8 @@ def aimet_worker(job: Mapping[str, Any]) -> dict[str, Any]:
     sequential MSE for the weight encodings, AdaRound on the weight rounding (keeping those
     encodings), activation encodings on all calibration samples; exported with `to_onnx_qdq`.
     """
+    import copy
+
     import aimet_onnx
     import onnx
     from aimet_onnx.quantsim import QuantizationSimModel
@@ -188,15 +190,23 @@ def aimet_worker(job: Mapping[str, Any]) -> dict[str, Any]:
         equalize_model(model)
         steps["cle_s"] = time.perf_counter() - clock
     config = Path(aimet_onnx.__file__).parent / "common" / "quantsim_config" / "default_config_per_channel.json"
-    sim = QuantizationSimModel(model, param_type="int8", activation_type="int8", quant_scheme="min_max", config_file=str(config))
-    if job.get("seq_mse", True):
-        clock = time.perf_counter()
-        aimet_onnx.apply_seq_mse(sim, feeds[: job.get("seq_mse_samples", 32)])
-        steps["seq_mse_s"] = time.perf_counter() - clock
-    if job.get("adaround_iterations", 0) > 0:  # keeps the seq-MSE weight encodings, learns the rounding
-        clock = time.perf_counter()
-        aimet_onnx.apply_adaround(sim, feeds[: job.get("adaround_samples", 32)], num_iterations=job["adaround_iterations"])
-        steps["adaround_s"] = time.perf_counter() - clock
+    skipped: dict[str, str] = {}
+    while True:  # a step that fails on this model is recorded and the recipe rebuilt without it
+        sim = QuantizationSimModel(copy.deepcopy(model), param_type="int8", activation_type="int8", quant_scheme="min_max", config_file=str(config))
+        step = ""
+        try:
+            if job.get("seq_mse", True) and "seq_mse" not in skipped:
+                step, clock = "seq_mse", time.perf_counter()
+                aimet_onnx.apply_seq_mse(sim, feeds[: job.get("seq_mse_samples", 32)])
+                steps["seq_mse_s"] = time.perf_counter() - clock
+            if job.get("adaround_iterations", 0) > 0 and "adaround" not in skipped:  # keeps the seq-MSE weight encodings
+                step, clock = "adaround", time.perf_counter()
+                aimet_onnx.apply_adaround(sim, feeds[: job.get("adaround_samples", 32)], num_iterations=job["adaround_iterations"])
+                steps["adaround_s"] = time.perf_counter() - clock
+            break
+        except Exception as error:
+            skipped[step] = f"{type(error).__name__}: {error}"[:300]
+            steps[f"{step}_failed_after_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
     sim.compute_encodings(feeds)
     steps["compute_encodings_s"] = time.perf_counter() - clock
@@ -205,7 +215,9 @@ def aimet_worker(job: Mapping[str, Any]) -> dict[str, Any]:
     from importlib.metadata import version
 
     return {"tool": f"aimet-onnx {version('aimet-onnx')}", "steps_s": steps, "quantize_s": time.perf_counter() - start,
-            "recipe": ("" if transformer else "CLE, ") + f"seq MSE, AdaRound {job.get('adaround_iterations', 0)} it, min-max encodings, per-channel"}  # fmt: skip
+            "recipe": ("" if transformer else "CLE, ") + ("" if "seq_mse" in skipped else "seq MSE, ")
+            + ("" if "adaround" in skipped else f"AdaRound {job.get('adaround_iterations', 0)} it, ") + "min-max encodings, per-channel",
+            "failed_steps": skipped}  # fmt: skip
 
 
 _WORKERS = {"nncf": nncf_worker, "aimet": aimet_worker}

@@ -483,17 +483,21 @@ def cell_nncf(case: Case, target: str, work: Path) -> dict[str, Any]:
 
 def cell_aimet(case: Case, target: str, work: Path) -> dict[str, Any]:
     folder = work / "artifacts" / case.name / "aimet"
-    info_file = folder / "info.json"
+    info_file, error_file = folder / "info.json", folder / "error.json"
+    if error_file.exists():  # the other target's cell already saw the worker fail: not run twice
+        return {"status": "failed", "stage": "quantize", "message": json.loads(error_file.read_text())["error"]}
     if not info_file.exists():
         job = {"model": str(_fp32_onnx(case, work)), "calibration": str(case.calibration_npz), "transformer": case.task == "encoder",
                "onnx": str(folder / "model_qdq.onnx"), "adaround_iterations": AIMET_ADAROUND_ITERATIONS, "adaround_samples": AIMET_SAMPLES, "seq_mse_samples": AIMET_SAMPLES}  # fmt: skip
         info = _peers.wait_for_running_worker(folder) or _peers.run_worker(_peers.AIMET_PYTHON, "aimet", job, folder, timeout_s=3600)
         if "error" in info:
+            error_file.write_text(json.dumps(info))
             return {"status": "failed", "stage": "quantize", "message": info["error"]}
         info_file.write_text(json.dumps(info))
     info = json.loads(info_file.read_text())
     path = folder / "model_qdq.onnx"
     return {"tool": f"{info['tool']} ({info['recipe']}), QDQ ONNX", "recipe_steps_s": info["steps_s"], "build_s": info["quantize_s"],
+            "recipe": info["recipe"], "failed_steps": info.get("failed_steps", {}),
             "bytes": path.stat().st_size + sum(p.stat().st_size for p in folder.glob("*.data")), **on_target(case, target, path)}  # fmt: skip
 
 
@@ -563,6 +567,16 @@ CELLS: dict[str, Callable[[Case, str, Path], dict[str, Any]]] = {
 }
 
 
+def edgeopt_commit() -> str:
+    """HEAD of the working tree the cell ran in ('+dirty' when edgeopt's sources had uncommitted edits)."""
+    import subprocess
+
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "sdk", "converters", "runtime", "targets"],
+                           capture_output=True, text=True, check=False).stdout.strip()  # fmt: skip
+    return head + ("+dirty" if dirty else "")
+
+
 def cell_path(work: Path, model: str, target: str, tool: str) -> Path:
     return work / "cells" / f"{model}__{target}__{tool}.json"
 
@@ -572,7 +586,7 @@ def run_cell(case: Case, target: str, tool: str, work: Path, rerun: bool) -> Non
     if path.exists() and not rerun:
         return
     log(f"{case.name} / {target} / {tool} ...")
-    started, load_start = time.perf_counter(), os.getloadavg()
+    started, load_start, commit = time.perf_counter(), os.getloadavg(), edgeopt_commit()
     try:
         if tool.startswith("ablation_"):
             row = cell_ablation(case, target, work, tool.removeprefix("ablation_"))
@@ -582,7 +596,7 @@ def run_cell(case: Case, target: str, tool: str, work: Path, rerun: bool) -> Non
         row["what"] = row.pop("tool", tool)
     except Exception as error:
         row = {"status": "failed", "message": zoo_matrix.error_text(error), "traceback": traceback.format_exc()[-2500:]}
-    row.update(model=case.name, target=target, tool=tool, cell_s=round(time.perf_counter() - started, 1),
+    row.update(model=case.name, target=target, tool=tool, cell_s=round(time.perf_counter() - started, 1), edgeopt_commit=commit,
                calibration_samples=len(case.calibration), eval_samples=len(case.evaluation),
                load_average=[round(x, 1) for x in (*load_start, *os.getloadavg())], finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
