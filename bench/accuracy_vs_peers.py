@@ -897,6 +897,28 @@ def markdown(payload: dict[str, Any]) -> str:
                 else:
                     fid = cell["fidelity"]
                     lines.append(f"| {model} | {label} | {_fmt_ci(fid['task'], 4)} | {fid['cosine']['mean']:.5f} | {fid['sqnr_db']:.1f} | {cell['build_s']:.1f} |")
+    lines += ["", "## What the technique search chose, and what it did on the eval samples", "",
+              "The search keeps a technique when it raises the output SQNR on calibration samples held out from range estimation "
+              "by >= 0.1 dB. Eval figures are against `edgeopt_fast` (the baseline: min-max, bias correction) on the same 512 samples.", "",
+              "| model | target | effort | recipe | held-out SQNR dB (baseline -> chosen) | eval SQNR dB (fast -> this) | eval task metric (fast -> this) | dropped (held-out dB) |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for model in models:
+        for target in TARGETS:
+            fast = cells.get((model, target, "edgeopt_fast"))
+            for effort in ("default", "max"):
+                cell = cells.get((model, target, f"edgeopt_{effort}"))
+                if not cell or cell.get("status") != "ok" or not fast or fast.get("status") != "ok":
+                    continue
+                search = (cell.get("techniques") or {}).get("search") or {}
+                trials = search.get("trials") or []
+                before = trials[0]["sqnr_db_before"] if trials else None
+                dropped = ", ".join(f"{t['technique']} {t['sqnr_db_after'] - t['sqnr_db_before']:+.2f}" for t in trials if not t["kept"] and t.get("sqnr_db_after") is not None)
+                held = f"{before:.2f} -> {search.get('sqnr_db', float('nan')):.2f}" if before is not None else ""
+                lines.append(
+                    f"| {model} | {target} | {effort} | {', '.join(search.get('chosen') or [])} | {held} | "
+                    f"{fast['fidelity']['sqnr_db']:.2f} -> {cell['fidelity']['sqnr_db']:.2f} | "
+                    f"{fast['fidelity']['task']['value']:.4f} -> {cell['fidelity']['task']['value']:.4f} | {dropped} |"
+                )
     lines += ["", "## Goals", "", *goals(cells, models)]
     missing = payload.get("not_run") or []
     if missing:
