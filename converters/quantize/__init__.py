@@ -370,7 +370,8 @@ class _Recipes:
 
     def reports(self, recipe: frozenset[Technique], quantizer: _Quantizer) -> dict[str, JsonObject]:
         """Each chosen technique's own report."""
-        _, reports = self.chain(tuple(t for t in TRANSFORMS if t in recipe))
+        _, transforms = self.chain(tuple(t for t in TRANSFORMS if t in recipe))
+        reports = dict(transforms)  # the cached chain's own dict stays as it is
         if quantizer.range_report is not None:  # the search, or an explicit --calibration-method auto
             reports[Technique.RANGE_SEARCH.value] = dict(quantizer.range_report)
         if quantizer.adaround_report is not None:
