@@ -944,8 +944,10 @@ def report(work: Path, out: Path, args: argparse.Namespace) -> None:
         "not_run": not_run,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
+    notes = work / "notes.md"  # what the person running the bench saw (budget cuts, cells stopped, edgeopt commits)
+    payload["notes"] = notes.read_text() if notes.exists() else ""
     out.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=float) + "\n")
-    out.with_suffix(".md").write_text(markdown(payload))
+    out.with_suffix(".md").write_text(markdown(payload) + (f"\n## Run notes\n\n{payload['notes']}" if payload["notes"] else ""))
     log(f"wrote {out.with_suffix('.json')} and .md ({len(cells_list)} cells, {len(not_run)} not run)")
 
 
