@@ -545,8 +545,9 @@ def cell_ablation(case: Case, target: str, work: Path, technique: str) -> dict[s
     full = cell_path(work, case.name, target, "edgeopt_max")
     if not full.exists() or json.loads(full.read_text()).get("status") != "ok":
         return {"status": "failed", "stage": "order", "message": "needs the edgeopt_max cell of this model and target first"}
-    search = (json.loads(full.read_text()).get("techniques") or {}).get("search") or {}
-    chosen = list(search.get("chosen") or [])
+    techniques = json.loads(full.read_text()).get("techniques") or {}
+    search = techniques.get("search") or {}
+    chosen = list(techniques.get("chosen") or search.get("chosen") or [])  # the build's recipe (mixed precision is added after the search)
     if technique not in chosen:
         why = next((t["why"] for t in search.get("trials", []) if t["technique"] == technique), None)
         why = why or next((t["why"] for t in search.get("not_tried", []) if t["technique"] == technique), "not in max's recipe")
