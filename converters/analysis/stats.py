@@ -219,7 +219,8 @@ _Shape = tuple[int, ...]
 
 
 def _static_shape(value: ir.Value | None) -> _Shape | None:
-    """The value's shape with symbolic dimensions as 1; None when a dimension or the rank is unknown."""
+    """The value's shape with symbolic dimensions as 1 (and -1, which exporters write for a dynamic
+    one: counted as is, it made MACs negative); None when a dimension or the rank is unknown."""
     if value is None:
         return None
     shape = value.const_value.shape if value.const_value is not None else value.shape
@@ -228,7 +229,7 @@ def _static_shape(value: ir.Value | None) -> _Shape | None:
     dims = []
     for d in shape:
         if isinstance(d, int):
-            dims.append(d)
+            dims.append(d if d >= 0 else 1)
         elif d.value is not None:
             dims.append(1)
         else:

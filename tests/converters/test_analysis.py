@@ -450,3 +450,15 @@ def test_external_data_outside_the_model_folder_is_refused(location: str, link: 
     with pytest.raises(ModelLoadError, match=rf"initializer 'W' points outside the model's folder \({re.escape(location)}\)") as info:
         load_model(path)
     assert info.value.exit_code == 2
+
+
+def test_a_dimension_stored_as_minus_one_counts_as_one_not_as_negative_macs() -> None:
+    """Exporters (PP-OCR's) write -1 for a dynamic batch; a negative MAC count made the manifest invalid."""
+    weight = onnx.numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Conv", ["x", "w"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [-1, 3, 8, 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], [weight],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    assert model_stats(model).macs == 4 * 3 * 3 * 3 * 6 * 6
