@@ -30,7 +30,7 @@ from edgeopt.converters.quantize.placement import QuantPlan, plan_quantization
 from edgeopt.converters.quantize.qat import Adaptation, ScaleRecord, import_qdq
 from edgeopt.converters.quantize.qdq import group_params, insert_qdq
 from edgeopt.converters.quantize.sensitivity import meet_budget
-from edgeopt.converters.quantize.techniques import TRIED_AT, SearchReport, TechniqueSearch
+from edgeopt.converters.quantize.techniques import BASELINE, TRIED_AT, SearchReport, TechniqueSearch
 from edgeopt.runtime.errors import OptionError
 from edgeopt.runtime.kinds import Effort, Technique
 from edgeopt.runtime.manifest import JsonObject
@@ -408,7 +408,7 @@ def _choose_recipe(model: onnx.ModelProto, scheme: QuantScheme, calibration: Dat
     forced = {t: on for t, on in options.techniques.items() if t is not Technique.MIXED_PRECISION}  # applied after the search
     if options.method is not None and forced.get(Technique.RANGE_SEARCH):
         raise OptionError(f"--technique range_search=on and --calibration-method {options.method} contradict", hint="give one of them")
-    baseline = frozenset(t for t, on in forced.items() if on) | ({Technique.BIAS_CORRECTION} - {t for t, on in forced.items() if not on})
+    baseline = frozenset(t for t, on in forced.items() if on) | (BASELINE - {t for t, on in forced.items() if not on})
     searched = options.effort is not Effort.FAST or options.techniques.get(Technique.MIXED_PRECISION, False)
     split = None if calibration is None or options.weights_only or not searched else _search_split(calibration)
     if split is None:

@@ -31,7 +31,6 @@ from edgeopt.runtime.kinds import Effort, Technique
 __all__ = [
     "MIN_GAIN_DB",
     "ORDER",
-    "Recipe",
     "SearchReport",
     "TechniqueSearch",
     "TRIED_AT",
@@ -67,9 +66,6 @@ BASELINE: frozenset[Technique] = frozenset({Technique.BIAS_CORRECTION})
 
 #: A candidate is kept when the held-out output SQNR rises by at least this much (dB): less is noise.
 MIN_GAIN_DB = 0.1
-
-Recipe = frozenset  # frozenset[Technique]: the techniques one QDQ model was built with
-
 
 class Trial(TypedDict):
     technique: str
