@@ -72,7 +72,7 @@ class Trial(TypedDict):
     kept: bool
     why: str
     sqnr_db_before: float
-    sqnr_db_after: float | None
+    sqnr_db_after: float
     top1_before: float | None
     top1_after: float | None
     seconds: float
@@ -93,7 +93,6 @@ class SearchReport(TypedDict):
 
 @dataclass
 class _Scored:
-    model: onnx.ModelProto
     fidelity: Fidelity
 
     @property
@@ -179,4 +178,4 @@ class TechniqueSearch:
     def _score(self, recipe: frozenset[Technique], reference: Sequence[Mapping[str, np.ndarray]]) -> _Scored:
         model = self.build(recipe)
         candidate = list(run_model(model, self.held_out, threads=self.threads))
-        return _Scored(model, fidelity(reference, candidate))
+        return _Scored(fidelity(reference, candidate))
