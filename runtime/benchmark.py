@@ -23,6 +23,7 @@ from edgeopt.runtime.bundle import SCHEMA_VERSION
 from edgeopt.runtime.device import DeviceFacts, ThermalFacts, device_facts, thermal_facts
 from edgeopt.runtime.errors import OptionError
 from edgeopt.runtime.kinds import BackendName
+from edgeopt.runtime.layer_timings import LayerProfile, LayerProfileDocument
 from edgeopt.runtime.memory import current_rss_bytes, peak_rss_bytes
 from edgeopt.runtime.spec import TensorSpecDocument
 
@@ -88,6 +89,8 @@ class BenchmarkResult:
     thermal_after: ThermalFacts
     input_source: str
     warnings: list[str]
+    #: per-layer times from the backend's profiler (`layers=True`), else None
+    layers: LayerProfileDocument | None = None
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     schema_version: str = BENCHMARK_SCHEMA_VERSION
 
@@ -112,6 +115,8 @@ class BenchmarkResult:
             f"  peak RSS        {_mib(memory.get('peak_rss_bytes'))}   load delta {_mib(memory.get('load_delta_bytes'))}",
         ]
         lines += [f"  warning: {warning}" for warning in self.warnings]
+        if self.layers is not None:
+            lines.append(LayerProfile.from_dict(self.layers).format_text())
         return "\n".join(lines)
 
 
