@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from typing import NoReturn
 
-__all__ = ["ArtifactFormat", "BackendName", "CalibrationMethod", "Effort", "Precision", "Technique", "unreachable"]
+__all__ = ["ArtifactFormat", "BackendName", "CalibrationMethod", "Effort", "FinetuneMode", "Precision", "Technique", "unreachable"]
 
 
 def unreachable(value: NoReturn) -> NoReturn:
@@ -115,6 +115,13 @@ class Technique(_Named):
     ADAROUND = "adaround"  # learned weight rounding (quantize/adaround.py)
     BIAS_CORRECTION = "bias_correction"  # empirical bias correction (quantize/bias_correction.py)
     MIXED_PRECISION = "mixed_precision"  # the most sensitive layers stay float (quantize/mixed_precision.py)
+
+
+class FinetuneMode(_Named):
+    """How an int8 build fine-tunes its QDQ graph (converters/finetune/): with labels, or from the fp32 model."""
+
+    QAT = "qat"  # quantization-aware training on the task loss (needs labels)
+    QAD = "qad"  # quantization-aware distillation from the fp32 model (labels optional)
 
 
 class CalibrationMethod(_Named):
