@@ -558,6 +558,7 @@ class Manifest:
     reference: Reference | None = None
     stages: tuple[StageReport, ...] = ()
     quantization: JsonObject | None = None  # the quantizer's report
+    finetune: JsonObject | None = None  # the fine-tuning report (converters/finetune/train.py), when --finetune ran
     lowering: JsonObject = field(default_factory=dict)  # the lowering's figures (TensorRT: engine_recipe)
     profiles: tuple[HistoryEntry, ...] = ()  # appended by `edgeopt profile`
     benchmarks: tuple[HistoryEntry, ...] = ()  # appended by `edgeopt bench`
@@ -604,6 +605,7 @@ class Manifest:
             reference=None if reference is None else Reference.from_json(reference, at.key("reference")),
             stages=tuple(StageReport.from_json(s, at.key("stages").index(i)) for i, s in enumerate(_items(raw, "stages", at))),
             quantization=_section(raw, "quantization", at),
+            finetune=_section(raw, "finetune", at),
             lowering=_lowering(raw, at),
             profiles=tuple(HistoryEntry.from_json(p, at.key("profiles").index(i)) for i, p in enumerate(_items(raw, "profiles", at))),
             benchmarks=tuple(HistoryEntry.from_json(b, at.key("benchmarks").index(i)) for i, b in enumerate(_items(raw, "benchmarks", at))),
@@ -630,6 +632,7 @@ class Manifest:
             "reference": None if self.reference is None else self.reference.to_json(),
             "stages": [s.to_json() for s in self.stages],
             "quantization": None if self.quantization is None else dict(self.quantization),
+            **({} if self.finetune is None else {"finetune": dict(self.finetune)}),  # only where --finetune ran
             "lowering": dict(self.lowering),
             "profiles": [dict(p.to_json()) for p in self.profiles],
             "benchmarks": [dict(b.to_json()) for b in self.benchmarks],
@@ -639,7 +642,7 @@ class Manifest:
 
 _KEYS = frozenset(
     ("schema_version", "edgeopt_version", "created_at", "name", "target", "precision", "toolchain", "source_model", "artifacts", "runtime",
-     "inputs", "outputs", "compression", "quality", "reference", "stages", "quantization", "lowering", *HISTORY_KEYS)
+     "inputs", "outputs", "compression", "quality", "reference", "stages", "quantization", "finetune", "lowering", *HISTORY_KEYS)
 )
 
 

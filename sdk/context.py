@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from edgeopt.bundle import atomic_output, finite_or_null
 from edgeopt.runtime.isa import IsaClass
@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
     from edgeopt.converters.analysis import ModelStats
     from edgeopt.converters.data import Dataset
+    from edgeopt.converters.finetune.data import TrainingData
+    from edgeopt.converters.finetune.train import FinetuneOptions
     from edgeopt.converters.lower import LoweringResult
 
 __all__ = ["BuildContext", "BuildOptions", "Command", "Progress", "Stage", "run_command"]
@@ -57,6 +59,8 @@ class BuildOptions:
     reference_samples: int = 4
     force: bool = False
     archive: bool = False
+    finetune: FinetuneOptions | None = None  # int8 only: QAT/QAD of the QDQ graph after quantize
+    train_data: Any = None  # for finetune: a path, a torch DataLoader or an iterable of input dicts
 
 
 @dataclass
@@ -77,14 +81,17 @@ class BuildContext:
     evaluation_set: Dataset | None = None
     calibration_set: Dataset | None = None
     range_set: Dataset | None = None  # calibration data used for range estimation
+    training_data: TrainingData | None = None  # for finetune, read in full
     quality_set: Dataset | None = None  # data quality is measured on (None: not measured)
     quality_data: str = ""
     static_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     stats_before: ModelStats | None = None
     # simplify, [quantize]: the graph that is lowered
     model: onnx.ModelProto | None = None
+    float_model: onnx.ModelProto | None = None  # the simplified fp32 graph (finetune's teacher)
     nodes_after_simplify: int = 0
     quantization: JsonObject | None = None
+    finetune: JsonObject | None = None  # the fine-tuning report
     # lower
     lowered: LoweringResult | None = None
     # verify

@@ -132,6 +132,7 @@ def _manifest(context: BuildContext) -> Manifest:
         ),
         stages=tuple(context.reports),
         quantization=finite_or_null(context.quantization),
+        finetune=finite_or_null(context.finetune),
         lowering=finite_or_null(lowered.summary),
         profiles=(),
         benchmarks=(),
