@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from typing import NoReturn
 
-__all__ = ["ArtifactFormat", "BackendName", "CalibrationMethod", "Effort", "FinetuneMode", "Precision", "Technique", "unreachable"]
+__all__ = ["ArtifactFormat", "BackendName", "CalibrationMethod", "Effort", "FinetuneMode", "Precision", "PruneCriterion", "Technique", "unreachable"]
 
 
 def unreachable(value: NoReturn) -> NoReturn:
@@ -122,6 +122,14 @@ class FinetuneMode(_Named):
 
     QAT = "qat"  # quantization-aware training on the task loss (needs labels)
     QAD = "qad"  # quantization-aware distillation from the fp32 model (labels optional)
+
+
+class PruneCriterion(_Named):
+    """How structured pruning ranks channels (converters/prune/importance.py)."""
+
+    L1 = "l1"  # L1 norm of each output filter
+    L2 = "l2"  # L2 norm of each output filter
+    BN_SCALE = "bn-scale"  # |gamma| of the BatchNormalization after the layer, read before simplify folds it
 
 
 class CalibrationMethod(_Named):
