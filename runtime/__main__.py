@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
     bench.add_argument("--runs", type=int, default=100, help="timed runs (default 100)")
     bench.add_argument("--duration", type=float, help="time for S seconds instead of --runs")
+    bench.add_argument("--layers", action="store_true", help="also time each layer with the backend's profiler (after the latency runs)")
+    bench.add_argument("--layer-runs", type=int, default=20, help="profiled runs for --layers (default 20)")
 
     check = commands.add_parser("verify", help="compare outputs with the bundle's reference at its tolerance", epilog=EPILOG)
     model_options(check)
@@ -150,7 +152,7 @@ def command_info(args: argparse.Namespace) -> Outcome:
 
 def command_bench(args: argparse.Namespace) -> Outcome:
     with load(args.bundle, backend=args.backend, threads=args.threads, device=args.device, allow_stand_in=True) as model:
-        result = model.benchmark(warmup=args.warmup, runs=args.runs, duration=args.duration)
+        result = model.benchmark(warmup=args.warmup, runs=args.runs, duration=args.duration, layers=args.layers, layer_runs=args.layer_runs)
     return result.to_dict(), result.format_text(), 0
 
 

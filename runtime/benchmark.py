@@ -23,7 +23,7 @@ from edgeopt.runtime.bundle import SCHEMA_VERSION
 from edgeopt.runtime.device import DeviceFacts, ThermalFacts, device_facts, thermal_facts
 from edgeopt.runtime.errors import OptionError
 from edgeopt.runtime.kinds import BackendName
-from edgeopt.runtime.layer_timings import LayerProfile, LayerProfileDocument
+from edgeopt.runtime.layer_timings import LayerProfile, LayerProfileDocument, profile_layers
 from edgeopt.runtime.memory import current_rss_bytes, peak_rss_bytes
 from edgeopt.runtime.spec import TensorSpecDocument
 
@@ -169,8 +169,14 @@ def run_benchmark(
     runs: int = 100,
     duration: float | None = None,
     inputs: Mapping[str, np.ndarray] | None = None,
+    layers: bool = False,
+    layer_runs: int = 20,
 ) -> BenchmarkResult:
-    """Time `runs` predict calls after `warmup` (or as many as fit in `duration` seconds)."""
+    """Time `runs` predict calls after `warmup` (or as many as fit in `duration` seconds).
+
+    With `layers`, then `layer_runs` runs on the backend's profiler (runtime/layer_timings.py) give
+    the per-layer table in `layers`; the latency figures are taken before, without the profiler.
+    """
     if runs < 1 or warmup < 0:
         raise OptionError(f"runs must be >= 1 and warmup >= 0, got runs={runs} warmup={warmup}", hint="e.g. --runs 100 --warmup 10")
     if duration is not None and not 0 < duration < math.inf:
@@ -206,6 +212,7 @@ def run_benchmark(
     elapsed_s = (clock() - started) / 1e9
     samples_ms = np.asarray(samples, dtype=np.float64) / 1e6
     p50, p90, p99 = np.percentile(samples_ms, [50, 90, 99])
+    layer_profile = profile_layers(model, feeds, runs=layer_runs, warmup=min(warmup, 3)).to_dict() if layers else None
     rss_before, rss_after = model.rss_before_load, model.rss_after_load
     backend_facts = model.backend_facts()
     return BenchmarkResult(
@@ -259,4 +266,5 @@ def run_benchmark(
         thermal_after=thermal_facts(),
         input_source=source,
         warnings=list(model.warnings),
+        layers=layer_profile,
     )

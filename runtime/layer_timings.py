@@ -17,17 +17,36 @@ Standard library and numpy only at import time; each backend's library is import
 
 from __future__ import annotations
 
+import bisect
 import enum
-from collections.abc import Iterable, Mapping
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, TypedDict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypedDict
+
+import numpy as np
+
+from edgeopt.runtime.errors import BundleError, OptionError
+from edgeopt.runtime.kinds import BackendName, unreachable
+
+if TYPE_CHECKING:
+    from edgeopt.runtime.model import Model
 
 __all__ = [
+    "OnnxNodeMapper",
     "LayerPrecision",
     "LayerProfile",
     "LayerProfileDocument",
     "LayerTiming",
     "LayerTimingDocument",
+    "profile_layers",
+    "read_onnx_graph",
+    "trtexec_layer_profile",
 ]
 
 
@@ -263,3 +282,494 @@ class LayerProfile:
 
 def _rounded(value: float | None) -> float | None:
     return None if value is None else round(float(value), 6)
+
+
+# -- measuring ---------------------------------------------------------------------------------
+
+
+def profile_layers(model: "Model", inputs: Mapping[str, Any], *, runs: int = 20, warmup: int = 3) -> LayerProfile:
+    """Per-kernel times of `model` on its backend's own profiler, over `runs` runs of `inputs` after `warmup`.
+
+    The profiler runs on a second session/compiled model of the same artifact with the same threads
+    and options (profiling is a load-time switch in ONNX Runtime and OpenVINO), so the model's own
+    session stays unprofiled. Backends without a profiler reachable from Python give an
+    `unavailable` profile that says what would measure them.
+    """
+    if runs < 1 or warmup < 0:
+        raise OptionError(f"layer profiling needs runs >= 1 and warmup >= 0, got runs={runs} warmup={warmup}")
+    feeds = model.prepare(inputs)
+    runner = model.runner
+    function, to_arguments = runner.raw_call()
+    arguments = to_arguments(feeds)
+    baseline = lambda: function(*arguments)  # noqa: E731 - the model's own, unprofiled session
+    name = BackendName(runner.name)
+    match name:
+        case BackendName.ONNXRUNTIME:
+            profile = _onnxruntime_layers(runner, feeds, runs, warmup, baseline)
+        case BackendName.OPENVINO:
+            profile = _openvino_layers(runner, feeds, runs, warmup, baseline)
+        case BackendName.TFLITE:
+            profile = LayerProfile.unavailable(name.value, "LiteRT op profiling", LITERT_UNAVAILABLE)
+        case BackendName.TENSORRT:
+            profile = trtexec_layer_profile_in(runner.model_path.parent)
+        case BackendName.COREML | BackendName.COREML_REFERENCE:
+            profile = LayerProfile.unavailable(name.value, "Core ML", COREML_UNAVAILABLE)
+        case _:
+            unreachable(name)
+    if model.stand_in is not None:
+        profile.notes.append(f"measured on {name}, standing in for {model.stand_in.replaces}: not the device's layer times")
+    return profile
+
+
+LITERT_UNAVAILABLE = (
+    "LiteRT's Python Interpreter has no op profiler (ai-edge-litert 2.x: no profiling argument or method; "
+    "experimental_op_resolver_type only picks kernels), and the wheel ships no benchmark_model binary. "
+    "On the device, LiteRT's benchmark_model --graph=model.tflite --enable_op_profiling=true --num_threads=N "
+    "prints the per-op table"
+)
+COREML_UNAVAILABLE = (
+    "Core ML reports no per-layer times to Python; Xcode's Core ML performance report (Instruments) shows them on a Mac"
+)
+TENSORRT_NOT_PROFILED = (
+    "no trtexec layer profile next to the engine: run ./build_engine.sh --profile on the Jetson "
+    "(trtexec --profilingVerbosity=detailed --exportLayerInfo --exportProfile --exportTimes), then profile again"
+)
+
+#: ops that move or convert data rather than compute on it (ONNX Runtime op names, incl. its contrib ops)
+ORT_DATA_OPS = frozenset(
+    {
+        "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Concat", "Split", "Slice", "Gather", "GatherElements",
+        "Identity", "Expand", "Tile", "Pad", "Cast", "Shape", "Size", "DepthToSpace", "SpaceToDepth",
+        "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ReorderInput", "ReorderOutput",
+        "MemcpyToHost", "MemcpyFromHost", "ScatterND", "ScatterElements",
+    }
+)
+#: ONNX Runtime kernels that compute in int8 whatever their first input (quantized contrib ops)
+ORT_INT8_OPS = frozenset(
+    {"QGemm", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QAttention", "QEmbedLayerNormalization"}
+)
+INTEGER_TYPES = frozenset({"int8", "uint8", "int4", "uint4"})
+
+
+def _ort_precision(op_name: str, first_input_type: str | None) -> LayerPrecision:
+    """ONNX Runtime kernel precision: QLinear*/QGemm/...Integer compute in int8, data ops are `other`,
+    anything else computes in the type of its first input (NhwcMaxPool on uint8 is int8)."""
+    if op_name in ORT_DATA_OPS:
+        return LayerPrecision.OTHER
+    if op_name in ORT_INT8_OPS or op_name.startswith(("QLinear", "NhwcQLinear")) or first_input_type in INTEGER_TYPES:
+        return LayerPrecision.INT8
+    return LayerPrecision.FLOAT
+
+
+def _interleaved(
+    profiled: Callable[[], object], baseline: Callable[[], object], runs: int, after_profiled: Callable[[], None] = lambda: None
+) -> tuple[float, float]:
+    """Median wall ms of `profiled` and of `baseline` (the same artifact without the profiler), run in
+    alternation so that both see the same machine load; `after_profiled` reads the profiler's counters."""
+    profiled_ms, baseline_ms = [], []
+    clock = time.perf_counter_ns
+    for _ in range(runs):
+        started = clock()
+        profiled()
+        profiled_ms.append((clock() - started) / 1e6)
+        after_profiled()
+        started = clock()
+        baseline()
+        baseline_ms.append((clock() - started) / 1e6)
+    return float(np.median(profiled_ms)), float(np.median(baseline_ms))
+
+
+def _onnxruntime_layers(runner: Any, feeds: dict[str, np.ndarray], runs: int, warmup: int, baseline: Callable[[], object]) -> LayerProfile:
+    """ONNX Runtime's session profiling (a Chrome trace): one `<node>_kernel_time` event per kernel per run."""
+    import onnxruntime as ort
+
+    session = runner.session
+    options = session.get_session_options()
+    options.enable_profiling = True
+    providers = session.get_providers()
+    provider_options = session.get_provider_options()
+    with tempfile.TemporaryDirectory(prefix="edgeopt-ort-profile-") as folder:
+        options.profile_file_prefix = os.path.join(folder, "ort")
+        profiled = ort.InferenceSession(
+            str(runner.model_path), sess_options=options, providers=providers, provider_options=[provider_options.get(p, {}) for p in providers]
+        )
+        run = profiled.run
+        for _ in range(warmup):
+            run(None, feeds)
+            baseline()
+        profiled_ms, unprofiled_ms = _interleaved(lambda: run(None, feeds), baseline, runs)
+        with open(profiled.end_profiling(), encoding="utf-8") as stream:
+            events = json.load(stream)
+    per_run, kernels = _ort_kernel_times(events, skip=warmup)
+    mapper = OnnxNodeMapper.from_file(runner.model_path)
+    claims = mapper.claim_kernels(kernels)
+    rows = [
+        LayerTiming(
+            kernel=kernel,
+            op_type=op,
+            nodes=claims.get(kernel, ()),
+            precision=_ort_precision(op, first_type),
+            time_ms=float(np.median([times.get(kernel, 0.0) for times in per_run])),
+            implementation=provider,
+        )
+        for kernel, (op, provider, first_type) in kernels.items()
+    ]
+    notes = [
+        "kernel = ONNX Runtime's node in its optimized graph; nodes = the artifact's ONNX nodes it computes "
+        "(fused Q/DQ and activations included); time = the kernel event's duration",
+    ]
+    profile = LayerProfile.measured(
+        BackendName.ONNXRUNTIME.value, "onnxruntime session profiling", len(per_run), rows, profiled_run_ms=profiled_ms, notes=notes
+    )
+    profile.unprofiled_run_ms = unprofiled_ms
+    return profile
+
+
+def _ort_kernel_times(events: list[dict[str, Any]], skip: int) -> tuple[list[dict[str, float]], dict[str, tuple[str, str | None, str | None]]]:
+    """Per timed run: kernel -> summed ms; and kernel -> (op, provider, first input's type), in run order.
+
+    Runs are the trace's `model_run` windows; the first `skip` (warm-up) are left out.
+    """
+    windows = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")[skip:]
+    per_run: list[dict[str, float]] = [{} for _ in windows]
+    kernels: dict[str, tuple[str, str | None, str | None]] = {}
+    starts = [start for start, _ in windows]
+    for event in events:
+        name = event.get("name", "")
+        if event.get("cat") != "Node" or not name.endswith("_kernel_time"):
+            continue
+        index = bisect.bisect_right(starts, event["ts"]) - 1
+        if index < 0 or event["ts"] > windows[index][1]:
+            continue
+        kernel = name[: -len("_kernel_time")]
+        args = event.get("args") or {}
+        if kernel not in kernels:
+            shapes = args.get("input_type_shape") or [{}]
+            first_type = next(iter(shapes[0]), None) if shapes and isinstance(shapes[0], dict) else None
+            kernels[kernel] = (str(args.get("op_name", "?")), args.get("provider"), first_type)
+        per_run[index][kernel] = per_run[index].get(kernel, 0.0) + event["dur"] / 1e3
+    return per_run, kernels
+
+
+# -- OpenVINO ------------------------------------------------------------------------------------
+
+#: OpenVINO CPU plugin layer types that move or convert data
+OV_DATA_TYPES = frozenset(
+    {"Reorder", "Reshape", "Input", "Output", "Parameter", "Result", "Const", "Convert", "Transpose", "Concatenation",
+     "Concat", "Split", "Gather", "StridedSlice", "Broadcast", "Pad", "Squeeze", "Unsqueeze", "ShapeOf", "FakeQuantize"}
+)
+#: suffixes OpenVINO's ONNX frontend adds to the names of the ops it decomposes a node into
+OV_FRONTEND_SUFFIXES = ("/WithoutBiases", "/DequantizationMultiply", "/DequantizationSubtract", "/sink_port_0")
+#: IR op types that only (de)quantize: a fused layer made of these is a conversion, not a float fallback
+OV_QUANTIZE_TYPES = frozenset({"FakeQuantize", "Convert", "Multiply", "Subtract", "Const", "Constant"})
+
+
+def _ov_precision(layer_type: str, exec_type: str, original_types: Iterable[str]) -> LayerPrecision:
+    """`exec_type` names the kernel and its precision (brgconv_avx512_I8, jit_avx2_FP32, ref_any_f16)."""
+    if layer_type in OV_DATA_TYPES:
+        return LayerPrecision.OTHER
+    types = set(original_types)
+    if types and types <= OV_QUANTIZE_TYPES and "FakeQuantize" in types:
+        return LayerPrecision.OTHER  # the input quantization, fused into an eltwise Subgraph
+    suffix = exec_type.rsplit("_", 1)[-1].upper()
+    if suffix in {"I8", "U8", "I4", "U4"}:
+        return LayerPrecision.INT8
+    return LayerPrecision.FLOAT
+
+
+def _openvino_layers(runner: Any, feeds: dict[str, np.ndarray], runs: int, warmup: int, baseline: Callable[[], object]) -> LayerProfile:
+    """OpenVINO's performance counters (PERF_COUNT): per executed layer, its real time on the last inference."""
+    compiled_here = runner.compiled
+    properties: dict[str, Any] = {"PERF_COUNT": True}
+    for key in ("PERFORMANCE_HINT", "INFERENCE_NUM_THREADS", "INFERENCE_PRECISION_HINT", "NUM_STREAMS", "EXECUTION_MODE_HINT"):
+        try:
+            properties[key] = compiled_here.get_property(key)
+        except RuntimeError:  # a property this device does not report
+            continue
+    compiled = runner.core.compile_model(str(runner.model_path), runner.device, properties)
+    request = compiled.create_infer_request()
+    for _ in range(warmup):
+        request.infer(feeds)
+        baseline()
+    per_run: list[dict[str, float]] = []
+    kernels: dict[str, tuple[str, str]] = {}
+
+    def read_counters() -> None:  # the counters of the request's last inference
+        times: dict[str, float] = {}
+        for info in request.get_profiling_info():
+            if info.status.name != "EXECUTED":
+                continue
+            kernels.setdefault(info.node_name, (info.node_type, info.exec_type))
+            times[info.node_name] = times.get(info.node_name, 0.0) + info.real_time.total_seconds() * 1e3
+        per_run.append(times)
+
+    profiled_ms, unprofiled_ms = _interleaved(lambda: request.infer(feeds), baseline, runs, read_counters)
+    ir_types = {op.get_friendly_name(): op.get_type_name() for op in runner.core.read_model(str(runner.model_path)).get_ordered_ops()}
+    originals = {
+        op.get_friendly_name(): [n for n in op.get_rt_info()["originalLayersNames"].astype(str).split(",") if n]
+        for op in compiled.get_runtime_model().get_ordered_ops()
+    }
+    rows = []
+    for kernel, (layer_type, exec_type) in kernels.items():
+        names = [n for n in originals.get(kernel, [kernel]) if n in ir_types]  # others were made by OpenVINO's transformations
+        rows.append(
+            LayerTiming(
+                kernel=kernel,
+                op_type=layer_type,
+                nodes=tuple(dict.fromkeys(_ov_node_name(n) for n in names)),
+                precision=_ov_precision(layer_type, exec_type, (ir_types[n] for n in names)),
+                time_ms=float(np.median([times.get(kernel, 0.0) for times in per_run])),
+                implementation=exec_type,
+            )
+        )
+    notes = [
+        "kernel = OpenVINO's executed layer; nodes = the IR layers fused into it (originalLayersNames), which OpenVINO's "
+        "ONNX frontend names after the ONNX nodes; time = the layer's real time",
+    ]
+    profile = LayerProfile.measured(
+        BackendName.OPENVINO.value, "openvino performance counters", runs, rows, profiled_run_ms=profiled_ms, notes=notes
+    )
+    profile.unprofiled_run_ms = unprofiled_ms
+    return profile
+
+
+def _ov_node_name(ir_name: str) -> str:
+    for suffix in OV_FRONTEND_SUFFIXES:
+        if ir_name.endswith(suffix):
+            return ir_name[: -len(suffix)]
+    return ir_name
+
+
+# -- TensorRT (trtexec's exported JSON) ---------------------------------------------------------
+
+#: what build_engine.sh --profile writes next to model.plan (trtexec --exportProfile/--exportLayerInfo/--exportTimes)
+TRTEXEC_PROFILE, TRTEXEC_LAYERS, TRTEXEC_TIMES = "profile.json", "layers.json", "times.json"
+ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]]+)\]")
+
+
+def trtexec_layer_profile_in(folder: Path) -> LayerProfile:
+    """The TensorRT layer profile from the trtexec files in `folder`, or `unavailable` when they are not there."""
+    profile, layers, times = folder / TRTEXEC_PROFILE, folder / TRTEXEC_LAYERS, folder / TRTEXEC_TIMES
+    if not profile.is_file():
+        return LayerProfile.unavailable(BackendName.TENSORRT.value, "trtexec --exportProfile", TENSORRT_NOT_PROFILED)
+    return trtexec_layer_profile(profile, layers if layers.is_file() else None, times if times.is_file() else None)
+
+
+def trtexec_layer_profile(profile: Path, layers: Path | None = None, times: Path | None = None) -> LayerProfile:
+    """Parse trtexec's `--exportProfile` JSON (a `{"count": N}` record, then one record per layer with
+    name, timeMs, averageMs, medianMs (TensorRT 10), percentage), mapped back to ONNX nodes through
+    `--exportLayerInfo` (needs `--profilingVerbosity=detailed`: each layer's Metadata carries
+    `[ONNX Layer: name]` for every ONNX node fused into it, and its Inputs/Outputs their Format/Datatype),
+    with the whole-model time from `--exportTimes` (per-iteration latencyMs) when given."""
+    records = _read_json(profile)
+    if not isinstance(records, list) or not records:
+        raise BundleError(f"{profile}: not a trtexec --exportProfile file (expected a JSON list of layer records)")
+    count = next((int(r["count"]) for r in records if isinstance(r, dict) and "count" in r), 0)
+    details = {layer["Name"]: layer for layer in _trtexec_layers(layers)} if layers is not None else {}
+    rows = []
+    for record in records:
+        if not isinstance(record, dict) or "name" not in record:
+            continue
+        name = str(record["name"])
+        detail = details.get(name, {})
+        time_ms = record.get("medianMs", record.get("averageMs"))
+        if time_ms is None:
+            raise BundleError(f"{profile}: layer {name!r} has neither medianMs nor averageMs", hint="re-export with trtexec --exportProfile")
+        rows.append(
+            LayerTiming(
+                kernel=name,
+                op_type=str(detail.get("ParameterType") or detail.get("LayerType") or "?"),
+                nodes=tuple(dict.fromkeys(ONNX_LAYER.findall(str(detail.get("Metadata") or "")))),
+                precision=_trt_precision(detail) if detail else LayerPrecision.OTHER if name.startswith("Reformatting") else LayerPrecision.FLOAT,
+                time_ms=float(time_ms),
+                implementation=detail.get("TacticName") or detail.get("LayerType"),
+            )
+        )
+    whole = None
+    if times is not None:
+        latencies = [float(r["latencyMs"]) for r in _read_json(times) if isinstance(r, dict) and "latencyMs" in r]
+        whole = float(np.median(latencies)) if latencies else None
+    notes = ["trtexec's per-layer profile from the device (CUDA events per layer); nodes from the layer info's [ONNX Layer] metadata"]
+    if not details:
+        notes.append("no --exportLayerInfo file: layers are not mapped to ONNX nodes and their precision is a guess")
+    return LayerProfile.measured(BackendName.TENSORRT.value, "trtexec --exportProfile", count, rows, profiled_run_ms=whole, notes=notes)
+
+
+def _trtexec_layers(path: Path) -> list[dict[str, Any]]:
+    document = _read_json(path)
+    layers = document.get("Layers") if isinstance(document, dict) else None
+    if not isinstance(layers, list) or (layers and not isinstance(layers[0], dict)):
+        raise BundleError(
+            f"{path}: no detailed layer information",
+            hint="build the engine with trtexec --profilingVerbosity=detailed --exportLayerInfo=layers.json",
+        )
+    return layers
+
+
+def _trt_precision(layer: Mapping[str, Any]) -> LayerPrecision:
+    """From the layer's tensor formats ("Thirty-two wide channel vectorized row major Int8 format", "Row major linear FP32")."""
+    if layer.get("LayerType") in {"Reformat", "NoOp", "Shuffle"} or layer.get("ParameterType") in {"Reformat", "NoOp", "Shuffle"}:
+        return LayerPrecision.OTHER
+    formats = [str(t.get("Format/Datatype", "")) for t in [*(layer.get("Inputs") or ()), *(layer.get("Outputs") or ())]]
+    first = formats[0] if formats else ""
+    if re.search(r"\bU?INT8\b|\bU?Int8\b", first, re.IGNORECASE):
+        return LayerPrecision.INT8
+    return LayerPrecision.FLOAT
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as stream:
+            return json.load(stream)
+    except (OSError, ValueError) as error:
+        raise BundleError(f"{path}: cannot read trtexec JSON ({error})", hint="re-run build_engine.sh --profile on the device") from None
+
+
+# -- ONNX nodes: the names layer times are mapped back to ---------------------------------------
+
+
+@dataclass(frozen=True)
+class OnnxNode:
+    name: str
+    op_type: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+class OnnxNodeMapper:
+    """Maps a backend's kernel names to the ONNX nodes of the artifact (read with a small protobuf
+    reader: the runtime does not depend on the onnx package).
+
+    ONNX Runtime keeps a node's name when it fuses into it (QDQ -> QLinearConv keeps the Conv's),
+    appends `_token_<n>` when its layout transformer rewrites a node, and names NCHWc kernels after
+    their output tensor plus `_nchwc`. Each kernel's node is its anchor; the nodes fused into it are
+    found by walking back from the anchor through producers whose outputs feed only this kernel
+    (DequantizeLinear of weights and inputs, an activation's Conv), then each QuantizeLinear left
+    joins the kernel that produced its input (the kernel requantizes its own output).
+    """
+
+    def __init__(self, nodes: Iterable[OnnxNode], graph_outputs: Iterable[str] = ()) -> None:
+        self.nodes = list(nodes)
+        self.by_name = {node.name: node for node in self.nodes if node.name}
+        self.producer = {tensor: node for node in self.nodes for tensor in node.outputs if tensor}
+        self.consumers: dict[str, list[OnnxNode]] = {}
+        for node in self.nodes:
+            for tensor in node.inputs:
+                self.consumers.setdefault(tensor, []).append(node)
+        self.graph_outputs = frozenset(graph_outputs)
+
+    @classmethod
+    def from_file(cls, path: Path) -> "OnnxNodeMapper":
+        nodes, outputs = read_onnx_graph(Path(path))
+        return cls(nodes, outputs)
+
+    def anchor(self, kernel: str) -> OnnxNode | None:
+        """The ONNX node a kernel's name points at, if any."""
+        if kernel in self.by_name:
+            return self.by_name[kernel]
+        stripped = TOKEN_SUFFIX.sub("", kernel)
+        if stripped in self.by_name:
+            return self.by_name[stripped]
+        if kernel.endswith("_nchwc"):
+            return self.producer.get(kernel[: -len("_nchwc")])
+        return None
+
+    def claim_kernels(self, kernels: Iterable[str]) -> dict[str, tuple[str, ...]]:
+        """kernel -> the ONNX node names it computes, its anchor first (kernels nothing points at are left out)."""
+        owner: dict[int, str] = {}
+        groups: dict[str, list[OnnxNode]] = {}
+        for kernel in kernels:
+            node = self.anchor(kernel)
+            if node is not None and id(node) not in owner:
+                owner[id(node)] = kernel
+                groups[kernel] = [node]
+        for kernel, group in groups.items():
+            stack = list(group)
+            while stack:
+                for tensor in stack.pop().inputs:
+                    producer = self.producer.get(tensor)
+                    if producer is None or id(producer) in owner or producer.op_type == "QuantizeLinear":
+                        continue
+                    feeds_only_this = all(
+                        owner.get(id(consumer)) == kernel for out in producer.outputs for consumer in self.consumers.get(out, [])
+                    ) and not any(out in self.graph_outputs for out in producer.outputs)
+                    if feeds_only_this:
+                        owner[id(producer)] = kernel
+                        group.append(producer)
+                        stack.append(producer)
+        for node in self.nodes:
+            if id(node) in owner:
+                continue
+            if node.op_type == "QuantizeLinear" and node.inputs and (producer := self.producer.get(node.inputs[0])) is not None:
+                kernel = owner.get(id(producer))
+                if kernel is not None:
+                    owner[id(node)] = kernel
+                    groups[kernel].append(node)
+        for node in self.nodes:  # a DequantizeLinear read by several kernels (a residual branch) belongs to each
+            if id(node) in owner or node.op_type != "DequantizeLinear":
+                continue
+            for kernel in dict.fromkeys(owner[id(c)] for out in node.outputs for c in self.consumers.get(out, []) if id(c) in owner):
+                groups[kernel].append(node)
+        order = {id(node): index for index, node in enumerate(self.nodes)}
+        return {
+            kernel: (group[0].name, *(n.name for n in sorted(group[1:], key=lambda n: order[id(n)])))
+            for kernel, group in groups.items()
+        }
+
+
+TOKEN_SUFFIX = re.compile(r"(_token_\d+)+$")
+
+
+def read_onnx_graph(path: Path) -> tuple[list[OnnxNode], list[str]]:
+    """The main graph's nodes (name, op_type, inputs, outputs) and output names of an ONNX file.
+
+    Reads the protobuf wire format directly (ModelProto.graph = 7; GraphProto.node = 1, output = 12;
+    NodeProto.input = 1, output = 2, name = 3, op_type = 4; ValueInfoProto.name = 1); initializers are skipped.
+    """
+    data = memoryview(path.read_bytes())
+    graph = next((value for number, value in _fields(data) if number == 7), None)
+    if not isinstance(graph, memoryview):
+        raise BundleError(f"{path}: no graph in this ONNX file")
+    nodes, outputs = [], []
+    for number, value in _fields(graph):
+        if number == 1 and isinstance(value, memoryview):
+            fields: dict[int, list[str]] = {1: [], 2: [], 3: [], 4: []}
+            for field_number, field_value in _fields(value):
+                if field_number in fields and isinstance(field_value, memoryview):
+                    fields[field_number].append(bytes(field_value).decode("utf-8"))
+            nodes.append(OnnxNode((fields[3] or [""])[0], (fields[4] or [""])[0], tuple(fields[1]), tuple(fields[2])))
+        elif number == 12 and isinstance(value, memoryview):
+            outputs += [bytes(v).decode("utf-8") for n, v in _fields(value) if n == 1 and isinstance(v, memoryview)]
+    return nodes, outputs
+
+
+def _fields(data: memoryview) -> Iterator[tuple[int, int | memoryview]]:
+    """(field number, value) of one protobuf message: varints as int, length-delimited fields as views."""
+    position, end = 0, len(data)
+    while position < end:
+        key, position = _varint(data, position)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, position = _varint(data, position)
+            yield number, value
+        elif wire == 2:
+            length, position = _varint(data, position)
+            yield number, data[position : position + length]
+            position += length
+        elif wire == 1:
+            position += 8
+        elif wire == 5:
+            position += 4
+        else:
+            raise BundleError(f"unsupported protobuf wire type {wire} in an ONNX file")
+
+
+def _varint(data: memoryview, position: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = data[position]
+        position += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, position
+        shift += 7

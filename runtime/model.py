@@ -414,16 +414,20 @@ class Model:
                     hint="model.predict({'name': array, ...})",
                 )
             inputs = {self._single_input: inputs}
-        if inputs.keys() != self._input_names:
-            raise self._name_error(inputs)
-        feeds = {plan.feed_name: plan.prepare(inputs[plan.spec.name], raw) for plan in self._plans}
-        outputs = self._infer(feeds)
+        outputs = self._infer(self.prepare(inputs, raw))
         if self._renamed:
             outputs = {name: outputs[feed] for feed, name in self._output_map}
         if not raw:
             for name, quantization in self._dequantize:
                 outputs[name] = quantization.dequantize(outputs[name])
         return outputs
+
+    def prepare(self, inputs: Mapping[str, Any], raw: bool = False) -> dict[str, np.ndarray]:
+        """The feeds the backend's library takes for `inputs`: checked, in the artifact's names and dtypes
+        (quantized unless `raw`). `predict` runs these; a profiler runs them on its own session."""
+        if inputs.keys() != self._input_names:
+            raise self._name_error(inputs)
+        return {plan.feed_name: plan.prepare(inputs[plan.spec.name], raw) for plan in self._plans}
 
     def __call__(self, x: Mapping[str, Any] | np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
         """model(x): the output array for a one-output model, else the dict predict returns."""
@@ -459,13 +463,16 @@ class Model:
         duration: float | None = None,
         threads: int | None = None,
         inputs: Mapping[str, np.ndarray] | None = None,
+        layers: bool = False,
+        layer_runs: int = 20,
     ) -> "BenchmarkResult":
-        """Latency percentiles, throughput and memory on this machine; see BenchmarkResult."""
+        """Latency percentiles, throughput and memory on this machine; see BenchmarkResult.
+        `layers` adds per-layer times from the backend's profiler over `layer_runs` runs."""
         from edgeopt.runtime.benchmark import run_benchmark
 
         if threads is not None and threads != self.threads:
             self.reload(threads=threads)
-        return run_benchmark(self, warmup=warmup, runs=runs, duration=duration, inputs=inputs)
+        return run_benchmark(self, warmup=warmup, runs=runs, duration=duration, inputs=inputs, layers=layers, layer_runs=layer_runs)
 
     def verify(self) -> "VerifyResult":
         """Run the bundle's reference inputs and compare with its stored outputs at its tolerance."""

@@ -22,19 +22,22 @@ def benchmark_here(
     threads: int | None = None,
     record: bool = True,
     on_record: Callable[[Path, int], None] | None = None,
+    layers: bool = False,
+    layer_runs: int = 20,
 ) -> Any:
     """Benchmark with `edgeopt.runtime` (the same code a device runs).
 
     With `record` (the default) a bundle folder's result is appended to its manifest's
     `benchmarks` (the report is redrawn, its checksum updated) and `on_record(manifest path,
     benchmarks now recorded)` is called; `record=False` leaves the bundle untouched. Bare
-    artifacts and .tar.gz bundles are never written to.
+    artifacts and .tar.gz bundles are never written to. `layers` adds the per-layer table
+    (runtime/layer_timings.py) from `layer_runs` profiled runs.
     """
     from edgeopt.runtime import load
 
     path = Path(bundle)
     with load(path, backend=backend, threads=threads, allow_stand_in=True) as model:
-        result = model.benchmark(warmup=warmup, runs=runs, duration=duration)
+        result = model.benchmark(warmup=warmup, runs=runs, duration=duration, layers=layers, layer_runs=layer_runs)
     if record and (path / "manifest.json").is_file():
         entry = {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **result.to_dict()}
         count = append_history(path, "benchmarks", entry)

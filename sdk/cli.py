@@ -381,10 +381,21 @@ def verify(bundle: Path, backend: BackendName | None, as_json: bool) -> _Shown:
 @click.option("--duration", type=_SECONDS, help="Run for this many seconds instead of --runs.")
 @click.option("--threads", type=_COUNT, help="Intra-op threads [default: the bundle's].")
 @click.option("--no-record", is_flag=True, help="Leave the bundle untouched [default: append the result to its manifest's benchmarks].")
+@click.option("--layers", is_flag=True, help="Also time each layer with the backend's own profiler: ONNX node names, int8/float, share of the time.")
+@click.option("--layer-runs", type=_COUNT, default=20, show_default=True, help="Profiled runs for --layers.")
 @click.option("--json", "as_json", is_flag=True)
 @_expected_errors
 def bench(
-    bundle: Path, backend: BackendName | None, warmup: int, runs: int, duration: float | None, threads: int | None, no_record: bool, as_json: bool
+    bundle: Path,
+    backend: BackendName | None,
+    warmup: int,
+    runs: int,
+    duration: float | None,
+    threads: int | None,
+    no_record: bool,
+    layers: bool,
+    layer_runs: int,
+    as_json: bool,
 ) -> _Shown:
     """Measure a bundle or artifact on this machine (the runtime's own benchmark).
 
@@ -397,7 +408,8 @@ def bench(
         click.echo(f"recorded in {manifest} (benchmarks: {count})", err=True)
 
     result = benchmark_here(
-        bundle, backend=backend, warmup=warmup, runs=runs, duration=duration, threads=threads, record=not no_record, on_record=said
+        bundle, backend=backend, warmup=warmup, runs=runs, duration=duration, threads=threads, record=not no_record, on_record=said,
+        layers=layers, layer_runs=layer_runs,
     )
     return _Shown(result.to_dict(), result.format_text())
 
@@ -484,6 +496,37 @@ def profile(
             hint="see each host's verify figures (the table, or profiles[].verify with --json)",
         ))
     return shown(results, None)
+
+
+@cli.command(epilog=EXIT_CODES)
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--html", "html_path", type=click.Path(path_type=Path), help="Also write the comparison with its charts as one HTML file.")
+@click.option("--json", "as_json", is_flag=True)
+@_expected_errors
+def compare(runs: tuple[str, ...], html_path: Path | None, as_json: bool) -> _Shown:
+    """Set runs side by side against the first: latency, memory, fidelity, per-layer time.
+
+    \b
+    Each RUN is one of:
+      BUNDLE                 its newest benchmark or profile (a bundle never
+                             measured: its build's size and fidelity only)
+      BUNDLE#benchmarks:N    an entry of its history (N from 0; -1 the newest)
+      BUNDLE#profiles:N
+      BUNDLE#HOST            the newest run on that device
+      FILE.json              `edgeopt bench --json` output, or a profile entry
+    """
+    from edgeopt.bundle import write_text_atomically
+    from edgeopt.compare import compare as compare_runs
+    from edgeopt.compare import load_run
+
+    comparison = compare_runs([load_run(run) for run in runs])
+    text = comparison.format_text()
+    if html_path is not None:
+        from edgeopt.report import comparison_page
+
+        write_text_atomically(html_path, comparison_page(comparison))
+        text += f"\nwrote {html_path}"
+    return _Shown(comparison.to_dict(), text)
 
 
 class Interrupted(BaseException):
