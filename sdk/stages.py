@@ -1,8 +1,8 @@
-"""The pipeline's stages: load → validate → simplify → check_ops → [quantize] → [finetune] → lower → verify → [evaluate] → package.
+"""The pipeline's stages: load → validate → simplify → check_ops → [quantize] → lower → verify → [evaluate] → package.
 
 Each is a function of the `BuildContext` that fills in its own fields and returns its report.
-Pruning (after check_ops) is a stage still to come; a command that runs it lists it among these
-(`edgeopt.context.Command`).
+Pruning (after check_ops) and QAT fine-tuning (after quantize) are stages still to come; a command
+that runs them lists them among these (`edgeopt.context.Command`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from edgeopt.runtime.manifest import JsonObject, OutputTolerance, Tolerance
 from edgeopt.runtime.spec import TensorSpec
 from edgeopt.targets import Target
 
-__all__ = ["CHECK_OPS", "EVALUATE", "FINETUNE", "LOAD", "LOWER", "QUANTIZE", "SIMPLIFY", "VALIDATE", "VERIFY", "to_artifact_io"]
+__all__ = ["CHECK_OPS", "EVALUATE", "LOAD", "LOWER", "QUANTIZE", "SIMPLIFY", "VALIDATE", "VERIFY", "to_artifact_io"]
 
 #: Quality without --eval: calibration samples held out from range estimation (never fewer than this).
 MIN_HELD_OUT = 32
@@ -55,11 +55,6 @@ def validate(context: BuildContext) -> JsonObject:
     """Everything the user gave is checked here, before any work or output."""
     options = context.options
     precision = context.precision = _resolve_precision(options.target, options.precision, context.qat_model)
-    if options.prune is not None and context.qat_model:
-        raise OptionError(
-            "--prune needs a float model; this one already carries QuantizeLinear/DequantizeLinear (its scales would no longer fit)",
-            hint="prune the float model before quantizing it, or build this QAT model without --prune",
-        )
     if precision.quantizes_activations and not context.qat_model and options.calibration is None:
         raise EdgeoptError(
             f"{precision} for {options.target.name} needs calibration data",
@@ -78,8 +73,6 @@ def validate(context: BuildContext) -> JsonObject:
     if options.calibration is not None:
         context.calibration_set = _open_data(options.calibration, context.inputs, "calibration")
     context.range_set, context.quality_set, context.quality_data = _quality_split(context)
-    if options.finetune is not None or options.train_data is not None:
-        context.training_data = _training_data(context)
     context.static_shapes = _static_shapes(context.inputs, options.input_shapes, _given_data(context))
     return {"precision": precision.value, "qat_model": context.qat_model, "changed": False}
 
@@ -107,30 +100,6 @@ def _open_data(source: Any, inputs: list[TensorSpec], role: str) -> Any:
     for _ in dataset.take(1):
         pass
     return dataset
-
-
-def _training_data(context: BuildContext) -> Any:
-    """--finetune's data, read and checked now; fine-tuning needs an int8 build of an fp32 model and torch."""
-    from edgeopt.converters.finetune.data import load_training_data
-    from edgeopt.converters.finetune.train import check_labels, require_torch
-
-    options = context.options
-    if options.finetune is None:
-        raise OptionError("--train-data is read only by --finetune", hint="add --finetune qad (or qat, with labels), or drop --train-data")
-    mode = options.finetune.mode
-    if not context.precision.quantizes_activations:
-        raise OptionError(f"--finetune {mode} trains the int8 QDQ graph; precision {context.precision} has none", hint="build with --precision int8")
-    if context.qat_model:
-        raise OptionError(
-            f"--finetune {mode} quantizes and distils from an fp32 model; this one already carries QuantizeLinear/DequantizeLinear",
-            hint="fine-tune the fp32 model, or build this QAT model without --finetune to keep its scales",
-        )
-    if options.train_data is None:
-        raise OptionError(f"--finetune {mode} needs training data", hint="pass --train-data DIR|file.npz (labels as the 'labels' array, needed by qat)")
-    require_torch()
-    data = load_training_data(options.train_data, context.inputs)
-    check_labels(mode, data)
-    return data
 
 
 def _given_data(context: BuildContext) -> Any:
@@ -172,40 +141,11 @@ def simplify_model(context: BuildContext) -> JsonObject:
     assert context.source is not None
     context.stats_before = model_stats(context.source)
     context.model, report = simplify(context.source, context.static_shapes)
-    context.float_model = context.model
     context.nodes_after_simplify = report.nodes_after
     return {
         **report.to_dict(),
         "input_shapes": {k: list(v) for k, v in context.static_shapes.items()},
         "changed": report.nodes_after != report.nodes_before,
-    }
-
-
-def prune_model(context: BuildContext) -> JsonObject:
-    """Structured pruning of the simplified fp32 graph; widths are multiples of the target's channel multiple.
-
-    The BatchNorm-scale criterion reads |gamma| from the loaded model: simplify has folded every
-    BatchNorm into its Conv by now, and the folded filter no longer shows the learned scale apart.
-    The pruned graph is what is quantized, so it is also the fp32 reference fine-tuning distils from.
-    """
-    from edgeopt.converters.prune import batchnorm_scales, prune
-    from edgeopt.runtime.kinds import PruneCriterion
-
-    options = context.options.prune
-    assert options is not None and context.source is not None
-    if options.criterion is PruneCriterion.BN_SCALE:
-        options = replace(options, bn_scales=batchnorm_scales(context.source))
-    result = prune(context.lowered_model, options)
-    context.model = context.float_model = result.model
-    context.pruning = dict(result.report)
-    report = result.report
-    return {
-        "ratio": report["ratio"],
-        "groups_pruned": report["groups_pruned"],
-        "groups_found": report["groups_found"],
-        "macs_before": report["macs_before"],
-        "macs_after": report["macs_after"],
-        "changed": result.changed,
     }
 
 
@@ -243,41 +183,6 @@ def quantize(context: BuildContext) -> JsonObject:
     return details
 
 
-def finetune_model(context: BuildContext) -> JsonObject:
-    """QAT or QAD of the QDQ graph (converters/finetune/): the trained weights and scales go back into it."""
-    from edgeopt.converters.finetune.train import finetune
-
-    options, progress = context.options, context.progress
-    assert options.finetune is not None and context.training_data is not None and context.float_model is not None
-    epochs, epoch = options.finetune.epochs, [1]
-
-    def on_epoch(record: Mapping[str, Any]) -> None:
-        epoch[0] = record["epoch"] + 1
-        if progress is not None:
-            loss = "before training" if record["loss"] is None else f"loss {record['loss']:.4g}"
-            progress(f"finetune epoch {record['epoch']}/{epochs}: {loss}, held-out {record['metric']} {record['score']:.4g}", 0, 0)
-
-    result = finetune(
-        context.lowered_model,
-        context.float_model,
-        context.training_data,
-        options.finetune,
-        scheme=options.target.scheme_for(options.isa),
-        progress=None if progress is None else (lambda done, total: progress(f"finetune epoch {epoch[0]}", done, total)),
-        on_epoch=on_epoch,
-    )
-    context.model, context.finetune = result.model, dict(result.report)
-    report = result.report
-    return {
-        "mode": report["mode"],
-        "epochs_run": report["epochs_run"],
-        "best_epoch": report["best_epoch"],
-        "held_out_before": dict(report["held_out_before"]),
-        "held_out_after": dict(report["held_out_after"]),
-        "changed": report["best_epoch"] > 0,
-    }
-
-
 def lower_model(context: BuildContext) -> JsonObject:
     options = context.options
     assert context.staging is not None
@@ -300,9 +205,7 @@ def verify(context: BuildContext) -> JsonObject:
     assert context.source is not None and lowered is not None and context.staging is not None
     inputs = context.reference_inputs = _reference_inputs(context.source, context.inputs, _given_data(context), options.reference_samples)
     quantized = precision.quantizes_activations
-    # a pruned build's float graph is the pruned one: the artifact (or the QDQ graph) is made from it
-    float_graph = context.float_model if context.pruning is not None and context.float_model is not None else context.source
-    against, graph = ("QDQ", context.lowered_model) if quantized else ("fp32", float_graph)
+    against, graph = ("QDQ", context.lowered_model) if quantized else ("fp32", context.source)
     given = options.evaluation if context.evaluation_set is not None else options.calibration
     data = f"the {len(inputs)} reference input(s)" + (f" taken from {given}" if isinstance(given, (str, Path)) else "")
     reference = context.reference_outputs = _ort_outputs(graph, inputs)
@@ -311,7 +214,7 @@ def verify(context: BuildContext) -> JsonObject:
     outputs = _run_artifact(lowered, context.staging, inputs)
     tolerances = parity_tolerances(precision, reference, graph)
     mismatch = isa_mismatch(options.isa, lowered.verify_backend) if lowered.verify_backend is BackendName.OPENVINO else None
-    fp32 = _require_finite(_ort_outputs(float_graph, inputs), data) if quantized else None
+    fp32 = _require_finite(_ort_outputs(context.source, inputs), data) if quantized else None
     try:
         parity = check_parity(precision, reference, outputs, None if mismatch else tolerances, against, _verified_with(lowered), fp32)
     except VerificationError:
@@ -320,7 +223,7 @@ def verify(context: BuildContext) -> JsonObject:
             raise
         more_reference = _ort_outputs(graph, more)
         tolerances = parity_tolerances(precision, more_reference, graph)
-        more_fp32 = _require_finite(_ort_outputs(float_graph, more), data)
+        more_fp32 = _require_finite(_ort_outputs(context.source, more), data)
         more_outputs = _run_artifact(lowered, context.staging, more)
         parity = check_parity(precision, more_reference, more_outputs, tolerances, against, _verified_with(lowered), more_fp32)
         parity = replace(parity, note=f"the noise bound failed on the {len(inputs)} reference inputs and held on {len(more)} samples of the data")
@@ -352,10 +255,8 @@ def _verified_with(lowered: LoweringResult) -> str:
 LOAD = Stage("load", load)
 VALIDATE = Stage("validate", validate)
 SIMPLIFY = Stage("simplify", simplify_model)
-PRUNE = Stage("prune", prune_model, applies=lambda context: context.options.prune is not None)
 CHECK_OPS = Stage("check_ops", check_ops)
 QUANTIZE = Stage("quantize", quantize, applies=lambda context: context.precision.quantizes_activations)
-FINETUNE = Stage("finetune", finetune_model, applies=lambda context: context.options.finetune is not None)
 LOWER = Stage("lower", lower_model)
 VERIFY = Stage("verify", verify)
 EVALUATE = Stage("evaluate", evaluate, applies=lambda context: context.quality_set is not None)
