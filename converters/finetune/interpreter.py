@@ -1,0 +1,364 @@
+"""The ONNX graph, fp32 or QDQ, executed as a `torch.nn.Module` whose parameters are its initializers.
+
+Fine-tuning trains the very graph that ships (no export to PyTorch and back): `TrainableGraph` reads
+the graph through onnx_ir once into plain node records, and `forward` runs the nodes in order with
+the torch handlers of `converters/finetune/ops`. Float initializers with more than one element are
+`nn.Parameter`s (trainable); scalars, configuration inputs (Clip bounds, Pow exponents, Resize scales)
+and integer tensors are buffers. In a QDQ graph every QuantizeLinear (with the DequantizeLinears that
+read it) and every DequantizeLinear of a stored weight is a `FakeQuantizer`; `quant_params()` says which
+ONNX nodes and initializers each one came from, so trained values go back into the same graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from edgeopt.converters.errors import UnsupportedOpsError
+from edgeopt.converters.finetune.fake_quant import FakeQuantizer, QuantizerMode, QuantSpec, integer_range, nn, torch
+from edgeopt.converters.finetune.ops import REGISTRY
+from edgeopt.converters.finetune.ops.common import NodeSpec
+from edgeopt.converters.graph.qdq import build_time_array, producer_op, qparams, quantization_source
+from edgeopt.runtime.errors import InputSpecError, OptionError
+
+__all__ = ["QuantRecord", "TrainableGraph"]
+
+INTERPRETER = "edgeopt's trainable interpreter"
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+
+#: (op, input index) that configure an op rather than carry data: float, but never trained
+_CONFIGURATION_INPUTS = frozenset({("Clip", 1), ("Clip", 2), ("Pow", 1), ("Resize", 1), ("Resize", 2), ("Resize", 3)})
+#: outputs whose quantization TFLite fixes: (scale, zero point at the bottom or middle of the range)
+_FIXED_OUTPUTS = {"Softmax": (1.0 / 256.0, "bottom"), "Sigmoid": (1.0 / 256.0, "bottom"), "Tanh": (1.0 / 128.0, "middle")}
+
+
+@dataclass(frozen=True)
+class QuantRecord:
+    """Where one fake-quant of a `TrainableGraph` lives in the ONNX graph, for the write-back.
+
+    kind:
+      "activation": a QuantizeLinear (`quantize_node`) and the DequantizeLinears reading it
+        (`dequantize_nodes`); write `quantizer.scale_value()` / `zero_point_value()` into every name
+        in `scale_initializers` / `zero_point_initializers` (Q's and DQs', same values).
+      "weight": a DequantizeLinear of stored integers; `latent_initializer` is the integer initializer,
+        `latent` the trained float weight: write round(latent / s) + z, clipped to [qmin, qmax], in the
+        initializer's dtype (s, z as shipped, per channel on `spec.axis`), and s, z as above.
+      "bias": a DequantizeLinear of an int32 bias; `latent` is the float bias; its scale is re-derived
+        as `TrainableGraph.bias_scale(record)` = s_in·s_w (float32) from the quantizers named in
+        `bias_sources`, the integers are round(latent / scale); zero point stays 0. `quantizer` is None.
+      "frozen": a DequantizeLinear of integers computed at run time or held in a Constant node; never trained.
+    `name` is the quantizer's node name (the Q for activations, the DQ otherwise), the key of `TrainableGraph.quantizer_of`;
+    nodes without a name in the ONNX graph are named "<op>_<index>" here.
+    """
+
+    name: str
+    kind: str
+    quantize_node: str | None
+    dequantize_nodes: tuple[str, ...]
+    scale_initializers: tuple[str, ...]
+    zero_point_initializers: tuple[str, ...]
+    latent_initializer: str | None
+    spec: QuantSpec
+    quantizer: FakeQuantizer | None
+    latent: nn.Parameter | None
+    bias_sources: tuple[str, str] | None = None
+
+
+def _key(name: str) -> str:
+    """An ONNX name as a torch module/parameter key, reversibly: torch forbids '.', and a name that is
+    already an attribute of the container (a buffer called "half") gets a leading '%'."""
+    key = name.replace("%", "%25").replace(".", "%2E") or "%00"
+    return f"%{key}" if hasattr(nn.ParameterDict, key) or hasattr(nn.ModuleDict, key) else key
+
+
+def _dtype_name(data_type: ir.DataType) -> str:
+    return data_type.name.lower()
+
+
+def _initializer_names(node: ir.Node, indices: Iterable[int]) -> tuple[str, ...]:
+    return tuple(node.inputs[i].name for i in indices if i < len(node.inputs) and node.inputs[i] is not None and node.inputs[i].is_initializer())
+
+
+class TrainableGraph(nn.Module):
+    """The ONNX graph as a torch module: `forward(feeds, capture=...)` → {output name: tensor}.
+
+    quantizers: LEARNED (LSQ/LSQ+ fake-quant, trainable scales), FROZEN (exact QDQ semantics, scales
+    fixed; weights still train). A graph without Q/DQ is the fp32 interpreter either way (the teacher).
+    scheme: the target's `QuantScheme`, which says which quantizers are symmetric (their zero points
+    stay fixed); without it, a zero point at 0 (signed) or the midpoint (unsigned) counts as symmetric.
+    power_of_two_scales: keep every trained scale a power of two (targets that shift instead of multiply).
+    Raises `UnsupportedOpsError` at construction naming every node the interpreter cannot run.
+    """
+
+    def __init__(self, model: onnx.ModelProto, *, quantizers: QuantizerMode = QuantizerMode.LEARNED, scheme=None, power_of_two_scales: bool = False) -> None:
+        super().__init__()
+        self.mode = quantizers
+        ir_model = ir.from_proto(model)
+        graph = ir_model.graph
+        graph.sort()
+        opset = ir_model.opset_imports.get("", ir_model.opset_imports.get("ai.onnx", 13))
+        initializers = dict(graph.initializers)
+        self.input_names = [v.name for v in graph.inputs if v.name not in initializers]
+        self.output_names = [v.name for v in graph.outputs]
+        names = self._node_names(graph)
+        self.nodes = [NodeSpec.of(node, names[node], opset) for node in graph]
+        problems = [(spec.name, spec.op_type, why) for spec in self.nodes if (why := self._why_unsupported(spec))]
+        self.quantizers = nn.ModuleDict()
+        self._quantizer_keys: dict[str, str] = {}  # Q/DQ node name -> quantizer key
+        self._dq_roles: dict[str, str] = {}
+        self._records: list[QuantRecord] = []
+        self.latent = nn.ParameterDict()
+        latent_sources = self._read_quantizers(graph, names, scheme, power_of_two_scales, problems)
+        if problems:
+            raise UnsupportedOpsError(
+                INTERPRETER, problems, hint="fine-tuning runs the graph itself in torch; replace these ops, or build without --finetune"
+            )
+        # Q/DQ read their scale and zero point from their quantizer, not from the inputs
+        self.nodes = [replace(spec, inputs=spec.inputs[:1]) if spec.op_type in _QDQ else spec for spec in self.nodes]
+        self.weights = nn.ParameterDict()
+        self.constants = nn.Module()
+        self._sources: list[tuple[str, str, str]] = []  # (ONNX name, container, key)
+        self._register_initializers(graph, initializers, latent_sources)
+        self._records = [self._bind(record) for record in self._records]
+        self._value_names = {name for spec in self.nodes for name in spec.outputs if name} | set(self.input_names) | set(initializers)
+        last_use: dict[str, int] = {}
+        for index, spec in enumerate(self.nodes):
+            for name in spec.inputs:
+                if name:
+                    last_use[name] = index
+        self._dead_after: list[list[str]] = [[] for _ in self.nodes]
+        for name, index in last_use.items():
+            if name not in initializers:
+                self._dead_after[index].append(name)
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _node_names(graph: ir.Graph) -> dict[ir.Node, str]:
+        """Each node's ONNX name, or "<op>_<index>" when it has none or shares it."""
+        names: dict[ir.Node, str] = {}
+        taken: set[str] = set()
+        for index, node in enumerate(graph):
+            name = node.name if node.name and node.name not in taken else f"{node.op_type}_{index}"
+            taken.add(name)
+            names[node] = name
+        return names
+
+    @staticmethod
+    def _why_unsupported(spec: NodeSpec) -> str | None:
+        if spec.domain not in ("", "ai.onnx"):
+            return f"custom domain {spec.domain!r}"
+        if spec.has_subgraph:
+            return "control flow (subgraphs)"
+        return REGISTRY.why_unsupported(spec.op_type, spec)
+
+    def _spec(self, node: ir.Node, scale: np.ndarray, zero_point: np.ndarray | None, *, weight: bool, scheme, power_of_two: bool) -> QuantSpec:
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            dtype = _dtype_name(node.inputs[2].dtype)
+        elif node.op_type == "DequantizeLinear":
+            dtype = _dtype_name(node.inputs[0].dtype)
+        else:
+            output_dtype = node.attributes.get("output_dtype")
+            dtype = _dtype_name(ir.DataType(output_dtype.value)) if output_dtype is not None and output_dtype.value else "uint8"
+        qmin, qmax = integer_range(dtype)
+        zero = np.zeros(1) if zero_point is None else np.asarray(zero_point).reshape(-1)
+        middle = (qmin + qmax + 1) // 2 if qmin == 0 else 0
+        if scheme is not None:
+            symmetric = scheme.weight_symmetric if weight else scheme.activation_symmetric
+        else:
+            symmetric = bool(np.all(zero == middle))
+        fixed = False
+        if not weight and node.op_type == "QuantizeLinear" and scale.size == 1:
+            fixed_scale, where = _FIXED_OUTPUTS.get(producer_op(node.inputs[0]) or "", (None, None))
+            fixed = fixed_scale is not None and float(scale.reshape(-1)[0]) == np.float32(fixed_scale) and int(zero[0]) == (qmin if where == "bottom" else middle)
+        axis = None
+        if scale.size > 1:
+            axis = int(node.attributes["axis"].value) if "axis" in node.attributes else 1
+            rank = node.inputs[0].shape.rank() if node.inputs[0].shape is not None else None
+            axis = axis % rank if rank else axis
+        return QuantSpec(dtype, qmin, qmax, symmetric or fixed, axis, fixed=fixed, power_of_two=power_of_two)
+
+    def _add_quantizer(self, name: str, quantizer: FakeQuantizer) -> None:
+        key = _key(name)
+        self.quantizers[key] = quantizer
+        self._quantizer_keys[name] = key
+
+    def _read_quantizers(self, graph: ir.Graph, names: Mapping[ir.Node, str], scheme, power_of_two: bool, problems: list) -> dict[str, tuple[str, np.ndarray, np.ndarray | None, int | None]]:
+        """Make the fake-quants; return {integer initializer: (role, scale, zero point, axis)} for the latents."""
+        learned = self.mode is QuantizerMode.LEARNED
+        latent_sources: dict[str, tuple[str, np.ndarray, np.ndarray | None, int | None]] = {}
+        dq_of_q: dict[str, list[ir.Node]] = {}
+        for node in graph:
+            if node.op_type != "QuantizeLinear":
+                continue
+            params = qparams(node)
+            if params.scale is None:
+                problems.append((names[node], node.op_type, "scale or zero point computed at run time"))
+                continue
+            weight = node.inputs[0].is_initializer()
+            spec = self._spec(node, params.scale, params.zero_point, weight=weight, scheme=scheme, power_of_two=power_of_two)
+            elements = node.inputs[0].const_value.numpy().size if weight else None
+            self._add_quantizer(names[node], FakeQuantizer(spec, params.scale, params.zero_point, trainable=learned, elements=elements))
+            readers = [user for user, _ in node.outputs[0].uses() if user.op_type == "DequantizeLinear"]
+            dq_of_q[names[node]] = readers
+            for dq in readers:
+                dq_params = qparams(dq)
+                same = dq_params.scale is not None and np.array_equal(dq_params.scale, params.scale) and np.array_equal(
+                    np.zeros(1) if dq_params.zero_point is None else dq_params.zero_point, np.zeros(1) if params.zero_point is None else params.zero_point
+                )
+                if not same:
+                    problems.append((names[dq], dq.op_type, f"its scale or zero point differs from those of {names[node]}, the QuantizeLinear it reads"))
+                self._quantizer_keys[names[dq]] = self._quantizer_keys[names[node]]
+                self._dq_roles[names[dq]] = "activation"
+            self._records.append(
+                QuantRecord(
+                    name=names[node], kind="activation", quantize_node=names[node], dequantize_nodes=tuple(names[d] for d in readers),
+                    scale_initializers=_initializer_names(node, [1]) + tuple(n for d in readers for n in _initializer_names(d, [1])),
+                    zero_point_initializers=_initializer_names(node, [2]) + tuple(n for d in readers for n in _initializer_names(d, [2])),
+                    latent_initializer=None, spec=spec, quantizer=None, latent=None,
+                )
+            )
+        for node in graph:
+            if node.op_type != "DequantizeLinear" or names[node] in self._dq_roles:
+                continue
+            params = qparams(node)
+            if params.scale is None:
+                problems.append((names[node], node.op_type, "scale or zero point computed at run time"))
+                continue
+            stored = node.inputs[0]
+            spec = self._spec(node, params.scale, params.zero_point, weight=True, scheme=scheme, power_of_two=power_of_two)
+            name = names[node]
+            common = dict(
+                name=name, quantize_node=None, dequantize_nodes=(name,), scale_initializers=_initializer_names(node, [1]),
+                zero_point_initializers=_initializer_names(node, [2]), spec=spec, quantizer=None, latent=None,
+            )
+            if not stored.is_initializer():
+                self._add_quantizer(name, FakeQuantizer(spec, params.scale, params.zero_point, trainable=False))
+                self._dq_roles[name] = "frozen"
+                self._records.append(QuantRecord(kind="frozen", latent_initializer=None, **common))
+                continue
+            if stored.name in latent_sources or len(stored.uses()) > 1:
+                problems.append((name, node.op_type, f"integer initializer {stored.name!r} is read by more than one node"))
+                continue
+            latent_sources[stored.name] = (spec.dtype, params.scale, params.zero_point, spec.axis)
+            if spec.dtype == "int32":
+                self._dq_roles[name] = "bias"
+                self._records.append(QuantRecord(kind="bias", latent_initializer=stored.name, bias_sources=self._bias_sources(node, names), **common))
+                continue
+            elements = stored.const_value.numpy().size
+            self._add_quantizer(name, FakeQuantizer(spec, params.scale, params.zero_point, trainable=learned, elements=elements))
+            self._dq_roles[name] = "weight"
+            self._records.append(QuantRecord(kind="weight", latent_initializer=stored.name, **common))
+        return latent_sources
+
+    @staticmethod
+    def _bias_sources(bias_dq: ir.Node, names: Mapping[ir.Node, str]) -> tuple[str, str] | None:
+        """The quantizers of the input and the weight of the op that adds this bias, if both are quantized."""
+        consumer = next((user for user, _ in bias_dq.outputs[0].uses()), None)
+        if consumer is None or len(consumer.inputs) < 2:
+            return None
+        sources = [quantization_source(consumer.inputs[i]) for i in (0, 1)]
+        return None if None in sources else (names[sources[0]], names[sources[1]])
+
+    def _register_initializers(self, graph: ir.Graph, initializers: Mapping[str, ir.Value], latent_sources: Mapping) -> None:
+        qdq_parameters = {
+            value.name for node in graph if node.op_type in _QDQ for value in node.inputs[1:] if value is not None
+        }
+        for name, value in initializers.items():
+            array = value.const_value.numpy()
+            if name in latent_sources:
+                dtype, scale, zero_point, axis = latent_sources[name]
+                self.latent[_key(name)] = nn.Parameter(_dequantized(array, scale, zero_point, axis))
+                self._sources.append((name, "latent", _key(name)))
+                continue
+            uses = value.uses()
+            if name in qdq_parameters and all(user.op_type in _QDQ and index > 0 for user, index in uses):
+                continue
+            tensor = torch.from_numpy(np.array(array))
+            trainable = tensor.is_floating_point() and tensor.numel() > 1 and any((user.op_type, index) not in _CONFIGURATION_INPUTS for user, index in uses)
+            if trainable:
+                self.weights[_key(name)] = nn.Parameter(tensor)
+                self._sources.append((name, "weights", _key(name)))
+            else:
+                self.constants.register_buffer(_key(name), tensor)
+                self._sources.append((name, "constants", _key(name)))
+
+    def _bind(self, record: QuantRecord) -> QuantRecord:
+        """The record with its live quantizer and latent parameter."""
+        quantizer = self.quantizers[self._quantizer_keys[record.name]] if record.name in self._quantizer_keys else None
+        latent = self.latent[_key(record.latent_initializer)] if record.latent_initializer is not None else None
+        return QuantRecord(**{**record.__dict__, "quantizer": quantizer, "latent": latent})
+
+    # -- queries --------------------------------------------------------------------------------
+
+    def quantizer_of(self, node_name: str) -> FakeQuantizer:
+        """The fake-quant of a QuantizeLinear or DequantizeLinear node (a Q and its DQs share one)."""
+        return self.quantizers[self._quantizer_keys[node_name]]
+
+    def dequantize_role(self, node_name: str) -> str:
+        """"activation", "weight", "bias" or "frozen" (see `QuantRecord.kind`)."""
+        return self._dq_roles[node_name]
+
+    def quant_params(self) -> list[QuantRecord]:
+        """Every fake-quant with the ONNX nodes and initializers it came from (see `QuantRecord`), in graph order."""
+        return list(self._records)
+
+    def bias_scale(self, record: QuantRecord) -> np.ndarray:
+        """The int32 bias scale that ships with the current scales: float32(s_in) · float32(s_w); the stored one when its sources are unknown."""
+        if record.bias_sources is None:
+            raise OptionError(f"bias {record.name}: its input or weight is not quantized, so its scale cannot be re-derived")
+        activation, weight = (self.quantizer_of(name).scale_value() for name in record.bias_sources)
+        return (activation.astype(np.float32) * weight.astype(np.float32)).astype(np.float32)
+
+    def initializer(self, name: str) -> torch.Tensor:
+        """The tensor that stands for ONNX initializer `name` (for a stored integer weight: its float latent)."""
+        for onnx_name, container, key in self._sources:
+            if onnx_name == name:
+                return self._tensor(container, key)
+        raise KeyError(name)
+
+    def _tensor(self, container: str, key: str) -> torch.Tensor:
+        return getattr(self.constants, key) if container == "constants" else getattr(self, container)[key]
+
+    # -- execution ------------------------------------------------------------------------------
+
+    def forward(self, feeds: Mapping[str, object], capture: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+        unknown = [name for name in capture if name not in self._value_names]
+        if unknown:
+            raise OptionError(f"cannot capture {', '.join(map(repr, unknown))}: no such tensor in the graph")
+        missing = [name for name in self.input_names if name not in feeds]
+        if missing:
+            raise InputSpecError(f"missing input(s) {', '.join(map(repr, missing))}; the graph's inputs are {self.input_names}")
+        env: dict[str, torch.Tensor] = {}
+        for name, container, key in self._sources:
+            env[name] = self._tensor(container, key)
+        for name in self.input_names:
+            env[name] = torch.as_tensor(feeds[name])
+        keep = set(self.output_names) | set(capture)
+        for spec, dead in zip(self.nodes, self._dead_after):
+            outputs = REGISTRY.handler(spec.op_type)(spec, [env[name] if name else None for name in spec.inputs], self)
+            for name, value in zip(spec.outputs, outputs):
+                if name:
+                    env[name] = value
+            for name in dead:
+                if name not in keep:
+                    env.pop(name, None)
+        return {name: env[name] for name in (*self.output_names, *capture)}
+
+
+def _dequantized(stored: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int | None) -> torch.Tensor:
+    """DequantizeLinear in float32, as ONNX Runtime computes it: float(q − z) · s."""
+    codes = torch.from_numpy(np.array(stored, dtype=np.int64))
+    shape = [1] * codes.dim()
+    if axis is not None:
+        shape[axis] = -1
+
+    def shaped(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.reshape(shape) if tensor.numel() > 1 else tensor.reshape([])
+
+    zero = 0 if zero_point is None else shaped(torch.from_numpy(np.array(zero_point, dtype=np.int64)))
+    return (codes - zero).to(torch.float32) * shaped(torch.from_numpy(np.array(scale, dtype=np.float32)))

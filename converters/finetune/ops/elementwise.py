@@ -1,0 +1,74 @@
+"""Elementwise arithmetic, comparison and logic (numpy broadcasting, as ONNX and torch both do)."""
+
+from __future__ import annotations
+
+import torch
+
+from edgeopt.converters.finetune.ops import REGISTRY
+from edgeopt.converters.finetune.ops.common import NodeSpec
+
+_BINARY = {
+    "Add": torch.add,
+    "Sub": torch.sub,
+    "Mul": torch.mul,
+    "Equal": torch.eq,
+    "Less": torch.lt,
+    "LessOrEqual": torch.le,
+    "Greater": torch.gt,
+    "GreaterOrEqual": torch.ge,
+    "And": torch.logical_and,
+    "Or": torch.logical_or,
+    "Xor": torch.logical_xor,
+}
+_UNARY = {
+    "Sqrt": torch.sqrt,
+    "Erf": torch.erf,
+    "Exp": torch.exp,
+    "Log": torch.log,
+    "Neg": torch.neg,
+    "Abs": torch.abs,
+    "Reciprocal": torch.reciprocal,
+    "Floor": torch.floor,
+    "Ceil": torch.ceil,
+    "Not": torch.logical_not,
+    "Identity": lambda x: x,
+}
+
+
+@REGISTRY.register(*_BINARY)
+def binary(node: NodeSpec, inputs: list, graph) -> tuple:
+    return (_BINARY[node.op_type](inputs[0], inputs[1]),)
+
+
+@REGISTRY.register(*_UNARY)
+def unary(node: NodeSpec, inputs: list, graph) -> tuple:
+    return (_UNARY[node.op_type](inputs[0]),)
+
+
+@REGISTRY.register("Div")
+def div(node: NodeSpec, inputs: list, graph) -> tuple:
+    a, b = inputs
+    if a.is_floating_point():
+        return (torch.div(a, b),)
+    return (torch.div(a, b, rounding_mode="trunc"),)  # ONNX Runtime's integer Div truncates (C++ `/`)
+
+
+@REGISTRY.register("Pow")
+def power(node: NodeSpec, inputs: list, graph) -> tuple:
+    base, exponent = inputs
+    return (torch.pow(base, exponent.to(base.dtype)),)
+
+
+@REGISTRY.register("Max", "Min", "Sum", "Mean")
+def variadic(node: NodeSpec, inputs: list, graph) -> tuple:
+    result = inputs[0]
+    step = {"Max": torch.maximum, "Min": torch.minimum, "Sum": torch.add, "Mean": torch.add}[node.op_type]
+    for value in inputs[1:]:
+        result = step(result, value)
+    return (result / len(inputs) if node.op_type == "Mean" else result,)
+
+
+@REGISTRY.register("Where")
+def where(node: NodeSpec, inputs: list, graph) -> tuple:
+    condition, a, b = inputs
+    return (torch.where(condition.bool(), a, b),)
