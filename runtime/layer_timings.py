@@ -155,7 +155,7 @@ class LayerProfile:
         notes: Iterable[str] = (),
     ) -> "LayerProfile":
         """A profile from raw rows: shares are computed here and rows sorted slowest first."""
-        rows = list(layers)
+        rows = [replace(row, time_ms=round(row.time_ms, 6)) for row in layers]  # ns resolution: JSON round trips exactly
         total = sum(row.time_ms for row in rows)
         rows = [replace(row, share=row.time_ms / total if total > 0 else 0.0) for row in rows]
         rows.sort(key=lambda row: (-row.time_ms, row.kernel))
@@ -191,11 +191,14 @@ class LayerProfile:
         """precision -> layers, summed median time and share of the layer total (only precisions present)."""
         groups: dict[str, dict[str, float]] = {}
         for row in self.layers:
-            group = groups.setdefault(row.precision.value, {"layers": 0, "time_ms": 0.0, "share": 0.0})
+            group = groups.setdefault(row.precision.value, {"layers": 0, "time_ms": 0.0})
             group["layers"] += 1
             group["time_ms"] += row.time_ms
-            group["share"] += row.share
-        return {key: {"layers": int(v["layers"]), "time_ms": round(v["time_ms"], 6), "share": round(v["share"], 6)} for key, v in groups.items()}
+        total = sum(row.time_ms for row in self.layers)
+        return {
+            key: {"layers": int(v["layers"]), "time_ms": round(v["time_ms"], 6), "share": round(v["time_ms"] / total, 6) if total > 0 else 0.0}
+            for key, v in groups.items()
+        }
 
     def summary(self) -> str:
         """One line: what ran in float and what it cost, e.g. '3 of 52 layers ran in float and cost 40% of layer time'."""
@@ -589,7 +592,10 @@ def trtexec_layer_profile(profile: Path, layers: Path | None = None, times: Path
     if times is not None:
         latencies = [float(r["latencyMs"]) for r in _read_json(times) if isinstance(r, dict) and "latencyMs" in r]
         whole = float(np.median(latencies)) if latencies else None
-    notes = ["trtexec's per-layer profile from the device (CUDA events per layer); nodes from the layer info's [ONNX Layer] metadata"]
+    notes = [
+        "trtexec's per-layer profile of the engine build_engine.sh built on the device (same ONNX and recipe as the runtime's); "
+        "nodes from the layer info's [ONNX Layer] metadata; whole-run time from --exportTimes"
+    ]
     if not details:
         notes.append("no --exportLayerInfo file: layers are not mapped to ONNX nodes and their precision is a guess")
     return LayerProfile.measured(BackendName.TENSORRT.value, "trtexec --exportProfile", count, rows, profiled_run_ms=whole, notes=notes)

@@ -21,7 +21,7 @@ from edgeopt.runtime.kinds import ArtifactFormat, BackendName, Precision, unreac
 from edgeopt.runtime.spec import TensorSpec
 from edgeopt.targets import OptionValue, Target
 
-__all__ = ["lower", "trtexec_command", "triton_config"]
+__all__ = ["lower", "profile_command", "trtexec_command", "triton_config"]
 
 _TRITON_TYPES = {
     "float32": "TYPE_FP32",
@@ -57,8 +57,16 @@ def _precision_flags(precision: Precision) -> list[str]:
 def trtexec_command(
     inputs: list[TensorSpec], precision: Precision, options: Mapping[str, OptionValue], dla_core: int | None, max_batch: int
 ) -> list[str]:
-    """The trtexec argv that builds `model.plan` from `model.onnx` (TensorRT 10 flag names)."""
-    argv = ["trtexec", "--onnx=model.onnx", "--saveEngine=model.plan", "--skipInference", *_precision_flags(precision)]
+    """The trtexec argv that builds `model.plan` from `model.onnx` (TensorRT 10 flag names).
+
+    Detailed profiling verbosity keeps each layer's ONNX node names in the engine, and
+    --exportLayerInfo writes them with the layer's tensor formats, so that layer times from
+    `build_engine.sh --profile` map back to ONNX nodes (edgeopt.runtime.layer_timings).
+    """
+    argv = [
+        "trtexec", "--onnx=model.onnx", "--saveEngine=model.plan", "--skipInference", *_precision_flags(precision),
+        "--profilingVerbosity=detailed", "--exportLayerInfo=layers.json",
+    ]
     if dla_core is not None:
         argv += [f"--useDLACore={dla_core}", "--allowGPUFallback"]
     argv.append(f"--memPoolSize=workspace:{int(options.get('mem_pool_workspace_mib', 4096))}M")
@@ -77,11 +85,25 @@ def trtexec_command(
     return argv
 
 
+def profile_command(build_argv: list[str]) -> list[str]:
+    """The trtexec argv that times every layer of the built engine (what `build_engine.sh --profile` runs):
+    per-layer profile, layer info and per-iteration latencies as JSON next to model.plan."""
+    carried = [a for a in build_argv if a.startswith(("--useDLACore=", "--allowGPUFallback", "--optShapes="))]
+    return [
+        "trtexec", "--loadEngine=model.plan", "--profilingVerbosity=detailed", "--dumpProfile", "--warmUp=500", "--iterations=50",
+        "--exportProfile=profile.json", "--exportLayerInfo=layers.json", "--exportTimes=times.json",
+        *(a.replace("--optShapes=", "--shapes=") for a in carried),
+    ]
+
+
 def _build_script(argv: list[str], model_name: str) -> str:
     flags = " \\\n  ".join(shlex.quote(a) for a in argv[1:])
+    profile_flags = " \\\n    ".join(shlex.quote(a) for a in profile_command(argv)[1:])
     return f"""#!/usr/bin/env bash
 # Builds the TensorRT engine for this bundle on the Jetson itself (engines are specific to the
 # GPU, TensorRT and JetPack versions they are built with). Written by edgeopt.
+# --profile: then time each layer (profile.json, layers.json, times.json; read by
+# `python -m edgeopt.runtime bench . --layers` and `edgeopt profile --layers`).
 set -euo pipefail
 cd "$(dirname "$0")"
 TRTEXEC="${{TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}}"
@@ -94,6 +116,11 @@ fi
 mkdir -p triton/{shlex.quote(model_name)}/1
 cp model.plan triton/{shlex.quote(model_name)}/1/model.plan
 echo "engine: $(pwd)/model.plan (also in triton/{model_name}/1/)"
+if [ "${{1:-}}" = "--profile" ]; then
+  "$TRTEXEC" \\
+    {profile_flags}
+  echo "layer profile: $(pwd)/profile.json, layers.json, times.json"
+fi
 """
 
 
