@@ -557,6 +557,7 @@ class Manifest:
     quality: Quality | None = None
     reference: Reference | None = None
     stages: tuple[StageReport, ...] = ()
+    pruning: JsonObject | None = None  # the pruning report (converters/prune/surgery.py), when --prune ran
     quantization: JsonObject | None = None  # the quantizer's report
     finetune: JsonObject | None = None  # the fine-tuning report (converters/finetune/train.py), when --finetune ran
     lowering: JsonObject = field(default_factory=dict)  # the lowering's figures (TensorRT: engine_recipe)
@@ -604,6 +605,7 @@ class Manifest:
             quality=None if quality is None else Quality.from_json(quality, at.key("quality")),
             reference=None if reference is None else Reference.from_json(reference, at.key("reference")),
             stages=tuple(StageReport.from_json(s, at.key("stages").index(i)) for i, s in enumerate(_items(raw, "stages", at))),
+            pruning=_section(raw, "pruning", at),
             quantization=_section(raw, "quantization", at),
             finetune=_section(raw, "finetune", at),
             lowering=_lowering(raw, at),
@@ -631,6 +633,7 @@ class Manifest:
             "quality": None if self.quality is None else self.quality.to_json(),
             "reference": None if self.reference is None else self.reference.to_json(),
             "stages": [s.to_json() for s in self.stages],
+            **({} if self.pruning is None else {"pruning": dict(self.pruning)}),  # only where --prune ran
             "quantization": None if self.quantization is None else dict(self.quantization),
             **({} if self.finetune is None else {"finetune": dict(self.finetune)}),  # only where --finetune ran
             "lowering": dict(self.lowering),
@@ -642,7 +645,7 @@ class Manifest:
 
 _KEYS = frozenset(
     ("schema_version", "edgeopt_version", "created_at", "name", "target", "precision", "toolchain", "source_model", "artifacts", "runtime",
-     "inputs", "outputs", "compression", "quality", "reference", "stages", "quantization", "finetune", "lowering", *HISTORY_KEYS)
+     "inputs", "outputs", "compression", "quality", "reference", "stages", "pruning", "quantization", "finetune", "lowering", *HISTORY_KEYS)
 )
 
 

@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "build": "edgeopt.pipeline",
+    "prune": "edgeopt.pruning",
     "BuildResult": "edgeopt.pipeline",
     "inspect_model": "edgeopt.inspect",
     "verify_bundle": "edgeopt.verify",

@@ -17,7 +17,7 @@ import click
 
 from edgeopt.errors import EdgeoptError
 from edgeopt.runtime.isa import IsaClass
-from edgeopt.runtime.kinds import BackendName, CalibrationMethod, Effort, Precision, Technique
+from edgeopt.runtime.kinds import BackendName, CalibrationMethod, Effort, Precision, PruneCriterion, Technique
 from edgeopt.runtime.manifest import JsonObject
 
 if TYPE_CHECKING:
@@ -301,6 +301,10 @@ def _technique_switches(pairs: tuple[str, ...]) -> dict[Technique, bool]:
     help="CPU class an int8 CPU bundle is for (onnxruntime-cpu, intel-openvino) [default: avx2, exact on every CPU;"
     " vnni/amx/arm64 keep 8-bit weights but saturate on x86 without VNNI].",
 )
+@click.option("--prune", "prune_ratio", type=_FiniteFloat(min=0), help="Remove this share of each dependency group's channels after simplify (e.g. 0.3); widths stay multiples of the target's channel multiple.")
+@click.option("--prune-criterion", type=_Names(PruneCriterion), default=PruneCriterion.L2.value, show_default=True, help="How --prune ranks channels.")
+@click.option("--prune-global", is_flag=True, help="One ranking over every group instead of the same share in each.")
+@click.option("--prune-protect", "prune_protected", multiple=True, metavar="NODE", help="Keep this layer's output channels (repeatable).")
 @click.option("--archive", is_flag=True, help="Also pack the bundle as <bundle>.tar.gz.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--quiet", "-q", is_flag=True, help="Nothing on stdout or stderr but errors (no progress, no summary).")
@@ -320,6 +324,10 @@ def build(
     io_layout: str | None,
     input_shapes: tuple[str, ...],
     isa: IsaClass | None,
+    prune_ratio: float | None,
+    prune_criterion: PruneCriterion,
+    prune_global: bool,
+    prune_protected: tuple[str, ...],
     archive: bool,
     force: bool,
     quiet: bool,
@@ -343,6 +351,10 @@ def build(
         io_layout=io_layout,
         input_shapes=_parse_shapes(input_shapes),
         isa=isa,
+        prune=prune_ratio,
+        prune_criterion=prune_criterion,
+        prune_global=prune_global,
+        prune_protected=prune_protected,
         archive=archive,
         force=force,
         progress=_StageProgress(quiet or as_json),
@@ -354,6 +366,53 @@ def build(
         "manifest": result.manifest,
     }
     return _Shown(document, None if quiet else result.summary_text())
+
+
+@cli.command(name="prune", epilog=EXIT_CODES)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="The pruned ONNX file.")
+@click.option("--ratio", type=_FiniteFloat(min=0), required=True, help="Share of each dependency group's channels to remove (0 <= R < 1).")
+@click.option("--target", "-t", help="Round kept widths up to this target's channel multiple.")
+@click.option("--channel-multiple", type=_COUNT, help="Round kept widths up to a multiple of N [default: 1, or the target's].")
+@click.option("--criterion", type=_Names(PruneCriterion), default=PruneCriterion.L2.value, show_default=True, help="How channels are ranked.")
+@click.option("--global", "global_ranking", is_flag=True, help="One ranking over every group instead of the same share in each.")
+@click.option("--protect", "protected", multiple=True, metavar="NODE", help="Keep this layer's output channels (repeatable).")
+@click.option("--input-shape", "input_shapes", multiple=True, help="Fix a dynamic input: NAME=D0,D1,... (repeatable), so reshapes can be traced.")
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+@click.option("--quiet", "-q", is_flag=True, help="Nothing on stdout but errors.")
+@click.option("--json", "as_json", is_flag=True, help="Print {output, changed, report} as JSON instead of a summary.")
+@_expected_errors
+def prune_command(
+    model: Path,
+    output: Path,
+    ratio: float,
+    target: str | None,
+    channel_multiple: int | None,
+    criterion: PruneCriterion,
+    global_ranking: bool,
+    protected: tuple[str, ...],
+    input_shapes: tuple[str, ...],
+    force: bool,
+    quiet: bool,
+    as_json: bool,
+) -> _Shown:
+    """Remove channels from MODEL (ONNX) structurally: the build's prune step alone, ONNX to ONNX."""
+    from edgeopt.pruning import prune
+
+    outcome = prune(
+        model,
+        output,
+        ratio=ratio,
+        target=target,
+        channel_multiple=channel_multiple,
+        criterion=criterion,
+        global_ranking=global_ranking,
+        protected=protected,
+        input_shapes=_parse_shapes(input_shapes),
+        force=force,
+    )
+    document = {"output": str(outcome.output), "changed": outcome.changed, "report": outcome.report}
+    return _Shown(document, None if quiet else outcome.summary_text())
 
 
 @cli.command(epilog=EXIT_CODES)

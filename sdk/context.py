@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from edgeopt.converters.analysis import ModelStats
     from edgeopt.converters.data import Dataset
     from edgeopt.converters.finetune.data import TrainingData
+    from edgeopt.converters.prune import PruneOptions
     from edgeopt.converters.finetune.train import FinetuneOptions
     from edgeopt.converters.lower import LoweringResult
 
@@ -59,6 +60,7 @@ class BuildOptions:
     reference_samples: int = 4
     force: bool = False
     archive: bool = False
+    prune: PruneOptions | None = None  # structured pruning after simplify (None: not asked)
     finetune: FinetuneOptions | None = None  # int8 only: QAT/QAD of the QDQ graph after quantize
     train_data: Any = None  # for finetune: a path, a torch DataLoader or an iterable of input dicts
 
@@ -91,6 +93,7 @@ class BuildContext:
     float_model: onnx.ModelProto | None = None  # the simplified fp32 graph (finetune's teacher)
     nodes_after_simplify: int = 0
     quantization: JsonObject | None = None
+    pruning: JsonObject | None = None  # the pruning report
     finetune: JsonObject | None = None  # the fine-tuning report
     # lower
     lowered: LoweringResult | None = None

@@ -1,8 +1,9 @@
-"""The build pipeline: load → validate → simplify → [quantize] → lower → verify → package.
+"""The build pipeline: load → validate → simplify → [prune] → [quantize] → lower → verify → package.
 
 `build` parses what the user gave once (precision, target, CPU class) and runs the `BUILD` command,
 a list of stages (`edgeopt.stages`) over one `BuildContext`; each stage is timed and reported into
-the manifest. Pruning and QAT fine-tuning are future stages and commands over the same context.
+the manifest. QAT fine-tuning is a future stage over the same context; `edgeopt prune` (`edgeopt.pruning`)
+runs the prune step alone.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 import enum
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -25,6 +26,11 @@ from edgeopt.runtime.kinds import Effort, Precision, Technique
 from edgeopt.runtime.manifest import Manifest, QualityMetric
 from edgeopt.stages import CHECK_OPS, EVALUATE, LOAD, LOWER, QUANTIZE, SIMPLIFY, VALIDATE, VERIFY
 from edgeopt.targets import Target, get_target
+from edgeopt.stages import PRUNE
+from edgeopt.runtime.kinds import PruneCriterion
+
+if TYPE_CHECKING:
+    from edgeopt.converters.prune import PruneOptions
 
 E = TypeVar("E", bound=enum.Enum)
 
@@ -33,7 +39,7 @@ __all__ = ["BUILD", "BuildResult", "Progress", "build"]
 #: `edgeopt build`: every stage a bundle needs, checks first (nothing is written if they fail).
 BUILD = Command(
     checks=(LOAD, VALIDATE),
-    steps=(SIMPLIFY, CHECK_OPS, QUANTIZE, LOWER, VERIFY, EVALUATE, PACKAGE),
+    steps=(SIMPLIFY, PRUNE, CHECK_OPS, QUANTIZE, LOWER, VERIFY, EVALUATE, PACKAGE),
     finish=write_build_manifest,
 )
 
@@ -53,6 +59,10 @@ def build(
     io_layout: str | None = None,
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
     reference_samples: int = 4,
+    prune: float | None = None,
+    prune_criterion: str | PruneCriterion = PruneCriterion.L2,
+    prune_global: bool = False,
+    prune_protected: Iterable[str] = (),
     isa: str | None = None,
     force: bool = False,
     archive: bool = False,
@@ -61,6 +71,9 @@ def build(
     """Build a verified bundle of `model` for `target`; see the README for the options' meaning.
 
     `isa`: the CPU class an int8 bundle is for (`Target.isa_classes`; the profile's default when None).
+    `prune`: share of each dependency group's channels removed after simplify (0 or None: no pruning),
+    ranked by `prune_criterion` ("l1", "l2", "bn-scale"), per group or over all (`prune_global`); kept
+    widths are rounded up to the target's channel multiple; `prune_protected` names layers kept whole.
     `effort`: "fast", "default" or "max": which PTQ techniques int8 may try, each kept only if it helps
     on held-out calibration samples. `techniques`: {name: True/False} forces one on or off unmeasured.
     """
@@ -82,6 +95,7 @@ def build(
         io_layout=io_layout,
         input_shapes=input_shapes,
         reference_samples=reference_samples,
+        prune=_prune_options(prune, prune_criterion, prune_global, prune_protected, profile),
         force=force,
         archive=archive,
     )
@@ -100,6 +114,25 @@ def _parse_precision(text: str | Precision, target: Target) -> Precision:
             f"precision '{text}' is not available for {target.name}",
             hint=f"choose one of: {', '.join(p.value for p in target.precisions)}",
         ) from None
+
+
+def _prune_options(
+    ratio: float | None, criterion: str | PruneCriterion, global_ranking: bool, protected: Iterable[str], target: Target
+) -> PruneOptions | None:
+    """The pruning options, with the target's channel multiple; None when no channel is to go."""
+    from edgeopt.converters.prune import PruneOptions
+
+    if not ratio:
+        return None
+    if not 0 < ratio < 1:
+        raise OptionError(f"--prune must be a share of channels between 0 and 1, got {ratio}", hint="e.g. --prune 0.3 removes 30% of each group's channels")
+    return PruneOptions(
+        ratio=ratio,
+        criterion=_parse_named(PruneCriterion, criterion, "pruning criterion"),
+        channel_multiple=target.channel_multiple,
+        global_ranking=global_ranking,
+        protected=tuple(protected),
+    )
 
 
 def _parse_named(kind: type[E], value: str | E, what: str) -> E:

@@ -1,8 +1,8 @@
-"""The pipeline's stages: load → validate → simplify → check_ops → [quantize] → lower → verify → [evaluate] → package.
+"""The pipeline's stages: load → validate → simplify → [prune] → check_ops → [quantize] → lower → verify → [evaluate] → package.
 
 Each is a function of the `BuildContext` that fills in its own fields and returns its report.
-Pruning (after check_ops) and QAT fine-tuning (after quantize) are stages still to come; a command
-that runs them lists them among these (`edgeopt.context.Command`).
+QAT fine-tuning (after quantize) is a stage still to come; a command that runs it lists it among
+these (`edgeopt.context.Command`).
 """
 
 from __future__ import annotations
@@ -55,6 +55,11 @@ def validate(context: BuildContext) -> JsonObject:
     """Everything the user gave is checked here, before any work or output."""
     options = context.options
     precision = context.precision = _resolve_precision(options.target, options.precision, context.qat_model)
+    if options.prune is not None and context.qat_model:
+        raise OptionError(
+            "--prune needs a float model; this one already carries QuantizeLinear/DequantizeLinear (its scales would no longer fit)",
+            hint="prune the float model before quantizing it, or build this QAT model without --prune",
+        )
     if precision.quantizes_activations and not context.qat_model and options.calibration is None:
         raise EdgeoptError(
             f"{precision} for {options.target.name} needs calibration data",
@@ -149,6 +154,34 @@ def simplify_model(context: BuildContext) -> JsonObject:
     }
 
 
+def prune_model(context: BuildContext) -> JsonObject:
+    """Structured pruning of the simplified fp32 graph; widths are multiples of the target's channel multiple.
+
+    The BatchNorm-scale criterion reads |gamma| from the loaded model: simplify has folded every
+    BatchNorm into its Conv by now, and the folded filter no longer shows the learned scale apart.
+    The pruned graph is what is quantized, so it is also the fp32 reference fine-tuning distils from.
+    """
+    from edgeopt.converters.prune import batchnorm_scales, prune
+    from edgeopt.runtime.kinds import PruneCriterion
+
+    options = context.options.prune
+    assert options is not None and context.source is not None
+    if options.criterion is PruneCriterion.BN_SCALE:
+        options = replace(options, bn_scales=batchnorm_scales(context.source))
+    result = prune(context.lowered_model, options)
+    context.model = context.float_model = result.model
+    context.pruning = dict(result.report)
+    report = result.report
+    return {
+        "ratio": report["ratio"],
+        "groups_pruned": report["groups_pruned"],
+        "groups_found": report["groups_found"],
+        "macs_before": report["macs_before"],
+        "macs_after": report["macs_after"],
+        "changed": result.changed,
+    }
+
+
 def check_ops(context: BuildContext) -> JsonObject:
     """After shapes are fixed and constants folded: what is left must run on the target."""
     bad = unsupported_nodes(context.lowered_model, context.options.target)
@@ -205,7 +238,9 @@ def verify(context: BuildContext) -> JsonObject:
     assert context.source is not None and lowered is not None and context.staging is not None
     inputs = context.reference_inputs = _reference_inputs(context.source, context.inputs, _given_data(context), options.reference_samples)
     quantized = precision.quantizes_activations
-    against, graph = ("QDQ", context.lowered_model) if quantized else ("fp32", context.source)
+    # a pruned build's float graph is the pruned one: the artifact (or the QDQ graph) is made from it
+    float_graph = context.float_model if context.pruning is not None and context.float_model is not None else context.source
+    against, graph = ("QDQ", context.lowered_model) if quantized else ("fp32", float_graph)
     given = options.evaluation if context.evaluation_set is not None else options.calibration
     data = f"the {len(inputs)} reference input(s)" + (f" taken from {given}" if isinstance(given, (str, Path)) else "")
     reference = context.reference_outputs = _ort_outputs(graph, inputs)
@@ -214,7 +249,7 @@ def verify(context: BuildContext) -> JsonObject:
     outputs = _run_artifact(lowered, context.staging, inputs)
     tolerances = parity_tolerances(precision, reference, graph)
     mismatch = isa_mismatch(options.isa, lowered.verify_backend) if lowered.verify_backend is BackendName.OPENVINO else None
-    fp32 = _require_finite(_ort_outputs(context.source, inputs), data) if quantized else None
+    fp32 = _require_finite(_ort_outputs(float_graph, inputs), data) if quantized else None
     try:
         parity = check_parity(precision, reference, outputs, None if mismatch else tolerances, against, _verified_with(lowered), fp32)
     except VerificationError:
@@ -223,7 +258,7 @@ def verify(context: BuildContext) -> JsonObject:
             raise
         more_reference = _ort_outputs(graph, more)
         tolerances = parity_tolerances(precision, more_reference, graph)
-        more_fp32 = _require_finite(_ort_outputs(context.source, more), data)
+        more_fp32 = _require_finite(_ort_outputs(float_graph, more), data)
         more_outputs = _run_artifact(lowered, context.staging, more)
         parity = check_parity(precision, more_reference, more_outputs, tolerances, against, _verified_with(lowered), more_fp32)
         parity = replace(parity, note=f"the noise bound failed on the {len(inputs)} reference inputs and held on {len(more)} samples of the data")
@@ -255,6 +290,7 @@ def _verified_with(lowered: LoweringResult) -> str:
 LOAD = Stage("load", load)
 VALIDATE = Stage("validate", validate)
 SIMPLIFY = Stage("simplify", simplify_model)
+PRUNE = Stage("prune", prune_model, applies=lambda context: context.options.prune is not None)
 CHECK_OPS = Stage("check_ops", check_ops)
 QUANTIZE = Stage("quantize", quantize, applies=lambda context: context.precision.quantizes_activations)
 LOWER = Stage("lower", lower_model)

@@ -1,0 +1,88 @@
+"""`build(..., prune=R)` and `edgeopt prune`: the pruned graph lowers and verifies on every target.
+
+The model is a small CNN made here (a residual pair, a depthwise conv, Flatten→Gemm) with 64-channel
+groups, wide enough that even jetson-orin's channel multiple (32) leaves something to prune.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+import edgeopt
+from edgeopt.cli import cli
+from edgeopt.runtime.errors import OptionError
+from edgeopt.runtime.kinds import PruneCriterion
+from edgeopt.targets import get_target
+from tests.converters.test_prune_graphs import GraphMaker, _weight
+
+SCHEMA = json.loads((Path(edgeopt.__file__).parent / "schemas" / "manifest.schema.json").read_text())
+SHAPE = [1, 3, 16, 16]
+
+
+@pytest.fixture(scope="module")
+def wide_cnn(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    g = GraphMaker()
+    stem = g.conv("x", "stem", 3, 16)
+    a = g.conv(stem, "a", 16, 64)
+    b = g.conv(a, "b", 64, 64, relu=False)
+    depthwise = g.conv(g.node("Add", [a, b], "residual"), "depthwise", 64, 64, group=64)
+    c = g.conv(depthwise, "c", 64, 32)
+    flat = g.node("Flatten", [g.node("GlobalAveragePool", [c], "pool")], "flat")
+    g.node("Gemm", [flat, g.const("fc.w", _weight(10, 32)), g.const("fc.b", np.zeros(10, np.float32))], "logits", transB=1)
+    path = tmp_path_factory.mktemp("model") / "wide_cnn.onnx"
+    onnx.save(g.model({"x": SHAPE}, ["logits"]), path)
+    return path
+
+
+def _samples(count: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(1)
+    return [{"x": rng.standard_normal(SHAPE).astype(np.float32)} for _ in range(count)]
+
+
+@pytest.mark.parametrize("target", ["onnxruntime-cpu", "intel-openvino", "raspberry-pi", "apple-ane", "jetson-orin"])
+def test_a_pruned_build_lowers_and_verifies_with_widths_the_target_likes(wide_cnn: Path, target: str, tmp_path: Path) -> None:
+    int8 = target == "onnxruntime-cpu"  # prune, then quantize the pruned graph
+    result = edgeopt.build(
+        wide_cnn, target, output=tmp_path / "b", prune=0.5, precision="int8" if int8 else None, calibration=_samples(16) if int8 else None
+    )
+    manifest = result.manifest
+    jsonschema.validate(manifest, SCHEMA)
+    stages = [s["name"] for s in manifest["stages"]]
+    assert stages[:5] == ["load", "validate", "simplify", "prune", "check_ops"] and ("quantize" in stages) == int8
+    pruning, multiple = manifest["pruning"], get_target(target).channel_multiple
+    assert pruning["channel_multiple"] == multiple and manifest["compression"]["pruning_ratio"] == 0.5
+    widths = {layer: pair for group in pruning["groups"] for layer, pair in group["widths"].items()}
+    assert widths["a"] == widths["b"] == [64, 32]  # tied by the residual Add, through the depthwise conv
+    assert all(after == before or after % multiple == 0 for before, after in widths.values())
+    assert manifest["compression"]["macs_after"] < 0.6 * manifest["compression"]["macs_before"]
+    assert manifest["reference"]["measured"]["checked"]
+
+
+def test_a_quantized_model_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    with pytest.raises(OptionError, match="--prune needs a float model"):
+        edgeopt.build(Path("tests/data/digits_qat.onnx"), "ort", output=tmp_path / "b", prune=0.3)
+    assert not (tmp_path / "b").exists()
+
+
+def test_edgeopt_prune_writes_a_checked_onnx_and_reports_in_json(wide_cnn: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pruned.onnx"
+    run = CliRunner().invoke(cli, ["prune", str(wide_cnn), "-o", str(out), "--ratio", "0.5", "--channel-multiple", "16", "--criterion", "l1", "--json"])
+    assert run.exit_code == 0, run.output
+    document = json.loads(run.output)
+    assert document["changed"] and document["report"]["criterion"] == "l1" and document["report"]["channel_multiple"] == 16
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    both = CliRunner().invoke(cli, ["prune", str(wide_cnn), "-o", str(tmp_path / "x.onnx"), "--ratio", "0.5", "--target", "pi", "--channel-multiple", "8"])
+    assert both.exit_code == 2 and "--target and --channel-multiple" in both.output
+    again = CliRunner().invoke(cli, ["prune", str(wide_cnn), "-o", str(out), "--ratio", "0.5"])
+    assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_the_schemas_pruning_criteria_are_the_enum() -> None:
+    assert SCHEMA["properties"]["pruning"]["properties"]["criterion"]["enum"] == [c.value for c in PruneCriterion]
