@@ -22,7 +22,8 @@ from edgeopt.converters.errors import UnsupportedOpsError
 from edgeopt.converters.finetune.fake_quant import FakeQuantizer, QuantizerMode, QuantSpec, integer_range, nn, torch
 from edgeopt.converters.finetune.ops import REGISTRY
 from edgeopt.converters.finetune.ops.common import NodeSpec
-from edgeopt.converters.graph.qdq import build_time_array, producer_op, qparams, quantization_source
+from edgeopt.converters.quantize.placement import sums_products_pairwise
+from edgeopt.converters.graph.qdq import build_time_array, int_attribute, producer_op, qparams, quantization_source
 from edgeopt.runtime.errors import InputSpecError, OptionError
 
 __all__ = ["QuantRecord", "TrainableGraph"]
@@ -230,7 +231,7 @@ class TrainableGraph(nn.Module):
                 problems.append((names[node], node.op_type, "scale or zero point computed at run time"))
                 continue
             stored = node.inputs[0]
-            spec = self._spec(node, params.scale, params.zero_point, weight=True, scheme=scheme, power_of_two=power_of_two)
+            spec = _weight_grid(self._spec(node, params.scale, params.zero_point, weight=True, scheme=scheme, power_of_two=power_of_two), node, scheme)
             name = names[node]
             common = dict(
                 name=name, quantize_node=None, dequantize_nodes=(name,), scale_initializers=_initializer_names(node, [1]),
@@ -348,6 +349,23 @@ class TrainableGraph(nn.Module):
                 if name not in keep:
                     env.pop(name, None)
         return {name: env[name] for name in (*self.output_names, *capture)}
+
+
+def _weight_grid(spec: QuantSpec, dequantize: ir.Node, scheme) -> QuantSpec:
+    """The spec on the narrower grid the quantizer stored this weight on, which training must keep:
+    `QuantScheme.pairwise_weight_bits` (7 on AVX2: [-64, 64]) for ops whose int8 kernels sum products
+    pairwise, the same grid `quantize.qdq.quantize_weight` uses."""
+    bits = 8 if scheme is None else scheme.pairwise_weight_bits
+    consumer = next((user for user, index in dequantize.outputs[0].uses() if index == 1), None)
+    if bits >= 8 or spec.dtype not in ("int8", "uint8") or consumer is None or dequantize.inputs[0].shape is None:
+        return spec
+    if not sums_products_pairwise(consumer.op_type, tuple(dequantize.inputs[0].shape.numpy()), int_attribute(consumer, "group", 1)):
+        return spec
+    if spec.qmin < 0:
+        qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - (0 if spec.symmetric else 1)
+    else:
+        qmin, qmax = 0, 2**bits - 1
+    return replace(spec, qmin=qmin, qmax=qmax)
 
 
 def _dequantized(stored: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int | None) -> torch.Tensor:
