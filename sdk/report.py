@@ -31,7 +31,7 @@ body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:2rem au
 h1{font-size:1.5rem;margin-bottom:.2rem}h2{font-size:1.15rem;margin-top:2.2rem;border-bottom:1px solid #d8dde3;padding-bottom:.2rem}
 h3{font-size:1rem;margin:1.6rem 0 .4rem}
 table{border-collapse:collapse;margin:.5rem 0}td,th{padding:.25rem .6rem;border-bottom:1px solid #eceff2;text-align:left;vertical-align:top}
-th{font-weight:600;color:#3b4450}td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}td{overflow-wrap:anywhere}
+th{font-weight:600;color:#3b4450}td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}td{overflow-wrap:break-word}td:first-child{white-space:nowrap}
 .muted{color:#5f6b78}.bad{color:#b3261e;font-weight:600}.good{color:#1e7b3c;font-weight:600}
 img.chart{display:block;max-width:100%;height:auto;margin:.4rem 0}
 .facts{display:grid;grid-template-columns:1fr 1fr;gap:0 1.5rem}.verdict{font-size:1.1rem;font-weight:600;margin:.4rem 0}

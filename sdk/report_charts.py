@@ -47,6 +47,7 @@ _RUN_COLOURS = ("#2f6db3", "#e07b24", "#3a9a5b", "#a2479e", "#c23b3b", "#6b6b6b"
 _WIDTH_IN = 9.0  # inches at _DPI: 900 px, the page's text width
 _DPI = 100
 _LABEL_CHARS = 42
+_SHARE_DRAWN = 200.0
 
 
 @dataclass(frozen=True)
@@ -184,10 +185,11 @@ def sizes(rows: Sequence[tuple[str, float, float, str]]) -> str:
     names = [name for name, *_ in rows][::-1]
     shares = [100.0 * after / before if before else 0.0 for _, before, after, _ in rows][::-1]
     texts = [f"{text} ({share:.0f}%)" for (*_, text), share in zip(rows[::-1], shares)]
-    bars = ax.barh(names, shares, color=["#3a9a5b" if s < 100 else "#c23b3b" if s > 100 else "#a3a9b0" for s in shares], height=0.6)
+    drawn = [min(share, _SHARE_DRAWN) for share in shares]  # a growth past 200% is drawn to the edge, its text says how far
+    bars = ax.barh(names, drawn, color=["#3a9a5b" if s < 100 else "#c23b3b" if s > 100 else "#a3a9b0" for s in shares], height=0.6)
     ax.bar_label(bars, labels=texts, padding=3, fontsize=9)
     ax.axvline(100, color="#555", linewidth=0.8)
-    ax.set_xlim(0, max(160.0, max(shares) * 1.6))
+    ax.set_xlim(0, 1.6 * max(100.0, max(drawn)))
     ax.set_xlabel("after the build, % of the source model (100% = unchanged)", fontsize=10)
     return _img(figure, "sizes after the build as a share of the source model: " + "; ".join(texts[::-1]))
 
@@ -195,8 +197,8 @@ def sizes(rows: Sequence[tuple[str, float, float, str]]) -> str:
 def _precision_legend(ax: Axes, present: set[str]) -> None:
     from matplotlib.patches import Patch
 
-    handles = [Patch(color=colour, label=name) for name, colour in PRECISION_COLOURS.items() if name in present]
-    ax.legend(handles=handles, fontsize=9, frameon=False, loc="lower right", title="computes in", title_fontsize=9)
+    handles = [Patch(color=colour, label=f"computes in {name}" if name != "other" else "moves data (other)") for name, colour in PRECISION_COLOURS.items() if name in present]
+    ax.legend(handles=handles, fontsize=9, frameon=False, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncols=len(handles))
 
 
 def layer_times(rows: Sequence[LayerRow], *, with_sqnr: bool) -> str:
@@ -206,7 +208,7 @@ def layer_times(rows: Sequence[LayerRow], *, with_sqnr: bool) -> str:
     colours = [PRECISION_COLOURS.get(r.precision, PRECISION_COLOURS["other"]) for r in rows][::-1]
     figure = _figure(_bar_height(len(rows)))
     if with_sqnr:
-        ax, ax_sqnr = figure.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [3, 2]})
+        ax, ax_sqnr = figure.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [3, 1.4]})
     else:
         ax, ax_sqnr = figure.add_subplot(), None
     _style(ax)
@@ -223,7 +225,7 @@ def layer_times(rows: Sequence[LayerRow], *, with_sqnr: bool) -> str:
         sqnr_bars = ax_sqnr.barh(labels, values, color=["#7a5fb0" if v is not None else "#ffffff" for v in known], height=0.7)
         ax_sqnr.bar_label(sqnr_bars, labels=["–" if v is None else f"{v:.1f} dB" for v in known], padding=3, fontsize=8)
         ax_sqnr.margins(x=0.2)
-        ax_sqnr.set_xlabel("SQNR of the layer's output vs fp32 (dB, higher is better)", fontsize=10)
+        ax_sqnr.set_xlabel("output SQNR vs fp32 (dB, higher: better)", fontsize=10)
         ax_sqnr.tick_params(axis="y", left=False)
     alt = "layer times: " + ", ".join(f"{r.label} {r.time_ms:.3g} ms {r.precision}" for r in rows[:10])
     return _img(figure, alt)

@@ -87,12 +87,12 @@ def chromium_console(page: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def measured_bundle(tmp_path_factory: pytest.TempPathFactory, sshd: SshServer) -> Path:
-    """digits in int8 with two benchmarks here and a profile over SSH in its history."""
+    """digits in int8 with two benchmarks here (one with layer timings) and a profile over SSH in its history."""
     bundle = tmp_path_factory.mktemp("report") / "digits-int8"
     edgeopt.build(DIGITS / "model.onnx", "ort", output=bundle, precision="int8",
                   calibration=DIGITS / "calib.npz", evaluation=DIGITS / "eval.npz")
-    for _ in range(2):
-        benchmark_here(bundle, warmup=5, runs=60)
+    benchmark_here(bundle, warmup=5, runs=60)
+    benchmark_here(bundle, warmup=5, runs=60, layers=True, layer_runs=5)
     profile(bundle, [sshd.host], sshd.profile_options(runs=60, remote_cache=str(bundle.parent / "device-cache")))
     return bundle
 
@@ -101,10 +101,13 @@ def test_the_page_has_every_section_its_manifest_has_data_for_and_every_chart_de
     manifest = read_manifest(measured_bundle)
     page = (measured_bundle / "report.html").read_text(encoding="utf-8")
     sections = expected_sections(manifest)
-    assert {"quality", "quantization", "runs", "history"} <= sections
+    assert {"quality", "quantization", "layers", "runs", "history"} <= sections
     assert page_problems(page, sections) == []
-    # charts: sizes, stage times, per-layer SQNR, three latency histograms, the history
-    assert len(IMAGE.findall(page)) == 7
+    # charts: sizes, stage times, layer times beside SQNR, per-layer SQNR, three latency histograms, the history
+    assert len(IMAGE.findall(page)) == 8
+    layers = manifest.benchmarks[1].results["layers"]
+    assert f"<p class='verdict'>{layers['summary']}</p>" in page
+    assert "beside each layer&#x27;s quantization error" in page  # the int8 kernels' nodes have SQNR in the quantizer's report
     for stage in ("simplify", "quantize", "lower", "verify"):
         assert f"<td>{stage}</td>" in page
     assert "Reference parity on the device: <span class='good'>passed</span>" in page
