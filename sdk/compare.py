@@ -250,7 +250,8 @@ class Comparison:
             "baseline": self.letters[0],
             "runs": [
                 {"letter": letter, "source": run.source, "kind": run.kind, "name": run.name, "precision": run.precision, "backend": run.backend,
-                 "device": run.device_name, "time": run.time, "runs": run.bench.get("runs")}
+                 "device": run.device_name, "cpu": (run.device.get("cpu") or {}).get("model"), "threads": run.bench.get("threads"),
+                 "time": run.time, "runs": run.bench.get("runs")}
                 for letter, run in zip(self.letters, self.runs)
             ],
             "figures": figures,
@@ -385,9 +386,22 @@ def _verdict(letter: str, base_letter: str, run: Run, base: Run) -> str:
     memory, base_memory = figures["peak memory"], baseline["peak memory"]
     if memory and base_memory:
         parts.append(f"peak memory {memory / base_memory:.2f}×")
+    notes = []
     if run.kind != "build" and base.kind != "build" and run.device_name != base.device_name:
-        parts.append(f"(different devices: {run.device_name} and {base.device_name})")
-    return ", ".join(parts)
+        notes.append(f"(different devices: {run.device_name} and {base.device_name})")
+    noisy = [f"{name} p90 = {spread:.1f} × p50" for name, spread in ((base_letter, _spread(base)), (letter, _spread(run))) if spread > _NOISY]
+    if noisy:
+        notes.append(f"(noisy: {', '.join(noisy)}; repeat on a quiet machine before trusting the ratio)")
+    return " ".join([", ".join(parts), *notes])
+
+
+#: A run whose p90 is over this many times its p50 was disturbed (another load, frequency changes).
+_NOISY = 1.5
+
+
+def _spread(run: Run) -> float:
+    p50, p90 = _number(run.latency.get("p50")), _number(run.latency.get("p90"))
+    return p90 / p50 if p50 and p90 else 0.0
 
 
 def compare(runs: Sequence[Run]) -> Comparison:

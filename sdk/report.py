@@ -395,9 +395,9 @@ def comparison_page(comparison: Comparison) -> str:
     """`edgeopt compare --html`: the verdicts, the figures with ratios, and the charts, one file."""
     document = comparison.to_dict()
     letters = comparison.letters
-    runs = _table(["", "model", "precision", "backend", "device", "run", "source"],
-                  [[r["letter"], r["name"], r["precision"], r["backend"], r["device"], f"{r['kind']} at {r['time'] or '?'}", r["source"]]
-                   for r in document["runs"]])
+    runs = _table(["", "model", "precision", "backend", "device", "CPU, threads", "run (UTC)", "source"],
+                  [[r["letter"], r["name"], r["precision"], r["backend"], r["device"], f"{r['cpu'] or '?'}, {r['threads'] or 'default'}",
+                    f"{r['kind']} at {_when(r['time'])}" + (f", {r['runs']} runs" if r["runs"] else ""), r["source"]] for r in document["runs"]])
     figure_rows = [[name, *values, *against] for name, values, against in comparison.table()]
     figures = _table(["figure", *letters, *(f"{l} vs {letters[0]}" for l in letters[1:])], figure_rows)
     labelled = [(f"{letter}: {Path(run.source.split('#')[0]).name} ({run.precision})", run) for letter, run in zip(letters, comparison.runs)]
@@ -409,10 +409,11 @@ def comparison_page(comparison: Comparison) -> str:
     if measured:
         body.append(_section("latency", "Latency", charts.compare_latency(measured, {label: run.samples for label, run in labelled if len(run.samples) >= 2})))
     if comparison.layers:
-        rows = [[m.label, *(_maybe(t) for t in m.times)] for m in comparison.layers]
+        rows = [[m.label, *(_maybe(t) for t in m.times), *("–" if t is None else f"{t / m.times[0]:.2f}×" for t in m.times[1:])]
+                for m in comparison.layers]
         chart = charts.compare_layers([label for label, _ in labelled], [m.label for m in comparison.layers],
                                       [[m.times[i] for m in comparison.layers] for i in range(len(letters))])
         body.append(_section("layers", f"Per-layer time (the slowest of {letters[0]}, matched by ONNX node name; ms)", chart,
-                             _table(["layer", *letters], rows)))
+                             _table(["layer", *letters, *(f"{l} vs {letters[0]}" for l in letters[1:])], rows)))
     heading = f"<h1>edgeopt compare: {_e(' vs '.join(label for label, _ in labelled))}</h1>"
     return _page("edgeopt compare", heading, body)

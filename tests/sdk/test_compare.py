@@ -19,12 +19,14 @@ import edgeopt
 from edgeopt.benchmark import benchmark_here
 from edgeopt.bundle import write_manifest
 from edgeopt.cli import cli
+from edgeopt.compare import Run, compare
 from edgeopt.runtime.bundle import read_manifest
 
 from .test_report import page_problems
 
 DIGITS = Path(__file__).resolve().parents[2] / "examples" / "digits"
-VERDICT = re.compile(r"^B is \d+\.\d\d× (faster|slower) at p50 than A, top-1 agreement [−+±]\d+\.\d points, peak memory \d+\.\d\d×$")
+# A noisy run (p90 over 1.5 × p50: this machine is shared) adds a note in brackets.
+VERDICT = re.compile(r"^B is \d+\.\d\d× (faster|slower) at p50 than A, top-1 agreement [−+±]\d+\.\d points, peak memory \d+\.\d\d×( \(noisy: .*\))?$")
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +130,13 @@ def test_wrong_runs_are_usage_errors(bundles: tuple[Path, Path], tmp_path: Path,
     assert result.exit_code == 2
     error = json.loads(result.stdout)["error"]
     assert error["type"] == "OptionError" and message in error["message"]
+
+
+def test_a_disturbed_run_is_called_noisy_in_the_verdict() -> None:
+    """p90 over 1.5 × p50 means the run was disturbed; the verdict says so instead of trusting the ratio."""
+    steady = Run("a.json", "benchmark", {"latency_ms": {"p50": 2.0, "p90": 2.2}}, {"hostname": "pi"})
+    disturbed = Run("b.json", "benchmark", {"latency_ms": {"p50": 1.0, "p90": 4.0}}, {"hostname": "pi"})
+    (calm,) = compare([steady, steady]).verdicts
+    (noisy,) = compare([steady, disturbed]).verdicts
+    assert calm == "B is 1.00× faster at p50 than A"
+    assert noisy == "B is 2.00× faster at p50 than A (noisy: B p90 = 4.0 × p50; repeat on a quiet machine before trusting the ratio)"
