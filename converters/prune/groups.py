@@ -237,9 +237,14 @@ class _Tracer:
     # -- the walk ------------------------------------------------------------------------------
 
     def run(self) -> Analysis:
-        graph_inputs = set(self.graph.inputs)
+        # values computed from graph inputs (and constants) alone, through no prunable layer: a layer
+        # that reads one is a first layer (a Resize or normalization may come before it)
+        from_input = set(self.graph.inputs)
         for node in self.graph:
-            self.visit(node, graph_inputs)
+            self.visit(node, from_input)
+            variable = [v for v in node.inputs if v is not None and build_time_array(v) is None]
+            if self.source_weight_axis(node) is None and variable and all(v in from_input for v in variable):
+                from_input.update(node.outputs)
         for value in self.graph.outputs:
             self.pin(self.traces.get(value), f"reaches graph output '{value.name}'")
         for source in self.sources:
@@ -253,7 +258,7 @@ class _Tracer:
             segment_starts=np.asarray(sorted(self.cuts), dtype=np.int64),
         )
 
-    def visit(self, node: ir.Node, graph_inputs: set[ir.Value]) -> None:
+    def visit(self, node: ir.Node, from_input: set[ir.Value]) -> None:
         traced = [(i, self.traces[v]) for i, v in enumerate(node.inputs) if v is not None and v in self.traces]
         if any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for attr in node.attributes.values()):
             for _, trace in traced:
@@ -268,7 +273,7 @@ class _Tracer:
         if source_axis is not None:
             for index, trace in traced:
                 self.end_channels(node, index, trace)
-            self.add_source(node, source_axis, reads_graph_input=any(v in graph_inputs for v in node.inputs if v is not None))
+            self.add_source(node, source_axis, first=node.inputs[0] in from_input)
             return
         if not traced:
             return
@@ -324,7 +329,7 @@ class _Tracer:
             return 1
         return None
 
-    def add_source(self, node: ir.Node, weight_axis: int, *, reads_graph_input: bool) -> None:
+    def add_source(self, node: ir.Node, weight_axis: int, *, first: bool) -> None:
         weight = build_time_array(node.inputs[1])
         assert weight is not None
         width = int(weight.shape[weight_axis])
@@ -339,7 +344,7 @@ class _Tracer:
             self.pin(Trace(0, source.atoms), f"{_describe(node)} has an output of unknown rank")
             return
         self.traces[output] = Trace(axis, source.atoms)
-        if reads_graph_input:
+        if first:
             self.pin(Trace(axis, source.atoms), f"first layer {_describe(node)} (reads a graph input) is protected")
         if node.name in self.protected:
             self.pin(Trace(axis, source.atoms), f"{_describe(node)} is protected by name")
