@@ -27,6 +27,15 @@ SAMPLES = 2
 FP32_TOLERANCE = 1e-4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """torch's intra-op threads spin on a shared 2-core runner (10x slower under load); one is enough here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _digits() -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
     from pathlib import Path
 
@@ -181,3 +190,105 @@ def test_unsupported_nodes_are_all_named_at_construction():
         TrainableGraph(model)
     assert [(name, op) for name, op, _ in raised.value.nodes] == [("determinant", "Det"), ("custom", "MyOp"), ("cubic", "Resize")]
     assert "cubic" in str(raised.value) and "custom domain" in str(raised.value)
+
+
+def _f(*shape: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def _i(*values: int) -> np.ndarray:
+    return np.array(values, np.int64)
+
+
+# (id, op, attributes, inputs (the first is fed, the rest are initializers; None: omitted), opset)
+OP_CASES = [
+    ("conv_same_upper_stride2", "Conv", dict(auto_pad="SAME_UPPER", strides=[2, 2]), [_f(1, 4, 9, 8), _f(6, 4, 3, 3), _f(6)], 17),
+    ("conv_asymmetric_pads_grouped", "Conv", dict(pads=[0, 1, 2, 0], group=2), [_f(1, 4, 7, 7), _f(6, 2, 3, 2)], 17),
+    ("conv1d", "Conv", dict(pads=[1, 1]), [_f(2, 3, 10), _f(5, 3, 3), _f(5)], 17),
+    ("conv_transpose_pads_output_padding", "ConvTranspose", dict(strides=[2, 3], pads=[1, 0, 0, 2], output_padding=[1, 2]), [_f(1, 4, 5, 5), _f(4, 3, 3, 4), _f(3)], 17),
+    ("conv_transpose_grouped_dilated", "ConvTranspose", dict(strides=[2, 2], dilations=[2, 2], group=2), [_f(1, 4, 4, 4), _f(4, 2, 3, 3)], 17),
+    ("conv_transpose_output_shape", "ConvTranspose", dict(strides=[2, 2], output_shape=[10, 9]), [_f(1, 2, 5, 4), _f(2, 3, 3, 3)], 17),
+    ("conv_transpose_same_upper", "ConvTranspose", dict(strides=[2, 2], output_shape=[10, 9], auto_pad="SAME_UPPER"), [_f(1, 2, 5, 4), _f(2, 3, 3, 3)], 17),
+    ("gemm_trans_alpha_beta", "Gemm", dict(transA=1, transB=1, alpha=0.5, beta=2.0), [_f(5, 3), _f(4, 5), _f(4)], 17),
+    ("matmul_batched_broadcast", "MatMul", {}, [_f(2, 3, 4, 5), _f(5, 6)], 17),
+    ("maxpool_asymmetric_pads_dilated", "MaxPool", dict(kernel_shape=[3, 3], pads=[0, 1, 2, 1], strides=[2, 1], dilations=[1, 2]), [_f(1, 3, 9, 9)], 17),
+    ("maxpool_ceil", "MaxPool", dict(kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1), [_f(1, 2, 8, 8)], 17),
+    ("avgpool_pads_exclude", "AveragePool", dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]), [_f(1, 2, 8, 7)], 17),
+    ("avgpool_asymmetric_exclude", "AveragePool", dict(kernel_shape=[2, 3], pads=[0, 2, 1, 0]), [_f(1, 2, 6, 6)], 17),
+    ("avgpool_asymmetric_include", "AveragePool", dict(kernel_shape=[2, 3], pads=[0, 2, 1, 0], count_include_pad=1), [_f(1, 2, 6, 6)], 17),
+    ("global_max_pool", "GlobalMaxPool", {}, [_f(2, 3, 5, 4)], 17),
+    ("resize_linear_half_pixel_scales", "Resize", dict(mode="linear"), [_f(1, 2, 5, 6), None, np.array([1, 1, 1.6, 2.5], np.float32)], 13),
+    ("resize_linear_align_corners_sizes", "Resize", dict(mode="linear", coordinate_transformation_mode="align_corners"), [_f(1, 2, 5, 6), None, None, _i(1, 2, 9, 4)], 13),
+    ("resize_linear_pytorch_half_pixel", "Resize", dict(mode="linear", coordinate_transformation_mode="pytorch_half_pixel"), [_f(1, 2, 5, 6), None, None, _i(1, 2, 1, 11)], 13),
+    ("resize_nearest_half_pixel_prefer_floor", "Resize", dict(coordinate_transformation_mode="half_pixel"), [_f(1, 2, 4, 6), None, np.array([1, 1, 2.5, 0.5], np.float32)], 13),
+    ("resize_nearest_tf_ceil", "Resize", dict(coordinate_transformation_mode="tf_half_pixel_for_nn", nearest_mode="ceil"), [_f(1, 2, 4, 6), None, None, _i(1, 2, 7, 10)], 13),
+    ("resize_nearest_asymmetric_floor", "Resize", dict(coordinate_transformation_mode="asymmetric", nearest_mode="floor"), [_f(1, 2, 3, 5), None, np.array([1, 1, 2, 2], np.float32)], 13),
+    ("layer_norm_axis", "LayerNormalization", dict(axis=-2, epsilon=1e-3), [_f(2, 3, 4, 5), _f(4, 5), _f(4, 5)], 17),
+    ("batch_norm", "BatchNormalization", dict(epsilon=1e-3), [_f(2, 3, 4), _f(3), _f(3), _f(3), np.abs(_f(3)) + 0.5], 15),
+    ("instance_norm", "InstanceNormalization", {}, [_f(2, 3, 4, 5), _f(3), _f(3)], 17),
+    ("softmax_opset11_coerces_to_2d", "Softmax", dict(axis=1), [_f(2, 3, 4)], 11),
+    ("log_softmax", "LogSoftmax", dict(axis=0), [_f(3, 4)], 13),
+    ("hard_swish", "HardSwish", {}, [_f(3, 40) * 4], 17),
+    ("hard_sigmoid", "HardSigmoid", dict(alpha=0.3, beta=0.4), [_f(3, 40) * 4], 17),
+    ("gelu_tanh", "Gelu", dict(approximate="tanh"), [_f(3, 7)], 20),
+    ("elu", "Elu", dict(alpha=0.7), [_f(3, 7)], 17),
+    ("leaky_relu", "LeakyRelu", dict(alpha=0.2), [_f(3, 7)], 17),
+    ("clip_opset6_attributes", "Clip", dict(min=-0.5, max=0.3), [_f(3, 7)], 6),
+    ("clip_max_only", "Clip", {}, [_f(3, 7), None, np.array(0.2, np.float32)], 13),
+    ("pow", "Pow", {}, [np.abs(_f(3, 4)), _f(3, 4, seed=1)], 15),
+    ("sqrt_erf_chain", "Erf", {}, [_f(3, 4)], 13),
+    ("div_int_truncates", "Div", {}, [_i(7, -7, 9, -9), _i(2, 2, -4, -4)], 14),
+    ("reduce_mean_opset13_attr", "ReduceMean", dict(axes=[1, -1], keepdims=0), [_f(2, 3, 4)], 13),
+    ("reduce_sum_axes_input", "ReduceSum", dict(keepdims=1), [_f(2, 3, 4), _i(0, 2)], 13),
+    ("reduce_l2_opset18", "ReduceL2", dict(keepdims=0), [_f(2, 3, 4), _i(1)], 18),
+    ("reduce_max_all", "ReduceMax", {}, [_f(2, 3, 4)], 13),
+    ("slice_negative_step", "Slice", {}, [_f(5, 6, 7), _i(-1, 5), _i(-100, 1), _i(0, -1), _i(-2, -3)], 13),
+    ("slice_large_ends", "Slice", {}, [_f(5, 6, 7), _i(1), _i(2**62), _i(2), _i(2)], 13),
+    ("gather_negative_2d_indices", "Gather", dict(axis=1), [_f(3, 5, 2), np.array([[0, -1], [2, -3]], np.int64)], 13),
+    ("gather_scalar_index", "Gather", dict(axis=0), [_f(4, 5), np.array(-2, np.int64)], 13),
+    ("split_uneven_num_outputs", "Split", dict(axis=1, num_outputs=3), [_f(2, 8)], 18),
+    ("split_opset11_attribute", "Split", dict(axis=0, split=[1, 3]), [_f(4, 3)], 11),
+    ("expand_bidirectional", "Expand", {}, [_f(3, 1), _i(2, 1, 4)], 13),
+    ("tile", "Tile", {}, [_f(2, 3), _i(2, 2)], 13),
+    ("flatten_axis0", "Flatten", dict(axis=0), [_f(2, 3, 4)], 13),
+    ("squeeze_no_axes", "Squeeze", {}, [_f(1, 3, 1, 4)], 13),
+    ("unsqueeze_opset11_attribute", "Unsqueeze", dict(axes=[0, -1]), [_f(3, 4)], 11),
+    ("reshape_zero_copies", "Reshape", {}, [_f(2, 3, 4), _i(0, -1, 2)], 14),
+    ("transpose_default_reverses", "Transpose", {}, [_f(2, 3, 4)], 13),
+    ("shape_start_end", "Shape", dict(start=1, end=-1), [_f(2, 3, 4, 5)], 15),
+    ("constant_of_shape", "ConstantOfShape", dict(value=numpy_helper.from_array(np.array([7], np.int64))), [_i(2, 3)], 13),
+    ("range", "Range", {}, [np.array(1.5, np.float32), np.array(7.0, np.float32), np.array(1.25, np.float32)], 13),
+    ("cast_float_to_int_truncates", "Cast", dict(to=TensorProto.INT32), [_f(3, 4) * 5], 13),
+    ("where", "Where", {}, [_f(3, 4) > 0, _f(3, 4, seed=1), _f(1, 4, seed=2)], 13),
+    ("equal", "Equal", {}, [_i(1, 2, 3), _i(1, 0, 3)], 13),
+    ("max_variadic", "Max", {}, [_f(3, 4), _f(3, 4, seed=1), _f(4, seed=2)], 13),
+    ("concat_negative_axis", "Concat", dict(axis=-1), [_f(2, 3), _f(2, 2, seed=1)], 13),
+]
+
+
+def _op_model(op: str, attributes: dict, arrays: list, opset: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray], int]:
+    names = [f"in{i}" if a is not None else "" for i, a in enumerate(arrays)]
+    initializers = [numpy_helper.from_array(a, n) for n, a in zip(names[1:], arrays[1:]) if a is not None]
+    outputs = {"Split": 3 if attributes.get("num_outputs") else len(attributes.get("split", [])) or 1}.get(op, 1)
+    node = helper.make_node(op, names, [f"out{i}" for i in range(outputs)], name=op.lower(), **attributes)
+    fed = arrays[0]
+    graph = helper.make_graph(
+        [node], op,
+        [helper.make_tensor_value_info("in0", helper.np_dtype_to_tensor_dtype(fed.dtype), list(fed.shape))],
+        [helper.make_tensor_value_info(f"out{i}", TensorProto.UNDEFINED, None) for i in range(outputs)],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model = onnx.shape_inference.infer_shapes(model)
+    return model, {"in0": fed}, outputs
+
+
+@pytest.mark.parametrize("op, attributes, arrays, opset", [case[1:] for case in OP_CASES], ids=[case[0] for case in OP_CASES])
+def test_op_matches_onnx_runtime(op, attributes, arrays, opset):
+    model, feed, _ = _op_model(op, attributes, arrays, opset)
+    (reference,) = run_model(model, [feed])
+    (ours,) = _run(TrainableGraph(model), [feed])
+    for name, expected in reference.items():
+        assert ours[name].shape == expected.shape, name
+        assert ours[name].dtype == expected.dtype, name
+        np.testing.assert_allclose(ours[name], expected, rtol=1e-5, atol=1e-6)

@@ -72,7 +72,8 @@ def conv_transpose(node: NodeSpec, inputs: list, graph) -> tuple:
     if output_shape or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         targets = list(output_shape)[-spatial:] if output_shape else [s * st for s, st in zip(sizes, strides)]
         totals = [f + op - t for f, op, t in zip(full, output_padding, targets)]
-        upper = auto_pad != "SAME_LOWER"
+        # the ONNX rule (ONNX Runtime follows it): the odd pad goes at the end for SAME_UPPER, else at the start
+        upper = auto_pad == "SAME_UPPER"
         begins = [t // 2 if upper else t - t // 2 for t in totals]
         ends = [t - b for t, b in zip(totals, begins)]
     elif auto_pad == "VALID":
