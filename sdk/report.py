@@ -88,8 +88,8 @@ def _bytes(count: float | None) -> str:
         return "–"
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if count >= size:
-            return f"{count / size:.3g} {unit}"
-    return f"{count:.0f} B"
+            return f"{count / size:.3g}\u00a0{unit}"  # a no-break space: a table cell never splits 43 kB
+    return f"{count:.0f}\u00a0B"
 
 
 def _count(value: float) -> str:

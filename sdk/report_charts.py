@@ -89,12 +89,27 @@ class HistoryPoint:
     p90: float | None = None
 
 
-def _figure(height_in: float) -> Figure:
+def _figure(height_in: float, *, laid_out: bool = True) -> Figure:
+    """A figure on the Agg canvas; `laid_out=False` leaves the margins to `_fit_labels` (a build's
+    one-axis bar charts: constrained layout draws each figure twice, and every build draws them)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(_WIDTH_IN, height_in), dpi=_DPI, layout="constrained")
+    figure = Figure(figsize=(_WIDTH_IN, height_in), dpi=_DPI, layout="constrained" if laid_out else None)
+    FigureCanvasAgg(figure)
     figure.set_facecolor("white")
     return figure
+
+
+def _fit_labels(figure: Figure, labels: Sequence[str], fontsize: float) -> None:
+    """Margins for one axis with bar labels on the left: as wide as the widest label, measured."""
+    from matplotlib.font_manager import FontProperties
+
+    renderer = figure.canvas.get_renderer()  # type: ignore[attr-defined]
+    font = FontProperties(size=fontsize)
+    widest = max((renderer.get_text_width_height_descent(label, font, ismath=False)[0] for label in labels), default=0.0)
+    width, height = figure.get_size_inches() * figure.dpi
+    figure.subplots_adjust(left=(widest + 16) / width, right=1 - 12 / width, top=1 - 8 / height, bottom=44 / height)
 
 
 def _style(ax: Axes) -> None:
@@ -165,10 +180,11 @@ def _bar_height(rows: int) -> float:
 
 def stage_times(stages: Sequence[tuple[str, float]]) -> str:
     """Seconds per build stage, in the order they ran."""
-    figure = _figure(_bar_height(len(stages)))
+    figure = _figure(_bar_height(len(stages)), laid_out=False)
     ax = figure.add_subplot()
     _style(ax)
     names = [name for name, _ in stages][::-1]
+    _fit_labels(figure, names, 9)
     seconds = [value for _, value in stages][::-1]
     bars = ax.barh(names, seconds, color="#4f7fbf", height=0.65)
     ax.bar_label(bars, labels=[f"{s:.3g} s" for s in seconds], padding=3, fontsize=9)
@@ -179,10 +195,11 @@ def stage_times(stages: Sequence[tuple[str, float]]) -> str:
 
 def sizes(rows: Sequence[tuple[str, float, float, str]]) -> str:
     """After as a share of before, one bar per measure; rows are (measure, before, after, before → after text)."""
-    figure = _figure(_bar_height(len(rows)))
+    figure = _figure(_bar_height(len(rows)), laid_out=False)
     ax = figure.add_subplot()
     _style(ax)
     names = [name for name, *_ in rows][::-1]
+    _fit_labels(figure, names, 9)
     shares = [100.0 * after / before if before else 0.0 for _, before, after, _ in rows][::-1]
     texts = [f"{text} ({share:.0f}%)" for (*_, text), share in zip(rows[::-1], shares)]
     drawn = [min(share, _SHARE_DRAWN) for share in shares]  # a growth past 200% is drawn to the edge, its text says how far
@@ -233,10 +250,11 @@ def layer_times(rows: Sequence[LayerRow], *, with_sqnr: bool) -> str:
 
 def sqnr(rows: Sequence[tuple[str, float]]) -> str:
     """SQNR per tensor or layer, noisiest first."""
-    figure = _figure(_bar_height(len(rows)))
+    figure = _figure(_bar_height(len(rows)), laid_out=False)
     ax = figure.add_subplot()
     _style(ax)
     labels = [_short(name) for name, _ in rows][::-1]
+    _fit_labels(figure, labels, 8)
     values = [value for _, value in rows][::-1]
     bars = ax.barh(labels, values, color="#7a5fb0", height=0.7)
     ax.bar_label(bars, labels=[f"{v:.1f} dB" for v in values], padding=3, fontsize=8)
