@@ -1,0 +1,118 @@
+"""Losses of quantization-aware fine-tuning: distillation from the fp32 model (QAD) and the task loss (QAT).
+
+The kind of each output decides how the student is matched to the teacher, once, from the
+teacher's outputs on the first batch (`output_kinds`):
+
+- LOGITS: float scores over the last axis of a (batch, classes) or (classes,) output (a classifier
+  head, as `metrics.fidelity` counts top-1 on it) -> KL divergence at temperature T, scaled by T².
+- PROBABILITIES: an output whose last axis already holds distributions (non-negative, summing to 1:
+  a softmax head such as PP-OCR's classifier and recogniser, per position for sequences) -> the
+  same KL on its log-probabilities (log p / T is the logit of the tempered distribution).
+- REGRESSION: everything else (embeddings, feature and detection maps, boxes) -> mean squared error
+  divided by the teacher's mean square: the inverse of the SQNR the fidelity report shows, so
+  outputs of any scale weigh alike.
+
+The KL is the usual distillation direction (Hinton et al. 2015), Σ p_teacher · log(p_teacher / p_student),
+what the issue writes KL(student ∥ teacher): the student is pulled to cover the teacher's distribution.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["DistillationLoss", "OutputKind", "TaskLoss", "label_output", "output_kinds"]
+
+#: Probabilities below this are clamped before their logarithm (a softmax output may hold exact zeros).
+_MIN_PROBABILITY = 1e-8
+#: How far a probability row may sum from 1 and still count as a distribution (float32 softmax).
+_SUM_TOLERANCE = 1e-3
+
+
+class OutputKind(str, enum.Enum):
+    LOGITS = "logits"
+    PROBABILITIES = "probabilities"
+    REGRESSION = "regression"
+
+
+def output_kinds(teacher: Mapping[str, torch.Tensor]) -> dict[str, OutputKind]:
+    """Each output's kind, from the teacher's values (see the module docstring)."""
+    return {name: _kind(value) for name, value in teacher.items()}
+
+
+def _kind(value: torch.Tensor) -> OutputKind:
+    if not value.is_floating_point() or value.ndim == 0 or value.shape[-1] < 2:
+        return OutputKind.REGRESSION
+    sums = value.sum(dim=-1)
+    if bool((value >= 0).all()) and bool(((sums - 1).abs() <= _SUM_TOLERANCE).all()):
+        return OutputKind.PROBABILITIES
+    return OutputKind.LOGITS if value.ndim <= 2 else OutputKind.REGRESSION
+
+
+def label_output(kinds: Mapping[str, OutputKind], teacher: Mapping[str, torch.Tensor]) -> str | None:
+    """The output labels are class indices of: the first (batch, classes) distribution output."""
+    return next(
+        (name for name, kind in kinds.items() if kind is not OutputKind.REGRESSION and teacher[name].ndim == 2),
+        None,
+    )
+
+
+def _log_probabilities(value: torch.Tensor, kind: OutputKind, temperature: float) -> torch.Tensor:
+    logits = value if kind is OutputKind.LOGITS else value.clamp_min(_MIN_PROBABILITY).log()
+    return F.log_softmax(logits.reshape(-1, value.shape[-1]) / temperature, dim=-1)
+
+
+def _distillation_kl(student: torch.Tensor, teacher: torch.Tensor, kind: OutputKind, temperature: float) -> torch.Tensor:
+    target = _log_probabilities(teacher, kind, temperature)
+    return F.kl_div(_log_probabilities(student, kind, temperature), target, reduction="batchmean", log_target=True) * temperature**2
+
+
+def normalized_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """MSE over the teacher's mean square (1 / linear SQNR)."""
+    return F.mse_loss(student, teacher) / teacher.pow(2).mean().clamp_min(1e-12)
+
+
+@dataclass(frozen=True)
+class TaskLoss:
+    """Cross-entropy of one classifier output against class-index labels (one per row)."""
+
+    output: str
+    kind: OutputKind
+
+    def __call__(self, student: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        return F.nll_loss(_log_probabilities(student[self.output], self.kind, 1.0), labels.reshape(-1))
+
+
+@dataclass(frozen=True)
+class DistillationLoss:
+    """QAD: Σ over outputs of KL (distributions, × T²) or normalized MSE, + feature_weight × Σ
+    normalized MSE on the captured tensors, + alpha × the task loss when labels are given."""
+
+    kinds: Mapping[str, OutputKind]
+    temperature: float = 2.0
+    feature_weight: float = 1.0
+    alpha: float = 0.5
+    task: TaskLoss | None = None
+
+    def __call__(
+        self,
+        student: Mapping[str, torch.Tensor],
+        teacher: Mapping[str, torch.Tensor],
+        labels: torch.Tensor | None = None,
+        features: tuple[str, ...] = (),
+    ) -> torch.Tensor:
+        total = student[next(iter(self.kinds))].new_zeros(())
+        for name, kind in self.kinds.items():
+            if kind is OutputKind.REGRESSION:
+                total = total + normalized_mse(student[name], teacher[name])
+            else:
+                total = total + _distillation_kl(student[name], teacher[name], kind, self.temperature)
+        for name in features:
+            total = total + self.feature_weight * normalized_mse(student[name], teacher[name])
+        if labels is not None and self.task is not None:
+            total = total + self.alpha * self.task(student, labels)
+        return total
