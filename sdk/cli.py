@@ -492,7 +492,8 @@ def predict(bundle: Path, input_path: Path, output: Path | None, backend: Backen
 
 @cli.command(epilog=EXIT_CODES)
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--host", "hosts", multiple=True, required=True, help="[user@]host of the device (repeatable: hosts run concurrently).")
+@click.option("--host", "hosts", multiple=True, help="[user@]host of the device (repeatable: hosts run concurrently).")
+@click.option("--hosts-file", type=click.Path(path_type=Path), help="More devices: one SSH destination a line (ssh_config aliases, ssh://user@host:port; # comments).")
 @click.option("--port", type=_PORT, help="SSH port.")
 @click.option("--identity", "-i", type=click.Path(path_type=Path), help="SSH private key.")
 @click.option("--jump", "-J", help="ProxyJump host.")
@@ -506,11 +507,15 @@ def predict(bundle: Path, input_path: Path, output: Path | None, backend: Backen
 @click.option("--connect-timeout", type=_SECONDS, default=10.0, show_default=True, help="Seconds to wait for the SSH connection.")
 @click.option("--timeout", type=_SECONDS, default=600.0, show_default=True, help="Seconds allowed for each remote command.")
 @click.option("--max-parallel", type=_COUNT, default=4, show_default=True, help="Hosts profiled at the same time.")
+@click.option("--device-timeout", type=_SECONDS, help="Seconds allowed for each device's whole profile [default: no limit beyond --timeout per step].")
+@click.option("--layers", is_flag=True, help="Also time each layer on the device with its backend's profiler.")
+@click.option("--layer-runs", type=_COUNT, default=20, show_default=True, help="Profiled runs for --layers.")
 @click.option("--json", "as_json", is_flag=True)
 @_expected_errors
 def profile(
     bundle: Path,
     hosts: tuple[str, ...],
+    hosts_file: Path | None,
     port: int | None,
     identity: Path | None,
     jump: str | None,
@@ -524,30 +529,44 @@ def profile(
     connect_timeout: float,
     timeout: float,
     max_parallel: int,
+    device_timeout: float | None,
+    layers: bool,
+    layer_runs: int,
     as_json: bool,
 ) -> None:
     """Run a bundle's parity check and benchmark on devices over SSH.
 
-    Results are appended to the bundle's manifest. Exit code 3 when a device fails the parity check.
-    --json prints {"profiles": [one result per host]}, with "error" beside them when a host failed.
+    Results are appended to the bundle's manifest (each device's history under its host name).
+    Exit code 3 when a device fails the parity check. --json prints {"profiles": [one result per
+    host], "failures": [{host, type, message, hint}]}, with "error" beside them when a host failed.
     """
     from edgeopt.errors import VerificationError
-    from edgeopt.remote import ProfileFailedError, ProfileOptions, format_profile_table
+    from edgeopt.remote import ProfileFailedError, ProfileOptions, format_profile_table, read_hosts_file
     from edgeopt.remote import profile as run_profile
 
     options = ProfileOptions(
         port=port, identity=identity, jump=jump, ssh_config=ssh_config, python=python, runs=runs, warmup=warmup,
         threads=threads, keep=keep, accept_new_host_key=accept_new_host_key, connect_timeout=connect_timeout,
-        command_timeout=timeout, max_parallel=max_parallel,
+        command_timeout=timeout, max_parallel=max_parallel, device_timeout=device_timeout, layers=layers, layer_runs=layer_runs,
     )
+    destinations = [*hosts, *(read_hosts_file(hosts_file) if hosts_file is not None else [])]
+    if not destinations:
+        raise click.UsageError("name the devices with --host USER@HOST (repeatable) or --hosts-file FILE")
 
-    def shown(results: list[Any], failure: EdgeoptError | None) -> _Shown:
-        return _Shown({"profiles": [r.to_dict() for r in results]}, format_profile_table(results) if results else None, failure)
+    def shown(results: list[Any], failure: EdgeoptError | None, failures: dict[str, Any] | None = None) -> _Shown:
+        document = {
+            "profiles": [r.to_dict() for r in results],
+            "failures": [
+                {"host": host, "type": type(error).__name__, "message": error.message, "hint": error.hint} for host, error in (failures or {}).items()
+            ],
+        }
+        text = format_profile_table(results, failures) if results or failures else None
+        return _Shown(document, text, failure)
 
     try:
-        results = run_profile(bundle, list(hosts), options, progress=None if as_json else (lambda m: click.echo(f"· {m}", err=True)))
+        results = run_profile(bundle, destinations, options, progress=None if as_json else (lambda m: click.echo(f"· {m}", err=True)))
     except ProfileFailedError as exc:
-        return shown(exc.results, exc)
+        return shown(exc.results, exc, exc.failures)
     failed = [r.host for r in results if not r.verify.get("passed", False)]
     if failed:
         return shown(results, VerificationError(

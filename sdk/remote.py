@@ -30,15 +30,16 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
 from edgeopt.errors import BundleError, OptionError, RemoteError
-from edgeopt.remote_facts import bench_figures, device_facts, parity_summary, temperature_summary
+from edgeopt.remote_facts import bench_figures, device_facts, device_summary, parity_summary, temperature_summary
 from edgeopt.remote_payload import (
     CLEANUP_SCRIPT,
     PROBE_SCRIPT,
@@ -69,6 +70,7 @@ __all__ = [
     "UnknownHostKeyError",
     "format_profile_table",
     "profile",
+    "read_hosts_file",
 ]
 
 DEFAULT_REMOTE_CACHE = "~/.cache/edgeopt"
@@ -133,7 +135,10 @@ class ProfileOptions:
 
     `identity`, `jump`, `port`, `ssh_config` (-F) and `known_hosts` (UserKnownHostsFile) override
     the user's ~/.ssh/config only when given. `remote_cache` is on the device; a relative path is
-    relative to the login folder.
+    relative to the login folder. `device_timeout` bounds each device's whole profile (connecting,
+    uploads, verify, bench), so one slow or hung device of a fleet cannot hold the others' results;
+    `command_timeout` bounds each step. `layers` adds the per-layer table to the bench
+    (`layer_runs` profiled runs).
     """
 
     port: int | None = None
@@ -151,6 +156,9 @@ class ProfileOptions:
     ssh_config: Path | None = None
     known_hosts: Path | None = None
     remote_cache: str = DEFAULT_REMOTE_CACHE
+    device_timeout: float | None = None
+    layers: bool = False
+    layer_runs: int = 20
 
     def __post_init__(self) -> None:
         if self.runs < 1 or self.warmup < 0:
@@ -163,6 +171,10 @@ class ProfileOptions:
             raise OptionError(
                 f"connect_timeout and command_timeout must be positive seconds, got {self.connect_timeout} and {self.command_timeout}"
             )
+        if self.device_timeout is not None and not 0 < self.device_timeout < math.inf:
+            raise OptionError(f"device_timeout must be positive seconds, got {self.device_timeout}")
+        if self.layer_runs < 1:
+            raise OptionError(f"layer_runs must be >= 1, got {self.layer_runs}")
         if self.port is not None and not 0 < self.port < 65536:
             raise OptionError(f"port must be in 1..65535, got {self.port}")
         if not self.python.strip():
@@ -248,6 +260,8 @@ class _Ssh:
         self.cancel = cancel
         self.control_path = control_dir / "master"
         self.master_log = control_dir / "master.log"
+        timeout = options.device_timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
 
     def _options(self) -> list[str]:
         opts = self.options
@@ -297,18 +311,32 @@ class _Ssh:
     def _subprocess(self, argv: list[str], step: str, *, cleanup: bool = False, **streams: Any) -> subprocess.CompletedProcess[bytes]:
         if self.cancel.interrupted.is_set() and not cleanup:
             raise RemoteError(f"{self.host}: interrupted before {step}", hint="run the profile again")
+        timeout, device_bound = self.options.command_timeout, False
+        if self.deadline is not None and not cleanup:  # cleanup after a timeout still gets its own time
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._device_timeout(step)
+            timeout, device_bound = min(timeout, remaining), remaining < timeout
         try:
-            return self.cancel.run(argv, self.options.command_timeout, **streams)
+            return self.cancel.run(argv, timeout, **streams)
         except FileNotFoundError as exc:
             raise RemoteError(
                 "the OpenSSH client `ssh` is not installed on this machine",
                 hint="install it (apt-get install openssh-client, or your system's OpenSSH package)",
             ) from exc
         except subprocess.TimeoutExpired as exc:
+            if device_bound:
+                raise self._device_timeout(step) from exc
             raise RemoteTimeoutError(
                 f"{self.host}: {step} did not finish within {self.options.command_timeout:g} s",
                 hint="raise the command timeout, or lower --runs for a slow device",
             ) from exc
+
+    def _device_timeout(self, step: str) -> RemoteTimeoutError:
+        return RemoteTimeoutError(
+            f"{self.host}: the device did not finish within its {self.options.device_timeout:g} s (device timeout), while {step}",
+            hint="raise --device-timeout, or lower --runs for a slow device or link",
+        )
 
     def run(
         self, remote_words: Sequence[str], *, step: str, stdin_path: Path | None = None, hold_stdin: bool = False, cleanup: bool = False
@@ -469,6 +497,11 @@ def profile(
         results: dict[str, ProfileResult] = {}
         failures: dict[str, RemoteError] = {}
         cancel = _Cancel()
+        started = time.monotonic()
+
+        def finished() -> str:  # the tail of each device's last progress line
+            return f"[{len(results) + len(failures)}/{len(unique_hosts)} devices, {time.monotonic() - started:.1f} s]"
+
         with ThreadPoolExecutor(max_workers=min(options.max_parallel, len(unique_hosts))) as pool, cancel.on_interrupt():
             futures: dict[Future[ProfileResult], str] = {
                 pool.submit(_profile_host, host, upload, options, say, cancel): host for host in unique_hosts
@@ -479,9 +512,11 @@ def profile(
                     result = future.result()
                 except RemoteError as error:
                     failures[host] = error
-                    say(f"{host}: failed ({type(error).__name__})")
+                    say(f"{host}: failed ({type(error).__name__}) {finished()}")
                     continue
                 results[host] = result
+                figures = bench_figures(result.bench)
+                say(f"{host}: done, p50 {figures['p50']} ms, parity {parity_summary(result.verify)} {finished()}")
                 if bundle.is_dir():
                     count = append_history(bundle, "profiles", result.to_dict())
                     say(f"{host}: recorded in {bundle / 'manifest.json'} (profiles: {count})")
@@ -615,6 +650,8 @@ def _profile_connected(ssh: _Ssh, upload: _Upload, say: Callable[[str], None]) -
         bench_args = ["bench", remote_bundle, "--warmup", str(options.warmup), "--runs", str(options.runs)]
         if options.threads is not None:
             bench_args += ["--threads", str(options.threads)]
+        if options.layers:
+            bench_args += ["--layers", "--layer-runs", str(options.layer_runs)]
         steps = [
             ("info", ["info", remote_bundle, "--json"], [0]),
             ("verify", ["verify", remote_bundle, "--json"], [0, 3]),
@@ -626,7 +663,8 @@ def _profile_connected(ssh: _Ssh, upload: _Upload, say: Callable[[str], None]) -
             "remove": [run_dir] if pushed and not options.keep else [],
         }
         started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        say(f"{host}: verify, then bench ({options.warmup} warmup, {options.runs} runs)")
+        layers = f", then {options.layer_runs} profiled runs for layer times" if options.layers else ""
+        say(f"{host}: verify, then bench ({options.warmup} warmup, {options.runs} runs{layers})")
         report = ssh.python_json([python, "-c", RUN_SCRIPT, json.dumps(spec)], step="verify and bench on the device", hold_stdin=True)
         cleaned = True
         documents: dict[str, JsonObject] = {}
@@ -654,15 +692,20 @@ def _remove_run_dir(ssh: _Ssh, run_dir: str) -> None:
 # ------------------------------------------------------------------------------------------ table
 
 
-def format_profile_table(results: Sequence[ProfileResult]) -> str:
-    """One row per host: latency percentiles, throughput, load, memory, parity, temperature, warnings."""
-    header = ["host", "backend", "threads", "p50 ms", "p90 ms", "p99 ms", "per s", "load ms", "first ms", "peak RSS MiB", "parity", "temp °C", "warnings"]
+def format_profile_table(results: Sequence[ProfileResult], failures: Mapping[str, RemoteError] | None = None) -> str:
+    """One row per host: the device (CPU, OS), latency percentiles, throughput, load, memory, parity,
+    temperature, warnings; a failed host's row says what failed. Below, each host's layer summary."""
+    header = [
+        "host", "device", "backend", "threads", "p50 ms", "p90 ms", "p99 ms", "per s", "load ms", "first ms", "peak RSS MiB",
+        "parity", "temp °C", "warnings",
+    ]  # fmt: skip
     rows = [header]
     for result in results:
         figures = bench_figures(result.bench)
         rows.append(
             [
                 result.host,
+                device_summary(result.device),
                 figures["backend"],
                 figures["threads"],
                 figures["p50"],
@@ -677,7 +720,40 @@ def format_profile_table(results: Sequence[ProfileResult]) -> str:
                 "; ".join(result.warnings) or "-",
             ]
         )
+    for host, error in (failures or {}).items():
+        rows.append([host, f"FAILED: {type(error).__name__}", *["-"] * (len(header) - 3), _first_line(error)])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
+    for result in results:
+        layers = result.bench.get("layers")
+        if isinstance(layers, dict) and layers.get("summary"):
+            lines.append(f"{result.host} layers: {layers['summary']}")
     return "\n".join(lines)
+
+
+def _first_line(error: RemoteError) -> str:
+    return error.message.splitlines()[0] if error.message else type(error).__name__
+
+
+def read_hosts_file(path: Path) -> list[str]:
+    """SSH destinations from a file, one a line: `user@host`, an ~/.ssh/config alias, or `ssh://user@host:port`;
+    `#` starts a comment, blank lines are skipped, a host named twice is profiled once."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise OptionError(f"cannot read the hosts file {path}: {exc.strerror or exc}", hint="one SSH destination a line") from None
+    hosts: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        entry = line.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        if len(entry.split()) != 1 or entry.startswith("-"):
+            raise OptionError(
+                f"{path}:{number}: {entry!r} is not one SSH destination",
+                hint="one destination a line (user@host, an ssh_config alias or ssh://user@host:port); # starts a comment",
+            )
+        hosts.append(entry)
+    if not hosts:
+        raise OptionError(f"{path} names no host", hint="one SSH destination a line; # starts a comment")
+    return list(dict.fromkeys(hosts))

@@ -16,6 +16,7 @@ __all__ = [
     "CLOCK_DROP",
     "bench_figures",
     "device_facts",
+    "device_summary",
     "parity_summary",
     "temperature_summary",
 ]
@@ -106,6 +107,16 @@ def parity_summary(verify: JsonObject) -> str:
         return f"pass (max|Δ| {worst:.2g})"
     failed = [o["name"] for o in outputs if not o.get("passed")]
     return f"FAIL ({', '.join(failed)}; max|Δ| {worst:.2g})"
+
+
+def device_summary(device: JsonObject) -> str:
+    """Board (or CPU model), core count, OS and machine, e.g. 'Raspberry Pi 5 Model B, 4 cores, Linux aarch64'."""
+    cpu = device.get("cpu") or {}
+    system = device.get("os") or {}
+    name = device.get("board") or cpu.get("model") or "unknown device"
+    cores = f"{cpu['logical_cores']} cores" if cpu.get("logical_cores") else None
+    where = " ".join(str(part) for part in (system.get("system"), system.get("machine")) if part) or None
+    return ", ".join(part for part in (str(name), cores, where) if part)
 
 
 def temperature_summary(device: JsonObject) -> str:
