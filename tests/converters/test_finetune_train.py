@@ -1,0 +1,182 @@
+"""The fine-tuning loop: losses by output kind, QAD without labels, QAT's need for labels, early stop
+keeping the best state, checkpoints that resume (and are never unpickled), training data sources.
+
+The digits model with 4-bit per-tensor weights (the int8 grid narrowed to [-8, 8]) is the case where
+PTQ loses fidelity that training can win back; the training set is scikit-learn's digits train split
+(1347 images, the split examples/digits/train.py trained on), the held-out fifth comes from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+torch = pytest.importorskip("torch")
+
+from edgeopt.converters.data import model_input_specs, open_dataset  # noqa: E402
+from edgeopt.converters.finetune.data import TrainingData, load_training_data  # noqa: E402
+from edgeopt.converters.finetune.losses import DistillationLoss, OutputKind, normalized_mse, output_kinds  # noqa: E402
+from edgeopt.converters.finetune.train import CHECKPOINT_FILE, FinetuneOptions, finetune  # noqa: E402
+from edgeopt.converters.passes import simplify  # noqa: E402
+from edgeopt.converters.quantize import QuantizeOptions, quantize  # noqa: E402
+from edgeopt.runtime.errors import OptionError  # noqa: E402
+from edgeopt.runtime.kinds import Effort, FinetuneMode  # noqa: E402
+from edgeopt.targets import get_target  # noqa: E402
+
+DIGITS = Path(__file__).resolve().parents[2] / "examples" / "digits"
+#: raspberry-pi's scheme with 4-bit per-tensor weights: PTQ drops measurably
+SCHEME = replace(get_target("raspberry-pi").scheme_for(None), weight_per_channel=False, pairwise_weight_bits=4)
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    fp32, _ = simplify(onnx.load(DIGITS / "model.onnx"))
+    calibration = open_dataset(DIGITS / "calib.npz", model_input_specs(fp32))
+    return fp32, quantize(fp32, SCHEME, calibration, QuantizeOptions(effort=Effort.FAST)).model
+
+
+@pytest.fixture(scope="module")
+def train_split() -> dict[str, np.ndarray]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)[:, None]
+    x, _, y, _ = train_test_split(images, digits.target.astype(np.int64), test_size=0.25, random_state=0, stratify=digits.target)
+    return {"image": x, "labels": y}
+
+
+def _data(fp32: onnx.ModelProto, source: object) -> TrainingData:
+    return load_training_data(source, model_input_specs(fp32))
+
+
+def _integers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+# -- losses ----------------------------------------------------------------------------------------------
+
+
+def test_each_output_kind_is_read_from_the_teachers_values() -> None:
+    logits = torch.randn(4, 10)
+    kinds = output_kinds(
+        {
+            "logits": logits,
+            "probabilities": logits.softmax(-1),
+            "sequence": torch.randn(2, 25, 97).softmax(-1),  # PP-OCR's recogniser: a distribution per position
+            "map": torch.rand(1, 1, 32, 32),
+            "embedding": torch.randn(1, 16, 768),
+        }
+    )
+    assert kinds == {
+        "logits": OutputKind.LOGITS,
+        "probabilities": OutputKind.PROBABILITIES,
+        "sequence": OutputKind.PROBABILITIES,
+        "map": OutputKind.REGRESSION,
+        "embedding": OutputKind.REGRESSION,
+    }
+
+
+def test_distillation_is_zero_on_the_teacher_and_grows_with_the_gap() -> None:
+    teacher = {"logits": torch.randn(8, 10), "map": torch.randn(1, 3, 8, 8)}
+    loss = DistillationLoss(output_kinds(teacher), temperature=2.0)
+    assert float(loss(teacher, teacher)) == pytest.approx(0.0, abs=1e-6)
+    near = {k: v + 0.05 * torch.randn_like(v) for k, v in teacher.items()}
+    far = {k: v + 0.5 * torch.randn_like(v) for k, v in teacher.items()}
+    assert 0 < float(loss(near, teacher)) < float(loss(far, teacher))
+    # the regression term is the inverse SQNR: outputs of any scale weigh alike
+    assert float(normalized_mse(1000 * near["map"], 1000 * teacher["map"])) == pytest.approx(float(normalized_mse(near["map"], teacher["map"])), rel=1e-4)
+
+
+# -- the loop ------------------------------------------------------------------------------------------------
+
+
+def test_qad_without_labels_wins_back_fidelity_and_writes_it_into_the_graph(models, train_split) -> None:
+    fp32, qdq = models
+    unlabeled = _data(fp32, {"image": train_split["image"]})
+    assert unlabeled.labels is None
+    seen = []
+    result = finetune(qdq, fp32, unlabeled, FinetuneOptions(mode=FinetuneMode.QAD, epochs=3, threads=1), scheme=SCHEME, on_epoch=seen.append)
+    report = result.report
+    assert [r["epoch"] for r in seen] == [r["epoch"] for r in report["history"]] == list(range(report["epochs_run"] + 1))
+    assert report["samples"] == {"train": 1091, "held_out": 256} and not report["labels"]
+    assert report["losses"] == {"logits": "logits"} and report["metric"] == "top1_agreement"
+    assert report["best_epoch"] > 0, report["history"]
+    best = report["history"][report["best_epoch"]]
+    assert best["held_out_loss"] < report["history"][0]["held_out_loss"]
+    # measured on ONNX Runtime on the held-out samples: the written-back graph is closer to fp32
+    before, after = report["held_out_before"], report["held_out_after"]
+    assert after["min_sqnr_db"] > before["min_sqnr_db"] + 1.0, (before, after)
+    assert after["top1_agreement"] >= before["top1_agreement"]
+    assert report["writeback"]["weight_values_changed"] > 0 and report["writeback"]["activation_scales_changed"] > 0
+    codes = [v for k, v in _integers(result.model).items() if k.endswith("_quantized") and v.dtype == np.int8]
+    assert codes and all(c.min() >= -8 and c.max() <= 8 for c in codes)  # 4-bit grid kept
+    assert report["wall_seconds"] > 0 and report["peak_rss_mb"] > 0
+
+
+def test_qat_refuses_data_without_labels(models) -> None:
+    fp32, qdq = models
+    with pytest.raises(OptionError, match="needs labels") as error:
+        finetune(qdq, fp32, _data(fp32, DIGITS / "calib.npz"), FinetuneOptions(mode=FinetuneMode.QAT))
+    assert "--finetune qad" in str(error.value)
+
+
+def test_an_epoch_that_does_not_improve_is_not_kept_and_training_stops(models, train_split) -> None:
+    """At a learning rate far too high every epoch is worse: the quantized graph goes back unchanged."""
+    fp32, qdq = models
+    data = _data(fp32, {"image": train_split["image"][:160], "labels": train_split["labels"][:160]})
+    result = finetune(qdq, fp32, data, FinetuneOptions(mode=FinetuneMode.QAT, epochs=5, lr=0.5, patience=1, threads=1), scheme=SCHEME)
+    report = result.report
+    assert report["best_epoch"] == 0 and report["stopped_early"] and report["epochs_run"] == 1  # patience 1: one epoch without gain ends it
+    assert report["metric"] == "accuracy"
+    before, after = _integers(qdq), _integers(result.model)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_checkpoints_resume_to_the_same_result_and_refuse_anything_else(models, train_split, tmp_path: Path) -> None:
+    fp32, qdq = models
+    data = _data(fp32, {"image": train_split["image"][:200]})
+    options = FinetuneOptions(epochs=2, patience=5, threads=1, checkpoint_dir=tmp_path / "a")
+    straight = finetune(qdq, fp32, data, options, scheme=SCHEME)
+    finetune(qdq, fp32, data, replace(options, epochs=1, checkpoint_dir=tmp_path / "b"), scheme=SCHEME)
+    resumed = finetune(qdq, fp32, data, replace(options, checkpoint_dir=tmp_path / "b"), scheme=SCHEME)
+    assert resumed.report["resumed_from_epoch"] == 1
+    assert [h["held_out_loss"] for h in resumed.report["history"]] == [h["held_out_loss"] for h in straight.report["history"]]
+    ours, theirs = _integers(straight.model), _integers(resumed.model)
+    assert all(ours[k].tobytes() == theirs[k].tobytes() for k in ours)
+
+    with pytest.raises(OptionError, match="another model, data or options"):
+        finetune(qdq, fp32, data, replace(options, lr=3e-4), scheme=SCHEME)
+
+    class Payload:  # a checkpoint that would run code if unpickled
+        def __reduce__(self):  # noqa: ANN204
+            return (Path.touch, (tmp_path / "pwned",))
+
+    planted = tmp_path / "c" / CHECKPOINT_FILE
+    planted.parent.mkdir()
+    torch.save({"fingerprint": "x", "payload": Payload()}, planted)
+    with pytest.raises(OptionError, match="cannot resume"):
+        finetune(qdq, fp32, data, replace(options, checkpoint_dir=planted.parent), scheme=SCHEME)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_data_loader_and_an_iterable_of_dicts_read_like_the_npz(models) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    fp32, _ = models
+    arrays = np.load(DIGITS / "eval.npz")
+    expected = _data(fp32, DIGITS / "eval.npz")
+    loader = DataLoader(TensorDataset(torch.from_numpy(arrays["image"]), torch.from_numpy(arrays["labels"])), batch_size=7)
+    dicts = [{"image": arrays["image"][i : i + 1], "labels": arrays["labels"][i : i + 1]} for i in range(len(arrays["labels"]))]
+    for source in (loader, dicts):
+        got = _data(fp32, source)
+        assert len(got) == len(expected) == 450
+        assert all(np.array_equal(a["image"], b["image"]) for a, b in zip(got.samples, expected.samples))
+        assert np.array_equal(got.labels, expected.labels)
+    with pytest.raises(OptionError, match="at least 16"):
+        _data(fp32, {"image": arrays["image"][:10]}).split()
