@@ -325,10 +325,12 @@ def profile_layers(model: "Model", inputs: Mapping[str, Any], *, runs: int = 20,
 
 
 LITERT_UNAVAILABLE = (
-    "LiteRT's Python Interpreter has no op profiler (ai-edge-litert 2.x: no profiling argument or method; "
-    "experimental_op_resolver_type only picks kernels), and the wheel ships no benchmark_model binary. "
-    "On the device, LiteRT's benchmark_model --graph=model.tflite --enable_op_profiling=true --num_threads=N "
-    "prints the per-op table"
+    "LiteRT's Python API has no op profiler: the Interpreter takes no profiler and has no profiling method "
+    "(experimental_op_resolver_type only picks kernels), CompiledModel's options have no profiling switch, and the "
+    "C profiler libLiteRt.so exports (LiteRtCompiledModelGetProfiler, LiteRtGetProfilerEvents) is only enabled by "
+    "runtime options this wheel does not export; its tools/benchmark_litert_model.py times whole runs only, and no "
+    "benchmark_model binary is shipped. On the device, LiteRT's benchmark_model --graph=model.tflite "
+    "--enable_op_profiling=true --num_threads=N prints the per-op table"
 )
 COREML_UNAVAILABLE = (
     "Core ML reports no per-layer times to Python; Xcode's Core ML performance report (Instruments) shows them on a Mac"
