@@ -226,6 +226,7 @@ def layer_times(rows: Sequence[LayerRow], *, with_sqnr: bool) -> str:
     figure = _figure(_bar_height(len(rows)))
     if with_sqnr:
         ax, ax_sqnr = figure.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [3, 1.4]})
+        figure.get_layout_engine().set(wspace=0.01)  # type: ignore[union-attr]
     else:
         ax, ax_sqnr = figure.add_subplot(), None
     _style(ax)
@@ -242,7 +243,7 @@ def layer_times(rows: Sequence[LayerRow], *, with_sqnr: bool) -> str:
         sqnr_bars = ax_sqnr.barh(labels, values, color=["#7a5fb0" if v is not None else "#ffffff" for v in known], height=0.7)
         ax_sqnr.bar_label(sqnr_bars, labels=["–" if v is None else f"{v:.1f} dB" for v in known], padding=3, fontsize=8)
         ax_sqnr.margins(x=0.2)
-        ax_sqnr.set_xlabel("output SQNR vs fp32 (dB, higher: better)", fontsize=10)
+        ax_sqnr.set_xlabel("output SQNR vs fp32 (dB)", fontsize=10)
         ax_sqnr.tick_params(axis="y", left=False)
     alt = "layer times: " + ", ".join(f"{r.label} {r.time_ms:.3g} ms {r.precision}" for r in rows[:10])
     return _img(figure, alt)
