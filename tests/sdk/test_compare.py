@@ -133,10 +133,14 @@ def test_wrong_runs_are_usage_errors(bundles: tuple[Path, Path], tmp_path: Path,
 
 
 def test_a_disturbed_run_is_called_noisy_in_the_verdict() -> None:
-    """p90 over 1.5 × p50 means the run was disturbed; the verdict says so instead of trusting the ratio."""
-    steady = Run("a.json", "benchmark", {"latency_ms": {"p50": 2.0, "p90": 2.2}}, {"hostname": "pi"})
-    disturbed = Run("b.json", "benchmark", {"latency_ms": {"p50": 1.0, "p90": 4.0}}, {"hostname": "pi"})
+    """A long tail (p90 over 1.5 × p50) or a median in the slow mode (p50 over 2 × the fastest run)
+    means the run was disturbed; the verdict says so instead of trusting the ratio."""
+    steady = Run("a.json", "benchmark", {"latency_ms": {"p50": 2.0, "p90": 2.2, "min": 1.9}}, {"hostname": "pi"})
+    tail = Run("b.json", "benchmark", {"latency_ms": {"p50": 1.0, "p90": 4.0, "min": 0.9}}, {"hostname": "pi"})
+    slow_mode = Run("c.json", "benchmark", {"latency_ms": {"p50": 10.0, "p90": 11.0, "min": 2.0}}, {"hostname": "pi"})
     (calm,) = compare([steady, steady]).verdicts
-    (noisy,) = compare([steady, disturbed]).verdicts
+    (tailed,) = compare([steady, tail]).verdicts
+    (bimodal,) = compare([steady, slow_mode]).verdicts
     assert calm == "B is 1.00× faster at p50 than A"
-    assert noisy == "B is 2.00× faster at p50 than A (noisy: B p90 = 4.0 × p50; repeat on a quiet machine before trusting the ratio)"
+    assert tailed == "B is 2.00× faster at p50 than A (noisy: B p90 = 4.0 × p50; repeat on a quiet machine before trusting the ratio)"
+    assert bimodal == "B is 5.00× slower at p50 than A (noisy: B p50 = 5.0 × its fastest run; repeat on a quiet machine before trusting the ratio)"
