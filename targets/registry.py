@@ -106,6 +106,15 @@ class QuantScheme:
     # output has at least this many elements per channel, the island costs more than int8 saves and
     # the conv stays float (0: never). Measured in docs/design.md ("int8 never slower than fp32").
     float_island_min_spatial: int = 0
+    # Under "inputs": a tensor read only by depthwise convs gets one scale and zero point per channel
+    # (QuantizeLinear axis=1). A depthwise conv keeps channels apart, so the backend folds the input
+    # scales into its per-channel requantization and the kernel stays int8 (OpenVINO's CPU plugin: u8
+    # Convolution); channels of a MobileNetV3 HardSwish output differ in range by 10x and more.
+    depthwise_input_per_channel: bool = False
+    # In a model with attention (a Softmax read by a MatMul), Add/Sub/Mul stay float: the residual
+    # stream and LayerNorm's affine carry outlier channels one int8 grid cannot hold, and the backend
+    # runs elementwise ops in float anyway (NNCF's model_type=transformer leaves them so).
+    transformer_elementwise_float: bool = False
 
     def rule_for(self, op_type: str) -> OpRule | None:
         return next((r for r in self.op_rules if r.op == op_type), None)
@@ -127,6 +136,8 @@ class QuantScheme:
             "constant_operands": self.constant_operands,
             "pairwise_weight_bits": self.pairwise_weight_bits,
             "float_island_min_spatial": self.float_island_min_spatial,
+            "depthwise_input_per_channel": self.depthwise_input_per_channel,
+            "transformer_elementwise_float": self.transformer_elementwise_float,
         }
 
 

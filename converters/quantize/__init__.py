@@ -202,6 +202,7 @@ class _Quantizer:
         self.progress = progress
         self.recipe = recipe
         self.observers: dict[str, Observer] = {}
+        self.channel_observers: dict[str, Observer] = {}  # sites with per-channel scales (placement's `axis`)
         self.last_plan: QuantPlan | None = None
         self.bias_report: JsonObject | None = None
         self.adaround_report: JsonObject | None = None
@@ -226,25 +227,28 @@ class _Quantizer:
         auto = self.options.method == "auto"
         if self.calibration is not None:
             fit, held_out = split_samples(self.calibration, RangeSearchOptions().samples) if auto else (self.calibration, None)
-        missing = [name for name in plan.sites if name not in self.observers]
+        axes = {name: site.axis for name, site in plan.sites.items() if site.axis is not None}
+        missing = [name for name in plan.sites if name not in (self.channel_observers if name in axes else self.observers)]
         if missing:
             if self.calibration is None:
                 raise CalibrationDataError(
                     "int8 quantization needs calibration data and none was given",
                     hint="pass --calibration data.npz (a few hundred representative inputs), or use weight-only int8",
                 )
-            self.observers.update(
-                calibrate(
-                    self.model,
-                    fit,
-                    missing,
-                    method=self.options.method,
-                    percentile=self.options.percentile,
-                    activation_dtype=self.scheme.activation_dtype,
-                    progress=self.progress,
-                    threads=self.options.threads,
-                )
+            observed = calibrate(
+                self.model,
+                fit,
+                missing,
+                method=self.options.method,
+                percentile=self.options.percentile,
+                activation_dtype=self.scheme.activation_dtype,
+                progress=self.progress,
+                threads=self.options.threads,
+                channel_axes={name: axes[name] for name in missing if name in axes},
             )
+            for name, observer in observed.items():
+                (self.channel_observers if name in axes else self.observers)[name] = observer
+        observers = {name: self.channel_observers[name] if name in axes else self.observers[name] for name in plan.sites}
 
         def softmax_span(name: str, span: tuple[float, float]) -> tuple[float, float]:
             return (max(span[0], span[1] - SOFTMAX_INPUT_SPAN), span[1]) if name in self.softmax_inputs else span
@@ -252,10 +256,10 @@ class _Quantizer:
         if auto and plan.sites:
             if self.range_search is None:
                 self.range_search = RangeSearch(self.model, held_out, self.scheme, RangeSearchOptions(threads=self.options.threads))
-            ranges, self.range_report = self.range_search.choose(plan, self.observers, softmax_span, range_samples=len(fit))
+            ranges, self.range_report = self.range_search.choose(plan, observers, softmax_span, range_samples=len(fit))
             return ranges
         symmetric = self.scheme.activation_symmetric
-        return {name: softmax_span(name, self.observers[name].range(symmetric)) for name in plan.sites}
+        return {name: softmax_span(name, observers[name].range(symmetric)) for name in plan.sites}
 
     def swamping_nodes(self, plan: QuantPlan, ranges: Mapping[str, tuple[float, float]]) -> list[str]:
         """Elementwise nodes with an operand whose range dwarfs another's (an additive attention mask

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -11,7 +11,7 @@ from edgeopt.converters.data import Dataset
 from edgeopt.converters.errors import CalibrationDataError
 from edgeopt.converters.graph.session import ort_session
 from edgeopt.converters.graph.shapes import with_outputs
-from edgeopt.converters.quantize.observers import Observer, make_observer
+from edgeopt.converters.quantize.observers import ChannelMinMaxObserver, Observer, make_observer
 from edgeopt.converters.quantize.qdq import qrange
 
 __all__ = ["calibrate"]
@@ -29,11 +29,17 @@ def calibrate(
     activation_dtype: str,
     progress: Progress | None = None,
     threads: int = 0,
+    channel_axes: Mapping[str, int] | None = None,
 ) -> dict[str, Observer]:
-    """One streaming pass: every observer sees each sample's tensor values and then lets them go."""
+    """One streaming pass: every observer sees each sample's tensor values and then lets them go.
+
+    Tensors in `channel_axes` get per-channel min-max on that axis, whatever the method."""
     names = sorted(set(tensors))
     qmin, qmax = qrange(activation_dtype)
-    observers = {name: make_observer(method, percentile, qmax - qmin + 1) for name in names}
+    axes = channel_axes or {}
+    observers = {
+        name: ChannelMinMaxObserver(axes[name]) if name in axes else make_observer(method, percentile, qmax - qmin + 1) for name in names
+    }
     runner = ort_session(with_outputs(model, names), threads=threads)
     available = {o.name for o in runner.get_outputs()}
     wanted = [n for n in names if n in available]

@@ -15,7 +15,7 @@ import numpy as np
 from edgeopt.runtime.errors import OptionError
 from edgeopt.runtime.kinds import CalibrationMethod
 
-__all__ = ["AUTO_CANDIDATES", "HistogramObserver", "METHODS", "MinMaxObserver", "Observer", "check_method", "make_observer"]
+__all__ = ["AUTO_CANDIDATES", "ChannelMinMaxObserver", "HistogramObserver", "METHODS", "MinMaxObserver", "Observer", "check_method", "make_observer"]
 
 METHODS = tuple(method.value for method in CalibrationMethod)
 #: "auto" chooses per tensor among these by the error each causes in the consumer's output (range_search.py).
@@ -201,7 +201,33 @@ class HistogramObserver(MinMaxObserver):
         return best[1]
 
 
-Observer = MinMaxObserver | HistogramObserver
+class ChannelMinMaxObserver:
+    """Running min and max of each channel on `axis` (a site with per-channel scales)."""
+
+    def __init__(self, axis: int = 1) -> None:
+        self.axis = axis
+        self.low: np.ndarray | None = None
+        self.high: np.ndarray | None = None
+
+    def observe(self, values: np.ndarray) -> None:
+        if values.size == 0:
+            return
+        others = tuple(i for i in range(values.ndim) if i != self.axis)
+        low, high = values.min(axis=others).astype(np.float64), values.max(axis=others).astype(np.float64)
+        self.low = low if self.low is None else np.minimum(self.low, low)
+        self.high = high if self.high is None else np.maximum(self.high, high)
+
+    @property
+    def seen(self) -> bool:
+        return self.low is not None
+
+    def range(self, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+        if self.low is None or self.high is None:
+            return np.zeros(1), np.zeros(1)
+        return self.low, self.high
+
+
+Observer = MinMaxObserver | HistogramObserver | ChannelMinMaxObserver
 
 
 def make_observer(method: str, percentile: float, levels: int) -> Observer:

@@ -47,6 +47,7 @@ class ActivationSite:
     consumers: set[str] | None = field(default_factory=set)
     clip: tuple[float, float] | None = None
     fixed: tuple[float, int] | None = None
+    axis: int | None = None  # per-channel scale and zero point on this axis (`QuantScheme.depthwise_input_per_channel`)
 
 
 @dataclass(frozen=True)
@@ -235,13 +236,23 @@ def island_convs(model: ir.Model, scheme: QuantScheme) -> list[str]:
     return chosen
 
 
+def _transformer_elementwise(model: ir.Model) -> list[tuple[str, str]]:
+    """(name, op) of the Add/Sub/Mul nodes of a model with attention (a Softmax read by a MatMul); none otherwise."""
+    attention = any(
+        node.op_type == "Softmax" and any(user.op_type == "MatMul" for user, _ in node.outputs[0].uses()) for node in model.graph
+    )
+    return [(node.name or "", node.op_type) for node in model.graph if attention and node.op_type in BINARY_OPS]
+
+
 def plan_quantization(model: ir.Model, scheme: QuantScheme, exclude: Iterable[str] = ()) -> QuantPlan:
     """Decide every Q/DQ site for the scheme; nodes in `exclude` stay float, and so do the convs
     `island_convs` picks."""
     islands = island_convs(model, scheme)
-    excluded = set(exclude) | set(islands)
+    elementwise = _transformer_elementwise(model) if scheme.transformer_elementwise_float else []
+    excluded = set(exclude) | set(islands) | {name for name, _ in elementwise}
     plan = QuantPlan()
     plan.skipped.extend({"node": name, "op": "Conv", "why": "int8 would cost a float island larger than its gain"} for name in islands)
+    plan.skipped.extend({"node": name, "op": op, "why": "elementwise op of a transformer: stays float"} for name, op in elementwise)
     outputs_too = scheme.activation_placement == "inputs_and_outputs"
     quantized_ops = set(scheme.quantized_ops)
     for node in model.graph:
@@ -288,7 +299,28 @@ def plan_quantization(model: ir.Model, scheme: QuantScheme, exclude: Iterable[st
             plan.shared.append((site.tensor, inputs[0].name))
         if node.op_type == "Concat" and rule is not None and rule.same_scale_as_input:
             plan.shared.extend((value.name, site.tensor) for value in inputs if value is not None and value.name in plan.sites)
+    if scheme.depthwise_input_per_channel and not outputs_too:
+        _per_channel_depthwise_inputs(model, plan)
     return plan
+
+
+def _is_depthwise(node: ir.Node) -> bool:
+    weight = node.inputs[1] if node.op_type == "Conv" and len(node.inputs) > 1 else None
+    if weight is None or weight.shape is None or len(weight.shape) < 2:
+        return False
+    return not sums_products_pairwise("Conv", tuple(weight.shape), node.attributes.get_int("group", 1))
+
+
+def _per_channel_depthwise_inputs(model: ir.Model, plan: QuantPlan) -> None:
+    """Sites read only by depthwise convs (at input 0) get per-channel scales on axis 1."""
+    nodes = {node.name: node for node in model.graph}
+    shared = {name for pair in plan.shared for name in pair}
+    for site in plan.sites.values():
+        if not site.consumers or site.clip is not None or site.fixed is not None or site.tensor in shared:
+            continue
+        readers = [nodes[name] for name in site.consumers]
+        if all(_is_depthwise(node) and node.inputs[0] is not None and node.inputs[0].name == site.tensor for node in readers):
+            site.axis = 1
 
 
 def _plan_weight(node: ir.Node, plan: QuantPlan, scheme: QuantScheme) -> None:

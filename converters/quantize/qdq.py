@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -19,7 +20,7 @@ import onnx_ir as ir
 from edgeopt.converters.quantize.placement import QuantPlan
 from edgeopt.targets import QuantScheme
 
-__all__ = ["TENSOR_TAG", "QParams", "activation_params", "group_params", "insert_qdq", "quantize_weight", "qrange"]
+__all__ = ["TENSOR_TAG", "ChannelQParams", "QParams", "activation_params", "channel_params", "group_params", "insert_qdq", "quantize_weight", "qrange"]
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,15 @@ class QParams:
     zero_point: int
     dtype: str
 
-    def to_dict(self) -> dict[str, float | int | str]:
-        return {"scale": self.scale, "zero_point": self.zero_point, "dtype": self.dtype}
+
+@dataclass(frozen=True, eq=False)
+class ChannelQParams:
+    """Per-channel scales and zero points of an activation (QuantizeLinear `axis`)."""
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    dtype: str
+    axis: int
 
 
 def qrange(dtype: str) -> tuple[int, int]:
@@ -59,13 +67,26 @@ def activation_params(low: float, high: float, dtype: str, symmetric: bool) -> Q
     return QParams(scale, zero_point, dtype)
 
 
+def channel_params(low: np.ndarray, high: np.ndarray, dtype: str, symmetric: bool, axis: int) -> ChannelQParams:
+    """`activation_params` for each channel."""
+    each = [activation_params(float(lo), float(hi), dtype, symmetric) for lo, hi in zip(low, high)]
+    scale = np.array([p.scale for p in each], np.float32)
+    return ChannelQParams(scale, np.array([p.zero_point for p in each], np.dtype(dtype)), dtype, axis)
+
+
 def group_params(
-    plan: QuantPlan, ranges: Mapping[str, tuple[float, float]], scheme: QuantScheme
-) -> dict[str, QParams]:
-    """One QParams per activation site; sites that must share a scale get the union of their ranges."""
+    plan: QuantPlan, ranges: Mapping[str, tuple[Any, Any]], scheme: QuantScheme
+) -> dict[str, QParams | ChannelQParams]:
+    """One QParams per activation site; sites that must share a scale get the union of their ranges.
+    A per-channel site (placement's `axis`; never shared) gets its channels' ranges."""
     dtype = scheme.activation_dtype
-    params: dict[str, QParams] = {}
+    params: dict[str, QParams | ChannelQParams] = {}
     for members in plan.groups().values():
+        axis = plan.sites[members[0]].axis
+        if axis is not None and len(members) == 1:
+            low, high = ranges[members[0]]
+            params[members[0]] = channel_params(np.asarray(low), np.asarray(high), dtype, scheme.activation_symmetric, axis)
+            continue
         fixed = next((plan.sites[m].fixed for m in members if plan.sites[m].fixed is not None), None)
         if fixed is not None:
             scale, zero_point = fixed
@@ -152,7 +173,7 @@ class _Builder:
         return node
 
 
-def insert_qdq(model: onnx.ModelProto, plan: QuantPlan, params: Mapping[str, QParams], scheme: QuantScheme) -> onnx.ModelProto:
+def insert_qdq(model: onnx.ModelProto, plan: QuantPlan, params: Mapping[str, QParams | ChannelQParams], scheme: QuantScheme) -> onnx.ModelProto:
     """The QDQ model for this plan and these activation parameters."""
     ir_model = ir.from_proto(model)
     graph = ir_model.graph
@@ -225,9 +246,10 @@ def insert_qdq(model: onnx.ModelProto, plan: QuantPlan, params: Mapping[str, QPa
         tensor, source = values[site.tensor], values[site.source]
         scale = build.constant(f"{site.tensor}_scale", np.array(qp.scale, np.float32))
         zero_point = build.constant(f"{site.tensor}_zero_point", np.array(qp.zero_point, np.dtype(qp.dtype)))
-        q = build.node("QuantizeLinear", [source, scale, zero_point], f"{site.tensor}_quantized", f"{site.tensor}_QuantizeLinear")
+        axis = {"axis": qp.axis} if isinstance(qp, ChannelQParams) else {}
+        q = build.node("QuantizeLinear", [source, scale, zero_point], f"{site.tensor}_quantized", f"{site.tensor}_QuantizeLinear", axis)
         q.doc_string = TENSOR_TAG + site.tensor
-        dq = build.node("DequantizeLinear", [q.outputs[0], scale, zero_point], f"{site.tensor}_dequantized", f"{site.tensor}_DequantizeLinear")
+        dq = build.node("DequantizeLinear", [q.outputs[0], scale, zero_point], f"{site.tensor}_dequantized", f"{site.tensor}_DequantizeLinear", axis)
         dequantized_value = dq.outputs[0]
         dequantized_value.type, dequantized_value.shape = tensor.type, tensor.shape
         q.outputs[0].dtype, q.outputs[0].shape = ir.DataType.from_numpy(np.dtype(qp.dtype)), tensor.shape

@@ -241,8 +241,8 @@ class RangeSearch:
         outputs = {o.name for o in self.model.graph.output}
         keyed = {}
         for members in plan.groups().values():
-            if any(plan.sites[m].fixed is not None for m in members):
-                continue  # a fixed scale (e.g. TFLite's softmax output): nothing to choose
+            if any(plan.sites[m].fixed is not None or plan.sites[m].axis is not None for m in members):
+                continue  # a fixed scale (e.g. TFLite's softmax output) or per-channel min-max: nothing to choose
             readers: set[str] = set()
             for member in members:
                 site = plan.sites[member]
@@ -255,7 +255,7 @@ class RangeSearch:
             self._measure(plan, pending, observers, adjust)
         fixed: dict[str, tuple[float, float]] = {}
         for members in plan.groups().values():
-            for member in members:  # fixed groups: any range (their scale is set by the rule)
+            for member in members:  # fixed groups: any range (their scale is set by the rule); per-channel sites: theirs
                 fixed[member] = adjust(member, observers[member].range(self.scheme.activation_symmetric))
         per_tensor = {key: self._choices[key].method for key in keyed}
         plans = {"per_tensor": per_tensor, **{name: {key: name for key in keyed} for name in UNIFORM_PLANS}}
