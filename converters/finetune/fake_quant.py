@@ -71,9 +71,15 @@ class QuantSpec:
 class _RoundSTE(torch.autograd.Function):
     """torch.round (half to even, as ONNX Runtime) forward; identity gradient (straight-through)."""
 
+    generate_vmap_rule = True  # the graph runs per sample under torch.func.vmap for batches
+
     @staticmethod
-    def forward(ctx, x):  # noqa: ANN001
+    def forward(x):  # noqa: ANN001
         return torch.round(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # noqa: ANN001
+        pass
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001
@@ -83,10 +89,15 @@ class _RoundSTE(torch.autograd.Function):
 class _ScaleGrad(torch.autograd.Function):
     """Identity forward (the value is untouched, bit for bit); gradient multiplied by `factor`."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, factor: float):  # noqa: ANN001
-        ctx.factor = factor
+    def forward(x, factor: float):  # noqa: ANN001
         return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # noqa: ANN001
+        ctx.factor = inputs[1]
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001

@@ -105,6 +105,8 @@ class TrainableGraph(nn.Module):
         initializers = dict(graph.initializers)
         self.input_names = [v.name for v in graph.inputs if v.name not in initializers]
         self.output_names = [v.name for v in graph.outputs]
+        # inputs declared with batch 1: a larger batch runs per sample (see `forward`)
+        self._batch_one = [v.name for v in graph.inputs if v.name not in initializers and v.shape is not None and v.shape.rank() > 0 and v.shape[0] == 1]
         names = self._node_names(graph)
         self.nodes = [NodeSpec.of(node, names[node], opset) for node in graph]
         problems = [(spec.name, spec.op_type, why) for spec in self.nodes if (why := self._why_unsupported(spec))]
@@ -328,17 +330,32 @@ class TrainableGraph(nn.Module):
     # -- execution ------------------------------------------------------------------------------
 
     def forward(self, feeds: Mapping[str, object], capture: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+        """{output name (and each `capture` name): tensor} for `feeds` {input name: tensor or array}.
+
+        A graph whose inputs are fixed to batch 1 (simplify folds the batch into Reshape shapes) runs a
+        larger batch per sample, vectorized with torch.func.vmap: each result is the per-sample
+        results concatenated on axis 0, as if the samples had been run one by one.
+        """
         unknown = [name for name in capture if name not in self._value_names]
         if unknown:
             raise OptionError(f"cannot capture {', '.join(map(repr, unknown))}: no such tensor in the graph")
         missing = [name for name in self.input_names if name not in feeds]
         if missing:
             raise InputSpecError(f"missing input(s) {', '.join(map(repr, missing))}; the graph's inputs are {self.input_names}")
-        env: dict[str, torch.Tensor] = {}
-        for name, container, key in self._sources:
-            env[name] = self._tensor(container, key)
-        for name in self.input_names:
-            env[name] = torch.as_tensor(feeds[name])
+        inputs = {name: torch.as_tensor(feeds[name]) for name in self.input_names}
+        batched = [name for name in self._batch_one if inputs[name].dim() > 0 and inputs[name].shape[0] != 1]
+        if not batched:
+            return self._run(inputs, capture)
+
+        def one_sample(*values: torch.Tensor) -> dict[str, torch.Tensor]:
+            return self._run({**inputs, **{name: value.unsqueeze(0) for name, value in zip(batched, values)}}, capture)
+
+        results = torch.func.vmap(one_sample, randomness="same")(*(inputs[name] for name in batched))
+        return {name: value.flatten(0, 1) if value.dim() > 1 else value for name, value in results.items()}
+
+    def _run(self, inputs: Mapping[str, torch.Tensor], capture: Sequence[str]) -> dict[str, torch.Tensor]:
+        env: dict[str, torch.Tensor] = {name: self._tensor(container, key) for name, container, key in self._sources}
+        env.update(inputs)
         keep = set(self.output_names) | set(capture)
         for spec, dead in zip(self.nodes, self._dead_after):
             outputs = REGISTRY.handler(spec.op_type)(spec, [env[name] if name else None for name in spec.inputs], self)

@@ -292,3 +292,34 @@ def test_op_matches_onnx_runtime(op, attributes, arrays, opset):
         assert ours[name].shape == expected.shape, name
         assert ours[name].dtype == expected.dtype, name
         np.testing.assert_allclose(ours[name], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.zoo
+def test_a_batch_runs_a_graph_fixed_to_batch_one_sample_by_sample():
+    # after simplify ppocr_cls reshapes to [1, 200]: a batch of 2 only runs per sample (torch.func.vmap)
+    model, feeds = _simplified("ppocr_cls")
+    graph = TrainableGraph(model)
+    (batched,) = _run(graph, [{"x": np.concatenate([feed["x"] for feed in feeds])}])
+    reference = list(run_model(model, feeds))
+    ours = [{k: v[i : i + 1] for k, v in batched.items()} for i in range(len(feeds))]
+    assert _relative_error(ours, reference) <= FP32_TOLERANCE
+
+
+def test_a_batch_trains_like_its_samples_one_by_one():
+    qdq, feeds = _quantized("digits", "onnxruntime-cpu")
+    graph = TrainableGraph(qdq)
+    labels = torch.tensor([3, 1, 4, 1])
+
+    def gradients(batches):
+        graph.zero_grad()
+        for images, targets in batches:
+            loss = torch.nn.functional.cross_entropy(graph({"image": images})["logits"], targets, reduction="sum")
+            loss.backward()
+        return {name: p.grad.clone() for name, p in graph.named_parameters() if p.grad is not None}
+
+    images = torch.from_numpy(np.concatenate([feed["image"] for feed in feeds[:4]]))
+    one_by_one = gradients([(images[i : i + 1], labels[i : i + 1]) for i in range(4)])
+    together = gradients([(images, labels)])
+    assert one_by_one.keys() == together.keys() and len(together) == len(list(graph.parameters()))
+    largest = max(float(g.abs().max()) for g in one_by_one.values())
+    assert max(float((one_by_one[n] - together[n]).abs().max()) for n in together) <= 1e-5 * largest
