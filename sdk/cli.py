@@ -591,7 +591,9 @@ def compare(runs: tuple[str, ...], html_path: Path | None, as_json: bool) -> _Sh
       BUNDLE#benchmarks:N    an entry of its history (N from 0; -1 the newest)
       BUNDLE#profiles:N
       BUNDLE#HOST            the newest run on that device
-      FILE.json              `edgeopt bench --json` output, or a profile entry
+      FILE.json              `edgeopt bench --json` output, a profile entry, or
+                             `edgeopt profile --json` output of one device
+      FILE.json#HOST         that device's entry in `edgeopt profile --json` output
     """
     from edgeopt.bundle import write_text_atomically
     from edgeopt.compare import compare as compare_runs

@@ -21,7 +21,10 @@ from edgeopt.runtime.manifest import HistoryEntry, JsonObject, Manifest
 
 __all__ = ["Comparison", "Run", "compare", "load_run", "runs_of"]
 
-_SELECTOR_HELP = "BUNDLE, BUNDLE#benchmarks:N, BUNDLE#profiles:N (N may be negative: -1 is the newest), BUNDLE#HOST, or a bench JSON file"
+_SELECTOR_HELP = (
+    "BUNDLE, BUNDLE#benchmarks:N, BUNDLE#profiles:N (N may be negative: -1 is the newest), BUNDLE#HOST, "
+    "a bench JSON file, or `edgeopt profile --json` output (FILE#HOST when it has several devices)"
+)
 
 
 @dataclass(frozen=True)
@@ -177,18 +180,36 @@ def load_run(spec: str) -> Run:
         manifest = read_manifest(path)
         return _select(manifest, str(path), selector)
     if path.is_file():
-        if selector:
-            raise OptionError(f"{spec}: a selector (#...) picks an entry of a bundle's history, not of a file", hint=f"pass {_SELECTOR_HELP}")
-        document = _read_json(path)
-        if isinstance(document, dict) and "latency_ms" in document:
-            return Run(str(path), "benchmark", document, document.get("device") or {}, None, document.get("created_at"),
-                       (document.get("device") or {}).get("hostname"), tuple(document.get("warnings") or ()), _bundle_of(document, path.parent))
-        if isinstance(document, dict) and isinstance(document.get("bench"), dict):
-            entry = HistoryEntry(document.get("time"), document.get("host"), {k: v for k, v in document.items() if k not in ("time", "host")})
-            return Run.from_history(str(path), "profile", entry, None)
-        raise OptionError(f"{path}: neither a bench result (no latency_ms) nor a profile entry (no bench)",
-                          hint="write one with `edgeopt bench BUNDLE --json > run.json`")
+        return _from_file(path, selector)
     raise OptionError(f"{text}: no such bundle or file", hint=f"pass {_SELECTOR_HELP}")
+
+
+def _profile_entry(source: str, document: JsonObject) -> Run:
+    entry = HistoryEntry(document.get("time"), document.get("host"), {k: v for k, v in document.items() if k not in ("time", "host")})
+    return Run.from_history(source, "profile", entry, None)
+
+
+def _from_file(path: Path, selector: str) -> Run:
+    """A bench result, one profile entry, or `edgeopt profile --json` output (FILE#HOST picks a device)."""
+    document = _read_json(path)
+    if not isinstance(document, dict):
+        document = {}
+    profiles = document.get("profiles")
+    if isinstance(profiles, list):
+        chosen = [p for p in profiles if isinstance(p, dict) and (not selector or p.get("host") == selector)]
+        if len(chosen) != 1:
+            hosts = ", ".join(str(p.get("host")) for p in profiles if isinstance(p, dict)) or "none"
+            raise OptionError(f"{path}#{selector}: {len(chosen)} of its profiles match (hosts: {hosts})", hint=f"pick one host: {path}#HOST")
+        return _profile_entry(f"{path}#{chosen[0].get('host')}", chosen[0])
+    if selector:
+        raise OptionError(f"{path}#{selector}: only `edgeopt profile --json` output has devices to pick from", hint=f"pass {_SELECTOR_HELP}")
+    if "latency_ms" in document:
+        return Run(str(path), "benchmark", document, document.get("device") or {}, None, document.get("created_at"),
+                   (document.get("device") or {}).get("hostname"), tuple(document.get("warnings") or ()), _bundle_of(document, path.parent))
+    if isinstance(document.get("bench"), dict):
+        return _profile_entry(str(path), document)
+    raise OptionError(f"{path}: not a bench result (no latency_ms), a profile entry (no bench) or `edgeopt profile --json` output (no profiles)",
+                      hint="write one with `edgeopt bench BUNDLE --json > run.json`")
 
 
 def _select(manifest: Manifest, source: str, selector: str) -> Run:

@@ -20,8 +20,10 @@ from edgeopt.benchmark import benchmark_here
 from edgeopt.bundle import write_manifest
 from edgeopt.cli import cli
 from edgeopt.compare import Run, compare
+from edgeopt.remote import profile
 from edgeopt.runtime.bundle import read_manifest
 
+from .conftest import SshServer
 from .test_report import page_problems
 
 DIGITS = Path(__file__).resolve().parents[2] / "examples" / "digits"
@@ -43,7 +45,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def _compare(*args: str) -> tuple[int, str]:
     result = CliRunner().invoke(cli, ["compare", *args])
-    return result.exit_code, result.output
+    return result.exit_code, result.stdout
 
 
 def test_fp32_against_int8_gives_ratios_quality_differences_and_a_verdict(bundles: tuple[Path, Path]) -> None:
@@ -144,3 +146,24 @@ def test_a_disturbed_run_is_called_noisy_in_the_verdict() -> None:
     assert calm == "B is 1.00× faster at p50 than A"
     assert tailed == "B is 2.00× faster at p50 than A (noisy: B p90 = 4.0 × p50; repeat on a quiet machine before trusting the ratio)"
     assert bimodal == "B is 5.00× slower at p50 than A (noisy: B p50 = 5.0 × its fastest run; repeat on a quiet machine before trusting the ratio)"
+
+
+def test_edgeopt_profile_json_output_is_a_run_and_picks_a_device(bundles: tuple[Path, Path], sshd: SshServer, tmp_path: Path) -> None:
+    device_bundle = tmp_path / "int8"
+    shutil.copytree(bundles[1], device_bundle)
+    (result,) = profile(device_bundle, [sshd.host], sshd.profile_options(runs=20, remote_cache=str(tmp_path / "device-cache")))
+    saved = tmp_path / "profile.json"
+    saved.write_text(json.dumps({"profiles": [result.to_dict()]}))  # what `edgeopt profile --json` prints
+
+    code, output = _compare(str(bundles[0]), f"{saved}#{sshd.host}", "--json")
+    assert code == 0, output
+    document = json.loads(output)
+    assert document["runs"][1] | {"time": None} == {
+        "letter": "B", "source": f"{saved}#{sshd.host}", "kind": "profile", "name": "model", "precision": "int8",
+        "backend": f"onnxruntime {result.bench['backend']['version']}", "device": sshd.host,
+        "cpu": result.device["cpu"]["model"], "threads": result.bench["threads"], "time": None, "runs": 20,
+    }
+    assert {row["name"]: row for row in document["figures"]}["latency p50"]["values"][1] == result.bench["latency_ms"]["p50"]
+    assert _compare(str(bundles[0]), str(saved))[0] == 0  # one device: no need to name it
+    code, output = _compare(str(bundles[0]), f"{saved}#someone-else", "--json")
+    assert code == 2 and "0 of its profiles match" in json.loads(output)["error"]["message"]
