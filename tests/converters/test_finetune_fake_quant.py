@@ -6,6 +6,7 @@ import math
 import subprocess
 import sys
 
+import ml_dtypes
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -33,6 +34,8 @@ CASES = [
     ("uint8", TensorProto.UINT8, np.array(0.021, np.float32), np.array(37, np.uint8), None),
     ("int8", TensorProto.INT8, np.array([0.01, 0.125, 0.0731], np.float32), np.array([0, 0, 0], np.int8), 1),
     ("int16", TensorProto.INT16, np.array(0.0003, np.float32), np.array(0, np.int16), None),
+    ("int4", TensorProto.INT4, np.array(0.25, np.float32), np.array(0, ml_dtypes.int4), None),
+    ("uint4", TensorProto.UINT4, np.array(0.1, np.float32), np.array(3, ml_dtypes.uint4), None),
 ]
 
 
@@ -50,8 +53,18 @@ def _ort_qdq(x: np.ndarray, onnx_type: int, scale: np.ndarray, zero_point: np.nd
         [numpy_helper.from_array(scale, "s"), numpy_helper.from_array(zero_point, "z")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    if onnx_type in (TensorProto.INT4, TensorProto.UINT4):  # ONNX Runtime cannot hand 4-bit tensors to numpy
+        (values,) = ort_session(model).run(["y"], {"x": x})
+        return np.round(values / scale.reshape(_channel_shape(axis)) + zero_point.astype(np.float32).reshape(_channel_shape(axis))), values
     codes, values = ort_session(model).run(["q", "y"], {"x": x})
     return codes, values
+
+
+def _channel_shape(axis: int | None) -> list[int]:
+    shape = [1] * 4
+    if axis is not None:
+        shape[axis] = -1
+    return shape
 
 
 def _inputs(scale: np.ndarray, zero_point: np.ndarray, qmin: int, qmax: int, axis: int | None) -> np.ndarray:
@@ -74,7 +87,7 @@ def _quantizer(dtype: str, scale: np.ndarray, zero_point: np.ndarray, axis: int 
 
 
 @pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "learned"])
-@pytest.mark.parametrize("dtype, onnx_type, scale, zero_point, axis", CASES, ids=["int8", "int8_zp", "uint8_asym", "int8_per_channel", "int16"])
+@pytest.mark.parametrize("dtype, onnx_type, scale, zero_point, axis", CASES, ids=["int8", "int8_zp", "uint8_asym", "int8_per_channel", "int16", "int4", "uint4_asym"])
 def test_fake_quant_equals_onnx_runtime_bit_for_bit(dtype, onnx_type, scale, zero_point, axis, trainable):
     qmin, qmax = integer_range(dtype)
     x = _inputs(scale, zero_point, qmin, qmax, axis)
