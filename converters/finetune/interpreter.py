@@ -21,7 +21,7 @@ import onnx_ir as ir
 from edgeopt.converters.errors import UnsupportedOpsError
 from edgeopt.converters.finetune.fake_quant import FakeQuantizer, QuantizerMode, QuantSpec, integer_range, nn, torch
 from edgeopt.converters.finetune.ops import REGISTRY
-from edgeopt.converters.finetune.ops.common import NodeSpec
+from edgeopt.converters.finetune.ops.common import TORCH_DTYPES, NodeSpec
 from edgeopt.converters.quantize.placement import sums_products_pairwise
 from edgeopt.converters.graph.qdq import build_time_array, int_attribute, producer_op, qparams, quantization_source
 from edgeopt.runtime.errors import InputSpecError, OptionError
@@ -105,6 +105,10 @@ class TrainableGraph(nn.Module):
         initializers = dict(graph.initializers)
         self.input_names = [v.name for v in graph.inputs if v.name not in initializers]
         self.output_names = [v.name for v in graph.outputs]
+        # a QuantizeLinear's codes are floats (gradients flow); as a graph output they take its integer type
+        self._integer_outputs = {
+            v.name: TORCH_DTYPES[v.dtype.value] for v in graph.outputs if producer_op(v) == "QuantizeLinear" and v.dtype is not None and v.dtype.value in TORCH_DTYPES
+        }
         # inputs declared with batch 1: a larger batch runs per sample (see `forward`)
         self._batch_one = [v.name for v in graph.inputs if v.name not in initializers and v.shape is not None and v.shape.rank() > 0 and v.shape[0] == 1]
         names = self._node_names(graph)
@@ -298,6 +302,18 @@ class TrainableGraph(nn.Module):
 
     # -- queries --------------------------------------------------------------------------------
 
+    def share_quantizer(self, name: str, source: str) -> None:
+        """Run QuantizeLinear `name` (and the DequantizeLinears reading it) with `source`'s quantizer from now
+        on: sites the target needs on one scale (the quantizer gave them one) train one. Its record follows."""
+        old, new = self._quantizer_keys[name], self._quantizer_keys[source]
+        if old == new:
+            return
+        for node, key in list(self._quantizer_keys.items()):
+            if key == old:
+                self._quantizer_keys[node] = new
+        del self.quantizers[old]
+        self._records = [self._bind(record) for record in self._records]
+
     def quantizer_of(self, node_name: str) -> FakeQuantizer:
         """The fake-quant of a QuantizeLinear or DequantizeLinear node (a Q and its DQs share one)."""
         return self.quantizers[self._quantizer_keys[node_name]]
@@ -365,7 +381,9 @@ class TrainableGraph(nn.Module):
             for name in dead:
                 if name not in keep:
                     env.pop(name, None)
-        return {name: env[name] for name in (*self.output_names, *capture)}
+        results = {name: env[name] for name in capture}
+        results.update({name: env[name].to(self._integer_outputs[name]) if name in self._integer_outputs else env[name] for name in self.output_names})
+        return results
 
 
 def _weight_grid(spec: QuantSpec, dequantize: ir.Node, scheme) -> QuantSpec:

@@ -323,3 +323,16 @@ def test_a_batch_trains_like_its_samples_one_by_one():
     assert one_by_one.keys() == together.keys() and len(together) == len(list(graph.parameters()))
     largest = max(float(g.abs().max()) for g in one_by_one.values())
     assert max(float((one_by_one[n] - together[n]).abs().max()) for n in together) <= 1e-5 * largest
+
+
+def test_quantized_graph_outputs_keep_their_integer_type():
+    scale = numpy_helper.from_array(np.array(0.05, np.float32), "s")
+    zero = numpy_helper.from_array(np.array(3, np.uint8), "z")
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["y"], name="q")], "q",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])], [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, 4])], [scale, zero],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.array([[-1.0, 0.124, 0.125, 20.0]], np.float32)
+    ((ours,), (reference,)) = _run(TrainableGraph(model), [{"x": x}]), run_model(model, [{"x": x}])
+    assert ours["y"].dtype == np.uint8 and np.array_equal(ours["y"], reference["y"])
