@@ -9,8 +9,10 @@ shows the per-device timeout. Devices are ~/.ssh/config aliases, as users name t
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -91,9 +93,9 @@ def test_a_fleet_from_a_hosts_file_gives_one_table_one_json_and_each_devices_his
     hosts_file = tmp_path / "fleet.txt"
     hosts_file.write_text("# the lab's boards\ndev-a\n\ndev-b   # second shelf\ndev-down\ndev-impostor\ndev-a\n")
     bundle = tmp_path / "bundle"
-    subprocess.run(["cp", "-r", str(int8_bundle), str(bundle)], check=True)
+    shutil.copytree(int8_bundle, bundle)
     argv = [
-        "profile", str(bundle), "--hosts-file", str(hosts_file), "--ssh-config", str(config), "--python", _python(),
+        "profile", str(bundle), "--hosts-file", str(hosts_file), "--ssh-config", str(config), "--python", sys.executable,
         "--runs", "5", "--warmup", "1", "--connect-timeout", "5", "--timeout", "120", "--device-timeout", "180",
         "--max-parallel", "4", "--layers", "--layer-runs", "3",
     ]  # fmt: skip
@@ -128,12 +130,6 @@ def test_a_fleet_from_a_hosts_file_gives_one_table_one_json_and_each_devices_his
     assert any(line.startswith("· dev-b: done, p50 ") for line in progress)
     history = json.loads((bundle / "manifest.json").read_text())["profiles"]
     assert [p["host"] for p in history].count("dev-a") == 2  # the second run added to each device's history
-
-
-def _python() -> str:
-    import sys
-
-    return sys.executable
 
 
 @pytest.fixture
