@@ -52,7 +52,7 @@ def _npz(path: Path, samples: list[dict[str, np.ndarray]]) -> Path:
 
 
 def _profile_over_ssh(bundles: list[Path], work: Path) -> None:
-    """Each bundle profiled once over a real OpenSSH server on 127.0.0.1."""
+    """Each bundle profiled once, with layer timings, over a real OpenSSH server on 127.0.0.1."""
     root = work / "sshd"
     root.mkdir()
     Path("/run/sshd").mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -69,6 +69,7 @@ def _profile_over_ssh(bundles: list[Path], work: Path) -> None:
         options = ProfileOptions(
             port=port, identity=client, python=sys.executable, runs=RUNS, warmup=20, threads=THREADS, connect_timeout=5,
             command_timeout=600, ssh_config=_write_client_config(root, known), known_hosts=known, remote_cache=str(root / "cache"),
+            layers=True, layer_runs=LAYER_RUNS,
         )
         for bundle in bundles:
             profile(bundle, [f"{user}@127.0.0.1"], options, progress=lambda m: print("·", m, flush=True))
@@ -137,7 +138,7 @@ def main() -> None:
         f"`python bench/report_screenshots.py --model {name}`: {name} built for onnxruntime-cpu in fp32 and in int8 "
         "(--effort fast, 64 calibration / 128 evaluation images), each benchmarked here in "
         f"{ROUNDS} interleaved rounds ({RUNS} runs after 20 warm-up, {THREADS} thread, layer timings over {LAYER_RUNS} "
-        f"profiled runs), then profiled once over a real sshd on 127.0.0.1 ({RUNS} runs). Load average after: "
+        f"profiled runs), then profiled once over a real sshd on 127.0.0.1 ({RUNS} runs, layer timings). Load average after: "
         f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on 2 shared cores: latency figures are disturbed (the verdict says "
         "which run is noisy).",
         "",
