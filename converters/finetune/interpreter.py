@@ -322,6 +322,14 @@ class TrainableGraph(nn.Module):
         """"activation", "weight", "bias" or "frozen" (see `QuantRecord.kind`)."""
         return self._dq_roles[node_name]
 
+    @property
+    def device(self) -> torch.device:
+        """Where the graph's tensors live (ops that make tensors from nothing put them there)."""
+        tensor = next(self.parameters(), None)
+        if tensor is None:
+            tensor = next(self.buffers(), None)
+        return tensor.device if tensor is not None else torch.device("cpu")
+
     def quant_params(self) -> list[QuantRecord]:
         """Every fake-quant with the ONNX nodes and initializers it came from (see `QuantRecord`), in graph order."""
         return list(self._records)

@@ -16,7 +16,7 @@ from edgeopt.converters.finetune.ops.common import TORCH_DTYPES, NodeSpec, integ
 def shape(node: NodeSpec, inputs: list, graph) -> tuple:
     dims = list(inputs[0].shape)
     start, end = node.attr("start", 0), node.attr("end")
-    return (torch.tensor(dims[start:end] if end is not None else dims[start:], dtype=torch.int64),)
+    return (torch.tensor(dims[start:end] if end is not None else dims[start:], dtype=torch.int64, device=graph.device),)
 
 
 @REGISTRY.register("Reshape")
@@ -142,18 +142,18 @@ def _constant_support(node: NodeSpec) -> str | None:
 def constant(node: NodeSpec, inputs: list, graph) -> tuple:
     for key, dtype in (("value_float", np.float32), ("value_floats", np.float32), ("value_int", np.int64), ("value_ints", np.int64)):
         if key in node.attrs:
-            return (torch.as_tensor(np.asarray(node.attrs[key], dtype)),)
-    return (torch.as_tensor(np.array(node.attrs["value"])),)
+            return (torch.as_tensor(np.asarray(node.attrs[key], dtype), device=graph.device),)
+    return (torch.as_tensor(np.array(node.attrs["value"]), device=graph.device),)
 
 
 @REGISTRY.register("ConstantOfShape")
 def constant_of_shape(node: NodeSpec, inputs: list, graph) -> tuple:
     value = node.attr("value")
     fill = torch.as_tensor(np.array(value).reshape(-1)[:1]) if value is not None else torch.zeros(1, dtype=torch.float32)
-    return (fill.reshape([]).expand(integers(inputs[0])).clone(),)
+    return (fill.reshape([]).expand(integers(inputs[0])).clone().to(graph.device),)
 
 
 @REGISTRY.register("Range")
 def range_(node: NodeSpec, inputs: list, graph) -> tuple:
     start, limit, delta = inputs
-    return (torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype),)
+    return (torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype, device=start.device),)
