@@ -334,6 +334,12 @@ class TrainableGraph(nn.Module):
         """Every fake-quant with the ONNX nodes and initializers it came from (see `QuantRecord`), in graph order."""
         return list(self._records)
 
+    def float_parameters(self) -> dict[str, nn.Parameter]:
+        """{ONNX initializer name: parameter} for the float initializers that train as they are, outside any
+        quantizer (LayerNorm scales, biases and weights of layers left float...): a write-back must put these
+        into the initializers of the same name too, or the graph ships values training did not end with."""
+        return {name: self.weights[key] for name, container, key in self._sources if container == "weights"}
+
     def bias_scale(self, record: QuantRecord) -> np.ndarray:
         """The int32 bias scale that ships with the current scales: float32(s_in) · float32(s_w); the stored one when its sources are unknown."""
         if record.bias_sources is None:

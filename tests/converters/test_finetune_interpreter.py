@@ -169,6 +169,7 @@ def test_float_tensors_train_scalars_and_configuration_inputs_do_not_and_capture
     )
     graph = TrainableGraph(model)
     assert [name for name, _ in graph.named_parameters()] == ["weights.w"]
+    assert list(graph.float_parameters()) == ["w"] and graph.float_parameters()["w"] is graph.initializer("w")
     assert sorted(name for name, _ in graph.named_buffers()) == ["constants.%half", "constants.high", "constants.low"]  # '%': Module.half exists
     x = rng.normal(size=(1, 4)).astype(np.float32)
     outputs = graph({"x": torch.from_numpy(x)}, capture=("h",))
