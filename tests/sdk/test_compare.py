@@ -24,7 +24,7 @@ from edgeopt.remote import profile
 from edgeopt.runtime.bundle import read_manifest
 
 from .conftest import SshServer
-from .test_report import page_problems
+from .test_report import CHROMIUM, IMAGE, chromium_console, page_problems
 
 DIGITS = Path(__file__).resolve().parents[2] / "examples" / "digits"
 # A noisy run (p90 over 1.5 × p50: this machine is shared) adds a note in brackets.
@@ -89,6 +89,9 @@ def test_the_text_table_and_the_html_page(bundles: tuple[Path, Path], tmp_path: 
     html = page.read_text(encoding="utf-8")
     assert page_problems(html, {"verdict", "figures", "latency"}) == []
     assert "<script" not in html
+    if CHROMIUM is not None:  # the same headless check as report.html's (skipped there, with its reason, without Chromium)
+        images = len(IMAGE.findall(html))
+        assert chromium_console(page) == [f"edgeopt-probe decoded={images} of {images}"]
 
 
 def test_a_history_entry_a_device_and_a_bench_json_file_are_runs(bundles: tuple[Path, Path], tmp_path: Path) -> None:

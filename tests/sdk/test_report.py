@@ -140,10 +140,11 @@ def test_the_histogram_marks_the_real_p99_not_the_maximum() -> None:
     assert (drawn.p50, drawn.p90) == pytest.approx(tuple(np.percentile(samples, [50, 90])))
 
 
-def test_a_run_caption_gives_the_percentiles_of_its_samples(tmp_path: Path) -> None:
+def test_a_run_caption_gives_the_percentiles_of_its_samples(measured_bundle: Path, tmp_path: Path) -> None:
     bundle = tmp_path / "b"
-    edgeopt.build(DIGITS / "model.onnx", "ort", output=bundle)
-    result = benchmark_here(bundle, warmup=2, runs=40).to_dict()
+    shutil.copytree(measured_bundle, bundle)
+    result = read_manifest(bundle).benchmarks[0].results
+    # the measured run with one page-fault-like outlier in place of its last sample: p99 is not the max
     entry = {**result, "time": "2026-01-01T00:00:00+00:00", "samples_ms": [*result["samples_ms"][:39], 1000.0]}
     append_history(bundle, "benchmarks", entry)
     page = render(read_manifest(bundle))
