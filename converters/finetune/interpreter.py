@@ -2,9 +2,10 @@
 
 Fine-tuning trains the very graph that ships (no export to PyTorch and back): `TrainableGraph` reads
 the graph through onnx_ir once into plain node records, and `forward` runs the nodes in order with
-the torch handlers of `converters/finetune/ops`. Float initializers with more than one element are
-`nn.Parameter`s (trainable); scalars, configuration inputs (Clip bounds, Pow exponents, Resize scales)
-and integer tensors are buffers. In a QDQ graph every QuantizeLinear (with the DequantizeLinears that
+the torch handlers of `converters/finetune/ops`. Float initializers that are a layer's weights (the
+weight and bias inputs of Conv/Gemm/MatMul, normalization scales and biases, Gather tables) are
+`nn.Parameter`s (trainable); other constants (folded anchor grids, BatchNorm statistics, Clip bounds,
+Mul/Add constants) and integer tensors are buffers. In a QDQ graph every QuantizeLinear (with the DequantizeLinears that
 read it) and every DequantizeLinear of a stored weight is a `FakeQuantizer`; `quant_params()` says which
 ONNX nodes and initializers each one came from, so trained values go back into the same graph.
 """
@@ -31,8 +32,14 @@ __all__ = ["QuantRecord", "TrainableGraph"]
 INTERPRETER = "edgeopt's trainable interpreter"
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 
-#: (op, input index) that configure an op rather than carry data: float, but never trained
-_CONFIGURATION_INPUTS = frozenset({("Clip", 1), ("Clip", 2), ("Pow", 1), ("Resize", 1), ("Resize", 2), ("Resize", 3)})
+#: (op, input index) of a layer's weights: the float initializers there train. Constants elsewhere do
+#: not: after simplify they include folded anchor grids and position tables (yolov8n's head) that
+#: gradient descent must not move, and BatchNorm's statistics.
+_WEIGHT_INPUTS = frozenset(
+    {("Conv", 1), ("Conv", 2), ("ConvTranspose", 1), ("ConvTranspose", 2), ("Gemm", 0), ("Gemm", 1), ("Gemm", 2), ("MatMul", 0), ("MatMul", 1)}
+    | {(op, i) for op in ("LayerNormalization", "BatchNormalization", "InstanceNormalization") for i in (1, 2)}
+    | {("Gather", 0), ("PRelu", 1)}
+)
 #: outputs whose quantization TFLite fixes: (scale, zero point at the bottom or middle of the range)
 _FIXED_OUTPUTS = {"Softmax": (1.0 / 256.0, "bottom"), "Sigmoid": (1.0 / 256.0, "bottom"), "Tanh": (1.0 / 128.0, "middle")}
 
@@ -286,7 +293,7 @@ class TrainableGraph(nn.Module):
             if name in qdq_parameters and all(user.op_type in _QDQ and index > 0 for user, index in uses):
                 continue
             tensor = torch.from_numpy(np.array(array))
-            trainable = tensor.is_floating_point() and tensor.numel() > 1 and any((user.op_type, index) not in _CONFIGURATION_INPUTS for user, index in uses)
+            trainable = tensor.is_floating_point() and any((user.op_type, index) in _WEIGHT_INPUTS for user, index in uses)
             if trainable:
                 self.weights[_key(name)] = nn.Parameter(tensor)
                 self._sources.append((name, "weights", _key(name)))

@@ -152,25 +152,27 @@ def _tiny(nodes, initializers, output_shape=(1, 4)) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom.domain", 1)])
 
 
-def test_float_tensors_train_scalars_and_configuration_inputs_do_not_and_capture_reads_intermediates():
+def test_layer_weights_train_other_constants_do_not_and_capture_reads_intermediates():
     rng = np.random.default_rng(0)
     model = _tiny(
         [
             helper.make_node("MatMul", ["x", "w"], ["h"], name="matmul"),
             helper.make_node("Mul", ["h", "half"], ["m"], name="scale"),
-            helper.make_node("Clip", ["m", "low", "high"], ["y"], name="clip"),
+            helper.make_node("Clip", ["m", "low", "high"], ["c"], name="clip"),
+            helper.make_node("Add", ["c", "grid"], ["y"], name="offset"),
         ],
         [
             numpy_helper.from_array(rng.normal(size=(4, 4)).astype(np.float32), "w"),
             numpy_helper.from_array(np.array(0.5, np.float32), "half"),
             numpy_helper.from_array(np.array(-1.0, np.float32), "low"),
             numpy_helper.from_array(np.array(1.0, np.float32), "high"),
+            numpy_helper.from_array(np.arange(4, dtype=np.float32).reshape(1, 4), "grid"),  # a folded anchor grid
         ],
     )
     graph = TrainableGraph(model)
     assert [name for name, _ in graph.named_parameters()] == ["weights.w"]
     assert list(graph.float_parameters()) == ["w"] and graph.float_parameters()["w"] is graph.initializer("w")
-    assert sorted(name for name, _ in graph.named_buffers()) == ["constants.%half", "constants.high", "constants.low"]  # '%': Module.half exists
+    assert sorted(name for name, _ in graph.named_buffers()) == ["constants.%half", "constants.grid", "constants.high", "constants.low"]  # '%': Module.half exists
     x = rng.normal(size=(1, 4)).astype(np.float32)
     outputs = graph({"x": torch.from_numpy(x)}, capture=("h",))
     (reference,) = run_model(model, [{"x": x}], outputs=["h"])
