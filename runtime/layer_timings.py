@@ -643,6 +643,11 @@ class OnnxNode:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
 
+    @property
+    def label(self) -> str:
+        """The node's name; an unnamed node (exporters leave Q/DQ nodes unnamed) as `OpType(first output)`."""
+        return self.name or f"{self.op_type}({self.outputs[0] if self.outputs else ''})"
+
 
 class OnnxNodeMapper:
     """Maps a backend's kernel names to the ONNX nodes of the artifact (read with a small protobuf
@@ -720,7 +725,7 @@ class OnnxNodeMapper:
                 groups[kernel].append(node)
         order = {id(node): index for index, node in enumerate(self.nodes)}
         return {
-            kernel: (group[0].name, *(n.name for n in sorted(group[1:], key=lambda n: order[id(n)])))
+            kernel: (group[0].label, *(n.label for n in sorted(group[1:], key=lambda n: order[id(n)])))
             for kernel, group in groups.items()
         }
 

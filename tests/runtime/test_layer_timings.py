@@ -248,8 +248,9 @@ def test_node_mapper_joins_requantization_to_the_producing_kernel() -> None:
         OnnxNode("c1_dq", "DequantizeLinear", ("c1q", "s", "z"), ("c1d",)),
         OnnxNode("conv2", "Conv", ("c1d", "w1"), ("y",)),
     ]
+    nodes[0] = OnnxNode("", "DequantizeLinear", ("xq", "s", "z"), ("x",))  # exporters often leave Q/DQ unnamed
     claims = OnnxNodeMapper(nodes, ["y"]).claim_kernels(["conv1_token_3", "conv2", "Transpose_token_9"])
-    assert claims["conv1_token_3"] == ("conv1", "x_dq", "w1_dq", "c1_q")  # anchor first, then graph order
+    assert claims["conv1_token_3"] == ("conv1", "DequantizeLinear(x)", "w1_dq", "c1_q")  # anchor first, then graph order
     assert claims["conv2"] == ("conv2", "w1_dq", "c1_dq")  # w1_dq feeds both kernels: listed with each
     assert "Transpose_token_9" not in claims  # a layout kernel ONNX Runtime inserted has no ONNX node
 
