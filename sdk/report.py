@@ -36,6 +36,7 @@ th{font-weight:600;color:#3b4450}td.n{text-align:right;font-variant-numeric:tabu
 img.chart{display:block;max-width:100%;height:auto;margin:.4rem 0}
 .facts{display:grid;grid-template-columns:1fr 1fr;gap:0 1.5rem}.verdict{font-size:1.1rem;font-weight:600;margin:.4rem 0}
 code{font-size:.92em;background:#f3f5f7;padding:0 .2em;border-radius:3px}
+table.figures td:not(:first-child),table.figures th:not(:first-child){text-align:right;white-space:nowrap;font-variant-numeric:tabular-nums}
 """
 
 
@@ -49,10 +50,11 @@ def _cell(value: Any) -> str:
     return f"<td>{_e(value)}</td>"
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, figures: bool = False) -> str:
+    """A table; with `figures`, every column after the first is right-aligned (formatted numbers)."""
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(_cell(c) for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table{' class=figures' if figures else ''}><tr>{head}</tr>{body}</table>"
 
 
 def _section(key: str, title: str, *body: str) -> str:
@@ -360,13 +362,33 @@ def _history(runs: Sequence[Run]) -> str:
                     _table(["time (UTC)", "device", "run", "backend", "p50 (ms)", "p99 (ms)", "reference parity"], rows))
 
 
+def _summary(m: Manifest, runs: Sequence[Run]) -> str:
+    """What a person looks for first: size, fidelity against fp32, and the newest latency."""
+    assert m.compression is not None
+    comp = m.compression
+    parts = [f"{_bytes(comp.bytes_after)} ({comp.bytes_after / comp.bytes_before:.0%} of the source)" if comp.bytes_before else _bytes(comp.bytes_after)]
+    figures = {q.name: q.optimized for q in m.quality.metrics} if m.quality else {}
+    if figures.get("top1_agreement") is not None:
+        parts.append(f"top-1 agreement with fp32 {100 * figures['top1_agreement']:.2f}%")
+    elif figures.get("cosine") is not None:
+        parts.append(f"cosine with fp32 {figures['cosine']:.5f}")
+    measured = [run for run in runs if run.latency.get("p50") is not None]
+    if measured:
+        newest = measured[-1]
+        parts.append(f"p50 {float(newest.latency['p50']):.4g} ms on {newest.device_name} ({newest.kind}, {_when(newest.time)} UTC)")
+    else:
+        parts.append("latency not measured yet: run edgeopt bench or edgeopt profile on it")
+    return "; ".join(parts)
+
+
 def render(manifest: Manifest) -> str:
     m = manifest
     assert m.target is not None and m.compression is not None and m.reference is not None and m.reference.measured is not None
     runs = runs_of(m, "this bundle")
     heading = (f"<h1>{_e(m.name)} → {_e(m.target.name)} ({_e(m.target.artifact_format)}, {_e(precision_label(m))})</h1>"
                f"<p class='muted'>edgeopt {_e(m.edgeopt_version)}, built {_e(m.created_at)}; runtime backend {_e(m.runtime.backend)}; "
-               f"toolchain {_e(', '.join(f'{k} {v}' for k, v in m.toolchain.items()))}</p>")
+               f"toolchain {_e(', '.join(f'{k} {v}' for k, v in m.toolchain.items()))}</p>"
+               f"<p class='verdict'>{_e(_summary(m, runs))}</p>")
     body = [_sizes(m), _stages(m), _parity(m)]
     if m.quality:
         body.append(_quality(m))
@@ -399,7 +421,7 @@ def comparison_page(comparison: Comparison) -> str:
                   [[r["letter"], r["name"], r["precision"], r["backend"], r["device"], f"{r['cpu'] or '?'}, {r['threads'] or 'default'}",
                     f"{r['kind']} at {_when(r['time'])}" + (f", {r['runs']} runs" if r["runs"] else ""), r["source"]] for r in document["runs"]])
     figure_rows = [[name, *values, *against] for name, values, against in comparison.table()]
-    figures = _table(["figure", *letters, *(f"{l} vs {letters[0]}" for l in letters[1:])], figure_rows)
+    figures = _table(["figure", *letters, *(f"{l} vs {letters[0]}" for l in letters[1:])], figure_rows, figures=True)
     labelled = [(f"{letter}: {Path(run.source.split('#')[0]).name} ({run.precision})", run) for letter, run in zip(letters, comparison.runs)]
     body = [
         _section("verdict", "Verdict", *(f"<p class='verdict'>{_e(v)}</p>" for v in comparison.verdicts), runs),
@@ -414,6 +436,6 @@ def comparison_page(comparison: Comparison) -> str:
         chart = charts.compare_layers([label for label, _ in labelled], [m.label for m in comparison.layers],
                                       [[m.times[i] for m in comparison.layers] for i in range(len(letters))])
         body.append(_section("layers", f"Per-layer time (the slowest of {letters[0]}, matched by ONNX node name; ms)", chart,
-                             _table(["layer", *letters, *(f"{l} vs {letters[0]}" for l in letters[1:])], rows)))
+                             _table(["layer", *letters, *(f"{l} vs {letters[0]}" for l in letters[1:])], rows, figures=True)))
     heading = f"<h1>edgeopt compare: {_e(' vs '.join(label for label, _ in labelled))}</h1>"
     return _page("edgeopt compare", heading, body)
