@@ -38,7 +38,7 @@ _QDQ = ("QuantizeLinear", "DequantizeLinear")
 _WEIGHT_INPUTS = frozenset(
     {("Conv", 1), ("Conv", 2), ("ConvTranspose", 1), ("ConvTranspose", 2), ("Gemm", 0), ("Gemm", 1), ("Gemm", 2), ("MatMul", 0), ("MatMul", 1)}
     | {(op, i) for op in ("LayerNormalization", "BatchNormalization", "InstanceNormalization") for i in (1, 2)}
-    | {("Gather", 0), ("PRelu", 1)}
+    | {("Gather", 0), ("PRelu", 1), ("QuantizeLinear", 0)}  # a float weight quantized at run time (QAT exports)
 )
 #: outputs whose quantization TFLite fixes: (scale, zero point at the bottom or middle of the range)
 _FIXED_OUTPUTS = {"Softmax": (1.0 / 256.0, "bottom"), "Sigmoid": (1.0 / 256.0, "bottom"), "Tanh": (1.0 / 128.0, "middle")}

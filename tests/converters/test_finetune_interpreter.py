@@ -339,3 +339,30 @@ def test_quantized_graph_outputs_keep_their_integer_type():
     x = np.array([[-1.0, 0.124, 0.125, 20.0]], np.float32)
     ((ours,), (reference,)) = _run(TrainableGraph(model), [{"x": x}]), run_model(model, [{"x": x}])
     assert ours["y"].dtype == np.uint8 and np.array_equal(ours["y"], reference["y"])
+
+
+def test_a_float_weight_quantized_at_run_time_trains_through_its_quantizer():
+    # how QAT exports (torch.onnx) write weights: float initializer -> QuantizeLinear -> DequantizeLinear
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
+    scales = (np.abs(weight).reshape(4, -1).max(axis=1) / 127).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("QuantizeLinear", ["w", "ws"], ["wq"], axis=0, name="weight_q"),
+            helper.make_node("DequantizeLinear", ["wq", "ws"], ["wd"], axis=0, name="weight_dq"),
+            helper.make_node("Conv", ["x", "wd"], ["y"], name="conv"),
+        ],
+        "qat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 5, 5])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(scales, "ws")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.normal(size=(1, 3, 5, 5)).astype(np.float32)
+    trainable = TrainableGraph(model)
+    y = trainable({"x": torch.from_numpy(x)})["y"]
+    (reference,) = run_model(model, [{"x": x}])
+    np.testing.assert_allclose(y.detach().numpy(), reference["y"], rtol=1e-5, atol=1e-5)
+    (record,) = trainable.quant_params()
+    assert (record.quantize_node, record.spec.axis, record.quantizer.elements) == ("weight_q", 0, weight.size)
+    y.square().sum().backward()
+    assert list(trainable.float_parameters()) == ["w"] and trainable.float_parameters()["w"].grad.abs().sum() > 0
+    assert record.quantizer.scale.grad is not None
