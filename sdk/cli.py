@@ -17,7 +17,7 @@ import click
 
 from edgeopt.errors import EdgeoptError
 from edgeopt.runtime.isa import IsaClass
-from edgeopt.runtime.kinds import BackendName, CalibrationMethod, Effort, Precision, PruneCriterion, Technique
+from edgeopt.runtime.kinds import BackendName, CalibrationMethod, Effort, FinetuneMode, Precision, PruneCriterion, Technique
 from edgeopt.runtime.manifest import JsonObject
 
 if TYPE_CHECKING:
@@ -305,6 +305,24 @@ def _technique_switches(pairs: tuple[str, ...]) -> dict[Technique, bool]:
 @click.option("--prune-criterion", type=_Names(PruneCriterion), default=PruneCriterion.L2.value, show_default=True, help="How --prune ranks channels.")
 @click.option("--prune-global", is_flag=True, help="One ranking over every group instead of the same share in each.")
 @click.option("--prune-protect", "prune_protected", multiple=True, metavar="NODE", help="Keep this layer's output channels (repeatable).")
+@click.option(
+    "--finetune",
+    type=_Names(FinetuneMode),
+    help="int8: train the quantized graph's weights and scales on --train-data: qad distils from the fp32 model"
+    " (no labels needed), qat trains on the labels. Needs PyTorch (pip install 'edgeopt[train]').",
+)
+@click.option(
+    "--train-data",
+    type=click.Path(path_type=Path),
+    help="Data for --finetune: .npz (one array per input, labels as 'labels'), .npy, or an image folder (a sub-folder per class gives labels).",
+)
+@click.option("--epochs", type=_COUNT, help="--finetune: most epochs [default: 8]; training stops when held-out fidelity stops improving.")
+@click.option("--lr", type=_FiniteFloat(min=0, min_open=True), help="--finetune: Adam's learning rate [default: 1e-4].")
+@click.option(
+    "--finetune-checkpoints",
+    type=click.Path(path_type=Path),
+    help="--finetune: keep a checkpoint per epoch in this folder; a later build with the same model, data and options resumes from it.",
+)
 @click.option("--archive", is_flag=True, help="Also pack the bundle as <bundle>.tar.gz.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--quiet", "-q", is_flag=True, help="Nothing on stdout or stderr but errors (no progress, no summary).")
@@ -328,6 +346,11 @@ def build(
     prune_criterion: PruneCriterion,
     prune_global: bool,
     prune_protected: tuple[str, ...],
+    finetune: FinetuneMode | None,
+    train_data: Path | None,
+    epochs: int | None,
+    lr: float | None,
+    finetune_checkpoints: Path | None,
     archive: bool,
     force: bool,
     quiet: bool,
@@ -355,6 +378,11 @@ def build(
         prune_criterion=prune_criterion,
         prune_global=prune_global,
         prune_protected=prune_protected,
+        finetune=finetune,
+        train_data=train_data,
+        epochs=epochs,
+        lr=lr,
+        finetune_checkpoints=finetune_checkpoints,
         archive=archive,
         force=force,
         progress=_StageProgress(quiet or as_json),

@@ -1,15 +1,14 @@
-"""The build pipeline: load → validate → simplify → [prune] → [quantize] → lower → verify → package.
+"""The build pipeline: load → validate → simplify → [prune] → [quantize] → [finetune] → lower → verify → package.
 
 `build` parses what the user gave once (precision, target, CPU class) and runs the `BUILD` command,
 a list of stages (`edgeopt.stages`) over one `BuildContext`; each stage is timed and reported into
-the manifest. QAT fine-tuning is a future stage over the same context; `edgeopt prune` (`edgeopt.pruning`)
-runs the prune step alone.
+the manifest. `edgeopt prune` (`edgeopt.pruning`) runs the prune step alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 import enum
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -22,14 +21,15 @@ from edgeopt.runtime.errors import OptionError
 from edgeopt.package import PACKAGE, write_build_manifest
 from edgeopt.report import all_float, precision_label
 from edgeopt.runtime.isa import isa_mismatch
-from edgeopt.runtime.kinds import Effort, Precision, Technique
+from edgeopt.runtime.kinds import Effort, FinetuneMode, Precision, Technique
 from edgeopt.runtime.manifest import Manifest, QualityMetric
-from edgeopt.stages import CHECK_OPS, EVALUATE, LOAD, LOWER, QUANTIZE, SIMPLIFY, VALIDATE, VERIFY
+from edgeopt.stages import CHECK_OPS, EVALUATE, FINETUNE, LOAD, LOWER, QUANTIZE, SIMPLIFY, VALIDATE, VERIFY
 from edgeopt.targets import Target, get_target
 from edgeopt.stages import PRUNE
 from edgeopt.runtime.kinds import PruneCriterion
 
 if TYPE_CHECKING:
+    from edgeopt.converters.finetune.train import FinetuneOptions
     from edgeopt.converters.prune import PruneOptions
 
 E = TypeVar("E", bound=enum.Enum)
@@ -39,7 +39,7 @@ __all__ = ["BUILD", "BuildResult", "Progress", "build"]
 #: `edgeopt build`: every stage a bundle needs, checks first (nothing is written if they fail).
 BUILD = Command(
     checks=(LOAD, VALIDATE),
-    steps=(SIMPLIFY, PRUNE, CHECK_OPS, QUANTIZE, LOWER, VERIFY, EVALUATE, PACKAGE),
+    steps=(SIMPLIFY, PRUNE, CHECK_OPS, QUANTIZE, FINETUNE, LOWER, VERIFY, EVALUATE, PACKAGE),
     finish=write_build_manifest,
 )
 
@@ -66,6 +66,11 @@ def build(
     isa: str | None = None,
     force: bool = False,
     archive: bool = False,
+    finetune: str | FinetuneMode | FinetuneOptions | None = None,
+    train_data: Any = None,
+    epochs: int | None = None,
+    lr: float | None = None,
+    finetune_checkpoints: str | Path | None = None,
     progress: Progress | None = None,
 ) -> BuildResult:
     """Build a verified bundle of `model` for `target`; see the README for the options' meaning.
@@ -76,6 +81,10 @@ def build(
     widths are rounded up to the target's channel multiple; `prune_protected` names layers kept whole.
     `effort`: "fast", "default" or "max": which PTQ techniques int8 may try, each kept only if it helps
     on held-out calibration samples. `techniques`: {name: True/False} forces one on or off unmeasured.
+    `finetune`: "qad" (distillation from the fp32 model, no labels needed) or "qat" (task loss, labels
+    needed), or a `FinetuneOptions`, trains the int8 QDQ graph on `train_data` (a path, a
+    `torch.utils.data.DataLoader` or an iterable of input dicts) for at most `epochs` at Adam's `lr`;
+    `finetune_checkpoints`: a folder for per-epoch checkpoints that a later build resumes from.
     """
     model_path = Path(model)
     profile = target if isinstance(target, Target) else get_target(target)
@@ -98,6 +107,8 @@ def build(
         prune=_prune_options(prune, prune_criterion, prune_global, prune_protected, profile),
         force=force,
         archive=archive,
+        finetune=_finetune_options(finetune, epochs, lr, finetune_checkpoints),
+        train_data=train_data,
     )
     context = run_command(BUILD, BuildContext(options, progress))
     assert context.manifest is not None and context.lowered is not None
@@ -114,6 +125,22 @@ def _parse_precision(text: str | Precision, target: Target) -> Precision:
             f"precision '{text}' is not available for {target.name}",
             hint=f"choose one of: {', '.join(p.value for p in target.precisions)}",
         ) from None
+
+
+def _finetune_options(
+    finetune: str | FinetuneMode | FinetuneOptions | None, epochs: int | None, lr: float | None, checkpoints: str | Path | None
+) -> FinetuneOptions | None:
+    """The fine-tuning options from the API's arguments; epochs, lr and checkpoints only with a mode."""
+    if finetune is None:
+        given = [name for name, value in (("epochs", epochs), ("lr", lr), ("finetune_checkpoints", checkpoints)) if value is not None]
+        if given:
+            raise OptionError(f"{', '.join(given)} apply only to fine-tuning", hint="add --finetune qad (finetune='qad' in Python), or qat with labels")
+        return None
+    from edgeopt.converters.finetune.train import FinetuneOptions  # torch is needed only from here on
+
+    options = finetune if isinstance(finetune, FinetuneOptions) else FinetuneOptions(mode=_parse_named(FinetuneMode, finetune, "finetune mode"))
+    changes: dict[str, Any] = {"epochs": epochs, "lr": lr, "checkpoint_dir": None if checkpoints is None else Path(checkpoints)}
+    return replace(options, **{k: v for k, v in changes.items() if v is not None})
 
 
 def _prune_options(

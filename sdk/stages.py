@@ -1,8 +1,7 @@
-"""The pipeline's stages: load → validate → simplify → [prune] → check_ops → [quantize] → lower → verify → [evaluate] → package.
+"""The pipeline's stages: load → validate → simplify → [prune] → check_ops → [quantize] → [finetune] → lower → verify → [evaluate] → package.
 
 Each is a function of the `BuildContext` that fills in its own fields and returns its report.
-QAT fine-tuning (after quantize) is a stage still to come; a command that runs it lists it among
-these (`edgeopt.context.Command`).
+A command lists the stages it runs (`edgeopt.context.Command`).
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from edgeopt.runtime.manifest import JsonObject, OutputTolerance, Tolerance
 from edgeopt.runtime.spec import TensorSpec
 from edgeopt.targets import Target
 
-__all__ = ["CHECK_OPS", "EVALUATE", "LOAD", "LOWER", "QUANTIZE", "SIMPLIFY", "VALIDATE", "VERIFY", "to_artifact_io"]
+__all__ = ["CHECK_OPS", "EVALUATE", "FINETUNE", "LOAD", "LOWER", "QUANTIZE", "SIMPLIFY", "VALIDATE", "VERIFY", "to_artifact_io"]
 
 #: Quality without --eval: calibration samples held out from range estimation (never fewer than this).
 MIN_HELD_OUT = 32
@@ -78,6 +77,8 @@ def validate(context: BuildContext) -> JsonObject:
     if options.calibration is not None:
         context.calibration_set = _open_data(options.calibration, context.inputs, "calibration")
     context.range_set, context.quality_set, context.quality_data = _quality_split(context)
+    if options.finetune is not None or options.train_data is not None:
+        context.training_data = _training_data(context)
     context.static_shapes = _static_shapes(context.inputs, options.input_shapes, _given_data(context))
     return {"precision": precision.value, "qat_model": context.qat_model, "changed": False}
 
@@ -105,6 +106,29 @@ def _open_data(source: Any, inputs: list[TensorSpec], role: str) -> Any:
     for _ in dataset.take(1):
         pass
     return dataset
+
+
+def _training_data(context: BuildContext) -> Any:
+    """--finetune's data, read and checked now; fine-tuning needs an int8 build of an fp32 model and torch."""
+    from edgeopt.converters.finetune.data import load_training_data  # BackendUnavailableError without torch
+    from edgeopt.converters.finetune.train import check_labels
+
+    options = context.options
+    if options.finetune is None:
+        raise OptionError("--train-data is read only by --finetune", hint="add --finetune qad (or qat, with labels), or drop --train-data")
+    mode = options.finetune.mode
+    if not context.precision.quantizes_activations:
+        raise OptionError(f"--finetune {mode} trains the int8 QDQ graph; precision {context.precision} has none", hint="build with --precision int8")
+    if context.qat_model:
+        raise OptionError(
+            f"--finetune {mode} quantizes and distils from an fp32 model; this one already carries QuantizeLinear/DequantizeLinear",
+            hint="fine-tune the fp32 model, or build this QAT model without --finetune to keep its scales",
+        )
+    if options.train_data is None:
+        raise OptionError(f"--finetune {mode} needs training data", hint="pass --train-data DIR|file.npz (labels as the 'labels' array, needed by qat)")
+    data = load_training_data(options.train_data, context.inputs)
+    check_labels(mode, data)
+    return data
 
 
 def _given_data(context: BuildContext) -> Any:
@@ -146,6 +170,7 @@ def simplify_model(context: BuildContext) -> JsonObject:
     assert context.source is not None
     context.stats_before = model_stats(context.source)
     context.model, report = simplify(context.source, context.static_shapes)
+    context.float_model = context.model
     context.nodes_after_simplify = report.nodes_after
     return {
         **report.to_dict(),
@@ -214,6 +239,41 @@ def quantize(context: BuildContext) -> JsonObject:
     if "techniques" in result.report:
         details["techniques"] = result.report["techniques"]["chosen"]
     return details
+
+
+def finetune_model(context: BuildContext) -> JsonObject:
+    """QAT or QAD of the QDQ graph (converters/finetune/): the trained weights and scales go back into it."""
+    from edgeopt.converters.finetune.train import finetune
+
+    options, progress = context.options, context.progress
+    assert options.finetune is not None and context.training_data is not None and context.float_model is not None
+    epochs, epoch = options.finetune.epochs, [1]
+
+    def on_epoch(record: Mapping[str, Any]) -> None:
+        epoch[0] = record["epoch"] + 1
+        if progress is not None:
+            loss = "before training" if record["loss"] is None else f"loss {record['loss']:.4g}"
+            progress(f"finetune epoch {record['epoch']}/{epochs}: {loss}, held-out {record['metric']} {record['score']:.4g}", 0, 0)
+
+    result = finetune(
+        context.lowered_model,
+        context.float_model,
+        context.training_data,
+        options.finetune,
+        scheme=options.target.scheme_for(options.isa),
+        progress=None if progress is None else (lambda done, total: progress(f"finetune epoch {epoch[0]}", done, total)),
+        on_epoch=on_epoch,
+    )
+    context.model, context.finetune = result.model, dict(result.report)
+    report = result.report
+    return {
+        "mode": report["mode"],
+        "epochs_run": report["epochs_run"],
+        "best_epoch": report["best_epoch"],
+        "held_out_before": dict(report["held_out_before"]),
+        "held_out_after": dict(report["held_out_after"]),
+        "changed": report["best_epoch"] > 0,
+    }
 
 
 def lower_model(context: BuildContext) -> JsonObject:
@@ -293,6 +353,7 @@ SIMPLIFY = Stage("simplify", simplify_model)
 PRUNE = Stage("prune", prune_model, applies=lambda context: context.options.prune is not None)
 CHECK_OPS = Stage("check_ops", check_ops)
 QUANTIZE = Stage("quantize", quantize, applies=lambda context: context.precision.quantizes_activations)
+FINETUNE = Stage("finetune", finetune_model, applies=lambda context: context.options.finetune is not None)
 LOWER = Stage("lower", lower_model)
 VERIFY = Stage("verify", verify)
 EVALUATE = Stage("evaluate", evaluate, applies=lambda context: context.quality_set is not None)

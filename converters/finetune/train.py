@@ -278,7 +278,10 @@ class _Run:
         self.rank = torch.distributed.get_rank() if distributed else 0
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         torch.manual_seed(options.seed)
-        self.student = TrainableGraph(qdq, quantizers=QuantizerMode.LEARNED, scheme=scheme).to(self.device)
+        self.student = TrainableGraph(qdq, quantizers=QuantizerMode.LEARNED, scheme=scheme)
+        for name, source in tied_quantizers(qdq, scheme).items():
+            self.student.share_quantizer(name, source)
+        self.student.to(self.device)
         self.teacher = TrainableGraph(fp32).to(self.device).eval()
         for parameter in self.teacher.parameters():
             parameter.requires_grad_(False)
@@ -480,6 +483,50 @@ class _Run:
         self.best_score = (float(state["best_score"][0]), float(state["best_score"][1]))
         history: list[EpochRecord] = [dict(h) for h in state["history"]]  # type: ignore[misc]
         return history, len(history) - 1
+
+
+def tied_quantizers(qdq: onnx.ModelProto, scheme: QuantScheme | None) -> dict[str, str]:
+    """{QuantizeLinear name: the QuantizeLinear whose scale it must keep}.
+
+    The quantizer gives the output of an op that only moves data (MaxPool, Reshape, Flatten,
+    Transpose, ...; Concat where the target's rule says so) its input's scale and zero point, because
+    the target runs the op on the integers as they are (TFLite requires it; a difference costs a
+    requantize). Trained apart, the two would drift; such pairs, found as a QuantizeLinear after such
+    an op whose input is dequantized with bit-identical parameters, train one quantizer.
+    """
+    from onnx import numpy_helper
+
+    from edgeopt.converters.quantize.placement import DATA_MOVEMENT_OPS
+
+    producers = {output: node for node in qdq.graph.node for output in node.output}
+    constants = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
+
+    def parameters(node: onnx.NodeProto) -> tuple[bytes, ...]:
+        return tuple(constants[name].tobytes() if name in constants else name.encode() for name in node.input[1:3])
+
+    parent: dict[str, str] = {}
+
+    def root(name: str) -> str:
+        while parent.get(name, name) != name:
+            name = parent[name]
+        return name
+
+    for quantize in (n for n in qdq.graph.node if n.op_type == "QuantizeLinear" and n.name):
+        op = producers.get(quantize.input[0])
+        if op is None:
+            continue
+        rule = None if scheme is None else scheme.rule_for(op.op_type)
+        same_scale = rule is not None and rule.same_scale_as_input
+        if not same_scale and not (op.op_type in DATA_MOVEMENT_OPS and op.op_type != "Concat"):
+            continue
+        for data in op.input if op.op_type == "Concat" else op.input[:1]:
+            dequantize = producers.get(data)
+            upstream = producers.get(dequantize.input[0]) if dequantize is not None and dequantize.op_type == "DequantizeLinear" else None
+            if upstream is not None and upstream.op_type == "QuantizeLinear" and upstream.name and parameters(upstream) == parameters(quantize):
+                parent.setdefault(quantize.name, quantize.name)
+                parent.setdefault(upstream.name, upstream.name)
+                parent[root(quantize.name)] = root(upstream.name)
+    return {name: root(name) for name in parent if root(name) != name}
 
 
 def _parameter_groups(student: Any, lr: float) -> list[dict[str, Any]]:
