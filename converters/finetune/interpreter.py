@@ -51,7 +51,9 @@ class QuantRecord:
     kind:
       "activation": a QuantizeLinear (`quantize_node`) and the DequantizeLinears reading it
         (`dequantize_nodes`); write `quantizer.scale_value()` / `zero_point_value()` into every name
-        in `scale_initializers` / `zero_point_initializers` (Q's and DQs', same values).
+        in `scale_initializers` / `zero_point_initializers` (Q's and DQs', same values). When the Q
+        reads a float initializer (a weight quantized at run time, as QAT exports write it), that
+        weight trains as one of `TrainableGraph.float_parameters()`.
       "weight": a DequantizeLinear of stored integers; `latent_initializer` is the integer initializer,
         `latent` the trained float weight: write round(latent / s) + z, clipped to [qmin, qmax], in the
         initializer's dtype (s, z as shipped, per channel on `spec.axis`), and s, z as above.

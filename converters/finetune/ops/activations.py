@@ -1,4 +1,5 @@
-"""Activations: Relu, LeakyRelu, Sigmoid, Tanh, HardSigmoid, HardSwish, Gelu, Elu, Clip, Softmax, LogSoftmax."""
+"""Activations: Relu, LeakyRelu, PRelu, Sigmoid, Tanh, HardSigmoid, HardSwish, Gelu, Elu, Selu, Celu, Mish, Softplus,
+Softsign, ThresholdedRelu, Clip, Softmax, LogSoftmax."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ def _gelu_support(node: NodeSpec) -> str | None:
     return None if node.attr("approximate", "none") in ("none", "tanh") else f"Gelu approximate={node.attr('approximate')!r}"
 
 
-@REGISTRY.register("Relu", "Sigmoid", "Tanh", "HardSwish", "LeakyRelu", "Elu", "HardSigmoid", "Softplus")
+@REGISTRY.register("Relu", "Sigmoid", "Tanh", "HardSwish", "LeakyRelu", "Elu", "HardSigmoid", "Softplus", "Softsign", "Mish", "Selu", "Celu", "ThresholdedRelu")
 @REGISTRY.register("Gelu", supports=_gelu_support)
 def activation(node: NodeSpec, inputs: list, graph) -> tuple:
     x = inputs[0]
@@ -34,9 +35,26 @@ def activation(node: NodeSpec, inputs: list, graph) -> tuple:
             return (F.elu(x, float(node.attr("alpha", 1.0))),)
         case "Softplus":
             return (F.softplus(x),)
+        case "Softsign":
+            return (F.softsign(x),)
+        case "Mish":
+            return (F.mish(x),)
+        case "Selu":  # ONNX's defaults are SELU's constants to float precision
+            alpha, gamma = float(node.attr("alpha", 1.67326319217681884765625)), float(node.attr("gamma", 1.05070102214813232421875))
+            return (gamma * torch.where(x > 0, x, alpha * torch.expm1(x)),)
+        case "Celu":
+            return (F.celu(x, float(node.attr("alpha", 1.0))),)
+        case "ThresholdedRelu":
+            return (torch.where(x > float(node.attr("alpha", 1.0)), x, torch.zeros_like(x)),)
         case "Gelu":
             return (F.gelu(x, approximate=node.attr("approximate", "none")),)
     raise AssertionError(node.op_type)
+
+
+@REGISTRY.register("PRelu")
+def prelu(node: NodeSpec, inputs: list, graph) -> tuple:
+    x, slope = inputs
+    return (torch.where(x >= 0, x, x * slope),)
 
 
 @REGISTRY.register("Clip")

@@ -31,6 +31,10 @@ _UNARY = {
     "Floor": torch.floor,
     "Ceil": torch.ceil,
     "Not": torch.logical_not,
+    "Round": torch.round,  # half to even, as ONNX
+    "Sign": torch.sign,
+    "Sin": torch.sin,
+    "Cos": torch.cos,
     "Identity": lambda x: x,
 }
 
@@ -51,6 +55,14 @@ def div(node: NodeSpec, inputs: list, graph) -> tuple:
     if a.is_floating_point():
         return (torch.div(a, b),)
     return (torch.div(a, b, rounding_mode="trunc"),)  # ONNX Runtime's integer Div truncates (C++ `/`)
+
+
+@REGISTRY.register("Mod")
+def mod(node: NodeSpec, inputs: list, graph) -> tuple:
+    a, b = inputs
+    if node.attr("fmod", 0):
+        return (torch.fmod(a, b),)
+    return (torch.remainder(a, b),)  # integer Mod takes the divisor's sign, as Python's %
 
 
 @REGISTRY.register("Pow")

@@ -1,4 +1,4 @@
-"""MatMul (numpy semantics, batched) and Gemm (alpha, beta, transA, transB)."""
+"""MatMul (numpy semantics, batched), Gemm (alpha, beta, transA, transB) and Einsum."""
 
 from __future__ import annotations
 
@@ -28,3 +28,8 @@ def gemm(node: NodeSpec, inputs: list, graph) -> tuple:
     if c is not None:
         y = y + (c if beta == 1.0 else c * beta)
     return (y,)
+
+
+@REGISTRY.register("Einsum")
+def einsum(node: NodeSpec, inputs: list, graph) -> tuple:
+    return (torch.einsum(node.attr("equation").replace(" ", ""), *inputs),)

@@ -1,4 +1,5 @@
-"""ReduceMean, ReduceSum, ReduceMax, ReduceMin, ReduceL2, ReduceProd: axes as attribute (old opsets) or input."""
+"""ReduceMean, ReduceSum, ReduceMax, ReduceMin, ReduceL1, ReduceL2, ReduceProd, ReduceSumSquare, ReduceLogSumExp
+(axes as attribute before opset 18, ReduceSum's from 13, or input), ArgMax/ArgMin, CumSum."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from edgeopt.converters.finetune.ops.common import NodeSpec, integers
 _AXES_INPUT_FROM = {"ReduceSum": 13}
 
 
-@REGISTRY.register("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceProd")
+@REGISTRY.register("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceProd", "ReduceSumSquare", "ReduceLogSumExp")
 def reduce(node: NodeSpec, inputs: list, graph) -> tuple:
     x = inputs[0]
     if node.opset >= _AXES_INPUT_FROM.get(node.op_type, 18):
@@ -35,9 +36,37 @@ def reduce(node: NodeSpec, inputs: list, graph) -> tuple:
             return (x.amin(dim=dims, keepdim=keepdims),)
         case "ReduceL2":
             return (torch.sqrt((x * x).sum(dim=dims, keepdim=keepdims)),)
+        case "ReduceL1":
+            return (x.abs().sum(dim=dims, keepdim=keepdims),)
+        case "ReduceSumSquare":
+            return ((x * x).sum(dim=dims, keepdim=keepdims),)
+        case "ReduceLogSumExp":
+            return (torch.logsumexp(x, dim=dims, keepdim=keepdims),)
         case "ReduceProd":
             result = x
             for dim in sorted(dims, reverse=True):
                 result = result.prod(dim=dim, keepdim=keepdims)
             return (result,)
     raise AssertionError(node.op_type)
+
+
+def _arg_support(node: NodeSpec) -> str | None:
+    return "ArgMax/ArgMin with select_last_index" if node.attr("select_last_index", 0) else None
+
+
+@REGISTRY.register("ArgMax", "ArgMin", supports=_arg_support)
+def arg_extreme(node: NodeSpec, inputs: list, graph) -> tuple:
+    function = torch.argmax if node.op_type == "ArgMax" else torch.argmin
+    return (function(inputs[0], dim=int(node.attr("axis", 0)), keepdim=bool(node.attr("keepdims", 1))),)
+
+
+@REGISTRY.register("CumSum")
+def cumulative_sum(node: NodeSpec, inputs: list, graph) -> tuple:
+    x, axis = inputs[0], int(inputs[1].reshape(-1)[0])
+    if node.attr("reverse", 0):
+        x = x.flip(axis)
+    if node.attr("exclusive", 0):
+        result = torch.cumsum(x, dim=axis) - x
+    else:
+        result = torch.cumsum(x, dim=axis)
+    return (result.flip(axis) if node.attr("reverse", 0) else result,)

@@ -1,5 +1,5 @@
-"""Shape and data movement: Shape, Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Concat, Split, Slice,
-Gather, Expand, Tile, Cast, Constant, ConstantOfShape, Range."""
+"""Shape and data movement: Shape, Size, Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Concat, Split, Slice,
+Gather, GatherElements, Expand, Tile, Pad, DepthToSpace, SpaceToDepth, Cast, CastLike, Constant, ConstantOfShape, Range, Trilu."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from edgeopt.converters.finetune.ops import REGISTRY
 from edgeopt.converters.finetune.ops.common import TORCH_DTYPES, NodeSpec, integers
@@ -157,3 +158,79 @@ def constant_of_shape(node: NodeSpec, inputs: list, graph) -> tuple:
 def range_(node: NodeSpec, inputs: list, graph) -> tuple:
     start, limit, delta = inputs
     return (torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype, device=start.device),)
+
+
+@REGISTRY.register("Size")
+def size(node: NodeSpec, inputs: list, graph) -> tuple:
+    return (torch.tensor(inputs[0].numel(), dtype=torch.int64, device=graph.device),)
+
+
+@REGISTRY.register("GatherElements")
+def gather_elements(node: NodeSpec, inputs: list, graph) -> tuple:
+    data, indices = inputs
+    axis = int(node.attr("axis", 0)) % data.dim()
+    indices = indices.long()
+    return (torch.gather(data, axis, torch.where(indices < 0, indices + data.shape[axis], indices)),)
+
+
+@REGISTRY.register("CastLike")
+def cast_like(node: NodeSpec, inputs: list, graph) -> tuple:
+    return (inputs[0].to(inputs[1].dtype),)
+
+
+_PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}
+
+
+def _pad_support(node: NodeSpec) -> str | None:
+    return None if node.attr("mode", "constant") in _PAD_MODES else f"Pad mode={node.attr('mode')!r}"
+
+
+@REGISTRY.register("Pad", supports=_pad_support)
+def pad(node: NodeSpec, inputs: list, graph) -> tuple:
+    x = inputs[0]
+    if node.opset < 11:
+        pads, value, axes = list(node.attr("pads")), float(node.attr("value", 0.0)), None
+    else:
+        pads = integers(inputs[1])
+        value = float(inputs[2].reshape(-1)[0]) if len(inputs) > 2 and inputs[2] is not None and inputs[2].numel() else 0.0
+        axes = integers(inputs[3]) if len(inputs) > 3 and inputs[3] is not None else None
+    axes = [a % x.dim() for a in axes] if axes else list(range(x.dim()))
+    begins, ends = [0] * x.dim(), [0] * x.dim()
+    for i, axis in enumerate(axes):
+        begins[axis], ends[axis] = pads[i], pads[i + len(axes)]
+    flat: list[int] = []  # torch: last axis first; negative pads crop, as in ONNX
+    for axis in reversed(range(x.dim())):
+        flat += [begins[axis], ends[axis]]
+    while len(flat) > 2 and flat[-2:] == [0, 0]:
+        flat = flat[:-2]  # torch's non-constant modes pad only trailing axes
+    mode = _PAD_MODES[node.attr("mode", "constant")]
+    return (F.pad(x, flat, mode=mode, value=value) if mode == "constant" else F.pad(x, flat, mode=mode),)
+
+
+def _depth_to_space_support(node: NodeSpec) -> str | None:
+    return None if node.attr("mode", "DCR") in ("DCR", "CRD") else f"DepthToSpace mode={node.attr('mode')!r}"
+
+
+@REGISTRY.register("DepthToSpace", supports=_depth_to_space_support)
+def depth_to_space(node: NodeSpec, inputs: list, graph) -> tuple:
+    x, block = inputs[0], int(node.attr("blocksize"))
+    n, c, h, w = x.shape
+    if node.attr("mode", "DCR") == "DCR":
+        y = x.reshape(n, block, block, c // block**2, h, w).permute(0, 3, 4, 1, 5, 2)
+    else:
+        y = x.reshape(n, c // block**2, block, block, h, w).permute(0, 1, 4, 2, 5, 3)
+    return (y.reshape(n, c // block**2, h * block, w * block),)
+
+
+@REGISTRY.register("SpaceToDepth")
+def space_to_depth(node: NodeSpec, inputs: list, graph) -> tuple:
+    x, block = inputs[0], int(node.attr("blocksize"))
+    n, c, h, w = x.shape
+    y = x.reshape(n, c, h // block, block, w // block, block).permute(0, 3, 5, 1, 2, 4)
+    return (y.reshape(n, c * block**2, h // block, w // block),)
+
+
+@REGISTRY.register("Trilu")
+def trilu(node: NodeSpec, inputs: list, graph) -> tuple:
+    k = int(inputs[1].reshape(-1)[0]) if len(inputs) > 1 and inputs[1] is not None else 0
+    return (torch.triu(inputs[0], k) if node.attr("upper", 1) else torch.tril(inputs[0], k),)
