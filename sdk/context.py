@@ -90,7 +90,7 @@ class BuildContext:
     stats_before: ModelStats | None = None
     # simplify, [quantize]: the graph that is lowered
     model: onnx.ModelProto | None = None
-    float_model: onnx.ModelProto | None = None  # the simplified fp32 graph (finetune's teacher)
+    float_model: onnx.ModelProto | None = None  # the fp32 graph quantize received (finetune's teacher)
     nodes_after_simplify: int = 0
     quantization: JsonObject | None = None
     pruning: JsonObject | None = None  # the pruning report

@@ -170,7 +170,6 @@ def simplify_model(context: BuildContext) -> JsonObject:
     assert context.source is not None
     context.stats_before = model_stats(context.source)
     context.model, report = simplify(context.source, context.static_shapes)
-    context.float_model = context.model
     context.nodes_after_simplify = report.nodes_after
     return {
         **report.to_dict(),
@@ -220,6 +219,7 @@ def quantize(context: BuildContext) -> JsonObject:
     from edgeopt.converters.quantize import quantize as quantize_model
 
     options = context.options
+    context.float_model = context.lowered_model  # fine-tuning's teacher: the fp32 graph quantize received (pruned, if asked)
     result = quantize_model(
         context.lowered_model,
         options.target.scheme_for(options.isa),
