@@ -286,6 +286,16 @@ OP_CASES = [
     ("depth_to_space_crd", "DepthToSpace", dict(blocksize=2, mode="CRD"), [_f(1, 8, 3, 3)], 13),
     ("space_to_depth", "SpaceToDepth", dict(blocksize=2), [_f(1, 2, 4, 6)], 13),
     ("trilu_lower_offset", "Trilu", dict(upper=0), [_f(4, 5), _i(1)], 14),
+    ("pad_wrap", "Pad", dict(mode="wrap"), [_f(1, 2, 4, 5), _i(0, 0, 1, 2, 0, 0, 2, 1)], 19),
+    *[(op.lower(), op, {}, [_f(3, 5)], 13) for op in ("Softplus", "Sign", "Sin", "Cos", "Exp", "Neg", "Abs", "Reciprocal", "Floor", "Ceil", "Identity", "Size")],
+    ("log", "Log", {}, [np.abs(_f(3, 5)) + 0.1], 13),
+    ("celu", "Celu", dict(alpha=0.5), [_f(3, 5)], 13),
+    ("thresholded_relu", "ThresholdedRelu", dict(alpha=0.3), [_f(3, 5)], 13),
+    ("not", "Not", {}, [_f(3, 5) > 0], 13),
+    *[(op.lower(), op, {}, [_f(3, 5) > 0, _f(3, 5, seed=1) > 0], 13) for op in ("Or", "Xor")],
+    *[(op.lower(), op, {}, [_f(3, 5), _f(5, seed=1)], 13) for op in ("LessOrEqual", "GreaterOrEqual", "Sum", "Mean", "Min")],
+    *[(op.lower(), op, dict(axes=[0, 2]), [_f(2, 3, 4)], 13) for op in ("ReduceProd", "ReduceMin", "ReduceL1", "ReduceSumSquare")],
+    ("cast_like", "CastLike", {}, [_f(3, 5) * 4, np.zeros(1, np.int32)], 15),
 ]
 
 
@@ -386,3 +396,18 @@ def test_a_float_weight_quantized_at_run_time_trains_through_its_quantizer():
     y.square().sum().backward()
     assert list(trainable.float_parameters()) == ["w"] and trainable.float_parameters()["w"].grad.abs().sum() > 0
     assert record.quantizer.scale.grad is not None
+
+
+def test_constant_nodes_run_as_constants():
+    model = _tiny(
+        [
+            helper.make_node("Constant", [], ["c"], name="tensor", value=numpy_helper.from_array(np.array([[1.0, 2.0, 3.0, 4.0]], np.float32))),
+            helper.make_node("Constant", [], ["half"], name="number", value_float=0.5),
+            helper.make_node("Add", ["x", "c"], ["s"], name="add"),
+            helper.make_node("Mul", ["s", "half"], ["y"], name="mul"),
+        ],
+        [],
+    )
+    x = np.random.default_rng(0).normal(size=(1, 4)).astype(np.float32)
+    ((ours,), (reference,)) = _run(TrainableGraph(model), [{"x": x}]), run_model(model, [{"x": x}])
+    np.testing.assert_array_equal(ours["y"], reference["y"])
