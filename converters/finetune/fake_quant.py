@@ -30,6 +30,9 @@ except ImportError as error:  # torch comes only with the `train` extra
 
 __all__ = ["FakeQuantizer", "QuantizerMode", "QuantSpec", "integer_range", "round_ste"]
 
+#: the floor of a trained scale: float32's smallest normal number
+SMALLEST_SCALE = float(np.finfo(np.float32).tiny)
+
 
 class QuantizerMode(enum.Enum):
     """How a `TrainableGraph` runs the Q/DQ of a quantized graph (a graph without Q/DQ runs in fp32 either way)."""
@@ -134,7 +137,8 @@ class FakeQuantizer(nn.Module):
         scale, zero = self.scale, self.zero_point
         if self.trains_scale:
             factor = self.gradient_scale(x)
-            scale = _scale_gradient(scale, factor)
+            # an optimizer step may push a scale to or below 0; the smallest normal float keeps it a scale
+            scale = torch.clamp(_scale_gradient(scale, factor), min=SMALLEST_SCALE)
             if isinstance(zero, nn.Parameter):
                 zero = _scale_gradient(zero, factor)
         if self.spec.power_of_two:
@@ -158,7 +162,7 @@ class FakeQuantizer(nn.Module):
 
     def scale_value(self) -> np.ndarray:
         """The float32 scale that ships (a power of two when the scheme asks for one)."""
-        scale = self.scale.detach()
+        scale = torch.clamp(self.scale.detach(), min=SMALLEST_SCALE)
         if self.spec.power_of_two:
             scale = torch.exp2(torch.round(torch.log2(scale)))
         return scale.cpu().numpy().astype(np.float32)

@@ -183,3 +183,11 @@ def test_without_torch_the_package_says_how_to_install_it():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "HINT pip install 'edgeopt[train]'" in result.stdout, result.stderr
+
+
+def test_a_scale_pushed_below_zero_stays_a_positive_scale():
+    quantizer = _quantizer("int8", np.array(0.01, np.float32), np.array(0, np.int8), None, trainable=True, symmetric=True)
+    with torch.no_grad():
+        quantizer.scale.fill_(-0.5)
+    y = quantizer(torch.linspace(-1, 1, 11))
+    assert torch.isfinite(y).all() and quantizer.scale_value()[0] > 0
