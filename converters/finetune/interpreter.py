@@ -18,13 +18,15 @@ from dataclasses import dataclass, replace
 import numpy as np
 import onnx
 import onnx_ir as ir
+import torch
+from torch import nn
 
 from edgeopt.converters.errors import UnsupportedOpsError
-from edgeopt.converters.finetune.fake_quant import FakeQuantizer, QuantizerMode, QuantSpec, integer_range, nn, torch
+from edgeopt.converters.finetune.fake_quant import FakeQuantizer, QuantizerMode, QuantSpec, integer_range
 from edgeopt.converters.finetune.ops import REGISTRY
 from edgeopt.converters.finetune.ops.common import TORCH_DTYPES, NodeSpec
 from edgeopt.converters.quantize.placement import sums_products_pairwise
-from edgeopt.converters.graph.qdq import build_time_array, int_attribute, producer_op, qparams, quantization_source
+from edgeopt.converters.graph.qdq import int_attribute, producer_op, qparams, quantization_source
 from edgeopt.runtime.errors import InputSpecError, OptionError
 
 __all__ = ["QuantRecord", "TrainableGraph"]

@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import onnx_ir as ir
 import torch
 
-__all__ = ["NodeSpec", "TORCH_DTYPES", "integers", "pads_pair"]
+__all__ = ["NodeSpec", "TORCH_DTYPES", "integers", "pads_pair", "torch_pad"]
 
 #: ONNX element types the interpreter computes in, by ONNX TensorProto number
 TORCH_DTYPES: dict[int, torch.dtype] = {
@@ -85,7 +84,3 @@ def torch_pad(begins: list[int], ends: list[int]) -> list[int]:
     for begin, end in zip(reversed(begins), reversed(ends)):
         flat += [begin, end]
     return flat
-
-
-def as_numpy(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().cpu().numpy()
