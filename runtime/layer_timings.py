@@ -9,8 +9,8 @@ first: "3 layers ran in float and cost 40% of layer time".
 
 Profilers slow a run down and do not see everything (input copies, the runtime's own checks), so
 a profile carries the wall time of its own profiled runs and, when a benchmark ran beside it, the
-unprofiled median: `coverage` (summed layers / profiled run) and `overhead` (profiled run /
-unprofiled run) say how far the table can be trusted.
+unprofiled median: `coverage` (per profiled run, its summed layer times / its wall time; the median)
+and `overhead` (profiled run / unprofiled run) say how far the table can be trusted.
 
 Standard library and numpy only at import time; each backend's library is imported when used.
 """
@@ -86,7 +86,7 @@ class LayerProfileDocument(TypedDict):
     layer_total_ms: float | None  # sum of the layers' median times
     profiled_run_ms: float | None  # median wall time of a profiled run
     unprofiled_run_ms: float | None  # median wall time without the profiler (the benchmark's p50), if measured
-    coverage: float | None  # layer_total_ms / profiled_run_ms
+    coverage: float | None  # median over profiled runs of (the run's summed layer times / its wall time)
     overhead: float | None  # profiled_run_ms / unprofiled_run_ms
     by_precision: dict[str, dict[str, float]]  # precision -> {"layers": n, "time_ms": t, "share": s}
     unmapped_kernels: int  # kernels whose ONNX nodes could not be named
@@ -142,6 +142,8 @@ class LayerProfile:
     unprofiled_run_ms: float | None = None
     reason: str | None = None
     notes: list[str] = field(default_factory=list)
+    #: median over the profiled runs of (that run's summed layer times / its wall time); see `measured`
+    coverage: float | None = None
 
     @classmethod
     def measured(
@@ -152,14 +154,31 @@ class LayerProfile:
         layers: Iterable[LayerTiming],
         *,
         profiled_run_ms: float | None = None,
+        unprofiled_run_ms: float | None = None,
+        run_coverage: Iterable[float] = (),
         notes: Iterable[str] = (),
     ) -> "LayerProfile":
-        """A profile from raw rows: shares are computed here and rows sorted slowest first."""
+        """A profile from raw rows: shares are computed here and rows sorted slowest first.
+
+        `run_coverage` holds each profiled run's summed layer time over its wall time; its median is
+        the profile's coverage. Without it (trtexec's averages), coverage is the summed layer time
+        over `profiled_run_ms`. The per-run ratio is the one to trust on a busy machine: a run that
+        was preempted inside some kernel raises that kernel's time in that run only, so the sum of
+        per-kernel medians falls below the median run while each run's own layers still cover it.
+        """
         rows = [replace(row, time_ms=round(row.time_ms, 6)) for row in layers]  # ns resolution: JSON round trips exactly
         total = sum(row.time_ms for row in rows)
         rows = [replace(row, share=row.time_ms / total if total > 0 else 0.0) for row in rows]
         rows.sort(key=lambda row: (-row.time_ms, row.kernel))
-        return cls(backend=backend, profiler=profiler, runs=runs, layers=rows, profiled_run_ms=profiled_run_ms, notes=list(notes))
+        ratios = list(run_coverage)
+        if ratios:
+            coverage: float | None = float(np.median(ratios))
+        else:
+            coverage = total / profiled_run_ms if profiled_run_ms else None
+        return cls(
+            backend=backend, profiler=profiler, runs=runs, layers=rows, profiled_run_ms=profiled_run_ms,
+            unprofiled_run_ms=unprofiled_run_ms, notes=list(notes), coverage=coverage,
+        )
 
     @classmethod
     def unavailable(cls, backend: str, profiler: str, reason: str) -> "LayerProfile":
@@ -173,13 +192,6 @@ class LayerProfile:
     @property
     def layer_total_ms(self) -> float | None:
         return sum(row.time_ms for row in self.layers) if self.available else None
-
-    @property
-    def coverage(self) -> float | None:
-        total = self.layer_total_ms
-        if total is None or not self.profiled_run_ms:
-            return None
-        return total / self.profiled_run_ms
 
     @property
     def overhead(self) -> float | None:
@@ -257,6 +269,7 @@ class LayerProfile:
             unprofiled_run_ms=document.get("unprofiled_run_ms"),
             reason=document.get("reason"),
             notes=list(document.get("notes") or ()),
+            coverage=document.get("coverage"),
         )
 
     def format_text(self, top: int = 10) -> str:
@@ -268,7 +281,7 @@ class LayerProfile:
         if self.layer_total_ms is not None:
             figures.append(f"sum {self.layer_total_ms:.3f} ms")
         if self.coverage is not None:
-            figures.append(f"coverage {self.coverage:.0%} of the profiled run ({self.profiled_run_ms:.3f} ms)")
+            figures.append(f"layers cover {self.coverage:.0%} of a profiled run ({self.profiled_run_ms:.3f} ms median)")
         if self.overhead is not None:
             figures.append(f"profiler overhead x{self.overhead:.2f}")
         lines.append("  " + ", ".join(figures))
@@ -368,8 +381,8 @@ def _ort_precision(op_name: str, first_input_type: str | None) -> LayerPrecision
 
 def _interleaved(
     profiled: Callable[[], object], baseline: Callable[[], object], runs: int, after_profiled: Callable[[], None] = lambda: None
-) -> tuple[float, float]:
-    """Median wall ms of `profiled` and of `baseline` (the same artifact without the profiler), run in
+) -> tuple[list[float], list[float]]:
+    """Wall ms of each run of `profiled` and of `baseline` (the same artifact without the profiler), run in
     alternation so that both see the same machine load; `after_profiled` reads the profiler's counters."""
     profiled_ms, baseline_ms = [], []
     clock = time.perf_counter_ns
@@ -381,7 +394,7 @@ def _interleaved(
         started = clock()
         baseline()
         baseline_ms.append((clock() - started) / 1e6)
-    return float(np.median(profiled_ms)), float(np.median(baseline_ms))
+    return profiled_ms, baseline_ms
 
 
 def _onnxruntime_layers(runner: Any, feeds: dict[str, np.ndarray], runs: int, warmup: int, baseline: Callable[[], object]) -> LayerProfile:
@@ -423,11 +436,11 @@ def _onnxruntime_layers(runner: Any, feeds: dict[str, np.ndarray], runs: int, wa
         "kernel = ONNX Runtime's node in its optimized graph; nodes = the artifact's ONNX nodes it computes "
         "(fused Q/DQ and activations included); time = the kernel event's duration",
     ]
-    profile = LayerProfile.measured(
-        BackendName.ONNXRUNTIME.value, "onnxruntime session profiling", len(per_run), rows, profiled_run_ms=profiled_ms, notes=notes
+    return LayerProfile.measured(
+        BackendName.ONNXRUNTIME.value, "onnxruntime session profiling", len(per_run), rows,
+        profiled_run_ms=float(np.median(profiled_ms)), unprofiled_run_ms=float(np.median(unprofiled_ms)),
+        run_coverage=[sum(times.values()) / wall for times, wall in zip(per_run, profiled_ms) if wall > 0], notes=notes,
     )
-    profile.unprofiled_run_ms = unprofiled_ms
-    return profile
 
 
 def _ort_kernel_times(events: list[dict[str, Any]], skip: int) -> tuple[list[dict[str, float]], dict[str, tuple[str, str | None, str | None]]]:
@@ -531,11 +544,11 @@ def _openvino_layers(runner: Any, feeds: dict[str, np.ndarray], runs: int, warmu
         "kernel = OpenVINO's executed layer; nodes = the IR layers fused into it (originalLayersNames), which OpenVINO's "
         "ONNX frontend names after the ONNX nodes; time = the layer's real time",
     ]
-    profile = LayerProfile.measured(
-        BackendName.OPENVINO.value, "openvino performance counters", runs, rows, profiled_run_ms=profiled_ms, notes=notes
+    return LayerProfile.measured(
+        BackendName.OPENVINO.value, "openvino performance counters", runs, rows,
+        profiled_run_ms=float(np.median(profiled_ms)), unprofiled_run_ms=float(np.median(unprofiled_ms)),
+        run_coverage=[sum(times.values()) / wall for times, wall in zip(per_run, profiled_ms) if wall > 0], notes=notes,
     )
-    profile.unprofiled_run_ms = unprofiled_ms
-    return profile
 
 
 def _ov_node_name(ir_name: str) -> str:
