@@ -306,3 +306,31 @@ def test_a_budget_met_in_int8_prints_its_drop_in_points(tmp_path: Path) -> None:
     assert "(onnx, int8)" in summary.splitlines()[0]
     assert "  budget   accuracy drop " in summary and " points (--max-accuracy-drop 1 points)" in summary
     assert "points)" in next(line for line in summary.splitlines() if "accuracy logits" in line)
+
+
+def _dynamic_image_conv(path: Path) -> Path:
+    """A conv net whose height and width are dynamic, as PP-OCR exports them (-1)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])],
+        "dynamic_hw",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, -1, -1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, -1, -1])],
+        [weight],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_a_dynamic_model_given_its_input_shape_verifies_on_that_shape_and_counts_macs_there(tmp_path: Path) -> None:
+    """Without data, the random reference inputs take the --input-shape (they were 1x1 and the bundle,
+    fixed at 32x48, refused them), and MACs 'before' are counted at that shape, not at 1x1."""
+    model = _dynamic_image_conv(tmp_path / "dynamic.onnx")
+    result = edgeopt.build(model, target="onnxruntime-cpu", output=tmp_path / "b", input_shapes={"x": (1, 3, 32, 48)})
+    with np.load(result.bundle / "reference" / "inputs.npz") as reference:
+        assert reference["x"].shape[-3:] == (3, 32, 48)  # the samples, stacked
+    compression = result.manifest["compression"]
+    assert compression["macs_before"] == compression["macs_after"] == 8 * 3 * 3 * 3 * 32 * 48
