@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -28,6 +29,9 @@ from edgeopt.converters.finetune.ops.common import TORCH_DTYPES, NodeSpec
 from edgeopt.converters.quantize.placement import sums_products_pairwise
 from edgeopt.converters.graph.qdq import int_attribute, producer_op, qparams, quantization_source
 from edgeopt.runtime.errors import InputSpecError, OptionError
+
+if TYPE_CHECKING:
+    from edgeopt.targets import QuantScheme
 
 __all__ = ["QuantRecord", "TrainableGraph"]
 
@@ -106,7 +110,9 @@ class TrainableGraph(nn.Module):
     Raises `UnsupportedOpsError` at construction naming every node the interpreter cannot run.
     """
 
-    def __init__(self, model: onnx.ModelProto, *, quantizers: QuantizerMode = QuantizerMode.LEARNED, scheme=None, power_of_two_scales: bool = False) -> None:
+    def __init__(
+        self, model: onnx.ModelProto, *, quantizers: QuantizerMode = QuantizerMode.LEARNED, scheme: QuantScheme | None = None, power_of_two_scales: bool = False
+    ) -> None:
         super().__init__()
         self.mode = quantizers
         ir_model = ir.from_proto(model)
@@ -174,7 +180,7 @@ class TrainableGraph(nn.Module):
             return "control flow (subgraphs)"
         return REGISTRY.why_unsupported(spec.op_type, spec)
 
-    def _spec(self, node: ir.Node, scale: np.ndarray, zero_point: np.ndarray | None, *, weight: bool, scheme, power_of_two: bool) -> QuantSpec:
+    def _spec(self, node: ir.Node, scale: np.ndarray, zero_point: np.ndarray | None, *, weight: bool, scheme: QuantScheme | None, power_of_two: bool) -> QuantSpec:
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             dtype = _dtype_name(node.inputs[2].dtype)
         elif node.op_type == "DequantizeLinear":
