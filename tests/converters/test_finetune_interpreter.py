@@ -296,6 +296,10 @@ OP_CASES = [
     *[(op.lower(), op, {}, [_f(3, 5), _f(5, seed=1)], 13) for op in ("Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Sum", "Mean", "Min")],
     *[(op.lower(), op, dict(axes=[0, 2]), [_f(2, 3, 4)], 13) for op in ("ReduceProd", "ReduceMin", "ReduceL1", "ReduceSumSquare")],
     ("cast_like", "CastLike", {}, [_f(3, 5) * 4, np.zeros(1, np.int32)], 15),
+    ("dropout_inference", "Dropout", {}, [_f(3, 5)], 13),
+    ("upsample_nearest", "Upsample", {}, [_f(1, 2, 3, 4), np.array([1, 1, 2, 3], np.float32)], 9),
+    ("upsample_linear", "Upsample", dict(mode="linear"), [_f(1, 2, 3, 4), np.array([1, 1, 2, 2], np.float32)], 9),
+    ("resize10_nearest", "Resize", {}, [_f(1, 2, 3, 4), np.array([1, 1, 2.5, 1.5], np.float32)], 10),
 ]
 
 

@@ -84,3 +84,12 @@ def variadic(node: NodeSpec, inputs: list, graph) -> tuple:
 def where(node: NodeSpec, inputs: list, graph) -> tuple:
     condition, a, b = inputs
     return (torch.where(condition.bool(), a, b),)
+
+
+def _dropout_support(node: NodeSpec) -> str | None:
+    return "Dropout's mask output" if len(node.outputs) > 1 and node.outputs[1] else None
+
+
+@REGISTRY.register("Dropout", supports=_dropout_support)
+def dropout(node: NodeSpec, inputs: list, graph) -> tuple:
+    return (inputs[0],)  # inference semantics, as ONNX Runtime runs it: fine-tuning adds no noise of its own

@@ -1,4 +1,4 @@
-"""Resize, nearest and (bi/tri)linear, separably per axis, with the coordinate modes ONNX Runtime has.
+"""Resize (and the older Upsample), nearest and (bi/tri)linear, separably per axis, with the coordinate modes ONNX Runtime has.
 
 Coordinates are computed in float32 as ONNX Runtime does, so nearest picks the very same pixels.
 """
@@ -17,6 +17,8 @@ _NEAREST = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
 
 def _resize_support(node: NodeSpec) -> str | None:
     mode = node.attr("mode", "nearest")
+    if node.op_type == "Upsample" and node.opset < 9:
+        return "Upsample before opset 9 (scales as an attribute)"
     if mode not in ("nearest", "linear"):
         return f"Resize mode={mode!r}"
     if node.opset >= 11 and node.attr("coordinate_transformation_mode", "half_pixel") not in _COORDINATES:
@@ -57,10 +59,10 @@ def _nearest(coordinates: np.ndarray, rounding: str, size: int) -> np.ndarray:
     return np.clip(picked, 0, size - 1).astype(np.int64)
 
 
-@REGISTRY.register("Resize", supports=_resize_support)
+@REGISTRY.register("Resize", "Upsample", supports=_resize_support)
 def resize(node: NodeSpec, inputs: list, graph) -> tuple:
     x = inputs[0]
-    if node.opset < 11:  # Resize-10: (X, scales), asymmetric coordinates, floor for nearest
+    if node.opset < 11 or node.op_type == "Upsample":  # Resize-10 and Upsample: (X, scales), asymmetric, floor
         scales_in, sizes_in, mode, rounding = inputs[1], None, "asymmetric", "floor"
     else:
         scales_in = inputs[2] if len(inputs) > 2 else None
