@@ -522,7 +522,7 @@ def _openvino_layers(runner: Any, feeds: dict[str, np.ndarray], runs: int, warmu
         per_run.append(times)
 
     profiled_ms, unprofiled_ms = _interleaved(lambda: request.infer(feeds), baseline, runs, read_counters)
-    ir_types = {op.get_friendly_name(): op.get_type_name() for op in runner.core.read_model(str(runner.model_path)).get_ordered_ops()}
+    ir_types = {op.get_friendly_name(): _ov_role(op) for op in runner.core.read_model(str(runner.model_path)).get_ordered_ops()}
     originals = {
         op.get_friendly_name(): [n for n in op.get_rt_info()["originalLayersNames"].astype(str).split(",") if n]
         for op in compiled.get_runtime_model().get_ordered_ops()
@@ -549,6 +549,16 @@ def _openvino_layers(runner: Any, feeds: dict[str, np.ndarray], runs: int, warmu
         profiled_run_ms=float(np.median(profiled_ms)), unprofiled_run_ms=float(np.median(unprofiled_ms)),
         run_coverage=[sum(times.values()) / wall for times, wall in zip(per_run, profiled_ms) if wall > 0], notes=notes,
     )
+
+
+def _ov_role(op: Any) -> str:
+    """An IR op's type, with a Multiply/Subtract that scales a constant (weight dequantization) told
+    apart from one on activations (HardSwish's multiply is float compute, not a conversion)."""
+    kind = op.get_type_name()
+    if kind in {"Multiply", "Subtract"}:
+        sources = {value.get_node().get_type_name() for value in op.input_values()}
+        return kind if sources & {"Constant", "Convert"} else f"{kind}(activations)"
+    return kind
 
 
 def _ov_node_name(ir_name: str) -> str:
@@ -667,8 +677,9 @@ class OnnxNodeMapper:
     reader: the runtime does not depend on the onnx package).
 
     ONNX Runtime keeps a node's name when it fuses into it (QDQ -> QLinearConv keeps the Conv's),
-    appends `_token_<n>` when its layout transformer rewrites a node, and names NCHWc kernels after
-    their output tensor plus `_nchwc`. Each kernel's node is its anchor; the nodes fused into it are
+    appends `_token_<n>` when its layout transformer rewrites a node, `/duplicated` to the copies of a
+    shared DequantizeLinear, names NCHWc kernels after their output tensor plus `_nchwc`, and an
+    unnamed node `<OpType>_<index in the graph>`. Each kernel's node is its anchor; the nodes fused into it are
     found by walking back from the anchor through producers whose outputs feed only this kernel
     (DequantizeLinear of weights and inputs, an activation's Conv), then each QuantizeLinear left
     joins the kernel that produced its input (the kernel requantizes its own output).
@@ -693,11 +704,16 @@ class OnnxNodeMapper:
         """The ONNX node a kernel's name points at, if any."""
         if kernel in self.by_name:
             return self.by_name[kernel]
-        stripped = TOKEN_SUFFIX.sub("", kernel)
+        stripped = TOKEN_SUFFIX.sub("", kernel).removesuffix(DUPLICATED_SUFFIX)
         if stripped in self.by_name:
             return self.by_name[stripped]
         if kernel.endswith("_nchwc"):
             return self.producer.get(kernel[: -len("_nchwc")])
+        generated = GENERATED_NAME.match(stripped)  # ONNX Runtime names an unnamed node `<OpType>_<its index>`
+        if generated is not None and int(generated[2]) < len(self.nodes):
+            node = self.nodes[int(generated[2])]
+            if not node.name and node.op_type == generated[1]:
+                return node
         return None
 
     def claim_kernels(self, kernels: Iterable[str]) -> dict[str, tuple[str, ...]]:
@@ -744,6 +760,9 @@ class OnnxNodeMapper:
 
 
 TOKEN_SUFFIX = re.compile(r"(_token_\d+)+$")
+#: ONNX Runtime copies a DequantizeLinear read by several nodes (one per reader), named `<name>/duplicated`
+DUPLICATED_SUFFIX = "/duplicated"
+GENERATED_NAME = re.compile(r"^([A-Za-z]+)_(\d+)$")
 
 
 def read_onnx_graph(path: Path) -> tuple[list[OnnxNode], list[str]]:
