@@ -253,6 +253,10 @@ def test_node_mapper_joins_requantization_to_the_producing_kernel() -> None:
     assert claims["conv1_token_3"] == ("conv1", "DequantizeLinear(x)", "w1_dq", "c1_q")  # anchor first, then graph order
     assert claims["conv2"] == ("conv2", "w1_dq", "c1_dq")  # w1_dq feeds both kernels: listed with each
     assert "Transpose_token_9" not in claims  # a layout kernel ONNX Runtime inserted has no ONNX node
+    # ONNX Runtime's own names: an unnamed node is `<OpType>_<graph index>`, a shared DQ's copies `<name>/duplicated`
+    mapper = OnnxNodeMapper(nodes, ["y"])
+    assert mapper.anchor("DequantizeLinear_0") is nodes[0] and mapper.anchor("Conv_0") is None
+    assert mapper.anchor("w1_dq/duplicated") is nodes[1]
 
 
 def test_bench_layers_json_is_one_valid_document(int8_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
