@@ -140,3 +140,27 @@ def test_cli_refuses_what_finetuning_cannot_do_before_any_work(tmp_path: Path, a
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.exit_code == 2 and len(errors) == 1 and needle in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_the_openvino_ir_holds_the_trained_activation_ranges_within_one_ulp(tmp_path: Path) -> None:
+    """OpenVINO turns each activation Q/DQ pair into a FakeQuantize over [(qmin − z)·s, (qmax − z)·s]."""
+    import openvino as ov
+
+    from edgeopt.converters.lower import LoweringOptions, lower
+    from edgeopt.runtime.kinds import Precision
+
+    trained = _trained_here("intel-openvino")
+    lower(trained, get_target("intel-openvino"), Precision.INT8, tmp_path, LoweringOptions(model_name="digits"))
+    fake_quantizes = {op.get_friendly_name(): op for op in ov.Core().read_model(tmp_path / "model.xml").get_ordered_ops() if op.get_type_name() == "FakeQuantize"}
+    stored = _initializers(trained)
+    checked = 0
+    for q in (n for n in trained.graph.node if n.op_type == "QuantizeLinear"):
+        scale, zero_point = stored[q.input[1]].astype(np.float32), int(stored[q.input[2]])
+        qmin, qmax = (0, 255) if stored[q.input[2]].dtype == np.uint8 else (-128, 127)
+        dequantize = next(n.name for n in trained.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == q.output[0])
+        op = fake_quantizes[dequantize]
+        low, high = (float(op.input_value(i).get_node().get_data().reshape(-1)[0]) for i in (1, 2))
+        for shipped, expected in ((low, np.float32(qmin - zero_point) * scale), (high, np.float32(qmax - zero_point) * scale)):
+            assert abs(np.float32(shipped) - expected) <= np.spacing(np.float32(expected)), (dequantize, shipped, expected)
+        checked += 1
+    assert checked == 4
