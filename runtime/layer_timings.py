@@ -383,17 +383,24 @@ def _interleaved(
     profiled: Callable[[], object], baseline: Callable[[], object], runs: int, after_profiled: Callable[[], None] = lambda: None
 ) -> tuple[list[float], list[float]]:
     """Wall ms of each run of `profiled` and of `baseline` (the same artifact without the profiler), run in
-    alternation so that both see the same machine load; `after_profiled` reads the profiler's counters."""
-    profiled_ms, baseline_ms = [], []
+    alternation, which one goes first swapped every pair, so that both see the same machine load and
+    cache state; `after_profiled` reads the profiler's counters."""
+    profiled_ms: list[float] = []
+    baseline_ms: list[float] = []
     clock = time.perf_counter_ns
-    for _ in range(runs):
+
+    def timed(call: Callable[[], object], into: list[float]) -> None:
         started = clock()
-        profiled()
-        profiled_ms.append((clock() - started) / 1e6)
+        call()
+        into.append((clock() - started) / 1e6)
+
+    for index in range(runs):
+        if index % 2:
+            timed(baseline, baseline_ms)
+        timed(profiled, profiled_ms)
         after_profiled()
-        started = clock()
-        baseline()
-        baseline_ms.append((clock() - started) / 1e6)
+        if not index % 2:
+            timed(baseline, baseline_ms)
     return profiled_ms, baseline_ms
 
 
