@@ -426,8 +426,12 @@ def _onnxruntime_layers(runner: Any, feeds: dict[str, np.ndarray], runs: int, wa
         with open(profiled.end_profiling(), encoding="utf-8") as stream:
             events = json.load(stream)
     per_run, kernels = _ort_kernel_times(events, skip=warmup)
-    mapper = OnnxNodeMapper.from_file(runner.model_path)
-    claims = mapper.claim_kernels(kernels)
+    notes = []
+    try:
+        claims = OnnxNodeMapper.from_file(runner.model_path).claim_kernels(kernels)
+    except (BundleError, IndexError, UnicodeDecodeError) as error:  # an .ort flatbuffer, or not a protobuf we can read
+        claims = {}
+        notes.append(f"kernels not mapped to ONNX nodes: {runner.model_path.name} is not an ONNX protobuf this reader can read ({error})")
     rows = [
         LayerTiming(
             kernel=kernel,
@@ -439,10 +443,11 @@ def _onnxruntime_layers(runner: Any, feeds: dict[str, np.ndarray], runs: int, wa
         )
         for kernel, (op, provider, first_type) in kernels.items()
     ]
-    notes = [
+    notes.insert(
+        0,
         "kernel = ONNX Runtime's node in its optimized graph; nodes = the artifact's ONNX nodes it computes "
         "(fused Q/DQ and activations included); time = the kernel event's duration",
-    ]
+    )
     return LayerProfile.measured(
         BackendName.ONNXRUNTIME.value, "onnxruntime session profiling", len(per_run), rows,
         profiled_run_ms=float(np.median(profiled_ms)), unprofiled_run_ms=float(np.median(unprofiled_ms)),

@@ -279,3 +279,17 @@ def test_a_profile_round_trips_and_prints_its_slowest_layers() -> None:
     text = profile.format_text(top=5)
     assert "n12" in text and "n7" not in text and "7 more in the JSON" in text and "overhead x1.25" in text
     assert LayerProfile.from_dict(profile.to_dict()).to_dict() == profile.to_dict()
+
+
+def test_an_ort_format_model_is_profiled_and_says_why_its_kernels_are_unmapped(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "digits.ort")
+    options.add_session_config_entry("session.save_model_format", "ORT")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    ort.InferenceSession(str(DIGITS / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    with load(tmp_path / "digits.ort") as model:
+        profile = profile_layers(model, _image(), runs=2, warmup=1)
+    assert profile.available and profile.layers and profile.unmapped_kernels() == len(profile.layers)
+    assert "not an ONNX protobuf" in profile.notes[-1]
