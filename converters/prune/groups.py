@@ -1,7 +1,7 @@
 """Dependency groups: which channels of which layers must be removed together, found on the graph.
 
-Every output channel of a prunable layer (Conv and ConvTranspose with group 1, Gemm and MatMul
-with a constant 2-D weight) is an *atom*. The analysis walks the graph once, in order, and follows
+Every output channel of a prunable layer (Conv, ConvTranspose with group 1, Gemm and MatMul with a
+constant 2-D weight) is an *atom*. The analysis walks the graph once, in order, and follows
 each layer's channel axis forward as a per-position list of atoms (a `Trace`):
 
 - element-wise and per-channel ops (activations, BatchNorm, pooling, Resize, Pad off the channel
@@ -11,11 +11,12 @@ each layer's channel axis forward as a per-position list of atoms (a `Trace`):
 - Transpose/Squeeze/Unsqueeze/Reshape/Flatten move the axis, or spread one channel over a block of
   positions (Flatten→Gemm: one channel is H×W input features) when the new layout keeps one axis
   per channel; anything else stops the trace;
-- a depthwise Conv (group = channels, one filter each) passes the channels through; the inputs of
-  a layer with group 1 (its weight's input-channel slices) end them.
+- a depthwise Conv (group = channels, one filter each) passes the channels through; a layer's input
+  ends them (its weight's input-channel slices). In a grouped Conv the same position of every group
+  is tied, in and out, so every group keeps the same count and `group` stays as it is.
 
 An atom reaching anything the analysis does not prove safe — an unknown op, a graph output, a
-grouped convolution, a reduction or Softmax across channels, a reshape that splits the channels
+reduction or Softmax across channels, a reshape that splits the channels
 into heads, a protected layer — is *pinned* (tied to the atom `PINNED`, never removed), with the
 reason recorded. Pinning keeps every position of that tensor, so the tensor itself is unchanged:
 the safety argument needs nothing about the op that reads it. Connected atoms form *units* (one
@@ -317,8 +318,10 @@ class _Tracer:
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         if bias is not None and build_time_array(bias) is None:
             return None
-        if op == "Conv" and int_attribute(node, "group", 1) == 1 and weight.ndim >= 3:
-            return 0
+        if op == "Conv" and weight.ndim >= 3:
+            group = int_attribute(node, "group", 1)
+            depthwise = group > 1 and weight.shape[0] == group and weight.shape[1] == 1  # passes channels through (op_Conv)
+            return None if depthwise else 0
         if op == "ConvTranspose" and int_attribute(node, "group", 1) == 1 and weight.ndim >= 3:
             return 1
         if op == "Gemm" and weight.ndim == 2 and not int_attribute(node, "transA", 0):
@@ -344,6 +347,7 @@ class _Tracer:
             self.pin(Trace(0, source.atoms), f"{_describe(node)} has an output of unknown rank")
             return
         self.traces[output] = Trace(axis, source.atoms)
+        self.tie_groups(node, source.atoms)
         if first:
             self.pin(Trace(axis, source.atoms), f"first layer {_describe(node)} (reads a graph input) is protected")
         if node.name in self.protected:
@@ -357,13 +361,24 @@ class _Tracer:
             self.pin(trace, f"{_describe(node)} reads them as a weight or bias")
             return
         if op in ("Conv", "ConvTranspose") and trace.axis == 1:
-            self.params.append(ParamSlice(node, 1, 1 if op == "Conv" else 0, trace.atoms, consumer=True))
+            self.params.append(ParamSlice(node, 1, 1 if op == "Conv" else 0, self.tie_groups(node, trace.atoms), consumer=True))
         elif op == "Gemm" and trace.axis == 1 and rank == 2:
             self.params.append(ParamSlice(node, 1, 1 if int_attribute(node, "transB", 0) else 0, trace.atoms, consumer=True))
         elif op == "MatMul" and trace.axis == rank - 1:
             self.params.append(ParamSlice(node, 1, 0, trace.atoms, consumer=True))
         else:
             self.pin(trace, f"{_describe(node)} reads them on axis {trace.axis}, not its input-channel axis")
+
+    def tie_groups(self, node: ir.Node, atoms: np.ndarray) -> np.ndarray:
+        """A grouped Conv's channels (in or out): the same position in every group is one unit, so every
+        group keeps the same count and `group` stays valid. Returns the first group's atoms."""
+        group = int_attribute(node, "group", 1) if node.op_type == "Conv" else 1
+        if group == 1:
+            return atoms
+        per_group = atoms.reshape(group, -1)
+        for row in per_group[1:]:
+            self.tie(per_group[0], row)
+        return per_group[0]
 
     # -- ops that keep the channel axis --------------------------------------------------------
 
@@ -607,15 +622,15 @@ class _Tracer:
         return None
 
     def op_Conv(self, node: ir.Node, traced: list[tuple[int, Trace]]) -> str | None:
-        """A Conv that is not a prunable layer: a depthwise one passes channels through."""
+        """A depthwise Conv (one filter per channel) passes channels through; a Conv with computed weights is unknown."""
         (index, trace), *rest = traced
         weight = build_time_array(node.inputs[1]) if len(node.inputs) > 1 else None
         group = int_attribute(node, "group", 1)
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         if rest or index != 0 or trace.axis != 1 or weight is None or (bias is not None and build_time_array(bias) is None):
             return "Conv with non-constant weights"
-        if not (group == len(trace.atoms) == weight.shape[0] and weight.shape[1] == 1):
-            return f"grouped convolution (group {group}, {weight.shape[1]} input and {weight.shape[0] // group} output channels per group)"
+        if group != len(trace.atoms):
+            return f"depthwise convolution over {group} groups reads {len(trace.atoms)} traced channels"
         self.params.append(ParamSlice(node, 1, 0, trace.atoms))
         if bias is not None:
             self.params.append(ParamSlice(node, 2, 0, trace.atoms))

@@ -167,18 +167,21 @@ def test_depthwise_conv_passes_channels_through_and_shrinks_its_group() -> None:
     assert helper.get_attribute_value(next(a for a in depthwise_node.attribute if a.name == "group")) == 24
 
 
-def test_grouped_conv_keeps_the_channels_it_reads_and_says_why() -> None:
+def test_grouped_conv_prunes_the_same_positions_in_every_group() -> None:
+    """group 4: the channels a grouped conv reads and makes go four at a time (one per group)."""
     g = GraphMaker()
     stem = g.conv("x", "stem", 3, 8)
-    a = g.conv(stem, "a", 8, 32)
-    grouped = g.conv(a, "grouped", 32, 32, group=4)
+    a = g.conv(stem, "a", 8, 64)
+    grouped = g.conv(a, "grouped", 64, 32, group=4)
     b = g.conv(grouped, "b", 32, 32)
     out = g.conv(b, "out", 32, 4, relu=False)
     model = g.model(IMAGE, [out])
-    _, report = assert_zero_equivalent(model, PruneOptions(ratio=0.5), _feeds(IMAGE))
-    assert not _group_of(report, "a")["pruned"]
-    assert any("grouped convolution (group 4" in why for why in _group_of(report, "a")["why"])
-    assert _group_of(report, "b")["widths"] == {"b": [32, 16]}
+    pruned, report = assert_zero_equivalent(model, PruneOptions(ratio=0.5), _feeds(IMAGE))
+    assert _group_of(report, "a")["widths"] == {"a": [64, 32]} and _group_of(report, "a")["channels"] == 16
+    assert _group_of(report, "grouped")["widths"] == {"grouped": [32, 16]}
+    grouped_node = next(n for n in pruned.graph.node if n.name == "grouped")
+    weight = next(numpy_helper.to_array(i) for i in pruned.graph.initializer if i.name == grouped_node.input[1])
+    assert weight.shape[:2] == (16, 8)  # 4 groups of 4 filters, each reading 8 of the 32 kept channels
 
 
 def test_concat_lays_channels_end_to_end_and_the_reader_loses_both_parts() -> None:
