@@ -179,6 +179,12 @@ class Analysis:
     def segment_of(self, atoms: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.segment_starts, atoms, side="right")
 
+    def channels_per_layer(self, unit: np.ndarray) -> int:
+        """How many channels of each layer a unit holds (1; a grouped conv's groups or a head's width: more)."""
+        starts = np.asarray([s.start for s in self.sources])
+        _, counts = np.unique(np.searchsorted(starts, unit, side="right"), return_counts=True)
+        return math.gcd(*counts.tolist())
+
 
 def analyze(model: ir.Model, protected: Iterable[str] = ()) -> Analysis:
     """Trace channels through the main graph (shapes inferred, constants folded; see the module docstring).
@@ -545,7 +551,52 @@ class _Tracer:
                     self.edits.append(ShapeEdit(node, "reshape", axis, (moved[:, 0],)))
                 self.set_output(node, Trace(axis, moved[:, 0]))
                 return None
-        return "reshape splits the channels over several axes (e.g. attention heads)"
+        return self.split_heads(node, field_, out_shape) if edit else "reshape splits the channels over several axes"
+
+    def split_heads(self, node: ir.Node, field_: np.ndarray, out_shape: tuple[int, ...]) -> str | None:
+        """A Reshape of channels into (heads, channels per head) on two adjacent axes: each head is one unit.
+
+        The head's channels are tied together and the trace follows the head axis, one atom per head;
+        ops may then mix positions within a head (attention's Q.K contraction, a softmax over bins),
+        since a head is kept or removed whole; anything that mixes heads pins them as usual.
+        """
+        for axis in range(len(out_shape) - 1):
+            heads, width = out_shape[axis], out_shape[axis + 1]
+            moved = np.moveaxis(field_, (axis, axis + 1), (0, 1)).reshape(heads, width, -1)
+            if heads > 1 and width > 1 and (moved == moved[:, :, :1]).all():
+                grid = moved[:, :, 0]
+                for column in range(1, width):
+                    self.tie(grid[:, 0], grid[:, column])
+                self.edits.append(ShapeEdit(node, "reshape", axis, (grid[:, 0],)))
+                self.set_output(node, Trace(axis, grid[:, 0]))
+                return None
+        return "reshape splits the channels over several axes"
+
+    def op_MatMul(self, node: ir.Node, traced: list[tuple[int, Trace]]) -> str | None:
+        """MatMul of computed operands (attention): heads on a batch axis tie position by position, rows of
+        the first operand and columns of the second pass through; the contracted axis mixes channels."""
+        a_rank, b_rank, out_rank = _rank(node.inputs[0]), _rank(node.inputs[1]), _rank(node.outputs[0])
+        if a_rank is None or b_rank is None or out_rank is None or min(a_rank, b_rank) < 2:
+            return "MatMul of operands of unknown or vector shape"
+        placed = {}
+        for index, trace in traced:
+            rank = a_rank if index == 0 else b_rank
+            if trace.axis == rank - (1 if index == 0 else 2):
+                return "MatMul contracts them"
+            placed[index] = out_rank - rank + trace.axis
+        if len(set(placed.values())) != 1:
+            return "MatMul keeps both operands' channels on different axes"
+        axis = placed[traced[0][0]]
+        if len(traced) == 2:
+            if len(traced[0][1].atoms) != len(traced[1][1].atoms):
+                return "MatMul broadcasts them"
+            self.tie(traced[0][1].atoms, traced[1][1].atoms)
+        elif axis < out_rank - 2:
+            other = node.inputs[1 - traced[0][0]]
+            if _aligned_dim(other, axis, out_rank) not in (1,):
+                return f"operand '{other.name}' spans the heads but is not traced"
+        self.set_output(node, Trace(axis, traced[0][1].atoms))
+        return None
 
     def op_Concat(self, node: ir.Node, traced: list[tuple[int, Trace]]) -> str | None:
         rank = _rank(node.outputs[0])

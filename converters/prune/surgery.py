@@ -8,7 +8,8 @@ sizes, Split sizes, Slice bounds, a depthwise Conv's group). What to keep:
 - layer-wise (default): in each group, `ratio` of its channels go; global: one ranking over every
   group, the lowest-scored `ratio` of all channels go;
 - channels tied in the same way (same layers, same Split/Slice segments) are a *class*; each class
-  keeps a multiple of `channel_multiple` channels, rounded up, so every layer's width is one too;
+  keeps a multiple of `channel_multiple` channels, rounded up, so every layer's width is one too
+  (a unit holding k channels of a layer, an attention head or a grouped conv's position, counts k);
 - a class narrower than two multiples is left alone (rounding would give back nothing or all).
 """
 
@@ -125,24 +126,25 @@ def _choose(analysis: Analysis, groups: list[Group], scores: np.ndarray, options
     """Which atoms are kept (a bool per atom), and a report per group."""
     multiple = max(1, options.channel_multiple)
     removed_units: list[np.ndarray] = []
-    classes_per_group: list[list[tuple[list[np.ndarray], np.ndarray]]] = []
+    classes_per_group: list[list[_Class]] = []
     for group in groups:
         classes: dict[tuple[int, ...], list[np.ndarray]] = defaultdict(list)
         for unit in group.units:
             classes[tuple(sorted(analysis.segment_of(unit).tolist()))].append(unit)
-        classes_per_group.append([(units, np.array([scores[u].sum() for u in units])) for units in classes.values()])
-    threshold = _global_threshold(classes_per_group, options.ratio, multiple) if options.global_ranking else None
+        classes_per_group.append([_class(analysis, units, scores, multiple) for units in classes.values()])
+    threshold = _global_threshold(classes_per_group, options.ratio) if options.global_ranking else None
     reports: list[GroupReport] = []
     for group, classes in zip(groups, classes_per_group):
         why = list(group.pinned_reasons)
         removed = 0
-        for units, unit_scores in classes:
+        for units, unit_scores, step in classes:
             width = len(units)
-            if width < 2 * multiple:
+            # a unit of k channels per layer (grouped conv, attention head): `step` units make a multiple
+            if width < 2 * step:
                 why.append(f"{width} channel(s) tied together, narrower than two multiples of {multiple}")
                 continue
             wanted = math.ceil(width * (1 - options.ratio)) if threshold is None else int((unit_scores > threshold).sum())
-            kept = min(width, max(multiple, math.ceil(wanted / multiple) * multiple))
+            kept = min(width, max(step, math.ceil(wanted / step) * step))
             if kept == width and wanted < width:
                 why.append(f"{width} channel(s) tied together: keeping {wanted} rounds up to all of them (multiple of {multiple})")
             order = np.argsort(-unit_scores, kind="stable")
@@ -159,9 +161,18 @@ def _choose(analysis: Analysis, groups: list[Group], scores: np.ndarray, options
     return keep, reports
 
 
-def _global_threshold(classes_per_group: list[list[tuple[list[np.ndarray], np.ndarray]]], ratio: float, multiple: int) -> float:
+#: units tied the same way, their scores, and how many of them make a multiple of the channel multiple
+_Class = tuple[list[np.ndarray], np.ndarray, int]
+
+
+def _class(analysis: Analysis, units: list[np.ndarray], scores: np.ndarray, multiple: int) -> _Class:
+    per_layer = analysis.channels_per_layer(units[0])
+    return units, np.array([scores[u].sum() for u in units]), multiple // math.gcd(multiple, per_layer)
+
+
+def _global_threshold(classes_per_group: list[list[_Class]], ratio: float) -> float:
     """The score below which channels go when one ranking covers every group."""
-    scores = [s for classes in classes_per_group for units, unit_scores in classes if len(units) >= 2 * multiple for s in unit_scores]
+    scores = [s for classes in classes_per_group for units, unit_scores, step in classes if len(units) >= 2 * step for s in unit_scores]
     if not scores:
         return -math.inf
     return float(np.quantile(np.asarray(scores), ratio, method="lower")) if ratio > 0 else -math.inf
