@@ -2,6 +2,7 @@
 oracle (see test_prune_graphs.py) on a real input, at ratio 0.4 with channel multiple 8 (raspberry-pi's);
 the two models whose convs carry BatchNorm (35 and 27 of them) rank channels by its scale, the
 others by filter L2 norm (YOLOv8n was exported with BatchNorm already fused).
+The zoo's BERT encoder shows attention heads and FFN neurons pruned on a real transformer export.
 
 What each model loses is stated as a lower bound on its MAC reduction, and the groups left whole are
 named with their reason: the YOLOv8n detector's Detect head (its DFL conv reads the box convs' 64
@@ -48,3 +49,20 @@ def test_zoo_model_pruned_equals_the_original_with_removed_channels_zeroed(name:
     if criterion is PruneCriterion.BN_SCALE:
         # read from the model before simplify folds them: layers with a BatchNorm rank by |gamma|
         assert report["bn_fallback_layers"] < len(batchnorm_scales(source))
+
+
+def test_bert_encoder_loses_whole_heads_and_ffn_neurons_and_equals_the_zeroed_original() -> None:
+    """The zoo's 2-layer BERT (transformers' export) on real token ids: layer 1's Q/K/V lose whole heads
+    together, both FFNs lose half their neurons; layer 0's Q/K/V read the embeddings (a first layer) and
+    the residual stream goes through LayerNorm (across channels), so both are kept, with those reasons."""
+    feeds = zoo.encoder_inputs(2, 0)
+    model, _ = simplify(zoo.bert_encoder(), {k: v.shape for k, v in feeds[0].items()})
+    _, report = assert_zero_equivalent(model, PruneOptions(ratio=0.5, channel_multiple=8), feeds)
+    widths = {layer: pair for group in report["groups"] for layer, pair in group["widths"].items()}
+    heads = [g for g in report["groups"] if any("layer.1/attention/self/query" in layer for layer in g["layers"])]
+    assert len(heads) == 1 and len(heads[0]["layers"]) == 3  # Q, K and V tied by the attention MatMuls
+    assert all(after == before // 2 for before, after in heads[0]["widths"].values())
+    assert [pair for layer, pair in widths.items() if "intermediate" in layer] == [[512, 256], [512, 256]]
+    kept_for = [why for group in report["groups"] for why in group["why"]]
+    assert any("first layer" in why and "layer.0/attention/self/query" in why for why in kept_for)
+    assert any("LayerNormalization_output" in why for why in kept_for)
