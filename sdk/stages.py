@@ -28,7 +28,7 @@ from edgeopt.runtime.manifest import JsonObject, OutputTolerance, Tolerance
 from edgeopt.runtime.spec import TensorSpec
 from edgeopt.targets import Target
 
-__all__ = ["CHECK_OPS", "EVALUATE", "FINETUNE", "LOAD", "LOWER", "QUANTIZE", "SIMPLIFY", "VALIDATE", "VERIFY", "to_artifact_io"]
+__all__ = ["CHECK_OPS", "EVALUATE", "FINETUNE", "LOAD", "LOWER", "PRUNE", "QUANTIZE", "SIMPLIFY", "VALIDATE", "VERIFY", "to_artifact_io"]
 
 #: Quality without --eval: calibration samples held out from range estimation (never fewer than this).
 MIN_HELD_OUT = 32
