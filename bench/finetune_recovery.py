@@ -118,7 +118,7 @@ def _latency(models: dict[str, onnx.ModelProto], feed: dict[str, np.ndarray], ru
     return {k: round(float(np.median(v)), 4) for k, v in times.items()}
 
 
-def run_case(name: str, epochs: int, train_count: int, eval_count: int, runs: int) -> dict[str, Any]:
+def run_case(name: str, epochs: int, patience: int, train_count: int, eval_count: int, runs: int) -> dict[str, Any]:
     from tests import zoo
 
     from edgeopt.converters.data import model_input_specs, open_dataset
@@ -157,7 +157,7 @@ def run_case(name: str, epochs: int, train_count: int, eval_count: int, runs: in
             train = data["train"] if mode is FinetuneMode.QAT or not isinstance(data["train"], dict) else {"image": data["train"]["image"]}
             training = load_training_data(train, specs)
             _reset_peak()
-            result = finetune(ptq.model, fp32, training, FinetuneOptions(mode=mode, epochs=epochs, threads=1), scheme=scheme)
+            result = finetune(ptq.model, fp32, training, FinetuneOptions(mode=mode, epochs=epochs, patience=patience, threads=1), scheme=scheme)
             report = result.report
             variant = f"{mode.value}_from_{effort.value}"
             tuned[variant] = result.model
@@ -185,7 +185,7 @@ def _markdown(document: dict[str, Any]) -> str:
     lines = [
         "# Fine-tuning recovery: fp32, PTQ (effort default), QAT (labels), QAD (no labels)",
         "",
-        f"{document['machine']}; load average at start {document['load_average']}. Produced by `bench/finetune_recovery.py`.",
+        f"{document['machine']}; load average at start {document['load_average']}; settings {document['settings']}. Produced by `bench/finetune_recovery.py`.",
         "Recovery = (tuned − its PTQ start) / (fp32 − that PTQ) of the case's metric on its eval samples; `qad` uses no labels.",
         "",
         "| case | target | variant | accuracy | top-1 agreement | min SQNR dB | eval samples | train / held-out | epochs (best) | wall s | peak RSS MB | ORT ms (median) | recovery |",
@@ -210,23 +210,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="digits_w4,digits_w3,ppocr_cls")
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--patience", type=int, default=2)
     parser.add_argument("--train", type=int, default=512, help="training samples of the zoo cases")
     parser.add_argument("--eval", type=int, default=512, help="eval samples of the zoo cases")
     parser.add_argument("--runs", type=int, default=200, help="latency runs per model")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # run one case in this process, print its JSON
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_case(args.one, args.epochs, args.train, args.eval, args.runs)))
+        print(json.dumps(run_case(args.one, args.epochs, args.patience, args.train, args.eval, args.runs)))
         return
     import os
 
     document: dict[str, Any] = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "load_average": [round(x, 2) for x in os.getloadavg()],
+        "settings": {"epochs": args.epochs, "patience": args.patience, "zoo_train_samples": args.train, "zoo_eval_samples": args.eval, "lr": 1e-4, "batch_size": 16, "threads": 1},
         "cases": [],
     }
     for name in args.cases.split(","):
-        command = [sys.executable, __file__, "--one", name, "--epochs", str(args.epochs), "--train", str(args.train), "--eval", str(args.eval), "--runs", str(args.runs)]
+        command = [sys.executable, __file__, "--one", name, "--epochs", str(args.epochs), "--patience", str(args.patience), "--train", str(args.train), "--eval", str(args.eval), "--runs", str(args.runs)]
         proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
         if proc.returncode != 0:
             document["cases"].append({"case": name, **CASES[name], "error": proc.stderr.strip().splitlines()[-1], "rows": []})
