@@ -9,7 +9,9 @@ For each fake-quant of the `TrainableGraph` (its `quant_params()` records name t
   Runtime's QuantizeLinear), so the graph holds exactly the integers training computed with;
   the scale (per channel on the DequantizeLinear's axis) and zero point as above;
 - int32 biases: scale re-derived as s_in · s_w from the trained input and weight scales (float32),
-  integers round(b / scale) clipped to ±(2³¹ − 1), zero point 0 as the quantizer writes them.
+  integers round(b / scale) clipped to ±(2³¹ − 1), zero point 0 as the quantizer writes them;
+- float initializers that trained outside any quantizer (`TrainableGraph.float_parameters()`: layers
+  left float, float biases, LayerNorm scales): their trained values, in the initializer's dtype.
 
 Only initializer values change: every node, name, shape and dtype of the graph stays as it was.
 """
@@ -44,6 +46,8 @@ class WritebackReport(TypedDict):
     weight_values_changed: int
     weight_values_at_range_end: int  # integers at qmin or qmax (clamped, or exactly there)
     biases: int  # int32 biases re-derived
+    float_tensors: int  # float initializers written (trained outside any quantizer)
+    float_values_changed: int
     max_relative_scale_change: float
 
 
@@ -55,7 +59,8 @@ def write_back(qdq: onnx.ModelProto, graph: TrainableGraph) -> tuple[onnx.ModelP
     writer = _Writer(model.graph.initializers)
     report: WritebackReport = {
         "activations": 0, "activation_scales_changed": 0, "zero_points_changed": 0, "weights": 0, "weight_scales_changed": 0,
-        "weight_values": 0, "weight_values_changed": 0, "weight_values_at_range_end": 0, "biases": 0, "max_relative_scale_change": 0.0,
+        "weight_values": 0, "weight_values_changed": 0, "weight_values_at_range_end": 0, "biases": 0,
+        "float_tensors": 0, "float_values_changed": 0, "max_relative_scale_change": 0.0,
     }
     with torch.no_grad():
         for record in graph.quant_params():
@@ -72,6 +77,9 @@ def write_back(qdq: onnx.ModelProto, graph: TrainableGraph) -> tuple[onnx.ModelP
             elif record.kind == "bias":
                 _write_bias(writer, record, graph)
                 report["biases"] += 1
+        for name, parameter in graph.float_parameters().items():
+            report["float_values_changed"] += writer.put(name, parameter.detach().cpu().numpy())
+            report["float_tensors"] += 1
     report["max_relative_scale_change"] = round(writer.max_relative_scale_change, 6)
     return ir.to_proto(model), report
 

@@ -147,3 +147,23 @@ def test_the_frozen_interpreter_on_the_written_back_graph_matches_onnx_runtime(w
     scale = float(numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "logits_scale")))
     steps = max(float(np.abs(a - b).max()) for a, b in zip(ours, reference)) / scale
     assert steps == 0.0, f"{steps} output steps apart"
+
+
+def test_float_initializers_that_trained_outside_any_quantizer_are_written_too() -> None:
+    """OpenVINO's scheme keeps digits' biases float: they train as plain parameters, and the graph that
+    ships must hold their trained values (it held the quantized-time ones)."""
+    scheme = get_target("intel-openvino").scheme_for(None)
+    fp32, _ = simplify(onnx.load(DIGITS / "model.onnx"))
+    calibration = open_dataset(DIGITS / "calib.npz", model_input_specs(fp32))
+    model = quantize(fp32, scheme, calibration, QuantizeOptions(effort=Effort.FAST)).model
+    graph = TrainableGraph(model, quantizers=QuantizerMode.LEARNED, scheme=scheme)
+    floats = graph.float_parameters()
+    assert floats, "the OpenVINO scheme's float biases should train outside any quantizer"
+    with torch.no_grad():
+        for parameter in floats.values():
+            parameter.add_(0.01)
+    written, report = write_back(model, graph)
+    stored = _initializers(written)
+    for name, parameter in floats.items():
+        assert stored[name].tobytes() == parameter.detach().numpy().astype(stored[name].dtype).tobytes(), name
+    assert report["float_tensors"] == len(floats) and report["float_values_changed"] == sum(p.numel() for p in floats.values())
