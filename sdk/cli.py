@@ -306,6 +306,12 @@ def _technique_switches(pairs: tuple[str, ...]) -> dict[Technique, bool]:
 @click.option("--prune-global", is_flag=True, help="One ranking over every group instead of the same share in each.")
 @click.option("--prune-protect", "prune_protected", multiple=True, metavar="NODE", help="Keep this layer's output channels (repeatable).")
 @click.option(
+    "--recover",
+    is_flag=True,
+    help="With --prune: distil the pruned fp32 model from the unpruned one on --train-data (labels used if given) before quantizing."
+    " Needs PyTorch (pip install 'edgeopt[train]').",
+)
+@click.option(
     "--finetune",
     type=_Names(FinetuneMode),
     help="int8: train the quantized graph's weights and scales on --train-data: qad distils from the fp32 model"
@@ -314,7 +320,7 @@ def _technique_switches(pairs: tuple[str, ...]) -> dict[Technique, bool]:
 @click.option(
     "--train-data",
     type=click.Path(path_type=Path),
-    help="Data for --finetune: .npz (one array per input, labels as 'labels'), .npy, or an image folder (a sub-folder per class gives labels).",
+    help="Data for --finetune and --recover: .npz (one array per input, labels as 'labels'), .npy, or an image folder (a sub-folder per class gives labels).",
 )
 @click.option("--epochs", type=_COUNT, help="--finetune: most epochs [default: 8]; training stops when held-out fidelity stops improving.")
 @click.option("--lr", type=_FiniteFloat(min=0, min_open=True), help="--finetune: Adam's learning rate [default: 1e-4].")
@@ -346,6 +352,7 @@ def build(
     prune_criterion: PruneCriterion,
     prune_global: bool,
     prune_protected: tuple[str, ...],
+    recover: bool,
     finetune: FinetuneMode | None,
     train_data: Path | None,
     epochs: int | None,
@@ -378,6 +385,7 @@ def build(
         prune_criterion=prune_criterion,
         prune_global=prune_global,
         prune_protected=prune_protected,
+        recover=recover,
         finetune=finetune,
         train_data=train_data,
         epochs=epochs,

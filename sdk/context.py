@@ -62,7 +62,8 @@ class BuildOptions:
     archive: bool = False
     prune: PruneOptions | None = None  # structured pruning after simplify (None: not asked)
     finetune: FinetuneOptions | None = None  # int8 only: QAT/QAD of the QDQ graph after quantize
-    train_data: Any = None  # for finetune: a path, a torch DataLoader or an iterable of input dicts
+    recover: FinetuneOptions | None = None  # with prune: distil the pruned fp32 graph from the unpruned one, before quantize
+    train_data: Any = None  # for finetune and recover: a path, a torch DataLoader or an iterable of input dicts
 
 
 @dataclass
@@ -83,7 +84,7 @@ class BuildContext:
     evaluation_set: Dataset | None = None
     calibration_set: Dataset | None = None
     range_set: Dataset | None = None  # calibration data used for range estimation
-    training_data: TrainingData | None = None  # for finetune, read in full
+    training_data: TrainingData | None = None  # for finetune and recover, read in full
     quality_set: Dataset | None = None  # data quality is measured on (None: not measured)
     quality_data: str = ""
     static_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
@@ -91,6 +92,7 @@ class BuildContext:
     # simplify, [quantize]: the graph that is lowered
     model: onnx.ModelProto | None = None
     float_model: onnx.ModelProto | None = None  # the fp32 graph quantize received (finetune's teacher)
+    unpruned_model: onnx.ModelProto | None = None  # the simplified graph prune received (recover's teacher)
     nodes_after_simplify: int = 0
     quantization: JsonObject | None = None
     pruning: JsonObject | None = None  # the pruning report

@@ -1,4 +1,4 @@
-"""The build pipeline: load → validate → simplify → [prune] → [quantize] → [finetune] → lower → verify → package.
+"""The build pipeline: load → validate → simplify → [prune] → [recover] → [quantize] → [finetune] → lower → verify → package.
 
 `build` parses what the user gave once (precision, target, CPU class) and runs the `BUILD` command,
 a list of stages (`edgeopt.stages`) over one `BuildContext`; each stage is timed and reported into
@@ -25,7 +25,7 @@ from edgeopt.runtime.kinds import Effort, FinetuneMode, Precision, Technique
 from edgeopt.runtime.manifest import Manifest, QualityMetric
 from edgeopt.stages import CHECK_OPS, EVALUATE, FINETUNE, LOAD, LOWER, QUANTIZE, SIMPLIFY, VALIDATE, VERIFY
 from edgeopt.targets import Target, get_target
-from edgeopt.stages import PRUNE
+from edgeopt.stages import PRUNE, RECOVER
 from edgeopt.runtime.kinds import PruneCriterion
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ __all__ = ["BUILD", "BuildResult", "Progress", "build"]
 #: `edgeopt build`: every stage a bundle needs, checks first (nothing is written if they fail).
 BUILD = Command(
     checks=(LOAD, VALIDATE),
-    steps=(SIMPLIFY, PRUNE, CHECK_OPS, QUANTIZE, FINETUNE, LOWER, VERIFY, EVALUATE, PACKAGE),
+    steps=(SIMPLIFY, PRUNE, RECOVER, CHECK_OPS, QUANTIZE, FINETUNE, LOWER, VERIFY, EVALUATE, PACKAGE),
     finish=write_build_manifest,
 )
 
@@ -67,6 +67,7 @@ def build(
     force: bool = False,
     archive: bool = False,
     finetune: str | FinetuneMode | FinetuneOptions | None = None,
+    recover: bool | FinetuneOptions = False,
     train_data: Any = None,
     epochs: int | None = None,
     lr: float | None = None,
@@ -85,6 +86,9 @@ def build(
     needed), or a `FinetuneOptions`, trains the int8 QDQ graph on `train_data` (a path, a
     `torch.utils.data.DataLoader` or an iterable of input dicts) for at most `epochs` at Adam's `lr`;
     `finetune_checkpoints`: a folder for per-epoch checkpoints that a later build resumes from.
+    `recover` (with `prune` and `train_data`): distil the pruned fp32 graph from the unpruned one
+    before quantizing, QAD with labels when the data has them; True takes `FinetuneOptions()`'s
+    defaults (at most 8 epochs at lr 1e-4), a `FinetuneOptions` sets them.
     """
     model_path = Path(model)
     profile = target if isinstance(target, Target) else get_target(target)
@@ -108,6 +112,7 @@ def build(
         force=force,
         archive=archive,
         finetune=_finetune_options(finetune, epochs, lr, finetune_checkpoints),
+        recover=_recover_options(recover),
         train_data=train_data,
     )
     context = run_command(BUILD, BuildContext(options, progress))
@@ -141,6 +146,17 @@ def _finetune_options(
     options = finetune if isinstance(finetune, FinetuneOptions) else FinetuneOptions(mode=_parse_named(FinetuneMode, finetune, "finetune mode"))
     changes: dict[str, Any] = {"epochs": epochs, "lr": lr, "checkpoint_dir": None if checkpoints is None else Path(checkpoints)}
     return replace(options, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _recover_options(recover: bool | FinetuneOptions) -> FinetuneOptions | None:
+    """The distillation options of --recover; None when not asked."""
+    if isinstance(recover, bool):
+        if not recover:
+            return None
+        from edgeopt.converters.finetune.train import FinetuneOptions  # torch is needed only from here on
+
+        return FinetuneOptions(mode=FinetuneMode.QAD)
+    return recover
 
 
 def _prune_options(

@@ -1,4 +1,4 @@
-"""The pipeline's stages: load → validate → simplify → [prune] → check_ops → [quantize] → [finetune] → lower → verify → [evaluate] → package.
+"""The pipeline's stages: load → validate → simplify → [prune] → [recover] → check_ops → [quantize] → [finetune] → lower → verify → [evaluate] → package.
 
 Each is a function of the `BuildContext` that fills in its own fields and returns its report.
 A command lists the stages it runs (`edgeopt.context.Command`).
@@ -59,6 +59,11 @@ def validate(context: BuildContext) -> JsonObject:
             "--prune needs a float model; this one already carries QuantizeLinear/DequantizeLinear (its scales would no longer fit)",
             hint="prune the float model before quantizing it, or build this QAT model without --prune",
         )
+    if options.recover is not None and options.prune is None:
+        raise OptionError(
+            "--recover distils the pruned model from the unpruned one; nothing is pruned without --prune",
+            hint="add --prune (e.g. --prune 0.3), or drop --recover",
+        )
     if precision.quantizes_activations and not context.qat_model and options.calibration is None:
         raise EdgeoptError(
             f"{precision} for {options.target.name} needs calibration data",
@@ -77,7 +82,7 @@ def validate(context: BuildContext) -> JsonObject:
     if options.calibration is not None:
         context.calibration_set = _open_data(options.calibration, context.inputs, "calibration")
     context.range_set, context.quality_set, context.quality_data = _quality_split(context)
-    if options.finetune is not None or options.train_data is not None:
+    if options.finetune is not None or options.recover is not None or options.train_data is not None:
         context.training_data = _training_data(context)
     context.static_shapes = _static_shapes(context.inputs, options.input_shapes, _given_data(context))
     return {"precision": precision.value, "qat_model": context.qat_model, "changed": False}
@@ -109,13 +114,20 @@ def _open_data(source: Any, inputs: list[TensorSpec], role: str) -> Any:
 
 
 def _training_data(context: BuildContext) -> Any:
-    """--finetune's data, read and checked now; fine-tuning needs an int8 build of an fp32 model and torch."""
+    """--finetune's and --recover's data, read and checked now; fine-tuning needs an int8 build of an fp32 model and torch."""
     from edgeopt.converters.finetune.data import load_training_data  # BackendUnavailableError without torch
     from edgeopt.converters.finetune.train import check_labels
 
     options = context.options
+    if options.finetune is None and options.recover is None:
+        raise OptionError(
+            "--train-data is read only by --finetune and --recover",
+            hint="add --finetune qad (or qat, with labels) or --prune R --recover, or drop --train-data",
+        )
     if options.finetune is None:
-        raise OptionError("--train-data is read only by --finetune", hint="add --finetune qad (or qat, with labels), or drop --train-data")
+        if options.train_data is None:
+            raise OptionError("--recover needs training data to distil on", hint="pass --train-data DIR|file.npz (labels as the 'labels' array are used too)")
+        return load_training_data(options.train_data, context.inputs)
     mode = options.finetune.mode
     if not context.precision.quantizes_activations:
         raise OptionError(f"--finetune {mode} trains the int8 QDQ graph; precision {context.precision} has none", hint="build with --precision int8")
@@ -195,6 +207,7 @@ def prune_model(context: BuildContext) -> JsonObject:
     assert options is not None and context.source is not None
     if options.criterion is PruneCriterion.BN_SCALE:
         options = replace(options, bn_scales=batchnorm_scales(context.source))
+    context.unpruned_model = context.lowered_model
     result = prune(context.lowered_model, options)
     context.model = context.float_model = result.model
     context.pruning = dict(result.report)
@@ -244,27 +257,71 @@ def quantize(context: BuildContext) -> JsonObject:
     return details
 
 
-def finetune_model(context: BuildContext) -> JsonObject:
-    """QAT or QAD of the QDQ graph (converters/finetune/): the trained weights and scales go back into it."""
-    from edgeopt.converters.finetune.train import finetune
-
-    options, progress = context.options, context.progress
-    assert options.finetune is not None and context.training_data is not None and context.float_model is not None
-    epochs, epoch = options.finetune.epochs, [1]
+def _epoch_progress(context: BuildContext, name: str, epochs: int) -> tuple[Callable[[int, int], None] | None, Callable[[Mapping[str, Any]], None]]:
+    """(per-batch progress, per-epoch line) of a training stage; both silent without progress (--quiet, --json)."""
+    progress, epoch = context.progress, [1]
 
     def on_epoch(record: Mapping[str, Any]) -> None:
         epoch[0] = record["epoch"] + 1
         if progress is not None:
             loss = "before training" if record["loss"] is None else f"loss {record['loss']:.4g}"
-            progress(f"finetune epoch {record['epoch']}/{epochs}: {loss}, held-out {record['metric']} {record['score']:.4g}", 0, 0)
+            progress(f"{name} epoch {record['epoch']}/{epochs}: {loss}, held-out {record['metric']} {record['score']:.4g}", 0, 0)
 
+    return None if progress is None else (lambda done, total: progress(f"{name} epoch {epoch[0]}", done, total)), on_epoch
+
+
+def recover_model(context: BuildContext) -> JsonObject:
+    """Distil the pruned fp32 graph (every float initializer trains) from the unpruned one on --train-data
+    (converters/finetune/ with a float student, QAD loss, labels too when given); quantize, fine-tuning
+    and verify then start from the recovered graph. The figures go into the manifest's `pruning.recovery`."""
+    from edgeopt.converters.finetune.train import finetune
+
+    options = context.options.recover
+    assert options is not None and context.training_data is not None and context.unpruned_model is not None and context.pruning is not None
+    if context.pruning["groups_pruned"] == 0:  # training the unchanged graph on the task loss would only move it off the original
+        return {"skipped": "prune removed no channel: nothing to recover", "changed": False}
+    progress, on_epoch = _epoch_progress(context, "recover", options.epochs)
+    result = finetune(context.lowered_model, context.unpruned_model, context.training_data, options, progress=progress, on_epoch=on_epoch)
+    context.model = context.float_model = result.model
+    report = result.report
+    recovery = {
+        "mode": report["mode"],
+        "epochs": report["epochs"],
+        "epochs_run": report["epochs_run"],
+        "best_epoch": report["best_epoch"],
+        "stopped_early": report["stopped_early"],
+        "samples": report["samples"],
+        "labels": report["labels"],
+        "lr": report["lr"],
+        "held_out_before": dict(report["held_out_before"]),
+        "held_out_after": dict(report["held_out_after"]),
+        "float_tensors_written": report["writeback"]["float_tensors"],
+        "wall_seconds": report["wall_seconds"],
+    }
+    context.pruning["recovery"] = recovery
+    return {
+        "epochs_run": report["epochs_run"],
+        "best_epoch": report["best_epoch"],
+        "held_out_before": recovery["held_out_before"],
+        "held_out_after": recovery["held_out_after"],
+        "changed": report["best_epoch"] > 0,
+    }
+
+
+def finetune_model(context: BuildContext) -> JsonObject:
+    """QAT or QAD of the QDQ graph (converters/finetune/): the trained weights and scales go back into it."""
+    from edgeopt.converters.finetune.train import finetune
+
+    options = context.options
+    assert options.finetune is not None and context.training_data is not None and context.float_model is not None
+    progress, on_epoch = _epoch_progress(context, "finetune", options.finetune.epochs)
     result = finetune(
         context.lowered_model,
         context.float_model,
         context.training_data,
         options.finetune,
         scheme=options.target.scheme_for(options.isa),
-        progress=None if progress is None else (lambda done, total: progress(f"finetune epoch {epoch[0]}", done, total)),
+        progress=progress,
         on_epoch=on_epoch,
     )
     context.model, context.finetune = result.model, dict(result.report)
@@ -354,6 +411,7 @@ LOAD = Stage("load", load)
 VALIDATE = Stage("validate", validate)
 SIMPLIFY = Stage("simplify", simplify_model)
 PRUNE = Stage("prune", prune_model, applies=lambda context: context.options.prune is not None)
+RECOVER = Stage("recover", recover_model, applies=lambda context: context.options.recover is not None)
 CHECK_OPS = Stage("check_ops", check_ops)
 QUANTIZE = Stage("quantize", quantize, applies=lambda context: context.precision.quantizes_activations)
 FINETUNE = Stage("finetune", finetune_model, applies=lambda context: context.options.finetune is not None)
