@@ -64,14 +64,16 @@ def test_a_signal_mid_build_leaves_the_previous_bundle(tmp_path: Path, signum: i
     assert hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest() == previous
 
 
-def _processes_mentioning(text: str) -> list[int]:
+def _processes_mentioning(text: str, *also: str) -> list[int]:
+    """Processes whose command line holds `text` and every one of `also` (read once: a process may end between two reads)."""
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            if text.encode() in cmdline.read_bytes():
-                found.append(int(cmdline.parent.name))
+            line = cmdline.read_bytes()
         except OSError:
             continue
+        if all(part.encode() in line for part in (text, *also)):
+            found.append(int(cmdline.parent.name))
     return found
 
 
@@ -90,7 +92,7 @@ def test_a_signal_during_a_remote_benchmark_stops_and_cleans_the_device(tmp_path
     ]
     run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while not [pid for pid in _processes_mentioning(name) if b"bench" in Path(f"/proc/{pid}/cmdline").read_bytes()]:
+    while not _processes_mentioning(name, "bench"):
         assert run.poll() is None and time.monotonic() < deadline, "the remote benchmark never started"
         time.sleep(0.05)
     assert list(cache.glob(f".run-*/*/{name}")), "this run's folder on the device"
