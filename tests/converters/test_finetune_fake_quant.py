@@ -19,13 +19,7 @@ from edgeopt.converters.graph.session import ort_session  # noqa: E402
 RNG = np.random.default_rng(0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """torch's intra-op threads spin on a shared 2-core runner (10x slower under load); one is enough here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # (dtype, ONNX type, scale, zero point, axis): symmetric int8, asymmetric uint8, per-channel int8, int16
 CASES = [

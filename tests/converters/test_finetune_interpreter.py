@@ -27,13 +27,7 @@ SAMPLES = 2
 FP32_TOLERANCE = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """torch's intra-op threads spin on a shared 2-core runner (10x slower under load); one is enough here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _digits() -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:

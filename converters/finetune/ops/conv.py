@@ -39,14 +39,19 @@ def conv_pads(node: NodeSpec, sizes: list[int], kernel: list[int], strides: list
     return pads_pair(node.attr("pads"), spatial)
 
 
-@REGISTRY.register("Conv", supports=_conv_support)
-def conv(node: NodeSpec, inputs: list, graph) -> tuple:
+def _conv_operands(node: NodeSpec, inputs: list) -> tuple:
+    """(x, weight, bias or None, spatial rank, kernel, strides, dilations) of a Conv or ConvTranspose."""
     x, weight = inputs[0], inputs[1]
     bias = inputs[2] if len(inputs) > 2 else None
     spatial = weight.dim() - 2
-    kernel = list(weight.shape[2:])
     strides = node.attr("strides") or [1] * spatial
     dilations = node.attr("dilations") or [1] * spatial
+    return x, weight, bias, spatial, list(weight.shape[2:]), strides, dilations
+
+
+@REGISTRY.register("Conv", supports=_conv_support)
+def conv(node: NodeSpec, inputs: list, graph) -> tuple:
+    x, weight, bias, spatial, kernel, strides, dilations = _conv_operands(node, inputs)
     begins, ends = conv_pads(node, list(x.shape[2:]), kernel, strides, dilations)
     if begins == ends:
         padding = begins
@@ -57,12 +62,7 @@ def conv(node: NodeSpec, inputs: list, graph) -> tuple:
 
 @REGISTRY.register("ConvTranspose", supports=_conv_support)
 def conv_transpose(node: NodeSpec, inputs: list, graph) -> tuple:
-    x, weight = inputs[0], inputs[1]
-    bias = inputs[2] if len(inputs) > 2 else None
-    spatial = weight.dim() - 2
-    kernel = list(weight.shape[2:])
-    strides = node.attr("strides") or [1] * spatial
-    dilations = node.attr("dilations") or [1] * spatial
+    x, weight, bias, spatial, kernel, strides, dilations = _conv_operands(node, inputs)
     output_padding = node.attr("output_padding") or [0] * spatial
     sizes = list(x.shape[2:])
     full = [(s - 1) * st + (k - 1) * d + 1 for s, st, k, d in zip(sizes, strides, kernel, dilations)]
