@@ -157,7 +157,7 @@ def torch_pruning_worker(spec_path: Path) -> None:
     results = []
     for job in spec["jobs"]:
         model = torch_model(job["model"])
-        model.load_state_dict(torch.load(job["state"]))
+        model.load_state_dict(torch.load(job["state"], weights_only=True))
         model.eval()
         example = torch.zeros(1, 1, 8, 8)
         started = time.perf_counter()
