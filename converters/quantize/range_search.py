@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypedDict
 
@@ -159,57 +159,86 @@ def _energy(values: np.ndarray) -> float:
     return energy
 
 
-SCALE, ZERO_POINT = "range_search_scale", "range_search_zero_point"
+SCALE, ZERO_POINT = "scale", "zero_point"
 
 
 class _Consumer:
-    """One node of the fp32 model run alone, in ONNX Runtime, on captured fp32 inputs: the inputs of
-    the group being judged pass through QuantizeLinear/DequantizeLinear with the candidate's scale
-    and zero point (fed as inputs), weights are fake-quantized as the plan says, and the model
-    returns each float output's squared error against the captured fp32 output (so only scalars
-    cross into Python)."""
+    """One node of the fp32 model as a piece of the consumers graph, on captured fp32 inputs: the
+    inputs of the group being judged pass through QuantizeLinear/DequantizeLinear with the
+    candidate's scale and zero point (fed as inputs), weights are fake-quantized as the plan says,
+    and the piece outputs each float output's squared error against the captured fp32 output (so
+    only scalars cross into Python). Its own names start with `prefix`, so pieces of many
+    consumers (the same node read through two groups, too) live in one graph."""
 
-    def __init__(self, node: onnx.NodeProto, quantized: frozenset[str], model: onnx.ModelProto, initializers: Mapping[str, onnx.TensorProto], plan: QuantPlan, scheme: QuantScheme, types: Mapping[str, int], threads: int) -> None:
+    def __init__(self, prefix: str, node: onnx.NodeProto, quantized: frozenset[str], initializers: Mapping[str, onnx.TensorProto], plan: QuantPlan, scheme: QuantScheme, types: Mapping[str, int]) -> None:
         weights = {(w.node, w.initializer): w for w in plan.weights}
         constants = {(c[0], c[2]) for c in plan.constants}
         zero_point_type = helper.np_dtype_to_tensor_dtype(np.dtype(scheme.activation_dtype))
-        graph_inputs = [helper.make_tensor_value_info(SCALE, onnx.TensorProto.FLOAT, []), helper.make_tensor_value_info(ZERO_POINT, zero_point_type, [])]
-        nodes, inits, renamed = [], [], {}
-        self.inputs: list[str] = []
+        self.node = node.name
+        self.scale, self.zero_point = f"{prefix}{SCALE}", f"{prefix}{ZERO_POINT}"
+        self.graph_inputs = [helper.make_tensor_value_info(self.scale, onnx.TensorProto.FLOAT, []), helper.make_tensor_value_info(self.zero_point, zero_point_type, [])]
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        renamed: dict[str, str] = {}
+        self.inputs: list[str] = []  # captured fp32 tensors it reads (shared by every piece)
         for name in dict.fromkeys(i for i in node.input if i):
             if name in initializers:
-                inits.append(numpy_helper.from_array(_stored_weight(node.name, name, initializers[name], weights, constants, scheme), name))
+                renamed[name] = f"{prefix}{name}"
+                self.initializers.append(numpy_helper.from_array(_stored_weight(node.name, name, initializers[name], weights, constants, scheme), renamed[name]))
                 continue
             self.inputs.append(name)
-            graph_inputs.append(helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None))
+            self.graph_inputs.append(helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None))
             if name in quantized:
-                renamed[name] = f"{name}__fake_quantized"
-                nodes.append(helper.make_node("QuantizeLinear", [name, SCALE, ZERO_POINT], [f"{name}__quantized"]))
-                nodes.append(helper.make_node("DequantizeLinear", [f"{name}__quantized", SCALE, ZERO_POINT], [renamed[name]]))
+                renamed[name] = f"{prefix}{name}__fake_quantized"
+                self.nodes.append(helper.make_node("QuantizeLinear", [name, self.scale, self.zero_point], [f"{prefix}{name}__quantized"]))
+                self.nodes.append(helper.make_node("DequantizeLinear", [f"{prefix}{name}__quantized", self.scale, self.zero_point], [renamed[name]]))
         consumer = onnx.NodeProto()
         consumer.CopyFrom(node)
+        consumer.name = f"{prefix}{node.name}"
         consumer.input[:] = [renamed.get(i, i) for i in node.input]
-        nodes.append(consumer)
+        consumer.output[:] = [f"{prefix}{o}" if o else o for o in node.output]
+        self.nodes.append(consumer)
         self.outputs = [o for o in node.output if o and types.get(o, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT]
         if not self.outputs:
             raise ValueError(f"{node.name} has no float32 output")
-        outputs = []
+        self.sse_names = []
         for output in self.outputs:
-            graph_inputs.append(helper.make_tensor_value_info(f"{output}__reference", onnx.TensorProto.FLOAT, None))
-            nodes.append(helper.make_node("Sub", [output, f"{output}__reference"], [f"{output}__error"]))
-            nodes.append(helper.make_node("ReduceSumSquare", [f"{output}__error"], [f"{output}__sse"], keepdims=0))
-            outputs.append(helper.make_tensor_value_info(f"{output}__sse", onnx.TensorProto.FLOAT, None))
-        graph = helper.make_graph(nodes, f"consumer_{node.name}", graph_inputs, outputs, inits)
-        single = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
-        self.session = ort_session(single, threads=threads)
-        self.sse_names = [f"{o}__sse" for o in self.outputs]
+            self.graph_inputs.append(helper.make_tensor_value_info(f"{output}__reference", onnx.TensorProto.FLOAT, None))
+            self.nodes.append(helper.make_node("Sub", [f"{prefix}{output}", f"{output}__reference"], [f"{prefix}{output}__error"]))
+            self.nodes.append(helper.make_node("ReduceSumSquare", [f"{prefix}{output}__error"], [f"{prefix}{output}__sse"], keepdims=0))
+            self.sse_names.append(f"{prefix}{output}__sse")
+        self.feeds = {**{name: name for name in self.inputs}, **{f"{o}__reference": o for o in self.outputs}}  # graph input -> captured tensor
 
-    def squared_errors(self, values: Mapping[str, np.ndarray], params: QParams) -> float:
-        feed = {name: values[name] for name in self.inputs}
-        feed.update({f"{o}__reference": values[o] for o in self.outputs})
-        feed[SCALE] = np.array(params.scale, np.float32)
-        feed[ZERO_POINT] = np.array(params.zero_point, np.dtype(params.dtype))
-        return float(sum(float(e) for e in self.session.run(self.sse_names, feed)))
+
+class _ConsumersGraph:
+    """Every consumer of a search in one ONNX Runtime session: one run per sample and candidate
+    measures all groups at once (a session and a run per consumer and candidate cost ppocr_cls 133
+    sessions and ~6,000 runs). A piece's output depends only on its own inputs, so each error is
+    what the piece computes alone."""
+
+    def __init__(self, consumers: list[_Consumer], model: onnx.ModelProto, threads: int) -> None:
+        inputs = {i.name: i for c in consumers for i in c.graph_inputs}
+        graph = helper.make_graph(
+            [n for c in consumers for n in c.nodes],
+            "range_search_consumers",
+            list(inputs.values()),
+            [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for c in consumers for name in c.sse_names],
+            [i for c in consumers for i in c.initializers],
+        )
+        single = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+        self.consumers = consumers
+        self.session = ort_session(single, threads=threads)
+        self.sse_names = [name for c in consumers for name in c.sse_names]
+        self.feeds = {name: tensor for c in consumers for name, tensor in c.feeds.items()}
+
+    def squared_errors(self, values: Mapping[str, np.ndarray], params: Sequence[QParams]) -> list[float]:
+        """Each consumer's output SSE with its quantized inputs at `params[i]`."""
+        feed = {name: values[tensor] for name, tensor in self.feeds.items()}
+        for consumer, p in zip(self.consumers, params):
+            feed[consumer.scale] = np.array(p.scale, np.float32)
+            feed[consumer.zero_point] = np.array(p.zero_point, np.dtype(p.dtype))
+        sse = dict(zip(self.sse_names, self.session.run(self.sse_names, feed)))
+        return [float(sum(float(sse[name]) for name in c.sse_names)) for c in self.consumers]
 
 
 def _stored_weight(node: str, name: str, tensor: onnx.TensorProto, weights: Mapping, constants: set, scheme: QuantScheme) -> np.ndarray:
@@ -352,7 +381,7 @@ class RangeSearch:
             self._types = tensor_types(self.model)
         candidates = {key: self._candidates(plan, members, observers, adjust) for key, members in pending.items()}
         consumers: dict[tuple[str, frozenset[str]], _Consumer | None] = {}
-        measured: dict[tuple, list[str | _Consumer]] = {}  # group -> graph outputs among its members, runnable consumers
+        measured: dict[tuple, list[str | _Consumer]] = {}  # group -> graph outputs among its members, consumers
         for key, found in candidates.items():
             if len({(params.scale, params.zero_point) for params, _ in found.values()}) == 1:
                 continue
@@ -367,12 +396,15 @@ class RangeSearch:
                     continue
                 reading = (reader, frozenset(members & set(node.input)))
                 if reading not in consumers:
-                    consumers[reading] = self._consumer(node, reading[1], initializers, plan)
+                    consumers[reading] = self._consumer(f"c{len(consumers)}/", node, reading[1], initializers, plan)
                 if consumers[reading] is not None:
                     readers.append(consumers[reading])
             if readers:
                 measured[key] = readers
-        errors = self._errors(pending, candidates, measured)
+        graph = self._consumers_graph([c for c in consumers.values() if c is not None])
+        runnable = set(map(id, graph.consumers)) if graph is not None else set()
+        measured = {key: kept for key, readers in measured.items() if (kept := [r for r in readers if isinstance(r, str) or id(r) in runnable])}
+        errors = self._errors(pending, candidates, measured, graph)
         for key, members in pending.items():
             found = candidates[key]
             ranges = {name: span for name, (_, span) in found.items()}
@@ -384,20 +416,39 @@ class RangeSearch:
                 distinct = len({(params.scale, params.zero_point) for params, _ in found.values()}) > 1
                 self._choices[key] = _Choice(FALLBACK, ranges, None, fallback=distinct)
 
-    def _consumer(self, node: onnx.NodeProto, quantized: frozenset[str], initializers: Mapping[str, onnx.TensorProto], plan: QuantPlan) -> _Consumer | None:
+    def _consumer(self, prefix: str, node: onnx.NodeProto, quantized: frozenset[str], initializers: Mapping[str, onnx.TensorProto], plan: QuantPlan) -> _Consumer | None:
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
             return None
         try:
-            return _Consumer(node, quantized, self.model, initializers, plan, self.scheme, self._types or {}, self.options.threads)
-        except Exception as error:  # noqa: BLE001 - an op ONNX Runtime cannot run alone: the group falls back
-            log.debug("range search: %s (%s) cannot run alone: %s", node.name, node.op_type, error)
+            return _Consumer(prefix, node, quantized, initializers, plan, self.scheme, self._types or {})
+        except ValueError as error:
+            log.debug("range search: %s (%s) is not measured: %s", node.name, node.op_type, error)
             return None
+
+    def _consumers_graph(self, consumers: list[_Consumer]) -> _ConsumersGraph | None:
+        """One session for all consumers; when ONNX Runtime refuses it, each consumer is tried alone
+        and those it cannot run alone are left out (their groups fall back)."""
+        if not consumers:
+            return None
+        try:
+            return _ConsumersGraph(consumers, self.model, self.options.threads)
+        except Exception:  # noqa: BLE001 - an op ONNX Runtime cannot run alone: find which
+            runnable = []
+            for consumer in consumers:
+                try:
+                    _ConsumersGraph([consumer], self.model, self.options.threads)
+                except Exception as error:  # noqa: BLE001
+                    log.debug("range search: %s cannot run alone: %s", consumer.node, error)
+                    continue
+                runnable.append(consumer)
+            return _ConsumersGraph(runnable, self.model, self.options.threads) if runnable else None
 
     def _errors(
         self,
         pending: Mapping[tuple, list[str]],
         candidates: Mapping[tuple, Mapping[str, tuple[QParams, tuple[float, float]]]],
         measured: Mapping[tuple, list[str | _Consumer]],
+        graph: _ConsumersGraph | None,
     ) -> dict[tuple, dict[str, float]]:
         """Per measured group, per candidate: the sum over its readers of output SSE / output energy."""
         if not measured:
@@ -412,25 +463,33 @@ class RangeSearch:
         wanted = sorted(needed - feeds)
         runner = ort_session(with_outputs(self.model, wanted, self._types), threads=self.options.threads)
         feed_names = [i.name for i in runner.get_inputs()]
+        group_of = {id(r): key for key, readers in measured.items() for r in readers if isinstance(r, _Consumer)}
+        consumers = graph.consumers if graph is not None else []
+        names = candidate_names(self.options)  # every group's candidates, in this order
         sse = {key: {name: [0.0] * len(readers) for name in candidates[key]} for key, readers in measured.items()}
         energy = {key: [0.0] * len(readers) for key, readers in measured.items()}
         for sample in self.held_out.take(self.options.consumer_samples):
             values = dict(zip(wanted, runner.run(wanted, {n: sample[n] for n in feed_names})))
             values.update({n: sample[n] for n in feed_names})
+            consumer_sse = {}  # candidate -> id(consumer) -> SSE: every group's candidate in one run
+            if graph is not None:
+                for name in names:
+                    errors = graph.squared_errors(values, [candidates[group_of[id(c)]][name][0] for c in consumers])
+                    consumer_sse[name] = {id(c): e for c, e in zip(consumers, errors)}
             for key, readers in measured.items():
                 for index, reader in enumerate(readers):
                     outputs = reader.outputs if isinstance(reader, _Consumer) else [reader]
                     energy[key][index] += sum(_energy(values[o]) for o in outputs)
-                measured_once: dict[tuple[float, int], list[float]] = {}  # equal QParams are measured once
+                own: dict[tuple[float, int], dict[str, float]] = {}  # a graph output's own error, once per QParams
                 for name, (params, _) in candidates[key].items():
-                    if (params.scale, params.zero_point) not in measured_once:
-                        measured_once[(params.scale, params.zero_point)] = [
-                            reader.squared_errors(values, params) if isinstance(reader, _Consumer)
-                            else _energy(_fake_quantize(values[reader], params) - values[reader])  # a graph output: its own error
-                            for reader in readers
-                        ]
-                    for index, error in enumerate(measured_once[(params.scale, params.zero_point)]):
-                        sse[key][name][index] += error
+                    for index, reader in enumerate(readers):
+                        if isinstance(reader, _Consumer):
+                            sse[key][name][index] += consumer_sse[name][id(reader)]
+                            continue
+                        cached = own.setdefault((params.scale, params.zero_point), {})
+                        if reader not in cached:
+                            cached[reader] = _energy(_fake_quantize(values[reader], params) - values[reader])
+                        sse[key][name][index] += cached[reader]
         return {
             key: {name: sum(e / max(energy[key][i], 1e-30) for i, e in enumerate(per)) for name, per in by_name.items()}
             for key, by_name in sse.items()

@@ -144,3 +144,60 @@ def test_quantize_with_auto_keeps_its_report_on_the_quantizer(target: str) -> No
     seconds = quantizer.range_report["seconds"]
     quantizer.build(())  # a rebuild with the same plan measures nothing again
     assert quantizer.range_report["seconds"] < seconds + 0.05
+
+
+def _branching_conv() -> onnx.ModelProto:
+    """x -> Conv(w) -> c -> Relu -> r; Add(c, r) -> s -> Conv(w) -> y: an Add reading two scale
+    groups (one piece per group) and a weight shared by two convolutions."""
+    rng = np.random.default_rng(3)
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("Add", ["c", "r"], ["s"], name="add"),
+        helper.make_node("Conv", ["s", "w", "b"], ["y"], name="conv2", pads=[1, 1, 1, 1]),
+    ]
+    inits = [numpy_helper.from_array((rng.normal(size=(4, 4, 3, 3)) / 6).astype(np.float32), "w"), numpy_helper.from_array(rng.normal(size=4).astype(np.float32), "b")]
+    graph = helper.make_graph(
+        nodes, "branching", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("target", SCHEMES)
+def test_one_session_gives_each_consumer_the_error_it_has_alone(target: str) -> None:
+    """The search measures every consumer of every group in one ONNX Runtime graph, one run per
+    sample and candidate; each consumer's error must be what it computes in a graph of its own,
+    for every candidate (a piece reading another piece's scale or weight would differ)."""
+    from edgeopt.converters.quantize.range_search import RangeSearch, _Consumer, _ConsumersGraph, candidate_names
+
+    model = _branching_conv()
+    scheme = get_target(target).scheme_for(None)
+    rng = np.random.default_rng(0)
+    samples = [{"x": rng.normal(size=(1, 4, 8, 8)).astype(np.float32) * np.float32(rng.uniform(0.5, 3))} for _ in range(24)]
+    dataset = open_dataset(samples, model_input_specs(model))
+    plan = plan_quantization(ir.from_proto(model), scheme)
+    observers = calibrate(model, dataset, plan.sites, method="auto", percentile=99.99, activation_dtype=scheme.activation_dtype)
+    search = RangeSearch(model, dataset, scheme)
+    initializers = {i.name: i for i in model.graph.initializer}
+    types = {**{v.name: TensorProto.FLOAT for v in model.graph.input}, **{o: TensorProto.FLOAT for n in model.graph.node for o in n.output}}
+    consumers, groups = [], []
+    for members in plan.groups().values():
+        found = search._candidates(plan, members, observers, lambda _name, span: span)
+        for node in model.graph.node:
+            if read := frozenset(members) & set(node.input):
+                consumers.append(_Consumer(f"c{len(consumers)}/", node, read, initializers, plan, scheme, types))
+                groups.append(found)
+    assert {c.node for c in consumers} >= {"conv1", "relu", "add", "conv2"} and sum(c.node == "add" for c in consumers) == 2
+    together = _ConsumersGraph(consumers, model, threads=1)
+    alone = [_ConsumersGraph([c], model, threads=1) for c in consumers]
+    tensors = sorted({t for c in consumers for t in [*c.inputs, *c.outputs]} - {"x"})
+    errors = set()
+    for sample, values in zip(samples[:4], run_model(model, samples[:4], tensors)):
+        values["x"] = sample["x"]
+        for name in candidate_names(RangeSearchOptions()):
+            params = [found[name][0] for found in groups]
+            got = together.squared_errors(values, params)
+            want = [runner.squared_errors(values, [p])[0] for runner, p in zip(alone, params)]
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+            errors.add(tuple(got))
+    assert len(errors) > 4  # the candidates' scales reach the pieces: errors change with them
