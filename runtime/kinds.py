@@ -130,6 +130,7 @@ class PruneCriterion(_Named):
     L1 = "l1"  # L1 norm of each output filter
     L2 = "l2"  # L2 norm of each output filter
     BN_SCALE = "bn-scale"  # |gamma| of the BatchNormalization after the layer, read before simplify folds it
+    TAYLOR = "taylor"  # first-order Taylor (activation x gradient) on calibration data, label-free (needs torch)
 
 
 class CalibrationMethod(_Named):

@@ -302,7 +302,7 @@ def _technique_switches(pairs: tuple[str, ...]) -> dict[Technique, bool]:
     " vnni/amx/arm64 keep 8-bit weights but saturate on x86 without VNNI].",
 )
 @click.option("--prune", "prune_ratio", type=_FiniteFloat(min=0), help="Remove this share of each dependency group's channels after simplify (e.g. 0.3); widths stay multiples of the target's channel multiple.")
-@click.option("--prune-criterion", type=_Names(PruneCriterion), default=PruneCriterion.L2.value, show_default=True, help="How --prune ranks channels.")
+@click.option("--prune-criterion", type=_Names(PruneCriterion), default=PruneCriterion.L2.value, show_default=True, help="How --prune ranks channels (taylor: on --calibration data, needs torch).")
 @click.option("--prune-global", is_flag=True, help="One ranking over every group instead of the same share in each.")
 @click.option("--prune-protect", "prune_protected", multiple=True, metavar="NODE", help="Keep this layer's output channels (repeatable).")
 @click.option(
@@ -414,6 +414,7 @@ def build(
 @click.option("--global", "global_ranking", is_flag=True, help="One ranking over every group instead of the same share in each.")
 @click.option("--protect", "protected", multiple=True, metavar="NODE", help="Keep this layer's output channels (repeatable).")
 @click.option("--input-shape", "input_shapes", multiple=True, help="Fix a dynamic input: NAME=D0,D1,... (repeatable), so reshapes can be traced.")
+@click.option("--calibration", type=click.Path(path_type=Path), help="Representative inputs (.npz, .npy, image folder) the taylor criterion runs on.")
 @click.option("--force", is_flag=True, help="Replace an existing output file.")
 @click.option("--quiet", "-q", is_flag=True, help="Nothing on stdout but errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print {output, changed, report} as JSON instead of a summary.")
@@ -428,6 +429,7 @@ def prune_command(
     global_ranking: bool,
     protected: tuple[str, ...],
     input_shapes: tuple[str, ...],
+    calibration: Path | None,
     force: bool,
     quiet: bool,
     as_json: bool,
@@ -445,6 +447,7 @@ def prune_command(
         global_ranking=global_ranking,
         protected=protected,
         input_shapes=_parse_shapes(input_shapes),
+        calibration=calibration,
         force=force,
     )
     document = {"output": str(outcome.output), "changed": outcome.changed, "report": outcome.report}

@@ -78,7 +78,7 @@ def build(
 
     `isa`: the CPU class an int8 bundle is for (`Target.isa_classes`; the profile's default when None).
     `prune`: share of each dependency group's channels removed after simplify (0 or None: no pruning),
-    ranked by `prune_criterion` ("l1", "l2", "bn-scale"), per group or over all (`prune_global`); kept
+    ranked by `prune_criterion` ("l1", "l2", "bn-scale", "taylor": on `calibration`), per group or over all (`prune_global`); kept
     widths are rounded up to the target's channel multiple; `prune_protected` names layers kept whole.
     `effort`: "fast", "default" or "max": which PTQ techniques int8 may try, each kept only if it helps
     on held-out calibration samples. `techniques`: {name: True/False} forces one on or off unmeasured.

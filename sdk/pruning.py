@@ -12,6 +12,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from edgeopt.errors import OutputError
 from edgeopt.runtime.errors import OptionError
 from edgeopt.runtime.kinds import PruneCriterion
@@ -53,13 +55,15 @@ def prune(
     global_ranking: bool = False,
     protected: Iterable[str] = (),
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    calibration: str | Path | Iterable[Mapping[str, np.ndarray]] | None = None,
     force: bool = False,
 ) -> PruneOutcome:
     """Prune `model` to `output` (see `edgeopt.converters.prune`); `input_shapes` fixes dynamic inputs
-    so that reshapes after convolutions can be traced (as `build` does from its data)."""
+    so that reshapes after convolutions can be traced (as `build` does from its data); the taylor
+    criterion runs on `calibration` (as `build --calibration` reads it)."""
     import onnx
 
-    from edgeopt.converters.analysis import load_model
+    from edgeopt.converters.analysis import io_specs, load_model
     from edgeopt.converters.passes import simplify
     from edgeopt.converters.prune import PruneOptions, batchnorm_scales
     from edgeopt.converters.prune import prune as prune_graph
@@ -72,7 +76,15 @@ def prune(
     if output_path.exists() and not (force and output_path.is_file()):
         raise OutputError(f"{output_path} already exists", hint="choose another -o, or pass --force to replace the file")
     chosen = _parse_named(PruneCriterion, criterion, "pruning criterion")
+    if chosen is PruneCriterion.TAYLOR and calibration is None:
+        raise OptionError("the taylor criterion ranks channels on calibration data", hint="pass --calibration data.npz, or use --criterion l2")
     source = load_model(model)
+    samples: tuple[Mapping[str, np.ndarray], ...] = ()
+    if chosen is PruneCriterion.TAYLOR:
+        from edgeopt.converters.data import open_dataset
+        from edgeopt.converters.prune.taylor import SAMPLES  # BackendUnavailableError without torch
+
+        samples = tuple(open_dataset(calibration, io_specs(source)[0], role="calibration").take(SAMPLES))
     simplified, _ = simplify(source, input_shapes)
     options = PruneOptions(
         ratio=ratio,
@@ -81,6 +93,7 @@ def prune(
         global_ranking=global_ranking,
         protected=tuple(protected),
         bn_scales=batchnorm_scales(source) if chosen is PruneCriterion.BN_SCALE else {},
+        samples=samples,
     )
     result = prune_graph(simplified, options)
     onnx.checker.check_model(result.model)

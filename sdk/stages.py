@@ -23,7 +23,7 @@ from edgeopt.converters.lower import LoweringOptions, LoweringResult, lower
 from edgeopt.converters.passes import FixInputShapesPass, apply_passes, simplify
 from edgeopt.errors import EdgeoptError, OptionError, VerificationError
 from edgeopt.runtime.isa import isa_mismatch
-from edgeopt.runtime.kinds import BackendName, Precision
+from edgeopt.runtime.kinds import BackendName, Precision, PruneCriterion
 from edgeopt.runtime.manifest import JsonObject, OutputTolerance, Tolerance
 from edgeopt.runtime.spec import TensorSpec
 from edgeopt.targets import Target
@@ -59,6 +59,11 @@ def validate(context: BuildContext) -> JsonObject:
             "--prune needs a float model; this one already carries QuantizeLinear/DequantizeLinear (its scales would no longer fit)",
             hint="prune the float model before quantizing it, or build this QAT model without --prune",
         )
+    if options.prune is not None and options.prune.criterion is PruneCriterion.TAYLOR:
+        import edgeopt.converters.prune.taylor  # noqa: F401  (BackendUnavailableError without torch, before any work)
+
+        if options.calibration is None:
+            raise OptionError("--prune-criterion taylor ranks channels on calibration data", hint="pass --calibration data.npz, or use --prune-criterion l2")
     if options.recover is not None and options.prune is None:
         raise OptionError(
             "--recover distils the pruned model from the unpruned one; nothing is pruned without --prune",
@@ -198,15 +203,20 @@ def prune_model(context: BuildContext) -> JsonObject:
 
     The BatchNorm-scale criterion reads |gamma| from the loaded model: simplify has folded every
     BatchNorm into its Conv by now, and the folded filter no longer shows the learned scale apart.
+    The Taylor criterion runs on the first `taylor.SAMPLES` calibration samples.
     The pruned graph is what is quantized, so it is also the fp32 reference fine-tuning distils from.
     """
     from edgeopt.converters.prune import batchnorm_scales, prune
-    from edgeopt.runtime.kinds import PruneCriterion
 
     options = context.options.prune
     assert options is not None and context.source is not None
     if options.criterion is PruneCriterion.BN_SCALE:
         options = replace(options, bn_scales=batchnorm_scales(context.source))
+    if options.criterion is PruneCriterion.TAYLOR:
+        from edgeopt.converters.prune.taylor import SAMPLES
+
+        assert context.calibration_set is not None
+        options = replace(options, samples=tuple(context.calibration_set.take(SAMPLES)))
     context.unpruned_model = context.lowered_model
     result = prune(context.lowered_model, options)
     context.model = context.float_model = result.model

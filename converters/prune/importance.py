@@ -1,4 +1,5 @@
-"""How much each channel matters: filter norms, or the BatchNorm scale read before simplify folds it.
+"""How much each channel matters: filter norms, the BatchNorm scale read before simplify folds it, or
+first-order Taylor on calibration data (`taylor.py`, needs torch).
 
 Scores are per atom (one output channel of one layer), divided by their layer's mean so that layers
 of different weight scales can be compared (as Torch-Pruning's "mean" normalizer does); a unit (a
@@ -13,7 +14,7 @@ after it is ranked by its L2 norm instead, and the report says how many were.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -23,9 +24,11 @@ from edgeopt.converters.graph.qdq import build_time_array
 from edgeopt.converters.prune.groups import Analysis
 from edgeopt.runtime.kinds import PruneCriterion, unreachable
 
-__all__ = ["atom_scores", "batchnorm_scales"]
+__all__ = ["atom_scores", "batchnorm_scales", "layer_taylor_scores"]
 
 _LAYERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+#: layers whose output channels are on axis 1 (NCHW); the others' are on the last axis
+_CHANNELS_FIRST = frozenset({"Conv", "ConvTranspose"})
 
 
 def batchnorm_scales(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -44,8 +47,12 @@ def batchnorm_scales(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return scales
 
 
-def atom_scores(analysis: Analysis, criterion: PruneCriterion, bn_scales: Mapping[str, np.ndarray] | None = None) -> tuple[np.ndarray, int]:
-    """A score per atom (PINNED's is 0), and how many layers fell back to L2 for want of a BatchNorm."""
+def atom_scores(analysis: Analysis, criterion: PruneCriterion, measured: Mapping[str, np.ndarray] | None = None) -> tuple[np.ndarray, int]:
+    """A score per atom (PINNED's is 0), and how many layers fell back to L2 for want of a measured score.
+
+    measured: scores by layer name for the criteria that are not read off the weights (bn-scale:
+    `batchnorm_scales`; taylor: `layer_taylor_scores`).
+    """
     scores = np.zeros(len(analysis.parent))
     fallbacks = 0
     for source in analysis.sources:
@@ -54,18 +61,24 @@ def atom_scores(analysis: Analysis, criterion: PruneCriterion, bn_scales: Mappin
                 raw = _filter_norms(source.node, source.weight_axis, 1)
             case PruneCriterion.L2:
                 raw = _filter_norms(source.node, source.weight_axis, 2)
-            case PruneCriterion.BN_SCALE:
-                gamma = (bn_scales or {}).get(source.node.name)
-                if gamma is None or gamma.shape != (source.width,):
+            case PruneCriterion.BN_SCALE | PruneCriterion.TAYLOR:
+                raw = (measured or {}).get(source.node.name)
+                if raw is None or raw.shape != (source.width,):
                     fallbacks += 1
                     raw = _filter_norms(source.node, source.weight_axis, 2)
-                else:
-                    raw = gamma
             case _:
                 unreachable(criterion)
         mean = float(np.mean(raw))
         scores[source.start : source.start + source.width] = raw / mean if mean > 0 else raw
     return scores, fallbacks
+
+
+def layer_taylor_scores(model: ir.Model, analysis: Analysis, samples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Taylor scores of every layer the analysis found, by name (see `taylor.py`; torch imported here)."""
+    from edgeopt.converters.prune.taylor import taylor_scores
+
+    layers = {source.node.name: (source.node.outputs[0].name, 1 if source.node.op_type in _CHANNELS_FIRST else -1) for source in analysis.sources}
+    return taylor_scores(ir.to_proto(model), layers, samples)
 
 
 def _filter_norms(node: ir.Node, axis: int, p: int) -> np.ndarray:

@@ -31,7 +31,7 @@ from edgeopt.converters.graph.qdq import build_time_array
 from edgeopt.converters.graph.rewrite import NameScope, add_initializer
 from edgeopt.converters.passes.base import GraphPass
 from edgeopt.converters.prune.groups import PINNED, Analysis, Group, analyze
-from edgeopt.converters.prune.importance import atom_scores
+from edgeopt.converters.prune.importance import atom_scores, layer_taylor_scores
 from edgeopt.runtime.kinds import PruneCriterion
 
 __all__ = ["GroupReport", "PruneChannelsPass", "PruneOptions", "PruneReport"]
@@ -42,7 +42,9 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class PruneOptions:
     """ratio: share of each group's channels removed (0 <= ratio < 1); channel_multiple: kept counts
-    are multiples of it (the target's); protected: node names whose output channels are kept."""
+    are multiples of it (the target's); protected: node names whose output channels are kept;
+    bn_scales: |gamma| by layer (`batchnorm_scales`), read by bn-scale; samples: calibration inputs
+    (with the model's batch axis), read by taylor."""
 
     ratio: float
     criterion: PruneCriterion = PruneCriterion.L2
@@ -50,6 +52,7 @@ class PruneOptions:
     global_ranking: bool = False
     protected: tuple[str, ...] = ()
     bn_scales: Mapping[str, np.ndarray] = field(default_factory=dict)
+    samples: tuple[Mapping[str, np.ndarray], ...] = ()
 
 
 class GroupReport(TypedDict):
@@ -68,7 +71,8 @@ class PruneReport(TypedDict):
     criterion: str
     channel_multiple: int
     global_ranking: bool
-    bn_fallback_layers: int  # bn-scale criterion: layers without a BatchNorm, ranked by L2
+    samples: int  # calibration samples the taylor criterion ran on (0 for the others)
+    bn_fallback_layers: int  # layers ranked by L2 for want of a measured score (bn-scale: no BatchNorm after them)
     groups_found: int
     groups_pruned: int
     groups: list[GroupReport]
@@ -90,7 +94,8 @@ class PruneChannelsPass(GraphPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         options = self.options
         analysis = analyze(model, options.protected)
-        scores, fallbacks = atom_scores(analysis, options.criterion, options.bn_scales)
+        measured = layer_taylor_scores(model, analysis, options.samples) if options.criterion is PruneCriterion.TAYLOR else options.bn_scales
+        scores, fallbacks = atom_scores(analysis, options.criterion, measured)
         groups = analysis.groups()
         keep, group_reports = _choose(analysis, groups, scores, options)
         self.kept_atoms = keep
@@ -100,7 +105,8 @@ class PruneChannelsPass(GraphPass):
             criterion=options.criterion.value,
             channel_multiple=options.channel_multiple,
             global_ranking=options.global_ranking,
-            bn_fallback_layers=fallbacks if options.criterion is PruneCriterion.BN_SCALE else 0,
+            samples=len(options.samples) if options.criterion is PruneCriterion.TAYLOR else 0,
+            bn_fallback_layers=fallbacks,
             groups_found=len(groups),
             groups_pruned=sum(g["pruned"] for g in group_reports),
             groups=group_reports,

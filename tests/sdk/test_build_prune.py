@@ -86,3 +86,23 @@ def test_edgeopt_prune_writes_a_checked_onnx_and_reports_in_json(wide_cnn: Path,
 
 def test_the_schemas_pruning_criteria_are_the_enum() -> None:
     assert SCHEMA["properties"]["pruning"]["properties"]["criterion"]["enum"] == [c.value for c in PruneCriterion]
+
+
+def test_taylor_ranks_on_the_calibration_data_and_is_refused_without_it(wide_cnn: Path, tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    with pytest.raises(OptionError, match="--prune-criterion taylor ranks channels on calibration data"):
+        edgeopt.build(wide_cnn, "pi", output=tmp_path / "none", prune=0.5, prune_criterion="taylor")
+    assert not (tmp_path / "none").exists()
+    result = edgeopt.build(wide_cnn, "pi", output=tmp_path / "b", prune=0.5, prune_criterion="taylor", precision="int8", calibration=_samples(16))
+    jsonschema.validate(result.manifest, SCHEMA)
+    pruning = result.manifest["pruning"]
+    assert pruning["criterion"] == "taylor" and pruning["samples"] == 16 and pruning["bn_fallback_layers"] == 0
+    assert pruning["macs_after"] < 0.6 * pruning["macs_before"] and result.manifest["reference"]["measured"]["checked"]
+    np.savez(tmp_path / "calib.npz", x=np.concatenate([s["x"] for s in _samples(16)]))
+    out = tmp_path / "pruned.onnx"
+    args = ["prune", str(wide_cnn), "-o", str(out), "--ratio", "0.5", "--criterion", "taylor", "--json"]
+    refused = CliRunner().invoke(cli, args)
+    assert refused.exit_code == 2 and "calibration data" in refused.output
+    run = CliRunner().invoke(cli, [*args, "--calibration", str(tmp_path / "calib.npz")])
+    assert run.exit_code == 0, run.output
+    assert json.loads(run.output)["report"]["samples"] == 16
