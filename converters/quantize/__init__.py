@@ -204,6 +204,7 @@ class _Quantizer:
         self.observers: dict[str, Observer] = {}
         self.channel_observers: dict[str, Observer] = {}  # sites with per-channel scales (placement's `axis`)
         self.last_plan: QuantPlan | None = None
+        self._last: tuple[tuple[str, ...], onnx.ModelProto] | None = None  # (exclude, model) of the last build
         self.bias_report: JsonObject | None = None
         self.adaround_report: JsonObject | None = None
         self.range_search: RangeSearch | None = None  # method "auto": made on first use, its choices cached
@@ -277,6 +278,13 @@ class _Quantizer:
         return swamping
 
     def build(self, exclude: Iterable[str]) -> onnx.ModelProto:
+        """The QDQ model with `exclude` float; the last one is remembered (the search builds the
+        chosen recipe before `quantize` asks for it: on ppocr_det a second build was 14 s)."""
+        exclude = tuple(exclude)
+        if self._last is not None and self._last[0] == exclude:
+            built = onnx.ModelProto()
+            built.CopyFrom(self._last[1])
+            return built
         plan = self.plan(exclude)
         swamping = self.swamping_nodes(plan, self.ranges(plan))
         if swamping:
@@ -294,6 +302,7 @@ class _Quantizer:
                 self.model, qdq, plan.quantized_nodes, self.calibration.take(self.options.bias_correction_samples)
             )
         self.last_plan = plan
+        self._last = (exclude, qdq)
         return qdq
 
 
@@ -301,7 +310,8 @@ class _Quantizer:
 TRANSFORMS = (Technique.EQUALIZATION, Technique.BIAS_ABSORPTION, Technique.SMOOTHQUANT)
 #: Calibration samples held out from range estimation to judge each technique (a quarter, within these bounds).
 SEARCH_HELD_OUT = (16, 64)
-#: Seconds the `default` effort may spend trying techniques (a trial that starts in time finishes).
+#: CPU seconds (this process, every thread) the `default` effort's search may spend before it starts
+#: no further trial (one that starts in time finishes); techniques.py says why CPU and not wall time.
 DEFAULT_SEARCH_BUDGET_S = 30.0
 
 
@@ -431,7 +441,7 @@ def _choose_recipe(model: onnx.ModelProto, scheme: QuantScheme, calibration: Dat
         held_out=held_out,
         effort=options.effort,
         forced=forced,
-        time_budget_s=DEFAULT_SEARCH_BUDGET_S if options.effort is Effort.DEFAULT else None,
+        cpu_budget_s=DEFAULT_SEARCH_BUDGET_S if options.effort is Effort.DEFAULT else None,
         threads=options.threads,
     )
     recipe, report = search.run()

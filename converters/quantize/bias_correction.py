@@ -31,11 +31,11 @@ def _output_noise(model: onnx.ModelProto, samples: Sequence[Mapping[str, np.ndar
     runner = ort_session(model)
     names = [o.name for o in model.graph.output]
     inputs = [i.name for i in runner.get_inputs()]
-    noise = 0.0
-    for sample, ref in zip(samples, reference):
-        for got, want in zip(runner.run(names, {n: sample[n] for n in inputs}), ref):
-            noise += float(np.sum((got.astype(np.float64) - want) ** 2))
-    return noise
+    return sum(_noise(runner.run(names, {n: sample[n] for n in inputs}), ref) for sample, ref in zip(samples, reference))
+
+
+def _noise(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
+    return sum(float(np.sum((got.astype(np.float64) - want) ** 2)) for got, want in zip(outputs, reference))
 
 
 def correct_bias(
@@ -54,23 +54,25 @@ def correct_bias(
     fp32_outputs = [fp32_nodes[n].output[0] for n in targets]
     qdq_outputs = [qdq_nodes[n].output[0] for n in targets]
     model_outputs = [o.name for o in float_model.graph.output]
+    qdq_model_outputs = [o.name for o in qdq_model.graph.output]
     fp32_run = ort_session(with_outputs(float_model, fp32_outputs))
     qdq_run = ort_session(with_outputs(qdq_model, qdq_outputs))
     inputs = [i.name for i in fp32_run.get_inputs()]
     shift = [None] * len(targets)
     reference = []
+    before = 0.0  # the uncorrected model's output noise, from the same runs
     for sample in samples:
         feed = {n: sample[n] for n in inputs}
         fp32_values = fp32_run.run(model_outputs + fp32_outputs, feed)
-        qdq_values = qdq_run.run(qdq_outputs, feed)
+        qdq_values = qdq_run.run(qdq_model_outputs + qdq_outputs, feed)
         reference.append([v.astype(np.float64) for v in fp32_values[: len(model_outputs)]])
-        for i, (want, got) in enumerate(zip(fp32_values[len(model_outputs) :], qdq_values)):
+        before += _noise(qdq_values[: len(model_outputs)], reference[-1])
+        for i, (want, got) in enumerate(zip(fp32_values[len(model_outputs) :], qdq_values[len(model_outputs) :])):
             delta = _channel_means(want, qdq_nodes[targets[i]].op_type) - _channel_means(got, qdq_nodes[targets[i]].op_type)
             shift[i] = delta if shift[i] is None else shift[i] + delta
     corrected = onnx.ModelProto()
     corrected.CopyFrom(qdq_model)
     applied = sum(_shift_bias(corrected, target, delta / len(samples)) for target, delta in zip(targets, shift))
-    before = _output_noise(qdq_model, samples, reference)
     after = _output_noise(corrected, samples, reference)
     report = {"layers": applied, "samples": len(samples), "output_noise_before": before, "output_noise_after": after}
     if applied and after < before:

@@ -9,7 +9,11 @@ dropped, and the report says so with its figure. `forced` switches (the CLI's `-
 bypass the measurement in either direction.
 
 Every trial is recorded: technique, kept or not, held-out SQNR and top-1 agreement before and after,
-seconds. The search stops trying (and says which were not tried) when `time_budget_s` is spent.
+seconds. The search stops trying (and says which were not tried) when `cpu_budget_s` is spent. The
+budget is this process's CPU time (every thread's), not wall time: on a machine that others load,
+wall time stretches while CPU time does not, so the same model gets the same techniques on an idle
+machine and on a busy one (with a 30 s wall budget, ppocr_det at load 9 spent it on the baseline
+alone and tried nothing).
 """
 
 from __future__ import annotations
@@ -75,7 +79,8 @@ class Trial(TypedDict):
     sqnr_db_after: float
     top1_before: float | None
     top1_after: float | None
-    seconds: float
+    seconds: float  # wall
+    cpu_seconds: float  # this process's CPU time, every thread
 
 
 class SearchReport(TypedDict):
@@ -89,6 +94,8 @@ class SearchReport(TypedDict):
     sqnr_db: float
     top1_agreement: float | None
     seconds: float
+    cpu_seconds: float
+    cpu_budget_s: float | None  # None: no budget (`max`)
 
 
 @dataclass
@@ -119,11 +126,11 @@ class TechniqueSearch:
     held_out: Dataset
     effort: Effort
     forced: Mapping[Technique, bool] = field(default_factory=dict)
-    time_budget_s: float | None = None
+    cpu_budget_s: float | None = None
     threads: int = 0
 
     def run(self) -> tuple[frozenset[Technique], SearchReport]:
-        start = time.monotonic()
+        start, cpu_start = time.monotonic(), time.process_time()
         reference = list(run_model(self.float_model, self.held_out, threads=self.threads))
         recipe = frozenset(t for t in BASELINE if self.forced.get(t, True)) | {t for t, on in self.forced.items() if on}
         baseline = sorted(recipe, key=list(Technique).index)
@@ -133,15 +140,15 @@ class TechniqueSearch:
         for technique in ORDER:
             if technique in self.forced or technique in recipe or technique not in TRIED_AT[self.effort]:
                 continue
+            spent = time.process_time() - cpu_start
+            if self.cpu_budget_s is not None and spent > self.cpu_budget_s:  # before `applies`: it may run the model (bias absorption)
+                not_tried.append({"technique": technique.value, "why": f"CPU budget of {self.cpu_budget_s:g} s spent ({spent:.0f} CPU s)"})
+                continue
             reason = self.applies(technique)
             if reason is not None:
                 not_tried.append({"technique": technique.value, "why": reason})
                 continue
-            spent = time.monotonic() - start
-            if self.time_budget_s is not None and spent > self.time_budget_s:
-                not_tried.append({"technique": technique.value, "why": f"time budget of {self.time_budget_s:g} s spent ({spent:.0f} s)"})
-                continue
-            began = time.monotonic()
+            began, cpu_began = time.monotonic(), time.process_time()
             candidate = self._score(recipe | {technique}, reference)
             gain = candidate.sqnr_db - current.sqnr_db
             kept = gain >= MIN_GAIN_DB
@@ -156,6 +163,7 @@ class TechniqueSearch:
                     "top1_before": current.top1,
                     "top1_after": candidate.top1,
                     "seconds": round(time.monotonic() - began, 2),
+                    "cpu_seconds": round(time.process_time() - cpu_began, 2),
                 }
             )
             log.info("technique %s: %s", technique.value, why)
@@ -172,6 +180,8 @@ class TechniqueSearch:
             "sqnr_db": round(current.sqnr_db, 3),
             "top1_agreement": current.top1,
             "seconds": round(time.monotonic() - start, 2),
+            "cpu_seconds": round(time.process_time() - cpu_start, 2),
+            "cpu_budget_s": self.cpu_budget_s,
         }
         return recipe, report
 

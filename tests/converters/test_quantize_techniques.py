@@ -57,7 +57,7 @@ def _search(model, data, effort=Effort.MAX, forced=None, applies=lambda t: None,
     fit, held_out = data
     build, built = _builder(model, fit, helpful=Technique.RANGE_SEARCH, harmful=Technique.EQUALIZATION)
     search = TechniqueSearch(
-        float_model=model, build=build, applies=applies, held_out=held_out, effort=effort, forced=forced or {}, time_budget_s=budget
+        float_model=model, build=build, applies=applies, held_out=held_out, effort=effort, forced=forced or {}, cpu_budget_s=budget
     )
     recipe, report = search.run()
     return recipe, report, built
@@ -101,7 +101,25 @@ def test_a_technique_with_nothing_to_do_is_reported_not_tried(model, data) -> No
     assert all(Technique.SMOOTHQUANT not in recipe for recipe in built)
 
 
-def test_a_spent_time_budget_stops_further_trials_and_says_so(model, data) -> None:
-    _, report, _ = _search(model, data, budget=0.0)
-    assert report["trials"] == []
-    assert report["not_tried"] and all("time budget" in t["why"] for t in report["not_tried"])
+def test_a_spent_cpu_budget_stops_further_trials_and_says_so_without_running_the_model_again(model, data) -> None:
+    """The baseline is measured, then nothing: `applies` is not asked either (bias absorption's
+    answer runs the model on calibration data)."""
+    asked = []
+    _, report, built = _search(model, data, budget=0.0, applies=asked.append)
+    assert report["trials"] == [] and asked == [] and len(built) == 1
+    assert report["not_tried"] and all(t["why"].startswith("CPU budget of 0 s spent (") for t in report["not_tried"])
+    assert report["cpu_budget_s"] == 0.0 and report["cpu_seconds"] > 0
+
+
+def test_the_budget_counts_cpu_seconds_so_a_wait_spends_none_of_it(model, data) -> None:
+    """A machine loaded by others stretches wall time, not this process's CPU time: a search that
+    waits (here: sleeps 1 s before each answer) still tries every technique within a 2 s budget."""
+    import time
+
+    def slow_applies(technique: Technique) -> None:
+        time.sleep(1.0)
+
+    _, report, _ = _search(model, data, effort=Effort.DEFAULT, budget=2.0, applies=slow_applies)
+    assert report["seconds"] > 4 * 1.0 and report["cpu_seconds"] < 2.0, report
+    assert {t["technique"] for t in report["trials"]} == {"range_search", "equalization", "bias_absorption", "smoothquant"}
+    assert all(t["cpu_seconds"] <= t["seconds"] * 2 + 0.5 for t in report["trials"])
