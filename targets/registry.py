@@ -106,6 +106,10 @@ class QuantScheme:
     # output has at least this many elements per channel, the island costs more than int8 saves and
     # the conv stays float (0: never). Measured in docs/design.md ("int8 never slower than fp32").
     float_island_min_spatial: int = 0
+    # Every depthwise Conv stays float: the backend's int8 depthwise kernel is slower than its float
+    # one (ONNX Runtime on x86: QLinearConv's NHWC indirection-buffer kernel against MLAS's NCHWc
+    # float kernel, 2.4-4x slower per conv here; bench/results/int8_latency.md).
+    float_depthwise: bool = False
     # Under "inputs": a tensor read only by depthwise convs gets one scale and zero point per channel
     # (QuantizeLinear axis=1). A depthwise conv keeps channels apart, so the backend folds the input
     # scales into its per-channel requantization and the kernel stays int8 (OpenVINO's CPU plugin: u8
@@ -136,6 +140,7 @@ class QuantScheme:
             "constant_operands": self.constant_operands,
             "pairwise_weight_bits": self.pairwise_weight_bits,
             "float_island_min_spatial": self.float_island_min_spatial,
+            "float_depthwise": self.float_depthwise,
             "depthwise_input_per_channel": self.depthwise_input_per_channel,
             "transformer_elementwise_float": self.transformer_elementwise_float,
         }

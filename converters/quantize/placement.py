@@ -211,29 +211,54 @@ def _absorbable(producer: ir.Node, output: ir.Value, scheme: QuantScheme) -> tup
     return None
 
 
-def island_convs(model: ir.Model, scheme: QuantScheme) -> list[str]:
-    """Convs that stay float because int8 would cost a float island larger than its gain (see
-    `QuantScheme.float_island_min_spatial`): the only consumer is an activation the scheme neither
-    quantizes nor fuses, and the conv is depthwise or its output is at least that large per channel."""
-    if not scheme.float_island_min_spatial:
-        return []
+def float_convs(model: ir.Model, scheme: QuantScheme) -> list[tuple[str, str]]:
+    """(name, why) of the convs the scheme keeps float because the backend runs them slower in int8.
+
+    - `QuantScheme.float_depthwise`: a depthwise conv (the backend's int8 depthwise kernel is slower
+      than its float one), unless ONNX Runtime would quantize it anyway (`_reaches_quantize`).
+    - `QuantScheme.float_island_min_spatial`: a conv whose only consumer is an activation the scheme
+      neither quantizes nor fuses pays a dequantize/quantize island for its int8; it stays float when
+      it is depthwise or its output is at least that large per channel.
+    """
     float_ops = set(scheme.quantized_ops) | set(scheme.fused_activations)
     chosen = []
     for node in model.graph:
         if node.op_type != "Conv" or len(node.inputs) < 2 or node.inputs[1] is None or node.inputs[1].shape is None:
             continue
+        depthwise = _is_depthwise(node)
+        if depthwise and scheme.float_depthwise and not _reaches_quantize(node, scheme):
+            chosen.append((node.name, "depthwise conv: the backend's int8 depthwise kernel is slower than its float one"))
+            continue
+        if not scheme.float_island_min_spatial:
+            continue
         consumers = list(node.outputs[0].consumers())
         if len(consumers) != 1 or consumers[0].op_type in float_ops or consumers[0].op_type not in ISLAND_ACTIVATIONS:
             continue
-        weight_shape = tuple(node.inputs[1].shape)
-        output_shape = node.outputs[0].shape
         spatial = 1
-        for dim in list(output_shape or [])[2:]:
+        for dim in list(node.outputs[0].shape or [])[2:]:
             spatial *= dim if isinstance(dim, int) else 0
-        depthwise = not sums_products_pairwise("Conv", weight_shape, node.attributes.get_int("group", 1))
         if depthwise or spatial >= scheme.float_island_min_spatial:
-            chosen.append(node.name)
+            chosen.append((node.name, "int8 would cost a float island larger than its gain"))
     return chosen
+
+
+def _reaches_quantize(conv: ir.Node, scheme: QuantScheme) -> bool:
+    """Whether the conv's output goes, through single-consumer Relu/Clip only, to an op the scheme
+    quantizes. ONNX Runtime's WeightBiasQuantization (onnxruntime/core/optimizer/qdq_transformer/
+    weight_bias_quantization.cc) quantizes the float weight of such a Conv between a per-tensor
+    DequantizeLinear and that QuantizeLinear itself, per tensor, and runs it as QLinearConv: kept
+    float there, it would be int8 all the same, with a coarser weight grid."""
+    value = conv.outputs[0]
+    while not value.is_graph_output():
+        consumers = list(value.consumers())
+        if len(consumers) != 1:
+            return False
+        consumer = consumers[0]
+        if consumer.op_type not in ("Relu", "Clip"):
+            # data movement is quantized only after an already quantized tensor (Concat: after any)
+            return consumer.op_type in scheme.quantized_ops and (consumer.op_type == "Concat" or consumer.op_type not in DATA_MOVEMENT_OPS)
+        value = consumer.outputs[0]
+    return False
 
 
 def _transformer_elementwise(model: ir.Model) -> list[tuple[str, str]]:
@@ -246,12 +271,12 @@ def _transformer_elementwise(model: ir.Model) -> list[tuple[str, str]]:
 
 def plan_quantization(model: ir.Model, scheme: QuantScheme, exclude: Iterable[str] = ()) -> QuantPlan:
     """Decide every Q/DQ site for the scheme; nodes in `exclude` stay float, and so do the convs
-    `island_convs` picks."""
-    islands = island_convs(model, scheme)
+    `float_convs` picks."""
+    slow_convs = float_convs(model, scheme)
     elementwise = _transformer_elementwise(model) if scheme.transformer_elementwise_float else []
-    excluded = set(exclude) | set(islands) | {name for name, _ in elementwise}
+    excluded = set(exclude) | {name for name, _ in slow_convs} | {name for name, _ in elementwise}
     plan = QuantPlan()
-    plan.skipped.extend({"node": name, "op": "Conv", "why": "int8 would cost a float island larger than its gain"} for name in islands)
+    plan.skipped.extend({"node": name, "op": "Conv", "why": why} for name, why in slow_convs)
     plan.skipped.extend({"node": name, "op": op, "why": "elementwise op of a transformer: stays float"} for name, op in elementwise)
     outputs_too = scheme.activation_placement == "inputs_and_outputs"
     quantized_ops = set(scheme.quantized_ops)

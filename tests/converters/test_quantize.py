@@ -167,9 +167,13 @@ def _weight_extremes(qdq: onnx.ModelProto) -> dict[str, int]:
 
 
 def test_avx2_class_narrows_pairwise_summed_weights_to_7_bits_and_keeps_depthwise_at_8(model: onnx.ModelProto, calibration: Dataset) -> None:
+    from dataclasses import replace
+
     target = get_target("onnxruntime-cpu")
-    avx2 = _weight_extremes(quantize(model, target.scheme_for("avx2"), calibration, QuantizeOptions(debug_samples=0)).model)
-    vnni = _weight_extremes(quantize(model, target.scheme_for("vnni"), calibration, QuantizeOptions(debug_samples=0)).model)
+    avx2, vnni = (
+        _weight_extremes(quantize(model, replace(target.scheme_for(isa), float_depthwise=False), calibration, QuantizeOptions(debug_samples=0)).model)
+        for isa in ("avx2", "vnni")
+    )  # depthwise int8 here (onnxruntime-cpu keeps it float on x86: test_quantize_placement.py)
     assert avx2 == {"conv1": 64, "conv2": 64, "depthwise": 127, "deconv": 64, "fc1": 64, "matmul": 64, "fc2": 64}
     assert vnni == dict.fromkeys(avx2, 127)
 
@@ -414,8 +418,8 @@ def test_convs_that_would_pay_a_float_island_larger_than_their_gain_stay_float(t
     result = quantize(model, get_target(target).quant_scheme, dataset, QuantizeOptions(debug_samples=0))
     quantized = {n for n in ("big_spatial", "depthwise", "small_spatial") if _dq_feeding(result.model, n, 1) is not None}
     assert quantized == {"small_spatial"}
-    islands = [s for s in result.report["not_quantized"] if "float island" in s["why"]]
-    assert sorted(s["node"] for s in islands) == ["big_spatial", "depthwise"]
+    islands = [s["node"] for s in result.report["not_quantized"] if "float island" in s["why"]]
+    assert islands == (["big_spatial"] if target == "onnxruntime-cpu" else ["big_spatial", "depthwise"])  # ORT: every depthwise is float
     openvino = quantize(model, get_target("intel-openvino").quant_scheme, dataset, QuantizeOptions(debug_samples=0)).model
     assert all(_dq_feeding(openvino, n, 1) is not None for n in ("big_spatial", "depthwise", "small_spatial")), "OpenVINO fuses HardSwish"
 

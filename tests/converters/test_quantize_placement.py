@@ -1,0 +1,129 @@
+"""Where Q/DQ go, per target scheme: which convs a backend runs faster in float than in int8."""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import replace
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeopt.converters.data import Dataset, model_input_specs, open_dataset
+from edgeopt.converters.quantize import QuantizeOptions, quantize
+from edgeopt.targets import QuantScheme, get_target
+
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def inverted_residual(activation: str = "HardSwish", depthwise_convs: int = 1, channels: int = 16, hidden: int = 48, size: tuple[int, int] = (24, 96)) -> onnx.ModelProto:
+    """MobileNet block: 1x1 expand -> Relu -> `depthwise_convs` x (depthwise 3x3 -> `activation`) -> 1x1 project
+    (HardSwish: MobileNetV3; Relu: MobileNetV2)."""
+    attributes = {"alpha": 0.1} if activation == "LeakyRelu" else {}
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w_expand", "b_expand"], ["e"], name="expand"), helper.make_node("Relu", ["e"], ["h0"], name="relu_expand")]
+    weights = {"w_expand": (hidden, channels, 1, 1), "b_expand": (hidden,), "w_project": (channels, hidden, 1, 1), "b_project": (channels,)}
+    for i in range(depthwise_convs):
+        nodes += [
+            helper.make_node("Conv", [f"h{i}", f"w_dw{i}", f"b_dw{i}"], [f"d{i}"], name=f"depthwise{i}", group=hidden, pads=[1, 1, 1, 1]),
+            helper.make_node(activation, [f"d{i}"], [f"h{i + 1}"], name=f"act_dw{i}", **attributes),
+        ]
+        weights |= {f"w_dw{i}": (hidden, 1, 3, 3), f"b_dw{i}": (hidden,)}
+    nodes.append(helper.make_node("Conv", [f"h{depthwise_convs}", "w_project", "b_project"], ["y"], name="project"))
+    initializers = [numpy_helper.from_array((rng.normal(size=shape) * 0.3).astype(np.float32), name) for name, shape in weights.items()]
+    graph = helper.make_graph(
+        nodes, "inverted_residual",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, *size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, channels, *size])],
+        initializers,
+    )  # fmt: skip
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    onnx.checker.check_model(model)
+    return model
+
+
+def _calibration(model: onnx.ModelProto, count: int = 8) -> Dataset:
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    return open_dataset(np.random.default_rng(1).normal(size=(count, *shape[1:])).astype(np.float32), model_input_specs(model))
+
+
+def _int8_weighted(model: onnx.ModelProto) -> set[str]:
+    """Names of the Convs whose weight comes from a DequantizeLinear."""
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    return {n.name for n in model.graph.node if n.op_type == "Conv" and producers.get(n.input[1]) == "DequantizeLinear"}
+
+
+def _ort_kernels(model: onnx.ModelProto, tmp_path) -> list[str]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node]
+
+
+@pytest.mark.parametrize("isa", ["avx2", "vnni", "amx"])
+def test_onnxruntime_cpu_keeps_depthwise_convs_float_on_x86(isa: str, tmp_path) -> None:
+    model = inverted_residual("LeakyRelu")  # not a float-island activation: this is float_depthwise alone
+    scheme = get_target("onnxruntime-cpu").scheme_for(isa)
+    assert scheme.float_depthwise
+    result = quantize(model, scheme, _calibration(model), QuantizeOptions(debug_samples=0))
+    assert _int8_weighted(result.model) == {"expand", "project"}
+    why = {s["node"]: s["why"] for s in result.report["not_quantized"]}
+    assert "depthwise" in why["depthwise0"] and "slower" in why["depthwise0"]
+    kernels = _ort_kernels(result.model, tmp_path)
+    assert kernels.count("QLinearConv") == 2 and "Conv" in kernels  # the depthwise conv runs on ORT's float kernel
+
+
+def test_a_float_conv_between_dequantize_and_relu_quantize_runs_int8_on_onnxruntime_anyway(tmp_path) -> None:
+    """ONNX Runtime's WeightBiasQuantization quantizes the float weight of a Conv whose input is a
+    per-tensor DequantizeLinear and whose output reaches a QuantizeLinear through Relu/Clip only (per
+    tensor) and fuses it into QLinearConv: such a depthwise conv stays int8 with the scheme's per-channel
+    weights instead, and one kept float on purpose (exclude_nodes) is not float on ONNX Runtime."""
+    model = inverted_residual("Relu")
+    scheme = get_target("onnxruntime-cpu").scheme_for("vnni")
+    kept = quantize(model, scheme, _calibration(model), QuantizeOptions(debug_samples=0))
+    assert _int8_weighted(kept.model) == {"expand", "depthwise0", "project"}
+    excluded = quantize(model, scheme, _calibration(model), QuantizeOptions(debug_samples=0, exclude_nodes=("depthwise0",)))
+    assert _int8_weighted(excluded.model) == {"expand", "project"}
+    assert _ort_kernels(excluded.model, tmp_path).count("QLinearConv") == 3
+
+
+def test_onnxruntime_cpu_keeps_depthwise_convs_int8_on_arm64_and_other_targets_keep_them_int8() -> None:
+    model = inverted_residual("LeakyRelu")  # neither an island activation nor one ONNX Runtime fuses
+    calibration = _calibration(model)
+    every_conv = {"expand", "depthwise0", "project"}
+    assert not get_target("onnxruntime-cpu").scheme_for("arm64").float_depthwise
+    assert _int8_weighted(quantize(model, get_target("onnxruntime-cpu").scheme_for("arm64"), calibration, QuantizeOptions(debug_samples=0)).model) == every_conv
+    for target in ("intel-openvino", "raspberry-pi", "jetson-orin"):
+        scheme: QuantScheme = get_target(target).quant_scheme
+        assert not scheme.float_depthwise, target
+        assert _int8_weighted(quantize(model, scheme, calibration, QuantizeOptions(debug_samples=0)).model) == every_conv, target
+
+
+@pytest.mark.skipif(not X86, reason="float_depthwise is an x86 rule (MLAS NCHWc float kernels); needs an x86-64 CPU")
+def test_onnxruntime_int8_depthwise_kernel_is_slower_than_its_float_one() -> None:
+    """The measurement the onnxruntime-cpu rule rests on: a chain of 6 depthwise convs (48 channels,
+    24x96) in int8 (QLinearConv's NHWC indirection-buffer kernel) against fp32 (MLAS NCHWc), one
+    thread, interleaved rounds. Measured here (AVX-512 VNNI): 2.4-4.1x per conv (bench/int8_latency.py
+    kernels). If ONNX Runtime's int8 depthwise kernel catches up, this fails: drop the rule."""
+    import onnxruntime as ort
+
+    model = inverted_residual("Relu", depthwise_convs=6)
+    scheme = replace(get_target("onnxruntime-cpu").scheme_for("vnni"), float_depthwise=False)
+    int8 = quantize(model, scheme, _calibration(model), QuantizeOptions(debug_samples=0)).model
+    assert _int8_weighted(int8) == {"expand", "project", *(f"depthwise{i}" for i in range(6))}
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    sessions = {kind: ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"]) for kind, m in (("fp32", model), ("int8", int8))}
+    feed = {"x": next(iter(_calibration(model, 1)))["x"]}
+    times: dict[str, list[float]] = {kind: [] for kind in sessions}
+    for round_index in range(60):
+        for kind in sorted(sessions, reverse=bool(round_index % 2)):
+            start = time.perf_counter()
+            sessions[kind].run(None, feed)
+            times[kind].append(time.perf_counter() - start)
+    ratio = float(np.median(times["int8"][10:]) / np.median(times["fp32"][10:]))
+    assert ratio > 1.3, f"int8 / fp32 = {ratio:.2f}"
