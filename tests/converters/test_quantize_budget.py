@@ -114,3 +114,22 @@ def test_a_budget_met_with_some_layers_in_int8_is_not_all_float(model: onnx.Mode
     calibration, evaluation = _data(model, 64, 1), _data(model, 200, 2)
     options = QuantizeOptions(max_accuracy_drop=5.0, evaluation=evaluation, debug_samples=0)
     assert quantize(model, get_target("jetson-orin").quant_scheme, calibration, options).report["budget"]["all_float"] is False
+
+
+def test_the_quantizer_serves_a_repeated_build_from_memory_and_rebuilds_for_other_exclusions(model: onnx.ModelProto) -> None:
+    """The technique search builds the chosen recipe, then `quantize` asks for it again: the second
+    ask is a copy of the first (bias correction is not run again), while a budget's builds with
+    other float layers are made afresh."""
+    from edgeopt.converters.quantize import _Quantizer
+
+    scheme = get_target("onnxruntime-cpu").scheme_for(None)
+    quantizer = _Quantizer(model, scheme, _data(model, 64, seed=1), QuantizeOptions(method="minmax", debug_samples=0), None)
+    first = quantizer.build(())
+    report = quantizer.bias_report
+    again = quantizer.build([])
+    assert again is not first and again.SerializeToString() == first.SerializeToString()
+    assert quantizer.bias_report is report  # not measured again
+    fc3_float = quantizer.build(["fc3"])
+    assert "fc3" not in quantizer.last_plan.quantized_nodes and fc3_float.SerializeToString() != first.SerializeToString()
+    assert quantizer.bias_report is not report
+    assert quantizer.build(()).SerializeToString() == first.SerializeToString() and "fc3" in quantizer.last_plan.quantized_nodes
