@@ -218,7 +218,7 @@ def prune_model(context: BuildContext) -> JsonObject:
         assert context.calibration_set is not None
         options = replace(options, samples=tuple(context.calibration_set.take(SAMPLES)))
     context.unpruned_model = context.lowered_model
-    result = prune(context.lowered_model, options)
+    result = prune(context.lowered_model, options, context.sub_progress("taylor") if options.criterion is PruneCriterion.TAYLOR else None)
     context.model = context.float_model = result.model
     context.pruning = dict(result.report)
     report = result.report

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import onnx
@@ -32,7 +33,7 @@ class PruneResult:
     changed: bool
 
 
-def prune(model: onnx.ModelProto, options: PruneOptions) -> PruneResult:
+def prune(model: onnx.ModelProto, options: PruneOptions, progress: Callable[[int, int], None] | None = None) -> PruneResult:
     """The model with `options.ratio` of each dependency group's channels removed (see `surgery`).
 
     The model should be simplified (constants folded, shapes inferred with static input shapes):
@@ -51,7 +52,7 @@ def prune(model: onnx.ModelProto, options: PruneOptions) -> PruneResult:
         )
     working = onnx.ModelProto()
     working.CopyFrom(model)
-    step = PruneChannelsPass(options)
+    step = PruneChannelsPass(options, progress)
     result = step(ir.from_proto(working))
     assert step.report is not None
     return PruneResult(ir.to_proto(result.model) if result.modified else model, step.report, result.modified)

@@ -14,7 +14,7 @@ after it is ranked by its L2 norm instead, and the report says how many were.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -73,12 +73,14 @@ def atom_scores(analysis: Analysis, criterion: PruneCriterion, measured: Mapping
     return scores, fallbacks
 
 
-def layer_taylor_scores(model: ir.Model, analysis: Analysis, samples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def layer_taylor_scores(
+    model: ir.Model, analysis: Analysis, samples: Sequence[Mapping[str, np.ndarray]], progress: Callable[[int, int], None] | None = None
+) -> dict[str, np.ndarray]:
     """Taylor scores of every layer the analysis found, by name (see `taylor.py`; torch imported here)."""
     from edgeopt.converters.prune.taylor import taylor_scores
 
     layers = {source.node.name: (source.node.outputs[0].name, 1 if source.node.op_type in _CHANNELS_FIRST else -1) for source in analysis.sources}
-    return taylor_scores(ir.to_proto(model), layers, samples)
+    return taylor_scores(ir.to_proto(model), layers, samples, progress=progress)
 
 
 def _filter_norms(node: ir.Node, axis: int, p: int) -> np.ndarray:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypedDict
 
@@ -83,18 +83,20 @@ class PruneReport(TypedDict):
 
 
 class PruneChannelsPass(GraphPass):
-    """Structured channel pruning; the report is `self.report` after the pass runs."""
+    """Structured channel pruning; the report is `self.report` after the pass runs. `progress(done, total)`
+    follows the taylor criterion's calibration samples."""
 
-    def __init__(self, options: PruneOptions) -> None:
+    def __init__(self, options: PruneOptions, progress: Callable[[int, int], None] | None = None) -> None:
         super().__init__()
         self.options = options
+        self.progress = progress
         self.report: PruneReport | None = None
         self.kept_atoms: np.ndarray | None = None  # which atoms (see groups.py) were kept: the zero-equivalence check reads it
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         options = self.options
         analysis = analyze(model, options.protected)
-        measured = layer_taylor_scores(model, analysis, options.samples) if options.criterion is PruneCriterion.TAYLOR else options.bn_scales
+        measured = layer_taylor_scores(model, analysis, options.samples, self.progress) if options.criterion is PruneCriterion.TAYLOR else options.bn_scales
         scores, fallbacks = atom_scores(analysis, options.criterion, measured)
         groups = analysis.groups()
         keep, group_reports = _choose(analysis, groups, scores, options)

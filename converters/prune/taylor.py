@@ -57,14 +57,18 @@ EXACT_LOGITS = 64
 
 
 def taylor_scores(
-    model: onnx.ModelProto, layers: Mapping[str, tuple[str, int]], samples: Sequence[Mapping[str, np.ndarray]], seed: int = 0
+    model: onnx.ModelProto,
+    layers: Mapping[str, tuple[str, int]],
+    samples: Sequence[Mapping[str, np.ndarray]],
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """RMS over the samples of the output change removing each channel causes, by layer name.
 
     layers: {layer node name: (its output's name, that output's channel axis)}; samples: calibration
     inputs as the model takes them (each with its batch axis). Runs the fp32 graph with
     converters/finetune's interpreter, one sample at a time (per-sample products, and a graph fixed
-    to batch 1 runs as it is).
+    to batch 1 runs as it is). `progress(done, total)` after each sample.
     """
     if len(samples) < MIN_SAMPLES:
         raise OptionError(
@@ -80,7 +84,7 @@ def taylor_scores(
     axes = [layers[name][1] for name in names]
     totals: list[torch.Tensor] | None = None
     kinds: dict[str, OutputKind] | None = None
-    for sample in samples:
+    for done, sample in enumerate(samples, 1):
         feeds = {name: torch.from_numpy(np.array(sample[name])) for name in graph.input_names}
         values = graph(feeds, capture=captured)
         outputs = {name: values[name] for name in graph.output_names if values[name].is_floating_point()}
@@ -101,6 +105,8 @@ def taylor_scores(
         squares = [_squared_change(value, kinds[name], products, generator, temperature) for name, value in outputs.items()]
         summed = [sum(per_output[i] for per_output in squares) for i in range(len(names))]
         totals = summed if totals is None else [t + s for t, s in zip(totals, summed)]
+        if progress is not None:
+            progress(done, len(samples))
     assert totals is not None
     return {name: np.sqrt(total.numpy() / len(samples)) for name, total in zip(names, totals)}
 

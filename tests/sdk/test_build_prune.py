@@ -93,16 +93,20 @@ def test_taylor_ranks_on_the_calibration_data_and_is_refused_without_it(wide_cnn
     with pytest.raises(OptionError, match="--prune-criterion taylor ranks channels on calibration data"):
         edgeopt.build(wide_cnn, "pi", output=tmp_path / "none", prune=0.5, prune_criterion="taylor")
     assert not (tmp_path / "none").exists()
-    result = edgeopt.build(wide_cnn, "pi", output=tmp_path / "b", prune=0.5, prune_criterion="taylor", precision="int8", calibration=_samples(16))
-    jsonschema.validate(result.manifest, SCHEMA)
-    pruning = result.manifest["pruning"]
-    assert pruning["criterion"] == "taylor" and pruning["samples"] == 16 and pruning["bn_fallback_layers"] == 0
-    assert pruning["macs_after"] < 0.6 * pruning["macs_before"] and result.manifest["reference"]["measured"]["checked"]
     np.savez(tmp_path / "calib.npz", x=np.concatenate([s["x"] for s in _samples(16)]))
+    calibration = ["--calibration", str(tmp_path / "calib.npz")]
+    build = CliRunner().invoke(cli, ["build", str(wide_cnn), "-t", "pi", "-p", "int8", "--prune", "0.5", "--prune-criterion", "taylor", *calibration, "-o", str(tmp_path / "b")])
+    assert build.exit_code == 0, build.output
+    assert "taylor" in build.stderr  # the criterion's progress over the calibration samples
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    jsonschema.validate(manifest, SCHEMA)
+    pruning = manifest["pruning"]
+    assert pruning["criterion"] == "taylor" and pruning["samples"] == 16 and pruning["bn_fallback_layers"] == 0
+    assert pruning["macs_after"] < 0.6 * pruning["macs_before"] and manifest["reference"]["measured"]["checked"]
     out = tmp_path / "pruned.onnx"
     args = ["prune", str(wide_cnn), "-o", str(out), "--ratio", "0.5", "--criterion", "taylor", "--json"]
     refused = CliRunner().invoke(cli, args)
     assert refused.exit_code == 2 and "calibration data" in refused.output
-    run = CliRunner().invoke(cli, [*args, "--calibration", str(tmp_path / "calib.npz")])
+    run = CliRunner().invoke(cli, [*args, *calibration])
     assert run.exit_code == 0, run.output
     assert json.loads(run.output)["report"]["samples"] == 16
