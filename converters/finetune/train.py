@@ -1,8 +1,11 @@
 """Fine-tune a QDQ graph in place: QAT on labels, or QAD from the fp32 model (no labels needed).
 
-The student is the QDQ graph itself run by `TrainableGraph` with learned scales (LSQ); the teacher
-is the fp32 graph run by the same interpreter. Adam updates the latent weights and the scales at
-one learning rate. After every epoch the student is measured on a held-out fifth of the data
+The student is the QDQ graph itself run by `TrainableGraph` with learned activation scales (LSQ);
+the teacher is the fp32 graph run by the same interpreter. Adam updates the latent weights at a rate
+relative to their grid step and the activation scales relative to their size; weight scales stay as
+quantized (`freeze_weight_grids` says why); the rates warm up over the first epoch and then decay.
+A graph output behind a fixed-scale quantizer (TFLite's softmax) is distilled on the float value
+before that quantizer (`loss_sources`). After every epoch the student is measured on a held-out fifth of the data
 (`metrics.fidelity` against the teacher, and accuracy when labels exist); the best epoch's state is
 kept, training stops when `patience` epochs in a row did not beat it, and that state is written back
 into the very QDQ graph that was quantized (`writeback.write_back`). Epoch 0 is the PTQ graph itself,
@@ -48,14 +51,19 @@ if TYPE_CHECKING:
 __all__ = ["EpochRecord", "FinetuneOptions", "FinetuneReport", "FinetuneResult", "finetune"]
 
 CHECKPOINT_FILE = "finetune.pt"
-#: Adam's rate for a scale, relative to `lr` and the scale's magnitude; for LSQ+ zero points, relative to `lr`.
+#: Adam's rate for a latent weight, relative to `lr` and its quantizer's grid step (mean scale): at lr 1e-4 a
+#: latent moves about 1% of a step per step whatever the bit width, so codes can change within an epoch.
+LATENT_LR = 100.0
+#: Adam's rate for an activation scale, relative to `lr` and the scale's magnitude; for LSQ+ zero points, relative to `lr`.
 SCALE_LR = 10.0
 ZERO_POINT_LR = 1000.0
 
 
 @dataclass(frozen=True)
 class FinetuneOptions:
-    """How to fine-tune. `lr` is Adam's for latent weights and scales alike; `temperature`, `alpha`
+    """How to fine-tune. `lr` is Adam's base rate: float parameters take it as it is, latent weights,
+    activation scales and zero points relative to their units (`_parameter_groups`); all of them warm up
+    over the first epoch and decay to 0 at the last (`_Run._set_rates`); `temperature`, `alpha`
     (weight of the task loss beside distillation when labels exist), `features` (tensor names whose
     normalized MSE to the teacher's is added, × `feature_weight`) apply to QAD."""
 
@@ -67,7 +75,7 @@ class FinetuneOptions:
     alpha: float = 0.5
     features: tuple[str, ...] = ()
     feature_weight: float = 1.0
-    patience: int = 3  # the held-out loss often rises after epoch 1 and recovers by epoch 3 (bench/results/finetune_recovery.md)
+    patience: int = 3  # epochs in a row without a lower held-out loss before training stops
     seed: int = 0
     checkpoint_dir: Path | None = None
     threads: int | None = None  # torch's intra-op threads while training (None: torch's own default)
@@ -281,6 +289,7 @@ class _Run:
         self.student = TrainableGraph(qdq, quantizers=QuantizerMode.LEARNED, scheme=scheme)
         for name, source in tied_quantizers(qdq, scheme).items():
             self.student.share_quantizer(name, source)
+        freeze_weight_grids(self.student)
         self.student.to(self.device)
         self.teacher = TrainableGraph(fp32).to(self.device).eval()
         for parameter in self.teacher.parameters():
@@ -291,6 +300,7 @@ class _Run:
             else self.student
         )
         self.optimizer = torch.optim.Adam(_parameter_groups(self.student, options.lr))
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.micro_batch = options.batch_size if self._batches_stack() else 1
 
         captured = self._teacher(self._feeds(train_set.samples[: self.micro_batch]))
@@ -303,6 +313,8 @@ class _Run:
                 "--finetune qat needs a classifier output (batch, classes) to compare labels with; this model has none",
                 hint="use --finetune qad, which distils from the fp32 model and needs no labels",
             )
+        self.loss_sources = loss_sources(self.student)
+        self.capture = tuple(dict.fromkeys((*options.features, *self.loss_sources.values())))
         self.distill = DistillationLoss(self.kinds, options.temperature, options.feature_weight, options.alpha, self.task)
         self.regression_only = all(kind is OutputKind.REGRESSION for kind in self.kinds.values())
         with_labels = held_out.labels is not None
@@ -350,7 +362,7 @@ class _Run:
             for begin in range(0, len(samples), self.micro_batch):
                 chunk = samples[begin : begin + self.micro_batch]
                 feeds = self._feeds(chunk)
-                teacher, student = self._teacher(feeds), self.student(feeds, capture=self.options.features)
+                teacher, student = self._teacher(feeds), self.student(feeds, capture=self.capture)
                 chunk_labels = None if labels is None else self.torch.from_numpy(labels[begin : begin + len(chunk)]).to(self.device)
                 loss += float(self._loss_of(student, teacher, chunk_labels)) * len(chunk)
                 for outputs, kept in ((teacher, teacher_outputs), (student, student_outputs)):
@@ -387,17 +399,38 @@ class _Run:
                     loss = self._loss(feeds, chunk_labels) * (len(chunk) * self.world / len(batch))
                     loss.backward()
                 batch_loss += float(loss.detach())
+            self._set_rates(epoch, done, len(batches))
             self.optimizer.step()
             total += batch_loss
             if progress is not None:
                 progress(done, len(batches))
         return total / len(batches)
 
+    def _set_rates(self, epoch: int, step: int, steps: int) -> None:
+        """Rates rise linearly over the first epoch (step k of n at k/n of their value), then fall along a
+        half cosine to 0 at the last asked epoch.
+
+        Adam's first steps are about lr·sign(g) for every parameter at once (bias correction): at full
+        rate all latents move together before the moments mean anything, and codes flip en masse
+        (digits 4-bit from effort fast: held-out loss 0.0174 -> 0.0273 after epoch 1 at full rate,
+        -> 0.0107 with the warm-up). The decay settles the late epochs, whose held-out loss swung at a
+        constant rate (digits 2-bit: 0.054 -> 0.132 -> 0.070 in epochs 5-8). A function of (epoch, step):
+        a resumed run continues it without saved state (one resumed with more epochs decays over them).
+        """
+        progress = ((epoch - 1) * steps + step) / steps  # in epochs
+        if progress <= 1:
+            factor = progress
+        else:
+            factor = 0.5 * (1 + math.cos(math.pi * (progress - 1) / max(1, self.options.epochs - 1)))
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
+
     def _loss(self, feeds: Mapping[str, torch.Tensor], labels: torch.Tensor | None) -> torch.Tensor:
-        student = self.trained(feeds, capture=self.options.features)
+        student = self.trained(feeds, capture=self.capture)
         return self._loss_of(student, None if self.options.mode is FinetuneMode.QAT else self._teacher(feeds), labels)
 
     def _loss_of(self, student: Mapping[str, torch.Tensor], teacher: Mapping[str, torch.Tensor] | None, labels: torch.Tensor | None) -> torch.Tensor:
+        student = {**student, **{output: student[source] for output, source in self.loss_sources.items()}}
         if self.options.mode is FinetuneMode.QAT:
             assert self.task is not None and labels is not None
             return self.task(student, labels)
@@ -532,25 +565,67 @@ def tied_quantizers(qdq: onnx.ModelProto, scheme: QuantScheme | None) -> dict[st
     return {name: root(name) for name in parent if root(name) != name}
 
 
-def _parameter_groups(student: Any, lr: float) -> list[dict[str, Any]]:
-    """Adam's groups: latent weights and other float parameters at `lr`; each trained scale at
-    `lr` × SCALE_LR × its mean magnitude and LSQ+ zero points at `lr` × ZERO_POINT_LR.
+def loss_sources(student: Any) -> dict[str, str]:
+    """{graph output: the tensor the loss reads in its place}: the float value before a fixed-scale output
+    quantizer (TFLite's softmax/logistic outputs, 1/256 steps), which has nothing to learn.
 
-    Adam's step is about its learning rate whatever the gradient's size, so one absolute rate would
-    move a 1e-3 activation scale by 10% a step at lr 1e-4 (measured on digits: 37 -> 20 dB held-out
-    SQNR in one epoch); relative to the scale it moves each by at most ~0.1% a step at lr 1e-4, and
-    a zero point (an integer, rounded straight-through) by ~0.1 a step.
+    On its codes the loss is a step function of the student: ppocr_cls's softmax output rounds every
+    probability below 1/512 to 0, a teacher's 0.003 against 0 costs a KL of ~1 (a typical sample's is
+    ~0.01), 10 of 200 samples carried half the loss, and the held-out loss jumped as single samples
+    crossed a rounding step. The float value before it moves smoothly; the shipped codes are its rounding.
+    """
+    producers = {output: node for node in student.nodes for output in node.outputs if output}
+    sources: dict[str, str] = {}
+    for name in student.output_names:
+        dequantize = producers.get(name)
+        quantize = producers.get(dequantize.inputs[0]) if dequantize is not None and dequantize.op_type == "DequantizeLinear" else None
+        if quantize is not None and quantize.op_type == "QuantizeLinear" and student.quantizer_of(quantize.name).spec.fixed:
+            sources[name] = quantize.inputs[0]
+    return sources
+
+
+def freeze_weight_grids(student: Any) -> None:
+    """Keep every weight quantizer's scale and zero point as quantized: only the latent weights move on that grid.
+
+    A latent weight starts on its grid (w = k·s₀, read back from the stored integers), where LSQ's scale
+    gradient Σ g·(round(w/s) − w/s) is exactly 0; once s leaves s₀ with the codes unchanged it is
+    Σ g·k·(1 − s₀/s): the true gradient times a factor that is tiny and changes sign at s₀, so below s₀
+    it points the wrong way. Adam turns any such gradient into a step of its full rate: measured on
+    digits with 3-bit weights, all three weight scales drifted 8.5% in the first epoch with no code
+    changed (every weight of a layer scaled by 8.5%), held-out loss 0.045 -> 0.22; with weight scales
+    kept it falls from epoch 1 (bench/results/finetune_recovery.md).
+    """
+    for record in student.quant_params():
+        if record.kind == "weight" and record.quantizer is not None:
+            record.quantizer.scale.requires_grad_(False)
+            record.quantizer.zero_point.requires_grad_(False)
+
+
+def _parameter_groups(student: Any, lr: float) -> list[dict[str, Any]]:
+    """Adam's groups: each latent weight at `lr` × LATENT_LR × its grid step; each trained activation scale
+    at `lr` × SCALE_LR × its mean magnitude; LSQ+ zero points at `lr` × ZERO_POINT_LR; float parameters
+    outside any quantizer (biases, layers left float) at `lr`.
+
+    Adam's step is about its learning rate whatever the gradient's size, so rates are set in the units
+    each parameter moves in. One absolute rate moved a latent 3-bit weight 1/1000 of its step (0.1-0.2)
+    per step, so no code changed in 3 epochs on digits, while it moves an 8-bit per-channel one up to a
+    tenth; a 1e-3 activation scale moved 10% a step (37 -> 20 dB held-out SQNR in one epoch on digits).
     """
     groups: list[dict[str, Any]] = []
     own: set[int] = set()
-    for quantizer in student.quantizers.values():
-        if not quantizer.trains_scale:
+    for record in student.quant_params():
+        quantizer = record.quantizer
+        if quantizer is None:
             continue
-        scale = quantizer.scale
-        groups.append({"params": [scale], "lr": lr * SCALE_LR * max(float(scale.detach().abs().mean()), 1e-12)})
-        own.add(id(scale))
-        zero_point = quantizer.zero_point
-        if zero_point.requires_grad:
+        if record.kind == "weight" and record.latent is not None and id(record.latent) not in own:
+            step = max(float(quantizer.scale.detach().abs().mean()), 1e-12)
+            groups.append({"params": [record.latent], "lr": lr * LATENT_LR * step})
+            own.add(id(record.latent))
+        scale, zero_point = quantizer.scale, quantizer.zero_point
+        if scale.requires_grad and id(scale) not in own:
+            groups.append({"params": [scale], "lr": lr * SCALE_LR * max(float(scale.detach().abs().mean()), 1e-12)})
+            own.add(id(scale))
+        if zero_point.requires_grad and id(zero_point) not in own:
             groups.append({"params": [zero_point], "lr": lr * ZERO_POINT_LR})
             own.add(id(zero_point))
     rest = [p for p in student.parameters() if p.requires_grad and id(p) not in own]

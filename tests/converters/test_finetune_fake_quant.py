@@ -159,6 +159,28 @@ def test_a_learned_scale_moves_towards_lower_error_and_fixed_and_frozen_ones_do_
     assert fixed.scale_value().tolist() == [np.float32(1 / 256)] and frozen.scale_value().tolist() == [np.float32(0.002)]
 
 
+def test_a_weight_on_its_grid_gives_its_scale_no_lsq_gradient_though_the_loss_depends_on_it():
+    """Why fine-tuning keeps weight scales as quantized (train.freeze_weight_grids): a latent weight read
+    back from stored integers sits on its grid, where LSQ's scale gradient Σ g·(round(w/s) − w/s) is 0,
+    while scaling the codes' grid changes the loss; Adam would turn the noise around that 0 into full steps."""
+    spec = QuantSpec("int8", -8, 7, True, None)
+    scale = np.float32(0.05)
+    latent = torch.from_numpy(RNG.integers(-8, 8, size=256).astype(np.float32) * scale)
+    target = torch.from_numpy(RNG.normal(size=256).astype(np.float32))
+    quantizer = FakeQuantizer(spec, np.array(scale), None, trainable=True, elements=256)
+
+    def loss() -> torch.Tensor:
+        return ((quantizer(latent) - target) ** 2).sum()
+
+    loss().backward()
+    assert float(quantizer.scale.grad.abs().max()) == 0.0
+    with torch.no_grad():
+        quantizer.scale.mul_(1.001)  # every code stays, every dequantized weight grows 0.1%
+        larger = float(loss())
+        quantizer.scale.div_(1.001)
+        assert larger != pytest.approx(float(loss()), rel=1e-6)
+
+
 def test_power_of_two_scales_stay_powers_of_two():
     quantizer = _quantizer("int8", np.array(0.03, np.float32), np.array(0, np.int8), None, trainable=True, symmetric=True, power_of_two=True)
     x = torch.linspace(-3, 3, 101)

