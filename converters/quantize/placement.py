@@ -7,6 +7,9 @@ Two placements:
   carries a Q/DQ pair; data-movement ops (reshape, transpose, max-pool, concat, ...) are quantized
   when their input already is, and a ReLU/ReLU6 right after a quantized op is absorbed into that
   op's output quantization (exact when the zero point sits at the lowest integer).
+
+Where the backend runs a layer faster in float, or fuses more than the scheme's op list says, the
+scheme says so: `float_convs` (depthwise convs, float islands) and `silu_gates` (int8 SiLU).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import onnx_ir as ir
 
 from edgeopt.targets import QuantScheme
 
-__all__ = ["ActivationSite", "QuantPlan", "WeightSite", "plan_quantization", "sums_products_pairwise", "weight_axis"]
+__all__ = ["ActivationSite", "QuantPlan", "WeightSite", "plan_quantization", "silu_gates", "sums_products_pairwise", "weight_axis"]
 
 #: Ops whose output values are a subset of their input values: quantized only where the input already is.
 DATA_MOVEMENT_OPS = frozenset(
@@ -261,12 +264,31 @@ def _reaches_quantize(conv: ir.Node, scheme: QuantScheme) -> bool:
     return False
 
 
+def _has_attention(model: ir.Model) -> bool:
+    """Whether a Softmax is read by a MatMul."""
+    return any(node.op_type == "Softmax" and any(user.op_type == "MatMul" for user, _ in node.outputs[0].uses()) for node in model.graph)
+
+
 def _transformer_elementwise(model: ir.Model) -> list[tuple[str, str]]:
-    """(name, op) of the Add/Sub/Mul nodes of a model with attention (a Softmax read by a MatMul); none otherwise."""
-    attention = any(
-        node.op_type == "Softmax" and any(user.op_type == "MatMul" for user, _ in node.outputs[0].uses()) for node in model.graph
-    )
+    """(name, op) of the Add/Sub/Mul nodes of a model with attention; none otherwise."""
+    attention = _has_attention(model)
     return [(node.name or "", node.op_type) for node in model.graph if attention and node.op_type in BINARY_OPS]
+
+
+def silu_gates(model: ir.Model) -> set[str]:
+    """Names of the Sigmoid and Mul nodes of each SiLU, x * Sigmoid(x) (the Sigmoid's only consumer is a
+    Mul that also reads the Sigmoid's input), in a model without attention: a transformer's Sigmoid/Mul
+    stay float (their QLinear kernels measured slower than float on the encoder)."""
+    gates: set[str] = set()
+    if _has_attention(model):
+        return gates
+    for node in model.graph:
+        if node.op_type != "Sigmoid" or node.inputs[0] is None:
+            continue
+        users = list(node.outputs[0].consumers())
+        if len(users) == 1 and users[0].op_type == "Mul" and node.inputs[0] in list(users[0].inputs) and node.name and users[0].name:
+            gates |= {node.name, users[0].name}
+    return gates
 
 
 def plan_quantization(model: ir.Model, scheme: QuantScheme, exclude: Iterable[str] = ()) -> QuantPlan:
@@ -280,9 +302,10 @@ def plan_quantization(model: ir.Model, scheme: QuantScheme, exclude: Iterable[st
     plan.skipped.extend({"node": name, "op": op, "why": "elementwise op of a transformer: stays float"} for name, op in elementwise)
     outputs_too = scheme.activation_placement == "inputs_and_outputs"
     quantized_ops = set(scheme.quantized_ops)
+    gates = silu_gates(model) if scheme.int8_silu else set()
     for node in model.graph:
         name = node.name or ""
-        if node.op_type not in quantized_ops or node.domain not in ("", "ai.onnx"):
+        if (node.op_type not in quantized_ops and name not in gates) or node.domain not in ("", "ai.onnx"):
             continue
         if name in excluded or name in plan.absorbed:
             continue

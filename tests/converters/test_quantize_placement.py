@@ -127,3 +127,44 @@ def test_onnxruntime_int8_depthwise_kernel_is_slower_than_its_float_one() -> Non
             times[kind].append(time.perf_counter() - start)
     ratio = float(np.median(times["int8"][10:]) / np.median(times["fp32"][10:]))
     assert ratio > 1.3, f"int8 / fp32 = {ratio:.2f}"
+
+
+def silu_net() -> onnx.ModelProto:
+    """Conv 3x3 -> SiLU (x * Sigmoid(x)) -> Conv 1x1 -> Sigmoid (a final score, not a gate)."""
+    rng = np.random.default_rng(2)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Sigmoid", ["c1"], ["g"], name="gate"),
+        helper.make_node("Mul", ["c1", "g"], ["s"], name="silu"),
+        helper.make_node("Conv", ["s", "w2", "b2"], ["c2"], name="conv2"),
+        helper.make_node("Sigmoid", ["c2"], ["y"], name="score"),
+    ]
+    weights = {"w1": (32, 16, 3, 3), "b1": (32,), "w2": (8, 32, 1, 1), "b2": (8,)}
+    initializers = [numpy_helper.from_array((rng.normal(size=shape) * 0.2).astype(np.float32), name) for name, shape in weights.items()]
+    graph = helper.make_graph(
+        nodes, "silu_net",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 20, 20])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 20, 20])],
+        initializers,
+    )  # fmt: skip
+    return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_onnxruntime_cpu_runs_silu_in_int8_and_leaves_a_final_sigmoid_float(tmp_path) -> None:
+    """A SiLU between int8 convs is fused by ONNX Runtime into QLinearSigmoid + QLinearMul (no float
+    island); a Sigmoid that is not a gate keeps the scheme's rule (float: yolov8n's class scores)."""
+    model = silu_net()
+    calibration = _calibration(model)
+    scheme = get_target("onnxruntime-cpu").quant_scheme
+    assert scheme.int8_silu and "Sigmoid" not in scheme.quantized_ops and "Mul" not in scheme.quantized_ops
+    result = quantize(model, scheme, calibration, QuantizeOptions(debug_samples=0))
+    quantized_outputs = {n.input[0] for n in result.model.graph.node if n.op_type == "QuantizeLinear"}
+    assert {"g", "s"} <= quantized_outputs and "y" not in quantized_outputs
+    kernels = _ort_kernels(result.model, tmp_path)
+    assert kernels.count("QLinearSigmoid") == 1 and kernels.count("QLinearMul") == 1 and kernels.count("Sigmoid") == 1
+    off = quantize(model, replace(scheme, int8_silu=False), calibration, QuantizeOptions(debug_samples=0))
+    assert "QLinearMul" not in _ort_kernels(off.model, tmp_path)
+    from edgeopt.converters.metrics import fidelity
+    from edgeopt.converters.graph.session import run_model
+
+    assert fidelity(list(run_model(model, calibration)), list(run_model(result.model, calibration)))["min_cosine"] > 0.99
