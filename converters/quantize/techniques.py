@@ -9,9 +9,11 @@ dropped, and the report says so with its figure. `forced` switches (the CLI's `-
 bypass the measurement in either direction.
 
 Every trial is recorded: technique, kept or not, held-out SQNR and top-1 agreement before and after,
-seconds. The search stops trying (and says which were not tried) when `cpu_budget_s` is spent. The
-budget is this process's CPU time (every thread's), not wall time: on a machine that others load,
-wall time stretches while CPU time does not, so the same model gets the same techniques on an idle
+seconds. The search starts no trial (and says which were not tried) that it expects to end past
+`cpu_budget_s`: a trial is forecast to cost what the last build and score cost (the baseline's, then
+the last trial's; on ppocr_det the range search took 21 CPU s and, started at 29 of a 30 s budget,
+the next trial ended at 50). The budget is this process's CPU time (every thread's), not wall time:
+on a machine that others load, wall time stretches while CPU time does not, so the same model gets the same techniques on an idle
 machine and on a busy one (with a 30 s wall budget, ppocr_det at load 9 spent it on the baseline
 alone and tried nothing).
 """
@@ -134,15 +136,18 @@ class TechniqueSearch:
         reference = list(run_model(self.float_model, self.held_out, threads=self.threads))
         recipe = frozenset(t for t in BASELINE if self.forced.get(t, True)) | {t for t, on in self.forced.items() if on}
         baseline = sorted(recipe, key=list(Technique).index)
+        scored = time.process_time()
         current = self._score(recipe, reference)
+        last_cost = time.process_time() - scored  # CPU seconds of the last build and score: the next trial's forecast
         trials: list[Trial] = []
         not_tried: list[dict[str, str]] = []
         for technique in ORDER:
             if technique in self.forced or technique in recipe or technique not in TRIED_AT[self.effort]:
                 continue
             spent = time.process_time() - cpu_start
-            if self.cpu_budget_s is not None and spent > self.cpu_budget_s:  # before `applies`: it may run the model (bias absorption)
-                not_tried.append({"technique": technique.value, "why": f"CPU budget of {self.cpu_budget_s:g} s spent ({spent:.0f} CPU s)"})
+            if self.cpu_budget_s is not None and spent + last_cost > self.cpu_budget_s:  # before `applies`: it may run the model (bias absorption)
+                why = f"CPU budget of {self.cpu_budget_s:g} s: {spent:.0f} CPU s spent, a trial takes ~{last_cost:.0f}"
+                not_tried.append({"technique": technique.value, "why": why})
                 continue
             reason = self.applies(technique)
             if reason is not None:
@@ -166,6 +171,7 @@ class TechniqueSearch:
                     "cpu_seconds": round(time.process_time() - cpu_began, 2),
                 }
             )
+            last_cost = time.process_time() - cpu_began
             log.info("technique %s: %s", technique.value, why)
             if kept:
                 recipe, current = recipe | {technique}, candidate

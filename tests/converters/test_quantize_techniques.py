@@ -107,7 +107,7 @@ def test_a_spent_cpu_budget_stops_further_trials_and_says_so_without_running_the
     asked = []
     _, report, built = _search(model, data, budget=0.0, applies=asked.append)
     assert report["trials"] == [] and asked == [] and len(built) == 1
-    assert report["not_tried"] and all(t["why"].startswith("CPU budget of 0 s spent (") for t in report["not_tried"])
+    assert report["not_tried"] and all(t["why"].startswith("CPU budget of 0 s: ") for t in report["not_tried"])
     assert report["cpu_budget_s"] == 0.0 and report["cpu_seconds"] > 0
 
 
@@ -123,3 +123,26 @@ def test_the_budget_counts_cpu_seconds_so_a_wait_spends_none_of_it(model, data) 
     assert report["seconds"] > 4 * 1.0 and report["cpu_seconds"] < 2.0, report
     assert {t["technique"] for t in report["trials"]} == {"range_search", "equalization", "bias_absorption", "smoothquant"}
     assert all(t["cpu_seconds"] <= t["seconds"] * 2 + 0.5 for t in report["trials"])
+
+
+def test_no_trial_starts_that_is_forecast_to_end_past_the_budget(model, data) -> None:
+    """A trial is forecast to cost what the last one did: the baseline burns 0.1 CPU s, the range
+    search 0.5 s; with a 1.2 s budget the range search starts (0.2 + 0.2 fit), and equalization
+    does not, though less than the budget is spent (about 0.8 + 0.6 would end past it)."""
+    import time
+
+    fit, held_out = data
+    build, _ = _builder(model, fit, helpful=Technique.RANGE_SEARCH, harmful=Technique.EQUALIZATION)
+
+    def burning(recipe: frozenset[Technique]) -> onnx.ModelProto:
+        until = time.process_time() + (0.5 if Technique.RANGE_SEARCH in recipe else 0.1)
+        while time.process_time() < until:
+            pass
+        return build(recipe)
+
+    search = TechniqueSearch(float_model=model, build=burning, applies=lambda t: None, held_out=held_out, effort=Effort.DEFAULT, cpu_budget_s=1.2)
+    _, report = search.run()
+    assert [t["technique"] for t in report["trials"]] == ["range_search"], report
+    assert report["cpu_seconds"] < 1.2
+    assert [t["technique"] for t in report["not_tried"]] == ["equalization", "bias_absorption", "smoothquant"]
+    assert all(t["why"].startswith("CPU budget of 1.2 s: ") and "CPU s spent, a trial takes ~" in t["why"] for t in report["not_tried"]), report["not_tried"]
