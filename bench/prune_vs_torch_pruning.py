@@ -865,11 +865,12 @@ def markdown(document: dict[str, Any]) -> str:
 
 
 def _monotone(rows: list[dict[str, Any]]) -> str:
-    """'yes', or the ratios whose CPU time is above a smaller ratio's (by more than 2%, the repeat-to-repeat spread)."""
-    times = [(r["ratio"], r["latency"].get("cpu_best_ms")) for r in rows]
-    if any(t is None for _, t in times):
+    """'yes', or the ratios whose CPU time is above a smaller ratio's (by more than 2%, the repeat-to-repeat spread);
+    a ratio that removed nothing more (same MACs: the same model, rounded back up) is not compared."""
+    times = [(r["ratio"], r["macs"], r["latency"].get("cpu_best_ms")) for r in rows]
+    if any(t is None for _, _, t in times):
         return "not measured"
-    worse = [f"{ratio:g}" for i, (ratio, t) in enumerate(times) if any(t > 1.02 * earlier for _, earlier in times[:i])]
+    worse = [f"{ratio:g}" for i, (ratio, macs, t) in enumerate(times) if any(t > 1.02 * earlier and macs < more for _, more, earlier in times[:i])]
     return "yes" if not worse else f"no ({', '.join(worse)} slower)"
 
 
