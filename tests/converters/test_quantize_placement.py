@@ -168,3 +168,32 @@ def test_onnxruntime_cpu_runs_silu_in_int8_and_leaves_a_final_sigmoid_float(tmp_
     from edgeopt.converters.graph.session import run_model
 
     assert fidelity(list(run_model(model, calibration)), list(run_model(result.model, calibration)))["min_cosine"] > 0.99
+
+
+def test_silu_gates_stay_float_in_a_model_with_attention() -> None:
+    """A transformer's Sigmoid/Mul keep the scheme's rule (float on onnxruntime-cpu): the gate rule is
+    for conv nets, where SiLU sits between int8 convs."""
+    import onnx_ir as ir
+
+    from edgeopt.converters.quantize.placement import silu_gates
+
+    rng = np.random.default_rng(3)
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q"], name="query"),
+        helper.make_node("Transpose", ["x"], ["xt"], name="keys", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "xt"], ["scores"], name="scores"),
+        helper.make_node("Softmax", ["scores"], ["p"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["p", "x"], ["a"], name="attend"),
+        helper.make_node("Sigmoid", ["a"], ["g"], name="gate"),
+        helper.make_node("Mul", ["a", "g"], ["y"], name="silu"),
+    ]
+    graph = helper.make_graph(
+        nodes, "attention_silu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8])],
+        [numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), "wq")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert silu_gates(ir.from_proto(model)) == set()
+    without_attention = silu_net()
+    assert silu_gates(ir.from_proto(without_attention)) == {"gate", "silu"}
