@@ -17,7 +17,8 @@ fresh process (so no cell inherits another's caches or imports), with:
 - parameters of the model.
 
 Resumable: one JSON per cell under --work (default /work/bench_cells/build_time); a cell whose JSON
-exists is skipped unless --rerun. `--report` merges the cells into bench/results/build_time.{json,md}.
+exists is skipped unless --rerun. `--report` merges the cells into bench/results/build_time.{json,md},
+with <work>/notes.md (if any) as the run notes.
 
     python bench/build_time.py                       # every cell, then the report
     python bench/build_time.py --models ppocr_cls --targets onnxruntime-cpu --efforts default
@@ -169,7 +170,9 @@ def report(work: Path) -> None:
     rows = [json.loads(p.read_text()) for p in sorted((work / "cells").glob("*.json"))]
     order = {m: i for i, m in enumerate(MODELS)}
     rows.sort(key=lambda r: (order.get(r["model"], 99), TARGETS.index(r["target"]) if r["target"] in TARGETS else 9, ("fast", "default", "max").index(r["effort"])))
-    (RESULTS / "build_time.json").write_text(json.dumps({"goal_s": GOAL_S, "cells": rows}, indent=1))
+    notes_file = work / "notes.md"  # what the person running the bench saw (load, before/after, commits)
+    notes = notes_file.read_text() if notes_file.exists() else ""
+    (RESULTS / "build_time.json").write_text(json.dumps({"goal_s": GOAL_S, "cells": rows, "notes": notes}, indent=1))
     lines = [
         "# Build time of `edgeopt build -p int8` (bench/build_time.py)",
         "",
@@ -209,7 +212,7 @@ def report(work: Path) -> None:
     isa = next((r["isa"] for r in rows if "isa" in r), None)
     if isa:
         lines += ["", f"Host ISA class {isa['host']}, flags {', '.join(isa['flags'])}."]
-    (RESULTS / "build_time.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "build_time.md").write_text("\n".join(lines) + "\n" + (f"\n## Run notes\n\n{notes}" if notes else ""))
     log(f"wrote {RESULTS / 'build_time.md'} ({len(rows)} cells)")
 
 
