@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import platform
-import time
 from dataclasses import replace
 
 import numpy as np
@@ -15,7 +13,6 @@ from edgeopt.converters.data import Dataset, model_input_specs, open_dataset
 from edgeopt.converters.quantize import QuantizeOptions, quantize
 from edgeopt.targets import QuantScheme, get_target
 
-X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def inverted_residual(activation: str = "HardSwish", depthwise_convs: int = 1, channels: int = 16, hidden: int = 48, size: tuple[int, int] = (24, 96)) -> onnx.ModelProto:
@@ -101,32 +98,6 @@ def test_onnxruntime_cpu_keeps_depthwise_convs_int8_on_arm64_and_other_targets_k
         scheme: QuantScheme = get_target(target).quant_scheme
         assert not scheme.float_depthwise, target
         assert _int8_weighted(quantize(model, scheme, calibration, QuantizeOptions(debug_samples=0)).model) == every_conv, target
-
-
-@pytest.mark.skipif(not X86, reason="float_depthwise is an x86 rule (MLAS NCHWc float kernels); needs an x86-64 CPU")
-def test_onnxruntime_int8_depthwise_kernel_is_slower_than_its_float_one() -> None:
-    """The measurement the onnxruntime-cpu rule rests on: a chain of 6 depthwise convs (48 channels,
-    24x96) in int8 (QLinearConv's NHWC indirection-buffer kernel) against fp32 (MLAS NCHWc), one
-    thread, interleaved rounds. Measured here (AVX-512 VNNI): 2.4-4.1x per conv (bench/int8_latency.py
-    kernels). If ONNX Runtime's int8 depthwise kernel catches up, this fails: drop the rule."""
-    import onnxruntime as ort
-
-    model = inverted_residual("Relu", depthwise_convs=6)
-    scheme = replace(get_target("onnxruntime-cpu").scheme_for("vnni"), float_depthwise=False)
-    int8 = quantize(model, scheme, _calibration(model), QuantizeOptions(debug_samples=0)).model
-    assert _int8_weighted(int8) == {"expand", "project", *(f"depthwise{i}" for i in range(6))}
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    sessions = {kind: ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"]) for kind, m in (("fp32", model), ("int8", int8))}
-    feed = {"x": next(iter(_calibration(model, 1)))["x"]}
-    times: dict[str, list[float]] = {kind: [] for kind in sessions}
-    for round_index in range(60):
-        for kind in sorted(sessions, reverse=bool(round_index % 2)):
-            start = time.perf_counter()
-            sessions[kind].run(None, feed)
-            times[kind].append(time.perf_counter() - start)
-    ratio = float(np.median(times["int8"][10:]) / np.median(times["fp32"][10:]))
-    assert ratio > 1.3, f"int8 / fp32 = {ratio:.2f}"
 
 
 def silu_net() -> onnx.ModelProto:
