@@ -408,6 +408,8 @@ def _onnxruntime_layers(runner: Any, feeds: dict[str, np.ndarray], runs: int, wa
     """ONNX Runtime's session profiling (a Chrome trace): one `<node>_kernel_time` event per kernel per run."""
     import onnxruntime as ort
 
+    from edgeopt.runtime.backends.onnxruntime import DISABLED_OPTIMIZERS
+
     session = runner.session
     options = session.get_session_options()
     options.enable_profiling = True
@@ -416,7 +418,11 @@ def _onnxruntime_layers(runner: Any, feeds: dict[str, np.ndarray], runs: int, wa
     with tempfile.TemporaryDirectory(prefix="edgeopt-ort-profile-") as folder:
         options.profile_file_prefix = os.path.join(folder, "ort")
         profiled = ort.InferenceSession(
-            str(runner.model_path), sess_options=options, providers=providers, provider_options=[provider_options.get(p, {}) for p in providers]
+            str(runner.model_path),
+            sess_options=options,
+            providers=providers,
+            provider_options=[provider_options.get(p, {}) for p in providers],
+            disabled_optimizers=list(DISABLED_OPTIMIZERS),
         )
         run = profiled.run
         for _ in range(warmup):

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from edgeopt.converters.graph.shapes import with_outputs
+from edgeopt.runtime.backends.onnxruntime import DISABLED_OPTIMIZERS
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -68,7 +69,7 @@ def ort_session(
     elif graph_semantics and not isinstance(model, Path) and has_qdq(model):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     source = str(model) if isinstance(model, Path) else model.SerializeToString()
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"], disabled_optimizers=list(DISABLED_OPTIMIZERS))
 
 
 def run_model(

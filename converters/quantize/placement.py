@@ -218,7 +218,8 @@ def float_convs(model: ir.Model, scheme: QuantScheme) -> list[tuple[str, str]]:
     """(name, why) of the convs the scheme keeps float because the backend runs them slower in int8.
 
     - `QuantScheme.float_depthwise`: a depthwise conv (the backend's int8 depthwise kernel is slower
-      than its float one), unless ONNX Runtime would quantize it anyway (`_reaches_quantize`).
+      than its float one; edgeopt's ONNX Runtime sessions keep it float, see
+      `runtime.backends.onnxruntime.DISABLED_OPTIMIZERS`).
     - `QuantScheme.float_island_min_spatial`: a conv whose only consumer is an activation the scheme
       neither quantizes nor fuses pays a dequantize/quantize island for its int8; it stays float when
       it is depthwise or its output is at least that large per channel.
@@ -229,7 +230,7 @@ def float_convs(model: ir.Model, scheme: QuantScheme) -> list[tuple[str, str]]:
         if node.op_type != "Conv" or len(node.inputs) < 2 or node.inputs[1] is None or node.inputs[1].shape is None:
             continue
         depthwise = _is_depthwise(node)
-        if depthwise and scheme.float_depthwise and not _reaches_quantize(node, scheme):
+        if depthwise and scheme.float_depthwise:
             chosen.append((node.name, "depthwise conv: the backend's int8 depthwise kernel is slower than its float one"))
             continue
         if not scheme.float_island_min_spatial:
@@ -243,25 +244,6 @@ def float_convs(model: ir.Model, scheme: QuantScheme) -> list[tuple[str, str]]:
         if depthwise or spatial >= scheme.float_island_min_spatial:
             chosen.append((node.name, "int8 would cost a float island larger than its gain"))
     return chosen
-
-
-def _reaches_quantize(conv: ir.Node, scheme: QuantScheme) -> bool:
-    """Whether the conv's output goes, through single-consumer Relu/Clip only, to an op the scheme
-    quantizes. ONNX Runtime's WeightBiasQuantization (onnxruntime/core/optimizer/qdq_transformer/
-    weight_bias_quantization.cc) quantizes the float weight of such a Conv between a per-tensor
-    DequantizeLinear and that QuantizeLinear itself, per tensor, and runs it as QLinearConv: kept
-    float there, it would be int8 all the same, with a coarser weight grid."""
-    value = conv.outputs[0]
-    while not value.is_graph_output():
-        consumers = list(value.consumers())
-        if len(consumers) != 1:
-            return False
-        consumer = consumers[0]
-        if consumer.op_type not in ("Relu", "Clip"):
-            # data movement is quantized only after an already quantized tensor (Concat: after any)
-            return consumer.op_type in scheme.quantized_ops and (consumer.op_type == "Concat" or consumer.op_type not in DATA_MOVEMENT_OPS)
-        value = consumer.outputs[0]
-    return False
 
 
 def _has_attention(model: ir.Model) -> bool:

@@ -11,7 +11,7 @@ from edgeopt.runtime.backends.base import Backend
 from edgeopt.runtime.kinds import BackendName
 from edgeopt.runtime.spec import TensorSpec
 
-__all__ = ["OnnxRuntimeBackend", "ORT_TYPES"]
+__all__ = ["DISABLED_OPTIMIZERS", "OnnxRuntimeBackend", "ORT_TYPES"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,14 @@ ORT_TYPES: dict[str, str] = {
 
 #: ONNX Runtime's session config key kOrtSessionOptionsAvx2PrecisionMode (onnxruntime_session_options_config_keys.h)
 X64_QUANT_PRECISION = "session.x64quantprecision"
+
+#: ONNX Runtime graph transformers every edgeopt session turns off. WeightBiasQuantization (a basic-level
+#: transformer, onnxruntime/core/optimizer/qdq_transformer/weight_bias_quantization.cc) quantizes, per
+#: tensor, the float weight of a Conv/Gemm whose input is a DequantizeLinear and whose output reaches a
+#: QuantizeLinear: a layer the quantizer kept float on purpose (a sensitive layer, a depthwise conv
+#: whose int8 kernel is slower) would run int8 with a coarser grid than any edgeopt chose, and differ
+#: from the QDQ graph that verification checks. Unknown names are ignored by older releases.
+DISABLED_OPTIMIZERS: tuple[str, ...] = ("WeightBiasQuantization",)
 
 #: what `device=` means for ONNX Runtime, as an ordered provider list (CPU always last)
 DEVICE_PROVIDERS: dict[str, list[str]] = {
@@ -72,13 +80,13 @@ class OnnxRuntimeBackend(Backend):
         # U8S8); ONNX Runtime ignores it on CPUs that do not saturate.
         options.add_session_config_entry(X64_QUANT_PRECISION, "1")
         try:
-            self.session = ort.InferenceSession(str(self.model_path), sess_options=options, providers=providers)
+            self.session = ort.InferenceSession(str(self.model_path), sess_options=options, providers=providers, disabled_optimizers=list(DISABLED_OPTIMIZERS))
         except Exception as exc:  # ONNX Runtime refuses the switch on int8-activation QLinear graphs
             if "NOT_IMPLEMENTED" not in str(exc):
                 raise
             log.warning("%s: ONNX Runtime cannot run this graph with exact int8 sums here; its int8 kernels may saturate", self.model_path)
             options.add_session_config_entry(X64_QUANT_PRECISION, "0")
-            self.session = ort.InferenceSession(str(self.model_path), sess_options=options, providers=providers)
+            self.session = ort.InferenceSession(str(self.model_path), sess_options=options, providers=providers, disabled_optimizers=list(DISABLED_OPTIMIZERS))
         self._output_names = [o.name for o in self.session.get_outputs()]
         self._run = self.session.run
 
