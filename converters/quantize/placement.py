@@ -298,6 +298,10 @@ def plan_quantization(model: ir.Model, scheme: QuantScheme, exclude: Iterable[st
         inputs = [node.inputs[i] for i in indices]
         if outputs_too and node.op_type in DATA_MOVEMENT_OPS and not any(v is not None and v.name in plan.sites for v in inputs):
             continue  # keep float data movement between float ops
+        fixed_input = _fixed_scale_input(node, inputs, scheme, excluded)
+        if fixed_input is not None:
+            plan.skipped.append({"node": name, "op": node.op_type, "why": f"one scale in and out, and input {fixed_input} has a fixed scale that would clip the others: stays float"})
+            continue
         for value in inputs:
             if value is None or not _is_float(value):
                 continue
@@ -332,6 +336,24 @@ def plan_quantization(model: ir.Model, scheme: QuantScheme, exclude: Iterable[st
     if scheme.depthwise_input_per_channel and not outputs_too:
         _per_channel_depthwise_inputs(model, plan)
     return plan
+
+
+def _fixed_scale_input(node: ir.Node, inputs: list[ir.Value | None], scheme: QuantScheme, excluded: set[str]) -> str | None:
+    """The input of a same-scale Concat that a quantized fixed-scale op (Sigmoid, Softmax, Tanh under
+    TFLite's rules) produces, if it has other inputs. One scale for all would be the fixed one: YOLOv8's
+    output Concat of box coordinates (0-640) and class scores (Sigmoid, [0, 1]) clipped every box to 1."""
+    rule = scheme.rule_for(node.op_type)
+    if node.op_type != "Concat" or rule is None or not rule.same_scale_as_input or len(inputs) < 2:
+        return None
+    quantized_ops = set(scheme.quantized_ops)
+    for value in inputs:
+        producer = value.producer() if value is not None else None
+        if producer is None or producer.op_type not in quantized_ops or (producer.name or "") in excluded:
+            continue
+        producer_rule = scheme.rule_for(producer.op_type)
+        if producer_rule is not None and producer_rule.output_scale is not None:
+            return value.name
+    return None
 
 
 def _is_depthwise(node: ir.Node) -> bool:

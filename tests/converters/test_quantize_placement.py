@@ -15,7 +15,6 @@ from edgeopt.runtime.backends.onnxruntime import DISABLED_OPTIMIZERS
 from edgeopt.targets import QuantScheme, get_target
 
 
-
 def inverted_residual(activation: str = "HardSwish", depthwise_convs: int = 1, channels: int = 16, hidden: int = 48, size: tuple[int, int] = (24, 96)) -> onnx.ModelProto:
     """MobileNet block: 1x1 expand -> Relu -> `depthwise_convs` x (depthwise 3x3 -> `activation`) -> 1x1 project
     (HardSwish: MobileNetV3; Relu: MobileNetV2)."""
@@ -172,3 +171,49 @@ def test_silu_gates_stay_float_in_a_model_with_attention() -> None:
     assert silu_gates(ir.from_proto(model)) == set()
     without_attention = silu_net()
     assert silu_gates(ir.from_proto(without_attention)) == {"gate", "silu"}
+
+
+def detection_head() -> onnx.ModelProto:
+    """YOLO-style output: Concat(box coordinates in pixels (Conv * 64), class scores Sigmoid(Conv)) on the channel axis."""
+    rng = np.random.default_rng(4)
+    nodes = [
+        helper.make_node("Conv", ["x", "wb", "bb"], ["cb"], name="box_conv"),
+        helper.make_node("Mul", ["cb", "stride"], ["box"], name="box_scale"),
+        helper.make_node("Conv", ["x", "wc", "bc"], ["cc"], name="cls_conv"),
+        helper.make_node("Sigmoid", ["cc"], ["cls"], name="cls_score"),
+        helper.make_node("Concat", ["box", "cls"], ["y"], name="head", axis=1),
+    ]
+    initializers = [
+        numpy_helper.from_array((rng.normal(size=(4, 8, 1, 1)) * 0.3).astype(np.float32), "wb"),
+        numpy_helper.from_array(np.full(4, 4.0, np.float32), "bb"),
+        numpy_helper.from_array(np.array(64.0, np.float32), "stride"),
+        numpy_helper.from_array((rng.normal(size=(3, 8, 1, 1)) * 0.3).astype(np.float32), "wc"),
+        numpy_helper.from_array(np.zeros(3, np.float32), "bc"),
+    ]
+    graph = helper.make_graph(
+        nodes, "detection_head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 4, 4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 7, 4, 4])], initializers
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_a_concat_of_a_fixed_scale_sigmoid_and_wide_values_stays_float_under_tflites_one_scale_rule() -> None:
+    """TFLite's CONCATENATION takes one scale in and out and its LOGISTIC output has the fixed scale 1/256:
+    shared, every box coordinate would be clipped to 0.996. The Concat stays float; each input keeps its
+    own scale, so the boxes come through at their int8 step and the scores at theirs."""
+    from edgeopt.converters.graph.session import run_model
+
+    model = detection_head()
+    calibration = _calibration(model, 16)
+    result = quantize(model, get_target("raspberry-pi").quant_scheme, calibration, QuantizeOptions(debug_samples=0))
+    why = {s["node"]: s["why"] for s in result.report["not_quantized"]}
+    assert "fixed scale" in why["head"]
+    samples = list(_calibration(model, 4))
+    reference = np.concatenate([out["y"] for out in run_model(model, samples)])
+    quantized = np.concatenate([out["y"] for out in run_model(result.model, samples)])
+    boxes, scores = slice(0, 4), slice(4, 7)
+    assert reference[:, boxes].max() > 100
+    box_error = np.abs(quantized[:, boxes] - reference[:, boxes]).max() / np.abs(reference[:, boxes]).max()
+    assert box_error < 0.02, box_error
+    assert np.abs(quantized[:, scores] - reference[:, scores]).max() < 0.01
