@@ -22,7 +22,7 @@ Measured on the digits CNN against the true KL of removing each of its second co
 alone (150 unseen eval samples, 64 calibration samples; Spearman): the exact form 0.82 at T = 2
 (0.46 at T = 1, where a confident classifier's Fisher lives on the few samples near a boundary;
 0.72 at T = 4), one drawn label 0.14-0.55 at T = 2 over 5 seeds, the L2 filter norm 0.21,
-Torch-Pruning's label-free `model(x).sum()` ("a dummy loss", its README) 0.20.
+Torch-Pruning's label-free `model(x).sum()` ("a dummy loss" in its tests and README_CN) 0.20.
 
 A channel's score is the root mean square over the calibration samples: the size of the output
 change its removal causes (Molchanov's squared product without the root; the root keeps scores in
