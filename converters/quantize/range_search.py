@@ -36,7 +36,7 @@ from edgeopt.converters.data import Dataset
 from edgeopt.converters.graph.session import ort_session, run_model
 from edgeopt.converters.graph.shapes import tensor_types, with_outputs
 from edgeopt.converters.quantize.observers import HistogramObserver, Observer
-from edgeopt.converters.quantize.placement import QuantPlan
+from edgeopt.converters.quantize.placement import DATA_MOVEMENT_OPS, QuantPlan
 from edgeopt.converters.quantize.qdq import QParams, activation_params, group_params, insert_qdq, quantize_weight, qrange
 from edgeopt.targets import QuantScheme
 
@@ -257,6 +257,37 @@ def _stored_weight(node: str, name: str, tensor: onnx.TensorProto, weights: Mapp
     return array
 
 
+def _score_tensors(model: onnx.ModelProto) -> set[str]:
+    """Inputs and outputs of the Sigmoid/Softmax nodes whose outputs reach a graph output through data
+    movement only, and the tensors on that way: a classifier's or detector's scores and their logits.
+    Their rare high values are the detections and the top classes; an error summed over all values (most
+    of them background) prefers to clip exactly those: on yolov8n_nudenet (OpenVINO) a searched range
+    capped every class score at 0.16 (fp32 up to 0.83) and box F1 fell from 0.77 to 0, while the output
+    SQNR, ruled by the box coordinates, rose by 2.98 dB."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in dict.fromkeys(node.input):
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in model.graph.output}
+
+    def way_out(tensor: str) -> list[str] | None:
+        """The tensors from `tensor` to a graph output through data movement only; None if there is no such way."""
+        users = readers.get(tensor, [])
+        if tensor in outputs and not users:
+            return [tensor]
+        if not users or not all(user.op_type in DATA_MOVEMENT_OPS for user in users):
+            return [tensor] if tensor in outputs else None
+        ways = [way_out(out) for user in users for out in user.output]
+        return None if any(way is None for way in ways) else [tensor, *(t for way in ways for t in way)]
+
+    scores: set[str] = set()
+    for node in model.graph.node:
+        way = way_out(node.output[0]) if node.op_type in ("Sigmoid", "Softmax") else None
+        if way is not None:
+            scores |= {node.input[0], *way}
+    return scores
+
+
 class RangeSearch:
     """Chooses each scale group's range once (per group and consumer set) and remembers it, so a
     quantizer that rebuilds for other exclusions only measures the groups that changed."""
@@ -278,9 +309,12 @@ class RangeSearch:
         consumers_of = self._consumers_of()
         outputs = {o.name for o in self.model.graph.output}
         keyed = {}
+        scores = _score_tensors(self.model)
         for members in plan.groups().values():
             if any(plan.sites[m].fixed is not None or plan.sites[m].axis is not None for m in members):
                 continue  # a fixed scale (e.g. TFLite's softmax output) or per-channel min-max: nothing to choose
+            if scores.intersection(members):
+                continue  # an output score or its logits keep their calibrated range (see _score_tensors)
             readers: set[str] = set()
             for member in members:
                 site = plan.sites[member]

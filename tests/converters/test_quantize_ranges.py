@@ -16,7 +16,7 @@ from edgeopt.runtime.kinds import Technique
 from edgeopt.converters.quantize.calibration import calibrate
 from edgeopt.converters.quantize.observers import METHODS
 from edgeopt.converters.quantize.placement import plan_quantization
-from edgeopt.converters.quantize.range_search import FALLBACK, UNIFORM_PLANS, RangeSearchOptions, choose_ranges, split_samples
+from edgeopt.converters.quantize.range_search import FALLBACK, UNIFORM_PLANS, RangeSearchOptions, _score_tensors, choose_ranges, split_samples
 from edgeopt.targets import get_target
 
 #: uint8 activations (ONNX Runtime) and int8 activations (LiteRT), both with a Q/DQ pair on every tensor.
@@ -201,3 +201,45 @@ def test_one_session_gives_each_consumer_the_error_it_has_alone(target: str) -> 
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
             errors.add(tuple(got))
     assert len(errors) > 4  # the candidates' scales reach the pieces: errors change with them
+
+
+def _detection_head() -> onnx.ModelProto:
+    """x -> MatMul -> Add(-8) = logits -> Sigmoid = scores; x -> MatMul = boxes (x 100);
+    y = Concat(boxes, scores): background scores near 0, a detection where a row's channel 0 is high."""
+    rng = np.random.default_rng(3)
+    w_score = np.zeros((CHANNELS, 4), np.float32)
+    w_score[0, :] = 0.3  # channel 0 (the outlier) is the detection signal
+    w_box = (rng.normal(size=(CHANNELS, 4)) * 100.0 / np.sqrt(CHANNELS)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w_score"], ["m"], name="score_mm"),
+        helper.make_node("Add", ["m", "shift"], ["logits"], name="score_shift"),
+        helper.make_node("Sigmoid", ["logits"], ["scores"], name="score"),
+        helper.make_node("MatMul", ["x", "w_box"], ["boxes"], name="box_mm"),
+        helper.make_node("Concat", ["boxes", "scores"], ["y"], name="head", axis=1),
+    ]
+    inits = [numpy_helper.from_array(w_score, "w_score"), numpy_helper.from_array(np.array(-8.0, np.float32), "shift"), numpy_helper.from_array(w_box, "w_box")]
+    graph = helper.make_graph(
+        nodes, "detection_head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [ROWS, CHANNELS])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [ROWS, 8])], inits
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_output_scores_and_their_logits_keep_their_calibrated_range() -> None:
+    """A detector's scores are near 0 except at the rare detections: a plan judged by the whole output's
+    error (ruled by the box coordinates) clipped them (yolov8n_nudenet on OpenVINO: every class score
+    capped at 0.16, fp32 up to 0.83; box F1 0.77 -> 0). The scores, their logits and the data movement
+    to the output keep the calibrated range; a Sigmoid that gates a value inside the network does not."""
+    model = _detection_head()
+    gate = helper.make_node("Sigmoid", ["x"], ["gate"], name="gate")
+    gated = helper.make_node("Mul", ["x", "gate"], ["x_gated"], name="gated")
+    inner = onnx.ModelProto()
+    inner.CopyFrom(model)
+    del inner.graph.node[:]
+    inner.graph.node.extend([gate, gated, *[n for n in model.graph.node]])
+    for node in inner.graph.node[2:]:
+        node.input[:] = ["x_gated" if name == "x" else name for name in node.input]
+    assert _score_tensors(inner) == {"logits", "scores", "y"}
+    ranges, _, observers, plan = _search(model, "intel-openvino", _samples(64, outlier=40.0))
+    assert "scores" in plan.sites
+    assert ranges["scores"] == observers["scores"].range(get_target("intel-openvino").scheme_for(None).activation_symmetric)
+    assert ranges["scores"][1] > 0.95
