@@ -73,8 +73,9 @@ def log(message: str) -> None:
     print(f"[{datetime.datetime.now():%H:%M:%S}] {message}", flush=True)
 
 
-def session(model: Any, threads: int = 1) -> Any:
-    """ONNX Runtime CPU EP with its default (full) graph optimizations: the fused int8 kernels."""
+def session(model: Any, threads: int = 1, disabled: tuple[str, ...] = ()) -> Any:
+    """ONNX Runtime CPU EP with its default (full) graph optimizations: the fused int8 kernels. edgeopt's
+    artifacts run as `edgeopt.runtime` runs them (`disabled`: its DISABLED_OPTIMIZERS)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -83,10 +84,10 @@ def session(model: Any, threads: int = 1) -> Any:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
     source = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled))
 
 
-def kernel_ops(path: Path, work: Path) -> dict[str, int]:
+def kernel_ops(path: Path, work: Path, disabled: tuple[str, ...] = ()) -> dict[str, int]:
     """Op types of the graph ONNX Runtime runs (after its optimizations), counted."""
     import onnx
     import onnxruntime as ort
@@ -94,7 +95,7 @@ def kernel_ops(path: Path, work: Path) -> dict[str, int]:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.optimized_model_filepath = str(work / "optimized.onnx")
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled))
     ops = Counter(node.op_type for node in onnx.load(work / "optimized.onnx").graph.node)
     (work / "optimized.onnx").unlink()
     return dict(ops.most_common())
@@ -241,13 +242,16 @@ def run_model(name: str, work: Path, calib: int, evaluation: int, rounds: int, c
     for variant, (isa, rules) in EDGEOPT_VARIANTS.items():
         log(f"{name}: {variant}")
         paths[variant], info[variant] = edgeopt_variant(case, work, variant, isa, rules)
-    sessions = {variant: session(path) for variant, path in paths.items()}
+    from edgeopt.runtime.backends.onnxruntime import DISABLED_OPTIMIZERS
+
+    disabled = {variant: DISABLED_OPTIMIZERS if variant.startswith("edgeopt") else () for variant in paths}
+    sessions = {variant: session(path, disabled=disabled[variant]) for variant, path in paths.items()}
     for variant, sess in sessions.items():
         inputs = [i.name for i in sess.get_inputs()]
         first = sess.get_outputs()[0].name
         outputs = [sess.run([first], dict(zip(inputs, feed.values())))[0] for feed in case.evaluation]
         info[variant]["fidelity"] = avp.measure(case, outputs)
-        info[variant]["ort_kernels"] = kernel_ops(paths[variant], work)
+        info[variant]["ort_kernels"] = kernel_ops(paths[variant], work, disabled[variant])
         info[variant]["bytes"] = paths[variant].stat().st_size
         log(f"{name}: {variant} {info[variant]['fidelity']['task']['name']} {info[variant]['fidelity']['task']['value']:.4f}")
     feed = case.evaluation[0]
