@@ -302,7 +302,9 @@ class _Quantizer:
                 self.model, qdq, plan.quantized_nodes, self.calibration.take(self.options.bias_correction_samples)
             )
         self.last_plan = plan
-        self._last = (exclude, qdq)
+        kept = onnx.ModelProto()
+        kept.CopyFrom(qdq)
+        self._last = (exclude, kept)
         return qdq
 
 

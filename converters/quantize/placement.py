@@ -340,20 +340,22 @@ def plan_quantization(model: ir.Model, scheme: QuantScheme, exclude: Iterable[st
 
 def _fixed_scale_input(node: ir.Node, inputs: list[ir.Value | None], scheme: QuantScheme, excluded: set[str]) -> str | None:
     """The input of a same-scale Concat that a quantized fixed-scale op (Sigmoid, Softmax, Tanh under
-    TFLite's rules) produces, if it has other inputs. One scale for all would be the fixed one: YOLOv8's
+    TFLite's rules) produces, if other inputs have no fixed scale. One scale for all would be the fixed one: YOLOv8's
     output Concat of box coordinates (0-640) and class scores (Sigmoid, [0, 1]) clipped every box to 1."""
     rule = scheme.rule_for(node.op_type)
     if node.op_type != "Concat" or rule is None or not rule.same_scale_as_input or len(inputs) < 2:
         return None
     quantized_ops = set(scheme.quantized_ops)
-    for value in inputs:
+
+    def fixed(value: ir.Value | None) -> bool:
         producer = value.producer() if value is not None else None
         if producer is None or producer.op_type not in quantized_ops or (producer.name or "") in excluded:
-            continue
+            return False
         producer_rule = scheme.rule_for(producer.op_type)
-        if producer_rule is not None and producer_rule.output_scale is not None:
-            return value.name
-    return None
+        return producer_rule is not None and producer_rule.output_scale is not None
+
+    fixed_inputs = [value.name for value in inputs if value is not None and fixed(value)]
+    return fixed_inputs[0] if fixed_inputs and len(fixed_inputs) < len(inputs) else None
 
 
 def _is_depthwise(node: ir.Node) -> bool:

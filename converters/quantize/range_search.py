@@ -455,7 +455,7 @@ class RangeSearch:
             return None
         try:
             return _Consumer(prefix, node, quantized, initializers, plan, self.scheme, self._types or {})
-        except ValueError as error:
+        except Exception as error:  # noqa: BLE001 - a consumer that cannot be cut out is not measured; its group falls back
             log.debug("range search: %s (%s) is not measured: %s", node.name, node.op_type, error)
             return None
 
@@ -475,7 +475,11 @@ class RangeSearch:
                     log.debug("range search: %s cannot run alone: %s", consumer.node, error)
                     continue
                 runnable.append(consumer)
-            return _ConsumersGraph(runnable, self.model, self.options.threads) if runnable else None
+            try:
+                return _ConsumersGraph(runnable, self.model, self.options.threads) if runnable else None
+            except Exception as error:  # noqa: BLE001 - pieces that run alone clash together: every group falls back
+                log.debug("range search: the consumers cannot run in one session: %s", error)
+                return None
 
     def _errors(
         self,

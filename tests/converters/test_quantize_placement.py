@@ -84,7 +84,10 @@ def test_a_conv_kept_float_before_relu_and_quantize_stays_float_in_edgeopts_onnx
     scheme = get_target("onnxruntime-cpu").scheme_for("vnni")
     result = quantize(model, scheme, _calibration(model), QuantizeOptions(debug_samples=0))
     assert _int8_weighted(result.model) == {"expand", "project"}
-    assert _ort_kernels(result.model, tmp_path, disabled=()).count("QLinearConv") == 3  # what ORT does on its own
+    import onnxruntime as ort
+
+    if tuple(int(part) for part in ort.__version__.split(".")[:2]) >= (1, 21):  # the transformer came with 1.21
+        assert _ort_kernels(result.model, tmp_path, disabled=()).count("QLinearConv") == 3  # what ORT does on its own
     assert _ort_kernels(result.model, tmp_path).count("QLinearConv") == 2
     excluded = quantize(model, scheme, _calibration(model), QuantizeOptions(debug_samples=0, exclude_nodes=("project",)))
     assert _int8_weighted(excluded.model) == {"expand"}
