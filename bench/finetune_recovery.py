@@ -244,6 +244,8 @@ def _markdown(document: dict[str, Any]) -> str:
                 f" | {row['eval_samples']} | {samples} | {epochs} | {cell('seconds', 1)} | {cell('peak_rss_mb', 0)} | {cell('latency_ms_median', 3)}"
                 f" | {recovery('accuracy')} | {recovery('top1_agreement')} |"
             )
+    lines += ["", "Settings of each case's run:", ""]
+    lines += [f"- {case['case']}: {case.get('settings', document['settings'])}" for case in document["cases"]]
     return "\n".join(lines) + "\n"
 
 
@@ -257,6 +259,7 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=512, help="eval samples of the zoo cases")
     parser.add_argument("--runs", type=int, default=200, help="latency runs per model")
     parser.add_argument("--efforts", default="default,fast", help="PTQ efforts to start fine-tuning from")
+    parser.add_argument("--update", action="store_true", help="keep the other cases of the existing results (runs of different settings side by side)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # run one case in this process, print its JSON
     args = parser.parse_args()
     if args.one:
@@ -271,6 +274,9 @@ def main() -> None:
         "settings": {"epochs": args.epochs, "zoo_epochs": args.zoo_epochs or args.epochs, "patience": args.patience, "zoo_train_samples": args.train, "zoo_eval_samples": args.eval, "lr": 1e-4, "batch_size": 16, "threads": 1, "efforts": args.efforts},
         "cases": [],
     }
+    kept: list[dict[str, Any]] = []
+    if args.update and (RESULTS / "finetune_recovery.json").exists():
+        kept = [c for c in json.loads((RESULTS / "finetune_recovery.json").read_text())["cases"] if c["case"] not in args.cases.split(",")]
     for name in args.cases.split(","):
         epochs = args.zoo_epochs if args.zoo_epochs and CASES[name]["model"] != "digits" else args.epochs
         command = [sys.executable, __file__, "--one", name, "--epochs", str(epochs), "--patience", str(args.patience), "--train", str(args.train), "--eval", str(args.eval), "--runs", str(args.runs), "--efforts", args.efforts]
@@ -278,11 +284,15 @@ def main() -> None:
         if proc.returncode != 0:
             document["cases"].append({"case": name, **CASES[name], "error": proc.stderr.strip().splitlines()[-1], "rows": []})
         else:
-            document["cases"].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            document["cases"].append(json.loads(proc.stdout.strip().splitlines()[-1]) | {"settings": {**document["settings"], "epochs": epochs, "load_average_at_start": document["load_average"]}})
         print(json.dumps({k: v for k, v in document["cases"][-1].items() if k != "rows"}), file=sys.stderr)
         RESULTS.mkdir(parents=True, exist_ok=True)  # after every case: a long run's finished cases are kept
-        (RESULTS / "finetune_recovery.json").write_text(json.dumps(document, indent=1) + "\n")
-        (RESULTS / "finetune_recovery.md").write_text(_markdown(document))
+        if args.update and (RESULTS / "finetune_recovery.json").exists():  # cases another run finished meanwhile
+            ours = {c["case"] for c in document["cases"]}
+            kept = [c for c in json.loads((RESULTS / "finetune_recovery.json").read_text())["cases"] if c["case"] not in ours and c["case"] not in args.cases.split(",")]
+        written = {**document, "cases": [*kept, *document["cases"]]}
+        (RESULTS / "finetune_recovery.json").write_text(json.dumps(written, indent=1) + "\n")
+        (RESULTS / "finetune_recovery.md").write_text(_markdown(written))
 
 
 if __name__ == "__main__":

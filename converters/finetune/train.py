@@ -1,9 +1,11 @@
 """Fine-tune a QDQ graph in place: QAT on labels, or QAD from the fp32 model (no labels needed).
 
-The student is the QDQ graph itself run by `TrainableGraph` with learned activation scales (LSQ);
+The student is the QDQ graph itself run by `TrainableGraph` with learned scales (LSQ); its latent
+weights start from the fp32 model's weights inside the bins of the stored integers (`latents.fp32_latents`);
 the teacher is the fp32 graph run by the same interpreter. Adam updates the latent weights at a rate
-relative to their grid step and the activation scales relative to their size; weight scales stay as
-quantized (`freeze_weight_grids` says why); the rates warm up over the first epoch and then decay.
+relative to their grid step and the scales relative to their size; a weight scale whose latents
+sit on their grid (no fp32 weight found) stays as quantized (`freeze_weight_grids` says why); the
+rates warm up over the first epoch and then decay.
 A graph output behind a fixed-scale quantizer (TFLite's softmax) is distilled on the float value
 before that quantizer (`loss_sources`). After every epoch the student is measured on a held-out fifth of the data
 (`metrics.fidelity` against the teacher, and accuracy when labels exist); the best epoch's state is
@@ -45,6 +47,7 @@ from edgeopt.runtime.memory import current_rss_bytes, peak_rss_bytes
 if TYPE_CHECKING:
     import torch
 
+    from edgeopt.converters.finetune.latents import LatentReport
     from edgeopt.converters.finetune.writeback import WritebackReport
     from edgeopt.targets import QuantScheme
 
@@ -129,6 +132,7 @@ class FinetuneReport(TypedDict):
     samples: dict[str, int]  # train, held_out
     labels: bool
     losses: dict[str, str]  # output name -> how it is matched (losses.OutputKind), "task" for QAT
+    latents: LatentReport  # where the latent weights started (the fp32 model's, or their grid)
     metric: str
     held_out_before: HeldOut
     held_out_after: HeldOut
@@ -222,6 +226,7 @@ def _finetune(
         "samples": {"train": len(train_set), "held_out": len(held_out)},
         "labels": data.labels is not None,
         "losses": run.loss_kinds(),
+        "latents": run.latents,
         "metric": run.metric,
         "held_out_before": held_out_figures(fp32, qdq, held_out),
         "held_out_after": held_out_figures(fp32, model, held_out),
@@ -276,6 +281,7 @@ class _Run:
         torch: Any,
     ) -> None:
         from edgeopt.converters.finetune.interpreter import QuantizerMode, TrainableGraph
+        from edgeopt.converters.finetune.latents import fp32_latents
         from edgeopt.converters.finetune.losses import DistillationLoss, OutputKind, TaskLoss, label_output, output_kinds
 
         self.torch, self.options = torch, options
@@ -289,6 +295,7 @@ class _Run:
         self.student = TrainableGraph(qdq, quantizers=QuantizerMode.LEARNED, scheme=scheme)
         for name, source in tied_quantizers(qdq, scheme).items():
             self.student.share_quantizer(name, source)
+        self.latents = fp32_latents(self.student, qdq, fp32)
         freeze_weight_grids(self.student)
         self.student.to(self.device)
         self.teacher = TrainableGraph(fp32).to(self.device).eval()
@@ -585,20 +592,32 @@ def loss_sources(student: Any) -> dict[str, str]:
 
 
 def freeze_weight_grids(student: Any) -> None:
-    """Keep every weight quantizer's scale and zero point as quantized: only the latent weights move on that grid.
+    """Keep the scale and zero point of a weight quantizer whose latent sits on its grid as quantized:
+    only that latent moves. The others (latents from the fp32 weights, `latents.fp32_latents`) learn their scales.
 
-    A latent weight starts on its grid (w = k·s₀, read back from the stored integers), where LSQ's scale
+    A latent read back from the stored integers sits exactly on its grid (w = k·s₀), where LSQ's scale
     gradient Σ g·(round(w/s) − w/s) is exactly 0; once s leaves s₀ with the codes unchanged it is
     Σ g·k·(1 − s₀/s): the true gradient times a factor that is tiny and changes sign at s₀, so below s₀
     it points the wrong way. Adam turns any such gradient into a step of its full rate: measured on
     digits with 3-bit weights, all three weight scales drifted 8.5% in the first epoch with no code
-    changed (every weight of a layer scaled by 8.5%), held-out loss 0.045 -> 0.22; with weight scales
-    kept it falls from epoch 1 (bench/results/finetune_recovery.md).
+    changed (every weight of a layer scaled by 8.5%), held-out loss 0.045 -> 0.22. Off the grid the
+    gradient is LSQ's own: digits 2-bit QAD's best held-out loss 0.052 with scales kept, 0.038 learned
+    (bench/results/finetune_recovery.md).
     """
     for record in student.quant_params():
-        if record.kind == "weight" and record.quantizer is not None:
+        if record.kind == "weight" and record.quantizer is not None and _on_grid(record):
             record.quantizer.scale.requires_grad_(False)
             record.quantizer.zero_point.requires_grad_(False)
+
+
+def _on_grid(record: Any) -> bool:
+    """Whether every latent weight of `record` is (within float32's rounding) an integer number of grid steps."""
+    import torch
+
+    with torch.no_grad():
+        scale, zero = record.quantizer.parameters_for(record.latent)
+        position = record.latent / scale + zero
+        return bool((position - torch.round(position)).abs().max() < 1e-3)
 
 
 def _parameter_groups(student: Any, lr: float) -> list[dict[str, Any]]:
