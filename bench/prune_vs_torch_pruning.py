@@ -817,6 +817,7 @@ def main() -> None:
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS / "prune_vs_torch_pruning.json")
     parser.add_argument("--resume", action="store_true", help="keep the models already in --out and add the others")
+    parser.add_argument("--rerun", default="", help="with --resume: measure these models again (e.g. resnet), replacing their entries")
     parser.add_argument("--merge", type=Path, help="take the recovery and criteria sections from another run's JSON (run concurrently)")
     args = parser.parse_args()
     if args.recover_lr is None:
@@ -832,7 +833,8 @@ def main() -> None:
     document: dict[str, Any] = {"machine": machine_facts(), "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "out")}, "models": []}
     if args.resume and args.out.exists():
         previous = json.loads(args.out.read_text())
-        document["models"] = [m for m in previous["models"] if "error" not in m]  # a model that failed whole runs again
+        rerun = {m for m in args.rerun.split(",") if m}
+        document["models"] = [m for m in previous["models"] if "error" not in m and m["model"] not in rerun]  # a failed model runs again
         for section in ("widths", "overhead", "layer_cost", "layer_profile", "recovery", "criteria", "notes"):
             if section in previous:
                 document[section] = previous[section]
