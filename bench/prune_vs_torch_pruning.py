@@ -900,6 +900,7 @@ def main() -> None:
             document["models"].append({"model": name, "rows": [], "error": f"{type(error).__name__}: {str(error)[:500]}"})
         document["machine"]["load_average_end"] = os.getloadavg()
         _write(document, args.out)
+    _write(document, args.out)  # also when nothing ran (--resume --merge alone)
     shutil.rmtree(work, ignore_errors=True)
 
 
