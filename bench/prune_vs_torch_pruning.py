@@ -6,7 +6,8 @@ examples/digits/eval.npz: 450 labelled samples), and the zoo's conv models (`tes
 
 For each model and ratio (0.2, 0.4, 0.6; 0 is the unpruned baseline), per backend this machine runs
 (ONNX Runtime, OpenVINO, LiteRT): `edgeopt.build(model, target, precision="fp32", prune=ratio)` —
-pruned with the target's channel multiple (onnxruntime-cpu and intel-openvino 16, raspberry-pi 8),
+pruned with the target's channel multiple (onnxruntime-cpu and intel-openvino 16, raspberry-pi 8; and
+`litert-host`: raspberry-pi artifacts pruned at XNNPACK's f32 GEMM tile on this CPU, 32 with AVX-512F),
 lowered and verified by the build — then MACs, parameters, artifact bytes and latency (the bundle
 loaded with `edgeopt.runtime.load(threads=1)`, the variants of one model interleaved run by run,
 `--repeats` x `--runs`): CPU time per run (the process CPU clock; robust to the other sessions on a
@@ -31,6 +32,12 @@ recovery by importance criterion on zoo models.
 
 `--widths`: latency of a 4-layer 3x3 conv stack (28x28, width w in and out) against w on each
 backend, to check the channel-multiple rule on this CPU, and the per-inference cost of a tiny model.
+`--layer-cost`: the fixed cost per conv layer (ONNX Runtime, OpenVINO). `--layer-profile`: zoo models
+profiled kernel by kernel, unpruned against a ratio. The report also fits each model's CPU time as
+a + c x MACs per backend (the compute fraction c x MACs / latency caps gain/cut) and sets LiteRT's
+gain beside the MAC cut with Conv outputs padded to XNNPACK's tiles. `--resume` keeps what an earlier
+run wrote (`--rerun` names models to measure again); `--merge` takes the recovery and criteria sections
+of a concurrent run's JSON.
 
     python -m venv --system-site-packages /work/venvs/tp && /work/venvs/tp/bin/pip install torch-pruning
     python bench/prune_vs_torch_pruning.py [--models digits,mobilenetv2,resnet,ppocr_cls,...] [--widths] [--recovery] [--criteria ppocr_cls]
