@@ -29,6 +29,7 @@ Writes bench/results/finetune_recovery.{json,md}.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -180,14 +181,16 @@ def run_case(name: str, epochs: int, patience: int, train_count: int, eval_count
             "variant": f"ptq_{effort.value}", **_figures(reference, ptq.model, data), "seconds": round(time.perf_counter() - began, 1),
             "peak_rss_mb": _peak_mb(), "techniques": ptq.report.get("techniques", {}).get("chosen"),
         })
-        modes = [FinetuneMode.QAT, FinetuneMode.QAD] if case["model"] == "digits" and effort is Effort.DEFAULT else [FinetuneMode.QAD]
-        for mode in modes:
+        # (mode, latent weights from the fp32 weights): the digits cases also show QAD with `fp32_latents`
+        runs = [(FinetuneMode.QAT, False), (FinetuneMode.QAD, False), (FinetuneMode.QAD, True)] if case["model"] == "digits" and effort is Effort.DEFAULT else [(FinetuneMode.QAD, False)]
+        for mode, from_fp32 in runs:
             train = data["train"] if mode is FinetuneMode.QAT or not isinstance(data["train"], dict) else {"image": data["train"]["image"]}
             training = load_training_data(train, specs)
             _reset_peak()
-            result = finetune(ptq.model, fp32, training, FinetuneOptions(mode=mode, epochs=epochs, patience=patience, threads=1), scheme=scheme)
+            options = FinetuneOptions(mode=mode, epochs=epochs, patience=patience, threads=1, fp32_latents=from_fp32)
+            result = finetune(ptq.model, fp32, training, options, scheme=scheme)
             report = result.report
-            variant = f"{mode.value}_from_{effort.value}"
+            variant = f"{mode.value}{'_fp32_latents' if from_fp32 else ''}_from_{effort.value}"
             tuned[variant] = result.model
             rows.append({
                 "variant": variant, "labels": training.labels is not None,
@@ -205,6 +208,149 @@ def run_case(name: str, epochs: int, patience: int, train_count: int, eval_count
         _recovery(rows, measured)
     default = next(r for r in rows if r["variant"] == "ptq_default")
     return {"case": name, **case, "metric": metric, "ptq_drop_points": round(100 * (rows[0][metric] - default[metric]), 2), "rows": rows}
+
+
+# -- where the PTQ drop comes from (--diagnose) -------------------------------------------------------------
+
+
+def _clip_instead_of_rounding(model: onnx.ModelProto, quantizers: set[str], *, clip: bool = True) -> onnx.ModelProto:
+    """A copy where each QuantizeLinear named in `quantizers` and its DequantizeLinears become Min/Max at the
+    quantizer's range: rounding off, clipping kept (a quantizer at the bottom of its range is a folded Relu);
+    `clip=False`: an Identity (what the loss reads before a fixed-scale output quantizer)."""
+    from onnx import helper, numpy_helper
+
+    model = copy.deepcopy(model)
+    constants = {i.name: i for i in model.graph.initializer}
+    quantize = {n.output[0]: n for n in model.graph.node if n.name in quantizers}
+    nodes = []
+    for node in model.graph.node:
+        if node.name in quantizers:
+            continue
+        source = quantize.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if source is None or not clip:
+            nodes.append(node if source is None else helper.make_node("Identity", [source.input[0]], [node.output[0]], name=node.name))
+            continue
+        scale = numpy_helper.to_array(constants[source.input[1]]).astype(np.float32)
+        zero_tensor = constants[source.input[2]] if len(source.input) > 2 and source.input[2] else None
+        zero = np.float32(0) if zero_tensor is None else numpy_helper.to_array(zero_tensor).astype(np.float32)
+        info = np.iinfo(np.uint8 if zero_tensor is None else helper.tensor_dtype_to_np_dtype(zero_tensor.data_type))
+        low, high = np.asarray((info.min - zero) * scale, np.float32), np.asarray((info.max - zero) * scale, np.float32)
+        if low.size > 1:  # per channel, on axis 1 of an NCHW activation
+            low, high = low.reshape(1, -1, 1, 1), high.reshape(1, -1, 1, 1)
+        model.graph.initializer.extend([numpy_helper.from_array(low, node.name + "__low"), numpy_helper.from_array(high, node.name + "__high")])
+        nodes.append(helper.make_node("Min", [source.input[0], node.name + "__high"], [node.output[0] + "__min"], name=node.name + "__min"))
+        nodes.append(helper.make_node("Max", [node.output[0] + "__min", node.name + "__low"], [node.output[0]], name=node.name))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
+def _float_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy where each weight DequantizeLinear named in `weights` is replaced by that float tensor."""
+    from onnx import helper, numpy_helper
+
+    model = copy.deepcopy(model)
+    nodes = []
+    for node in model.graph.node:
+        if node.name in weights:
+            model.graph.initializer.append(numpy_helper.from_array(weights[node.name], node.output[0] + "__float"))
+            node = helper.make_node("Identity", [node.output[0] + "__float"], [node.output[0]], name=node.name)
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
+def diagnose(name: str, eval_count: int, layer_samples: int) -> dict[str, Any]:
+    """Where a case's PTQ drop (effort default) comes from, on `eval_count` eval samples: only weights quantized
+    (activation rounding off, clipping kept), only activations quantized (weights: the fp32 weights as
+    finetune's latents start, `latents.fp32_latents`), both; KL at T = 2 against fp32 (the QAD loss, before a
+    fixed-scale output quantizer) and top-1 disagreements; then on `layer_samples` samples each activation
+    quantizer's rounding off alone and each weight at fp32 alone (the share of the KL it removes); the fp32
+    top-2 margins of the samples PTQ flips; fp32 under ±0.5 uint8 level of uniform input noise."""
+    from tests import zoo
+
+    from edgeopt.converters.data import model_input_specs, open_dataset
+    from edgeopt.converters.finetune.interpreter import TrainableGraph
+    from edgeopt.converters.finetune.latents import fp32_latents
+    from edgeopt.converters.graph.session import run_model
+    from edgeopt.converters.passes import simplify
+    from edgeopt.converters.quantize import QuantizeOptions, quantize
+    from edgeopt.runtime.kinds import Effort
+    from edgeopt.targets import get_target
+
+    case = CASES[name]
+    fp32, _ = simplify(onnx.load(zoo.require_real_model(name)))
+    scheme = get_target(case["target"]).scheme_for(None)
+    calibration = open_dataset(zoo.real_inputs(name, 128, seed=0, split="calibration"), model_input_specs(fp32))
+    ptq = quantize(fp32, scheme, calibration, QuantizeOptions(effort=Effort.DEFAULT)).model
+    feeds = zoo.real_inputs(name, eval_count, seed=0, split="eval")
+    output = fp32.graph.output[0].name
+
+    def probabilities(model: onnx.ModelProto, samples: list[dict[str, np.ndarray]]) -> np.ndarray:
+        return np.concatenate([r[output].reshape(1, -1) for r in run_model(model, samples, threads=2)])
+
+    def kl(teacher: np.ndarray, student: np.ndarray, temperature: float = 2.0) -> np.ndarray:
+        """Per sample, on log-probabilities as logits when the teacher gives probabilities (`losses`' PROBABILITIES kind), else on logits."""
+        probabilities = bool((teacher >= 0).all() and np.allclose(teacher.sum(1), 1, atol=1e-3))
+
+        def tempered(p: np.ndarray) -> np.ndarray:
+            logits = (np.log(np.clip(p, 1e-30, None)) if probabilities else p) / temperature
+            e = np.exp(logits - logits.max(1, keepdims=True))
+            return e / e.sum(1, keepdims=True)
+        t, s = tempered(teacher), tempered(student)
+        return (t * (np.log(t + 1e-30) - np.log(s + 1e-30))).sum(1) * temperature**2
+
+    constants = {i.name for i in ptq.graph.initializer}
+    activation_quantizers = [n for n in ptq.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in constants]
+    output_quantizers = {q.name for q in activation_quantizers if any(d.input[0] == q.output[0] and d.output[0] == output for d in ptq.graph.node)}
+    student = TrainableGraph(ptq, scheme=scheme)
+    latent_report = fp32_latents(student, ptq, fp32)
+    weights = {
+        r.dequantize_nodes[0]: r.latent.detach().numpy() for r in student.quant_params() if r.kind == "weight" and r.latent is not None
+    }
+    reference = probabilities(fp32, feeds)
+    base = _clip_instead_of_rounding(ptq, output_quantizers, clip=False)  # the loss reads before a fixed-scale output quantizer
+    variants = {
+        "both": base,
+        "weights only": _clip_instead_of_rounding(base, {q.name for q in activation_quantizers} - output_quantizers),
+        "activations only": _float_weights(base, weights),
+    }
+    result: dict[str, Any] = {"case": name, "eval_samples": eval_count, "latents": latent_report, "variants": {}}
+    for variant, model in variants.items():
+        candidate = probabilities(model, feeds)
+        losses = kl(reference, candidate)
+        result["variants"][variant] = {
+            "kl_mean": round(float(losses.mean()), 6), "disagree": int((candidate.argmax(1) != reference.argmax(1)).sum()),
+            "kl_share_of_10_worst_samples": round(float(np.sort(losses)[-10:].sum() / losses.sum()), 3),
+        }
+    shipped = probabilities(ptq, feeds)
+    ordered = np.sort(reference, 1)
+    flipped = shipped.argmax(1) != reference.argmax(1)
+    result["fp32_margins_of_flipped"] = np.sort(ordered[flipped, -1] - ordered[flipped, -2]).round(3).tolist()
+    result["fp32_median_margin"] = round(float(np.median(ordered[:, -1] - ordered[:, -2])), 3)
+    key = next(iter(feeds[0]))
+    level = float(np.ptp(np.concatenate([f[key].reshape(-1) for f in feeds[:32]]))) / 255  # one uint8 level in input units (bounded crops)
+    noisy = []
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        perturbed = probabilities(fp32, [{key: (f[key] + rng.uniform(-0.5, 0.5, f[key].shape) * level).astype(np.float32)} for f in feeds])
+        noisy.append(int((perturbed.argmax(1) != reference.argmax(1)).sum()))
+    result["fp32_disagree_under_half_level_input_noise"] = noisy
+    if layer_samples:
+        subset, subset_reference = feeds[:layer_samples], reference[:layer_samples]
+        base_loss = float(kl(subset_reference, probabilities(base, subset)).mean())
+        shares = {}
+        for quantizer in activation_quantizers:
+            if quantizer.name not in output_quantizers:
+                loss = float(kl(subset_reference, probabilities(_clip_instead_of_rounding(base, {quantizer.name}), subset)).mean())
+                shares[f"activation {quantizer.input[0]}"] = round(1 - loss / base_loss, 3)
+        for node, weight in weights.items():
+            loss = float(kl(subset_reference, probabilities(_float_weights(base, {node: weight}), subset)).mean())
+            shares[f"weight {node}"] = round(1 - loss / base_loss, 3)
+        ranked = sorted(shares.items(), key=lambda item: -item[1])
+        result["one_at_a_time"] = {"samples": layer_samples, "kl_mean": round(base_loss, 6), "share_removed_top": ranked[:12], "share_removed_sum": round(sum(shares.values()), 2), "quantizers": len(shares)}
+    return result
 
 
 def _markdown(document: dict[str, Any]) -> str:
@@ -261,7 +407,16 @@ def main() -> None:
     parser.add_argument("--efforts", default="default,fast", help="PTQ efforts to start fine-tuning from")
     parser.add_argument("--update", action="store_true", help="keep the other cases of the existing results (runs of different settings side by side)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # run one case in this process, print its JSON
+    parser.add_argument("--diagnose", help="zoo cases: where the PTQ drop comes from (writes finetune_recovery.diagnosis.json)")
+    parser.add_argument("--layer-samples", type=int, default=256, help="--diagnose: samples of the one-quantizer-at-a-time pass (0: skip it)")
     args = parser.parse_args()
+    if args.diagnose:
+        path = RESULTS / "finetune_recovery.diagnosis.json"
+        found = json.loads(path.read_text()) if path.exists() else {}
+        for name in args.diagnose.split(","):
+            found[name] = diagnose(name, args.eval, args.layer_samples)
+            path.write_text(json.dumps(found, indent=1) + "\n")
+        return
     if args.one:
         print(json.dumps(run_case(args.one, args.epochs, args.patience, args.train, args.eval, args.runs, args.efforts.split(","))))
         return
