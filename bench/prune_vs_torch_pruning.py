@@ -359,7 +359,7 @@ def bench_model(name: str, source: Path, tp_onnx: dict[tuple[float, int], Path],
     errors = []
     for backend in BACKENDS:
         try:
-            rows += bench_backend(name, backend, source, feeds, labels, reference, tp_onnx, args, work)
+            rows += bench_backend(name, backend, source, feeds, labels, reference, tp_onnx, args, work, errors)
         except Exception as error:  # one artifact set's failure is recorded; the other backends still run
             errors.append({"backend": backend, "error": f"{type(error).__name__}: {str(error)[:500]}"})
             print(f"  {name} {backend}: {errors[-1]['error']}", flush=True)
@@ -367,9 +367,11 @@ def bench_model(name: str, source: Path, tp_onnx: dict[tuple[float, int], Path],
 
 
 def bench_backend(name: str, backend: str, source: Path, feeds: list[dict[str, np.ndarray]], labels: np.ndarray | None, reference: list[np.ndarray],
-                  tp_onnx: dict[tuple[float, int], Path], args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
-    """Every ratio of one model pruned for one artifact set of BACKENDS, built, checked and timed on its variants."""
+                  tp_onnx: dict[tuple[float, int], Path], args: argparse.Namespace, work: Path, errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every ratio of one model pruned for one artifact set of BACKENDS, built, checked and timed on its variants; a pruned
+    ratio whose build fails (an EdgeoptError) goes to `errors` and the others are still measured."""
     import edgeopt
+    from edgeopt.runtime.errors import EdgeoptError
 
     target = BACKENDS[backend][0]
     shapes = {k: tuple(v.shape) for k, v in feeds[0].items()}
@@ -382,7 +384,14 @@ def bench_backend(name: str, backend: str, source: Path, feeds: list[dict[str, n
         outcome = edgeopt.prune(source, pruned, ratio=ratio, channel_multiple=multiple, input_shapes=shapes, force=True)
         report = outcome.report if ratio else None
         key = f"edgeopt@{ratio}"
-        bundle, built = build_bundle(pruned, target, work / "bundles" / f"{name}-{backend}-{ratio}", shapes)
+        try:
+            bundle, built = build_bundle(pruned, target, work / "bundles" / f"{name}-{backend}-{ratio}", shapes)
+        except EdgeoptError as error:
+            if not ratio:
+                raise
+            errors.append({"backend": backend, "ratio": ratio, "error": f"{type(error).__name__}: {str(error)[:500]}"})
+            print(f"  {name} {backend} {ratio}: {errors[-1]['error']}", flush=True)
+            continue
         bundles[key] = bundle
         row = {"model": name, "backend": backend, "target": target, "tool": "edgeopt", "ratio": ratio, "channel_multiple": multiple,
                **model_figures(pruned), "artifact_bytes": built["artifact_bytes"]}
@@ -981,7 +990,9 @@ def markdown(document: dict[str, Any]) -> str:
             )
         lines += ["", "Monotone in the ratio (edgeopt, CPU time never above a smaller ratio's): " + "; ".join(
             f"{names[b]} {_monotone([by[('edgeopt', r, b)] for r in sorted({k[1] for k in keys}) if ('edgeopt', r, b) in by])}" for b in backends), ""]
-        lines += [f"Not measured on {names.get(e['backend'], e['backend'])}: {e['error']}" for e in entry.get("errors", [])]
+        for error in entry.get("errors", []):
+            where = names.get(error["backend"], error["backend"]) + (f" at {error['ratio']:g}" if "ratio" in error else "")
+            lines.append(f"Not measured on {where}: {error['error']}")
         lines += [""] if entry.get("errors") else []
     if document["models"]:
         lines += tile_markdown(document) + ceiling_markdown(document)
