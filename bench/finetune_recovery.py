@@ -182,8 +182,8 @@ def run_case(name: str, epochs: int, patience: int, train_count: int, eval_count
             "peak_rss_mb": _peak_mb(), "techniques": ptq.report.get("techniques", {}).get("chosen"),
         })
         # (mode, latent weights from the fp32 weights): the digits cases also show QAD with `fp32_latents`
-        runs = [(FinetuneMode.QAT, False), (FinetuneMode.QAD, False), (FinetuneMode.QAD, True)] if case["model"] == "digits" and effort is Effort.DEFAULT else [(FinetuneMode.QAD, False)]
-        for mode, from_fp32 in runs:
+        trainings = [(FinetuneMode.QAT, False), (FinetuneMode.QAD, False), (FinetuneMode.QAD, True)] if case["model"] == "digits" and effort is Effort.DEFAULT else [(FinetuneMode.QAD, False)]
+        for mode, from_fp32 in trainings:
             train = data["train"] if mode is FinetuneMode.QAT or not isinstance(data["train"], dict) else {"image": data["train"]["image"]}
             training = load_training_data(train, specs)
             _reset_peak()
