@@ -37,6 +37,7 @@ def ort_session(
     optimized_model_path: Path | None = None,
     log_severity: int = 3,
     spin: bool = False,
+    optimizations: bool = True,
 ) -> onnxruntime.InferenceSession:
     """An ONNX Runtime CPU session.
 
@@ -53,6 +54,9 @@ def ort_session(
     (for latency measurements): a converter runs a session on a few samples and drops it, and
     tearing down a spinning pool costs ~35 ms of CPU per session (measured: 100 sessions, 3.7 CPU s
     against 0.01 s), which was a quarter of an `--effort default` build's quantize stage.
+
+    `optimizations=False` runs any graph unfused and in its own order: beside the default session it shows
+    how far the model's outputs move with kernels and summation order alone (fp32 parity's allowance).
     """
     import onnxruntime as ort
 
@@ -66,7 +70,7 @@ def ort_session(
     if optimized_model_path is not None:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.optimized_model_filepath = str(optimized_model_path)
-    elif graph_semantics and not isinstance(model, Path) and has_qdq(model):
+    elif not optimizations or (graph_semantics and not isinstance(model, Path) and has_qdq(model)):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     source = str(model) if isinstance(model, Path) else model.SerializeToString()
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"], disabled_optimizers=list(DISABLED_OPTIMIZERS))
@@ -78,11 +82,12 @@ def run_model(
     outputs: Sequence[str] | None = None,
     *,
     threads: int = 0,
+    optimizations: bool = True,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Run the model on each sample and yield {output name: array}; `outputs` adds intermediate tensors."""
     if outputs:
         model = with_outputs(model, outputs)
-    runner = ort_session(model, threads=threads)
+    runner = ort_session(model, threads=threads, optimizations=optimizations)
     names = [o.name for o in runner.get_outputs()]
     input_names = [i.name for i in runner.get_inputs()]
     for sample in samples:

@@ -110,3 +110,16 @@ def test_taylor_ranks_on_the_calibration_data_and_is_refused_without_it(wide_cnn
     run = CliRunner().invoke(cli, [*args, *calibration])
     assert run.exit_code == 0, run.output
     assert json.loads(run.output)["report"]["samples"] == 16
+
+
+def test_a_pruned_zoo_model_that_amplifies_float_rounding_still_verifies_in_fp32(tmp_path: Path) -> None:
+    """PP-OCR rec pruned at 0.6 without recovery moves its softmax by 1.1e-4 under ONNX Runtime's own graph
+    optimizations (unpruned: 1.4e-5) and by 4.1e-4 on LiteRT's XNNPACK at channel multiple 32. That is float
+    summation order, not a lowering bug: the fp32 budget follows the model's measured spread."""
+    from tests import zoo
+
+    pruned = tmp_path / "rec.onnx"
+    edgeopt.prune(zoo.require_real_model("ppocr_rec"), pruned, ratio=0.6, channel_multiple=32, input_shapes={"x": (1, 3, 48, 320)})
+    result = edgeopt.build(pruned, "raspberry-pi", output=tmp_path / "bundle", precision="fp32")
+    measured = result.manifest["reference"]["measured"]["outputs"]["softmax_11.tmp_0"]
+    assert 2e-4 < measured["allowed"] and measured["max_abs"] <= measured["allowed"] < 1e-2
