@@ -537,6 +537,8 @@ def quantize(
         qdq, fallback, budget = meet_budget(quantizer.model, quantizer.build, options.exclude_nodes, options.evaluation, options.max_accuracy_drop, quantizer.plan)
     else:
         qdq = quantizer.build(options.exclude_nodes)
+    if quantizer.bias_report is not None and not quantizer.bias_report["applied"]:
+        recipe = recipe - {Technique.BIAS_CORRECTION}  # tried; its own check kept the uncorrected graph (report: why)
     report = _report(qdq, scheme, quantizer.options, recipes.fit)
     plan = quantizer.last_plan
     report["float_fallback"] = fallback

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 import edgeopt
@@ -43,6 +44,26 @@ def test_fast_builds_the_baseline_without_a_search(tmp_path: Path) -> None:
     )
     assert _techniques(result.bundle) == {"effort": "fast", "chosen": ["bias_correction"], "search": None, "reports": {}}
 
+
+
+def test_a_technique_whose_own_check_kept_the_graph_is_not_listed_as_chosen(tmp_path: Path) -> None:
+    """Bias correction corrects Conv/Gemm biases; on a MatMul model it has nothing to correct, and the
+    manifest and summary must not claim it shaped the bundle (its report says why)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("Relu", ["h"], ["y"], name="relu")], "matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+        [numpy_helper.from_array(rng.normal(size=(16, 8)).astype(np.float32), "w")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", x=rng.normal(size=(64, 16)).astype(np.float32))
+    result = edgeopt.build(tmp_path / "m.onnx", "onnxruntime-cpu", precision="int8", calibration=tmp_path / "calib.npz", output=tmp_path / "b", effort="fast")
+    quantization = json.loads((result.bundle / "manifest.json").read_text())["quantization"]
+    assert quantization["bias_correction"] == {"applied": False, "layers": 0, "reason": "no layer or sample to correct"}
+    assert quantization["techniques"]["chosen"] == []
+    assert "effort fast: min-max ranges only" in result.summary_text()
 
 def test_a_forced_technique_is_applied_unmeasured_and_an_explicit_method_rules_out_the_range_search(tmp_path: Path) -> None:
     result = edgeopt.build(
