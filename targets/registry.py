@@ -115,6 +115,11 @@ class QuantScheme:
     # chain stays int8 instead of paying a dequantize/quantize island per SiLU (yolov8n 0.53x -> 0.48x
     # fp32 here; a classifier's or detector's final Sigmoid, not a gate, stays float).
     int8_silu: bool = False
+    # Under "inputs_and_outputs", in a model with attention: what a full-integer backend runs int8 beyond
+    # the op list (placement's `int8_transformer_units`): a MatMul's bias Add quantized at its output
+    # only (the lowering folds the bias into FULLY_CONNECTED as int32), the erf GELU at its input and
+    # output only (one int8 GELU), a decomposed LayerNorm's variance + eps and x^-0.5 (RSQRT).
+    int8_transformer: bool = False
     # Under "inputs": a tensor read only by depthwise convs gets one scale and zero point per channel
     # (QuantizeLinear axis=1). A depthwise conv keeps channels apart, so the backend folds the input
     # scales into its per-channel requantization and the kernel stays int8 (OpenVINO's CPU plugin: u8
@@ -124,6 +129,11 @@ class QuantScheme:
     # stream and LayerNorm's affine carry outlier channels one int8 grid cannot hold, and the backend
     # runs elementwise ops in float anyway (NNCF's model_type=transformer leaves them so).
     transformer_elementwise_float: bool = False
+    # Under "inputs": a Mul that completes an activation of its other operand (SiLU x * Sigmoid(x),
+    # HardSwish x * HardSigmoid(x) or x * Clip(x + 3, 0, 6) / 6) gets no Q/DQ on its inputs: the backend
+    # fuses conv + activation only without a FakeQuantize inside (OpenVINO's CPU plugin; NNCF quantizes
+    # the activation's output only).
+    activation_muls_float: bool = False
 
     def rule_for(self, op_type: str) -> OpRule | None:
         return next((r for r in self.op_rules if r.op == op_type), None)
@@ -147,8 +157,10 @@ class QuantScheme:
             "float_island_min_spatial": self.float_island_min_spatial,
             "float_depthwise": self.float_depthwise,
             "int8_silu": self.int8_silu,
+            "int8_transformer": self.int8_transformer,
             "depthwise_input_per_channel": self.depthwise_input_per_channel,
             "transformer_elementwise_float": self.transformer_elementwise_float,
+            "activation_muls_float": self.activation_muls_float,
         }
 
 

@@ -9,7 +9,8 @@ Two placements:
   op's output quantization (exact when the zero point sits at the lowest integer).
 
 Where the backend runs a layer faster in float, or fuses more than the scheme's op list says, the
-scheme says so: `float_convs` (depthwise convs, float islands) and `silu_gates` (int8 SiLU).
+scheme says so: `float_convs` (depthwise convs, float islands), `silu_gates` (int8 SiLU) and
+`activation_muls` (a SiLU/HardSwish written as a Mul is one activation: no Q/DQ inside it).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import onnx_ir as ir
 
 from edgeopt.targets import QuantScheme
 
-__all__ = ["ActivationSite", "QuantPlan", "WeightSite", "plan_quantization", "silu_gates", "sums_products_pairwise", "weight_axis"]
+__all__ = ["ActivationSite", "QuantPlan", "WeightSite", "activation_muls", "plan_quantization", "silu_gates", "sums_products_pairwise", "weight_axis"]
 
 #: Ops whose output values are a subset of their input values: quantized only where the input already is.
 DATA_MOVEMENT_OPS = frozenset(
@@ -34,6 +35,11 @@ WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 ISLAND_ACTIVATIONS = frozenset({"HardSwish", "HardSigmoid", "Sigmoid", "Gelu", "Elu", "Selu", "Softplus", "Mish", "Tanh"})
 #: Elementwise ops quantized only when every operand is an activation.
 BINARY_OPS = frozenset({"Add", "Sub", "Mul"})
+#: Ops that make a gate g(x) in [0, 1] (or [0, 6]) out of x: SiLU is x * Sigmoid(x), HardSwish x * HardSigmoid(x)
+#: or x * Clip(x + 3, 0, 6) / 6.
+GATE_OPS = frozenset({"Sigmoid", "HardSigmoid", "Clip"})
+#: Ops with one constant operand that a gate's chain may hold (the +3 and /6 of HardSwish).
+AFFINE_OPS = frozenset({"Add", "Sub", "Mul", "Div"})
 
 
 @dataclass
@@ -273,15 +279,51 @@ def silu_gates(model: ir.Model) -> set[str]:
     return gates
 
 
+def _gates(value: ir.Value, x: ir.Value) -> bool:
+    """Whether `value` is a gate of `x`: Sigmoid, HardSigmoid or Clip of x, with constant
+    Add/Sub/Mul/Div steps on either side (HardSwish's x + 3 and / 6), each step read only by the next."""
+    gated = False
+    for _ in range(4):
+        producer = value.producer()
+        if producer is None or producer.domain not in ("", "ai.onnx") or len(list(value.uses())) != 1:
+            return False
+        variable = [v for v in producer.inputs if v is not None and not _is_constant(v)]
+        if len(variable) != 1 or producer.op_type not in GATE_OPS | AFFINE_OPS:
+            return False
+        if producer.op_type == "Clip" and _clip_bounds(producer) is None:
+            return False
+        gated = gated or producer.op_type in GATE_OPS
+        value = variable[0]
+        if value is x:
+            return gated
+    return False
+
+
+def activation_muls(model: ir.Model) -> set[str]:
+    """Names of the Muls that complete an activation of one of their operands: x * g(x) with g a
+    Sigmoid (SiLU), HardSigmoid or Clip(x + 3, 0, 6) / 6 (HardSwish) of the same x. A backend that
+    fuses conv + activation (OpenVINO's CPU plugin) fuses these only without Q/DQ inside them."""
+    muls: set[str] = set()
+    for node in model.graph:
+        if node.op_type != "Mul" or len(node.inputs) != 2 or any(v is None for v in node.inputs) or not node.name:
+            continue
+        first, second = node.inputs
+        if _gates(second, first) or _gates(first, second):
+            muls.add(node.name)
+    return muls
+
+
 def plan_quantization(model: ir.Model, scheme: QuantScheme, exclude: Iterable[str] = ()) -> QuantPlan:
     """Decide every Q/DQ site for the scheme; nodes in `exclude` stay float, and so do the convs
     `float_convs` picks."""
     slow_convs = float_convs(model, scheme)
     elementwise = _transformer_elementwise(model) if scheme.transformer_elementwise_float else []
-    excluded = set(exclude) | {name for name, _ in slow_convs} | {name for name, _ in elementwise}
+    fused_muls = sorted(activation_muls(model) - {name for name, _ in elementwise}) if scheme.activation_muls_float and scheme.activation_placement == "inputs" else []
+    excluded = set(exclude) | {name for name, _ in slow_convs} | {name for name, _ in elementwise} | set(fused_muls)
     plan = QuantPlan()
     plan.skipped.extend({"node": name, "op": "Conv", "why": why} for name, why in slow_convs)
     plan.skipped.extend({"node": name, "op": op, "why": "elementwise op of a transformer: stays float"} for name, op in elementwise)
+    plan.skipped.extend({"node": name, "op": "Mul", "why": "completes an activation x * g(x) (SiLU, HardSwish): the backend fuses it into the conv without Q/DQ inside"} for name in fused_muls)
     outputs_too = scheme.activation_placement == "inputs_and_outputs"
     quantized_ops = set(scheme.quantized_ops)
     gates = silu_gates(model) if scheme.int8_silu else set()

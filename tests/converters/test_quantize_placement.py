@@ -220,3 +220,97 @@ def test_a_concat_of_a_fixed_scale_sigmoid_and_wide_values_stays_float_under_tfl
     box_error = np.abs(quantized[:, boxes] - reference[:, boxes]).max() / np.abs(reference[:, boxes]).max()
     assert box_error < 0.02, box_error
     assert np.abs(quantized[:, scores] - reference[:, scores]).max() < 0.01
+
+
+def conv_activation_conv(activation: str) -> onnx.ModelProto:
+    """Conv 3x3 -> an activation written with a Mul -> Conv 1x1, as exporters write them: "silu"
+    x * Sigmoid(x) (YOLOv8), "hardswish" x * Clip(x + 3, 0, 6) / 6 (paddle2onnx, PP-OCR), "hardsigmoid"
+    x * HardSigmoid(x); "se" is a squeeze-excitation gate x * HardSigmoid(Conv(GlobalAveragePool(x))),
+    a Mul that is not an activation of its other operand."""
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1])]
+    gate = {
+        "silu": [helper.make_node("Sigmoid", ["c1"], ["g"], name="sigmoid")],
+        "hardsigmoid": [helper.make_node("HardSigmoid", ["c1"], ["g"], name="hardsigmoid", alpha=1 / 6)],
+        "hardswish": [helper.make_node("Add", ["c1", "three"], ["p"], name="plus3"), helper.make_node("Clip", ["p", "zero", "six"], ["g"], name="relu6")],
+        "se": [helper.make_node("GlobalAveragePool", ["c1"], ["pooled"], name="squeeze"), helper.make_node("Conv", ["pooled", "w_se", "b_se"], ["e"], name="excite"),
+               helper.make_node("HardSigmoid", ["e"], ["g"], name="hardsigmoid", alpha=1 / 6)],
+    }[activation]  # fmt: skip
+    nodes += [*gate, helper.make_node("Mul", ["c1", "g"], ["m"], name="act_mul")]
+    if activation == "hardswish":
+        nodes.append(helper.make_node("Div", ["m", "six"], ["a"], name="div6"))
+    else:
+        nodes.append(helper.make_node("Identity", ["m"], ["a"], name="same"))
+    nodes.append(helper.make_node("Conv", ["a", "w2", "b2"], ["y"], name="conv2"))
+    weights = {"w1": (32, 16, 3, 3), "b1": (32,), "w2": (16, 32, 1, 1), "b2": (16,), "w_se": (32, 32, 1, 1), "b_se": (32,)}
+    initializers = [numpy_helper.from_array((rng.normal(size=shape) * 0.2).astype(np.float32), name) for name, shape in weights.items()]
+    initializers += [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("three", 3.0), ("zero", 0.0), ("six", 6.0))]
+    graph = helper.make_graph(
+        nodes, f"conv_{activation}_conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 20, 20])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 20, 20])],
+        initializers,
+    )  # fmt: skip
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    onnx.checker.check_model(model)
+    return model
+
+
+def _read_through_dequantize(model: onnx.ModelProto, node_name: str) -> list[bool]:
+    """Per input of the node: whether it reads a DequantizeLinear's output."""
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    node = next(n for n in model.graph.node if n.name == node_name)
+    return [producers.get(name) == "DequantizeLinear" for name in node.input]
+
+
+def _openvino_runtime_precisions(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    """(layer type, runtime precision) of the CPU plugin's executed graph for the ONNX model, f32 pinned."""
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1})
+    infos = [op.get_rt_info() for op in compiled.get_runtime_model().get_ordered_ops()]
+    return [(info["layerType"].astype(str), info["runtimePrecision"].astype(str)) for info in infos]
+
+
+def test_activation_muls_are_the_muls_of_silu_and_hardswish_not_a_squeeze_excitation_gate() -> None:
+    import onnx_ir as ir
+
+    from edgeopt.converters.quantize.placement import activation_muls
+
+    for activation in ("silu", "hardswish", "hardsigmoid"):
+        assert activation_muls(ir.from_proto(conv_activation_conv(activation))) == {"act_mul"}, activation
+    assert activation_muls(ir.from_proto(conv_activation_conv("se"))) == set()
+
+
+@pytest.mark.parametrize("activation", ["silu", "hardswish"])
+def test_openvino_leaves_a_mul_written_activation_without_qdq_and_fuses_it_into_the_int8_conv(activation: str) -> None:
+    """With Q/DQ on the Mul's inputs the CPU plugin ran the activation as a float subgraph between
+    u8 convs (ppocr_det: 26, yolov8n: 70). Without them the activation fuses into the first conv; the
+    Mul's output still gets its Q/DQ where the next conv reads it. Targets that quantize every tensor
+    between int8 ops (raspberry-pi's LiteRT) keep the Mul quantized."""
+    model = conv_activation_conv(activation)
+    calibration = _calibration(model)
+    scheme = get_target("intel-openvino").scheme_for("vnni")
+    assert scheme.activation_muls_float
+    result = quantize(model, scheme, calibration, QuantizeOptions(debug_samples=0))
+    assert _read_through_dequantize(result.model, "act_mul") == [False, False]
+    assert _read_through_dequantize(result.model, "conv2")[0]
+    assert _int8_weighted(result.model) == {"conv1", "conv2"}
+    why = {s["node"]: s["why"] for s in result.report["not_quantized"]}
+    assert "activation" in why["act_mul"]
+    fused = _openvino_runtime_precisions(result.model)
+    assert fused.count(("Convolution", "u8")) == 2
+    assert fused.count(("Subgraph", "f32")) == 1  # the graph input's quantizer; the activation and its FakeQuantize run inside conv1
+
+    inside = quantize(model, replace(scheme, activation_muls_float=False), calibration, QuantizeOptions(debug_samples=0))
+    assert _read_through_dequantize(inside.model, "act_mul") == [True, True]
+    assert _openvino_runtime_precisions(inside.model).count(("Subgraph", "f32")) == 2  # + the activation as a float subgraph
+
+    from edgeopt.converters.metrics import fidelity
+    from edgeopt.converters.graph.session import run_model
+
+    assert fidelity(list(run_model(model, calibration)), list(run_model(result.model, calibration)))["min_cosine"] > 0.99
+
+    litert = quantize(model, get_target("raspberry-pi").quant_scheme, calibration, QuantizeOptions(debug_samples=0))
+    assert _read_through_dequantize(litert.model, "act_mul") == [True, True]
