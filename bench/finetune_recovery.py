@@ -210,6 +210,49 @@ def run_case(name: str, epochs: int, patience: int, train_count: int, eval_count
     return {"case": name, **case, "metric": metric, "ptq_drop_points": round(100 * (rows[0][metric] - default[metric]), 2), "rows": rows}
 
 
+# -- which cases PTQ leaves a drop beyond noise (--ptq) ----------------------------------------------------
+
+
+def ptq_drops(name: str, targets: list[str], efforts: list[str], eval_count: int) -> list[dict[str, Any]]:
+    """fp32 against PTQ at each effort and target on `eval_count` eval samples: the task metric (top-1 agreement;
+    CTC character accuracy for ppocr_rec) with its Wilson 95% interval over the samples (over characters for CTC),
+    and whether fp32 lies outside PTQ's interval (the drop the recovery goal counts)."""
+    from tests import zoo
+
+    from edgeopt.converters.data import model_input_specs, open_dataset
+    from edgeopt.converters.graph.session import run_model
+    from edgeopt.converters.passes import simplify
+    from edgeopt.converters.quantize import QuantizeOptions, quantize
+    from edgeopt.runtime.kinds import Effort
+    from edgeopt.targets import get_target
+
+    fp32, _ = simplify(onnx.load(zoo.require_real_model(name)))
+    calibration = zoo.real_inputs(name, 128, seed=0, split="calibration")
+    feeds = zoo.real_inputs(name, eval_count, seed=0, split="eval")
+    output = fp32.graph.output[0].name
+    reference = [r[output] for r in run_model(fp32, feeds, threads=2)]
+    units = len(feeds)
+    if zoo.REAL_MODELS[name].task == "ctc_recognizer":  # characters of the fp32 decodes
+        units = sum(max(len(zoo._ctc_greedy(r)), 1) for r in reference)
+    rows = []
+    for target in targets:
+        scheme = get_target(target).scheme_for(None)
+        for effort in efforts:
+            began = time.perf_counter()
+            ptq = quantize(fp32, scheme, open_dataset(calibration, model_input_specs(fp32)), QuantizeOptions(effort=Effort(effort))).model
+            seconds = time.perf_counter() - began
+            value = zoo.task_fidelity(name, reference, [r[output] for r in run_model(ptq, feeds, threads=2)])
+            low, high = _wilson(value, units)
+            rows.append({
+                "model": name, "target": target, "effort": effort, "metric": zoo.REAL_MODELS[name].metric.split(":")[0],
+                "value": round(value, 5), "ci95": [low, high], "units": units, "eval_samples": len(feeds),
+                "drop_points": round(100 * (1 - value), 2), "drop_beyond_noise": not low <= 1.0 <= high,
+                "quantize_seconds": round(seconds, 1), "load_average": [round(x, 2) for x in os.getloadavg()],
+            })
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
+
+
 # -- where the PTQ drop comes from (--diagnose) -------------------------------------------------------------
 
 
@@ -408,6 +451,8 @@ def main() -> None:
     parser.add_argument("--update", action="store_true", help="keep the other cases of the existing results (runs of different settings side by side)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # run one case in this process, print its JSON
     parser.add_argument("--diagnose", help="zoo cases: where the PTQ drop comes from (writes finetune_recovery.diagnosis.json)")
+    parser.add_argument("--ptq", help="zoo models: PTQ's drop at each of --efforts on --targets, Wilson intervals (writes finetune_recovery.ptq.json)")
+    parser.add_argument("--targets", default="raspberry-pi,intel-openvino", help="--ptq: targets")
     parser.add_argument("--layer-samples", type=int, default=256, help="--diagnose: samples of the one-quantizer-at-a-time pass (0: skip it)")
     args = parser.parse_args()
     if args.diagnose:
@@ -415,6 +460,13 @@ def main() -> None:
         found = json.loads(path.read_text()) if path.exists() else {}
         for name in args.diagnose.split(","):
             found[name] = diagnose(name, args.eval, args.layer_samples)
+            path.write_text(json.dumps(found, indent=1) + "\n")
+        return
+    if args.ptq:
+        path = RESULTS / "finetune_recovery.ptq.json"
+        found = json.loads(path.read_text()) if path.exists() else {}
+        for name in args.ptq.split(","):
+            found[name] = ptq_drops(name, args.targets.split(","), args.efforts.split(","), args.eval)
             path.write_text(json.dumps(found, indent=1) + "\n")
         return
     if args.one:

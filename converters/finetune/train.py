@@ -5,7 +5,8 @@ the teacher is the fp32 graph run by the same interpreter. Latent weights start 
 integers (on their grid), or with `fp32_latents` from the fp32 model's weights inside the bins of those
 integers (`latents.fp32_latents`). Adam updates the latent weights at a rate relative to their grid step
 and the scales relative to their size; a weight scale whose latents sit on their grid stays as quantized
-(`freeze_weight_grids` says why); the rates warm up over the first epoch and then decay.
+(`freeze_weight_grids` says why); the rates warm up and then decay over the run's optimizer steps
+(`rate_schedule`), their peak lowered when an epoch has more than REFERENCE_STEPS steps.
 
 `fp32_latents` is off by default, measured (bench/results/finetune_recovery.md): it helps where weights are
 few bits (digits 2-bit QAD best held-out KL 0.052 -> 0.038, 3-bit 0.0119 -> 0.0086) and hurts at int8,
@@ -56,7 +57,7 @@ if TYPE_CHECKING:
     from edgeopt.converters.finetune.writeback import WritebackReport
     from edgeopt.targets import QuantScheme
 
-__all__ = ["EpochRecord", "FinetuneOptions", "FinetuneReport", "FinetuneResult", "finetune"]
+__all__ = ["EpochRecord", "FinetuneOptions", "FinetuneReport", "FinetuneResult", "finetune", "rate_schedule"]
 
 CHECKPOINT_FILE = "finetune.pt"
 #: Adam's rate for a latent weight, relative to `lr` and its quantizer's grid step (mean scale): at lr 1e-4 a
@@ -65,13 +66,16 @@ LATENT_LR = 100.0
 #: Adam's rate for an activation scale, relative to `lr` and the scale's magnitude; for LSQ+ zero points, relative to `lr`.
 SCALE_LR = 10.0
 ZERO_POINT_LR = 1000.0
+#: Optimizer steps an epoch takes at the full base rate: an epoch of more steps takes proportionally
+#: lower rates (`rate_schedule`); the warm-up lasts this many steps (or one epoch when shorter).
+REFERENCE_STEPS = 64
 
 
 @dataclass(frozen=True)
 class FinetuneOptions:
     """How to fine-tune. `lr` is Adam's base rate: float parameters take it as it is, latent weights,
     activation scales and zero points relative to their units (`_parameter_groups`); all of them warm up
-    over the first epoch and decay to 0 at the last (`_Run._set_rates`); `temperature`, `alpha`
+    and decay to 0 at the last step, counted in optimizer steps (`rate_schedule`); `temperature`, `alpha`
     (weight of the task loss beside distillation when labels exist), `features` (tensor names whose
     normalized MSE to the teacher's is added, × `feature_weight`) apply to QAD."""
 
@@ -420,21 +424,8 @@ class _Run:
         return total / len(batches)
 
     def _set_rates(self, epoch: int, step: int, steps: int) -> None:
-        """Rates rise linearly over the first epoch (step k of n at k/n of their value), then fall along a
-        half cosine to 0 at the last asked epoch.
-
-        Adam's first steps are about lr·sign(g) for every parameter at once (bias correction): at full
-        rate all latents move together before the moments mean anything, and codes flip en masse
-        (digits 4-bit from effort fast: held-out loss 0.0174 -> 0.0336 after epoch 1 at full rate,
-        -> 0.0107 with the warm-up). The decay settles the late epochs, whose held-out loss swung at a
-        constant rate (digits 2-bit: 0.054 -> 0.062 -> 0.132 -> 0.070 in epochs 5-8). A function of (epoch, step):
-        a resumed run continues it without saved state (one resumed with more epochs decays over them).
-        """
-        progress = ((epoch - 1) * steps + step) / steps  # in epochs
-        if progress <= 1:
-            factor = progress
-        else:
-            factor = 0.5 * (1 + math.cos(math.pi * (progress - 1) / max(1, self.options.epochs - 1)))
+        """Each group's rate at optimizer step `step` of `steps` in `epoch`: `rate_schedule` over the whole run."""
+        factor = rate_schedule((epoch - 1) * steps + step, steps, self.options.epochs)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * factor
 
@@ -532,6 +523,32 @@ class _Run:
         self.best_score = (float(state["best_score"][0]), float(state["best_score"][1]))
         history: list[EpochRecord] = [dict(h) for h in state["history"]]  # type: ignore[misc]
         return history, len(history) - 1
+
+
+def rate_schedule(step: int, steps_per_epoch: int, epochs: int) -> float:
+    """The factor on every base rate at optimizer step `step` (1-based, counted over the whole run of
+    `epochs` × `steps_per_epoch` steps): a linear warm-up over the first `min(REFERENCE_STEPS,
+    steps_per_epoch)` steps, then a half cosine to 0 at the last step; the peak is
+    `min(1, REFERENCE_STEPS / steps_per_epoch)`, so an epoch moves the parameters about as far whatever
+    the data size.
+
+    Adam's first steps are about lr·sign(g) for every parameter at once (bias correction): at full
+    rate all latents move together before the moments mean anything, and codes flip en masse
+    (digits 4-bit from effort fast: held-out loss 0.0174 -> 0.0336 after epoch 1 at full rate,
+    -> 0.0107 with the warm-up). The decay settles the late epochs, whose held-out loss swung at a
+    constant rate (digits 2-bit: 0.054 -> 0.062 -> 0.132 -> 0.070 in epochs 5-8). Adam's step is about
+    its rate whatever the gradient, so an epoch's movement grows with its step count: with the rate and
+    the warm-up set per epoch, ppocr_cls on 3840 crops (240 steps an epoch) raised its held-out loss in
+    epoch 1 (0.0133 -> 0.0250) and never came back below PTQ's, while 1792 crops at half the rate did not
+    rise. A function of the step alone: a resumed run continues it without saved state (one resumed
+    with more epochs decays over them).
+    """
+    total = epochs * steps_per_epoch
+    warm_up = min(REFERENCE_STEPS, steps_per_epoch, total)
+    peak = min(1.0, REFERENCE_STEPS / steps_per_epoch)
+    if step <= warm_up:
+        return peak * step / warm_up
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warm_up) / max(1, total - warm_up)))
 
 
 def tied_quantizers(qdq: onnx.ModelProto, scheme: QuantScheme | None) -> dict[str, str]:

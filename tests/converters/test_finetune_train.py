@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch")
 from edgeopt.converters.data import model_input_specs, open_dataset  # noqa: E402
 from edgeopt.converters.finetune.data import TrainingData, load_training_data  # noqa: E402
 from edgeopt.converters.finetune.losses import DistillationLoss, OutputKind, normalized_mse, output_kinds  # noqa: E402
-from edgeopt.converters.finetune.train import CHECKPOINT_FILE, FinetuneOptions, finetune  # noqa: E402
+from edgeopt.converters.finetune.train import CHECKPOINT_FILE, REFERENCE_STEPS, FinetuneOptions, finetune, rate_schedule  # noqa: E402
 from edgeopt.converters.passes import simplify  # noqa: E402
 from edgeopt.converters.quantize import QuantizeOptions, quantize  # noqa: E402
 from edgeopt.runtime.errors import OptionError  # noqa: E402
@@ -130,6 +130,25 @@ def test_qad_lowers_the_held_out_loss_from_the_first_epoch_on_the_weights_grid(m
     assert first < 0.8 * start, report["history"]
     assert report["best_epoch"] == 1 and report["writeback"]["weight_scales_changed"] == 0
     assert report["writeback"]["activation_scales_changed"] > 0
+
+
+def test_the_rate_schedule_counts_optimizer_steps_so_more_data_does_not_mean_more_movement() -> None:
+    """Adam moves each parameter about its rate per step: with the rate and warm-up set per epoch, 3840 ppocr_cls
+    crops (240 steps an epoch) moved 3.75x as far in epoch 1 as 1024 and raised the held-out loss. Counted in
+    steps, the whole run's movement (the sum of the rate factors) is the same for any epoch of >= REFERENCE_STEPS
+    steps, the warm-up lasts REFERENCE_STEPS steps, and the rate ends at 0 on the run's last step."""
+    epochs = 4
+    movement = {}
+    for steps in (REFERENCE_STEPS, 112, 240, 960):
+        factors = [rate_schedule(step, steps, epochs) for step in range(1, epochs * steps + 1)]
+        peak = REFERENCE_STEPS / steps
+        assert max(factors) == pytest.approx(peak) and factors[REFERENCE_STEPS - 1] == pytest.approx(peak)
+        assert factors[REFERENCE_STEPS // 2 - 1] == pytest.approx(peak / 2)  # linear warm-up over the reference steps
+        assert factors[-1] == pytest.approx(0, abs=1e-12) and all(a >= b for a, b in zip(factors[REFERENCE_STEPS:], factors[REFERENCE_STEPS + 1 :]))
+        movement[steps] = sum(factors)
+    assert max(movement.values()) / min(movement.values()) < 1.02, movement
+    small = [rate_schedule(step, 16, epochs) for step in range(1, 4 * 16 + 1)]  # short epochs: full rate, one-epoch warm-up
+    assert max(small) == pytest.approx(1.0) and small[15] == pytest.approx(1.0) and small[7] == pytest.approx(0.5)
 
 
 def test_with_fp32_latents_weight_scales_learn_and_the_first_epoch_helps(models, train_split) -> None:
