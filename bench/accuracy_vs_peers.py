@@ -301,6 +301,30 @@ def on_ort(case: Case, path: Path) -> dict[str, Any]:
     return {"runs_on": "onnxruntime CPU EP", "fidelity": measure(case, outputs), "latency": timed(lambda: session.run(None, case.evaluation[0]))}
 
 
+def executed_precisions(compiled: Any) -> dict[str, int]:
+    """Counts of "<layer type> <runtime precision>" in the CPU plugin's executed graph (constants, inputs
+    and outputs left out): how much runs int8 and how many float subgraphs/reorders sit between."""
+    counts: dict[str, int] = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        layer = info["layerType"].astype(str)
+        if layer not in ("Const", "Input", "Output"):
+            key = f"{layer} {info['runtimePrecision'].astype(str)}"
+            counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def openvino_executed(path: Path, case: Case) -> dict[str, int]:
+    """`executed_precisions` of an IR or ONNX file compiled as the f32 rows run it."""
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(path))
+    if path.suffix == ".onnx":
+        model.reshape({k: list(v) for k, v in case.static_shapes.items()})
+    return executed_precisions(core.compile_model(model, "CPU", dict(OV_F32)))
+
+
 def on_openvino(case: Case, path: Path, config: dict[str, Any]) -> dict[str, Any]:
     import openvino as ov
 
@@ -316,6 +340,7 @@ def on_openvino(case: Case, path: Path, config: dict[str, Any]) -> dict[str, Any
     return {
         "runs_on": f"OpenVINO CPU ({', '.join(f'{k}={v}' for k, v in config.items())})",
         "inference_precision": hint,
+        "executed_precisions": executed_precisions(compiled),
         "fidelity": measure(case, outputs),
         "latency": timed(lambda: request.infer(case.evaluation[0])),
     }
@@ -346,6 +371,19 @@ def _fp32_onnx(case: Case, work: Path) -> Path:
 # ------------------------------------------------------------------------------------------------
 
 
+def build_isa(target: str, precision: str) -> str | None:
+    """The CPU class an edgeopt bundle is built for here: this host's (`isa.host_isa()`) for int8 on a target
+    whose int8 depends on it (onnxruntime-cpu, intel-openvino), as a user benchmarking on their own device
+    would; None elsewhere. `edgeopt build`'s default stays the profile's portable class (avx2)."""
+    from edgeopt.runtime import isa
+    from edgeopt.targets import get_target
+
+    host = isa.host_isa()
+    if precision != "int8" or host is None or host not in get_target(target).isa_classes:
+        return None
+    return host.value
+
+
 def _edgeopt_build(case: Case, target: str, work: Path, label: str, precision: str, **kwargs: Any) -> tuple[Any, Path, float]:
     import edgeopt
 
@@ -353,7 +391,7 @@ def _edgeopt_build(case: Case, target: str, work: Path, label: str, precision: s
     start = time.perf_counter()
     result = edgeopt.build(
         _fp32_onnx(case, work), target, output=out, precision=precision, calibration=case.calibration_npz,
-        input_shapes=case.input_shapes, force=True, **kwargs,
+        input_shapes=case.input_shapes, force=True, isa=build_isa(target, precision), **kwargs,
     )  # fmt: skip
     return result, out, time.perf_counter() - start
 
@@ -388,6 +426,8 @@ def cell_edgeopt(case: Case, target: str, work: Path, effort: str, techniques: d
         "isa": manifest["target"].get("isa"),
         **_run_bundle(case, out, manifest),
     }
+    if target == "intel-openvino":
+        row["executed_precisions"] = openvino_executed(out / "model.xml", case)
     return row
 
 
@@ -723,6 +763,21 @@ def interleaved_latency(case: Case, target: str, work: Path) -> None:
     log(f"{case.name} / {target}: interleaved medians " + ", ".join(f"{t} {np.median(v):.3f}" for t, v in times.items()))
 
 
+def record_executed(case: Case, work: Path) -> None:
+    """Writes `executed_precisions` into every ok intel-openvino cell of the model whose artifact is kept."""
+    for path in sorted((work / "cells").glob(f"{case.name}__intel-openvino__*.json")):
+        cell = json.loads(path.read_text())
+        found = artifact_of(work, case, "intel-openvino", cell) if cell.get("status") == "ok" else None
+        if found is None:
+            continue
+        artifact = found[1] / "model.xml" if found[0] == "bundle" else found[1]
+        cell["executed_precisions"] = openvino_executed(artifact, case)
+        staged = path.with_suffix(".tmp")
+        staged.write_text(json.dumps(cell, indent=1, default=float))
+        staged.replace(path)
+        log(f"{case.name} / {cell['tool']}: f32 Subgraph {cell['executed_precisions'].get('Subgraph f32', 0)}, f32 Reorder {cell['executed_precisions'].get('Reorder f32', 0)}")
+
+
 # ------------------------------------------------------------------------------------------------
 # Report
 # ------------------------------------------------------------------------------------------------
@@ -736,7 +791,7 @@ def host_facts() -> dict[str, Any]:
     facts = zoo_matrix.facts()
     core = ov.Core()
     facts["isa_flags"] = [flag for flag in isa.REPORTED_FLAGS if flag in isa.host_isa_flags()]
-    facts["isa_class"] = str(isa.host_isa())
+    facts["isa_class"] = isa.host_isa().value if isa.host_isa() is not None else None
     facts["openvino_default_inference_precision"] = core.get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
     facts["openvino_optimization_capabilities"] = list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
     for venv, probe in ((_peers.NNCF_PYTHON, "nncf"), (_peers.AIMET_PYTHON, "aimet-onnx"), (_peers.ONNX2TF_PYTHON, "onnx2tf")):
@@ -856,6 +911,8 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
         f"CPU: {facts['cpu'].get('model')} ({facts['cpu'].get('usable_cores')} cores); ISA flags (edgeopt.runtime.isa): {', '.join(facts['isa_flags'])}. OpenVINO's default inference precision "
         f"on this host: **{facts['openvino_default_inference_precision']}** (the `ov_default` rows; every other OpenVINO row pins f32).",
+        f"edgeopt int8 on onnxruntime-cpu and intel-openvino is built for this host's CPU class, **{facts['isa_class']}** (`isa=` of `edgeopt.build`; "
+        "`edgeopt build`'s default is the portable avx2 class: 7-bit weights on non-depthwise convs); each edgeopt row's class is in its detail column.",
         f"Libraries: {', '.join(f'{k} {v}' for k, v in facts['libraries'].items() if v)}; edgeopt {facts['edgeopt']}.",
         f"Calibration: {payload['config']['calibration']} samples of split=calibration for every tool; eval: {payload['config']['eval']} samples of split=eval "
         "(digits: its 450 labelled images) against ONNX Runtime fp32 on the same inputs. Latency: median (p90) ms, batch 1, "
@@ -887,6 +944,12 @@ def markdown(payload: dict[str, Any]) -> str:
                 if tool.startswith("edgeopt_") and cell.get("techniques"):
                     chosen = (cell["techniques"] or {}).get("chosen") or (cell["techniques"] or {}).get("recipe")
                     detail = f"recipe: {', '.join(chosen) if isinstance(chosen, list) else chosen}" if chosen else ""
+                if tool.startswith("edgeopt_") and cell.get("isa"):
+                    detail = f"isa {cell['isa']}; {detail}" if detail else f"isa {cell['isa']}"
+                if cell.get("executed_precisions"):
+                    executed = cell["executed_precisions"]
+                    floats = f"f32 subgraphs {executed.get('Subgraph f32', 0)}, f32 reorders {executed.get('Reorder f32', 0)}"
+                    detail = f"{detail}; {floats}" if detail else floats
                 lines.append(
                     f"| {model} | {target} | {tool} | {_fmt_ci(fid['task'], 4)} | {_fmt_ci(fid.get('top1_agreement'), 3)} | {fid['cosine']['mean']:.5f} | "
                     f"{fid['sqnr_db']:.1f} | {_fmt_ms(lat['median_ms'])} ({_fmt_ms(lat['p90_ms'])}){'' if 'latency_interleaved' in cell else '*'} | {cell.get('bytes', 0) / 1024:.0f} | {cell.get('build_s', 0):.1f} | {detail} |"
@@ -973,10 +1036,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rerun", action="store_true", help="run cells whose JSON exists again")
     parser.add_argument("--report", action="store_true", help="only merge the cells into the result files")
     parser.add_argument("--latency", action="store_true", help="only time the artifacts of each (model, target) interleaved")
+    parser.add_argument("--executed", action="store_true", help="only count the CPU plugin's executed-graph precisions of every intel-openvino cell's artifact")
     parser.add_argument("--out", type=Path, default=RESULTS / "accuracy_vs_peers")
     args = parser.parse_args(argv)
     if args.report:
         report(args.work, args.out, args)
+        return
+    if args.executed:
+        for model in args.models.split(","):
+            record_executed(load_case(model, args.work, args.calib, 450 if model == "digits" else args.eval), args.work)
         return
     import onnxruntime
 
