@@ -1164,28 +1164,35 @@ BERT_OUTLIER_DIMS: tuple[int, ...] = (17, 63, 101)
 BERT_OUTLIER_SCALES: tuple[float, ...] = (30.0, 45.0, 60.0)
 
 
-def _bert_config():  # -> transformers.BertConfig
+#: Encoder sizes: hidden, layers, heads, FFN. "small" is the zoo's (0.53 M parameters); "25m" has 25.7 M, BERT's
+#: layer shape at half width, the size issue 14's build-time goal names (bench/build_time.py).
+BERT_SIZES: dict[str, tuple[int, int, int, int]] = {"small": (128, 2, 4, 512), "25m": (512, 8, 8, 2048)}
+
+
+def _bert_config(size: str = "small"):  # -> transformers.BertConfig
     from transformers import BertConfig
 
+    hidden, layers, heads, ffn = BERT_SIZES[size]
     return BertConfig(
         vocab_size=ENCODER_VOCAB,
-        hidden_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=512,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=ffn,
         max_position_embeddings=64,
         pad_token_id=ENCODER_PAD_ID,
         attn_implementation="eager",
     )
 
 
-def bert_encoder(outliers: bool = False) -> onnx.ModelProto:
+def bert_encoder(outliers: bool = False, size: str = "small") -> onnx.ModelProto:
     """Small BERT sentence encoder (``transformers.BertModel``): mean pooling over the mask, L2 norm.
 
     Inputs ``input_ids`` and ``attention_mask`` int64 [1, 32] (ids < 1000, metadata ``vocab_size``),
     output ``embedding`` [1, 128] of unit norm. Hidden 128, 2 layers, 4 heads, FFN 512, GELU.
     ``outliers=True`` gives the FFN-output LayerNorm of both layers 30-60x gains (and biases) on
     hidden dims ``BERT_OUTLIER_DIMS``: the few huge activation channels pretrained transformers have.
+    ``size`` picks a row of ``BERT_SIZES`` (output width = its hidden size).
     """
 
     def export() -> bytes:
@@ -1193,7 +1200,7 @@ def bert_encoder(outliers: bool = False) -> onnx.ModelProto:
         from transformers import BertModel
 
         torch.manual_seed(0)
-        bert = BertModel(_bert_config(), add_pooling_layer=False).eval()
+        bert = BertModel(_bert_config(size), add_pooling_layer=False).eval()
         if outliers:
             with torch.no_grad():
                 for layer in bert.encoder.layer:
@@ -1221,7 +1228,7 @@ def bert_encoder(outliers: bool = False) -> onnx.ModelProto:
         onnx.helper.set_model_props(model, {VOCAB_SIZE_KEY: str(ENCODER_VOCAB)})
         return model.SerializeToString()
 
-    return _cached_export("bert_encoder_outliers" if outliers else "bert_encoder", export)
+    return _cached_export(("bert_encoder_outliers" if outliers else "bert_encoder") + ("" if size == "small" else f"_{size}"), export)
 
 
 def vit_encoder() -> onnx.ModelProto:
