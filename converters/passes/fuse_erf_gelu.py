@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["FuseErfGeluPass"]
+__all__ = ["FuseErfGeluPass", "erf_gelu_chain"]
 
 import logging
 import math
@@ -33,7 +33,7 @@ class FuseErfGeluPass(GraphPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        matches = [m for erf in graph if erf.op_type == "Erf" and erf.domain in ("", "ai.onnx") if (m := _match(erf)) is not None]
+        matches = [m for erf in graph if erf.op_type == "Erf" and erf.domain in ("", "ai.onnx") if (m := erf_gelu_chain(erf)) is not None]
         matches = [(x, chain) for x, chain in matches if all(node.graph is graph for node in chain)]  # none inside an If/Loop body
         for x, chain in matches:
             last = chain[-1]
@@ -53,7 +53,7 @@ class FuseErfGeluPass(GraphPass):
         return ir.passes.PassResult(model, modified=bool(matches))
 
 
-def _match(erf: ir.Node) -> tuple[ir.Value, list[ir.Node]] | None:
+def erf_gelu_chain(erf: ir.Node) -> tuple[ir.Value, list[ir.Node]] | None:
     """(x, the chain's nodes ending with the one whose output becomes the Gelu's) for one Erf, or None."""
     scaled = _through_qdq(erf.inputs[0]).producer()
     if scaled is None or scaled.op_type not in ("Div", "Mul"):

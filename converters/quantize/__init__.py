@@ -22,6 +22,7 @@ from edgeopt.converters.errors import CalibrationDataError
 from edgeopt.converters.graph.opset import with_min_opset
 from edgeopt.converters.graph.session import has_qdq
 from edgeopt.converters.passes import FoldConstantsPass, apply_passes
+from edgeopt.converters.passes.decompose_layer_norm import DecomposeLayerNormPass
 from edgeopt.converters.quantize.bias_correction import correct_bias
 from edgeopt.converters.quantize.calibration import calibrate
 from edgeopt.converters.quantize.debug import layer_sqnr
@@ -515,6 +516,8 @@ def quantize(
         if calibration is not None:
             report["per_layer_sqnr"] = layer_sqnr(imported["float_model"], qdq, calibration.take(options.debug_samples))
         return QuantizeResult(qdq, report)
+    if scheme.int8_transformer:  # no LayerNorm builtin on the target: its int8 parts, each calibrated
+        model = apply_passes(model, DecomposeLayerNormPass())
     if options.techniques.get(Technique.BIAS_CORRECTION, True):
         model = _with_biases(model)
     choice = _choose_recipe(model, scheme, calibration, options, progress)

@@ -327,13 +327,15 @@ def plan_quantization(model: ir.Model, scheme: QuantScheme, exclude: Iterable[st
     outputs_too = scheme.activation_placement == "inputs_and_outputs"
     quantized_ops = set(scheme.quantized_ops)
     gates = silu_gates(model) if scheme.int8_silu else set()
+    units = int8_transformer_units(model, plan) if scheme.int8_transformer and outputs_too else Int8Units()
     for node in model.graph:
         name = node.name or ""
-        if (node.op_type not in quantized_ops and name not in gates) or node.domain not in ("", "ai.onnx"):
+        unit = units.nodes.get(name)
+        if (node.op_type not in quantized_ops and name not in gates and unit is None) or node.domain not in ("", "ai.onnx"):
             continue
-        if name in excluded or name in plan.absorbed:
+        if name in excluded or name in plan.absorbed or name in units.inside:
             continue
-        indices = _activation_inputs(node, scheme.constant_operands and outputs_too)
+        indices = list(unit.inputs) if unit is not None else _activation_inputs(node, scheme.constant_operands and outputs_too)
         if indices is None:
             plan.skipped.append({"node": name, "op": node.op_type, "why": "constant or non-float operand"})
             continue
@@ -351,10 +353,10 @@ def plan_quantization(model: ir.Model, scheme: QuantScheme, exclude: Iterable[st
             if site.consumers is not None:
                 site.consumers.add(name)
         plan.quantized_nodes.append(name)
-        if node.op_type in BINARY_OPS:
+        if node.op_type in BINARY_OPS and (unit is None or unit.constants):
             plan.constants.extend((name, i, v.name) for i, v in enumerate(node.inputs) if i not in indices and v is not None)
         _plan_weight(node, plan, scheme)
-        if not outputs_too or node.op_type in scheme.float_output_ops:
+        if not outputs_too or node.op_type in scheme.float_output_ops or name in units.float_outputs:
             continue
         output = node.outputs[0]
         if not _is_float(output):
@@ -435,3 +437,84 @@ def _plan_weight(node: ir.Node, plan: QuantPlan, scheme: QuantScheme) -> None:
         bias_name = _initializer_name(bias)
         if bias_name is not None and len(bias.const_value.shape) == 1 and axis in (0, 1):
             plan.biases[node.name] = (2, node.inputs[0].name, initializer)
+
+
+@dataclass(frozen=True)
+class Int8Unit:
+    """A node quantized beyond the scheme's op list: its output always, the activation inputs at
+    `inputs`, and its constant operands when `constants` (else they stay float)."""
+
+    inputs: tuple[int, ...] = ()
+    constants: bool = False
+
+
+@dataclass(frozen=True)
+class Int8Units:
+    """`int8_transformer_units`' answer: the units, the MatMuls whose output goes float into their bias
+    Add, and the nodes inside a unit (an erf GELU's) that stay float."""
+
+    nodes: dict[str, Int8Unit] = field(default_factory=dict)
+    float_outputs: frozenset[str] = frozenset()
+    inside: frozenset[str] = frozenset()
+
+
+def _bias_of(node: ir.Node) -> int | None:
+    """Index of the input of an Add that a MatMul alone feeds, when the other is a constant per-output bias."""
+    if node.op_type != "Add" or len(node.inputs) != 2:
+        return None
+    for index, value in enumerate(node.inputs):
+        bias = node.inputs[1 - index]
+        producer = value.producer() if value is not None else None
+        if producer is None or producer.op_type != "MatMul" or len(list(value.uses())) != 1 or value.is_graph_output():
+            continue
+        weight = producer.inputs[1]
+        if _initializer_name(weight) is None or len(weight.shape or ()) != 2 or _initializer_name(bias) is None:
+            continue
+        if tuple(bias.shape or ())[-1:] == (weight.shape[1],) and bias.const_value.size == weight.shape[1]:
+            return index
+    return None
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    tensor = value.const_value if value is not None else None
+    if tensor is None or tensor.size != 1:
+        return None
+    return float(np.asarray(tensor.numpy()).reshape(()))
+
+
+def int8_transformer_units(model: ir.Model, plan: QuantPlan) -> Int8Units:
+    """What a full-integer backend (TFLite) runs int8 in a model with attention beyond the op list
+    (`QuantScheme.int8_transformer`); none in a model without one.
+
+    - A MatMul's bias Add is quantized at its output and the MatMul's output stays float: the QDQ
+      graph adds the bias in float, as the int32 accumulator of FULLY_CONNECTED does with an int32 bias.
+    - An erf GELU is quantized at its output only (its input is the quantized output before it):
+      the lowering fuses the chain into one int8 GELU; the nodes inside stay float (reported).
+    - A decomposed LayerNorm: the Add of a scalar eps to a ReduceMean (the variance) and the
+      Pow(-0.5) after it (TFLite's int8 RSQRT).
+    """
+    from edgeopt.converters.passes.fuse_erf_gelu import erf_gelu_chain
+
+    if not _has_attention(model):
+        return Int8Units()
+    nodes: dict[str, Int8Unit] = {}
+    float_outputs: set[str] = set()
+    inside: set[str] = set()
+    for node in model.graph:
+        name = node.name or ""
+        bias = _bias_of(node)
+        if bias is not None:
+            nodes[name] = Int8Unit()
+            float_outputs.add(node.inputs[bias].producer().name or "")
+        elif node.op_type == "Erf" and (match := erf_gelu_chain(node)) is not None:
+            *chain, last = match[1]
+            nodes[last.name or ""] = Int8Unit()
+            inside.update(n.name or "" for n in chain)
+            plan.skipped.extend({"node": n.name or "", "op": n.op_type, "why": "inside an erf GELU, which runs as one int8 GELU"} for n in chain)
+        elif node.op_type == "Add" and len(node.inputs) == 2 and any(_scalar(v) is not None for v in node.inputs):
+            variable = next((v for v in node.inputs if _scalar(v) is None), None)
+            if variable is not None and variable.producer() is not None and variable.producer().op_type == "ReduceMean":
+                nodes[name] = Int8Unit()
+        elif node.op_type == "Pow" and _scalar(node.inputs[1]) == -0.5:
+            nodes[name] = Int8Unit(inputs=(0,))
+    return Int8Units(nodes, frozenset(float_outputs), frozenset(inside - set(nodes)))

@@ -40,7 +40,7 @@ INT8_OPS = frozenset({
     "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Sub", "Mul", "Sum", "Relu", "Clip", "LeakyRelu",
     "PRelu", "Sigmoid", "Tanh", "Gelu", "Elu", "MaxPool", "AveragePool", "GlobalAveragePool",
     "Concat", "Split", "Slice", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Softmax",
-    "ReduceMean", "ReduceMax", "Resize", "Pad", "Gather",
+    "ReduceMean", "ReduceMax", "Resize", "Pad", "Gather", "Pow",  # Pow: x^-0.5 only (RSQRT)
 })
 
 NOT_YET = "edgeopt's TFLite lowering does not write"

@@ -40,6 +40,8 @@ _BINARY = {
     "Xor": (Op.NOT_EQUAL, Opt.NotEqualOptions, schema.NotEqualOptionsT),  # on bool, a != b is a xor b
 }
 _FUSABLE = {"Add", "Sum", "Sub", "Mul", "Div"}
+# Pow by a constant that is a unary builtin: (op, whether LiteRT has an int8 kernel for it).
+_POWERS = {2.0: (Op.SQUARE, False), 0.5: (Op.SQRT, False), -0.5: (Op.RSQRT, True)}
 # Binary ops whose output is bool (comparisons; the logical ops read and write bool).
 _BOOL_OUT = {"Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "And", "Or", "Xor"}
 
@@ -53,9 +55,24 @@ def lower_binary(c: Conversion, node: ir.Node) -> None:
         return
     if node.op_type == "Pow" and c.is_const(inputs[1]) and c.const(inputs[1]).size == 1:
         exponent = float(c.const(inputs[1]).reshape(()))
-        if exponent in (2.0, 0.5):
-            return unary_op(c, node, Op.SQUARE if exponent == 2.0 else Op.SQRT, None, None)
+        if exponent in _POWERS:
+            code, int8 = _POWERS[exponent]
+            return unary_op(c, node, code, None, None, int8=int8)
     _binary(c, node.op_type, inputs, out)
+
+
+def _negligible_constant(c: Conversion, op_type: str, inputs: list[str], out: str) -> str | None:
+    """The variable input of an int8 Add/Sub whose other operand is a scalar constant below half an
+    output step (a LayerNorm's eps beside the variance): adding it changes no int8 value, and as an
+    int8 operand its own scale would be ~1e-10 of the other's, beyond what LiteRT's ADD can rescale."""
+    if op_type not in ("Add", "Sub") or len(inputs) != 2 or (wanted := c.output_quant(out)) is None or not wanted.per_tensor:
+        return None
+    constants = [name for name in inputs if c.is_const(name) and name not in c.qconsts]
+    variable = [name for name in inputs if not c.is_const(name)]
+    if len(constants) != 1 or len(variable) != 1 or (op_type == "Sub" and inputs[0] != variable[0]):
+        return None
+    value = np.asarray(c.const(constants[0]))
+    return variable[0] if value.size == 1 and abs(float(value.reshape(()))) < 0.5 * wanted.scale[0] else None
 
 
 def _binary(c: Conversion, op_type: str, inputs: list[str], out: str) -> None:
@@ -65,7 +82,12 @@ def _binary(c: Conversion, op_type: str, inputs: list[str], out: str) -> None:
         c.constants[name] = (1.0 / c.const(inputs[1]).astype(np.float64)).astype(np.float32)
         inputs, op_type = [inputs[0], name], "Mul"
     act, out = fuse_activation(c, out) if op_type in _FUSABLE else (Act.NONE, out)
-    quantized = quantized_mode(c, op_type, [i for i in inputs if not c.is_const(i)], [out])
+    # LiteRT has no int8 POW (x^-0.5 is an int8 RSQRT: lower_binary)
+    quantized = op_type != "Pow" and quantized_mode(c, op_type, [i for i in inputs if not c.is_const(i)], [out])
+    if quantized and (kept := _negligible_constant(c, op_type, inputs, out)) is not None:
+        perm = c.natural_perm(kept)  # requantized to the output's params: Q(x + eps) on the int8 grid
+        c.builder.op(Op.QUANTIZE, [c.get(kept, perm, "q")], [c.new_output(out, perm, c.output_quant(out))], version=2)
+        return
     rank = len(c.graph_shape(out))
     perm = pick_perm(c, inputs, rank)
     code, options_type, options_cls = _BINARY[op_type]
