@@ -273,7 +273,8 @@ class _Quantizer:
             node = nodes.get(name)
             if node is None or node.op_type not in ("Add", "Sub", "Mul"):
                 continue
-            spans = [max(abs(ranges[i][0]), abs(ranges[i][1])) for i in node.input if i in ranges]
+            # a site with fixed params (an additive attention mask) is held by them, not by its range
+            spans = [max(abs(ranges[i][0]), abs(ranges[i][1])) for i in node.input if i in ranges and plan.sites[i].fixed is None]
             if len(spans) > 1 and max(spans) > SWAMP_RATIO * max(min(spans), 1e-12):
                 swamping.append(name)
         return swamping

@@ -353,8 +353,8 @@ def plan_quantization(model: ir.Model, scheme: QuantScheme, exclude: Iterable[st
             if site.consumers is not None:
                 site.consumers.add(name)
         plan.quantized_nodes.append(name)
-        if node.op_type in BINARY_OPS and (unit is None or unit.constants):
-            plan.constants.extend((name, i, v.name) for i, v in enumerate(node.inputs) if i not in indices and v is not None)
+        if (node.op_type in BINARY_OPS and unit is None) or (unit is not None and unit.constants):
+            plan.constants.extend((name, i, v.name) for i, v in enumerate(node.inputs) if i not in indices and _initializer_name(v) and _is_float(v))
         _plan_weight(node, plan, scheme)
         if not outputs_too or node.op_type in scheme.float_output_ops or name in units.float_outputs:
             continue
@@ -377,6 +377,9 @@ def plan_quantization(model: ir.Model, scheme: QuantScheme, exclude: Iterable[st
             plan.shared.append((site.tensor, inputs[0].name))
         if node.op_type == "Concat" and rule is not None and rule.same_scale_as_input:
             plan.shared.extend((value.name, site.tensor) for value in inputs if value is not None and value.name in plan.sites)
+    for tensor, params in units.fixed.items():
+        if tensor in plan.sites:
+            plan.sites[tensor].fixed = params
     if scheme.depthwise_input_per_channel and not outputs_too:
         _per_channel_depthwise_inputs(model, plan)
     return plan
@@ -439,6 +442,13 @@ def _plan_weight(node: ir.Node, plan: QuantPlan, scheme: QuantScheme) -> None:
             plan.biases[node.name] = (2, node.inputs[0].name, initializer)
 
 
+#: An additive attention mask at or below this is "minus infinity" (HF: the float minimum; older exports -10000).
+MASK_VALUE = 1e4
+#: Its int8 params: 0 exact at zero point 127, masked positions saturate at -128: 127.5 below their
+#: score, past the softmax input's span (32) wherever the scores spread less than 95.
+MASK_PARAMS = (0.5, 127)
+
+
 @dataclass(frozen=True)
 class Int8Unit:
     """A node quantized beyond the scheme's op list: its output always, the activation inputs at
@@ -451,11 +461,12 @@ class Int8Unit:
 @dataclass(frozen=True)
 class Int8Units:
     """`int8_transformer_units`' answer: the units, the MatMuls whose output goes float into their bias
-    Add, and the nodes inside a unit (an erf GELU's) that stay float."""
+    Add, the nodes inside a unit (an erf GELU's) that stay float, and sites with fixed params."""
 
     nodes: dict[str, Int8Unit] = field(default_factory=dict)
     float_outputs: frozenset[str] = frozenset()
     inside: frozenset[str] = frozenset()
+    fixed: dict[str, tuple[float, int]] = field(default_factory=dict)  # tensor -> (scale, zero point)
 
 
 def _bias_of(node: ir.Node) -> int | None:
@@ -482,6 +493,19 @@ def _scalar(value: ir.Value | None) -> float | None:
     return float(np.asarray(tensor.numpy()).reshape(()))
 
 
+def _additive_mask(value: ir.Value | None) -> bool:
+    """Whether `value` is an attention mask added to the scores: a Where choosing between 0 and a
+    constant so negative (HF exports the float minimum) that softmax gives its positions nothing,
+    or a Mul by such a constant."""
+    producer = value.producer() if value is not None else None
+    if producer is not None and producer.op_type == "Mul":  # (1 - mask) * fill
+        return any((fill := _scalar(v)) is not None and fill <= -MASK_VALUE for v in producer.inputs)
+    if producer is None or producer.op_type != "Where":
+        return False
+    branches = [_scalar(v) for v in producer.inputs[1:]]
+    return None not in branches and 0.0 in branches and min(branches) <= -MASK_VALUE
+
+
 def int8_transformer_units(model: ir.Model, plan: QuantPlan) -> Int8Units:
     """What a full-integer backend (TFLite) runs int8 in a model with attention beyond the op list
     (`QuantScheme.int8_transformer`); none in a model without one.
@@ -492,6 +516,12 @@ def int8_transformer_units(model: ir.Model, plan: QuantPlan) -> Int8Units:
       the lowering fuses the chain into one int8 GELU; the nodes inside stay float (reported).
     - A decomposed LayerNorm: the Add of a scalar eps to a ReduceMean (the variance) and the
       Pow(-0.5) after it (TFLite's int8 RSQRT).
+    - A Gather from a constant table (the word embeddings), a Mul by a scalar constant (the attention
+      scale 1/sqrt(d)) and the Adds of constant tables (position and token-type embeddings): their
+      constants become int8 too (per tensor).
+    - The additive attention mask gets fixed params (`MASK_PARAMS`), not its observed range: 0 stays
+      exact and the float minimum saturates past the softmax input's span; on its range (1e38 wide)
+      one int8 grid could not hold the scores beside it.
     """
     from edgeopt.converters.passes.fuse_erf_gelu import erf_gelu_chain
 
@@ -500,21 +530,34 @@ def int8_transformer_units(model: ir.Model, plan: QuantPlan) -> Int8Units:
     nodes: dict[str, Int8Unit] = {}
     float_outputs: set[str] = set()
     inside: set[str] = set()
+    fixed: dict[str, tuple[float, int]] = {}
     for node in model.graph:
-        name = node.name or ""
-        bias = _bias_of(node)
-        if bias is not None:
-            nodes[name] = Int8Unit()
-            float_outputs.add(node.inputs[bias].producer().name or "")
-        elif node.op_type == "Erf" and (match := erf_gelu_chain(node)) is not None:
+        if node.op_type == "Erf" and (match := erf_gelu_chain(node)) is not None:
             *chain, last = match[1]
             nodes[last.name or ""] = Int8Unit()
             inside.update(n.name or "" for n in chain)
             plan.skipped.extend({"node": n.name or "", "op": n.op_type, "why": "inside an erf GELU, which runs as one int8 GELU"} for n in chain)
-        elif node.op_type == "Add" and len(node.inputs) == 2 and any(_scalar(v) is not None for v in node.inputs):
-            variable = next((v for v in node.inputs if _scalar(v) is None), None)
-            if variable is not None and variable.producer() is not None and variable.producer().op_type == "ReduceMean":
-                nodes[name] = Int8Unit()
-        elif node.op_type == "Pow" and _scalar(node.inputs[1]) == -0.5:
+    for node in model.graph:
+        name = node.name or ""
+        if name in nodes or name in inside:
+            continue
+        bias = _bias_of(node)
+        scalars = [i for i, v in enumerate(node.inputs) if _scalar(v) is not None]
+        variable = [i for i, v in enumerate(node.inputs) if not _is_constant(v)]
+        if bias is not None:
+            nodes[name] = Int8Unit()
+            float_outputs.add(node.inputs[bias].producer().name or "")
+        elif node.op_type == "Gather" and _initializer_name(node.inputs[0]) is not None and _is_float(node.inputs[0]):
+            nodes[name] = Int8Unit(constants=True)  # an embedding table: int8 per tensor, GATHER reads it int8
+        elif node.op_type == "Pow" and scalars == [1] and _scalar(node.inputs[1]) == -0.5:
             nodes[name] = Int8Unit(inputs=(0,))
-    return Int8Units(nodes, frozenset(float_outputs), frozenset(inside - set(nodes)))
+        elif node.op_type not in ("Add", "Mul") or len(node.inputs) != 2 or len(variable) != 1:
+            pass
+        elif node.op_type == "Add" and scalars and node.inputs[variable[0]].producer() is not None and node.inputs[variable[0]].producer().op_type == "ReduceMean":
+            nodes[name] = Int8Unit()  # variance + eps: the lowering drops an eps below half a step
+        elif (node.op_type == "Mul" and scalars and abs(_scalar(node.inputs[scalars[0]])) < MASK_VALUE) or (node.op_type == "Add" and not scalars and _initializer_name(node.inputs[1 - variable[0]]) is not None):
+            nodes[name] = Int8Unit(inputs=tuple(variable), constants=True)
+    for node in model.graph:
+        if node.op_type == "Add" and any(user.op_type == "Softmax" for user in node.outputs[0].consumers()):
+            fixed.update((value.name, MASK_PARAMS) for value in node.inputs if _additive_mask(value))
+    return Int8Units(nodes, frozenset(float_outputs), frozenset(inside), fixed)

@@ -379,6 +379,10 @@ def test_an_additive_attention_mask_never_sets_a_calibrated_range(target: str) -
     scheme = get_target(target).quant_scheme
     if scheme.transformer_elementwise_float:  # OpenVINO: every Add of a model with attention stays float
         assert not result.report.get("kept_float_swamped")
+    elif scheme.int8_transformer:  # LiteRT: the mask gets fixed params (0 exact, the fill saturates), the Add runs int8
+        assert not result.report.get("kept_float_swamped")
+        mask_q = next(n for n in qdq.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "additive")
+        assert (float(arrays[mask_q.input[1]]), int(arrays[mask_q.input[2]])) == (0.5, 127)
     elif "Add" in scheme.quantized_ops:
         assert result.report["kept_float_swamped"] == ["apply_mask"]
     assert _close_to_fp32(model, qdq, dataset)["min_cosine"] > 0.99
