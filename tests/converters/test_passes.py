@@ -739,3 +739,28 @@ def test_fold_constants_reports_whether_it_changed_the_model() -> None:
     model = make_model([helper.make_node("Relu", ["x"], ["y"])], [("x", [3])], ["y"], {})
     result = FoldConstantsPass()(ir.from_proto(model))
     assert not result.modified
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_decompose_layer_norm_computes_the_same_values_and_leaves_other_axes_alone(opset: int) -> None:
+    from edgeopt.converters.passes.decompose_layer_norm import DecomposeLayerNormPass
+
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["h"], axis=-1, epsilon=1e-5),
+        helper.make_node("LayerNormalization", ["h", "gamma2"], ["y"], axis=1),  # over axes 1..: stays
+    ]
+    gamma = rng_array((16,), seed=1, low=0.1)
+    gamma[2] = 30.0
+    model = make_model(
+        nodes, [("x", [2, 4, 16])], ["y"],
+        {"gamma": gamma, "beta": rng_array((16,), seed=2), "gamma2": rng_array((4, 16), seed=3, low=0.5)},
+    )
+    model.opset_import[0].version = opset
+    step = DecomposeLayerNormPass()
+    decomposed, modified = apply(step, model)
+    assert modified and step.decomposed == 1
+    assert Counter(op_types(decomposed)) == Counter(
+        {"LayerNormalization": 1, "ReduceMean": 2, "Sub": 1, "Mul": 2, "Add": 2, "Pow": 1, "MatMul": 1}
+    )
+    assert {init.name for init in decomposed.graph.initializer}.isdisjoint({"gamma", "beta"})
+    assert_same_outputs(model, decomposed, {"x": rng_array((2, 4, 16), seed=4) * 5 + 3}, PASS_TOLERANCE)

@@ -314,3 +314,26 @@ def test_openvino_leaves_a_mul_written_activation_without_qdq_and_fuses_it_into_
 
     litert = quantize(model, get_target("raspberry-pi").quant_scheme, calibration, QuantizeOptions(debug_samples=0))
     assert _read_through_dequantize(litert.model, "act_mul") == [True, True]
+
+
+def test_raspberry_pi_quantizes_a_transformers_bias_adds_gelu_and_layernorm_where_litert_runs_them_int8() -> None:
+    """The bias Add's output carries the Q/DQ, not the MatMul's (FULLY_CONNECTED adds the bias in int32);
+    the erf GELU only at its output; LayerNorm decomposed with each step quantized. ONNX Runtime's scheme
+    is untouched: MatMul outputs quantized, LayerNormalization kept whole."""
+    from tests.converters.test_tflite import transformer_block
+
+    model = transformer_block()
+    quantized_tensors = {}
+    for target in ("raspberry-pi", "onnxruntime-cpu"):
+        result = quantize(model, get_target(target).quant_scheme, _calibration(model), QuantizeOptions(debug_samples=0))
+        quantized_tensors[target] = {n.input[0] for n in result.model.graph.node if n.op_type == "QuantizeLinear"}
+        ops = {n.op_type for n in result.model.graph.node}
+        if target == "raspberry-pi":
+            assert "LayerNormalization" not in ops and {"ReduceMean", "Pow"} <= ops
+            inside = {s["node"] for s in result.report["not_quantized"] if "erf GELU" in s["why"]}
+            assert len(inside) == 4  # Div, Erf, Add, Mul; the last Mul (x 0.5) is the GELU's output
+        else:
+            assert "LayerNormalization" in ops
+    pi, ort = quantized_tensors["raspberry-pi"], quantized_tensors["onnxruntime-cpu"]
+    assert {"q", "f", "o", "g"} <= pi and not {"q0", "f0", "o0", "fs", "fe", "fp", "fm"} & pi
+    assert {"q0", "f0", "o0"} <= ort

@@ -394,6 +394,52 @@ def test_mask_logic_and_l2_normalize_between_int8_layers_match_the_qdq_graph() -
     assert int8_steps(litert_outputs(flatbuffer, feeds[0], ["y"]), ort_outputs(qdq, feeds[0]), output_scales(qdq)) <= 1.0
 
 
+def transformer_block() -> onnx.ModelProto:
+    """x [1, 8, 16] -> LayerNorm (gains 0.2-6) -> attention (q = h Wq + bq, softmax(q h^T) h) -> MatMul + bias
+    -> erf GELU -> MatMul + bias -> + x: each op a BERT layer has, as torch exports them."""
+    rng = np.random.default_rng(11)
+    sqrt2, one, half = np.float32(np.sqrt(2.0)), np.float32(1.0), np.float32(0.5)
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["h"], axis=-1, epsilon=1e-12),
+        helper.make_node("MatMul", ["h", "wq"], ["q0"]), helper.make_node("Add", ["bq", "q0"], ["q"]),
+        helper.make_node("Transpose", ["h"], ["ht"], perm=[0, 2, 1]), helper.make_node("MatMul", ["q", "ht"], ["s"]),
+        helper.make_node("Softmax", ["s"], ["p"], axis=-1), helper.make_node("MatMul", ["p", "h"], ["a"]),
+        helper.make_node("MatMul", ["a", "w1"], ["f0"]), helper.make_node("Add", ["f0", "b1"], ["f"]),
+        helper.make_node("Div", ["f", "sqrt2"], ["fs"]), helper.make_node("Erf", ["fs"], ["fe"]),
+        helper.make_node("Add", ["fe", "one"], ["fp"]), helper.make_node("Mul", ["f", "fp"], ["fm"]),
+        helper.make_node("Mul", ["fm", "half"], ["g"]),
+        helper.make_node("MatMul", ["g", "w2"], ["o0"]), helper.make_node("Add", ["o0", "b2"], ["o"]),
+        helper.make_node("Add", ["o", "x"], ["y"]),
+    ]
+    gamma = rng.uniform(0.2, 1.5, 16).astype(np.float32)
+    gamma[3] = 6.0  # an outlier gain: a per-tensor int8 MUL would give the others 4-30 levels
+    inits = [gamma, _w(16) * 0.1, _w(16, 16) * 0.3, _w(16) * 0.1, _w(16, 32) * 0.3, _w(32) * 0.1, sqrt2, one, half, _w(32, 16) * 0.2, _w(16) * 0.1]
+    names = ["gamma", "beta", "wq", "bq", "w1", "b1", "sqrt2", "one", "half", "w2", "b2"]
+    return _graph(nodes, (1, 8, 16), (1, 8, 16), inits, names)
+
+
+def test_a_transformer_block_runs_every_op_int8_on_litert_and_matches_the_qdq_graph() -> None:
+    """raspberry-pi's int8_transformer scheme: the bias Adds fold into FULLY_CONNECTED as int32, GELU is one int8
+    GELU, LayerNorm is int8 MEAN/SUB/MUL/RSQRT with its gains in a per-channel FULLY_CONNECTED; only the
+    graph input's QUANTIZE and the output's DEQUANTIZE touch float."""
+    model = transformer_block()
+    feeds = [{"x": np.random.default_rng(seed).standard_normal((1, 8, 16)).astype(np.float32) * 2} for seed in range(17)]
+    qdq = quantized(model, feeds[1:])
+    flatbuffer, _, _, summary = lower_to_bytes(qdq, "int8", LoweringOptions())
+    interpreter = Interpreter(model_content=flatbuffer)
+    float_ops = sorted(d["op_name"] for d in interpreter._get_ops_details() if any(
+        interpreter._get_tensor_details(i, 0)["dtype"] == np.float32 for i in [*d["inputs"], *d["outputs"]] if i >= 0))
+    assert float_ops == ["DEQUANTIZE", "QUANTIZE"], summary["ops"]
+    assert {"GELU", "RSQRT", "MEAN", "SUB", "BATCH_MATMUL", "SOFTMAX"} <= set(summary["ops"])
+    assert summary["ops"]["FULLY_CONNECTED"] == 4 and summary["fused_patterns"]["MatMul+Add bias->FULLY_CONNECTED"] == 4
+    assert "ADD" in summary["ops"] and "POW" not in summary["ops"]
+    scales = output_scales(qdq)
+    steps = [int8_steps(litert_outputs(flatbuffer, feed, ["y"]), ort_outputs(qdq, feed), scales) for feed in feeds[:4]]
+    assert max(steps) <= 2.0, steps
+    reference, got = ort_outputs(model, feeds[0])[0].ravel(), litert_outputs(flatbuffer, feeds[0], ["y"])[0].ravel()
+    assert float(reference @ got / np.linalg.norm(reference) / np.linalg.norm(got)) > 0.99
+
+
 # ----- contract, errors ------------------------------------------------------------------------
 def test_lower_through_the_dispatch_writes_a_verified_tflite(tmp_path: Path, nets) -> None:
     model, feeds = nets["mobilenet_v2_style"]
