@@ -134,6 +134,10 @@ class QuantScheme:
     # fuses conv + activation only without a FakeQuantize inside (OpenVINO's CPU plugin; NNCF quantizes
     # the activation's output only).
     activation_muls_float: bool = False
+    # Under "inputs": a Split whose outputs only quantized ops read is quantized once, at its input,
+    # instead of at each output: OpenVINO's CPU plugin ran each output's FakeQuantize as a float
+    # subgraph (yolov8n's C2f blocks: 16 of its 21), NNCF quantizes the Split's input.
+    split_input_quantized: bool = False
 
     def rule_for(self, op_type: str) -> OpRule | None:
         return next((r for r in self.op_rules if r.op == op_type), None)
@@ -161,6 +165,7 @@ class QuantScheme:
             "depthwise_input_per_channel": self.depthwise_input_per_channel,
             "transformer_elementwise_float": self.transformer_elementwise_float,
             "activation_muls_float": self.activation_muls_float,
+            "split_input_quantized": self.split_input_quantized,
         }
 
 

@@ -10,7 +10,8 @@ Two placements:
 
 Where the backend runs a layer faster in float, or fuses more than the scheme's op list says, the
 scheme says so: `float_convs` (depthwise convs, float islands), `silu_gates` (int8 SiLU) and
-`activation_muls` (a SiLU/HardSwish written as a Mul is one activation: no Q/DQ inside it).
+`activation_muls` (a SiLU/HardSwish written as a Mul is one activation: no Q/DQ inside it) and
+`split_input_quantized` (a Split read only by quantized ops is quantized once, at its input).
 """
 
 from __future__ import annotations
@@ -349,9 +350,10 @@ def plan_quantization(model: ir.Model, scheme: QuantScheme, exclude: Iterable[st
         for value in inputs:
             if value is None or not _is_float(value):
                 continue
-            site = plan.site(value.name)
+            split = _quantized_split(value, quantized_ops, excluded) if scheme.split_input_quantized and not outputs_too else None
+            site = plan.site(split.inputs[0].name) if split is not None else plan.site(value.name)
             if site.consumers is not None:
-                site.consumers.add(name)
+                site.consumers.add(split.name if split is not None else name)
         plan.quantized_nodes.append(name)
         if (node.op_type in BINARY_OPS and unit is None) or (unit is not None and unit.constants):
             plan.constants.extend((name, i, v.name) for i, v in enumerate(node.inputs) if i not in indices and _initializer_name(v) and _is_float(v))
@@ -383,6 +385,17 @@ def plan_quantization(model: ir.Model, scheme: QuantScheme, exclude: Iterable[st
     if scheme.depthwise_input_per_channel and not outputs_too:
         _per_channel_depthwise_inputs(model, plan)
     return plan
+
+
+def _quantized_split(value: ir.Value, quantized_ops: set[str], excluded: set[str]) -> ir.Node | None:
+    """The Split that produces `value` when every reader of every Split output is a quantized op: its
+    input is then quantized once, before the Split (a YOLOv8 C2f block splits a conv output into a
+    Concat and the next conv)."""
+    split = value.producer()
+    if split is None or split.op_type != "Split" or not split.name or split.inputs[0] is None:
+        return None
+    readers = [user for output in split.outputs for user in output.consumers()]
+    return split if readers and all(user.op_type in quantized_ops and (user.name or "") not in excluded for user in readers) else None
 
 
 def _fixed_scale_input(node: ir.Node, inputs: list[ir.Value | None], scheme: QuantScheme, excluded: set[str]) -> str | None:

@@ -337,3 +337,51 @@ def test_raspberry_pi_quantizes_a_transformers_bias_adds_gelu_and_layernorm_wher
     pi, ort = quantized_tensors["raspberry-pi"], quantized_tensors["onnxruntime-cpu"]
     assert {"q", "f", "o", "g"} <= pi and not {"q0", "f0", "o0", "fs", "fe", "fp", "fm"} & pi
     assert {"q0", "f0", "o0"} <= ort
+
+
+def split_block() -> onnx.ModelProto:
+    """YOLOv8's C2f: Conv -> Split in two -> the second half through a Conv -> Concat of all three -> Conv."""
+    rng = np.random.default_rng(6)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Split", ["r1", "halves"], ["s0", "s1"], name="split", axis=1),
+        helper.make_node("Conv", ["s1", "wm", "bm"], ["m"], name="bottleneck", pads=[1, 1, 1, 1]),
+        helper.make_node("Concat", ["s0", "s1", "m"], ["cat"], name="concat", axis=1),
+        helper.make_node("Conv", ["cat", "w2", "b2"], ["y"], name="conv2"),
+    ]
+    weights = {"w1": (32, 16, 3, 3), "b1": (32,), "wm": (16, 16, 3, 3), "bm": (16,), "w2": (16, 48, 1, 1), "b2": (16,)}
+    initializers = [numpy_helper.from_array((rng.normal(size=shape) * 0.2).astype(np.float32), name) for name, shape in weights.items()]
+    initializers.append(numpy_helper.from_array(np.array([16, 16], np.int64), "halves"))
+    graph = helper.make_graph(
+        nodes, "split_block",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 20, 20])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 20, 20])],
+        initializers,
+    )  # fmt: skip
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_openvino_quantizes_a_split_read_by_quantized_ops_once_at_its_input() -> None:
+    """A FakeQuantize on each Split output ran as a float subgraph on the CPU plugin (yolov8n: 16 of
+    its 21); one Q/DQ before the Split is what the Concat and the conv behind it read."""
+    model = split_block()
+    calibration = _calibration(model)
+    scheme = get_target("intel-openvino").scheme_for("vnni")
+    assert scheme.split_input_quantized
+    result = quantize(model, scheme, calibration, QuantizeOptions(debug_samples=0))
+    assert _read_through_dequantize(result.model, "split")[0]
+    assert _read_through_dequantize(result.model, "concat") == [False, False, True]
+    assert not _read_through_dequantize(result.model, "bottleneck")[0]
+    once = _openvino_runtime_precisions(result.model)
+    per_output = quantize(model, replace(scheme, split_input_quantized=False), calibration, QuantizeOptions(debug_samples=0))
+    assert _read_through_dequantize(per_output.model, "concat") == [True, True, True]
+    assert once.count(("Subgraph", "f32")) < _openvino_runtime_precisions(per_output.model).count(("Subgraph", "f32"))
+    assert once.count(("Convolution", "u8")) == 3 and ("Split", "u8") in once  # per output: the Split runs f32
+
+    from edgeopt.converters.metrics import fidelity
+    from edgeopt.converters.graph.session import run_model
+
+    assert fidelity(list(run_model(model, calibration)), list(run_model(result.model, calibration)))["min_cosine"] > 0.99
