@@ -449,6 +449,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=200, help="latency runs per model")
     parser.add_argument("--efforts", default="default,fast", help="PTQ efforts to start fine-tuning from")
     parser.add_argument("--update", action="store_true", help="keep the other cases of the existing results (runs of different settings side by side)")
+    parser.add_argument("--merge", help="a file holding one case's `--one` output: replace that case in the results (settings: the other arguments)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # run one case in this process, print its JSON
     parser.add_argument("--diagnose", help="zoo cases: where the PTQ drop comes from (writes finetune_recovery.diagnosis.json)")
     parser.add_argument("--ptq", help="zoo models: PTQ's drop at each of --efforts on --targets, Wilson intervals (writes finetune_recovery.ptq.json)")
@@ -471,6 +472,17 @@ def main() -> None:
         return
     if args.one:
         print(json.dumps(run_case(args.one, args.epochs, args.patience, args.train, args.eval, args.runs, args.efforts.split(","))))
+        return
+    if args.merge:  # a case run alone (`--one`, e.g. side by side with others) into the results
+        written = json.loads((RESULTS / "finetune_recovery.json").read_text())
+        case = json.loads(Path(args.merge).read_text().strip().splitlines()[-1])
+        epochs = args.zoo_epochs or args.epochs
+        settings = {"epochs": epochs, "zoo_epochs": epochs, "patience": args.patience, "zoo_train_samples": args.train, "zoo_eval_samples": args.eval, "lr": 1e-4, "batch_size": 16, "threads": 1, "efforts": args.efforts}
+        load = [row["load_average"] for row in case["rows"] if "load_average" in row]
+        case["settings"] = settings | {"run_alone": True, "load_average_after_training": load}
+        written["cases"] = [c for c in written["cases"] if c["case"] != case["case"]] + [case]
+        (RESULTS / "finetune_recovery.json").write_text(json.dumps(written, indent=1) + "\n")
+        (RESULTS / "finetune_recovery.md").write_text(_markdown(written))
         return
     from edgeopt.runtime.isa import REPORTED_FLAGS, host_isa, host_isa_flags
 
