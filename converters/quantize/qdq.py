@@ -25,6 +25,8 @@ __all__ = ["TENSOR_TAG", "ChannelQParams", "QParams", "activation_params", "chan
 log = logging.getLogger(__name__)
 
 INT32_MAX = 2**31 - 1
+#: The largest |int32 bias| a weight scale is chosen for: INT32_MAX less a margin for the float32 rounding of the scales.
+BIAS_LIMIT = 0.999 * INT32_MAX
 #: Written into the doc_string of each QuantizeLinear the quantizer adds: the fp32 tensor it stands for.
 TENSOR_TAG = "edgeopt:tensor="
 
@@ -107,12 +109,13 @@ def group_params(
 
 
 def quantize_weight(
-    weight: np.ndarray, axis: int | None, dtype: str, symmetric: bool, bits: int = 8
+    weight: np.ndarray, axis: int | None, dtype: str, symmetric: bool, bits: int = 8, min_scale: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(quantized, scale, zero_point): per channel on `axis` (scale/zero point 1-D) or per tensor (scalars).
 
     `bits` < 8 narrows the grid: symmetric 7-bit int8 weights span [-64, 64] (as ONNX Runtime's
     reduce_range), the widest that keeps 2 x 255 x |w| within a saturating int16 pair sum.
+    `min_scale` (symmetric only) is a floor under each scale (`bias_scale_floors`).
     """
     qmin, qmax = qrange(dtype)
     if bits < 8:
@@ -130,7 +133,10 @@ def quantize_weight(
     if symmetric:
         amax = np.maximum(np.abs(low), np.abs(high))
         half = (qmax - qmin) // 2
-        scale = np.where(amax > 0, amax / half, 1.0).astype(np.float32)
+        scale = np.where(amax > 0, amax / half, 1.0)
+        if min_scale is not None:
+            scale = np.maximum(scale, min_scale)
+        scale = scale.astype(np.float32)
         zero_point = np.full(scale.shape, 0 if qmin < 0 else (qmax + 1) // 2)
     else:
         span = high - low
@@ -173,6 +179,22 @@ class _Builder:
         return node
 
 
+def bias_scale_floors(plan: QuantPlan, params: Mapping[str, QParams | ChannelQParams], nodes: Mapping[str, ir.Node]) -> dict[str, np.ndarray]:
+    """Per weight initializer, the smallest scale of each output channel at which every int32 bias it
+    meets fits: |bias| / (input scale x weight scale) <= 2^31 - 1. A tiny input range times a tiny weight
+    range (a conv after a near-constant map) would clip a large bias instead; TFLite's converter raises the
+    weight scale the same way (tensorflow/lite/tools/optimize: AdjustWeightsForBiasScale)."""
+    floors: dict[str, np.ndarray] = {}
+    for node_name, (index, activation, weight_name) in plan.biases.items():
+        input_params = params.get(activation)
+        if not isinstance(input_params, QParams):
+            continue
+        bias = np.abs(nodes[node_name].inputs[index].const_value.numpy().astype(np.float64)).reshape(-1)
+        floor = bias / (input_params.scale * BIAS_LIMIT)
+        floors[weight_name] = np.maximum(floors[weight_name], floor) if weight_name in floors and floors[weight_name].shape == floor.shape else floor
+    return floors
+
+
 def insert_qdq(model: onnx.ModelProto, plan: QuantPlan, params: Mapping[str, QParams | ChannelQParams], scheme: QuantScheme) -> onnx.ModelProto:
     """The QDQ model for this plan and these activation parameters."""
     ir_model = ir.from_proto(model)
@@ -186,11 +208,16 @@ def insert_qdq(model: onnx.ModelProto, plan: QuantPlan, params: Mapping[str, QPa
 
     weight_scales: dict[str, np.ndarray] = {}
     dequantized: dict[str, ir.Value] = {}
+    floors = bias_scale_floors(plan, params, nodes) if scheme.weight_symmetric else {}
     for site in plan.weights:
         node = nodes[site.node]
         if site.initializer not in dequantized:
             weight = values[site.initializer].const_value.numpy()
-            quantized, scale, zero_point = quantize_weight(weight, site.axis, scheme.weight_dtype, scheme.weight_symmetric, site.bits)
+            floor = floors.get(site.initializer)
+            floor = floor.max() if floor is not None and site.axis is None else floor
+            quantized, scale, zero_point = quantize_weight(weight, site.axis, scheme.weight_dtype, scheme.weight_symmetric, site.bits, floor)
+            if floor is not None and (raised := int(np.sum(np.asarray(floor, np.float32) >= scale))):
+                log.info("weight scale of %d channel(s) of %s raised so its bias fits int32", raised, site.initializer)
             weight_scales[site.initializer] = scale
             inputs = [
                 build.constant(f"{site.initializer}_quantized", quantized),

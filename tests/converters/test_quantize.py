@@ -493,3 +493,36 @@ def test_openvino_leaves_a_transformers_elementwise_ops_float_and_a_cnns_quantiz
     cnn = residual_net()
     cnn_qdq = quantize(cnn, scheme, open_dataset(np.random.default_rng(1).normal(size=(16, 3, 8, 8)).astype(np.float32), model_input_specs(cnn)), QuantizeOptions(debug_samples=0)).model
     assert _dq_feeding(cnn_qdq, "residual", 0) is not None
+
+
+@pytest.mark.parametrize("target", ["raspberry-pi", "onnxruntime-cpu"])
+def test_a_bias_too_large_for_its_int32_scale_raises_the_weight_scale_instead_of_clipping(target: str) -> None:
+    """A conv after a near-constant map (inputs ~1e-3, weights ~1e-3) with a bias of 0.5: at input scale x
+    weight scale ~1e-10 the bias needs 6e9 > 2^31 - 1. The channel's weight scale is raised until it fits
+    (TFLite's converter does the same), so the bias is kept and only that channel's weights get coarser."""
+    rng = np.random.default_rng(8)
+    weight = (rng.uniform(-1, 1, (4, 3, 3, 3)) * 1e-3).astype(np.float32)
+    bias = np.array([0.5, -0.3, 1e-4, 0.0], np.float32)  # channels 0-1 overflow at the natural scale, 2-3 do not
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1], name="conv")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
+    ), opset_imports=[helper.make_opsetid("", 17)])
+    samples = (rng.uniform(0, 2.5e-3, (16, 3, 8, 8))).astype(np.float32)
+    dataset = open_dataset(samples, model_input_specs(model))
+    qdq = quantize(model, get_target(target).quant_scheme, dataset, QuantizeOptions(techniques={Technique.BIAS_CORRECTION: False}, debug_samples=0)).model
+    arrays = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
+    dq_bias = next(n for n in qdq.graph.node if n.op_type == "DequantizeLinear" and arrays.get(n.input[0], np.zeros(0)).dtype == np.int32)
+    stored = arrays[dq_bias.input[0]].astype(np.float64) * arrays[dq_bias.input[1]]
+    assert np.all(np.abs(arrays[dq_bias.input[0]]) < 2**31 - 1)
+    np.testing.assert_allclose(stored, bias, rtol=1e-6, atol=1e-9)  # before: channel 0 clipped to ~0.17
+    dq_weight = next(n for n in qdq.graph.node if n.op_type == "DequantizeLinear" and arrays.get(n.input[0], np.zeros(0)).ndim == 4)
+    weight_scale = arrays[dq_weight.input[1]]
+    amax = np.abs(weight).max(axis=(1, 2, 3))
+    natural = amax / round(float(amax[3] / weight_scale[3]))  # 127 levels (64 for onnxruntime-cpu's 7-bit avx2 default)
+    input_q = next(n for n in qdq.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "x")
+    needed = np.abs(bias) / (float(arrays[input_q.input[1]]) * (2**31 - 1))
+    raised = needed > natural
+    assert raised[0] and not raised[2:].any()
+    assert np.all(weight_scale >= needed) and np.allclose(weight_scale[~raised], natural[~raised], rtol=1e-6)
+    assert _close_to_fp32(model, qdq, dataset)["min_cosine"] > 0.999
