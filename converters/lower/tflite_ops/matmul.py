@@ -118,6 +118,35 @@ def _bias_add(c: Conversion, node: ir.Node, n_out: int) -> tuple[ir.Node, list[i
     return add, between, bias
 
 
+def _diagonal(c: Conversion, node: ir.Node, a: str, weight_name: str, bias: np.ndarray | None, out: str) -> bool:
+    """An int8 MatMul by a diagonal weight (a LayerNorm's gains: `DecomposeLayerNormPass`) as a 1x1
+    DEPTHWISE_CONV_2D over the rows: the same int32 products and bias, C MACs a row instead of C^2
+    (17 such FULLY_CONNECTED were +18% MACs on a 25 M BERT). False when the weight is not diagonal."""
+    qc = weight_params(c, weight_name, node, 1)
+    values = qc.values
+    if values.ndim != 2 or values.shape[0] != values.shape[1] or np.count_nonzero(values - np.diag(np.diagonal(values))):
+        return False
+    channels = values.shape[1]
+    shape = list(c.shape(a))
+    rows = int(np.prod(shape[:-1]))
+    source = c.get(a, identity(len(shape)), "q")
+    in_q = c.quant_of(a)
+    flat = c.builder.tensor(f"{out}_rows_in", [1, 1, rows, channels], "int8", c.builder.quant[source])
+    c.reshape_op(source, flat, [1, 1, rows, channels])
+    params = per_channel_for(qc.params, 0, channels)
+    wq = QuantParams(params.scale, params.zero_point, "int8", 3)
+    filt = c.builder.constant(f"{node.name}_diagonal", np.diagonal(values).reshape(1, 1, 1, channels).copy(), "int8", wq)
+    scale = in_q.scale[0] * np.asarray(params.scale, np.float64)
+    values32 = np.zeros(channels, np.int32) if bias is None else np.clip(np.round(np.broadcast_to(bias, (channels,)) / scale), -(2**31), 2**31 - 1).astype(np.int32)
+    bias_tensor = c.builder.constant(f"{node.name}_bias", values32, "int32", QuantParams(tuple(float(v) for v in scale), (0,) * channels, "int32", 0))
+    out_q = c.output_quant(out)
+    result = c.builder.tensor(f"{out}_rows", [1, 1, rows, channels], "int8", out_q)
+    options = make_options(schema.DepthwiseConv2DOptionsT, padding=schema.Padding.VALID, strideH=1, strideW=1, depthMultiplier=1, dilationHFactor=1, dilationWFactor=1)
+    c.builder.op(Op.DEPTHWISE_CONV_2D, [flat, filt, bias_tensor], [result], Opt.DepthwiseConv2DOptions, options, version=3)
+    c.reshape_op(result, c.new_output(out, identity(len(c.graph_shape(out))), out_q), list(c.graph_shape(out)))
+    return True
+
+
 @REGISTRY.register("MatMul")
 def lower_matmul(c: Conversion, node: ir.Node) -> None:
     a, b = input_names(node)
@@ -133,6 +162,8 @@ def lower_matmul(c: Conversion, node: ir.Node) -> None:
             c.fused_bias += 1
         act, out = fuse_activation(c, out)
         quantized = quantized_mode(c, node.op_type, [a, b], [out])
+        if quantized and _diagonal(c, node, a, b, bias, out):
+            return
         _fully_connected(c, node, a, b, 1, True, bias, None, out, act, quantized, len(c.shape(a)) > 2)
         return
     quantized = quantized_mode(c, node.op_type, [a, b], [out])
