@@ -435,7 +435,8 @@ def _markdown(document: dict[str, Any]) -> str:
             )
     lines += ["", "Settings of each case's run:", ""]
     lines += [f"- {case['case']}: {case.get('settings', document['settings'])}" for case in document["cases"]]
-    return "\n".join(lines) + "\n"
+    notes = RESULTS / "finetune_recovery.notes.md"  # the run notes, written by hand, kept across runs
+    return "\n".join(lines) + "\n" + ("\n" + notes.read_text() if notes.exists() else "")
 
 
 def main() -> None:
