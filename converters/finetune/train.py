@@ -292,7 +292,7 @@ class _Run:
     ) -> None:
         from edgeopt.converters.finetune.interpreter import QuantizerMode, TrainableGraph
         from edgeopt.converters.finetune.latents import fp32_latents
-        from edgeopt.converters.finetune.losses import DistillationLoss, OutputKind, TaskLoss, label_output, output_kinds
+        from edgeopt.converters.finetune.losses import DistillationLoss, TaskLoss, label_output, output_kinds
 
         self.torch, self.options = torch, options
         self.output_names = [o.name for o in fp32.graph.output]
@@ -333,10 +333,11 @@ class _Run:
         self.loss_sources = loss_sources(self.student)
         self.capture = tuple(dict.fromkeys((*options.features, *self.loss_sources.values())))
         self.distill = DistillationLoss(self.kinds, options.temperature, options.feature_weight, options.alpha, self.task)
-        self.regression_only = all(kind is OutputKind.REGRESSION for kind in self.kinds.values())
         with_labels = held_out.labels is not None
+        # top-1 only where `metrics.fidelity` counts it, a (batch, classes) output: a sequence of
+        # distributions (PP-OCR rec's (1, 40, 6625)) is matched by KL per position but measured by cosine
         self.metric = (
-            "accuracy" if options.mode is FinetuneMode.QAT and with_labels else "min_cosine" if self.regression_only else "top1_agreement"
+            "accuracy" if options.mode is FinetuneMode.QAT and with_labels else "top1_agreement" if self.task is not None else "min_cosine"
         )
         self.best_state: dict[str, Any] = {}
         self.best_epoch = 0

@@ -196,6 +196,29 @@ def test_an_output_behind_a_fixed_scale_quantizer_is_distilled_on_the_float_valu
     assert on_codes > 0.5 and on_float < 0.05, (on_codes, on_float)
 
 
+def test_a_sequence_of_distributions_trains_and_is_measured_by_cosine() -> None:
+    """PP-OCR rec's output is a softmax per position, (1, 40, 6625): distilled by KL per position, but
+    `metrics.fidelity` counts top-1 only on (batch, classes) outputs; reading top-1 from it failed the
+    first held-out measure with KeyError 'top1_agreement' before any training."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.normal(size=(6, 5)).astype(np.float32), "weight")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "weight"], ["logits"]), helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1)],
+        "sequence", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [1, 4, 5])], [weight],
+    )
+    fp32 = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    samples = rng.normal(size=(40, 1, 4, 6)).astype(np.float32)
+    specs = model_input_specs(fp32)
+    scheme = get_target("raspberry-pi").scheme_for(None)
+    qdq = quantize(fp32, scheme, open_dataset([{"x": x} for x in samples[:16]], specs), QuantizeOptions(effort=Effort.FAST)).model
+    report = finetune(qdq, fp32, _data(fp32, {"x": samples.reshape(40, 4, 6)}), FinetuneOptions(mode=FinetuneMode.QAD, epochs=1, threads=1), scheme=scheme).report
+    assert report["losses"] == {"probabilities": "probabilities"} and report["metric"] == "min_cosine"
+    assert len(report["history"]) == 2 and all(0 < record["score"] <= 1 for record in report["history"])
+
+
 def test_qat_refuses_data_without_labels(models) -> None:
     fp32, qdq = models
     with pytest.raises(OptionError, match="needs labels") as error:
