@@ -154,6 +154,24 @@ def test_vnni_class_bundles_saturate_openvino_limited_to_avx2(tmp_path: Path) ->
     assert steps["avx2"] <= EXACT_STEPS and steps["vnni"] >= SATURATED_STEPS, steps
 
 
+def test_the_runtime_asks_onnx_runtime_for_exact_sums_only_where_the_cpu_saturates(tmp_path: Path) -> None:
+    """U8U8 kernels are exact everywhere but slower (an 8-bit YOLOv8n 1.85x on a VNNI CPU): the switch
+    is set only on CPUs whose U8S8 sums saturate; elsewhere U8S8 is already exact."""
+    from edgeopt.runtime import load
+    from edgeopt.runtime.backends.onnxruntime import X64_QUANT_PRECISION
+
+    qdq = qdq_for("onnxruntime-cpu", "vnni")
+    result = lower(qdq, get_target("onnxruntime-cpu"), "int8", tmp_path, LoweringOptions())
+    with load(tmp_path / result.model_file) as model:
+        options = model.runner.session.get_session_options()
+        try:
+            switch = options.get_session_config_entry(X64_QUANT_PRECISION)
+        except RuntimeError:  # not set
+            switch = None
+    host = host_isa()
+    assert (switch == "1") == (host is not None and host.saturates_pair_sums), (host, switch)
+
+
 def test_the_runtime_runs_8_bit_onnxruntime_artifacts_exactly_on_every_cpu(tmp_path: Path) -> None:
     """edgeopt.runtime sets ONNX Runtime's x64quantprecision switch: where U8S8 would saturate,
     8-bit weights run on exact U8U8 kernels (7-bit ones keep U8S8)."""
