@@ -138,6 +138,11 @@ class QuantScheme:
     # instead of at each output: OpenVINO's CPU plugin ran each output's FakeQuantize as a float
     # subgraph (yolov8n's C2f blocks: 16 of its 21), NNCF quantizes the Split's input.
     split_input_quantized: bool = False
+    # Both activation inputs of a MatMul that multiplies two activations (attention's Q.K^T) get int8
+    # symmetric Q/DQ whatever `activation_dtype` says, and the MatMul of the Softmax output by V stays
+    # float: OpenVINO's CPU plugin runs the attention block in i8 so (with uint8 asymmetric Q.K^T
+    # inputs: an f32 subgraph), as NNCF quantizes its ScaledDotProductAttention (Q and K only).
+    attention_matmul_symmetric: bool = False
 
     def rule_for(self, op_type: str) -> OpRule | None:
         return next((r for r in self.op_rules if r.op == op_type), None)
@@ -166,6 +171,7 @@ class QuantScheme:
             "transformer_elementwise_float": self.transformer_elementwise_float,
             "activation_muls_float": self.activation_muls_float,
             "split_input_quantized": self.split_input_quantized,
+            "attention_matmul_symmetric": self.attention_matmul_symmetric,
         }
 
 

@@ -58,6 +58,7 @@ class ActivationSite:
     clip: tuple[float, float] | None = None
     fixed: tuple[float, int] | None = None
     axis: int | None = None  # per-channel scale and zero point on this axis (`QuantScheme.depthwise_input_per_channel`)
+    signed: bool = False  # int8 symmetric whatever the scheme's activation type (`QuantScheme.attention_matmul_symmetric`)
 
 
 @dataclass(frozen=True)
@@ -343,6 +344,9 @@ def plan_quantization(model: ir.Model, scheme: QuantScheme, exclude: Iterable[st
         inputs = [node.inputs[i] for i in indices]
         if outputs_too and node.op_type in DATA_MOVEMENT_OPS and not any(v is not None and v.name in plan.sites for v in inputs):
             continue  # keep float data movement between float ops
+        if scheme.attention_matmul_symmetric and node.op_type == "MatMul" and len(indices) == 2 and _reads_softmax(node):
+            plan.skipped.append({"node": name, "op": node.op_type, "why": "attention's probabilities times V: stays float (the backend's int8 attention quantizes Q and K only)"})
+            continue
         fixed_input = _fixed_scale_input(node, inputs, scheme, excluded)
         if fixed_input is not None:
             plan.skipped.append({"node": name, "op": node.op_type, "why": f"one scale in and out, and input {fixed_input} has a fixed scale that would clip the others: stays float"})
@@ -355,6 +359,9 @@ def plan_quantization(model: ir.Model, scheme: QuantScheme, exclude: Iterable[st
             if site.consumers is not None:
                 site.consumers.add(split.name if split is not None else name)
         plan.quantized_nodes.append(name)
+        if scheme.attention_matmul_symmetric and node.op_type == "MatMul" and len(indices) == 2:
+            for value in inputs:
+                plan.site(value.name).signed = True
         if (node.op_type in BINARY_OPS and unit is None) or (unit is not None and unit.constants):
             plan.constants.extend((name, i, v.name) for i, v in enumerate(node.inputs) if i not in indices and _initializer_name(v) and _is_float(v))
         _plan_weight(node, plan, scheme)
@@ -385,6 +392,18 @@ def plan_quantization(model: ir.Model, scheme: QuantScheme, exclude: Iterable[st
     if scheme.depthwise_input_per_channel and not outputs_too:
         _per_channel_depthwise_inputs(model, plan)
     return plan
+
+
+def _reads_softmax(node: ir.Node) -> bool:
+    """Whether an input is a Softmax output, through data movement (an opset-11 Softmax converted to
+    13 is Flatten -> Softmax -> Reshape)."""
+    for value in node.inputs:
+        producer = value.producer() if value is not None else None
+        while producer is not None and producer.op_type in DATA_MOVEMENT_OPS and producer.inputs and producer.inputs[0] is not None:
+            producer = producer.inputs[0].producer()
+        if producer is not None and producer.op_type == "Softmax":
+            return True
+    return False
 
 
 def _quantized_split(value: ir.Value, quantized_ops: set[str], excluded: set[str]) -> ir.Node | None:

@@ -9,7 +9,7 @@ with scale = input scale x weight scale and zero point 0.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,18 +76,26 @@ def channel_params(low: np.ndarray, high: np.ndarray, dtype: str, symmetric: boo
     return ChannelQParams(scale, np.array([p.zero_point for p in each], np.dtype(dtype)), dtype, axis)
 
 
+def group_format(plan: QuantPlan, members: Iterable[str], scheme: QuantScheme) -> tuple[str, bool]:
+    """(dtype, symmetric) of a group's Q/DQ: int8 symmetric where the placement asks for it
+    (`ActivationSite.signed`), else the scheme's activation type."""
+    if any(plan.sites[m].signed for m in members):
+        return "int8", True
+    return scheme.activation_dtype, scheme.activation_symmetric
+
+
 def group_params(
     plan: QuantPlan, ranges: Mapping[str, tuple[Any, Any]], scheme: QuantScheme
 ) -> dict[str, QParams | ChannelQParams]:
     """One QParams per activation site; sites that must share a scale get the union of their ranges.
     A per-channel site (placement's `axis`; never shared) gets its channels' ranges."""
-    dtype = scheme.activation_dtype
     params: dict[str, QParams | ChannelQParams] = {}
     for members in plan.groups().values():
         axis = plan.sites[members[0]].axis
+        dtype, symmetric = group_format(plan, members, scheme)
         if axis is not None and len(members) == 1:
             low, high = ranges[members[0]]
-            params[members[0]] = channel_params(np.asarray(low), np.asarray(high), dtype, scheme.activation_symmetric, axis)
+            params[members[0]] = channel_params(np.asarray(low), np.asarray(high), dtype, symmetric, axis)
             continue
         fixed = next((plan.sites[m].fixed for m in members if plan.sites[m].fixed is not None), None)
         if fixed is not None:
@@ -102,7 +110,7 @@ def group_params(
             if clips:
                 low = 0.0
                 high = min(high, min(c[1] for c in clips))
-            group = activation_params(low, high, dtype, scheme.activation_symmetric)
+            group = activation_params(low, high, dtype, symmetric)
         for member in members:
             params[member] = group
     return params

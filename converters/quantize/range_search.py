@@ -37,7 +37,7 @@ from edgeopt.converters.graph.session import ort_session, run_model
 from edgeopt.converters.graph.shapes import tensor_types, with_outputs
 from edgeopt.converters.quantize.observers import HistogramObserver, Observer
 from edgeopt.converters.quantize.placement import DATA_MOVEMENT_OPS, QuantPlan
-from edgeopt.converters.quantize.qdq import QParams, activation_params, group_params, insert_qdq, quantize_weight, qrange
+from edgeopt.converters.quantize.qdq import QParams, activation_params, group_format, group_params, insert_qdq, quantize_weight, qrange
 from edgeopt.targets import QuantScheme
 
 __all__ = ["FALLBACK", "UNIFORM_PLANS", "RangeSearchOptions", "RangeSearchReport", "RangeSearch", "choose_ranges", "split_samples"]
@@ -173,7 +173,7 @@ class _Consumer:
     def __init__(self, prefix: str, node: onnx.NodeProto, quantized: frozenset[str], initializers: Mapping[str, onnx.TensorProto], plan: QuantPlan, scheme: QuantScheme, types: Mapping[str, int]) -> None:
         weights = {(w.node, w.initializer): w for w in plan.weights}
         constants = {(c[0], c[2]) for c in plan.constants}
-        zero_point_type = helper.np_dtype_to_tensor_dtype(np.dtype(scheme.activation_dtype))
+        zero_point_type = helper.np_dtype_to_tensor_dtype(np.dtype(group_format(plan, quantized, scheme)[0]))
         self.node = node.name
         self.scale, self.zero_point = f"{prefix}{SCALE}", f"{prefix}{ZERO_POINT}"
         self.graph_inputs = [helper.make_tensor_value_info(self.scale, onnx.TensorProto.FLOAT, []), helper.make_tensor_value_info(self.zero_point, zero_point_type, [])]
@@ -398,14 +398,14 @@ class RangeSearch:
     def _candidates(self, plan: QuantPlan, members: list[str], observers: Mapping[str, Observer], adjust: Adjust) -> dict[str, tuple[QParams, tuple[float, float]]]:
         """Each candidate's group range (union of the members', clipped as group_params clips) and
         its QParams."""
-        symmetric = self.scheme.activation_symmetric
+        dtype, symmetric = group_format(plan, members, self.scheme)
         clips = [plan.sites[m].clip for m in members if plan.sites[m].clip is not None]
         found: dict[str, tuple[QParams, tuple[float, float]]] = {}
         for name in candidate_names(self.options):
             spans = [adjust(m, _candidate_range(observers[m], name, symmetric)) for m in members]
             low, high = min(s[0] for s in spans), max(s[1] for s in spans)
             q_low, q_high = (0.0, min(high, min(c[1] for c in clips))) if clips else (low, high)
-            found[name] = (activation_params(q_low, q_high, self.scheme.activation_dtype, symmetric), (low, high))
+            found[name] = (activation_params(q_low, q_high, dtype, symmetric), (low, high))
         return found
 
     def _measure(self, plan: QuantPlan, pending: Mapping[tuple[frozenset[str], frozenset[str]], list[str]], observers: Mapping[str, Observer], adjust: Adjust) -> None:

@@ -385,3 +385,117 @@ def test_openvino_quantizes_a_split_read_by_quantized_ops_once_at_its_input() ->
     from edgeopt.converters.graph.session import run_model
 
     assert fidelity(list(run_model(model, calibration)), list(run_model(result.model, calibration)))["min_cosine"] > 0.99
+
+
+def attention_block(heads: int = 4, tokens: int = 24, dims: int = 16, flattened_softmax: bool = False) -> onnx.ModelProto:
+    """x -> QKV projection -> heads -> softmax(Q * scale . K^T) . V -> output projection. With
+    `flattened_softmax` the Softmax sits between a Flatten and a Reshape, as an opset-11 Softmax
+    converted to opset 13 does (ppocr_rec)."""
+    rng = np.random.default_rng(7)
+    width = heads * dims
+    nodes = [
+        helper.make_node("MatMul", ["x", "wqkv"], ["qkv"], name="qkv"),
+        helper.make_node("Reshape", ["qkv", "shape5"], ["r"], name="r"),
+        helper.make_node("Transpose", ["r"], ["t"], name="t", perm=[2, 0, 3, 1, 4]),
+        helper.make_node("Split", ["t"], ["q5", "k5", "v5"], name="split", axis=0, num_outputs=3),
+        helper.make_node("Squeeze", ["q5", "zero"], ["q"], name="sq"),
+        helper.make_node("Squeeze", ["k5", "zero"], ["k"], name="sk"),
+        helper.make_node("Squeeze", ["v5", "zero"], ["v"], name="sv"),
+        helper.make_node("Mul", ["q", "scale"], ["qs"], name="qscale"),
+        helper.make_node("Transpose", ["k"], ["kt"], name="kt", perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["qs", "kt"], ["scores"], name="scores"),
+        *(
+            [
+                helper.make_node("Flatten", ["scores"], ["flat"], name="flatten", axis=3),
+                helper.make_node("Softmax", ["flat"], ["pf"], name="softmax", axis=-1),
+                helper.make_node("Reshape", ["pf", "shape4"], ["p"], name="unflatten"),
+            ]
+            if flattened_softmax
+            else [helper.make_node("Softmax", ["scores"], ["p"], name="softmax", axis=-1)]
+        ),
+        helper.make_node("MatMul", ["p", "v"], ["a"], name="attend"),
+        helper.make_node("Transpose", ["a"], ["at"], name="at", perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["at", "shape3"], ["ar"], name="ar"),
+        helper.make_node("MatMul", ["ar", "wo"], ["y"], name="proj"),
+    ]
+    initializers = [
+        numpy_helper.from_array((rng.normal(size=(width, 3 * width)) * 0.1).astype(np.float32), "wqkv"),
+        numpy_helper.from_array((rng.normal(size=(width, width)) * 0.1).astype(np.float32), "wo"),
+        numpy_helper.from_array(np.array([1, tokens, 3, heads, dims], np.int64), "shape5"),
+        numpy_helper.from_array(np.array([1, tokens, width], np.int64), "shape3"),
+        numpy_helper.from_array(np.array([1, heads, tokens, tokens], np.int64), "shape4"),
+        numpy_helper.from_array(np.array([0], np.int64), "zero"),
+        numpy_helper.from_array(np.array(dims**-0.5, np.float32), "scale"),
+    ]
+    graph = helper.make_graph(
+        nodes, "attention",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, tokens, width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, tokens, width])],
+        initializers,
+    )  # fmt: skip
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    onnx.checker.check_model(model)
+    return model
+
+
+def _input_zero_points(model: onnx.ModelProto, node_name: str) -> list[np.ndarray | None]:
+    """Per input of the node: the zero point of the DequantizeLinear it reads, None when it reads none."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    initializers = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    node = next(n for n in model.graph.node if n.name == node_name)
+    dequantizers = [producers.get(name) for name in node.input]
+    return [initializers[dq.input[2]] if dq is not None and dq.op_type == "DequantizeLinear" else None for dq in dequantizers]
+
+
+def _openvino_low_precision(model: onnx.ModelProto, node_name: str) -> bool:
+    """Whether the CPU plugin runs the node on its int8 inputs: OpenVINO's low-precision transformations
+    moved the DequantizeLinears the node reads behind it, so none of them runs in the executed graph
+    (when they run, the node multiplies dequantized f32 values)."""
+    import openvino as ov
+
+    producers = {o: n for n in model.graph.node for o in n.output}
+    node = next(n for n in model.graph.node if n.name == node_name)
+    dequantizers = {producers[name].name for name in node.input if name in producers and producers[name].op_type == "DequantizeLinear"}
+    assert dequantizers, f"{node_name} reads no DequantizeLinear"
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1})
+    executed = {name for op in compiled.get_runtime_model().get_ordered_ops() for name in op.get_rt_info()["originalLayersNames"].astype(str).split(",")}
+    return not dequantizers & executed
+
+
+@pytest.mark.parametrize("flattened_softmax", [False, True])
+def test_openvino_gives_attentions_score_matmul_int8_symmetric_inputs_and_runs_it_on_them(flattened_softmax: bool) -> None:
+    """With edgeopt's uint8 asymmetric Q/DQ on Q.K^T the CPU plugin ran scores, Softmax and .V as one
+    f32 subgraph (ppocr_rec's SVTR neck); with int8 symmetric Q/DQ on Q and K^T and P.V float, as NNCF
+    quantizes OpenVINO's ScaledDotProductAttention, it runs that subgraph in i8. ONNX Runtime's and
+    raspberry-pi's schemes are unchanged: their own activation type on both attention MatMuls."""
+    model = attention_block(flattened_softmax=flattened_softmax)
+    calibration = _calibration(model)
+    scheme = get_target("intel-openvino").scheme_for("vnni")
+    assert scheme.attention_matmul_symmetric and scheme.activation_dtype == "uint8"
+    result = quantize(model, scheme, calibration, QuantizeOptions(debug_samples=0))
+    scores = _input_zero_points(result.model, "scores")
+    assert all(zp is not None and zp.dtype == np.int8 and not zp.any() for zp in scores)
+    assert _input_zero_points(result.model, "attend") == [None, None]
+    assert _input_zero_points(result.model, "proj")[0].dtype == np.uint8  # the rest keeps the scheme's type
+    why = {s["node"]: s["why"] for s in result.report["not_quantized"]}
+    assert "attention" in why["attend"]
+    assert _openvino_low_precision(result.model, "scores")
+
+    unsigned = quantize(model, replace(scheme, attention_matmul_symmetric=False), calibration, QuantizeOptions(debug_samples=0))
+    assert all(zp is not None and zp.dtype == np.uint8 for zp in _input_zero_points(unsigned.model, "scores") + _input_zero_points(unsigned.model, "attend"))
+    assert not _openvino_low_precision(unsigned.model, "scores")
+
+    from edgeopt.converters.graph.session import run_model
+    from edgeopt.converters.metrics import fidelity
+
+    reference = list(run_model(model, calibration))
+    assert fidelity(reference, list(run_model(result.model, calibration)))["min_cosine"] > 0.99
+
+    for target in ("onnxruntime-cpu", "raspberry-pi"):
+        other = get_target(target).scheme_for("vnni") if target == "onnxruntime-cpu" else get_target(target).quant_scheme
+        assert not other.attention_matmul_symmetric
+        quantized = quantize(model, other, calibration, QuantizeOptions(debug_samples=0))
+        for name in ("scores", "attend"):
+            zero_points = _input_zero_points(quantized.model, name)
+            assert all(zp is not None and zp.dtype == np.dtype(other.activation_dtype) for zp in zero_points), (target, name)
