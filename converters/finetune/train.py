@@ -634,13 +634,22 @@ def freeze_weight_grids(student: Any) -> None:
 
 
 def _on_grid(record: Any) -> bool:
-    """Whether every latent weight of `record` is (within float32's rounding) an integer number of grid steps."""
+    """Whether every latent weight of `record` is (within float32's rounding) an integer number of grid steps.
+
+    Channels whose stored scale is subnormal (below SMALLEST_SCALE; PP-OCR rec has 14 and 19 such dead
+    channels in two convs, scales ~2.6e-42) count as on it: their latents are subnormal, the forward
+    floors their scale to SMALLEST_SCALE, and LSQ's gradient there is w/s² overflowing to inf, times the
+    floor's 0: NaN, which Adam spread to every parameter in ppocr_rec's first epoch.
+    """
     import torch
+
+    from edgeopt.converters.finetune.fake_quant import SMALLEST_SCALE
 
     with torch.no_grad():
         scale, zero = record.quantizer.parameters_for(record.latent)
         position = record.latent / scale + zero
-        return bool((position - torch.round(position)).abs().max() < 1e-3)
+        live = record.quantizer.scale.detach().reshape(scale.shape) >= SMALLEST_SCALE
+        return bool(((position - torch.round(position)).abs() * live).max() < 1e-3)
 
 
 def _parameter_groups(student: Any, lr: float) -> list[dict[str, Any]]:

@@ -219,6 +219,32 @@ def test_a_sequence_of_distributions_trains_and_is_measured_by_cosine() -> None:
     assert len(report["history"]) == 2 and all(0 < record["score"] <= 1 for record in report["history"])
 
 
+def test_a_weight_channel_with_a_subnormal_scale_stays_frozen_and_gradients_stay_finite() -> None:
+    """PP-OCR rec ships dead conv channels with scales ~2.6e-42 (subnormal): their latents did not count as
+    on the grid (the forward floors the scale to float32's smallest normal), so the weight scale trained,
+    LSQ's gradient w/s² overflowed to inf, times the floor's 0 gave NaN, and Adam made every parameter NaN
+    in the first epoch."""
+    from onnx import TensorProto, helper
+
+    from edgeopt.converters.finetune.interpreter import QuantizerMode, TrainableGraph
+    from edgeopt.converters.finetune.train import freeze_weight_grids
+
+    codes = numpy_helper.from_array(np.array([[[[60]], [[-20]]], [[[90]], [[45]]]], np.int8), "codes")  # (2, 2, 1, 1)
+    scale = numpy_helper.from_array(np.array([0.01, 2.6e-42], np.float32), "scale")
+    zero = numpy_helper.from_array(np.zeros(2, np.int8), "zero")
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["codes", "scale", "zero"], ["weight"], name="dq", axis=0), helper.make_node("Conv", ["x", "weight"], ["y"])],
+        "dead_channel", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 3, 3])], [codes, scale, zero],
+    )
+    student = TrainableGraph(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), quantizers=QuantizerMode.LEARNED)
+    freeze_weight_grids(student)
+    (record,) = [r for r in student.quant_params() if r.kind == "weight"]
+    assert not record.quantizer.scale.requires_grad
+    student({"x": torch.ones(1, 2, 3, 3)})["y"].pow(2).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
+
+
 def test_qat_refuses_data_without_labels(models) -> None:
     fp32, qdq = models
     with pytest.raises(OptionError, match="needs labels") as error:
