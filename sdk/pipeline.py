@@ -149,7 +149,8 @@ def _finetune_options(
 
 
 #: Adam's rate for --recover. Every weight of the pruned fp32 student trains at `lr` itself (fine-tuning's
-#: relative rates are for quantized latents), and the rate warms up over epoch 1 and decays to 0: at 1e-4
+#: relative rates are for quantized latents), and the rate warms up over epoch 1 (at most 64 optimizer steps:
+#: `finetune.train.rate_schedule`) and decays to 0 at the last step: at 1e-4
 #: the digits CNN pruned at 0.4 (raspberry-pi int8, 300 labelled samples, 150 unseen) went 11.5 -> 13.1 dB
 #: min SQNR against the unpruned model (15.0 with a flat 1e-4), at 1e-3 11.5 -> 17.5 dB.
 RECOVER_LR = 1e-3
