@@ -243,13 +243,18 @@ def conv_activation_conv(activation: str) -> onnx.ModelProto:
         nodes.append(helper.make_node("Identity", ["m"], ["a"], name="same"))
     nodes.append(helper.make_node("Conv", ["a", "w2", "b2"], ["y"], name="conv2"))
     weights = {"w1": (32, 16, 3, 3), "b1": (32,), "w2": (16, 32, 1, 1), "b2": (16,), "w_se": (32, 32, 1, 1), "b_se": (32,)}
-    initializers = [numpy_helper.from_array((rng.normal(size=shape) * 0.2).astype(np.float32), name) for name, shape in weights.items()]
-    initializers += [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("three", 3.0), ("zero", 0.0), ("six", 6.0))]
+    constants = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("three", 3.0), ("zero", 0.0), ("six", 6.0))]
+    return _block_model(f"conv_{activation}_conv", nodes, weights, constants, rng)
+
+
+def _block_model(name: str, nodes: list, weights: dict[str, tuple[int, ...]], constants: list, rng: np.random.Generator) -> onnx.ModelProto:
+    """A checked model of `nodes` from x [1, 16, 20, 20] to y [1, 16, 20, 20], random `weights` and the given constants."""
+    initializers = [numpy_helper.from_array((rng.normal(size=shape) * 0.2).astype(np.float32), n) for n, shape in weights.items()]
     graph = helper.make_graph(
-        nodes, f"conv_{activation}_conv",
+        nodes, name,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 20, 20])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 20, 20])],
-        initializers,
+        initializers + constants,
     )  # fmt: skip
     model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     onnx.checker.check_model(model)
@@ -351,17 +356,7 @@ def split_block() -> onnx.ModelProto:
         helper.make_node("Conv", ["cat", "w2", "b2"], ["y"], name="conv2"),
     ]
     weights = {"w1": (32, 16, 3, 3), "b1": (32,), "wm": (16, 16, 3, 3), "bm": (16,), "w2": (16, 48, 1, 1), "b2": (16,)}
-    initializers = [numpy_helper.from_array((rng.normal(size=shape) * 0.2).astype(np.float32), name) for name, shape in weights.items()]
-    initializers.append(numpy_helper.from_array(np.array([16, 16], np.int64), "halves"))
-    graph = helper.make_graph(
-        nodes, "split_block",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 20, 20])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 20, 20])],
-        initializers,
-    )  # fmt: skip
-    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
-    onnx.checker.check_model(model)
-    return model
+    return _block_model("split_block", nodes, weights, [numpy_helper.from_array(np.array([16, 16], np.int64), "halves")], rng)
 
 
 def test_openvino_quantizes_a_split_read_by_quantized_ops_once_at_its_input() -> None:
