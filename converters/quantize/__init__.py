@@ -27,7 +27,7 @@ from edgeopt.converters.quantize.bias_correction import correct_bias
 from edgeopt.converters.quantize.calibration import calibrate
 from edgeopt.converters.quantize.debug import layer_sqnr
 from edgeopt.converters.quantize.observers import Observer, check_method
-from edgeopt.converters.quantize.placement import QuantPlan, plan_quantization
+from edgeopt.converters.quantize.placement import QuantPlan, has_attention, plan_quantization
 from edgeopt.converters.quantize.qat import Adaptation, ScaleRecord, import_qdq
 from edgeopt.converters.quantize.qdq import group_params, insert_qdq
 from edgeopt.converters.quantize.sensitivity import meet_budget
@@ -517,7 +517,7 @@ def quantize(
         if calibration is not None:
             report["per_layer_sqnr"] = layer_sqnr(imported["float_model"], qdq, calibration.take(options.debug_samples))
         return QuantizeResult(qdq, report)
-    if scheme.int8_transformer:  # no LayerNorm builtin on the target: its int8 parts, each calibrated
+    if scheme.int8_transformer and has_attention(ir.from_proto(model)):  # no LayerNorm builtin on the target: its int8 parts, each calibrated
         model = apply_passes(model, DecomposeLayerNormPass())
     if options.techniques.get(Technique.BIAS_CORRECTION, True):
         model = _with_biases(model)

@@ -24,7 +24,7 @@ import onnx_ir as ir
 
 from edgeopt.targets import QuantScheme
 
-__all__ = ["ActivationSite", "QuantPlan", "WeightSite", "activation_muls", "plan_quantization", "silu_gates", "sums_products_pairwise", "weight_axis"]
+__all__ = ["ActivationSite", "has_attention", "QuantPlan", "WeightSite", "activation_muls", "plan_quantization", "silu_gates", "sums_products_pairwise", "weight_axis"]
 
 #: Ops whose output values are a subset of their input values: quantized only where the input already is.
 DATA_MOVEMENT_OPS = frozenset(
@@ -254,14 +254,14 @@ def float_convs(model: ir.Model, scheme: QuantScheme) -> list[tuple[str, str]]:
     return chosen
 
 
-def _has_attention(model: ir.Model) -> bool:
+def has_attention(model: ir.Model) -> bool:
     """Whether a Softmax is read by a MatMul."""
     return any(node.op_type == "Softmax" and any(user.op_type == "MatMul" for user, _ in node.outputs[0].uses()) for node in model.graph)
 
 
 def _transformer_elementwise(model: ir.Model) -> list[tuple[str, str]]:
     """(name, op) of the Add/Sub/Mul nodes of a model with attention; none otherwise."""
-    attention = _has_attention(model)
+    attention = has_attention(model)
     return [(node.name or "", node.op_type) for node in model.graph if attention and node.op_type in BINARY_OPS]
 
 
@@ -270,7 +270,7 @@ def silu_gates(model: ir.Model) -> set[str]:
     Mul that also reads the Sigmoid's input), in a model without attention: a transformer's Sigmoid/Mul
     stay float (their QLinear kernels measured slower than float on the encoder)."""
     gates: set[str] = set()
-    if _has_attention(model):
+    if has_attention(model):
         return gates
     for node in model.graph:
         if node.op_type != "Sigmoid" or node.inputs[0] is None:
@@ -557,7 +557,7 @@ def int8_transformer_units(model: ir.Model, plan: QuantPlan) -> Int8Units:
     """
     from edgeopt.converters.passes.fuse_erf_gelu import erf_gelu_chain
 
-    if not _has_attention(model):
+    if not has_attention(model):
         return Int8Units()
     nodes: dict[str, Int8Unit] = {}
     float_outputs: set[str] = set()

@@ -494,3 +494,19 @@ def test_openvino_gives_attentions_score_matmul_int8_symmetric_inputs_and_runs_i
         for name in ("scores", "attend"):
             zero_points = _input_zero_points(quantized.model, name)
             assert all(zp is not None and zp.dtype == np.dtype(other.activation_dtype) for zp in zero_points), (target, name)
+
+
+def test_raspberry_pi_keeps_a_layernorm_whole_in_a_model_without_attention() -> None:
+    """The int8 LayerNorm decomposition is measured on transformers only (bench/litert_bert_int8.py);
+    a conv model's LayerNormalization stays one node, which the lowering runs in float."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("LayerNormalization", ["c", "gamma", "beta"], ["n"], name="norm", axis=-1),
+        helper.make_node("Conv", ["n", "w2", "b2"], ["y"], name="conv2"),
+    ]
+    weights = {"w1": (16, 16, 3, 3), "b1": (16,), "gamma": (20,), "beta": (20,), "w2": (16, 16, 1, 1), "b2": (16,)}
+    model = _block_model("conv_layernorm_conv", nodes, weights, [], rng)
+    result = quantize(model, get_target("raspberry-pi").quant_scheme, _calibration(model), QuantizeOptions(debug_samples=0))
+    assert "LayerNormalization" in {n.op_type for n in result.model.graph.node}
+    assert _int8_weighted(result.model) == {"conv1", "conv2"}
