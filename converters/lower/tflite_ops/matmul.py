@@ -118,7 +118,7 @@ def _bias_add(c: Conversion, node: ir.Node, n_out: int) -> tuple[ir.Node, list[i
     return add, between, bias
 
 
-def _diagonal(c: Conversion, node: ir.Node, a: str, weight_name: str, bias: np.ndarray | None, out: str) -> bool:
+def _diagonal(c: Conversion, node: ir.Node, a: str, weight_name: str, bias: np.ndarray | None, out: str, act: int) -> bool:
     """An int8 MatMul by a diagonal weight (a LayerNorm's gains: `DecomposeLayerNormPass`) as a 1x1
     DEPTHWISE_CONV_2D over the rows: the same int32 products and bias, C MACs a row instead of C^2
     (17 such FULLY_CONNECTED were +18% MACs on a 25 M BERT). False when the weight is not diagonal."""
@@ -141,7 +141,10 @@ def _diagonal(c: Conversion, node: ir.Node, a: str, weight_name: str, bias: np.n
     bias_tensor = c.builder.constant(f"{node.name}_bias", values32, "int32", QuantParams(tuple(float(v) for v in scale), (0,) * channels, "int32", 0))
     out_q = c.output_quant(out)
     result = c.builder.tensor(f"{out}_rows", [1, 1, rows, channels], "int8", out_q)
-    options = make_options(schema.DepthwiseConv2DOptionsT, padding=schema.Padding.VALID, strideH=1, strideW=1, depthMultiplier=1, dilationHFactor=1, dilationWFactor=1)
+    options = make_options(
+        schema.DepthwiseConv2DOptionsT, padding=schema.Padding.VALID, strideH=1, strideW=1, depthMultiplier=1, fusedActivationFunction=act,
+        dilationHFactor=1, dilationWFactor=1,
+    )
     c.builder.op(Op.DEPTHWISE_CONV_2D, [flat, filt, bias_tensor], [result], Opt.DepthwiseConv2DOptions, options, version=3)
     c.reshape_op(result, c.new_output(out, identity(len(c.graph_shape(out))), out_q), list(c.graph_shape(out)))
     return True
@@ -162,7 +165,7 @@ def lower_matmul(c: Conversion, node: ir.Node) -> None:
             c.fused_bias += 1
         act, out = fuse_activation(c, out)
         quantized = quantized_mode(c, node.op_type, [a, b], [out])
-        if quantized and _diagonal(c, node, a, b, bias, out):
+        if quantized and _diagonal(c, node, a, b, bias, out, act):
             return
         _fully_connected(c, node, a, b, 1, True, bias, None, out, act, quantized, len(c.shape(a)) > 2)
         return
