@@ -7,6 +7,7 @@ they are changed only where the target's scheme forbids them, and each change is
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -209,6 +210,8 @@ class _Quantizer:
         self.bias_report: JsonObject | None = None
         self.adaround_report: JsonObject | None = None
         self.range_search: RangeSearch | None = None  # method "auto": made on first use, its choices cached
+        self.refit_search: RangeSearch | None = None  # a refit quantizer: the search whose choices it keeps
+        self.observed = 0  # calibration samples the observers have seen (a prefix of `calibration`)
         self.range_report: RangeSearchReport | None = None
         self.kept_float: list[str] = []
         self.softmax_inputs = {n.input[0] for n in model.graph.node if n.op_type == "Softmax"}
@@ -226,9 +229,10 @@ class _Quantizer:
         consumers least on held-out calibration samples (report in `self.range_report`)."""
         from edgeopt.converters.quantize.range_search import RangeSearch, RangeSearchOptions, split_samples
 
-        auto = self.options.method == "auto"
+        auto = self.options.method == "auto" and self.refit_search is None
         if self.calibration is not None:
             fit, held_out = split_samples(self.calibration, RangeSearchOptions().samples) if auto else (self.calibration, None)
+            self.observed = len(fit)
         axes = {name: site.axis for name, site in plan.sites.items() if site.axis is not None}
         missing = [name for name in plan.sites if name not in (self.channel_observers if name in axes else self.observers)]
         if missing:
@@ -255,6 +259,8 @@ class _Quantizer:
         def softmax_span(name: str, span: tuple[float, float]) -> tuple[float, float]:
             return (max(span[0], span[1] - SOFTMAX_INPUT_SPAN), span[1]) if name in self.softmax_inputs else span
 
+        if self.refit_search is not None:
+            return self.refit_search.refit(plan, observers, softmax_span)
         if auto and plan.sites:
             if self.range_search is None:
                 self.range_search = RangeSearch(self.model, held_out, self.scheme, RangeSearchOptions(threads=self.options.threads))
@@ -262,6 +268,34 @@ class _Quantizer:
             return ranges
         symmetric = self.scheme.activation_symmetric
         return {name: softmax_span(name, observers[name].range(symmetric)) for name in plan.sites}
+
+    def refit(self, calibration: Dataset) -> _Quantizer:
+        """This recipe with its ranges estimated on every sample of `calibration`, of which the search
+        saw a part: the technique search holds a quarter out to judge on, and the range search a further
+        32 (on ppocr_rec, min-max chosen on those 64 samples and applied to them cost 1.8 dB on the eval set
+        against min-max on all 128). The range search's choices of method stay; the observers go on over
+        the samples they have not seen."""
+        refit = _Quantizer(self.model, self.scheme, calibration, self.options, self.progress, self.recipe)
+        refit.refit_search = self.range_search
+        if self.range_report is not None:
+            refit.range_report = {**self.range_report, "range_samples": len(calibration)}
+        refit.observers, refit.channel_observers = copy.deepcopy(self.observers), copy.deepcopy(self.channel_observers)
+        seen = {**refit.observers, **refit.channel_observers}
+        unseen = calibration.skip(self.observed)
+        if seen and len(unseen):
+            calibrate(
+                self.model,
+                unseen,
+                seen,
+                method=self.options.method,
+                percentile=self.options.percentile,
+                activation_dtype=self.scheme.activation_dtype,
+                progress=self.progress,
+                threads=self.options.threads,
+                continuing=seen,
+            )
+        refit.observed = len(calibration)
+        return refit
 
     def swamping_nodes(self, plan: QuantPlan, ranges: Mapping[str, tuple[float, float]]) -> list[str]:
         """Elementwise nodes with an operand whose range dwarfs another's (an additive attention mask
@@ -524,6 +558,10 @@ def quantize(
     choice = _choose_recipe(model, scheme, calibration, options, progress)
     recipes, recipe = choice.recipes, choice.recipe
     quantizer = recipes.quantizer(recipe)
+    # AdaRound's rounding is fit to the search's ranges: refitting it would double `max`'s longest step
+    refit = choice.search is not None and calibration is not None and Technique.ADAROUND not in recipe
+    if refit:
+        quantizer = quantizer.refit(calibration)
     fallback: list[str] = []
     budget: JsonObject | None = None
     mixed: JsonObject | None = None
@@ -543,7 +581,7 @@ def quantize(
         qdq = quantizer.build(options.exclude_nodes)
     if quantizer.bias_report is not None and not quantizer.bias_report["applied"]:
         recipe = recipe - {Technique.BIAS_CORRECTION}  # tried; its own check kept the uncorrected graph (report: why)
-    report = _report(qdq, scheme, quantizer.options, recipes.fit)
+    report = _report(qdq, scheme, quantizer.options, quantizer.calibration)
     plan = quantizer.last_plan
     report["float_fallback"] = fallback
     report["excluded"] = list(options.exclude_nodes)
@@ -557,6 +595,7 @@ def quantize(
         "effort": options.effort.value,
         "chosen": [t.value for t in sorted(recipe, key=lambda t: list(Technique).index(t))],
         "search": choice.search,
+        "refit_samples": quantizer.observed if refit else None,  # the chosen recipe's ranges, on every calibration sample
         "reports": {**recipes.reports(recipe, quantizer), **({Technique.MIXED_PRECISION.value: mixed} if mixed else {})},
     }
     if calibration is not None and options.debug_samples:

@@ -30,15 +30,19 @@ def calibrate(
     progress: Progress | None = None,
     threads: int = 0,
     channel_axes: Mapping[str, int] | None = None,
+    continuing: Mapping[str, Observer] | None = None,
 ) -> dict[str, Observer]:
     """One streaming pass: every observer sees each sample's tensor values and then lets them go.
 
-    Tensors in `channel_axes` get per-channel min-max on that axis, whatever the method."""
+    Tensors in `channel_axes` get per-channel min-max on that axis, whatever the method. Tensors in
+    `continuing` are observed by those observers (which have seen earlier samples) instead of new ones."""
     names = sorted(set(tensors))
     qmin, qmax = qrange(activation_dtype)
     axes = channel_axes or {}
+    kept = continuing or {}
     observers = {
-        name: ChannelMinMaxObserver(axes[name]) if name in axes else make_observer(method, percentile, qmax - qmin + 1) for name in names
+        name: kept[name] if name in kept else ChannelMinMaxObserver(axes[name]) if name in axes else make_observer(method, percentile, qmax - qmin + 1)
+        for name in names
     }
     runner = ort_session(with_outputs(model, names), threads=threads)
     available = {o.name for o in runner.get_outputs()}

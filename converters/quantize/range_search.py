@@ -302,10 +302,48 @@ class RangeSearch:
         self._seconds = 0.0  # spent choosing, over every call
         self._plans: dict[frozenset, tuple[str, dict[str, float]]] = {}
         self._reference: list[dict[str, np.ndarray]] | None = None
+        self._kept = "per_tensor"  # the plan the last `choose` kept: `refit` follows it
 
     def choose(self, plan: QuantPlan, observers: Mapping[str, Observer], adjust: Adjust | None = None, range_samples: int = 0) -> tuple[dict[str, tuple[float, float]], RangeSearchReport]:
         start = time.perf_counter()
         adjust = adjust or (lambda _name, r: r)
+        keyed = self._keyed(plan)
+        pending = {key: members for key, members in keyed.items() if key not in self._choices}
+        if pending:
+            self._measure(plan, pending, observers, adjust)
+        fixed = self._fixed(plan, observers, adjust)
+        per_tensor = {key: self._choices[key].method for key in keyed}
+        plans = {"per_tensor": per_tensor, **{name: {key: name for key in keyed} for name in UNIFORM_PLANS}}
+        plan_key = frozenset(keyed)
+        if plan_key not in self._plans:
+            self._plans[plan_key] = self._judge(plan, {name: self._ranges(keyed, methods, fixed) for name, methods in plans.items()})
+        kept, output_error = self._plans[plan_key]
+        self._kept = kept
+        self._seconds += time.perf_counter() - start
+        report = self._report(keyed, plans[kept], range_samples, self._seconds)
+        report["plan"], report["output_error"] = kept, output_error
+        return self._ranges(keyed, plans[kept], fixed), report
+
+    def refit(self, plan: QuantPlan, observers: Mapping[str, Observer], adjust: Adjust | None = None) -> dict[str, tuple[float, float]]:
+        """The ranges of `plan` by the methods already chosen, computed from `observers` that saw more
+        samples than the choice did: the choice of method is the search's, the range is all the data's.
+        A group never chosen (another exclusion split it) gets the kept plan's method, or FALLBACK."""
+        adjust = adjust or (lambda _name, r: r)
+        ranges = self._fixed(plan, observers, adjust)
+        for key, members in self._keyed(plan).items():
+            choice = self._choices.get(key)
+            if self._kept != "per_tensor":
+                method = self._kept
+            else:
+                method = FALLBACK if choice is None else choice.method
+            _, symmetric = group_format(plan, members, self.scheme)
+            spans = [adjust(m, _candidate_range(observers[m], method, symmetric)) for m in members]
+            ranges.update(dict.fromkeys(members, (min(s[0] for s in spans), max(s[1] for s in spans))))
+        return ranges
+
+    def _keyed(self, plan: QuantPlan) -> dict[tuple[frozenset[str], frozenset[str]], list[str]]:
+        """The groups whose range is chosen, keyed by (members, readers): a group read by other nodes
+        (after another exclusion) is chosen again."""
         consumers_of = self._consumers_of()
         outputs = {o.name for o in self.model.graph.output}
         keyed = {}
@@ -322,23 +360,12 @@ class RangeSearch:
                 if member in outputs:
                     readers.add(f"output:{member}")
             keyed[(frozenset(members), frozenset(readers))] = members
-        pending = {key: members for key, members in keyed.items() if key not in self._choices}
-        if pending:
-            self._measure(plan, pending, observers, adjust)
-        fixed: dict[str, tuple[float, float]] = {}
-        for members in plan.groups().values():
-            for member in members:  # fixed groups: any range (their scale is set by the rule); per-channel sites: theirs
-                fixed[member] = adjust(member, observers[member].range(self.scheme.activation_symmetric))
-        per_tensor = {key: self._choices[key].method for key in keyed}
-        plans = {"per_tensor": per_tensor, **{name: {key: name for key in keyed} for name in UNIFORM_PLANS}}
-        plan_key = frozenset(keyed)
-        if plan_key not in self._plans:
-            self._plans[plan_key] = self._judge(plan, {name: self._ranges(keyed, methods, fixed) for name, methods in plans.items()})
-        kept, output_error = self._plans[plan_key]
-        self._seconds += time.perf_counter() - start
-        report = self._report(keyed, plans[kept], range_samples, self._seconds)
-        report["plan"], report["output_error"] = kept, output_error
-        return self._ranges(keyed, plans[kept], fixed), report
+        return keyed
+
+    def _fixed(self, plan: QuantPlan, observers: Mapping[str, Observer], adjust: Adjust) -> dict[str, tuple[float, float]]:
+        """Every site's calibrated range: what fixed groups (their scale is set by the rule), per-channel
+        sites and output scores keep; chosen groups overwrite theirs."""
+        return {m: adjust(m, observers[m].range(self.scheme.activation_symmetric)) for members in plan.groups().values() for m in members}
 
     def _ranges(self, keyed: Mapping[tuple, list[str]], methods: Mapping[tuple, str], fixed: Mapping[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
         ranges = dict(fixed)

@@ -12,11 +12,11 @@ from onnx import TensorProto, helper, numpy_helper
 from edgeopt.converters.data import model_input_specs, open_dataset
 from edgeopt.converters.graph.session import run_model
 from edgeopt.converters.quantize import QuantizeOptions, _Quantizer, quantize
-from edgeopt.runtime.kinds import Technique
+from edgeopt.runtime.kinds import Effort, Technique
 from edgeopt.converters.quantize.calibration import calibrate
 from edgeopt.converters.quantize.observers import METHODS
 from edgeopt.converters.quantize.placement import plan_quantization
-from edgeopt.converters.quantize.range_search import FALLBACK, UNIFORM_PLANS, RangeSearchOptions, _score_tensors, choose_ranges, split_samples
+from edgeopt.converters.quantize.range_search import FALLBACK, UNIFORM_PLANS, RangeSearch, RangeSearchOptions, _score_tensors, choose_ranges, split_samples
 from edgeopt.targets import get_target
 
 #: uint8 activations (ONNX Runtime) and int8 activations (LiteRT), both with a Q/DQ pair on every tensor.
@@ -248,3 +248,49 @@ def test_output_scores_and_their_logits_keep_their_calibrated_range() -> None:
     assert "scores" in plan.sites
     assert ranges["scores"] == observers["scores"].range(get_target("intel-openvino").scheme_for(None).activation_symmetric)
     assert ranges["scores"][1] > 0.95
+
+
+@pytest.mark.parametrize("target", SCHEMES)
+def test_refit_keeps_each_groups_chosen_method_and_takes_its_range_from_more_samples(target: str) -> None:
+    """`refit` with the observers the choice saw gives the choice's ranges; with observers that saw more
+    samples, each group's range is its chosen method's on those observers (the search is not run again)."""
+    model = _two_matmuls(*_weights(outlier_weight=0.0))
+    samples = _samples(64, outlier=40.0)
+    scheme = get_target(target).scheme_for(None)
+    dataset = open_dataset(samples, model_input_specs(model))
+    fit, held_out = split_samples(dataset, RangeSearchOptions().samples)
+    plan = plan_quantization(ir.from_proto(model), scheme)
+    observers = calibrate(model, fit, plan.sites, method="auto", percentile=99.99, activation_dtype=scheme.activation_dtype)
+    search = RangeSearch(model, held_out, scheme)
+    ranges, report = search.choose(plan, observers)
+    assert search.refit(plan, observers) == ranges
+
+    wider = open_dataset(samples + [{"x": 2 * s["x"]} for s in samples], model_input_specs(model))  # the later samples twice as wide
+    everything = calibrate(model, wider, plan.sites, method="auto", percentile=99.99, activation_dtype=scheme.activation_dtype)
+    refit = search.refit(plan, everything)
+    methods = {m: g["method"] for g in report["worst"] for m in g["tensors"]}
+    assert methods["x"] != "minmax"  # the outlier is clipped: a method whose range moves with the data
+    method = methods["x"]
+    name, _, percentile = method.partition("_")
+    symmetric = scheme.activation_symmetric
+    want = everything["x"].range_by(name, symmetric, float(percentile)) if percentile else everything["x"].range_by(name, symmetric)
+    assert refit["x"] == want and refit["x"] != ranges["x"]
+
+
+def test_a_searched_build_takes_its_final_ranges_from_every_calibration_sample() -> None:
+    """The technique search fits ranges on part of the calibration set and judges on the rest; the
+    chosen recipe's ranges are then estimated again on all of it. The last sample holds the largest
+    input: min-max over every sample (range search off) must include it."""
+    model = _two_matmuls(*_weights(outlier_weight=1.0))
+    samples = _samples(64, outlier=4.0)
+    samples[-1]["x"][1, 1] = 50.0
+    scheme = get_target("onnxruntime-cpu").scheme_for(None)
+    dataset = open_dataset(samples, model_input_specs(model))
+    options = QuantizeOptions(effort=Effort.DEFAULT, techniques={Technique.RANGE_SEARCH: False}, debug_samples=0)
+    result = quantize(model, scheme, dataset, options)
+    assert result.report["techniques"]["search"] is not None and result.report["techniques"]["refit_samples"] == 64
+    assert result.report["samples"] == 64
+    inits = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    quantize_x = next(n for n in result.model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "x")
+    low = min(0.0, min(float(s["x"].min()) for s in samples))
+    assert float(inits[quantize_x.input[1]]) == pytest.approx((50.0 - low) / 255, rel=1e-3)
