@@ -334,8 +334,10 @@ class _Quantizer:
             qdq, rounding = adaround(self.model, qdq, self.calibration, self.scheme)
             self.adaround_report = dict(rounding)
         if Technique.BIAS_CORRECTION in self.recipe and self.calibration is not None:
+            count = self.options.bias_correction_samples
+            others = self.calibration.skip(count).take(count)  # judged out of sample where there are enough
             qdq, self.bias_report = correct_bias(
-                self.model, qdq, plan.quantized_nodes, self.calibration.take(self.options.bias_correction_samples)
+                self.model, qdq, plan.quantized_nodes, self.calibration.take(count), others if len(others) == count else None
             )
         self.last_plan = plan
         kept = onnx.ModelProto()

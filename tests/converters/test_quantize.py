@@ -249,6 +249,30 @@ def test_bias_correction_never_makes_outputs_worse(model: onnx.ModelProto, calib
     assert _close_to_fp32(model, corrected.model, calibration)["min_sqnr_db"] >= _close_to_fp32(model, plain, calibration)["min_sqnr_db"] - 1e-6
 
 
+def test_bias_correction_is_judged_on_samples_it_was_not_measured_on() -> None:
+    """A Gemm whose rounded weights shift its output by +e on inputs near +1 and by -e near -1. Measured
+    on the first 16 samples (all near +1), the shift -e fits them perfectly; on the next 16 (near -1) it
+    doubles the error. Judged where it was measured it would be kept; it must be rejected."""
+    rng = np.random.default_rng(3)
+    weight = rng.normal(size=(8, 4)).astype(np.float32)
+    model = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc")],
+            "fc",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+            [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.zeros(4, np.float32), "b")],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    near = [np.full((1, 8), sign, np.float32) + rng.normal(scale=0.01, size=(1, 8)).astype(np.float32) for sign in [1.0] * 16 + [-1.0] * 16]
+    dataset = open_dataset([{"x": x} for x in near], model_input_specs(model))
+    result = quantize(model, get_target("raspberry-pi").quant_scheme, dataset, QuantizeOptions(debug_samples=0))
+    report = result.report["bias_correction"]
+    assert report["samples"] == 16 and report["judged_on"] == 16
+    assert report["applied"] is False and report["output_noise_after"] > report["output_noise_before"], report
+
+
 def test_report_is_json_and_lists_per_layer_sqnr(model: onnx.ModelProto, calibration: Dataset) -> None:
     import json
 
