@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 import traceback
@@ -723,15 +724,60 @@ def _runner(kind: str, path: Path, case: Case) -> Callable[[], Any]:
     return interpreter.invoke
 
 
+#: ONNX Runtime artifacts are timed one process each, in this many rotating rounds: in one process the
+#: sessions' spinning intra-op threads slow each other several-fold (yolov8n's int8 models read 21-59 ms
+#: interleaved in one process and 7 ms alone; stop 24's notes).
+PROCESS_ROUNDS = 3
+
+
+def time_alone(case: Case, target: str, work: Path, tool: str) -> dict[str, Any]:
+    """One artifact timed in this process, nothing else loaded: WARMUP + RUNS calls (`--time-one`)."""
+    cell = json.loads(cell_path(work, case.name, target, tool).read_text())
+    found = artifact_of(work, case, target, cell)
+    assert found is not None, f"{case.name} / {target} / {tool}: no artifact kept"
+    run = _runner(*found, case)
+    for _ in range(WARMUP):
+        run()
+    samples = []
+    for _ in range(RUNS):
+        start = time.perf_counter_ns()
+        run()
+        samples.append((time.perf_counter_ns() - start) / 1e6)
+    return {"samples": samples, "call": found[0]}
+
+
+def _latency_in_processes(case: Case, target: str, work: Path, paths: dict[str, tuple[Path, tuple[str, Path]]]) -> dict[str, tuple[list[float], str]]:
+    """Each artifact alone in a fresh process, PROCESS_ROUNDS rounds in rotating order."""
+    names = list(paths)
+    samples: dict[str, list[float]] = {tool: [] for tool in names}
+    calls: dict[str, str] = {}
+    for round_index in range(PROCESS_ROUNDS):
+        shift = round_index % len(names)
+        for tool in names[shift:] + names[:shift]:
+            command = [sys.executable, str(Path(__file__).resolve()), "--time-one", f"{case.name},{target},{tool}", "--work", str(work)]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                log(f"{case.name} / {target} / {tool}: cannot time alone: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
+                continue
+            measured = json.loads(done.stdout.strip().splitlines()[-1])
+            samples[tool] += measured["samples"]
+            calls[tool] = measured["call"]
+    return {tool: (values, calls[tool]) for tool, values in samples.items() if values}
+
+
 def interleaved_latency(case: Case, target: str, work: Path) -> None:
     """Times every artifact of (model, target) in rotating order, round by round, so the load of this
-    shared machine hits all alike; writes `latency_interleaved` into each cell's JSON."""
+    shared machine hits all alike; writes `latency_interleaved` into each cell's JSON. On
+    onnxruntime-cpu each artifact runs alone in its own process per round (PROCESS_ROUNDS)."""
     paths = {}
     for path in sorted((work / "cells").glob(f"{case.name}__{target}__*.json")):
         cell = json.loads(path.read_text())
         found = artifact_of(work, case, target, cell) if cell.get("status") == "ok" else None
         if found is not None:
             paths[cell["tool"]] = (path, found)
+    if target == "onnxruntime-cpu":
+        _write_latency(paths, _latency_in_processes(case, target, work, paths), mode="one process per artifact and round")
+        return
     runners = {}
     for tool, (_, (kind, artifact)) in paths.items():
         try:
@@ -751,16 +797,22 @@ def interleaved_latency(case: Case, target: str, work: Path) -> None:
             start = time.perf_counter_ns()
             runners[tool]()
             times[tool].append((time.perf_counter_ns() - start) / 1e6)
+    _write_latency(paths, {tool: (samples, paths[tool][1][0]) for tool, samples in times.items()}, mode="interleaved in one process")
+
+
+def _write_latency(paths: dict[str, tuple[Path, tuple[str, Path]]], measured: dict[str, tuple[list[float], str]], mode: str) -> None:
+    if len(measured) < 2:
+        return
     load = [round(x, 1) for x in os.getloadavg()]
-    for tool, samples in times.items():
+    for tool, (samples, call) in measured.items():
         path = paths[tool][0]
         cell = json.loads(path.read_text())
-        cell["latency_interleaved"] = {"median_ms": float(np.median(samples)), "p90_ms": float(np.percentile(samples, 90)), "runs": RUNS,
-                                       "warmup": WARMUP, "threads": THREADS, "with": names, "call": paths[tool][1][0], "load_average": load}  # fmt: skip
+        cell["latency_interleaved"] = {"median_ms": float(np.median(samples)), "p90_ms": float(np.percentile(samples, 90)), "runs": len(samples),
+                                       "warmup": WARMUP, "threads": THREADS, "with": list(measured), "call": call, "mode": mode, "load_average": load}  # fmt: skip
         staged = path.with_suffix(".tmp")
         staged.write_text(json.dumps(cell, indent=1, default=float))
         staged.replace(path)
-    log(f"{case.name} / {target}: interleaved medians " + ", ".join(f"{t} {np.median(v):.3f}" for t, v in times.items()))
+    log(f"{next(iter(paths.values()))[0].name.split('__')[0]}: {mode}, medians " + ", ".join(f"{t} {np.median(v):.3f}" for t, (v, _) in measured.items()))
 
 
 def record_executed(case: Case, work: Path) -> None:
@@ -918,7 +970,9 @@ def markdown(payload: dict[str, Any]) -> str:
         "(digits: its 450 labelled images) against ONNX Runtime fp32 on the same inputs. Latency: median (p90) ms, batch 1, "
         f"{THREADS} threads, {WARMUP} warm-up + {RUNS} runs for every tool. The machine is shared with other jobs (load averages "
         "are in each cell's JSON): the `--latency` pass times every artifact of one model and target round by round in rotating "
-        "order, so the load hits all alike; a figure marked * is the cell's own measurement (its artifact was not kept). "
+        "order, so the load hits all alike (on onnxruntime-cpu each artifact runs alone in a fresh process per round, "
+        f"{PROCESS_ROUNDS} rounds: ONNX Runtime sessions sharing a process slow each other several-fold); a figure marked * is the cell's own "
+        "measurement (its artifact was not kept). "
         "edgeopt rows are timed through `edgeopt.runtime` `Model.predict` (what a user calls), peers through their library's own call.",
         "Best-of choices (ORT calibrator, NNCF preset) are made on the eval samples themselves: an optimistic choice for the peer.",
         "Task metric: classifiers top-1 agreement with fp32 (digits: accuracy against labels); PP-OCR det text-map IoU; PP-OCR rec CTC "
@@ -1038,7 +1092,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--latency", action="store_true", help="only time the artifacts of each (model, target) interleaved")
     parser.add_argument("--executed", action="store_true", help="only count the CPU plugin's executed-graph precisions of every intel-openvino cell's artifact")
     parser.add_argument("--out", type=Path, default=RESULTS / "accuracy_vs_peers")
+    parser.add_argument("--time-one", metavar="MODEL,TARGET,TOOL", help="(internal to --latency) time one artifact alone, print JSON")
     args = parser.parse_args(argv)
+    if args.time_one:
+        model, target, tool = args.time_one.split(",")
+        print(json.dumps(time_alone(load_case(model, args.work, args.calib, 450 if model == "digits" else args.eval), target, args.work, tool)))
+        return
     if args.report:
         report(args.work, args.out, args)
         return
