@@ -30,7 +30,7 @@ except ImportError as error:  # torch comes only with the `train` extra
 
 __all__ = ["FakeQuantizer", "QuantizerMode", "QuantSpec", "integer_range", "round_ste"]
 
-#: the floor of a trained scale: float32's smallest normal number
+#: the floor of a trained scale: float32's smallest normal number (or the stored scale, if that is smaller)
 SMALLEST_SCALE = float(np.finfo(np.float32).tiny)
 
 
@@ -111,6 +111,9 @@ class FakeQuantizer(nn.Module):
             self.zero_point = nn.Parameter(zero_tensor)
         else:
             self.register_buffer("zero_point", zero_tensor)
+        # a stored subnormal scale (PP-OCR rec's dead channels, ~2.6e-42) is its own floor: untrained, it
+        # ships bit for bit and its codes round-trip (q·s is exact on the subnormal grid; q·tiny/tiny is not)
+        self.register_buffer("scale_floor", torch.clamp(scale_tensor, max=SMALLEST_SCALE), persistent=False)
         self.elements = elements
 
     @property
@@ -137,8 +140,8 @@ class FakeQuantizer(nn.Module):
         scale, zero = self.scale, self.zero_point
         if self.trains_scale:
             factor = self.gradient_scale(x)
-            # an optimizer step may push a scale to or below 0; the smallest normal float keeps it a scale
-            scale = torch.clamp(_scale_gradient(scale, factor), min=SMALLEST_SCALE)
+            # an optimizer step may push a scale to or below 0; the floor keeps it a scale
+            scale = torch.clamp(_scale_gradient(scale, factor), min=self.scale_floor)
             if isinstance(zero, nn.Parameter):
                 zero = _scale_gradient(zero, factor)
         if self.spec.power_of_two:
@@ -162,7 +165,7 @@ class FakeQuantizer(nn.Module):
 
     def scale_value(self) -> np.ndarray:
         """The float32 scale that ships (a power of two when the scheme asks for one)."""
-        scale = torch.clamp(self.scale.detach(), min=SMALLEST_SCALE)
+        scale = torch.clamp(self.scale.detach(), min=self.scale_floor)
         if self.spec.power_of_two:
             scale = torch.exp2(torch.round(torch.log2(scale)))
         return scale.cpu().numpy().astype(np.float32)

@@ -637,9 +637,9 @@ def _on_grid(record: Any) -> bool:
     """Whether every latent weight of `record` is (within float32's rounding) an integer number of grid steps.
 
     Channels whose stored scale is subnormal (below SMALLEST_SCALE; PP-OCR rec has 14 and 19 such dead
-    channels in two convs, scales ~2.6e-42) count as on it: their latents are subnormal, the forward
-    floors their scale to SMALLEST_SCALE, and LSQ's gradient there is w/s² overflowing to inf, times the
-    floor's 0: NaN, which Adam spread to every parameter in ppocr_rec's first epoch.
+    channels in two convs, scales ~2.6e-42) count as on it: were their scale to train, LSQ's gradient
+    there, w/s², overflows to inf and gives NaN, which Adam spread to every parameter in ppocr_rec's
+    first epoch.
     """
     import torch
 

@@ -9,7 +9,8 @@ For each fake-quant of the `TrainableGraph` (its `quant_params()` records name t
   Runtime's QuantizeLinear), so the graph holds exactly the integers training computed with;
   the scale (per channel on the DequantizeLinear's axis) and zero point as above;
 - int32 biases: scale re-derived as s_in · s_w from the trained input and weight scales (float32),
-  integers round(b / scale) clipped to ±(2³¹ − 1), zero point 0 as the quantizer writes them;
+  integers round(b / scale) clipped to ±(2³¹ − 1) (a stored integer that still dequantizes to b
+  exactly stays), zero point 0 as the quantizer writes them;
 - float initializers that trained outside any quantizer (`TrainableGraph.float_parameters()`: layers
   left float, float biases, LayerNorm scales): their trained values, in the initializer's dtype.
 
@@ -101,10 +102,15 @@ def _write_quantizer(writer: _Writer, record: QuantRecord, report: WritebackRepo
 
 
 def _write_bias(writer: _Writer, record: QuantRecord, graph: TrainableGraph) -> None:
+    """round(b / s), except where the stored integer still dequantizes to the latent b exactly: it stays.
+    Above 2²⁴ a float32 latent stands for several integers (PP-OCR rec's dead channels, whose scales
+    are subnormal, hold int32 biases near ±2³¹), and an untrained bias must ship bit for bit."""
     assert record.latent is not None and record.latent_initializer is not None
-    bias = record.latent.detach().cpu().numpy().astype(np.float64)
-    scale = np.broadcast_to(graph.bias_scale(record).reshape(-1), bias.shape).astype(np.float32)
-    codes = np.clip(np.round(bias / scale.astype(np.float64)), -INT32_MAX, INT32_MAX)
+    latent = record.latent.detach().cpu().numpy()
+    scale = np.broadcast_to(graph.bias_scale(record).reshape(-1), latent.shape).astype(np.float32)
+    codes = np.clip(np.round(latent.astype(np.float64) / scale.astype(np.float64)), -INT32_MAX, INT32_MAX)
+    stored = writer.initializers[record.latent_initializer].const_value.numpy().reshape(latent.shape)
+    codes = np.where(stored.astype(np.float32) * scale == latent, stored, codes)  # DequantizeLinear in float32, as training read it
     writer.put(record.latent_initializer, codes)
     for name in record.scale_initializers:
         writer.put(name, scale, scale=True)

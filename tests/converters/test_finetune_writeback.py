@@ -167,3 +167,55 @@ def test_float_initializers_that_trained_outside_any_quantizer_are_written_too()
     for name, parameter in floats.items():
         assert stored[name].tobytes() == parameter.detach().numpy().astype(stored[name].dtype).tobytes(), name
     assert report["float_tensors"] == len(floats) and report["float_values_changed"] == sum(p.numel() for p in floats.values())
+
+
+@pytest.mark.parametrize("freeze", [False, True], ids=["learned", "frozen_by_its_grid"])
+def test_an_untrained_subnormal_weight_scale_its_codes_and_its_saturated_bias_are_written_back_bit_for_bit(freeze) -> None:
+    """PP-OCR rec ships dead conv channels with scales ~2.6e-42 (subnormal) and int32 biases near ±2³¹ on them.
+    The scales left floored at float32's smallest normal, their codes re-derived from the floor (q·s / tiny
+    rounds to 0), and a bias above 2²⁴ came back as a neighbouring integer (its float32 latent stands for
+    several): on ppocr_rec 36 scales, 7624 weight codes and 16 bias codes changed with nothing trained."""
+    from onnx import TensorProto, helper
+
+    from edgeopt.converters.finetune.train import freeze_weight_grids
+
+    weight_scale = np.array([0.01, 2.6e-42, 1e-40], np.float32)  # one live channel, two dead ones with subnormal scales
+    input_scale = np.float32(0.02)
+    initializers = [
+        numpy_helper.from_array(np.array([[[[60]], [[-20]]], [[[90]], [[45]]], [[[-127]], [[3]]]], np.int8), "codes"),
+        numpy_helper.from_array(weight_scale, "scale"),
+        numpy_helper.from_array(np.zeros(3, np.int8), "zero"),
+        numpy_helper.from_array(np.array(input_scale), "x_scale"),
+        numpy_helper.from_array(np.array(128, np.uint8), "x_zero"),
+        numpy_helper.from_array(np.array([1234, -2145336091, 2145336181], np.int32), "bias_codes"),  # past 2**24: not every integer is a float32
+        numpy_helper.from_array(input_scale * weight_scale, "bias_scale"),
+        numpy_helper.from_array(np.zeros(3, np.int32), "bias_zero"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], ["xq"], name="q"),
+        helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zero"], ["xd"], name="dq_x"),
+        helper.make_node("DequantizeLinear", ["codes", "scale", "zero"], ["weight"], name="dq", axis=0),
+        helper.make_node("DequantizeLinear", ["bias_codes", "bias_scale", "bias_zero"], ["bias"], name="dq_bias", axis=0),
+        helper.make_node("Conv", ["xd", "weight", "bias"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "dead_channels", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 3, 3])], initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    student = TrainableGraph(model, quantizers=QuantizerMode.LEARNED)
+    assert {r.kind for r in student.quant_params()} == {"activation", "weight", "bias"}
+    if freeze:
+        freeze_weight_grids(student)
+    written, report = write_back(model, student)
+    before, after = _initializers(model), _initializers(written)
+    assert {k: v.tobytes() for k, v in after.items()} == {k: v.tobytes() for k, v in before.items()}
+    assert report["weight_scales_changed"] == 0 and report["weight_values_changed"] == 0 and report["max_relative_scale_change"] == 0.0
+    # a trained bias is re-derived; a trained scale is still floored at the smallest normal float, not at a subnormal
+    weight = next(r for r in student.quant_params() if r.kind == "weight")
+    bias = next(r for r in student.quant_params() if r.kind == "bias")
+    with torch.no_grad():
+        bias.latent[0] += 2 * float(input_scale * weight_scale[0])
+        assert _initializers(write_back(model, student)[0])["bias_codes"].tolist() == [1236, -2145336091, 2145336181]
+        weight.quantizer.scale[0] = -1.0
+    assert weight.quantizer.scale_value()[0] == np.finfo(np.float32).tiny
