@@ -281,8 +281,8 @@ def _technique_switches(pairs: tuple[str, ...]) -> dict[Technique, bool]:
     type=_Names(Effort),
     default=Effort.DEFAULT.value,
     show_default=True,
-    help="int8 build time for fidelity: fast = min-max ranges and bias correction; default also tries equalization,"
-    " bias absorption, SmoothQuant and per-tensor range search; max adds AdaRound. Each is kept only if it helps"
+    help="int8 build time for fidelity: fast = min-max ranges; default also tries per-tensor range search, equalization,"
+    " bias absorption, SmoothQuant and bias correction; max adds AdaRound. Each is kept only if it helps"
     " on held-out calibration samples.",
 )
 @click.option("--technique", "techniques", multiple=True, metavar="NAME=on|off", help=f"Force a technique on or off, unmeasured (repeatable): {', '.join(t.value for t in Technique)}.")

@@ -195,7 +195,7 @@ class _Quantizer:
         calibration: Dataset | None,
         options: QuantizeOptions,
         progress: Progress | None,
-        recipe: frozenset[Technique] = frozenset({Technique.BIAS_CORRECTION}),
+        recipe: frozenset[Technique] = BASELINE,
     ) -> None:
         self.model = model
         self.scheme = scheme

@@ -243,7 +243,7 @@ def test_mse_range_has_lower_quantization_error_than_minmax() -> None:
 def test_bias_correction_never_makes_outputs_worse(model: onnx.ModelProto, calibration: Dataset) -> None:
     scheme = get_target("raspberry-pi").quant_scheme
     plain = quantize(model, scheme, calibration, QuantizeOptions(techniques={Technique.BIAS_CORRECTION: False}, debug_samples=0)).model
-    corrected = quantize(model, scheme, calibration, QuantizeOptions(debug_samples=0))
+    corrected = quantize(model, scheme, calibration, QuantizeOptions(techniques={Technique.BIAS_CORRECTION: True}, debug_samples=0))
     report = corrected.report["bias_correction"]
     assert report["output_noise_after" if report["applied"] else "output_noise_before"] <= report["output_noise_before"]
     assert _close_to_fp32(model, corrected.model, calibration)["min_sqnr_db"] >= _close_to_fp32(model, plain, calibration)["min_sqnr_db"] - 1e-6
@@ -267,7 +267,7 @@ def test_bias_correction_is_judged_on_samples_it_was_not_measured_on() -> None:
     )
     near = [np.full((1, 8), sign, np.float32) + rng.normal(scale=0.01, size=(1, 8)).astype(np.float32) for sign in [1.0] * 16 + [-1.0] * 16]
     dataset = open_dataset([{"x": x} for x in near], model_input_specs(model))
-    result = quantize(model, get_target("raspberry-pi").quant_scheme, dataset, QuantizeOptions(debug_samples=0))
+    result = quantize(model, get_target("raspberry-pi").quant_scheme, dataset, QuantizeOptions(techniques={Technique.BIAS_CORRECTION: True}, debug_samples=0))
     report = result.report["bias_correction"]
     assert report["samples"] == 16 and report["judged_on"] == 16
     assert report["applied"] is False and report["output_noise_after"] > report["output_noise_before"], report

@@ -12,6 +12,7 @@ from edgeopt.converters.errors import CalibrationDataError, QualityBudgetError
 from edgeopt.converters.metrics import fidelity, quality_drop
 from edgeopt.converters.quantize import QuantizeOptions, quantize
 from edgeopt.converters.graph.session import run_model
+from edgeopt.runtime.kinds import Technique
 from edgeopt.targets import get_target
 
 
@@ -123,7 +124,7 @@ def test_the_quantizer_serves_a_repeated_build_from_memory_and_rebuilds_for_othe
     from edgeopt.converters.quantize import _Quantizer
 
     scheme = get_target("onnxruntime-cpu").scheme_for(None)
-    quantizer = _Quantizer(model, scheme, _data(model, 64, seed=1), QuantizeOptions(method="minmax", debug_samples=0), None)
+    quantizer = _Quantizer(model, scheme, _data(model, 64, seed=1), QuantizeOptions(method="minmax", debug_samples=0), None, frozenset({Technique.BIAS_CORRECTION}))
     first = quantizer.build(())
     report = quantizer.bias_report
     again = quantizer.build([])

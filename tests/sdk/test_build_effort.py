@@ -30,11 +30,13 @@ def test_the_default_effort_searches_on_held_out_samples_and_records_every_trial
     search = techniques["search"]
     assert techniques["effort"] == "default" and search["held_out_samples"] == 24
     tried = {t["technique"] for t in search["trials"]} | {t["technique"] for t in search["not_tried"]}
-    assert tried == {"equalization", "bias_absorption", "smoothquant", "range_search"}
+    assert tried == {"equalization", "bias_absorption", "smoothquant", "range_search", "bias_correction"}
     assert all(t["sqnr_db_after"] is not None and t["seconds"] >= 0 for t in search["trials"])
     kept = [t["technique"] for t in search["trials"] if t["kept"]]
     assert set(kept) <= set(techniques["chosen"])
     assert set(techniques["reports"]) == set(techniques["chosen"]) - {"bias_correction"}
+    quantization = json.loads((result.bundle / "manifest.json").read_text())["quantization"]
+    assert techniques["refit_samples"] == quantization["samples"] == 96  # the chosen recipe's ranges: every range-estimation sample
     assert f"effort default: {', '.join(techniques['chosen'])}" in result.summary_text()
 
 
@@ -42,13 +44,13 @@ def test_fast_builds_the_baseline_without_a_search(tmp_path: Path) -> None:
     result = edgeopt.build(
         DIGITS / "model.onnx", "onnxruntime-cpu", precision="int8", calibration=CALIBRATION, output=tmp_path / "b", effort="fast"
     )
-    assert _techniques(result.bundle) == {"effort": "fast", "chosen": ["bias_correction"], "search": None, "reports": {}}
+    assert _techniques(result.bundle) == {"effort": "fast", "chosen": [], "search": None, "refit_samples": None, "reports": {}}
 
 
 
 def test_a_technique_whose_own_check_kept_the_graph_is_not_listed_as_chosen(tmp_path: Path) -> None:
-    """Bias correction corrects Conv/Gemm biases; on a MatMul model it has nothing to correct, and the
-    manifest and summary must not claim it shaped the bundle (its report says why)."""
+    """Bias correction (forced on) corrects Conv/Gemm biases; on a MatMul model it has nothing to correct,
+    and the manifest and summary must not claim it shaped the bundle (its report says why)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -59,7 +61,10 @@ def test_a_technique_whose_own_check_kept_the_graph_is_not_listed_as_chosen(tmp_
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
     np.savez(tmp_path / "calib.npz", x=rng.normal(size=(64, 16)).astype(np.float32))
-    result = edgeopt.build(tmp_path / "m.onnx", "onnxruntime-cpu", precision="int8", calibration=tmp_path / "calib.npz", output=tmp_path / "b", effort="fast")
+    result = edgeopt.build(
+        tmp_path / "m.onnx", "onnxruntime-cpu", precision="int8", calibration=tmp_path / "calib.npz", output=tmp_path / "b", effort="fast",
+        techniques={"bias_correction": True},
+    )
     quantization = json.loads((result.bundle / "manifest.json").read_text())["quantization"]
     assert quantization["bias_correction"] == {"applied": False, "layers": 0, "reason": "no layer or sample to correct"}
     assert quantization["techniques"]["chosen"] == []
