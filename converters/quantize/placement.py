@@ -12,6 +12,9 @@ Where the backend runs a layer faster in float, or fuses more than the scheme's 
 scheme says so: `float_convs` (depthwise convs, float islands), `silu_gates` (int8 SiLU) and
 `activation_muls` (a SiLU/HardSwish written as a Mul is one activation: no Q/DQ inside it) and
 `split_input_quantized` (a Split read only by quantized ops is quantized once, at its input).
+Under "inputs_and_outputs" a Split in the scheme's op list is quantized only when quantized ops alone
+read it, every output on its input's scale (ONNX Runtime then splits the uint8 tensor: no dequantize,
+float split and requantize per C2f block of YOLOv8).
 """
 
 from __future__ import annotations
@@ -344,6 +347,8 @@ def plan_quantization(model: ir.Model, scheme: QuantScheme, exclude: Iterable[st
         inputs = [node.inputs[i] for i in indices]
         if outputs_too and node.op_type in DATA_MOVEMENT_OPS and not any(v is not None and v.name in plan.sites for v in inputs):
             continue  # keep float data movement between float ops
+        if outputs_too and node.op_type == "Split" and _quantized_split(node.outputs[0], quantized_ops, excluded) is None:
+            continue  # a float reader: quantized outputs would only move its dequantize (and let ORT fuse a float chain behind it)
         if scheme.attention_matmul_symmetric and node.op_type == "MatMul" and len(indices) == 2 and _reads_softmax(node):
             plan.skipped.append({"node": name, "op": node.op_type, "why": "attention's probabilities times V: stays float (the backend's int8 attention quantizes Q and K only)"})
             continue
@@ -384,6 +389,10 @@ def plan_quantization(model: ir.Model, scheme: QuantScheme, exclude: Iterable[st
             site.fixed = (float(rule.output_scale), int(rule.output_zero_point or 0))
         elif (rule is not None and rule.same_scale_as_input) or (node.op_type in DATA_MOVEMENT_OPS and node.op_type != "Concat"):
             plan.shared.append((site.tensor, inputs[0].name))
+        if node.op_type == "Split":  # every output on the input's grid: the backend splits the int8 tensor itself
+            for value in node.outputs[1:]:
+                plan.site(value.name).consumers = None
+                plan.shared.append((value.name, inputs[0].name))
         if node.op_type == "Concat" and rule is not None and rule.same_scale_as_input:
             plan.shared.extend((value.name, site.tensor) for value in inputs if value is not None and value.name in plan.sites)
     for tensor, params in units.fixed.items():
@@ -409,7 +418,7 @@ def _reads_softmax(node: ir.Node) -> bool:
 def _quantized_split(value: ir.Value, quantized_ops: set[str], excluded: set[str]) -> ir.Node | None:
     """The Split that produces `value` when every reader of every Split output is a quantized op: its
     input is then quantized once, before the Split (a YOLOv8 C2f block splits a conv output into a
-    Concat and the next conv)."""
+    Concat and the next conv), or, under "inputs_and_outputs", the Split itself runs on int8."""
     split = value.producer()
     if split is None or split.op_type != "Split" or not split.name or split.inputs[0] is None:
         return None

@@ -382,6 +382,43 @@ def test_openvino_quantizes_a_split_read_by_quantized_ops_once_at_its_input() ->
     assert fidelity(list(run_model(model, calibration)), list(run_model(result.model, calibration)))["min_cosine"] > 0.99
 
 
+
+def test_onnxruntime_splits_the_uint8_tensor_where_quantized_ops_read_every_split_output(tmp_path) -> None:
+    """With each Split output on its own scale ONNX Runtime ran dequantize, a float Split and a quantize per
+    output (yolov8n: 8 C2f blocks, 20 Q + 12 DQ in its optimized graph); on the input's scale its DropQDQ rule
+    splits the uint8 tensor. A Split with a float reader stays float (YOLOv8's head: the class Sigmoid)."""
+    model = split_block()
+    calibration = _calibration(model)
+    scheme = get_target("onnxruntime-cpu").scheme_for("vnni")
+    assert "Split" in scheme.quantized_ops
+    result = quantize(model, scheme, calibration, QuantizeOptions(debug_samples=0))
+    assert _read_through_dequantize(result.model, "split")[0]
+    assert _read_through_dequantize(result.model, "concat") == [True, True, True]
+    values = {i.name: tuple(numpy_helper.to_array(i).ravel().tolist()) for i in result.model.graph.initializer}
+    params = {o: (values[n.input[1]], values[n.input[2]]) for n in result.model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") for o in (n.input[0], *n.output)}
+    assert params["s0"] == params["s1"] == params[next(n.input[0] for n in result.model.graph.node if n.name == "split")]  # one grid
+    kernels = _ort_kernels(result.model, tmp_path)
+    assert kernels.count("Split") == 1 and kernels.count("QLinearConv") == 3
+    assert kernels.count("QuantizeLinear") == 1 and kernels.count("DequantizeLinear") == 1  # the graph's input and output
+
+    before = quantize(model, replace(scheme, quantized_ops=tuple(op for op in scheme.quantized_ops if op != "Split")), calibration, QuantizeOptions(debug_samples=0))
+    before_kernels = _ort_kernels(before.model, tmp_path)
+    assert before_kernels.count("QuantizeLinear") == 3 and before_kernels.count("DequantizeLinear") == 2  # + a float Split between
+
+    from edgeopt.converters.metrics import fidelity
+    from edgeopt.converters.graph.session import run_model
+
+    assert fidelity(list(run_model(model, calibration)), list(run_model(result.model, calibration)))["min_cosine"] > 0.99
+
+    gated = onnx.ModelProto()
+    gated.CopyFrom(model)
+    concat = next(n for n in gated.graph.node if n.name == "concat")
+    concat.input[0] = "g0"
+    gated.graph.node.insert(list(gated.graph.node).index(concat), helper.make_node("Sigmoid", ["s0"], ["g0"], name="gate"))
+    float_reader = quantize(gated, scheme, calibration, QuantizeOptions(debug_samples=0))
+    assert "s0" not in {n.input[0] for n in float_reader.model.graph.node if n.op_type == "QuantizeLinear"}  # the Sigmoid reads it float
+
+
 def attention_block(heads: int = 4, tokens: int = 24, dims: int = 16, flattened_softmax: bool = False) -> onnx.ModelProto:
     """x -> QKV projection -> heads -> softmax(Q * scale . K^T) . V -> output projection. With
     `flattened_softmax` the Softmax sits between a Flatten and a Reshape, as an opset-11 Softmax
