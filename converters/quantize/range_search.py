@@ -331,11 +331,8 @@ class RangeSearch:
         adjust = adjust or (lambda _name, r: r)
         ranges = self._fixed(plan, observers, adjust)
         for key, members in self._keyed(plan).items():
-            choice = self._choices.get(key)
-            if self._kept != "per_tensor":
-                method = self._kept
-            else:
-                method = FALLBACK if choice is None else choice.method
+            chosen = self._choices[key].method if key in self._choices else FALLBACK
+            method = chosen if self._kept == "per_tensor" else self._kept
             _, symmetric = group_format(plan, members, self.scheme)
             spans = [adjust(m, _candidate_range(observers[m], method, symmetric)) for m in members]
             ranges.update(dict.fromkeys(members, (min(s[0] for s in spans), max(s[1] for s in spans))))
