@@ -276,8 +276,10 @@ class _Quantizer:
         refit.observed = len(calibration)
         return refit
 
-    def _observe(self, dataset: Dataset, tensors: Iterable[str], **how: Mapping[str, object]) -> dict[str, Observer]:
-        """One calibration pass with this quantizer's method and scheme (`how`: calibrate's channel_axes, continuing)."""
+    def _observe(
+        self, dataset: Dataset, tensors: Iterable[str], channel_axes: Mapping[str, int] | None = None, continuing: Mapping[str, Observer] | None = None
+    ) -> dict[str, Observer]:
+        """One calibration pass with this quantizer's method and scheme."""
         return calibrate(
             self.model,
             dataset,
@@ -287,7 +289,8 @@ class _Quantizer:
             activation_dtype=self.scheme.activation_dtype,
             progress=self.progress,
             threads=self.options.threads,
-            **how,
+            channel_axes=channel_axes,
+            continuing=continuing,
         )
 
     def swamping_nodes(self, plan: QuantPlan, ranges: Mapping[str, tuple[float, float]]) -> list[str]:
