@@ -60,7 +60,8 @@ class QuantRecord:
         in `scale_initializers` / `zero_point_initializers` (Q's and DQs', same values). When the Q
         reads a float initializer (a weight quantized at run time, as QAT exports write it), that
         weight trains as one of `TrainableGraph.float_parameters()`.
-      "weight": a DequantizeLinear of stored integers; `latent_initializer` is the integer initializer,
+      "weight": the DequantizeLinear(s) of stored integers that read them alike (several when a deduplicated
+        graph shares the initializer); `latent_initializer` is the integer initializer,
         `latent` the trained float weight: write round(latent / s) + z, clipped to [qmin, qmax], in the
         initializer's dtype (s, z as shipped, per channel on `spec.axis`), and s, z as above.
       "bias": a DequantizeLinear of an int32 bias; `latent` is the float bias; its scale is re-derived
@@ -136,13 +137,17 @@ class TrainableGraph(nn.Module):
         self._dq_roles: dict[str, str] = {}
         self._records: list[QuantRecord] = []
         self.latent = nn.ParameterDict()
+        self._latent_keys: dict[str, str] = {}  # DequantizeLinear node name -> key of the latent it reads
+        self._latent_inputs: dict[str, str] = {}  # DequantizeLinear of an untied latent -> the value name it reads it under
         latent_sources = self._read_quantizers(graph, names, scheme, power_of_two_scales, problems)
         if problems:
             raise UnsupportedOpsError(
                 INTERPRETER, problems, hint="fine-tuning runs the graph itself in torch; replace these ops, or build without --finetune"
             )
         # Q/DQ read their scale and zero point from their quantizer, not from the inputs
-        self.nodes = [replace(spec, inputs=spec.inputs[:1]) if spec.op_type in _QDQ else spec for spec in self.nodes]
+        self.nodes = [
+            replace(spec, inputs=(self._latent_inputs.get(spec.name, spec.inputs[0]),)) if spec.op_type in _QDQ else spec for spec in self.nodes
+        ]
         self.weights = nn.ParameterDict()
         self.constants = nn.Module()
         self._sources: list[tuple[str, str, str]] = []  # (ONNX name, container, key)
@@ -212,7 +217,14 @@ class TrainableGraph(nn.Module):
         self._quantizer_keys[name] = key
 
     def _read_quantizers(self, graph: ir.Graph, names: Mapping[ir.Node, str], scheme, power_of_two: bool, problems: list) -> dict[str, tuple[str, np.ndarray, np.ndarray | None, int | None]]:
-        """Make the fake-quants; return {integer initializer: (role, scale, zero point, axis)} for the latents."""
+        """Make the fake-quants; return {value name of a latent: (integer initializer, scale, zero point, axis)}.
+
+        A stored integer tensor read by several DequantizeLinears (ONNX allows it; deduplicating equal
+        constants makes it: yolov8n's zero int32 bias and its zero point become one initializer) trains
+        one latent per group of readers that dequantize it alike (same scale, zero point, grid; for an
+        int32 bias also the same input and weight quantizers of the op that adds it). Readers that
+        dequantize it differently need different float tensors from the same integers, so each group
+        trains its own latent; the write-back gives a group whose integers end different its own copy."""
         learned = self.mode is QuantizerMode.LEARNED
         latent_sources: dict[str, tuple[str, np.ndarray, np.ndarray | None, int | None]] = {}
         dq_of_q: dict[str, list[ir.Node]] = {}
@@ -246,6 +258,7 @@ class TrainableGraph(nn.Module):
                     latent_initializer=None, spec=spec, quantizer=None, latent=None,
                 )
             )
+        readers: dict[str, list[ir.Node]] = {}  # stored integer initializer -> the DequantizeLinears reading it as data
         for node in graph:
             if node.op_type != "DequantizeLinear" or names[node] in self._dq_roles:
                 continue
@@ -254,30 +267,75 @@ class TrainableGraph(nn.Module):
                 problems.append((names[node], node.op_type, "scale or zero point computed at run time"))
                 continue
             stored = node.inputs[0]
-            spec = _weight_grid(self._spec(node, params.scale, params.zero_point, weight=True, scheme=scheme, power_of_two=power_of_two), node, scheme)
-            name = names[node]
-            common = dict(
-                name=name, quantize_node=None, dequantize_nodes=(name,), scale_initializers=_initializer_names(node, [1]),
-                zero_point_initializers=_initializer_names(node, [2]), spec=spec, quantizer=None, latent=None,
-            )
-            if not stored.is_initializer():
-                self._add_quantizer(name, FakeQuantizer(spec, params.scale, params.zero_point, trainable=False))
-                self._dq_roles[name] = "frozen"
-                self._records.append(QuantRecord(kind="frozen", latent_initializer=None, **common))
+            if stored.is_initializer():
+                readers.setdefault(stored.name, []).append(node)
                 continue
-            if stored.name in latent_sources or len(stored.uses()) > 1:
-                problems.append((name, node.op_type, f"integer initializer {stored.name!r} is read by more than one node"))
+            spec = self._weight_spec(node, params, scheme, power_of_two)
+            self._add_quantizer(names[node], FakeQuantizer(spec, params.scale, params.zero_point, trainable=False))
+            self._dq_roles[names[node]] = "frozen"
+            self._records.append(QuantRecord(kind="frozen", latent_initializer=None, **self._common(node, names, spec)))
+        biases: list[tuple[str, ir.Node]] = []
+        for stored_name, dequantizers in readers.items():
+            stored = dequantizers[0].inputs[0]
+            others = [names[user] for user, index in stored.uses() if not (user.op_type in _QDQ and (index > 0 or user.op_type == "DequantizeLinear"))]
+            if others:
+                problems.append((names[dequantizers[0]], "DequantizeLinear", f"integer initializer {stored_name!r} is also read by {', '.join(others)}, which would see it trained"))
                 continue
-            latent_sources[stored.name] = (spec.dtype, params.scale, params.zero_point, spec.axis)
-            if spec.dtype == "int32":
-                self._dq_roles[name] = "bias"
-                self._records.append(QuantRecord(kind="bias", latent_initializer=stored.name, bias_sources=self._bias_sources(node, names), **common))
+            if stored.dtype is not None and _dtype_name(stored.dtype) == "int32":
+                biases.extend((stored_name, dq) for dq in dequantizers)
                 continue
-            elements = stored.const_value.numpy().size
-            self._add_quantizer(name, FakeQuantizer(spec, params.scale, params.zero_point, trainable=learned, elements=elements))
-            self._dq_roles[name] = "weight"
-            self._records.append(QuantRecord(kind="weight", latent_initializer=stored.name, **common))
+            for group in _tied(dequantizers, lambda dq: _quantization(dq, self._weight_spec(dq, qparams(dq), scheme, power_of_two))):
+                params, spec = qparams(group[0]), self._weight_spec(group[0], qparams(group[0]), scheme, power_of_two)
+                self._add_latent(stored_name, group, names, spec, latent_sources)
+                elements = stored.const_value.numpy().size
+                self._add_quantizer(names[group[0]], FakeQuantizer(spec, params.scale, params.zero_point, trainable=learned, elements=elements))
+                for dq in group:
+                    self._quantizer_keys[names[dq]] = self._quantizer_keys[names[group[0]]]
+                    self._dq_roles[names[dq]] = "weight"
+                self._records.append(QuantRecord(kind="weight", latent_initializer=stored_name, **self._common(group, names, spec)))
+        def accumulator(dq: ir.Node) -> tuple[str, ...] | None:
+            """The quantizers of the input and weight of the op adding this bias: its integers count in s_in · s_w."""
+            sources = self._bias_sources(dq, names)
+            return None if sources is None else tuple(self._quantizer_keys.get(name, name) for name in sources)
+
+        by_initializer: dict[str, list[ir.Node]] = {}
+        for stored_name, dq in biases:
+            by_initializer.setdefault(stored_name, []).append(dq)
+        for stored_name, dequantizers in by_initializer.items():
+            for group in _tied(dequantizers, lambda dq: (_quantization(dq, self._weight_spec(dq, qparams(dq), scheme, power_of_two)), accumulator(dq))):
+                spec = self._weight_spec(group[0], qparams(group[0]), scheme, power_of_two)
+                self._add_latent(stored_name, group, names, spec, latent_sources)
+                for dq in group:
+                    self._dq_roles[names[dq]] = "bias"
+                self._records.append(
+                    QuantRecord(kind="bias", latent_initializer=stored_name, bias_sources=self._bias_sources(group[0], names), **self._common(group, names, spec))
+                )
         return latent_sources
+
+    def _weight_spec(self, dequantize: ir.Node, params, scheme, power_of_two: bool) -> QuantSpec:
+        return _weight_grid(self._spec(dequantize, params.scale, params.zero_point, weight=True, scheme=scheme, power_of_two=power_of_two), dequantize, scheme)
+
+    @staticmethod
+    def _common(dequantizers: ir.Node | Sequence[ir.Node], names: Mapping[ir.Node, str], spec: QuantSpec) -> dict:
+        """The record fields of a stored tensor's DequantizeLinear(s)."""
+        group = [dequantizers] if isinstance(dequantizers, ir.Node) else list(dequantizers)
+        return dict(
+            name=names[group[0]], quantize_node=None, dequantize_nodes=tuple(names[dq] for dq in group),
+            scale_initializers=tuple(dict.fromkeys(n for dq in group for n in _initializer_names(dq, [1]))),
+            zero_point_initializers=tuple(dict.fromkeys(n for dq in group for n in _initializer_names(dq, [2]))), spec=spec, quantizer=None, latent=None,
+        )
+
+    def _add_latent(self, stored_name: str, group: Sequence[ir.Node], names: Mapping[ir.Node, str], spec: QuantSpec, latent_sources: dict) -> None:
+        """One trainable latent for `group`, DequantizeLinears that read `stored_name` alike; a stored tensor read
+        with different quantizations (untied) has one latent per group, which the group's nodes read under its own name."""
+        untied = any(source == stored_name for source, *_ in latent_sources.values())
+        value = f"{stored_name}@{names[group[0]]}" if untied else stored_name
+        params = qparams(group[0])
+        latent_sources[value] = (stored_name, params.scale, params.zero_point, spec.axis)
+        for dq in group:
+            self._latent_keys[names[dq]] = _key(value)
+            if untied:
+                self._latent_inputs[names[dq]] = value
 
     @staticmethod
     def _bias_sources(bias_dq: ir.Node, names: Mapping[ir.Node, str]) -> tuple[str, str] | None:
@@ -294,10 +352,11 @@ class TrainableGraph(nn.Module):
         }
         for name, value in initializers.items():
             array = value.const_value.numpy()
-            if name in latent_sources:
-                dtype, scale, zero_point, axis = latent_sources[name]
-                self.latent[_key(name)] = nn.Parameter(_dequantized(array, scale, zero_point, axis))
-                self._sources.append((name, "latent", _key(name)))
+            latents = [(latent, source) for latent, source in latent_sources.items() if source[0] == name]
+            for latent, (_, scale, zero_point, axis) in latents:
+                self.latent[_key(latent)] = nn.Parameter(_dequantized(array, scale, zero_point, axis))
+                self._sources.append((latent, "latent", _key(latent)))
+            if latents:
                 continue
             uses = value.uses()
             if name in qdq_parameters and all(user.op_type in _QDQ and index > 0 for user, index in uses):
@@ -314,7 +373,7 @@ class TrainableGraph(nn.Module):
     def _bind(self, record: QuantRecord) -> QuantRecord:
         """The record with its live quantizer and latent parameter."""
         quantizer = self.quantizers[self._quantizer_keys[record.name]] if record.name in self._quantizer_keys else None
-        latent = self.latent[_key(record.latent_initializer)] if record.latent_initializer is not None else None
+        latent = self.latent[self._latent_keys[record.name]] if record.latent_initializer is not None else None
         return QuantRecord(**{**record.__dict__, "quantizer": quantizer, "latent": latent})
 
     # -- queries --------------------------------------------------------------------------------
@@ -415,6 +474,21 @@ class TrainableGraph(nn.Module):
         results = {name: env[name] for name in capture}
         results.update({name: env[name].to(self._integer_outputs[name]) if name in self._integer_outputs else env[name] for name in self.output_names})
         return results
+
+
+def _tied(dequantizers: Sequence[ir.Node], key) -> list[list[ir.Node]]:
+    """`dequantizers` grouped by equal `key(node)`, in order of first appearance."""
+    groups: dict[object, list[ir.Node]] = {}
+    for node in dequantizers:
+        groups.setdefault(key(node), []).append(node)
+    return list(groups.values())
+
+
+def _quantization(dequantize: ir.Node, spec: QuantSpec) -> tuple:
+    """What a DequantizeLinear makes of its integers: grid and axis, scale and zero point bit for bit."""
+    params = qparams(dequantize)
+    zero = b"" if params.zero_point is None else np.asarray(params.zero_point).tobytes()
+    return spec, np.asarray(params.scale, np.float32).tobytes(), zero
 
 
 def _weight_grid(spec: QuantSpec, dequantize: ir.Node, scheme) -> QuantSpec:

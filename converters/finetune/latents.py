@@ -49,7 +49,7 @@ def fp32_latents(student: TrainableGraph, qdq: onnx.ModelProto, fp32: onnx.Model
         if record.kind != "weight" or record.latent is None or record.quantizer is None:
             continue
         report["weights"] += 1
-        weight = sources.get(record.latent_initializer or "")
+        weight = sources.get(record.dequantize_nodes[0])
         if weight is None or weight.shape != tuple(record.latent.shape):
             continue
         with torch.no_grad():
@@ -69,7 +69,8 @@ def fp32_latents(student: TrainableGraph, qdq: onnx.ModelProto, fp32: onnx.Model
 
 
 def _fp32_sources(qdq: onnx.ModelProto, fp32: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """{integer initializer of `qdq`: the fp32 initializer at the same input of the same-named node of `fp32`}."""
+    """{weight DequantizeLinear of `qdq`: the fp32 initializer at the same input of the same-named node of `fp32` as
+    the one it feeds} (by node, not by integer initializer: readers of a shared one may dequantize it differently)."""
     integers = {i.name for i in qdq.graph.initializer}
     readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for node in qdq.graph.node:
@@ -85,7 +86,7 @@ def _fp32_sources(qdq: onnx.ModelProto, fp32: onnx.ModelProto) -> dict[str, np.n
         twin = fp32_nodes.get(consumer.name)
         if twin is None or twin.op_type != consumer.op_type or index >= len(twin.input) or twin.input[index] not in fp32_weights:
             continue
-        sources[node.input[0]] = numpy_helper.to_array(fp32_weights[twin.input[index]])
+        sources[node.name] = numpy_helper.to_array(fp32_weights[twin.input[index]])
     return sources
 
 

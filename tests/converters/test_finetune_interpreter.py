@@ -243,6 +243,7 @@ OP_CASES = [
     ("slice_large_ends", "Slice", {}, [_f(5, 6, 7), _i(1), _i(2**62), _i(2), _i(2)], 13),
     ("gather_negative_2d_indices", "Gather", dict(axis=1), [_f(3, 5, 2), np.array([[0, -1], [2, -3]], np.int64)], 13),
     ("gather_scalar_index", "Gather", dict(axis=0), [_f(4, 5), np.array(-2, np.int64)], 13),
+    ("gather_scalar_index_into_a_vector", "Gather", dict(axis=0), [_f(4), np.array(1, np.int64)], 13),  # Shape -> Gather of a dynamic graph: a 0-d result
     ("split_uneven_num_outputs", "Split", dict(axis=1, num_outputs=3), [_f(2, 8)], 18),
     ("split_opset11_attribute", "Split", dict(axis=0, split=[1, 3]), [_f(4, 3)], 11),
     ("expand_bidirectional", "Expand", {}, [_f(3, 1), _i(2, 1, 4)], 13),

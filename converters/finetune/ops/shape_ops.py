@@ -112,7 +112,7 @@ def gather(node: NodeSpec, inputs: list, graph) -> tuple:
     indices = indices.long()
     indices = torch.where(indices < 0, indices + data.shape[axis], indices)
     picked = data.index_select(axis, indices.reshape(-1))
-    return (picked.reshape(*data.shape[:axis], *indices.shape, *data.shape[axis + 1 :]),)
+    return (picked.reshape((*data.shape[:axis], *indices.shape, *data.shape[axis + 1 :])),)  # () for a scalar index into a vector
 
 
 @REGISTRY.register("Expand")
