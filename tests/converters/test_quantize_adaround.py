@@ -14,7 +14,6 @@ from onnx import TensorProto, helper, numpy_helper
 from edgeopt.converters.data import model_input_specs, open_dataset
 from edgeopt.converters.passes import simplify
 from edgeopt.converters.quantize import QuantizeOptions, _prepared, quantize
-from edgeopt.runtime.kinds import Technique
 from edgeopt.converters.quantize.adaround import AdaRoundOptions, adaround
 from edgeopt.runtime.errors import BackendUnavailableError
 from edgeopt.runtime.kinds import Technique
@@ -161,3 +160,23 @@ def test_without_torch_the_error_says_how_to_install_it(small, monkeypatch):
     with pytest.raises(BackendUnavailableError) as raised:
         adaround(model, qdq, data, get_target("raspberry-pi").quant_scheme, SHORT)
     assert "pip install 'edgeopt[train]'" in str(raised.value)
+
+
+def test_a_build_with_one_more_layer_float_reuses_the_learned_codes(small):
+    """Mixed precision builds the recipe once per candidate layer left float: AdaRound is learned in
+    the first build only, and every layer still quantized keeps the codes learned there."""
+    from edgeopt.converters.quantize import _Quantizer
+
+    model, data, _ = small
+    quantizer = _Quantizer(model, get_target("raspberry-pi").quant_scheme, data, QuantizeOptions(method="minmax", debug_samples=0), None, frozenset({Technique.ADAROUND}))
+    first = _initializers(quantizer.build(()))
+    assert quantizer.adaround_report is not None and quantizer.adaround_report["changed"], quantizer.adaround_report
+    second_model = quantizer.build(("depthwise",))
+    second = _initializers(second_model)
+    assert quantizer.adaround_report["reused_by_builds"] == 1
+    depthwise = next(n for n in second_model.graph.node if n.name == "depthwise")
+    assert depthwise.input[1] == "w2"  # float: reads the fp32 weight directly
+    learned = {name for name, node in _weight_names(quantizer.build(())).items() if node != "depthwise"}
+    assert learned and all(np.array_equal(first[name], second[name]) for name in learned)
+    kept = [e["node"] for e in quantizer.adaround_report["layers"] if e["kept"] and e["node"] != "depthwise"]
+    assert kept, quantizer.adaround_report["layers"]
