@@ -777,10 +777,11 @@ def artifact_outputs(kind: str, path: Path, case: Case) -> list[np.ndarray]:
 # ------------------------------------------------------------------------------------------------
 
 
-def wide_eval(case: Case, narrow: int, work: Path) -> None:
+def wide_eval(case: Case, narrow: int, work: Path, rerun: bool) -> None:
     """Every kept artifact of `case`'s model, on every target, run on all of `case`'s eval crops; the
     result (fidelity and the per-crop top-1 agreement, for paired comparisons) goes into the cell as
-    `wide_eval`. The first `narrow` crops are the table's own (checked), so the two sets nest."""
+    `wide_eval` (a cell that has one on as many crops is skipped unless `rerun`; re-running a cell
+    drops it). The first `narrow` crops are the table's own (checked), so the two sets nest."""
     table = load_case(case.name, work, len(case.calibration), narrow)
     if not all(np.array_equal(a[k], b[k]) for a, b in zip(table.evaluation, case.evaluation) for k in a):
         raise SystemExit(f"{case.name}: the first {narrow} of {len(case.evaluation)} eval crops are not the table's")
@@ -788,7 +789,7 @@ def wide_eval(case: Case, narrow: int, work: Path) -> None:
         for path in sorted(work.glob(f"cells/{case.name}__{target}__*.json")):
             cell = json.loads(path.read_text())
             found = artifact_of(work, case, target, cell) if cell.get("status") == "ok" else None
-            if found is None:
+            if found is None or (not rerun and (cell.get("wide_eval") or {}).get("samples") == len(case.evaluation)):
                 continue
             started = time.perf_counter()
             outputs = artifact_outputs(*found, case)
@@ -1226,7 +1227,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.wide_eval:
         for model in args.models.split(","):
             if model in WIDE_EVAL_MODELS:
-                wide_eval(load_case(model, args.work, args.calib, args.wide_eval), args.eval, args.work)
+                wide_eval(load_case(model, args.work, args.calib, args.wide_eval), args.eval, args.work, args.rerun)
         return
     tools = args.tools.split(",")
     for model in args.models.split(","):
