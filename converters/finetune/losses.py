@@ -10,11 +10,14 @@ teacher's outputs on the first batch (`output_kinds`):
   same KL on its log-probabilities (log p / T is the logit of the tempered distribution).
 - DETECTIONS: a YOLOv8-style head output (batch, 4 + classes, anchors) with more anchors than rows:
   four box rows (pixels, some beyond 1), then per-class sigmoid scores in [0, 1] -> the binary KL
-  of each class score (summed over classes, averaged over anchors), + the boxes' squared error
+  of each class score averaged with weight max(teacher score, student score), + the boxes' squared error
   weighted by the teacher's top class score, over the same weighted teacher mean square. Normalized
   MSE on the whole tensor is the wrong objective there: box coordinates (up to the input size) carry
   all of its weight and the scores, which decide what is detected, none (yolov8n onnxruntime-cpu PTQ:
   its scores alone lose all of the box F1 drop, 0.804 on 512 crops; its boxes alone keep 1.000).
+  Weighted by relevance because a detection is decided where a score is, or may become, large: on
+  128 crops the 4.8 M scores below 0.05 in both models (99.97%) carried 41% of the plain KL and the
+  box term 70% of the loss; QAD with the plain mean recovered 0.10 of the F1 drop, weighted 0.27.
 - REGRESSION: everything else (embeddings, feature and detection maps, boxes) -> mean squared error
   divided by the teacher's mean square: the inverse of the SQNR the fidelity report shows, so
   outputs of any scale weigh alike.
@@ -76,11 +79,14 @@ def _detections(value: torch.Tensor) -> bool:
 
 
 def detection_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Binary KL of the class scores (sum over classes, mean over anchors) + the boxes' squared error weighted by
-    the teacher's top score, over the weighted teacher mean square (see the module docstring)."""
+    """Binary KL of the class scores, averaged with each score's relevance max(teacher, student) as its weight, +
+    the boxes' squared error weighted by the teacher's top score, over the weighted teacher mean square (see the
+    module docstring)."""
     t = teacher[:, BOX_ROWS:].clamp(_MIN_PROBABILITY, 1 - _MIN_PROBABILITY)
     s = student[:, BOX_ROWS:].clamp(_MIN_PROBABILITY, 1 - _MIN_PROBABILITY)
-    scores = (t * (t.log() - s.log()) + (1 - t) * (torch.log1p(-t) - torch.log1p(-s))).sum(1).mean()
+    relevance = torch.maximum(t, s.detach())
+    kl = t * (t.log() - s.log()) + (1 - t) * (torch.log1p(-t) - torch.log1p(-s))
+    scores = (relevance * kl).sum() / relevance.sum()
     weight = teacher[:, BOX_ROWS:].amax(1, keepdim=True)
     boxes = (weight * (student[:, :BOX_ROWS] - teacher[:, :BOX_ROWS]).pow(2)).sum() / (weight * teacher[:, :BOX_ROWS].pow(2)).sum().clamp_min(1e-12)
     return scores + boxes
