@@ -1127,7 +1127,7 @@ def markdown(payload: dict[str, Any]) -> str:
                     lines.append(f"| {model} | {label} | {_fmt_ci(fid['task'], 4)} | {fid['cosine']['mean']:.5f} | {fid['sqnr_db']:.1f} | {cell['build_s']:.1f} |")
     lines += ["", "## What the technique search chose, and what it did on the eval samples", "",
               "The search keeps a technique when it raises the output SQNR on calibration samples held out from range estimation "
-              "by >= 0.1 dB. Eval figures are against `edgeopt_fast` (the baseline: min-max, bias correction) on the same 512 samples.", "",
+              "by >= 0.1 dB. Eval figures are against `edgeopt_fast` (the baseline: min-max ranges) on the same 512 samples.", "",
               "| model | target | effort | recipe | held-out SQNR dB (baseline -> chosen) | eval SQNR dB (fast -> this) | eval task metric (fast -> this) | dropped (held-out dB) |",
               "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for model in models:
