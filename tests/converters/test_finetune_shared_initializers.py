@@ -106,11 +106,15 @@ def test_readers_that_dequantize_alike_train_one_latent_others_their_own(graphs)
     tied = records[("weight", (names["a"][0], names["b"][0]))]
     assert student.quantizer_of(names["a"][0]) is student.quantizer_of(names["b"][0]) is tied.quantizer
     # the graph runs in the interpreter as on ONNX Runtime
-    frozen = TrainableGraph(qdq, quantizers=QuantizerMode.FROZEN, scheme=SCHEME)
-    samples = _samples(8, 1)
-    for sample, reference in zip(samples, run_model(qdq, samples)):
+    _computes_as_onnx_runtime(TrainableGraph(qdq, quantizers=QuantizerMode.FROZEN, scheme=SCHEME), qdq, seed=1)
+
+
+def _computes_as_onnx_runtime(graph: TrainableGraph, model: onnx.ModelProto, seed: int) -> None:
+    """`graph` in torch gives what ONNX Runtime gives for `model`, on 8 samples."""
+    samples = _samples(8, seed)
+    for sample, reference in zip(samples, run_model(model, samples)):
         with torch.no_grad():
-            ours = frozen({"x": torch.from_numpy(sample["x"])})
+            ours = graph({"x": torch.from_numpy(sample["x"])})
         for name in OUTPUTS:
             np.testing.assert_allclose(ours[name].numpy(), reference[name], atol=1e-6)
 
@@ -144,12 +148,7 @@ def test_write_back_writes_a_shared_initializer_once_and_unties_readers_whose_va
     onnx.checker.check_model(written)
 
     # the written graph computes on ONNX Runtime what the student computed in training
-    samples = _samples(8, 2)
-    for sample, reference in zip(samples, run_model(written, samples)):
-        with torch.no_grad():
-            ours = student({"x": torch.from_numpy(sample["x"])})
-        for name in OUTPUTS:
-            np.testing.assert_allclose(ours[name].numpy(), reference[name], atol=1e-6)
+    _computes_as_onnx_runtime(student, written, seed=2)
 
 
 def test_qad_trains_the_deduplicated_graph_and_ships_what_it_trained(graphs) -> None:
