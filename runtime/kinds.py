@@ -131,6 +131,7 @@ class PruneCriterion(_Named):
     L2 = "l2"  # L2 norm of each output filter
     BN_SCALE = "bn-scale"  # |gamma| of the BatchNormalization after the layer, read before simplify folds it
     TAYLOR = "taylor"  # first-order Taylor (activation x gradient) on calibration data, label-free (needs torch)
+    AUTO = "auto"  # taylor where calibration data and torch are at hand, else l2 (`resolve_criterion`, before any ranking)
 
 
 class CalibrationMethod(_Named):

@@ -302,7 +302,7 @@ def _technique_switches(pairs: tuple[str, ...]) -> dict[Technique, bool]:
     " vnni/amx/arm64 keep 8-bit weights but saturate on x86 without VNNI].",
 )
 @click.option("--prune", "prune_ratio", type=_FiniteFloat(min=0), help="Remove this share of each dependency group's channels after simplify (e.g. 0.3); widths stay multiples of the target's channel multiple.")
-@click.option("--prune-criterion", type=_Names(PruneCriterion), default=PruneCriterion.L2.value, show_default=True, help="How --prune ranks channels (taylor: on --calibration data, needs torch).")
+@click.option("--prune-criterion", type=_Names(PruneCriterion), default=PruneCriterion.AUTO.value, show_default=True, help="How --prune ranks channels (taylor: on --calibration data, needs torch; auto: taylor when both are there, else l2).")
 @click.option("--prune-global", is_flag=True, help="One ranking over every group instead of the same share in each.")
 @click.option("--prune-protect", "prune_protected", multiple=True, metavar="NODE", help="Keep this layer's output channels (repeatable).")
 @click.option(
@@ -410,7 +410,7 @@ def build(
 @click.option("--ratio", type=_FiniteFloat(min=0), required=True, help="Share of each dependency group's channels to remove (0 <= R < 1).")
 @click.option("--target", "-t", help="Round kept widths up to this target's channel multiple.")
 @click.option("--channel-multiple", type=_COUNT, help="Round kept widths up to a multiple of N [default: 1, or the target's].")
-@click.option("--criterion", type=_Names(PruneCriterion), default=PruneCriterion.L2.value, show_default=True, help="How channels are ranked.")
+@click.option("--criterion", type=_Names(PruneCriterion), default=PruneCriterion.AUTO.value, show_default=True, help="How channels are ranked (auto: taylor with --calibration and torch, else l2).")
 @click.option("--global", "global_ranking", is_flag=True, help="One ranking over every group instead of the same share in each.")
 @click.option("--protect", "protected", multiple=True, metavar="NODE", help="Keep this layer's output channels (repeatable).")
 @click.option("--input-shape", "input_shapes", multiple=True, help="Fix a dynamic input: NAME=D0,D1,... (repeatable), so reshapes can be traced.")

@@ -60,7 +60,7 @@ def build(
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
     reference_samples: int = 4,
     prune: float | None = None,
-    prune_criterion: str | PruneCriterion = PruneCriterion.L2,
+    prune_criterion: str | PruneCriterion = PruneCriterion.AUTO,
     prune_global: bool = False,
     prune_protected: Iterable[str] = (),
     isa: str | None = None,
@@ -78,7 +78,8 @@ def build(
 
     `isa`: the CPU class an int8 bundle is for (`Target.isa_classes`; the profile's default when None).
     `prune`: share of each dependency group's channels removed after simplify (0 or None: no pruning),
-    ranked by `prune_criterion` ("l1", "l2", "bn-scale", "taylor": on `calibration`), per group or over all (`prune_global`); kept
+    ranked by `prune_criterion` ("l1", "l2", "bn-scale", "taylor": on `calibration`; "auto": taylor when `calibration` is
+    given and torch is installed, else l2), per group or over all (`prune_global`); kept
     widths are rounded up to the target's channel multiple; `prune_protected` names layers kept whole.
     `effort`: "fast", "default" or "max": which PTQ techniques int8 may try, each kept only if it helps
     on held-out calibration samples. `techniques`: {name: True/False} forces one on or off unmeasured.
@@ -108,7 +109,7 @@ def build(
         io_layout=io_layout,
         input_shapes=input_shapes,
         reference_samples=reference_samples,
-        prune=_prune_options(prune, prune_criterion, prune_global, prune_protected, profile),
+        prune=_prune_options(prune, prune_criterion, prune_global, prune_protected, profile, has_data=calibration is not None),
         force=force,
         archive=archive,
         finetune=_finetune_options(finetune, epochs, lr, finetune_checkpoints),
@@ -168,10 +169,10 @@ def _recover_options(recover: bool | FinetuneOptions) -> FinetuneOptions | None:
 
 
 def _prune_options(
-    ratio: float | None, criterion: str | PruneCriterion, global_ranking: bool, protected: Iterable[str], target: Target
+    ratio: float | None, criterion: str | PruneCriterion, global_ranking: bool, protected: Iterable[str], target: Target, *, has_data: bool
 ) -> PruneOptions | None:
-    """The pruning options, with the target's channel multiple; None when no channel is to go."""
-    from edgeopt.converters.prune import PruneOptions
+    """The pruning options, with the target's channel multiple and `auto` resolved; None when no channel is to go."""
+    from edgeopt.converters.prune import PruneOptions, resolve_criterion
 
     if not ratio:
         return None
@@ -179,7 +180,7 @@ def _prune_options(
         raise OptionError(f"--prune must be a share of channels between 0 and 1, got {ratio}", hint="e.g. --prune 0.3 removes 30% of each group's channels")
     return PruneOptions(
         ratio=ratio,
-        criterion=_parse_named(PruneCriterion, criterion, "pruning criterion"),
+        criterion=resolve_criterion(_parse_named(PruneCriterion, criterion, "pruning criterion"), has_data=has_data),
         channel_multiple=target.channel_multiple,
         global_ranking=global_ranking,
         protected=tuple(protected),

@@ -51,7 +51,7 @@ def prune(
     ratio: float,
     target: str | Target | None = None,
     channel_multiple: int | None = None,
-    criterion: str | PruneCriterion = PruneCriterion.L2,
+    criterion: str | PruneCriterion = PruneCriterion.AUTO,
     global_ranking: bool = False,
     protected: Iterable[str] = (),
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
@@ -60,12 +60,13 @@ def prune(
 ) -> PruneOutcome:
     """Prune `model` to `output` (see `edgeopt.converters.prune`); `input_shapes` fixes dynamic inputs
     so that reshapes after convolutions can be traced (as `build` does from its data); the taylor
-    criterion runs on `calibration` (as `build --calibration` reads it)."""
+    criterion runs on `calibration` (as `build --calibration` reads it); `auto` is taylor when `calibration` is given and
+    torch is installed, else l2."""
     import onnx
 
     from edgeopt.converters.analysis import io_specs, load_model
     from edgeopt.converters.passes import simplify
-    from edgeopt.converters.prune import PruneOptions, batchnorm_scales
+    from edgeopt.converters.prune import PruneOptions, batchnorm_scales, resolve_criterion
     from edgeopt.converters.prune import prune as prune_graph
     from edgeopt.pipeline import _parse_named
 
@@ -75,7 +76,7 @@ def prune(
     output_path = Path(output)
     if output_path.exists() and not (force and output_path.is_file()):
         raise OutputError(f"{output_path} already exists", hint="choose another -o, or pass --force to replace the file")
-    chosen = _parse_named(PruneCriterion, criterion, "pruning criterion")
+    chosen = resolve_criterion(_parse_named(PruneCriterion, criterion, "pruning criterion"), has_data=calibration is not None)
     if chosen is PruneCriterion.TAYLOR and calibration is None:
         raise OptionError("the taylor criterion ranks channels on calibration data", hint="pass --calibration data.npz, or use --criterion l2")
     source = load_model(model)

@@ -18,12 +18,12 @@ import onnx
 import onnx_ir as ir
 
 from edgeopt.converters.graph.session import has_qdq
-from edgeopt.converters.prune.importance import batchnorm_scales
+from edgeopt.converters.prune.importance import batchnorm_scales, resolve_criterion
 from edgeopt.converters.prune.surgery import GroupReport, PruneChannelsPass, PruneOptions, PruneReport
 from edgeopt.runtime.errors import OptionError
 from edgeopt.runtime.kinds import PruneCriterion
 
-__all__ = ["GroupReport", "PruneChannelsPass", "PruneOptions", "PruneReport", "PruneResult", "batchnorm_scales", "prune"]
+__all__ = ["GroupReport", "PruneChannelsPass", "PruneOptions", "PruneReport", "PruneResult", "batchnorm_scales", "prune", "resolve_criterion"]
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ after it is ranked by its L2 norm instead, and the report says how many were.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -24,7 +25,21 @@ from edgeopt.converters.graph.qdq import build_time_array
 from edgeopt.converters.prune.groups import Analysis
 from edgeopt.runtime.kinds import PruneCriterion, unreachable
 
-__all__ = ["atom_scores", "batchnorm_scales", "layer_taylor_scores"]
+__all__ = ["atom_scores", "batchnorm_scales", "layer_taylor_scores", "resolve_criterion"]
+
+
+def resolve_criterion(criterion: PruneCriterion, *, has_data: bool) -> PruneCriterion:
+    """`auto` made concrete: taylor when calibration data is given and torch is installed, else l2.
+
+    Taylor measures what the next layers do with a channel, and on the bench it keeps more than the
+    filter norm wherever data exists (ppocr_cls at 0.4 before recovery: 0.77 against 0.63 top-1
+    agreement; MobileNetV2 at 0.6 after recovery: 98.0% against 92.4%, bench/results/prune_vs_torch_pruning.md);
+    without data or torch the filter's L2 norm is what remains. Other criteria pass through."""
+    if criterion is not PruneCriterion.AUTO:
+        return criterion
+    if has_data and importlib.util.find_spec("torch") is not None:
+        return PruneCriterion.TAYLOR
+    return PruneCriterion.L2
 
 _LAYERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 #: layers whose output channels are on axis 1 (NCHW); the others' are on the last axis
@@ -66,6 +81,8 @@ def atom_scores(analysis: Analysis, criterion: PruneCriterion, measured: Mapping
                 if raw is None or raw.shape != (source.width,):
                     fallbacks += 1
                     raw = _filter_norms(source.node, source.weight_axis, 2)
+            case PruneCriterion.AUTO:
+                raise ValueError("the auto criterion is resolved (resolve_criterion) before channels are ranked")
             case _:
                 unreachable(criterion)
         mean = float(np.mean(raw))

@@ -84,8 +84,34 @@ def test_edgeopt_prune_writes_a_checked_onnx_and_reports_in_json(wide_cnn: Path,
     assert again.exit_code == 2 and "already exists" in again.output
 
 
-def test_the_schemas_pruning_criteria_are_the_enum() -> None:
-    assert SCHEMA["properties"]["pruning"]["properties"]["criterion"]["enum"] == [c.value for c in PruneCriterion]
+def test_the_schemas_pruning_criteria_are_the_enum_but_auto_which_a_manifest_never_records() -> None:
+    concrete = [c.value for c in PruneCriterion if c is not PruneCriterion.AUTO]
+    assert SCHEMA["properties"]["pruning"]["properties"]["criterion"]["enum"] == concrete
+
+
+def test_the_default_criterion_is_taylor_with_calibration_data_and_l2_without(wide_cnn: Path, tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    np.savez(tmp_path / "calib.npz", x=np.concatenate([s["x"] for s in _samples(16)]))
+    with_data = edgeopt.build(wide_cnn, "pi", output=tmp_path / "int8", precision="int8", prune=0.5, calibration=tmp_path / "calib.npz")
+    assert with_data.manifest["pruning"]["criterion"] == "taylor" and with_data.manifest["pruning"]["samples"] == 16
+    without = edgeopt.build(wide_cnn, "pi", output=tmp_path / "fp32", precision="fp32", prune=0.5)
+    assert without.manifest["pruning"]["criterion"] == "l2" and without.manifest["pruning"]["samples"] == 0
+    base = ["prune", str(wide_cnn), "--ratio", "0.5", "--json"]
+    plain = CliRunner().invoke(cli, [*base, "-o", str(tmp_path / "plain.onnx")])
+    ranked = CliRunner().invoke(cli, [*base, "-o", str(tmp_path / "ranked.onnx"), "--calibration", str(tmp_path / "calib.npz")])
+    assert plain.exit_code == 0 and ranked.exit_code == 0, plain.output + ranked.output
+    assert json.loads(plain.output)["report"]["criterion"] == "l2" and json.loads(ranked.output)["report"]["criterion"] == "taylor"
+
+
+def test_auto_falls_back_to_l2_where_torch_is_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from edgeopt.converters.prune import resolve_criterion
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    assert resolve_criterion(PruneCriterion.AUTO, has_data=True) is PruneCriterion.L2
+    assert resolve_criterion(PruneCriterion.L1, has_data=True) is PruneCriterion.L1  # a named criterion is kept as it is
 
 
 def test_taylor_ranks_on_the_calibration_data_and_is_refused_without_it(wide_cnn: Path, tmp_path: Path) -> None:
