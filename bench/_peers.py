@@ -220,7 +220,100 @@ def aimet_worker(job: Mapping[str, Any]) -> dict[str, Any]:
             "failed_steps": skipped}  # fmt: skip
 
 
-_WORKERS = {"nncf": nncf_worker, "aimet": aimet_worker}
+def nncf_qat_worker(job: Mapping[str, Any]) -> dict[str, Any]:
+    """Under the NNCF venv: NNCF's QAT of the digits CNN (examples/digits/train.py's model with model.onnx's weights),
+    on edgeopt's narrowed weight grid: `nncf.quantize` with per-tensor weights, then each weight quantizer set to the
+    symmetric grid [-L, L] with its min-max range (NNCF's hardware config allows 8 bits only; its fake-quant modules
+    take any levels), activations at NNCF's int8; then trained with labels on the digits training split, a seeded
+    held-out part picking the epoch, as edgeopt's QAT does. Returns the eval logits of the PTQ and each tuned model."""
+    import copy
+
+    import nncf
+    import onnx
+    import torch
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
+    from nncf.torch.quantization.layers import SymmetricQuantizer
+    from onnx import numpy_helper
+
+    digits = Path(job["digits"])
+    sys.path.insert(0, str(digits))
+    from train import DigitsCNN, load_splits
+
+    torch.manual_seed(job["seed"])
+    torch.set_num_threads(1)
+    model = DigitsCNN()
+    initializers = {i.name: numpy_helper.to_array(i) for i in onnx.load(digits / "model.onnx").graph.initializer}
+    model.load_state_dict({k: torch.from_numpy(initializers[k].copy()) if k in initializers else v for k, v in model.state_dict().items()})
+    model.eval()
+    weights = {name.replace(".weight", ""): value.detach() for name, value in model.named_parameters() if name.endswith("weight") and value.ndim > 1}
+    calibration = np.load(digits / "calib.npz")["image"][:, None]
+    evaluation = torch.from_numpy(np.load(digits / "eval.npz")["image"])
+    parameters = AdvancedQuantizationParameters(weights_quantization_params=QuantizationParameters(per_channel=False))
+    quantized = nncf.quantize(model, nncf.Dataset([torch.from_numpy(c) for c in calibration]), advanced_parameters=parameters)
+    levels = int(job["levels"])
+
+    def weight_quantizers(net: Any) -> dict[str, Any]:
+        """layer -> its weight quantizer (hooked on the layer's input port 1: "...pre_hooks.features/0/conv2d/0__1.0")."""
+        found = {}
+        for name, module in net.named_modules():
+            if isinstance(module, SymmetricQuantizer) and name.endswith("__1.0"):
+                path = name.split("pre_hooks.")[1].split("/")
+                found[".".join(path[:2]) if path[0] == "features" else path[0]] = module
+        return found
+
+    def narrow(net: Any) -> None:
+        """The grid [-L, L]; again after every load_state_dict, which resets a quantizer's levels to its bit width."""
+        for module in weight_quantizers(net).values():
+            module.level_low, module.level_high = -levels, levels
+
+    narrow(quantized)
+    for layer, module in weight_quantizers(quantized).items():
+        with torch.no_grad():
+            module.scale.fill_(float(weights[layer].abs().max()))
+    narrowed = sorted(weight_quantizers(quantized))
+
+    def weights_of(net: Any, layer: str) -> torch.Tensor:
+        """The layer's float weight in the NNCF model (the quantizer reads it on every forward)."""
+        return dict(net.named_parameters())[f"{layer}.weight"].detach()
+
+    def logits(net: Any, images: torch.Tensor) -> np.ndarray:
+        net.eval()
+        with torch.no_grad():
+            return net(images).numpy()
+
+    x, _, y, _ = load_splits()
+    order = np.random.default_rng(job["seed"]).permutation(len(x))
+    held, train = order[: job["held_out"]], order[job["held_out"] :]
+    xs, ys = torch.from_numpy(x[train]), torch.from_numpy(y[train])
+    held_x, held_y = torch.from_numpy(x[held]), y[held]
+    runs = []
+    for lr in job["lrs"]:
+        net = copy.deepcopy(quantized)
+        optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+        generator = torch.Generator().manual_seed(job["seed"])
+        best = (float((logits(net, held_x).argmax(1) == held_y).mean()), 0, copy.deepcopy(net.state_dict()))
+        history, began = [best[0]], time.perf_counter()
+        for epoch in range(1, job["epochs"] + 1):
+            net.train()
+            for batch in torch.randperm(len(xs), generator=generator).split(job["batch_size"]):
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(net(xs[batch]), ys[batch]).backward()
+                optimizer.step()
+            history.append(float((logits(net, held_x).argmax(1) == held_y).mean()))
+            if history[-1] > best[0]:
+                best = (history[-1], epoch, copy.deepcopy(net.state_dict()))
+        seconds = time.perf_counter() - began
+        net.load_state_dict(best[2])
+        narrow(net)
+        codes = {layer: len(torch.unique(torch.round(module(weights_of(net, layer)) / module.scale * levels)))
+                 for layer, module in weight_quantizers(net).items()}
+        runs.append({"lr": lr, "held_out_accuracy": history, "best_epoch": best[1], "seconds": round(seconds, 1),
+                     "weight_codes_used": codes, "eval_logits": logits(net, evaluation).tolist()})
+    return {"tool": f"nncf {nncf.__version__} (torch {torch.__version__})", "narrowed": narrowed, "levels": levels,
+            "train_samples": len(train), "held_out_samples": len(held), "ptq_logits": logits(quantized, evaluation).tolist(), "runs": runs}
+
+
+_WORKERS = {"nncf": nncf_worker, "aimet": aimet_worker, "nncf_qat": nncf_qat_worker}
 
 if __name__ == "__main__":
     kind, job_file = sys.argv[1], Path(sys.argv[2])

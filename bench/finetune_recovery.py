@@ -139,9 +139,14 @@ def _recovery(rows: list[dict[str, Any]], metric: str) -> None:
 def _figures(reference: list[dict[str, np.ndarray]], model: onnx.ModelProto, data: dict[str, Any]) -> dict[str, Any]:
     """Fidelity figures with Wilson intervals, and `_top1`: the model's top-1 per eval sample (the caller pops it)."""
     from edgeopt.converters.graph.session import run_model
+
+    return _output_figures(reference, list(run_model(model, data["eval"], threads=2)), data)
+
+
+def _output_figures(reference: list[dict[str, np.ndarray]], outputs: list[dict[str, np.ndarray]], data: dict[str, Any]) -> dict[str, Any]:
+    """`_figures` of outputs computed elsewhere (a peer's model run by its own framework)."""
     from edgeopt.converters.metrics import fidelity
 
-    outputs = list(run_model(model, data["eval"], threads=2))
     figures = fidelity(reference, outputs, data["labels"])
     keys = ("accuracy", "accuracy_fp32", "top1_agreement", "min_cosine", "min_sqnr_db")
     values = {k: round(float(figures[k]), 5) for k in keys if k in figures}
@@ -188,6 +193,43 @@ def _ctc_figures(reference: list[dict[str, np.ndarray]], model: onnx.ModelProto,
         "ctc_chars": value, "ctc_chars_ci95": _wilson(value, characters), "characters_fp32": characters,
         **{k: round(float(figures[k]), 5) for k in ("min_cosine", "min_sqnr_db")}, "eval_samples": len(outputs),
     }
+
+
+#: learning rates NNCF's QAT runs at (its own parametrization: weights and quantizer scales in float, unlike
+#: edgeopt's latents in grid steps, so no rate is "the same"); each is its own row
+NNCF_QAT_LRS = (1e-4, 1e-3)
+
+
+def _nncf_qat_rows(case: dict[str, Any], reference: list[dict[str, np.ndarray]], data: dict[str, Any], epochs: int,
+                   overrides: dict[str, Any]) -> list[dict[str, Any]]:
+    """The peer: NNCF's QAT on the torch version of the digits model at the case's weight grid (`_peers.nncf_qat_worker`,
+    in the NNCF venv), with labels, the same epochs, batch and held-out share as edgeopt's QAT; its PTQ start is
+    NNCF's own (`ptq_nncf`). No rows when the venv is missing."""
+    import tempfile
+
+    import _peers
+
+    job = {"digits": str(DIGITS), "levels": 2 ** (case["bits"] - 1), "epochs": epochs, "lrs": list(NNCF_QAT_LRS),
+           "batch_size": overrides.get("batch_size", 16), "held_out": 256, "seed": overrides.get("seed", 0)}
+    with tempfile.TemporaryDirectory(prefix="nncf_qat_") as folder:
+        result = _peers.run_worker(_peers.NNCF_PYTHON, "nncf_qat", job, Path(folder), timeout_s=1800)
+    if "error" in result:
+        print(f"NNCF QAT peer not run: {result['error']}", file=sys.stderr)
+        return []
+    name = next(iter(reference[0]))
+
+    def outputs(logits: list[list[float]]) -> list[dict[str, np.ndarray]]:
+        return [{name: np.asarray(row, np.float32)[None]} for row in logits]
+
+    rows = [{"variant": "ptq_nncf", "peer": result["tool"], **_output_figures(reference, outputs(result["ptq_logits"]), data)}]
+    for run in result["runs"]:
+        rows.append({
+            "variant": f"nncf_qat_lr{run['lr']:g}_from_nncf", "peer": result["tool"], "labels": True, "lr": run["lr"],
+            **_output_figures(reference, outputs(run["eval_logits"]), data),
+            "train_samples": result["train_samples"], "held_out_samples": result["held_out_samples"], "epochs_run": epochs,
+            "best_epoch": run["best_epoch"], "seconds": run["seconds"], "history": run["held_out_accuracy"],
+        })
+    return rows
 
 
 # -- flips that are not near-ties (the eval set's noise floor) ------------------------------------------------
@@ -344,6 +386,8 @@ def run_case(
                 "peak_rss_mb": _peak_mb(), "load_average": [round(x, 2) for x in os.getloadavg()],
                 "history": report["history"], "writeback": report["writeback"],
             })
+    if case["model"] == "digits":
+        rows += _nncf_qat_rows(case, reference, data, epochs, overrides or {})
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
         for variant, model in {**ptqs, **tuned}.items():
@@ -558,6 +602,8 @@ def _markdown(document: dict[str, Any]) -> str:
         "Recovery = (tuned − its PTQ start) / (fp32 − that PTQ) of the case's metric on its eval samples; `qad` uses no labels.",
         "",
         "Intervals: Wilson 95% over the eval samples (CTC chars: over fp32's decoded characters; box F1: bootstrap). Recovery in brackets: the PTQ drop it recovers is within the eval set's noise (fp32 inside PTQ's interval).",
+        "",
+        "Peer rows (digits cases, where the NNCF venv exists): `ptq_nncf` is NNCF 3.4's `nncf.quantize` of the torch digits model with its weight quantizers set to the case's grid; `nncf_qat_lr*_from_nncf` is NNCF's QAT from there with labels, the same epochs, batch and held-out share as edgeopt's QAT (`_peers.nncf_qat_worker`); their recovery is counted from NNCF's own PTQ.",
         "",
         "Flips: eval samples whose top-1 differs from fp32's (of them near-ties: samples fp32's own top-1 changes under ±½ input level of noise, `_near_ties`). Decisive agreement: top-1 agreement on the samples that are not near-ties, and its recovery.",
         "",
