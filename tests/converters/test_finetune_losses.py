@@ -7,6 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from edgeopt.converters.finetune.losses import DistillationLoss, OutputKind, detection_loss, normalized_mse, output_kinds  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
 
 
 def _yolo_output(anchors: int = 300, classes: int = 3) -> torch.Tensor:
@@ -48,3 +49,24 @@ def test_the_score_gradient_reaches_the_student_logits() -> None:
     loss.backward()
     assert logits.grad[0, 1, 7] < 0, "the lowered score is pushed up"
     assert torch.equal(logits.grad.abs().flatten().argmax(), torch.tensor(1 * logits.shape[2] + 7)), "and it gets the largest gradient"
+
+
+def _kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> float:
+    """KL(teacher || student) of the tempered distributions, per row of the last axis, summed over rows / batch."""
+    target = F.log_softmax(teacher.log().reshape(-1, teacher.shape[-1]) / temperature, -1)
+    own = F.log_softmax(student.log().reshape(-1, student.shape[-1]) / temperature, -1)
+    return float(F.kl_div(own, target, reduction="batchmean", log_target=True)) * temperature**2
+
+
+def test_a_sequence_of_distributions_is_distilled_at_temperature_one_and_a_classifier_head_at_the_options() -> None:
+    """A CTC recogniser's (batch, positions, vocabulary) output is decided position by position by its top class;
+    tempered, most of a wide vocabulary's target mass sits on classes that decide nothing."""
+    generator = torch.Generator().manual_seed(0)
+    teacher, student = (torch.softmax(torch.randn(2, 5, 40, generator=generator) * 2, -1) for _ in range(2))
+    kinds = output_kinds({"sequence": teacher})
+    assert kinds == {"sequence": OutputKind.PROBABILITIES}
+    loss = DistillationLoss(kinds, temperature=2.0)
+    assert float(loss({"sequence": student}, {"sequence": teacher})) == pytest.approx(_kl(student, teacher, 1.0), rel=1e-5)
+    head_teacher, head_student = teacher[:, 0], student[:, 0]  # (batch, classes): the option's T
+    head = DistillationLoss(output_kinds({"probs": head_teacher}), temperature=2.0)
+    assert float(head({"probs": head_student}, {"probs": head_teacher})) == pytest.approx(_kl(head_student, head_teacher, 2.0), rel=1e-5)
