@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     from edgeopt.converters.finetune.writeback import WritebackReport
     from edgeopt.targets import QuantScheme
 
-__all__ = ["EpochRecord", "FinetuneOptions", "FinetuneReport", "FinetuneResult", "finetune", "rate_schedule"]
+__all__ = ["EpochRecord", "FinetuneOptions", "FinetuneReport", "FinetuneResult", "activation_features", "finetune", "rate_schedule"]
 
 CHECKPOINT_FILE = "finetune.pt"
 #: Adam's rate for a latent weight, relative to `lr` and its quantizer's grid step (mean scale): at lr 1e-4 a
@@ -77,7 +77,8 @@ class FinetuneOptions:
     activation scales and zero points relative to their units (`_parameter_groups`); all of them warm up
     and decay to 0 at the last step, counted in optimizer steps (`rate_schedule`); `temperature`, `alpha`
     (weight of the task loss beside distillation when labels exist), `features` (tensor names whose
-    normalized MSE to the teacher's is added, × `feature_weight`) apply to QAD."""
+    normalized MSE to the teacher's is added, × `feature_weight`; None: every quantized activation the
+    fp32 graph also computes, `activation_features`; () the outputs alone) apply to QAD."""
 
     mode: FinetuneMode = FinetuneMode.QAD
     epochs: int = 8
@@ -85,7 +86,7 @@ class FinetuneOptions:
     batch_size: int = 16
     temperature: float = 2.0
     alpha: float = 0.5
-    features: tuple[str, ...] = ()
+    features: tuple[str, ...] | None = None
     feature_weight: float = 1.0
     patience: int = 3  # epochs in a row without a lower held-out loss before training stops
     seed: int = 0
@@ -142,6 +143,7 @@ class FinetuneReport(TypedDict):
     samples: dict[str, int]  # train, held_out
     labels: bool
     losses: dict[str, str]  # output name -> how it is matched (losses.OutputKind), "task" for QAT
+    features: int  # tensors matched besides the outputs (normalized MSE; `activation_features` by default)
     latents: LatentReport | None  # with `fp32_latents`: how many latents started from the fp32 weights
     metric: str
     held_out_before: HeldOut
@@ -236,6 +238,7 @@ def _finetune(
         "samples": {"train": len(train_set), "held_out": len(held_out)},
         "labels": data.labels is not None,
         "losses": run.loss_kinds(),
+        "features": len(run.features),
         "latents": run.latents,
         "metric": run.metric,
         "held_out_before": held_out_figures(fp32, qdq, held_out),
@@ -252,6 +255,28 @@ def _finetune(
         "writeback": writeback,
     }
     return FinetuneResult(model, report)
+
+
+def activation_features(qdq: onnx.ModelProto, fp32: onnx.ModelProto) -> tuple[str, ...]:
+    """The tensors QAD matches besides the outputs: every activation the QDQ graph quantizes (the float input of
+    a QuantizeLinear, not a weight) that the fp32 graph computes under the same name.
+
+    An output says little per sample (ppocr_cls: two classes, PTQ agreeing on 98%), a feature map thousands
+    of values; matching the quantized activations gives every layer a target of its own, as block-wise
+    reconstruction does (BRECQ, Li et al., ICLR 2021). Measured (bench/results/finetune_recovery.md): ppocr_cls
+    recovery -0.06 -> 0.29 (4096 eval crops), yolov8n on OpenVINO's scheme 0.39 -> 0.52. Graph inputs are left
+    out (the student reads them as the teacher does); so are tensors the quantizer rescaled (cross-layer
+    equalization and bias absorption rename what they change, `quantize.equalize`).
+    """
+    computed = {name for node in fp32.graph.node for name in node.output}
+    initializers = {initializer.name for initializer in qdq.graph.initializer}
+    return tuple(
+        dict.fromkeys(
+            node.input[0]
+            for node in qdq.graph.node
+            if node.op_type == "QuantizeLinear" and node.input[0] not in initializers and node.input[0] in computed
+        )
+    )
 
 
 def check_labels(mode: FinetuneMode, data: TrainingData) -> None:
@@ -311,6 +336,9 @@ class _Run:
         self.teacher = TrainableGraph(fp32).to(self.device).eval()
         for parameter in self.teacher.parameters():
             parameter.requires_grad_(False)
+        self.features = (
+            () if options.mode is FinetuneMode.QAT else activation_features(qdq, fp32) if options.features is None else tuple(options.features)
+        )
         self.trained = (
             torch.nn.parallel.DistributedDataParallel(self.student, device_ids=None if self.device.type == "cpu" else [self.device])
             if distributed
@@ -331,7 +359,7 @@ class _Run:
                 hint="use --finetune qad, which distils from the fp32 model and needs no labels",
             )
         self.loss_sources = loss_sources(self.student)
-        self.capture = tuple(dict.fromkeys((*options.features, *self.loss_sources.values())))
+        self.capture = tuple(dict.fromkeys((*self.features, *self.loss_sources.values())))
         self.distill = DistillationLoss(self.kinds, options.temperature, options.feature_weight, options.alpha, self.task)
         with_labels = held_out.labels is not None
         # top-1 only where `metrics.fidelity` counts it, a (batch, classes) output: a sequence of
@@ -351,7 +379,7 @@ class _Run:
 
     def _teacher(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with self.torch.no_grad():
-            return self.teacher(feeds, capture=self.options.features)
+            return self.teacher(feeds, capture=self.features)
 
     def _batches_stack(self) -> bool:
         """Whether samples can run stacked along the batch axis (graphs exported for batch 1 may
@@ -440,7 +468,7 @@ class _Run:
             assert self.task is not None and labels is not None
             return self.task(student, labels)
         assert teacher is not None
-        return self.distill(student, teacher, labels, self.options.features)
+        return self.distill(student, teacher, labels, self.features)
 
     def loss_kinds(self) -> dict[str, str]:
         if self.options.mode is FinetuneMode.QAT:

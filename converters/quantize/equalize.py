@@ -283,6 +283,16 @@ class _Layer:
         self.node.replace_input_with(2, new_bias)
 
 
+def _rename_rescaled(pair: LayerPair, names: NameScope, suffix: str) -> None:
+    """New names for the tensors between a pair: their channels are rescaled (or shifted) and no longer hold
+    the fp32 model's values, so nothing that pairs tensors by name with the fp32 model (QAD's activation
+    matching, `converters.finetune.train.activation_features`) takes them for the fp32 model's."""
+    for node in (pair.first, pair.between):
+        if node is not None:
+            value = node.outputs[0]
+            value.name = names.fresh(f"{value.name or node.op_type}__{suffix}")
+
+
 def _range_ratio(ranges: np.ndarray) -> float:
     top = float(ranges.max())
     return round(float(np.median(ranges)) / top, 4) if top > 0 else 1.0
@@ -334,6 +344,8 @@ class CrossLayerEqualizationPass(GraphPass):
         used_before = [value for value in graph.initializers.values() if value.uses()]
         for layer in layers.values():
             layer.write(graph, names, "cle")
+        for pair in pairs:
+            _rename_rescaled(pair, names, "cle")
         _drop_unused_initializers(graph, used_before)
         for pair, (r1_before, r2_before) in zip(pairs, before):
             first, second = layers[id(pair.first)], layers[id(pair.second)]
@@ -419,6 +431,7 @@ class BiasAbsorptionPass(GraphPass):
             second.bias = (np.zeros(second.channels_out) if second.bias is None else second.bias) + response
             first.write(graph, names, "absorbed")
             second.write(graph, names, "absorbed")
+            _rename_rescaled(pair, names, "absorbed")
             modified = True
         _drop_unused_initializers(graph, used_before)
         return ir.passes.PassResult(model, modified=modified)

@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch")
 from edgeopt.converters.data import model_input_specs, open_dataset  # noqa: E402
 from edgeopt.converters.finetune.data import TrainingData, load_training_data  # noqa: E402
 from edgeopt.converters.finetune.losses import DistillationLoss, OutputKind, normalized_mse, output_kinds  # noqa: E402
-from edgeopt.converters.finetune.train import CHECKPOINT_FILE, REFERENCE_STEPS, FinetuneOptions, finetune, rate_schedule  # noqa: E402
+from edgeopt.converters.finetune.train import CHECKPOINT_FILE, REFERENCE_STEPS, FinetuneOptions, activation_features, finetune, rate_schedule  # noqa: E402
 from edgeopt.converters.passes import simplify  # noqa: E402
 from edgeopt.converters.quantize import QuantizeOptions, quantize  # noqa: E402
 from edgeopt.runtime.errors import OptionError  # noqa: E402
@@ -106,6 +106,7 @@ def test_qad_without_labels_wins_back_fidelity_and_writes_it_into_the_graph(mode
     assert [r["epoch"] for r in seen] == [r["epoch"] for r in report["history"]] == list(range(report["epochs_run"] + 1))
     assert report["samples"] == {"train": 1091, "held_out": 256} and not report["labels"]
     assert report["losses"] == {"logits": "logits"} and report["metric"] == "top1_agreement"
+    assert report["features"] == len(activation_features(qdq, fp32)) > 0
     assert report["best_epoch"] > 0, report["history"]
     best = report["history"][report["best_epoch"]]
     assert best["held_out_loss"] < report["history"][0]["held_out_loss"]
@@ -119,13 +120,31 @@ def test_qad_without_labels_wins_back_fidelity_and_writes_it_into_the_graph(mode
     assert report["wall_seconds"] > 0 and report["peak_rss_mb"] > 0
 
 
+def test_qad_matches_every_quantized_activation_that_the_fp32_graph_computes(models) -> None:
+    """Besides the outputs, each tensor a QuantizeLinear reads (not a weight, not a graph input) is matched to the
+    fp32 graph's tensor of the same name."""
+    fp32, qdq = models
+    quantized = {node.input[0] for node in qdq.graph.node if node.op_type == "QuantizeLinear"}
+    computed = {name for node in fp32.graph.node for name in node.output}
+    features = activation_features(qdq, fp32)
+    assert len(features) == len(set(features)) and set(features) == quantized & computed
+    assert not set(features) & {i.name for i in fp32.graph.input} and not set(features) & {i.name for i in qdq.graph.initializer}
+    renamed = onnx.ModelProto()
+    renamed.CopyFrom(qdq)
+    for node in renamed.graph.node:  # what the quantizer rescaled carries a new name (quantize.equalize): not matched
+        node.input[:] = [f"{name}__cle" if name == features[0] else name for name in node.input]
+        node.output[:] = [f"{name}__cle" if name == features[0] else name for name in node.output]
+    assert activation_features(renamed, fp32) == features[1:]
+
+
 def test_qad_lowers_the_held_out_loss_from_the_first_epoch_on_the_weights_grid(models, train_split) -> None:
     """The first epoch already helps (it used to raise the held-out loss 0.017 -> 0.050 here, weight scales
     drifting ~8% on LSQ's near-zero gradient, every latent moving at Adam's full early rate): weight scales
-    stay as quantized, latents learn relative to their grid step, rates warm up over the first epoch."""
+    stay as quantized, latents learn relative to their grid step, rates warm up over the first epoch.
+    Measured on the output's KL alone (`features=()`), the figure this was stated in."""
     fp32, qdq = models
     unlabeled = _data(fp32, {"image": train_split["image"]})
-    report = finetune(qdq, fp32, unlabeled, FinetuneOptions(mode=FinetuneMode.QAD, epochs=1, threads=1), scheme=SCHEME).report
+    report = finetune(qdq, fp32, unlabeled, FinetuneOptions(mode=FinetuneMode.QAD, epochs=1, threads=1, features=()), scheme=SCHEME).report
     start, first = (record["held_out_loss"] for record in report["history"])
     assert first < 0.8 * start, report["history"]
     assert report["best_epoch"] == 1 and report["writeback"]["weight_scales_changed"] == 0

@@ -103,6 +103,28 @@ def test_equalization_is_exact_and_matches_channel_ranges_per_group(groups: int)
         assert pair["first_range_ratio_after"] > pair["first_range_ratio_before"]
 
 
+def test_tensors_whose_channels_were_rescaled_or_shifted_are_renamed() -> None:
+    """What equalization or absorption changes no longer holds the fp32 model's values under the fp32 name
+    (QAD matches activations to the fp32 model's by name); what they leave alone keeps its name."""
+    model = _conv_chain(second_groups=8)  # conv1 -> Relu (a -> b) -> conv2 -> Relu (c -> d) -> conv3 -> y
+    equalized, _ = equalize(model)
+    names = [node.output[0] for node in equalized.graph.node]
+    assert [name.split("__")[0] for name in names] == ["a", "b", "c", "d", "y"]
+    assert all(name.endswith("__cle") for name in names[:4]) and names[4] == "y"  # both pairs rescale; the output keeps its name
+
+    gemm_nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["a"], name="fc1", transB=1),
+        helper.make_node("Relu", ["a"], ["b"]),
+        helper.make_node("Gemm", ["b", "w2", "b2"], ["y"], name="fc2"),
+    ]
+    rng = np.random.default_rng(3)
+    gemm = _model(gemm_nodes, {"w1": rng.normal(0, 1, (16, 8)), "b1": np.full(16, 20.0), "w2": rng.normal(0, 1, (16, 4)), "b2": np.zeros(4)}, [4, 8])
+    feeds = _random_feeds(8, (4, 8))
+    absorbed, report = absorb_high_bias(gemm, open_dataset({"x": np.concatenate([f["x"] for f in feeds])}, model_input_specs(gemm)))
+    assert report["changed"]
+    assert [node.output[0] for node in absorbed.graph.node] == ["a__absorbed", "b__absorbed", "y"]
+
+
 @pytest.mark.parametrize("between", ["Relu6", "HardSwish"])
 def test_a_pair_through_a_non_homogeneous_activation_is_not_rescaled(between: str) -> None:
     model = _conv_chain(between, second_groups=1)
