@@ -138,11 +138,13 @@ class TaskLoss:
 @dataclass(frozen=True)
 class DistillationLoss:
     """QAD: Σ over outputs of KL (distributions, × T²), the detection loss or normalized MSE, + feature_weight × Σ
-    normalized MSE on the captured tensors, + alpha × the task loss when labels are given."""
+    normalized MSE on the captured tensors, each × its `feature_scales` entry (the trainer sets 1 / (N · the PTQ
+    graph's own error), so the features start at feature_weight in all), + alpha × the task loss when labels are given."""
 
     kinds: Mapping[str, OutputKind]
     temperature: float = 2.0
     feature_weight: float = 1.0
+    feature_scales: Mapping[str, float] | None = None  # per captured tensor: × its term (None: 1 each)
     alpha: float = 0.5
     task: TaskLoss | None = None
 
@@ -163,7 +165,8 @@ class DistillationLoss:
                 temperature = self.temperature if teacher[name].ndim <= 2 else SEQUENCE_TEMPERATURE
                 total = total + _distillation_kl(student[name], teacher[name], kind, temperature)
         for name in features:
-            total = total + self.feature_weight * normalized_mse(student[name], teacher[name])
+            scale = 1.0 if self.feature_scales is None else self.feature_scales[name]
+            total = total + self.feature_weight * scale * normalized_mse(student[name], teacher[name])
         if labels is not None and self.task is not None:
             total = total + self.alpha * self.task(student, labels)
         return total

@@ -66,6 +66,8 @@ LATENT_LR = 100.0
 #: Adam's rate for an activation scale, relative to `lr` and the scale's magnitude; for LSQ+ zero points, relative to `lr`.
 SCALE_LR = 10.0
 ZERO_POINT_LR = 1000.0
+#: The smallest PTQ error (normalized MSE, 40 dB) a matched tensor's weight is derived from (`_Run._feature_scales`).
+FEATURE_ERROR_FLOOR = 1e-4
 #: Optimizer steps an epoch takes at the full base rate: an epoch of more steps takes proportionally
 #: lower rates (`rate_schedule`); the warm-up lasts this many steps (or one epoch when shorter).
 REFERENCE_STEPS = 64
@@ -360,7 +362,9 @@ class _Run:
             )
         self.loss_sources = loss_sources(self.student)
         self.capture = tuple(dict.fromkeys((*self.features, *self.loss_sources.values())))
-        self.distill = DistillationLoss(self.kinds, options.temperature, options.feature_weight, options.alpha, self.task)
+        self.distill = DistillationLoss(
+            self.kinds, options.temperature, options.feature_weight, feature_scales=self._feature_scales(captured), alpha=options.alpha, task=self.task
+        )
         with_labels = held_out.labels is not None
         # top-1 only where `metrics.fidelity` counts it, a (batch, classes) output: a sequence of
         # distributions (PP-OCR rec's (1, 40, 6625)) is matched by KL per position but measured by cosine
@@ -371,6 +375,18 @@ class _Run:
         self.best_epoch = 0
         self.best_score: tuple[float, float] = (-math.inf, -math.inf)
         self.fingerprint = _fingerprint(qdq, fp32, train_set, held_out, options, self.world)
+
+    def _feature_scales(self, teacher: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """1 / (N · the PTQ graph's normalized MSE) per matched tensor on the first batch: each tensor's term starts
+        at 1/N, so the features weigh `feature_weight` in all and no tensor outweighs the others by its PTQ error."""
+        from edgeopt.converters.finetune.losses import normalized_mse
+
+        if not self.features:
+            return {}
+        with self.torch.no_grad():
+            student = self.student(self._feeds(self.train_set.samples[: self.micro_batch]), capture=self.features)
+        errors = {name: max(float(normalized_mse(student[name], teacher[name])), FEATURE_ERROR_FLOOR) for name in self.features}
+        return {name: 1.0 / (len(errors) * error) for name, error in errors.items()}
 
     # -- batches -------------------------------------------------------------------------------------------
 

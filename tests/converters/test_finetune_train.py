@@ -137,6 +137,20 @@ def test_qad_matches_every_quantized_activation_that_the_fp32_graph_computes(mod
     assert activation_features(renamed, fp32) == features[1:]
 
 
+def test_the_matched_activations_weigh_feature_weight_in_all_whatever_their_ptq_errors(models, train_split) -> None:
+    """Each tensor's term is divided by the PTQ graph's own error on the first batch: at epoch 0 the features add
+    about `feature_weight` to the held-out loss (the held-out samples are not that batch), one tensor's 1/N each."""
+    fp32, qdq = models
+    unlabeled = _data(fp32, {"image": train_split["image"][:160]})
+    start = {}
+    for weight in (0.0, 1.0, 3.0):
+        history = finetune(qdq, fp32, unlabeled, FinetuneOptions(epochs=1, threads=1, feature_weight=weight), scheme=SCHEME).report["history"]
+        start[weight] = history[0]["held_out_loss"]
+    assert 0.7 < start[1.0] - start[0.0] < 1.4, start
+    assert start[0.0] < 0.1 < start[1.0], start
+    assert start[3.0] - start[0.0] == pytest.approx(3 * (start[1.0] - start[0.0]), rel=1e-3)
+
+
 def test_qad_lowers_the_held_out_loss_from_the_first_epoch_on_the_weights_grid(models, train_split) -> None:
     """The first epoch already helps (it used to raise the held-out loss 0.017 -> 0.050 here, weight scales
     drifting ~8% on LSQ's near-zero gradient, every latent moving at Adam's full early rate): weight scales
