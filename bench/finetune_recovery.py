@@ -635,7 +635,7 @@ def ceiling(name: str, epochs: int, patience: int, eval_count: int, runs: int) -
         raise SystemExit("--ceiling: zoo cases only (the digits cases train on labelled digits)")
     case = run_case(name, epochs, patience, eval_count, eval_count, runs, ["default"], train_on_eval=True)
     kept = ("variant", case["metric"], f"{case['metric']}_ci95", "flips", "decisive_agreement", "min_sqnr_db", "train_samples",
-            "held_out_samples", "epochs_run", "best_epoch", "seconds", "recovery_" + case["metric"], "history")
+            "held_out_samples", "epochs_run", "best_epoch", "seconds", "recovery_" + case["metric"], "recovery_top1_agreement", "history")
     rows = [{k: row[k] for k in kept if k in row} for row in case["rows"]]
     return {"epochs": epochs, "eval_samples": eval_count, "metric": case["metric"], "rows": rows}
 
