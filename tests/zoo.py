@@ -1057,11 +1057,12 @@ def real_inputs(name: str, count: int, seed: int = 0, split: str = "eval") -> li
     return [feed for feed, _ in _real_samples(name, count, seed, split)]
 
 
-def real_labels(name: str, count: int, seed: int = 0, split: str = "eval") -> np.ndarray | None:
-    """The ground truth of `real_inputs(name, count, seed, split)`'s samples, in order, where the augmentation
-    defines one: the rotation class the classifiers' crops were turned by (int64); None for the other models."""
-    labels = [label for _, label in _real_samples(name, count, seed, split)]
-    return None if any(label is None for label in labels) else np.asarray(labels, np.int64)
+def real_labelled(name: str, count: int, seed: int = 0, split: str = "eval") -> tuple[list[dict[str, np.ndarray]], np.ndarray | None]:
+    """`real_inputs`' feeds and, in order, their ground truth where the augmentation defines one: the rotation
+    class the classifiers' crops were turned by (int64); None for the other models."""
+    samples = _real_samples(name, count, seed, split)
+    labels = [label for _, label in samples]
+    return [feed for feed, _ in samples], None if any(label is None for label in labels) else np.asarray(labels, np.int64)
 
 
 # --- task-level fidelity -----------------------------------------------------------------------
