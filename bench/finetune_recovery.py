@@ -54,6 +54,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -143,6 +144,18 @@ def _recovery(rows: list[dict[str, Any]], metric: str) -> None:
         row[f"drop_beyond_noise_{metric}"] = not low <= fp32_value <= high
 
 
+def _shipped_recovery(rows: list[dict[str, Any]], metric: str) -> None:
+    """Each tuned row's recovery of its PTQ start's drop in `metric` measured on the shipped artifacts (`_shipped_figures`),
+    from the fp32 model's value on ONNX Runtime."""
+    fp32_value = rows[0][metric]
+    for row in rows:
+        start = next((r for r in rows if "_from_" in row["variant"] and r["variant"] == "ptq_" + row["variant"].split("_from_")[1]), None)
+        if start is None or "shipped" not in row or "shipped" not in start:
+            continue
+        drop = fp32_value - start["shipped"][metric]
+        row["shipped"]["recovery"] = None if drop <= 0 else round((row["shipped"][metric] - start["shipped"][metric]) / drop, 3)
+
+
 def _figures(reference: list[dict[str, np.ndarray]], model: onnx.ModelProto, data: dict[str, Any]) -> dict[str, Any]:
     """Fidelity figures with Wilson intervals, and `_top1`: the model's top-1 per eval sample (the caller pops it)."""
     from edgeopt.converters.graph.session import run_model
@@ -164,14 +177,19 @@ def _output_figures(reference: list[dict[str, np.ndarray]], outputs: list[dict[s
 def _detection_figures(reference: list[dict[str, np.ndarray]], model: onnx.ModelProto, data: dict[str, Any]) -> dict[str, Any]:
     """Box F1 against fp32's detections (the zoo's task metric) with its bootstrap 95% interval over the eval
     samples (bench/accuracy_vs_peers.py's scoring), and the output's min cosine and SQNR."""
+    from edgeopt.converters.graph.session import run_model
+
+    return _detection_output_figures(reference, list(run_model(model, data["eval"], threads=2)), data)
+
+
+def _detection_output_figures(reference: list[dict[str, np.ndarray]], outputs: list[dict[str, np.ndarray]], data: dict[str, Any]) -> dict[str, Any]:
+    """`_detection_figures` of outputs computed elsewhere (the artifact on the target's runtime)."""
     from accuracy_vs_peers import _yolo_components, ratio_bootstrap
     from tests import zoo
 
-    from edgeopt.converters.graph.session import run_model
     from edgeopt.converters.metrics import fidelity
 
-    name = model.graph.output[0].name
-    outputs = list(run_model(model, data["eval"], threads=2))
+    name = next(iter(reference[0]))
     expected, got = [r[name] for r in reference], [o[name] for o in outputs]
     parts = np.array([_yolo_components(r, c) for r, c in zip(expected, got)])
     figures = fidelity(reference, outputs, None)
@@ -185,13 +203,18 @@ def _detection_figures(reference: list[dict[str, np.ndarray]], model: onnx.Model
 def _ctc_figures(reference: list[dict[str, np.ndarray]], model: onnx.ModelProto, data: dict[str, Any]) -> dict[str, Any]:
     """CTC character accuracy against fp32's greedy decodes (the zoo's task metric) with its Wilson 95% interval
     over fp32's decoded characters, and the output's min cosine and SQNR."""
+    from edgeopt.converters.graph.session import run_model
+
+    return _ctc_output_figures(reference, list(run_model(model, data["eval"], threads=2)), data)
+
+
+def _ctc_output_figures(reference: list[dict[str, np.ndarray]], outputs: list[dict[str, np.ndarray]], data: dict[str, Any]) -> dict[str, Any]:
+    """`_ctc_figures` of outputs computed elsewhere (the artifact on the target's runtime)."""
     from tests import zoo
 
-    from edgeopt.converters.graph.session import run_model
     from edgeopt.converters.metrics import fidelity
 
-    name = model.graph.output[0].name
-    outputs = list(run_model(model, data["eval"], threads=2))
+    name = next(iter(reference[0]))
     expected, got = [r[name] for r in reference], [o[name] for o in outputs]
     characters = sum(max(len(zoo._ctc_greedy(r)), 1) for r in expected)
     value = round(zoo.task_fidelity(data["model"], expected, got), 5)
@@ -340,6 +363,29 @@ def _latency(models: dict[str, onnx.ModelProto], feed: dict[str, np.ndarray], ru
     return {k: round(float(np.median(v)), 4) for k, v in times.items()}
 
 
+def _shipped_figures(
+    target: str, models: dict[str, onnx.ModelProto], reference: list[dict[str, np.ndarray]], data: dict[str, Any], task: str, input_shapes: dict[str, tuple[int, ...]]
+) -> dict[str, dict[str, Any]]:
+    """Each QDQ graph built into the target's bundle (`edgeopt.build` keeps a QDQ graph's scales, lowers, verifies)
+    and run here on that bundle's own runtime (`edgeopt.runtime.load`): the case's figures on the artifact that ships,
+    not on ONNX Runtime's reading of its QDQ graph."""
+    import edgeopt
+    from edgeopt.runtime import load
+
+    of_outputs = {"yolo_detector": _detection_output_figures, "ctc_recognizer": _ctc_output_figures}.get(task, _output_figures)
+    shipped: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as work:
+        for variant, model in models.items():
+            source, bundle = Path(work) / f"{variant}.onnx", Path(work) / variant
+            onnx.save(model, source)
+            built = edgeopt.build(source, target, output=bundle, precision="int8", input_shapes=input_shapes, force=True)
+            runtime = load(bundle, threads=2)
+            figures = of_outputs(reference, [runtime.predict(feed) for feed in data["eval"]], data)
+            figures.pop("_top1", None)
+            shipped[variant] = {"backend": built.manifest["runtime"]["backend"], **figures}
+    return shipped
+
+
 def run_case(
     name: str, epochs: int, patience: int, train_count: int, eval_count: int, runs: int, efforts: list[str],
     overrides: dict[str, Any] | None = None, keep: Path | None = None, train_on_eval: bool = False,
@@ -415,8 +461,13 @@ def run_case(
     latency = _latency({**ptqs, **tuned}, data["eval"][0], runs)
     task_metric = {"yolo_detector": "box_f1", "ctc_recognizer": "ctc_chars"}.get(task)
     metric = task_metric or ("accuracy" if data["labels"] is not None else "top1_agreement")
+    shapes = dict(zoo.REAL_MODELS[case["model"]].inputs) if case["model"] != "digits" else {}
+    shipped = _shipped_figures(case["target"], {**ptqs, **tuned}, reference, data, task, shapes) if shapes else {}
     for row in rows:
         row["latency_ms_median"] = latency.get(row["variant"])
+        if row["variant"] in shipped:
+            row["shipped"] = shipped[row["variant"]]
+    _shipped_recovery(rows, metric)
     for measured in dict.fromkeys((metric, task_metric or "top1_agreement")):
         _recovery(rows, measured)
     # near-ties are a classifier's noise floor (a top-1 that input noise flips); a detector's or recognizer's is its interval
@@ -537,9 +588,9 @@ def diagnose(name: str, eval_count: int, layer_samples: int) -> dict[str, Any]:
     (activation rounding off, clipping kept), only activations quantized (weights: the fp32 weights as
     finetune's latents start, `latents.fp32_latents`), both; KL at T = 2 against fp32 (the QAD loss, before a
     fixed-scale output quantizer) and top-1 disagreements; then on `layer_samples` samples each activation
-    quantizer's rounding off alone and each weight at fp32 alone (the share of the KL it removes); the fp32
-    top-2 margins of the samples PTQ flips; fp32 under ±0.5 uint8 level of uniform input noise; the activations'
-    rounding replaced by independent noise of the same step (3 draws). The detector and the recogniser: their task
+    quantizer's rounding off alone and each weight at fp32 alone (the share of the KL it removes; for the detector
+    and the recogniser, of the task metric's drop); the fp32 top-2 margins of the samples PTQ flips; fp32 under ±0.5
+    uint8 level of uniform input noise; the activations' rounding replaced by independent noise of the same step (3 draws). The detector and the recogniser: their task
     metric against fp32 (box F1, CTC characters) for the three splits and the noise draws."""
     from tests import zoo
 
@@ -601,6 +652,17 @@ def diagnose(name: str, eval_count: int, layer_samples: int) -> dict[str, Any]:
         result["activations_dithered"] = [figures(expected, _clip_instead_of_rounding(base, rounding, dither_seed=seed), data)[metric] for seed in range(3)]
         # the metric's own noise: fp32 itself on inputs ±½ level apart
         result["fp32_under_half_level_input_noise"] = [figures(expected, fp32, {**data, "eval": _input_noise(feeds, seed)})[metric] for seed in range(3)]
+        if layer_samples:  # which quantizers the drop comes from: each one's share of the task metric's drop, alone
+            subset = {**data, "eval": feeds[:layer_samples]}
+            start = figures(expected[:layer_samples], base, subset)[metric]
+            alone = {f"activation {q.input[0]}": _clip_instead_of_rounding(base, {q.name}) for q in activation_quantizers if q.name not in output_quantizers}
+            alone |= {f"weight {node}": _float_weights(base, {node: weight}) for node, weight in weights.items()}
+            shares = {part: round((figures(expected[:layer_samples], model, subset)[metric] - start) / max(1 - start, 1e-9), 3) for part, model in alone.items()}
+            ranked = sorted(shares.items(), key=lambda item: -item[1])
+            result["one_at_a_time"] = {
+                "samples": layer_samples, metric: start, "share_removed_top": ranked[:12], "share_added_top": ranked[::-1][:5],
+                "share_removed_sum": round(sum(shares.values()), 2), "quantizers": len(shares),
+            }
         return result
     reference = probabilities(fp32, feeds)
     for variant, model in variants.items():
@@ -668,10 +730,12 @@ def _markdown(document: dict[str, Any]) -> str:
         "",
         "Peer rows (digits cases, where the NNCF venv exists): `ptq_nncf` is NNCF 3.4's `nncf.quantize` of the torch digits model with its weight quantizers set to the case's grid; `nncf_qat_lr*_from_nncf` is NNCF's QAT from there with labels, the same epochs, batch and held-out share as edgeopt's QAT (`_peers.nncf_qat_worker`); their recovery is counted from NNCF's own PTQ.",
         "",
+        "Shipped bundle: each PTQ and tuned QDQ graph built by `edgeopt.build` for the case's target (the QDQ scales kept, lowered, verified) and run on that bundle's own runtime here (`edgeopt.runtime.load`), scored against fp32 on ONNX Runtime; the other columns read the QDQ graph on ONNX Runtime.",
+        "",
         "Flips: eval samples whose top-1 differs from fp32's (of them near-ties: samples fp32's own top-1 changes under ±½ input level of noise, `_near_ties`). Decisive agreement: top-1 agreement on the samples that are not near-ties, and its recovery.",
         "",
-        "| case | target | variant | accuracy [95% CI] | top-1 agreement [95% CI] | box F1 [95% CI] | CTC chars [95% CI] | flips (near-tie) | decisive agreement [95% CI] | min SQNR dB | eval samples | train / held-out | epochs (best) | wall s | peak RSS MB | ORT ms (median) | recovery (accuracy) | recovery (agreement) | recovery (decisive) | recovery (box F1) | recovery (CTC chars) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | target | variant | accuracy [95% CI] | top-1 agreement [95% CI] | box F1 [95% CI] | CTC chars [95% CI] | flips (near-tie) | decisive agreement [95% CI] | min SQNR dB | eval samples | train / held-out | epochs (best) | wall s | peak RSS MB | ORT ms (median) | case metric on the shipped bundle's runtime (recovery) | recovery (accuracy) | recovery (agreement) | recovery (decisive) | recovery (box F1) | recovery (CTC chars) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case in document["cases"]:
         for row in case["rows"]:
@@ -694,16 +758,26 @@ def _markdown(document: dict[str, Any]) -> str:
             samples = f"{row['train_samples']} / {row['held_out_samples']}" if "train_samples" in row else ""
             epochs = f"{row['epochs_run']} ({row['best_epoch']})" if "epochs_run" in row else ""
             flips = f"{row['flips']} ({row['flips_near_tie']})" if "flips" in row else ""
+            shipped = row.get("shipped") or {}
+            on_target = f"{shipped['backend']}: {shipped[case['metric']]:.4f}" if shipped else ""
+            on_target += f" ({shipped['recovery']:.2f})" if shipped.get("recovery") is not None else ""
             lines.append(
                 f"| {case['case']} | {case['target']} | {row['variant']} | {interval('accuracy')} | {interval('top1_agreement')} | {interval('box_f1')} | {interval('ctc_chars')}"
                 f" | {flips} | {interval('decisive_agreement')} | {cell('min_sqnr_db', 2)}"
-                f" | {row['eval_samples']} | {samples} | {epochs} | {cell('seconds', 1)} | {cell('peak_rss_mb', 0)} | {cell('latency_ms_median', 3)}"
+                f" | {row['eval_samples']} | {samples} | {epochs} | {cell('seconds', 1)} | {cell('peak_rss_mb', 0)} | {cell('latency_ms_median', 3)} | {on_target}"
                 f" | {recovery('accuracy')} | {recovery('top1_agreement')} | {recovery('decisive_agreement')} | {recovery('box_f1')} | {recovery('ctc_chars')} |"
             )
     lines += ["", "Settings of each case's run:", ""]
     lines += [f"- {case['case']}: {case.get('settings', document['settings'])}" for case in document["cases"]]
     notes = RESULTS / "finetune_recovery.notes.md"  # the run notes, written by hand, kept across runs
     return "\n".join(lines) + "\n" + ("\n" + notes.read_text() if notes.exists() else "")
+
+
+def _default_lr() -> float:
+    """The fine-tuning rate the cases run at unless `--options` overrides it (recorded in the settings)."""
+    from edgeopt.converters.finetune.train import FinetuneOptions
+
+    return FinetuneOptions().lr
 
 
 def main() -> None:
@@ -759,9 +833,9 @@ def main() -> None:
         written = json.loads((RESULTS / "finetune_recovery.json").read_text())
         case = json.loads(Path(args.merge).read_text().strip().splitlines()[-1])
         epochs = args.zoo_epochs or args.epochs
-        settings = {"epochs": epochs, "zoo_epochs": epochs, "patience": args.patience, "zoo_train_samples": args.train, "zoo_eval_samples": args.eval, "lr": 1e-4, "batch_size": 16, "threads": 1, "efforts": args.efforts}
+        settings = {"epochs": epochs, "zoo_epochs": epochs, "patience": args.patience, "zoo_train_samples": args.train, "zoo_eval_samples": args.eval, "lr": _default_lr(), "batch_size": 16, "threads": 1, "efforts": args.efforts}
         load = [row["load_average"] for row in case["rows"] if "load_average" in row]
-        case["settings"] = settings | {"run_alone": True, "load_average_after_training": load}
+        case["settings"] = settings | case.get("finetune_overrides", {}) | {"run_alone": True, "load_average_after_training": load}
         written["cases"] = [c for c in written["cases"] if c["case"] != case["case"]] + [case]
         (RESULTS / "finetune_recovery.json").write_text(json.dumps(written, indent=1) + "\n")
         (RESULTS / "finetune_recovery.md").write_text(_markdown(written))
@@ -772,7 +846,7 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "isa_class": str(host_isa()), "isa_flags": [flag for flag in REPORTED_FLAGS if flag in host_isa_flags()],
         "load_average": [round(x, 2) for x in os.getloadavg()],
-        "settings": {"epochs": args.epochs, "zoo_epochs": args.zoo_epochs or args.epochs, "patience": args.patience, "zoo_train_samples": args.train, "zoo_eval_samples": args.eval, "lr": 1e-4, "batch_size": 16, "threads": 1, "efforts": args.efforts},
+        "settings": {"epochs": args.epochs, "zoo_epochs": args.zoo_epochs or args.epochs, "patience": args.patience, "zoo_train_samples": args.train, "zoo_eval_samples": args.eval, "lr": _default_lr(), "batch_size": 16, "threads": 1, "efforts": args.efforts},
         "cases": [],
     }
     kept: list[dict[str, Any]] = []

@@ -89,7 +89,7 @@ def build(
     `finetune_checkpoints`: a folder for per-epoch checkpoints that a later build resumes from.
     `recover` (with `prune` and `train_data`): distil the pruned fp32 graph from the unpruned one
     before quantizing, QAD with labels when the data has them; True takes `FinetuneOptions()`'s
-    defaults (at most 8 epochs at lr 1e-4), a `FinetuneOptions` sets them.
+    defaults at `RECOVER_LR` (at most 8 epochs at lr 1e-3), a `FinetuneOptions` sets them.
     """
     model_path = Path(model)
     profile = target if isinstance(target, Target) else get_target(target)

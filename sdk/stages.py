@@ -380,6 +380,12 @@ def verify(context: BuildContext) -> JsonObject:
     spread = _float_spread(graph, inputs, reference) if precision is Precision.FP32 else None
     tolerances = parity_tolerances(precision, reference, graph, spread)
     mismatch = isa_mismatch(options.isa, lowered.verify_backend) if lowered.verify_backend is BackendName.OPENVINO else None
+    # int8's noise bound reads the QDQ graph against its float graph; an imported QDQ graph (QAT, or a QDQ model
+    # saved earlier) has none beside it, so it reads the float graph under it: rounding off, ranges kept
+    if quantized and (context.quantization or {}).get("qat_imported"):
+        from edgeopt.converters.quantize.qat import strip_qdq
+
+        float_graph = strip_qdq(context.source)
     fp32 = _require_finite(_ort_outputs(float_graph, inputs), data) if quantized else None
     try:
         parity = check_parity(precision, reference, outputs, None if mismatch else tolerances, against, _verified_with(lowered), fp32)

@@ -27,7 +27,7 @@ class FixInputShapesPass(GraphPass):
     ``requires`` that every name is a graph input, with the input's rank and static dimensions
     (an ``InputShapeError`` saying what to give otherwise). Intermediate shapes, inside If/Loop
     bodies too, are cleared so the shape inference that follows recomputes them from the new
-    inputs; ``Shape -> Range``-style chains of a model exported with dynamic height and width then
+    inputs, and a graph output's -1 sizes become unknown (the checker rejects -1 against an inferred size); ``Shape -> Range``-style chains of a model exported with dynamic height and width then
     become constants that ``FoldConstantsPass`` removes.
     """
 
@@ -75,4 +75,7 @@ class FixInputShapesPass(GraphPass):
                 for output in node.outputs:
                     if not output.is_graph_output():
                         output.shape = None
+            for output in graph.outputs:  # a -1 there (Paddle) would clash with the size inferred now
+                if output.shape is not None and any(isinstance(d, int) and d < 0 for d in output.shape):
+                    output.shape = ir.Shape([None if isinstance(d, int) and d < 0 else d for d in output.shape])
         return ir.passes.PassResult(model, modified=modified)

@@ -416,15 +416,21 @@ def _drop_unused_initializers(graph: ir.Graph) -> None:
 
 
 def strip_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The float model under a QDQ graph: activation Q->DQ pairs removed, weights as float (the fp32 reference of a QAT model)."""
+    """The float model under a QDQ graph (the fp32 reference of a QAT model): each activation Q->DQ pair becomes a clip
+    to its quantizer's range (rounding off, saturation kept), weights become float.
+
+    The clip stays because a quantizer's range can be an activation: a Relu or Relu6 folded into the range its
+    quantizer starts at 0 (edgeopt's PTQ does it, as QAT exports may). Bypassing the pair dropped them: edgeopt's own
+    PTQ graph of ppocr_cls read 0.9 dB SQNR against the bypassed graph, 22.4 dB against the clipped one."""
     stripped = _main_graph_only(model)
     graph = stripped.graph
+    names = NameScope(graph)
     removed: dict[ir.Node, None] = {}
     for dq in [n for n in graph if n.op_type == "DequantizeLinear"]:
         q = dq.inputs[0].producer()
         stored = build_time_array(dq.inputs[0])
         if q is not None and q.op_type == "QuantizeLinear":
-            _bypass(graph, dq, q.inputs[0])
+            _clip_to_range(graph, names, q, dq)
             removed.update({dq: None, q: None})
         elif stored is not None:
             scale, zero_point, axis = _params(dq)
@@ -442,12 +448,25 @@ def strip_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
     return ir.to_proto(stripped)
 
 
-def _bypass(graph: ir.Graph, dq: ir.Node, source: ir.Value) -> None:
-    """Read `source` wherever the DQ's output was read; a graph output keeps its name through an Identity."""
-    output = dq.outputs[0]
-    for user, index in list(output.uses()):
-        user.replace_input_with(index, source)
-    if output.is_graph_output():
-        identity = ir.Node("", "Identity", [source], outputs=[ir.Value(name=output.name)], name=f"{output.name}_Identity")
-        graph.outputs[graph.outputs.index(output)] = identity.outputs[0]
-        graph.append(identity)
+def _clip_to_range(graph: ir.Graph, names: NameScope, q: ir.Node, dq: ir.Node) -> None:
+    """Replace the pair q -> dq by Max(Min(x, high), low) at q's representable range, the DQ's output name kept
+    (per channel: bounds shaped to broadcast along the axis)."""
+    source, output = q.inputs[0], dq.outputs[0]
+    scale, zero_point, axis = _params(q)
+    qmin, qmax = qrange(zero_point.dtype.name)
+    low, high = (qmin - zero_point.astype(np.float64)) * scale, (qmax - zero_point.astype(np.float64)) * scale
+    if scale.size > 1:
+        rank = len(source.shape) if source.shape is not None else axis + 1
+        shape = [1] * rank
+        shape[axis % rank] = scale.size
+        low, high = low.reshape(shape), high.reshape(shape)
+    upper = add_initializer(graph, names, f"{output.name}_high", high.astype(np.float32))
+    lower = add_initializer(graph, names, f"{output.name}_low", low.astype(np.float32))
+    capped = ir.Node("", "Min", [source, upper], name=names.fresh(f"{output.name}_Min"))
+    floored = ir.Node("", "Max", [capped.outputs[0], lower], name=names.fresh(f"{output.name}_Max"))
+    for value in (capped.outputs[0], floored.outputs[0]):
+        value.type, value.shape = source.type, source.shape
+    graph.insert_after(dq, [capped, floored])
+    ir.convenience.replace_all_uses_with(output, floored.outputs[0], replace_graph_outputs=True)
+    floored.outputs[0].name = output.name
+    output.name = names.fresh(f"{output.name}_replaced")

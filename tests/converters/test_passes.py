@@ -628,6 +628,21 @@ def test_fixed_input_shapes_fold_shape_arithmetic_into_constants() -> None:
     np.testing.assert_allclose(run(fixed, {"x": x})[0], x + np.arange(5, dtype=np.float32))
 
 
+def test_fixed_input_shapes_pass_the_checker_where_an_output_was_declared_with_minus_one() -> None:
+    """Paddle writes a dynamic size as -1, on outputs too: left there it clashed with the size inferred from the
+    fixed input, and a model simplified with --input-shape and saved failed edgeopt's own loader."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Softmax", ["x"], ["y"], axis=-1)], "paddle_style",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 2])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    fixed, _ = simplify(model, {"x": (3, 2)})
+    onnx.checker.check_model(fixed, full_check=True)
+    assert [d.dim_value for d in fixed.graph.output[0].type.tensor_type.shape.dim] == [3, 2]
+
+
 @pytest.mark.parametrize(
     "shapes,message",
     [

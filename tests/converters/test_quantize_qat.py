@@ -222,3 +222,27 @@ def test_qdq_inside_a_control_flow_body_is_refused_not_left_unadapted() -> None:
         with pytest.raises(UnsupportedOpsError, match="If/Loop/Scan body") as caught:
             convert()
         assert [(name, op) for name, op, _ in caught.value.nodes] == [("body_q", "QuantizeLinear"), ("body_dq", "DequantizeLinear")]
+
+
+def test_strip_qdq_keeps_the_range_of_an_activation_quantizer_which_may_be_a_folded_relu() -> None:
+    """The float graph under a QDQ graph rounds nothing but clips to each activation quantizer's range: a uint8
+    quantizer at zero point 0 is a Relu folded into it (edgeopt's PTQ folds them), and bypassing the pair dropped it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeopt.converters.quantize.qat import strip_qdq
+
+    scale = 0.05
+    graph = helper.make_graph(
+        [
+            helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="q"),
+            helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["y"], name="dq"),
+        ],
+        "folded_relu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])],
+        [numpy_helper.from_array(np.array(scale, np.float32), "s"), numpy_helper.from_array(np.array(0, np.uint8), "z")],
+    )
+    stripped = strip_qdq(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    onnx.checker.check_model(stripped, full_check=True)
+    assert [o.name for o in stripped.graph.output] == ["y"] and not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in stripped.graph.node}
+    x = np.array([[-3.0, -0.01, 0.123, 5.0, 20.0]], np.float32)
+    y = next(iter(run_model(stripped, [{"x": x}])))["y"]
+    np.testing.assert_allclose(y, [[0.0, 0.0, 0.123, 5.0, 255 * scale]], rtol=1e-6)

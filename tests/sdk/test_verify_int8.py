@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 import edgeopt
@@ -44,3 +45,29 @@ def test_a_borderline_reference_input_does_not_fail_a_faithful_int8_build(tmp_pa
         assert figures["elements"] == 2 * INT8_PARITY_RECHECK_SAMPLES
     quality = {m["name"]: m["optimized"] for m in result.manifest["quality"]["metrics"]}
     assert quality["top1_agreement"] >= 0.95, quality
+
+
+def test_a_qdq_graph_edgeopt_quantized_earlier_builds_again_with_its_bound_from_the_float_graph_under_it(tmp_path: Path) -> None:
+    """A QDQ model arrives with no fp32 beside it (QAT, or edgeopt's own PTQ saved and built again): int8's noise
+    bound reads it against `strip_qdq`'s float graph. It read it against itself, a bound of one output step, and
+    called ppocr_cls's faithful TFLite artifact (42 dB against the QDQ graph) a lowering bug, 16.1 dB over."""
+    from edgeopt.converters.data import model_input_specs, open_dataset
+    from edgeopt.converters.passes import simplify
+    from edgeopt.converters.quantize import QuantizeOptions, quantize
+    from edgeopt.runtime.kinds import Effort
+    from edgeopt.targets import get_target
+
+    shapes = {k: tuple(v) for k, v in zoo.REAL_MODELS["ppocr_cls"].inputs.items()}
+    fp32, _ = simplify(onnx.load(zoo.require_real_model("ppocr_cls")), shapes)
+    calibration = zoo.real_inputs("ppocr_cls", 64, split="calibration")
+    qdq = quantize(fp32, get_target("raspberry-pi").scheme_for(None), open_dataset(calibration, model_input_specs(fp32)), QuantizeOptions(effort=Effort.FAST)).model
+    onnx.save(qdq, tmp_path / "ppocr_cls_int8.onnx")
+    data = tmp_path / "reference.npz"
+    np.savez(data, **{k: np.concatenate([s[k] for s in calibration]) for k in calibration[0]})
+    result = edgeopt.build(tmp_path / "ppocr_cls_int8.onnx", "raspberry-pi", output=tmp_path / "b", precision="int8", calibration=data, input_shapes=shapes)
+    assert result.manifest["quantization"]["qat_imported"]
+    measured = result.manifest["reference"]["measured"]
+    figures = measured["outputs"]["save_infer_model/scale_0.tmp_1"]
+    step_floor = figures["elements"] / 256**2  # one output step per element: the whole bound before
+    assert measured["checked"] and figures["noise_power"] <= figures["allowed_noise_power"]
+    assert figures["allowed_noise_power"] > 10 * step_floor, "the bound holds the QDQ graph's own rounding noise"
