@@ -27,7 +27,8 @@ class FixInputShapesPass(GraphPass):
     ``requires`` that every name is a graph input, with the input's rank and static dimensions
     (an ``InputShapeError`` saying what to give otherwise). Intermediate shapes, inside If/Loop
     bodies too, are cleared so the shape inference that follows recomputes them from the new
-    inputs, and a graph output's -1 sizes become unknown (the checker rejects -1 against an inferred size); ``Shape -> Range``-style chains of a model exported with dynamic height and width then
+    inputs, and a graph output's -1 sizes become unknown (the checker rejects a -1 against an inferred
+    size); ``Shape -> Range``-style chains of a model exported with dynamic height and width then
     become constants that ``FoldConstantsPass`` removes.
     """
 

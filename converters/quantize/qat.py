@@ -468,5 +468,5 @@ def _clip_to_range(graph: ir.Graph, names: NameScope, q: ir.Node, dq: ir.Node) -
         value.type, value.shape = source.type, source.shape
     graph.insert_after(dq, [capped, floored])
     ir.convenience.replace_all_uses_with(output, floored.outputs[0], replace_graph_outputs=True)
-    floored.outputs[0].name = output.name
-    output.name = names.fresh(f"{output.name}_replaced")
+    name, output.name = output.name, names.fresh(f"{output.name}_replaced")
+    floored.outputs[0].name = name
