@@ -17,13 +17,13 @@ import onnx
 
 from edgeopt.context import BuildContext, Samples, Stage
 from edgeopt.converters.analysis import io_specs, is_qdq, load_model, model_stats, unsupported_nodes
-from edgeopt.converters.errors import ModelLoadError, UnsupportedOpsError
+from edgeopt.converters.errors import InputShapeError, ModelLoadError, UnsupportedOpsError
 from edgeopt.converters.graph.opset import onnx_opset
 from edgeopt.converters.lower import LoweringOptions, LoweringResult, lower
 from edgeopt.converters.passes import FixInputShapesPass, apply_passes, simplify
 from edgeopt.errors import EdgeoptError, OptionError, VerificationError
 from edgeopt.runtime.isa import isa_mismatch
-from edgeopt.runtime.kinds import BackendName, Precision, PruneCriterion
+from edgeopt.runtime.kinds import ArtifactFormat, BackendName, Precision, PruneCriterion
 from edgeopt.runtime.manifest import JsonObject, OutputTolerance, Tolerance
 from edgeopt.runtime.spec import TensorSpec
 from edgeopt.targets import Target
@@ -90,6 +90,7 @@ def validate(context: BuildContext) -> JsonObject:
     if options.finetune is not None or options.recover is not None or options.train_data is not None:
         context.training_data = _training_data(context)
     context.static_shapes = _static_shapes(context.inputs, options.input_shapes, _given_data(context))
+    _require_static_shapes(options.target, context.inputs, context.static_shapes)
     return {"precision": precision.value, "qat_model": context.qat_model, "changed": False}
 
 
@@ -181,6 +182,25 @@ def _static_shapes(inputs: list[TensorSpec], given: Mapping[str, tuple[int, ...]
         first = next(iter(data.take(1)))
         shapes.update({s.name: tuple(int(d) for d in np.shape(first[s.name])) for s in dynamic if s.name in first})
     return shapes
+
+
+def _require_static_shapes(target: Target, inputs: list[TensorSpec], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """TFLite runs one static shape: a dynamic size past the batch that neither --input-shape nor the data sets is
+    refused before any work. The lowering made such sizes 1, silently: PP-OCR's classifier built for raspberry-pi
+    became a 1x1-pixel model (0.1 M MACs), and verify passed it on 1x1 inputs."""
+    if target.artifact_format is not ArtifactFormat.TFLITE:
+        return
+    for spec in inputs:
+        sizes = list(spec.shape)
+        if spec.name in shapes or all(isinstance(d, int) and d > 0 for d in sizes[1:]):
+            continue
+        example = ",".join(str(d) if isinstance(d, int) and d > 0 else "1" if i == 0 else "N" for i, d in enumerate(sizes))
+        shown = ", ".join(str(d) if isinstance(d, int) and d > 0 else "?" for d in sizes)
+        raise InputShapeError(
+            f"input '{spec.name}' has dynamic sizes [{shown}] that neither --input-shape nor calibration or evaluation data sets, "
+            f"and {target.name}'s TFLite runs one static shape",
+            hint=f"pass --input-shape {spec.name}={example} with the sizes the device feeds (N: yours), or data whose first sample has them",
+        )
 
 
 def simplify_model(context: BuildContext) -> JsonObject:

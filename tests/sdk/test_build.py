@@ -336,3 +336,29 @@ def test_a_dynamic_model_given_its_input_shape_verifies_on_that_shape_and_counts
         assert reference["x"].shape[-3:] == (3, 32, 48)  # the samples, stacked
     compression = result.manifest["compression"]
     assert compression["macs_before"] == compression["macs_after"] == 8 * 3 * 3 * 3 * 32 * 48
+
+
+def _dynamic_model(path: Path, dims: list[int | str]) -> Path:
+    """A conv net with dynamic input sizes (`dims`: a name where dynamic), as PP-OCR's models are exported."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("GlobalAveragePool", ["c"], ["y"])],
+        "dynamic_hw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 1, 1])], [weight],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_tflite_refuses_dynamic_sizes_nothing_sets_instead_of_building_a_1x1_model(tmp_path: Path) -> None:
+    model = _dynamic_model(tmp_path / "dynamic.onnx", ["batch", 3, "h", "w"])
+    with pytest.raises(edgeopt.errors.EdgeoptError, match=r"input 'x' has dynamic sizes \[\?, 3, \?, \?\]") as info:
+        edgeopt.build(model, "raspberry-pi", output=tmp_path / "b")
+    assert info.value.exit_code == 2 and "--input-shape x=1,3,N,N" in info.value.hint and not (tmp_path / "b").exists()
+    built = edgeopt.build(model, "raspberry-pi", output=tmp_path / "b", input_shapes={"x": (1, 3, 32, 48)})
+    assert built.manifest["inputs"][0]["shape"] == [1, 3, 32, 48]
+    assert edgeopt.build(model, "onnxruntime-cpu", output=tmp_path / "ort").manifest["target"]["name"] == "onnxruntime-cpu", "runs dynamic shapes"
+    batch_only = _dynamic_model(tmp_path / "batch.onnx", ["batch", 3, 16, 16])  # the usual export: TFLite runs batch 1
+    assert edgeopt.build(batch_only, "raspberry-pi", output=tmp_path / "b1").manifest["inputs"][0]["shape"] == [1, 3, 16, 16]
