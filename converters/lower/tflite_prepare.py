@@ -23,6 +23,7 @@ from edgeopt.converters.errors import LoweringError, ModelLoadError
 from edgeopt.converters.graph.opset import MIN_OPSET, onnx_opset, with_min_opset
 from edgeopt.converters.graph.session import ort_session
 from edgeopt.converters.passes.fold_batchnorm import FoldBatchNormPass
+from edgeopt.converters.passes.fix_input_shapes import unknown_negative_output_sizes
 from edgeopt.converters.passes.fold_constants import FoldConstantsPass
 from edgeopt.converters.passes.fuse_erf_gelu import FuseErfGeluPass
 
@@ -73,9 +74,7 @@ def _forget_inferred_shapes(graph: ir.Graph) -> None:
         for value in node.outputs:
             if not value.is_graph_output():
                 value.shape = None
-    for value in graph.outputs:
-        if value.shape is not None and any(isinstance(d, int) and d < 0 for d in value.shape):
-            value.shape = ir.Shape([None if isinstance(d, int) and d < 0 else d for d in value.shape])
+    unknown_negative_output_sizes(graph)
 
 
 def _infer_shapes(model: ir.Model) -> None:

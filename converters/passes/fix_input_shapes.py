@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["FixInputShapesPass"]
+__all__ = ["FixInputShapesPass", "unknown_negative_output_sizes"]
 
 from collections.abc import Mapping
 
@@ -15,6 +15,14 @@ from edgeopt.converters.passes.base import GraphPass
 def _static(dim: object) -> bool:
     """A known size; some exporters (Paddle) write a dynamic dimension as -1."""
     return isinstance(dim, int) and dim >= 0
+
+
+def unknown_negative_output_sizes(graph: ir.Graph) -> None:
+    """Make a graph output's -1 sizes unknown: Paddle writes a dynamic size so, and against the size shape inference
+    computes from fixed inputs it fails the ONNX checker (and LiteRT)."""
+    for value in graph.outputs:
+        if value.shape is not None and any(isinstance(d, int) and d < 0 for d in value.shape):
+            value.shape = ir.Shape([None if isinstance(d, int) and d < 0 else d for d in value.shape])
 
 
 class _InputShapeMismatch(InputShapeError, ir.passes.PreconditionError):
@@ -76,7 +84,5 @@ class FixInputShapesPass(GraphPass):
                 for output in node.outputs:
                     if not output.is_graph_output():
                         output.shape = None
-            for output in graph.outputs:  # a -1 there (Paddle) would clash with the size inferred now
-                if output.shape is not None and any(isinstance(d, int) and d < 0 for d in output.shape):
-                    output.shape = ir.Shape([None if isinstance(d, int) and d < 0 else d for d in output.shape])
+            unknown_negative_output_sizes(graph)
         return ir.passes.PassResult(model, modified=modified)
