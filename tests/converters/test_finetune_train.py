@@ -186,15 +186,46 @@ def test_the_rate_schedule_counts_optimizer_steps_so_more_data_does_not_mean_mor
 
 def test_with_fp32_latents_weight_scales_learn_and_the_first_epoch_helps(models, train_split) -> None:
     """Latents from the fp32 weights (off their grid): LSQ's weight-scale gradient is its own, the scales
-    learn, and the first epoch lowers the held-out loss more than on the grid (measured 0.0174 -> 0.0056, grid -> 0.0107)."""
+    learn, and the first epoch lowers the held-out loss far more than on the grid (measured 1.016 -> 0.544, on
+    the grid -> 0.945)."""
     fp32, qdq = models
     unlabeled = _data(fp32, {"image": train_split["image"]})
     options = FinetuneOptions(mode=FinetuneMode.QAD, epochs=1, threads=1, fp32_latents=True)
     report = finetune(qdq, fp32, unlabeled, options, scheme=SCHEME).report
+    on_grid = finetune(qdq, fp32, unlabeled, replace(options, fp32_latents=False), scheme=SCHEME).report
     start, first = (record["held_out_loss"] for record in report["history"])
-    assert first < 0.5 * start, report["history"]
+    grid_start, grid_first = (record["held_out_loss"] for record in on_grid["history"])
+    assert grid_start == start and first < 0.75 * grid_first < 0.75 * start, (report["history"], on_grid["history"])
     assert report["latents"] is not None and report["latents"]["from_fp32"] == report["latents"]["weights"] == 3
     assert report["best_epoch"] == 1 and report["writeback"]["weight_scales_changed"] > 0
+
+
+@pytest.mark.parametrize("field, value", [("lr", 0.0), ("activation_scale_lr", float("nan")), ("activation_scale_lr", -1.0), ("epochs", 0)])
+def test_an_option_out_of_range_is_refused_naming_it(field: str, value: float) -> None:
+    with pytest.raises(OptionError, match=f"fine-tuning {field} must be"):
+        FinetuneOptions(**{field: value})
+
+
+def test_an_activation_range_clipped_too_tight_widens_within_one_epoch(models, train_split) -> None:
+    """Range selection may clip what a later layer needs (a detector's rare large activations); training must be
+    able to undo it quickly. Every activation scale cut to a third grows by more than 15% in one epoch and the
+    held-out loss falls by more than a quarter (measured: +19-31%, 4.75 -> 3.02; at a tenth of today's scale
+    rate +1-3%, 4.75 -> 4.47)."""
+    fp32, qdq = models
+    clipped = onnx.ModelProto()
+    clipped.CopyFrom(qdq)
+    constants = {i.name: i for i in clipped.graph.initializer}
+    scales = [n.input[1] for n in clipped.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in constants]
+    for name in scales:
+        constants[name].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(constants[name]) / 3, name))
+    before = {name: float(numpy_helper.to_array(constants[name])) for name in scales}
+    unlabeled = _data(fp32, {"image": train_split["image"]})
+    result = finetune(clipped, fp32, unlabeled, FinetuneOptions(mode=FinetuneMode.QAD, epochs=1, threads=1), scheme=SCHEME)
+    after = {i.name: float(numpy_helper.to_array(i)) for i in result.model.graph.initializer if i.name in before}
+    growth = {name: after[name] / before[name] for name in scales}
+    start, first = (record["held_out_loss"] for record in result.report["history"])
+    assert len(scales) >= 4 and min(growth.values()) > 1.15, growth
+    assert first < 0.75 * start, result.report["history"]
 
 
 def test_an_output_behind_a_fixed_scale_quantizer_is_distilled_on_the_float_value_before_it() -> None:
@@ -343,7 +374,11 @@ def test_a_data_loader_and_an_iterable_of_dicts_read_like_the_npz(models) -> Non
 
 # -- data-parallel --------------------------------------------------------------------------------------------
 
-DDP_OPTIONS = FinetuneOptions(mode=FinetuneMode.QAD, epochs=1, patience=5, batch_size=16, threads=1)
+#: At a tenth of the default activation-scale rate: at the default, the logits' scale, whose gradient sits near 0,
+#: moved +0.9% in one process and -1.5% in two (Adam steps at full rate whichever sign the summation order gives a
+#: gradient that small); every other scale and weight still agreed to 1e-4. Slower scales keep that out of a test
+#: of the averaging itself.
+DDP_OPTIONS = FinetuneOptions(mode=FinetuneMode.QAD, epochs=1, patience=5, batch_size=16, threads=1, activation_scale_lr=10.0)
 
 
 def _ddp_rank(rank: int, world: int, port: int, models: tuple[bytes, bytes], images: np.ndarray, out: str) -> None:
@@ -366,8 +401,9 @@ def test_two_gloo_processes_train_what_one_process_trains_with_the_same_global_b
     """DDP averages the two halves' gradients of each global batch of 16: one Adam step on the same
     mean as one process. Only the float summation order differs, which can flip a rounding now and
     then (measured after 2 epochs of 10 steps: held-out loss 3e-4 then 3.5e-3 relative apart).
-    Tolerance after one epoch (8 Adam steps): held-out loss 2% relative, scales 1e-3 relative, integer
-    weights at most one step apart on at most 1% of them (measured: 0 of 9881 apart, loss 1.1%)."""
+    Tolerance after one epoch (8 Adam steps): held-out loss 2% relative, scales and float tensors 1e-3 relative
+    (of the tensor's largest value), integer weights at most one step apart on at most 1% of them (measured: 0 of
+    9881 apart, loss 1.1%; the largest float difference 2.9e-5 on a bias of largest value 0.071, 4e-4 of it)."""
     import json
     import socket
 
@@ -387,8 +423,8 @@ def test_two_gloo_processes_train_what_one_process_trains_with_the_same_global_b
     ours, theirs = _integers(one.model), _integers(onnx.load(out))
     differing = total = 0
     for name, value in ours.items():
-        if value.dtype == np.float32:
-            np.testing.assert_allclose(theirs[name], value, rtol=1e-3, err_msg=name)
+        if value.dtype == np.float32:  # relative to the tensor's largest value: a bias near 0 has no relative tolerance of its own
+            np.testing.assert_allclose(theirs[name], value, rtol=1e-3, atol=1e-3 * float(np.abs(value).max()), err_msg=name)
         else:
             steps = np.abs(theirs[name].astype(np.int64) - value.astype(np.int64))
             assert steps.max() <= 1, name
