@@ -153,9 +153,11 @@ def _shipped_recovery(rows: list[dict[str, Any]], metric: str) -> None:
     from the fp32 model's value on ONNX Runtime."""
     fp32_value = rows[0][metric]
     for row in rows:
-        if "_from_" not in row["variant"] or "shipped" not in row:
+        if "_from_" not in row["variant"] or metric not in row.get("shipped", {}):
             continue
         start = next(r for r in rows if r["variant"] == "ptq_" + row["variant"].split("_from_")[1])
+        if metric not in start.get("shipped", {}):
+            continue
         drop = fp32_value - start["shipped"][metric]
         low, high = start["shipped"][f"{metric}_ci95"]
         row["shipped"]["recovery"] = None if drop <= 0 else round((row["shipped"][metric] - start["shipped"][metric]) / drop, 3)
@@ -410,6 +412,7 @@ def _shipped_figures(
     and run here on that bundle's own runtime (`edgeopt.runtime.load`): the case's figures on the artifact that ships,
     not on ONNX Runtime's reading of its QDQ graph."""
     import edgeopt
+    from edgeopt.errors import EdgeoptError
     from edgeopt.runtime import load
 
     of_outputs = TASK_FIGURES[task][1] if task in TASK_FIGURES else _output_figures
@@ -418,7 +421,11 @@ def _shipped_figures(
         for variant, model in models.items():
             source, bundle = Path(work) / f"{variant}.onnx", Path(work) / variant
             onnx.save(model, source)
-            built = edgeopt.build(source, target, output=bundle, precision="int8", input_shapes=input_shapes, force=True)
+            try:
+                built = edgeopt.build(source, target, output=bundle, precision="int8", input_shapes=input_shapes, force=True)
+            except EdgeoptError as error:  # a build that fails is a finding: recorded, the case's other figures kept
+                shipped[variant] = {"error": f"{type(error).__name__}: {error}"}
+                continue
             runtime = load(bundle, threads=2)
             figures = of_outputs(reference, [runtime.predict(feed) for feed in data["eval"]], data)
             figures.pop("_top1", None)
@@ -800,7 +807,7 @@ def _markdown(document: dict[str, Any]) -> str:
             epochs = f"{row['epochs_run']} ({row['best_epoch']})" if "epochs_run" in row else ""
             flips = f"{row['flips']} ({row['flips_near_tie']})" if "flips" in row else ""
             shipped = row.get("shipped") or {}
-            on_target = f"{shipped['backend']}: {shipped[case['metric']]:.4f}" if shipped else ""
+            on_target = f"build failed: {shipped['error']}" if "error" in shipped else f"{shipped['backend']}: {shipped[case['metric']]:.4f}" if shipped else ""
             if shipped.get("recovery") is not None:
                 on_target += f", recovery {shipped['recovery']:.2f}" if shipped["drop_beyond_noise"] else f", recovery ({shipped['recovery']:.2f})"
             lines.append(

@@ -52,10 +52,23 @@ def _dequantized_output_graph(scale: float) -> onnx.ModelProto:
 
 def test_int8_elements_may_not_leave_the_outputs_scale_plus_two_steps_of_its_grid() -> None:
     reference = _outputs(y=np.array([[0.0, 0.1, 0.2, 0.3]]))
-    tolerances = parity_tolerances(Precision.INT8, reference, _dequantized_output_graph(0.1))
-    assert tolerances["y"]["atol"] == pytest.approx(1.0 * 0.3 + 2 * 0.1)
+    tolerances = parity_tolerances(Precision.INT8, reference, None)
+    assert tolerances["y"]["atol"] == pytest.approx(1.0 * 0.3)
     with pytest.raises(VerificationError, match="differs by max"):
         check_parity(Precision.INT8, reference, [{"y": reference[0]["y"] + 0.6}], tolerances, "QDQ", "here")
+
+
+def test_an_int8_outputs_scale_is_its_grid_where_the_samples_reach_less_of_it() -> None:
+    """A sigmoid text map dequantized from [0, 255/256] on an input with no text (max 0.03): one steep pixel
+    rounding the other way (0.2) is inside the output's scale; a value off the grid is not."""
+    reference = _outputs(y=np.array([[0.0, 0.01, 0.02, 0.03]]))
+    tolerances = parity_tolerances(Precision.INT8, reference, _dequantized_output_graph(1 / 256))
+    assert tolerances["y"]["atol"] == pytest.approx(255 / 256 + 2 / 256)
+    jumped = reference[0]["y"].copy()
+    jumped[0, 3] += 0.2
+    check_parity(Precision.INT8, reference, [{"y": jumped}], tolerances, "QDQ", "here")
+    with pytest.raises(VerificationError, match="differs by max"):
+        check_parity(Precision.INT8, reference, [{"y": reference[0]["y"] + 1.5}], tolerances, "QDQ", "here")
 
 
 def test_fp16_parity_is_an_sqnr_bound_so_a_steep_maps_jumping_pixel_passes() -> None:
