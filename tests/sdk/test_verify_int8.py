@@ -71,3 +71,25 @@ def test_a_qdq_graph_edgeopt_quantized_earlier_builds_again_with_its_bound_from_
     step_floor = figures["elements"] / 256**2  # one output step per element: the whole bound before
     assert measured["checked"] and figures["noise_power"] <= figures["allowed_noise_power"]
     assert figures["allowed_noise_power"] > 10 * step_floor, "the bound holds the QDQ graph's own rounding noise"
+
+
+def test_a_text_detectors_qdq_graph_builds_without_data_though_no_verify_input_shows_text(tmp_path: Path) -> None:
+    """Without data, verification inputs show no text: the DB map's sigmoid peaks near 0.03 on them, and one steep
+    pixel rounding the other way in LiteRT (0.21) was called a lowering bug against an element bound of that peak.
+    The output's scale is its int8 grid ([0, 1)): the build passes, its noise inside int8's bound."""
+    from edgeopt.converters.data import model_input_specs, open_dataset
+    from edgeopt.converters.passes import simplify
+    from edgeopt.converters.quantize import QuantizeOptions, quantize
+    from edgeopt.runtime.kinds import Effort
+    from edgeopt.targets import get_target
+
+    shapes = {k: tuple(v) for k, v in zoo.REAL_MODELS["ppocr_det"].inputs.items()}
+    fp32, _ = simplify(onnx.load(zoo.require_real_model("ppocr_det")), shapes)
+    calibration = open_dataset(zoo.real_inputs("ppocr_det", 128, split="calibration"), model_input_specs(fp32))
+    qdq = quantize(fp32, get_target("raspberry-pi").scheme_for(None), calibration, QuantizeOptions(effort=Effort.DEFAULT)).model
+    onnx.save(qdq, tmp_path / "ppocr_det_int8.onnx")
+    result = edgeopt.build(tmp_path / "ppocr_det_int8.onnx", "raspberry-pi", output=tmp_path / "b", precision="int8", input_shapes=shapes)
+    measured = result.manifest["reference"]["measured"]
+    figures = measured["outputs"]["sigmoid_0.tmp_0"]
+    assert measured["checked"] and figures["noise_power"] <= figures["allowed_noise_power"]
+    assert figures["allowed"] > 0.99, "the element bound spans the sigmoid's grid"
