@@ -827,7 +827,8 @@ def _rates() -> dict[str, float]:
     base rate and the activation scales' relative rate."""
     from edgeopt.converters.finetune.train import FinetuneOptions
 
-    return {"lr": FinetuneOptions().lr, "activation_scale_lr": FinetuneOptions().activation_scale_lr}
+    defaults = FinetuneOptions()
+    return {"lr": defaults.lr, "activation_scale_lr": defaults.activation_scale_lr}
 
 
 def main() -> None:
