@@ -752,17 +752,17 @@ def diagnose(name: str, eval_count: int, layer_samples: int) -> dict[str, Any]:
     return result
 
 
-def ceiling(name: str, epochs: int, patience: int, eval_count: int, runs: int) -> dict[str, Any]:
+def ceiling(name: str, epochs: int, patience: int, eval_count: int, runs: int, overrides: dict[str, Any]) -> dict[str, Any]:
     """QAD (effort default's PTQ, the bench's options) trained on the eval inputs themselves: the trainer holds out
     its usual share, the rest are the very samples measured. What this QAD wins there bounds what any training set
     of that size could give it: a drop it cannot remove even on the samples it trains on is not a data problem."""
     if CASES[name]["model"] == "digits":
         raise SystemExit("--ceiling: zoo cases only (the digits cases train on labelled digits)")
-    case = run_case(name, epochs, patience, eval_count, eval_count, runs, ["default"], train_on_eval=True)
+    case = run_case(name, epochs, patience, eval_count, eval_count, runs, ["default"], overrides, train_on_eval=True)
     kept = ("variant", case["metric"], f"{case['metric']}_ci95", "flips", "decisive_agreement", "min_sqnr_db", "train_samples",
             "held_out_samples", "epochs_run", "best_epoch", "seconds", "recovery_" + case["metric"], "recovery_top1_agreement", "history")
     rows = [{k: row[k] for k in kept if k in row} for row in case["rows"]]
-    return {"epochs": epochs, "eval_samples": eval_count, "metric": case["metric"], "rows": rows}
+    return {"epochs": epochs, "eval_samples": eval_count, "options": overrides, "metric": case["metric"], "rows": rows}
 
 
 def _markdown(document: dict[str, Any]) -> str:
@@ -844,7 +844,7 @@ def main() -> None:
     parser.add_argument("--update", action="store_true", help="keep the other cases of the existing results (runs of different settings side by side)")
     parser.add_argument("--merge", help="a file holding one case's `--one` output: replace that case in the results (settings: the other arguments)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # run one case in this process, print its JSON
-    parser.add_argument("--options", default="{}", help="--one: FinetuneOptions fields as JSON, e.g. '{\"lr\": 5e-5}' (a training change measured)")
+    parser.add_argument("--options", default="{}", help="--one, --ceiling: FinetuneOptions fields as JSON, e.g. '{\"lr\": 5e-5}' (a training change measured)")
     parser.add_argument("--keep", type=Path, help="--one: save the PTQ and tuned QDQ graphs in this folder")
     parser.add_argument("--diagnose", help="zoo cases: where the PTQ drop comes from (writes finetune_recovery.diagnosis.json)")
     parser.add_argument("--ptq", help="zoo models: PTQ's drop at each of --efforts on --targets, Wilson intervals (writes finetune_recovery.ptq.json)")
@@ -867,7 +867,7 @@ def main() -> None:
         return
     if args.ceiling:
         for name in args.ceiling.split(","):
-            record(name, {"qad_trained_on_eval": ceiling(name, args.zoo_epochs or args.epochs, args.patience, args.eval, args.runs)})
+            record(name, {"qad_trained_on_eval": ceiling(name, args.zoo_epochs or args.epochs, args.patience, args.eval, args.runs, json.loads(args.options))})
         return
     if args.ptq:
         path = RESULTS / "finetune_recovery.ptq.json"
