@@ -43,6 +43,7 @@ interleaved run by run, median of `--runs`.
     python bench/finetune_recovery.py --one ppocr_cls --train 2048 > run.json; ... --merge run.json --train 2048   # a case run alone
     python bench/finetune_recovery.py --one ppocr_cls --options '{"epochs": 8}' --keep /tmp/graphs   # a training change, graphs kept
     python bench/finetune_recovery.py --diagnose ppocr_cls --eval 4096   # where the drop comes from; rounding vs independent noise
+    python bench/finetune_recovery.py --diagnose ppocr_rec --graph /tmp/graphs/ppocr_rec_qad_from_default.onnx --layer-samples 0   # where a tuned graph ends
     python bench/finetune_recovery.py --ceiling ppocr_cls --eval 4096 --epochs 4   # QAD trained on the eval inputs themselves
 
 Writes bench/results/finetune_recovery.{json,md}.
@@ -630,10 +631,11 @@ def _float_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> on
     return model
 
 
-def diagnose(name: str, eval_count: int, layer_samples: int) -> dict[str, Any]:
-    """Where a case's PTQ drop (effort default) comes from, on `eval_count` eval samples: only weights quantized
+def diagnose(name: str, eval_count: int, layer_samples: int, graph: Path | None = None) -> dict[str, Any]:
+    """Where a case's PTQ drop (effort default) comes from — or, given `graph` (a QDQ graph of the case, e.g. a tuned
+    one `--keep` saved), that graph's distance to fp32 — on `eval_count` eval samples: only weights quantized
     (activation rounding off, clipping kept), only activations quantized (weights: the fp32 weights as
-    finetune's latents start, `latents.fp32_latents`), both; KL at T = 2 against fp32 (the QAD loss, before a
+    finetune's latents start, `latents.fp32_latents`), both, neither (the fp32 weights, the clips alone); KL at T = 2 against fp32 (the QAD loss, before a
     fixed-scale output quantizer) and top-1 disagreements; then on `layer_samples` samples each activation
     quantizer's rounding off alone and each weight at fp32 alone (the share of the KL it removes; for the detector
     and the recogniser, of the task metric's drop); the fp32 top-2 margins of the samples PTQ flips; fp32 under ±0.5
@@ -656,7 +658,7 @@ def diagnose(name: str, eval_count: int, layer_samples: int) -> dict[str, Any]:
     fp32, _ = simplify(onnx.load(zoo.require_real_model(model_name)), dict(zoo.REAL_MODELS[model_name].inputs) if case.get("static_shapes") else None)
     scheme = get_target(case["target"]).scheme_for(None)
     calibration = open_dataset(zoo.real_inputs(model_name, 128, seed=0, split="calibration"), model_input_specs(fp32))
-    ptq = quantize(fp32, scheme, calibration, QuantizeOptions(effort=Effort.DEFAULT)).model
+    ptq = onnx.load(graph) if graph else quantize(fp32, scheme, calibration, QuantizeOptions(effort=Effort.DEFAULT)).model
     feeds = zoo.real_inputs(model_name, eval_count, seed=0, split="eval")
     output = fp32.graph.output[0].name
 
@@ -688,8 +690,9 @@ def diagnose(name: str, eval_count: int, layer_samples: int) -> dict[str, Any]:
         "both": base,
         "weights only": _clip_instead_of_rounding(base, rounding),
         "activations only": _float_weights(base, weights),
+        "clips only": _float_weights(_clip_instead_of_rounding(base, rounding), weights),
     }
-    result: dict[str, Any] = {"case": name, "eval_samples": eval_count, "latents": latent_report, "variants": {}}
+    result: dict[str, Any] = {"case": name, "graph": graph.name if graph else "ptq_default", "eval_samples": eval_count, "latents": latent_report, "variants": {}}
     task = zoo.REAL_MODELS[model_name].task
     if task in TASK_FIGURES:  # the task metric against fp32's results, no top-1 to flip
         figures, _, metric = TASK_FIGURES[task]
@@ -847,6 +850,7 @@ def main() -> None:
     parser.add_argument("--options", default="{}", help="--one, --ceiling: FinetuneOptions fields as JSON, e.g. '{\"lr\": 5e-5}' (a training change measured)")
     parser.add_argument("--keep", type=Path, help="--one: save the PTQ and tuned QDQ graphs in this folder")
     parser.add_argument("--diagnose", help="zoo cases: where the PTQ drop comes from (writes finetune_recovery.diagnosis.json)")
+    parser.add_argument("--graph", type=Path, help="--diagnose: split this QDQ graph of the case (e.g. a tuned one --keep saved) instead of its PTQ")
     parser.add_argument("--ptq", help="zoo models: PTQ's drop at each of --efforts on --targets, Wilson intervals (writes finetune_recovery.ptq.json)")
     parser.add_argument("--targets", default="raspberry-pi,intel-openvino", help="--ptq: targets")
     parser.add_argument("--ceiling", help="zoo cases: QAD trained on the --eval inputs themselves (into finetune_recovery.diagnosis.json)")
@@ -862,8 +866,9 @@ def main() -> None:
 
     if args.diagnose:
         for name in args.diagnose.split(","):
-            fresh = diagnose(name, args.eval, args.layer_samples)
-            record(name, fresh | {"one_at_a_time": fresh.get("one_at_a_time")})  # a skipped pass leaves no stale one
+            fresh = diagnose(name, args.eval, args.layer_samples, args.graph)
+            # a skipped pass leaves no stale one; a kept graph's split goes beside PTQ's
+            record(name, {f"split_of_{args.graph.stem}": fresh} if args.graph else fresh | {"one_at_a_time": fresh.get("one_at_a_time")})
         return
     if args.ceiling:
         for name in args.ceiling.split(","):
