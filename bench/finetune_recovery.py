@@ -756,7 +756,7 @@ def diagnose(name: str, eval_count: int, layer_samples: int, graph: Path | None 
 
 
 def ceiling(name: str, epochs: int, patience: int, eval_count: int, runs: int, overrides: dict[str, Any]) -> dict[str, Any]:
-    """QAD (effort default's PTQ, the bench's options) trained on the eval inputs themselves: the trainer holds out
+    """QAD (effort default's PTQ, the bench's options with `overrides`) trained on the eval inputs themselves: the trainer holds out
     its usual share, the rest are the very samples measured. What this QAD wins there bounds what any training set
     of that size could give it: a drop it cannot remove even on the samples it trains on is not a data problem."""
     if CASES[name]["model"] == "digits":
