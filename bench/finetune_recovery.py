@@ -53,6 +53,7 @@ interleaved run by run, median of `--runs`.
     python bench/finetune_recovery.py --diagnose ppocr_cls --eval 4096   # where the drop comes from; rounding vs independent noise
     python bench/finetune_recovery.py --diagnose ppocr_rec --graph /tmp/graphs/ppocr_rec_qad_from_default.onnx --layer-samples 0   # where a tuned graph ends
     python bench/finetune_recovery.py --ceiling ppocr_cls --eval 4096 --epochs 4   # QAD trained on the eval inputs themselves
+    python bench/finetune_recovery.py --paired ppocr_det_text --eval 1024 --graphs /tmp/graphs   # paired intervals on ground truth
 
 Writes bench/results/finetune_recovery.{json,md}.
 """
@@ -800,6 +801,60 @@ def ceiling(name: str, epochs: int, patience: int, eval_count: int, runs: int, o
     return {"epochs": epochs, "eval_samples": eval_count, "options": overrides, "metric": case["metric"], "rows": rows}
 
 
+def _truth_components(data: dict[str, Any], outputs: list[np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per eval sample, the (numerator, denominator) whose sums give a ground-truth metric (`--paired`): text boxes
+    (2 x matched, detected + true), words (exact line, 1), chars (characters - edit distance, characters)."""
+    from tests import zoo
+
+    if "characters" not in data:
+        counts = np.array([zoo.text_box_counts(boxes, output) for boxes, output in zip(data["truth"], outputs)], float)
+        return {"boxes": (2 * counts[:, 0], counts[:, 1] + counts[:, 2])}
+    per_line = [zoo.text_accuracy([truth], [output], data["characters"]) for truth, output in zip(data["truth"], outputs)]
+    characters = np.array([line["character_count"] for line in per_line], float)
+    return {
+        "words": (np.array([line["words"] for line in per_line]), np.ones(len(per_line))),
+        "chars": (characters - np.array([round((1 - line["characters"]) * line["character_count"]) for line in per_line], float), characters),
+    }
+
+
+def paired(name: str, eval_count: int, graphs: Path, resamples: int = 2000) -> dict[str, Any]:
+    """A ground-truth case's kept PTQ and tuned graphs (`--keep`) against fp32 on the same eval samples: each
+    difference with its paired bootstrap 95% interval (the same resampled samples for both models), which the
+    unpaired rule of the table (fp32 inside PTQ's interval) is too coarse to see on a drop of one point."""
+    from tests import zoo
+
+    from edgeopt.converters.graph.session import run_model
+    from edgeopt.converters.passes import simplify
+
+    case = CASES[name]
+    if "data" not in case:
+        raise SystemExit(f"--paired: ground-truth cases only ({', '.join(c for c in CASES if 'data' in CASES[c])})")
+    fp32, _ = simplify(onnx.load(zoo.require_real_model(case["model"])), dict(zoo.REAL_MODELS[case["model"]].inputs) if case.get("static_shapes") else None)
+    data = _data(case, fp32, 0, eval_count)
+    models = {"fp32": fp32, **{variant: onnx.load(graphs / f"{name}_{variant}.onnx") for variant in ("ptq_default", "qad_from_default")}}
+    components = {}
+    for variant, model in models.items():
+        outputs = [output[next(iter(output))] for output in run_model(model, data["eval"], threads=2)]
+        components[variant] = _truth_components(data, outputs)
+    picks = np.random.default_rng(0).integers(0, eval_count, (resamples, eval_count))
+
+    def value(variant: str, metric: str, rows: Any = slice(None)) -> np.ndarray:
+        numerators, denominators = components[variant][metric]
+        return numerators[rows].sum(-1) / denominators[rows].sum(-1)
+
+    result: dict[str, Any] = {"eval_samples": eval_count, "graphs": str(graphs), "resamples": resamples, "metrics": {}}
+    for metric in components["fp32"]:
+        figures = {variant: round(float(value(variant, metric)), 5) for variant in models}
+        differences = {}
+        for first, second in (("fp32", "ptq_default"), ("fp32", "qad_from_default"), ("qad_from_default", "ptq_default")):
+            resampled = value(first, metric, picks) - value(second, metric, picks)
+            low, high = np.percentile(resampled, [2.5, 97.5])
+            differences[f"{first}-{second}"] = {"value": round(figures[first] - figures[second], 5), "ci95": [round(float(low), 5), round(float(high), 5)]}
+        drop = figures["fp32"] - figures["ptq_default"]
+        result["metrics"][metric] = {**figures, "differences": differences, "recovery": None if drop <= 0 else round((figures["qad_from_default"] - figures["ptq_default"]) / drop, 3)}
+    return result
+
+
 def _markdown(document: dict[str, Any]) -> str:
     lines = [
         "# Fine-tuning recovery: fp32, PTQ (effort default), QAT (labels), QAD (no labels)",
@@ -888,6 +943,8 @@ def main() -> None:
     parser.add_argument("--ptq", help="zoo models: PTQ's drop at each of --efforts on --targets, Wilson intervals (writes finetune_recovery.ptq.json)")
     parser.add_argument("--targets", default="raspberry-pi,intel-openvino", help="--ptq: targets")
     parser.add_argument("--ceiling", help="zoo cases: QAD trained on the --eval inputs themselves (into finetune_recovery.diagnosis.json)")
+    parser.add_argument("--paired", help="ground-truth cases: paired bootstrap of fp32, PTQ and QAD on --eval samples, from the graphs --keep saved in --graphs (into finetune_recovery.diagnosis.json)")
+    parser.add_argument("--graphs", type=Path, help="--paired: the folder --keep wrote")
     parser.add_argument("--layer-samples", type=int, default=256, help="--diagnose: samples of the one-quantizer-at-a-time pass (0: skip it)")
     args = parser.parse_args()
     diagnosis = RESULTS / "finetune_recovery.diagnosis.json"
@@ -907,6 +964,12 @@ def main() -> None:
     if args.ceiling:
         for name in args.ceiling.split(","):
             record(name, {"qad_trained_on_eval": ceiling(name, args.zoo_epochs or args.epochs, args.patience, args.eval, args.runs, json.loads(args.options))})
+        return
+    if args.paired:
+        if args.graphs is None:
+            raise SystemExit("--paired needs --graphs DIR (the folder a --one run's --keep wrote)")
+        for name in args.paired.split(","):
+            record(name, {"paired": paired(name, args.eval, args.graphs)})
         return
     if args.ptq:
         path = RESULTS / "finetune_recovery.ptq.json"
