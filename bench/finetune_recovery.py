@@ -813,7 +813,7 @@ def _truth_components(data: dict[str, Any], outputs: list[np.ndarray]) -> dict[s
     characters = np.array([line["character_count"] for line in per_line], float)
     return {
         "words": (np.array([line["words"] for line in per_line]), np.ones(len(per_line))),
-        "chars": (characters - np.array([round((1 - line["characters"]) * line["character_count"]) for line in per_line], float), characters),
+        "chars": (characters - np.array([line["edit_distance"] for line in per_line], float), characters),
     }
 
 

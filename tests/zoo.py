@@ -1073,14 +1073,14 @@ def _rendered_text_page(rng: np.random.Generator, size: int = 320) -> tuple[dict
 
     if rng.random() < 0.5:
         canvas = np.full((size, size), rng.integers(150, 256), np.float32)
-        dark_ink = None  # paper: ink of a random dark grey
+        on_paper = True  # ink of a random dark grey; on a photo, black or white against what lies under the line
     else:
         photo = _photos_bgr()[int(rng.integers(len(_photos_bgr())))].mean(axis=2)
         side = int(min(photo.shape[:2]) * rng.uniform(0.4, 1.0))
         y, x = int(rng.integers(0, photo.shape[0] - side + 1)), int(rng.integers(0, photo.shape[1] - side + 1))
         crop = Image.fromarray(photo[y : y + side, x : x + side].astype(np.uint8))
         canvas = np.asarray(crop.resize((size, size), Image.BILINEAR), np.float32)
-        dark_ink = True
+        on_paper = False
     boxes: list[tuple[int, int, int, int]] = []
     taken = np.zeros((size, size), bool)
     for _ in range(int(rng.integers(3, 9))):
@@ -1098,7 +1098,7 @@ def _rendered_text_page(rng: np.random.Generator, size: int = 320) -> tuple[dict
             mask = Image.new("L", (size, size), 0)
             ImageDraw.Draw(mask).text((x - left, y - top), text, fill=255, font=font)
             coverage = np.asarray(mask, np.float32) / 255 * rng.uniform(0.7, 1.0)
-            ink = float(rng.integers(0, 110)) if dark_ink is None else 255.0 if canvas[y : y + height, x : x + width].mean() < 110 else 0.0
+            ink = float(rng.integers(0, 110)) if on_paper else 255.0 if canvas[y : y + height, x : x + width].mean() < 110 else 0.0
             canvas = canvas * (1 - coverage) + ink * coverage
             ascent, descent = font.getmetrics()
             boxes.append((x, y - top, x + width, y - top + ascent + descent))
@@ -1343,7 +1343,8 @@ def ctc_characters(model: onnx.ModelProto) -> list[str]:
 
 def text_accuracy(truths: Sequence[str], outputs: Sequence[np.ndarray], characters: Sequence[str]) -> dict[str, float | int]:
     """A recogniser's greedy CTC decodes against the strings rendered: character accuracy (1 - edit distance /
-    characters, over all samples) and word accuracy (exact lines), spaces ignored as PaddleOCR's RecMetric ignores them."""
+    characters, over all samples), word accuracy (exact lines), the edit distance and the characters counted; spaces
+    ignored as PaddleOCR's RecMetric ignores them."""
     if len(truths) != len(outputs):
         raise ValueError(f"{len(truths)} strings but {len(outputs)} outputs")
     decoded = ["".join(characters[i] for i in _ctc_greedy(output)).replace(" ", "") for output in outputs]
@@ -1352,7 +1353,7 @@ def text_accuracy(truths: Sequence[str], outputs: Sequence[np.ndarray], characte
     total = sum(len(t) for t in expected)
     return {
         "characters": float(max(0.0, 1.0 - errors / total)), "words": float(np.mean([t == d for t, d in zip(expected, decoded)])),
-        "character_count": total,
+        "edit_distance": errors, "character_count": total,
     }
 
 # --------------------------------------------------------------------------------------------
