@@ -674,11 +674,24 @@ def _float_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> on
     return model
 
 
+def _widened_ranges(model: onnx.ModelProto, quantizers: set[str], factor: float) -> onnx.ModelProto:
+    """A copy where each QuantizeLinear named in `quantizers` (and its DequantizeLinears, which read the same
+    scale) has a scale `factor` times larger: its range as much wider, zero point kept, rounding on."""
+    from onnx import numpy_helper
+
+    model = copy.deepcopy(model)
+    scales = {node.input[1] for node in model.graph.node if node.name in quantizers}
+    for tensor in model.graph.initializer:
+        if tensor.name in scales:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * np.float32(factor), tensor.name))
+    return model
+
+
 def diagnose(name: str, eval_count: int, layer_samples: int, graph: Path | None = None) -> dict[str, Any]:
     """Where a case's PTQ drop (effort default) comes from — or, given `graph` (a QDQ graph of the case, e.g. a tuned
     one `--keep` saved), that graph's distance to fp32 — on `eval_count` eval samples: only weights quantized
     (activation rounding off, clipping kept), only activations quantized (weights: the fp32 weights as
-    finetune's latents start, `latents.fp32_latents`), both, neither (the fp32 weights, the clips alone); KL at T = 2 against fp32 (the QAD loss, before a
+    finetune's latents start, `latents.fp32_latents`), both, neither (the fp32 weights, the clips alone), both with every activation range 1.25 and 1.5 times wider (`_widened_ranges`); KL at T = 2 against fp32 (the QAD loss, before a
     fixed-scale output quantizer) and top-1 disagreements; then on `layer_samples` samples each activation
     quantizer's rounding off alone and each weight at fp32 alone (the share of the KL it removes; for the detector
     and the recogniser, of the task metric's drop); the fp32 top-2 margins of the samples PTQ flips; fp32 under ±0.5
@@ -736,6 +749,8 @@ def diagnose(name: str, eval_count: int, layer_samples: int, graph: Path | None 
         "weights only": _clip_instead_of_rounding(base, rounding),
         "activations only": _float_weights(base, weights),
         "clips only": _float_weights(_clip_instead_of_rounding(base, rounding), weights),
+        # the same graph, its activation ranges wider: what clipping costs against what a coarser grid costs
+        **{f"ranges x{factor:g}": _widened_ranges(base, rounding, factor) for factor in (1.25, 1.5)},
     }
     result: dict[str, Any] = {"case": name, "graph": graph.name if graph else "ptq_default", "eval_samples": eval_count, "latents": latent_report, "variants": {}}
     task = zoo.REAL_MODELS[model_name].task
