@@ -953,11 +953,11 @@ def _markdown(document: dict[str, Any]) -> str:
                 value = row.get(f"recovery_{key}")
                 if value is None:
                     return ""
-                interval = (row.get(f"paired_{key}") or {}).get("recovery_ci95")
-                value = f"{value:.2f}" + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
+                bounds = (row.get(f"paired_{key}") or {}).get("recovery_ci95")
+                value = f"{value:.2f}" + (f" [{bounds[0]:.2f}, {bounds[1]:.2f}]" if bounds else "")
                 return value if row[f"drop_beyond_noise_{key}"] else f"({value})"
 
-            def paired(key: str) -> str:
+            def paired_cell(key: str) -> str:
                 entry = row.get(f"paired_{key}")
                 return "" if entry is None else f"{entry['fp32_minus']:.4f} [{entry['ci95'][0]:.4f}, {entry['ci95'][1]:.4f}]"
 
@@ -969,7 +969,7 @@ def _markdown(document: dict[str, Any]) -> str:
             if shipped.get("recovery") is not None:
                 on_target += f", recovery {shipped['recovery']:.2f}" if shipped["drop_beyond_noise"] else f", recovery ({shipped['recovery']:.2f})"
             lines.append(
-                f"| {case['case']} | {case['target']} | {row['variant']} | {interval('accuracy')} | {interval('top1_agreement')} | {interval('box_f1')} | {interval('ctc_chars')} | {interval('words')} | {interval('chars')} | {interval('boxes')} | {interval('text_map_iou')} | {paired(case['metric'])}"
+                f"| {case['case']} | {case['target']} | {row['variant']} | {interval('accuracy')} | {interval('top1_agreement')} | {interval('box_f1')} | {interval('ctc_chars')} | {interval('words')} | {interval('chars')} | {interval('boxes')} | {interval('text_map_iou')} | {paired_cell(case['metric'])}"
                 f" | {flips} | {interval('decisive_agreement')} | {cell('min_sqnr_db', 2)}"
                 f" | {row['eval_samples']} | {samples} | {epochs} | {cell('seconds', 1)} | {cell('peak_rss_mb', 0)} | {cell('latency_ms_median', 3)} | {on_target}"
                 f" | {recovery('accuracy')} | {recovery('top1_agreement')} | {recovery('decisive_agreement')} | {recovery('box_f1')} | {recovery('ctc_chars')} | {recovery('words')} | {recovery('chars')} | {recovery('boxes')} | {recovery('text_map_iou')} |"
