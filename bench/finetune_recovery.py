@@ -822,10 +822,19 @@ def ceiling(name: str, epochs: int, patience: int, eval_count: int, runs: int, o
     if CASES[name]["model"] == "digits":
         raise SystemExit("--ceiling: zoo cases only (the digits cases train on labelled digits)")
     case = run_case(name, epochs, patience, eval_count, eval_count, runs, ["default"], overrides, train_on_eval=True)
+    return {"epochs": epochs, "eval_samples": eval_count, "options": overrides, "metric": case["metric"], "rows": _ceiling_rows(case)}
+
+
+def _ceiling_rows(case: dict[str, Any]) -> list[dict[str, Any]]:
+    """A ceiling run's rows, trimmed to its figures: the case's metric, and on ground-truth cases every metric against
+    the truth with its paired figures and recovery."""
     kept = ("variant", case["metric"], f"{case['metric']}_ci95", "flips", "decisive_agreement", "min_sqnr_db", "train_samples",
             "held_out_samples", "epochs_run", "best_epoch", "seconds", "recovery_" + case["metric"], "recovery_top1_agreement", "history")
-    rows = [{k: row[k] for k in kept if k in row} for row in case["rows"]]
-    return {"epochs": epochs, "eval_samples": eval_count, "options": overrides, "metric": case["metric"], "rows": rows}
+    truth = tuple(f"{metric}{suffix}" for metric in ("words", "chars", "boxes") for suffix in ("", "_ci95"))
+    return [
+        {k: v for k, v in row.items() if k in kept or k in truth or k.startswith(("paired_", "recovery_"))}
+        for row in case["rows"]
+    ]
 
 
 def _truth_components(data: dict[str, Any], outputs: list[np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
