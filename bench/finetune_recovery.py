@@ -829,7 +829,7 @@ def _ceiling_rows(case: dict[str, Any]) -> list[dict[str, Any]]:
     """A ceiling run's rows, trimmed to its figures: the case's metric, and on ground-truth cases every metric against
     the truth with its paired figures and recovery."""
     kept = ("variant", case["metric"], f"{case['metric']}_ci95", "flips", "decisive_agreement", "min_sqnr_db", "train_samples",
-            "held_out_samples", "epochs_run", "best_epoch", "seconds", "recovery_" + case["metric"], "recovery_top1_agreement", "history")
+            "held_out_samples", "epochs_run", "best_epoch", "seconds", "history")
     truth = tuple(f"{metric}{suffix}" for metric in ("words", "chars", "boxes") for suffix in ("", "_ci95"))
     return [
         {k: v for k, v in row.items() if k in kept or k in truth or k.startswith(("paired_", "recovery_"))}
